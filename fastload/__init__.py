@@ -1,0 +1,52 @@
+"""fastload: fast data loading and sampling for PyTorch.
+
+The public API is the handful of names below; each is imported on first use, so
+``import fastload`` stays cheap and a missing optional dependency only affects the feature
+that needs it.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> "module:attribute". The data flow reads from the folders:
+# format (on-disk) -> sample (augmentation params) -> replay (kernels) -> batch (samplers)
+# -> loader; ffn holds the sparse ReLU FFN.
+_EXPORTS = {
+    # 1. Reinforced datasets and their replay
+    "AugmentPolicy": "fastload.sample.policy:AugmentPolicy",
+    "reinforce": "fastload.reinforce:reinforce",
+    "ReinforcedDataset": "fastload.format.reader:ReinforcedDataset",
+    "ReinforcedLoader": "fastload.loader.reinforced:ReinforcedLoader",
+    "densify": "fastload.losses:densify",
+    "kd_loss": "fastload.losses:kd_loss",
+    "clip_distill_loss": "fastload.losses:clip_distill_loss",
+    # 2. Variable-resolution batching
+    "VariableBatchSampler": "fastload.batch.variable:VariableBatchSampler",
+    "ResolutionCurriculum": "fastload.batch.variable:ResolutionCurriculum",
+    # 3. Sequence-length buckets (Dataset Decomposition)
+    "decompose": "fastload.format.decompose:decompose",
+    "DecompositionLoader": "fastload.loader.decomposition:DecompositionLoader",
+    # 4. Sparse ReLU FFN
+    "SparseReLUFFN": "fastload.ffn.sparse:SparseReLUFFN",
+    "relufy": "fastload.ffn.relufy:relufy",
+    "sparsify_ffn": "fastload.ffn.relufy:sparsify_ffn",
+    "activation_sparsity": "fastload.ffn.relufy:activation_sparsity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'fastload' has no attribute {name!r}")
+    module, attr = target.split(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

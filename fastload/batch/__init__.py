@@ -1,0 +1,1 @@
+"""Batch samplers: index sharding, variable resolution, sequence-length buckets."""

@@ -1,0 +1,1 @@
+"""Benchmarks behind `fastload bench` (the scripts in benchmarks/ call these)."""

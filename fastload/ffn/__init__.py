@@ -1,0 +1,1 @@
+"""Sparse ReLU FFN execution and relufication."""

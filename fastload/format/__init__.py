@@ -1,0 +1,1 @@
+"""On-disk formats: reinforced datasets (manifest + Arrow shards) and decomposed token buckets."""

@@ -1,0 +1,1 @@
+"""Loaders: ReinforcedLoader (images) and DecompositionLoader (tokens)."""

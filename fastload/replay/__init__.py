@@ -1,0 +1,1 @@
+"""Replay of stored augmentations into pixels: the C++ kernel and its PyTorch reference."""

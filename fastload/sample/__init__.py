@@ -1,0 +1,1 @@
+"""Augmentation parameters: the stored record (params.py) and their sampling (policy)."""

@@ -1,0 +1,111 @@
+"""Build script.
+
+Every folder ``csrc/<name>/`` becomes one native library ``fastload/_<name>*.so``. The
+libraries are plain C-ABI shared objects loaded with ``ctypes`` (see
+``fastload/_native.py``): they do not link libtorch or Python, so the build needs only a
+C++17 compiler and never pulls torch (or a CUDA wheel) into pip's build environment, and
+every ctypes call releases the GIL.
+
+``kernels/`` (Triton) is installed as the subpackage ``fastload.kernels``.
+
+Environment knobs:
+  FASTLOAD_MARCH   -march value (default "native": the library is built where it runs;
+                   set e.g. "x86-64-v3" to build a wheel for other machines).
+  FASTLOAD_ONLY    comma-separated csrc folder names to build (faster local rebuilds).
+"""
+import os
+import sys
+from glob import glob
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _have_header(name):
+    for inc in ["/usr/include", "/usr/local/include"] + os.environ.get("CPATH", "").split(":"):
+        if inc and os.path.exists(os.path.join(inc, name)):
+            return True
+    return False
+
+
+HAVE_JPEG = _have_header("jpeglib.h")
+# Per-library link flags and defines; a library not listed needs none.
+LIBS = {"replay": (["jpeg"] if HAVE_JPEG else [])}
+DEFINES = {"replay": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else [])}
+
+
+def _extensions():
+    only = {s for s in os.environ.get("FASTLOAD_ONLY", "").split(",") if s}
+    march = os.environ.get("FASTLOAD_MARCH", "native")
+    exts = []
+    for d in sorted(glob(os.path.join("csrc", "*", ""))):
+        name = os.path.basename(os.path.dirname(d))
+        if name == "include" or (only and name not in only):
+            continue
+        sources = sorted(glob(os.path.join(d, "*.cpp")))
+        if not sources:
+            continue
+        exts.append(
+            Extension(
+                f"fastload._{name}",
+                sources=sources,
+                include_dirs=[os.path.join("csrc", "include")],
+                libraries=LIBS.get(name, []) + ["pthread"],
+                define_macros=DEFINES.get(name, []),
+                # Python's CFLAGS carry -g: -g0 cuts the build time and the .so size ~50x.
+                extra_compile_args=["-std=c++17", "-O3", "-g0", f"-march={march}",
+                                    "-fvisibility=hidden", "-fno-math-errno"],
+                extra_link_args=["-g0"],
+                language="c++",
+            )
+        )
+    return exts
+
+
+class BuildExt(build_ext):
+    """Plain shared objects: no PyInit_ export is needed (ctypes loads them)."""
+
+    def get_export_symbols(self, ext):
+        return []
+
+    def build_extensions(self):
+        # Build the libraries in parallel (the extension-level -j of setuptools).
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+        super().build_extensions()
+
+
+def _read(p):
+    with open(os.path.join(HERE, p), encoding="utf-8") as f:
+        return f.read()
+
+
+setup(
+    name="fastload",
+    version="0.1.0",
+    description="Fast data loading and sampling for PyTorch: reinforced-dataset replay, "
+    "variable-resolution and sequence-length bucketing, sparse ReLU FFN.",
+    long_description=_read("README.md") if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["fastload", "fastload.format", "fastload.sample", "fastload.replay",
+              "fastload.batch", "fastload.loader", "fastload.ffn", "fastload.bench",
+              "fastload.kernels"],
+    package_dir={"fastload.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
+    # torch is not pinned here (users keep the torch they have); the README pins it for a
+    # fresh machine because a bare `torch` requirement pulls a multi-GB CUDA build.
+    install_requires=["numpy>=1.22", "torch>=2.1", "pyarrow>=14", "zstandard>=0.22", "pillow>=9"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "ray": ["ray>=2.9"],
+        "bench": ["scikit-image>=0.21", "matplotlib>=3.7"],
+        "peers": ["nvidia-dali-cuda120", "ffcv"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "ray>=2.9",
+                 "scikit-image>=0.21", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
+)
