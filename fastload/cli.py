@@ -16,7 +16,8 @@ COMMANDS = {
     "decompose": ("fastload.format.decompose:main", "decompose tokenized documents into length buckets"),
 }
 BENCH_MODES = {"--lm": "fastload.bench.lm:main", "--ffn": "fastload.bench.ffn:main",
-               "--variable": "fastload.bench.variable:main"}
+               "--variable": "fastload.bench.variable:main", "--kernel": "fastload.bench.kernel:main",
+               "--reinforce": "fastload.bench.reinforce:main"}
 
 
 def _usage() -> str:

@@ -1,0 +1,192 @@
+// JPEG decoding with libjpeg(-turbo) fused with the resize: DCT-domain downscaling (1/2, 1/4,
+// 1/8) when the scaled crop still covers the output, region decoding (jpeg_crop_scanline for
+// the columns, jpeg_skip_scanlines for the rows above the crop, stop after the last needed
+// row), and the horizontal resize pass run on each scanline as it is decoded.
+//
+// libjpeg reports errors through error_exit, which by default calls exit(): here it
+// longjmps back to the caller, and warnings (corrupt or truncated data) are errors too.
+#include "fl_common.h"
+#include "replay_impl.h"
+
+#ifdef FASTLOAD_HAVE_JPEG
+#include <csetjmp>
+#include <cstdio>
+#include <cstring>
+#include <algorithm>
+
+#include <jpeglib.h>
+
+namespace fl {
+namespace {
+
+struct ErrMgr {
+  jpeg_error_mgr pub;
+  jmp_buf jump;
+  char msg[JMSG_LENGTH_MAX];
+};
+
+void on_error(j_common_ptr cinfo) {
+  ErrMgr* e = reinterpret_cast<ErrMgr*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, e->msg);
+  longjmp(e->jump, 1);
+}
+
+void on_message(j_common_ptr cinfo, int level) {
+  if (level < 0) on_error(cinfo);  // a warning: corrupt or truncated data
+}
+
+void on_output(j_common_ptr) {}
+
+// A decompressor whose errors land in e.msg; callers setjmp(e.jump) before any libjpeg call.
+struct Decoder {
+  jpeg_decompress_struct cinfo;
+  ErrMgr err;
+  volatile bool created = false;  // set after setjmp: must survive a longjmp
+  Decoder() {
+    cinfo.err = jpeg_std_error(&err.pub);
+    err.pub.error_exit = on_error;
+    err.pub.emit_message = on_message;
+    err.pub.output_message = on_output;
+    err.msg[0] = 0;
+  }
+  ~Decoder() {
+    if (created) jpeg_destroy_decompress(&cinfo);
+  }
+};
+
+// Largest DCT scale denominator d in {8, 4, 2} with the crop still covering the output.
+int choose_denom(int bh, int bw, int oh, int ow) {
+  for (int d = 8; d >= 2; d /= 2)
+    if ((int64_t)bh >= (int64_t)oh * d && (int64_t)bw >= (int64_t)ow * d) return d;
+  return 1;
+}
+
+// Everything between setjmp and a possible longjmp lives in `d` or is POD: no destructor is
+// skipped by the jump.
+constexpr uint64_t kMaxPixels = 1ull << 28;
+
+int begin(Decoder& d, const uint8_t* data, size_t len) {
+  jpeg_create_decompress(&d.cinfo);
+  d.created = true;
+  jpeg_mem_src(&d.cinfo, data, (unsigned long)len);
+  jpeg_read_header(&d.cinfo, TRUE);
+  d.cinfo.out_color_space = JCS_RGB;
+  // Bound the work and memory a (possibly hostile) header can ask for.
+  if ((uint64_t)d.cinfo.image_width * d.cinfo.image_height > kMaxPixels)
+    return fail("bad JPEG: %ux%u exceeds the %llu-pixel limit", d.cinfo.image_width, d.cinfo.image_height,
+                (unsigned long long)kMaxPixels);
+  return 0;
+}
+
+}  // namespace
+
+int jpeg_dims(const uint8_t* data, size_t len, int* h, int* w) {
+  Decoder d;
+  if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
+  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  if (begin(d, data, len)) return -1;
+  *h = (int)d.cinfo.image_height;
+  *w = (int)d.cinfo.image_width;
+  return 0;
+}
+
+int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* ow) {
+  Decoder d;
+  if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
+  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  if (begin(d, data, len)) return -1;
+  d.cinfo.scale_num = 1;
+  d.cinfo.scale_denom = (unsigned)denom;
+  jpeg_calc_output_dimensions(&d.cinfo);
+  *oh = (int)d.cinfo.output_height;
+  *ow = (int)d.cinfo.output_width;
+  return 0;
+}
+
+int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
+                bool bicubic, bool dct, Scratch& s, uint8_t* out) {
+  Decoder d;
+  if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
+  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  if (begin(d, data, len)) return -1;
+  jpeg_decompress_struct& ci = d.cinfo;
+  const int H = (int)ci.image_height, W = (int)ci.image_width;
+  int t, l, bh, bw;
+  box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
+  const int denom = dct ? choose_denom(bh, bw, oh, ow) : 1;
+  ci.scale_num = 1;
+  ci.scale_denom = (unsigned)denom;
+  jpeg_start_decompress(&ci);
+  const int SH = (int)ci.output_height, SW = (int)ci.output_width;
+  if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
+  // The crop in scaled pixels: scaled pixel k covers source pixels [k*d, (k+1)*d).
+  const double inv = 1.0 / denom;
+  const double fx0 = l * inv, fy0 = t * inv, fw = bw * inv, fh = bh * inv;
+  const int xlo = (int)(l / denom), xhi = std::min(SW, (int)((l + bw + denom - 1) / denom));
+  const int ylo = (int)(t / denom), yhi = std::min(SH, (int)((t + bh + denom - 1) / denom));
+  compute_axis_weights(ow, fx0, fw, xlo, xhi, bicubic, s.ax);
+  compute_axis_weights(oh, fy0, fh, ylo, yhi, bicubic, s.ay);
+  // jpeg_crop_scanline widens the region to iMCU edges; the first and last columns of a
+  // cropped region are upsampled without their outer neighbour's chroma (they differ from a
+  // full decode), so decode 2 more columns on each side than the taps need.
+  const int left = std::max(0, s.ax.tap_lo - 2), right = std::min(SW, s.ax.tap_hi + 2);
+  JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
+  if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
+  const int row_bytes = (int)cw * 3;
+  const int nrows = s.ay.tap_hi - s.ay.tap_lo;
+  VStream vs;
+  vs.begin(&s.ay, ow * 3, s.tmp, out);
+  vs.direct = s.direct;
+  const int batch_rows = 4;
+  // +16 bytes: the horizontal pass reads a few bytes past the last pixel.
+  if (s.rows.size() < (size_t)batch_rows * row_bytes + 16) s.rows.resize((size_t)batch_rows * row_bytes + 16);
+  if (s.ay.tap_lo > 0) {
+    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)s.ay.tap_lo);
+    if ((int)skipped != s.ay.tap_lo) return fail("bad JPEG: could not skip to row %d", s.ay.tap_lo);
+  }
+  JSAMPROW ptrs[batch_rows];
+  for (int k = 0; k < batch_rows; ++k) ptrs[k] = &s.rows[(size_t)k * row_bytes];
+  int r = 0;
+  while (r < nrows) {
+    int want = std::min(batch_rows, nrows - r);
+    int got = (int)jpeg_read_scanlines(&ci, ptrs, (JDIMENSION)want);
+    if (got <= 0) return fail("bad JPEG: no data at row %d", s.ay.tap_lo + r);
+    for (int k = 0; k < got; ++k) {
+      const int y = s.ay.tap_lo + r + k;
+      resize_row_h(ptrs[k], (int)xoff, s.ax, flip, vs.slot(y), (int64_t)row_bytes + 16);
+      vs.row_done(y);
+    }
+    r += got;
+  }
+  jpeg_abort_decompress(&ci);  // the rows below the crop are never decoded
+  return 0;
+}
+
+int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow) {
+  Decoder d;
+  if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
+  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  if (begin(d, data, len)) return -1;
+  jpeg_decompress_struct& ci = d.cinfo;
+  ci.scale_num = 1;
+  ci.scale_denom = (unsigned)denom;
+  jpeg_start_decompress(&ci);
+  const int SH = (int)ci.output_height, SW = (int)ci.output_width;
+  if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
+  const size_t row_bytes = (size_t)SW * 3;
+  uint8_t* dst = out;
+  if (dst == nullptr) {  // decode-only: one row buffer, overwritten
+    if (s.rows.size() < row_bytes) s.rows.resize(row_bytes);
+  }
+  while ((int)ci.output_scanline < SH) {
+    JSAMPROW p = dst ? dst + (size_t)ci.output_scanline * row_bytes : s.rows.data();
+    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", (int)ci.output_scanline);
+  }
+  jpeg_finish_decompress(&ci);
+  *oh = SH;
+  *ow = SW;
+  return 0;
+}
+
+}  // namespace fl
+#endif  // FASTLOAD_HAVE_JPEG

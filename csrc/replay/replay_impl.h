@@ -1,0 +1,141 @@
+// Internals of the replay library shared by its .cpp files (not a public ABI).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "fl_aug.h"
+
+#if defined(__SSE4_1__)
+#include <immintrin.h>
+#endif
+
+namespace fl {
+
+// One axis of a separable antialiased resize, torch's `_upsample_*_aa` rule: output i reads
+// input taps [start[i], start[i] + count[i]) with weights w[i * K ...] (normalized to sum 1).
+// The source region is [x0, x0 + len) in input pixels (fractional after DCT scaling) and taps
+// are clamped to the integer pixels [lo, hi), as torch clamps to the cropped tensor.
+struct AxisWeights {
+  int out = 0, K = 0;
+  int taps = 0;  // > 0: every output has exactly this many taps (zero-padded)
+  int KP = 0;    // int16 weight pairs per output (taps > 0)
+  std::vector<int32_t> wpair;
+  int tap_lo = 0, tap_hi = 0;  // union of all taps
+  std::vector<int> start, count;
+  std::vector<float> w;
+};
+
+void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw);
+
+// float -> IEEE half, round to nearest even (portable: no F16C requirement).
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t mag = x & 0x7fffffffu;
+  if (mag >= 0x7f800000u) return (uint16_t)(sign | (mag > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (mag >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // overflow -> inf
+  if (mag < 0x38800000u) {                                     // subnormal or zero
+    if (mag < 0x33000000u) return (uint16_t)sign;
+    uint32_t e = mag >> 23, m = (mag & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;  // 14 - (e - 127) + ... -> places the value in 10 bits
+    uint32_t h = m >> (shift);
+    uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) ++h;
+    return (uint16_t)(sign | h);
+  }
+  uint32_t h = ((mag - 0x38000000u) >> 13);
+  uint32_t rem = mag & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+  return (uint16_t)(sign | h);
+}
+
+// Fixed-point unit of the horizontal pass: its outputs are values * kOne.
+constexpr int kOne = 1 << 14;
+
+// Horizontal pass of one uint8 RGB row: row points at input column `col_base`; writes the
+// row planar (out R floats, out G, out B; mirrored when flip), in units of 1/kOne, to dst.
+// safe_bytes: how many bytes from `row` may be read (wide loads read past the last tap).
+void resize_row_h(const uint8_t* row, int col_base, const AxisWeights& ax, bool flip, float* dst,
+                  int64_t safe_bytes);
+
+// Round half-even and clamp (below).
+inline void store_u8(const float* v, uint8_t* o, int n);
+
+// Where a finished row goes when it skips the uint8 image (no RandAugment, no mixing): it
+// is rounded to uint8 values, normalized (v * scale + bias) and written to the NCHW output.
+struct DirectOut {
+  int dtype;         // 0 float32, 1 float16, 2 uint8
+  void* planes[3];   // channel planes of this sample (row 0)
+  float scale[3], bias[3];
+};
+
+// Streaming vertical pass: horizontally resized input rows go into a ring of ay.K rows
+// (cache resident); each output row is produced as soon as its last input row is in.
+struct VStream {
+  const AxisWeights* ay = nullptr;
+  int row_len = 0, R = 1, next_y = 0;
+  float* ring = nullptr;
+  uint8_t* out = nullptr;
+  const DirectOut* direct = nullptr;  // when set, rows go to the output instead of `out`
+  void begin(const AxisWeights* a, int row_len, std::vector<float>& buf, uint8_t* out);
+  float* slot(int r) { return ring + (size_t)(r % R) * row_len; }
+  void row_done(int r);
+  void vertical_taps(const float* w, int n, float inv, int s0, int c0, int m, float* acc);  // input row r (absolute) is in slot(r): emit the rows it completes
+};
+
+// Round half-even and clamp to [0, 255] (torch's round + clamp + to(uint8)): cvtps2dq
+// rounds with the default (nearest-even) mode, the saturating packs clamp.
+inline void store_u8(const float* v, uint8_t* o, int n) {
+  int i = 0;
+#if defined(__SSE4_1__)
+  for (; i + 16 <= n; i += 16) {
+    __m128i a = _mm_cvtps_epi32(_mm_loadu_ps(v + i));
+    __m128i b = _mm_cvtps_epi32(_mm_loadu_ps(v + i + 4));
+    __m128i c = _mm_cvtps_epi32(_mm_loadu_ps(v + i + 8));
+    __m128i d = _mm_cvtps_epi32(_mm_loadu_ps(v + i + 12));
+    _mm_storeu_si128((__m128i*)(o + i), _mm_packus_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d)));
+  }
+#endif
+  for (; i < n; ++i) {
+    float x = v[i];
+    x = x > 0.f ? x : 0.f;
+    x = x < 255.f ? x : 255.f;
+    o[i] = (uint8_t)__builtin_lrintf(x);
+  }
+}
+
+// A source: a JPEG stream (kind 0) or a raw uint8 HWC image of h x w (kind 1).
+struct Source {
+  const uint8_t* data;
+  int64_t len;
+  int32_t h, w;
+  int32_t kind, pad;
+};
+
+// Per-thread working memory, grown on demand and reused across samples and calls.
+struct Scratch {
+  std::vector<float> tmp;       // ring of horizontally resized rows
+  std::vector<uint8_t> rows;    // decoded JPEG scanlines
+  AxisWeights ax, ay;
+  const DirectOut* direct = nullptr;  // see DirectOut; set by the caller per render
+};
+
+// Crop (quantized box) -> resize -> flip of one source into out, uint8 in "row-planar"
+// layout: row y holds ow R values, then ow G, then ow B (out[(y * 3 + c) * ow + x]).
+// dct: allow libjpeg DCT-domain downscaling. Returns 0 or fl::fail(...).
+int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
+              bool dct, Scratch& s, uint8_t* out);
+
+// JPEG support (jpeg.cpp). Header only: source height/width.
+int jpeg_dims(const uint8_t* data, size_t len, int* h, int* w);
+// Decodes the crop region needed by (ax, ay) at scale 1/denom and runs the fused resize.
+int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
+                bool bicubic, bool dct, Scratch& s, uint8_t* out);
+// Full decode at scale 1/denom into out (or scratch when out is null); dims returned.
+int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow);
+int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* ow);
+
+}  // namespace fl

@@ -1,0 +1,368 @@
+// Separable antialiased resize matching torch's F.interpolate(antialias=True,
+// align_corners=False) for bilinear and bicubic (the filters of PIL, which torchvision uses),
+// fused with crop and horizontal flip. Weights are computed once per sample and axis into
+// per-thread scratch; the passes allocate nothing.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <cstdint>
+
+#include "fl_common.h"
+#include "replay_impl.h"
+
+#if defined(__SSE4_1__)
+#include <immintrin.h>
+#endif
+
+namespace fl {
+#if defined(__SSE4_1__)
+static inline __m128 madd(__m128 a, __m128 b, __m128 c) {
+#if defined(__FMA__)
+  return _mm_fmadd_ps(a, b, c);
+#else
+  return _mm_add_ps(_mm_mul_ps(a, b), c);
+#endif
+}
+#endif
+}  // namespace fl
+
+namespace fl {
+
+static inline double filter_bilinear(double x) {
+  x = x < 0 ? -x : x;
+  return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+static inline double filter_bicubic(double x) {
+  // Keys cubic with a = -0.5: torch uses it for antialias=True (PIL compatibility).
+  const double a = -0.5;
+  x = x < 0 ? -x : x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+  if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
+  return 0.0;
+}
+
+void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw) {
+  const double interp = bicubic ? 4.0 : 2.0;
+  const double scale = len / out;
+  const double support = scale >= 1.0 ? interp * 0.5 * scale : interp * 0.5;
+  const double invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
+  int K = (int)std::ceil(support) * 2 + 1;
+  aw.out = out;
+  aw.K = K;
+  aw.start.resize(out);
+  aw.count.resize(out);
+  aw.w.resize((size_t)out * K);
+  int tlo = hi, thi = lo;
+  for (int i = 0; i < out; ++i) {
+    double center = x0 + scale * (i + 0.5);
+    // torch truncates toward zero then clamps at 0; with the clamp at lo the two agree.
+    int xmin = std::max((int)std::floor(center - support + 0.5), lo);
+    int xmax = std::min((int)std::floor(center + support + 0.5), hi);
+    if (xmax <= xmin) {  // degenerate (never for a valid box): nearest pixel
+      xmin = std::min(std::max((int)std::floor(center), lo), hi - 1);
+      xmax = xmin + 1;
+    }
+    const int nn = std::min(xmax - xmin, K);
+    float* wp = &aw.w[(size_t)i * K];
+    double total = 0.0;
+    for (int j = 0; j < nn; ++j) {
+      double wv = bicubic ? filter_bicubic((j + xmin - center + 0.5) * invscale)
+                          : filter_bilinear((j + xmin - center + 0.5) * invscale);
+      wp[j] = (float)wv;
+      total += wv;
+    }
+    const double inv = total != 0.0 ? 1.0 / total : 0.0;
+    for (int j = 0; j < K; ++j) wp[j] = j < nn ? (float)(wp[j] * inv) : 0.0f;
+    aw.start[i] = xmin;
+    aw.count[i] = nn;
+    tlo = std::min(tlo, xmin);
+    thi = std::max(thi, xmin + nn);
+  }
+  // Give every output the same tap count (the widest), zero-padded and kept inside [lo, hi):
+  // fixed-count inner loops unroll and overlap across outputs.
+  int kmax = 1;
+  for (int i = 0; i < out; ++i) kmax = std::max(kmax, aw.count[i]);
+  if (kmax <= hi - lo) {
+    tlo = hi;
+    thi = lo;
+    for (int i = 0; i < out; ++i) {
+      float* wp = &aw.w[(size_t)i * K];
+      const int n = aw.count[i];
+      if (n < kmax) {
+        const int s0 = aw.start[i], s1 = std::min(s0, hi - kmax), sh = s0 - s1;
+        for (int j = kmax - 1; j >= 0; --j) wp[j] = (j - sh >= 0 && j - sh < n) ? wp[j - sh] : 0.0f;
+        aw.start[i] = s1;
+        aw.count[i] = kmax;
+      }
+      tlo = std::min(tlo, aw.start[i]);
+      thi = std::max(thi, aw.start[i] + kmax);
+    }
+    aw.taps = kmax;
+    // int16 weight pairs (14 fractional bits) for the horizontal pmaddwd pass; the rounded
+    // weights of each output are nudged to sum to exactly 1.0 (no DC gain error).
+    const int KP = (kmax + 1) / 2;
+    aw.KP = KP;
+    aw.wpair.assign(kmax <= 16 ? (size_t)out * KP : 0, 0);
+    for (int i = 0; i < out && kmax <= 16; ++i) {
+      const float* wp = &aw.w[(size_t)i * K];
+      int16_t q[16] = {0};
+      int sum = 0, big = 0;
+      for (int j = 0; j < kmax; ++j) {
+        q[j] = (int16_t)std::lrint(wp[j] * (double)kOne);
+        sum += q[j];
+        if (std::abs(q[j]) > std::abs(q[big])) big = j;
+      }
+      q[big] = (int16_t)(q[big] + (kOne - sum));
+      for (int p = 0; p < KP; ++p)
+        aw.wpair[(size_t)i * KP + p] = (int32_t)((uint32_t)(uint16_t)q[2 * p] | ((uint32_t)(uint16_t)q[2 * p + 1] << 16));
+    }
+  } else {
+    aw.taps = 0;  // counts differ: generic loops
+  }
+  aw.tap_lo = tlo;
+  aw.tap_hi = thi;
+}
+
+#if defined(__SSE4_1__)
+// All outputs have 2*TP taps (zero-padded): per tap pair, one 8-byte load, a shuffle to
+// int16 (R0 R1 G0 G1 B0 B1 0 0) and one pmaddwd with the packed int16 weights. Exact
+// integer sums in units of 1/kOne; reads up to 2 bytes past the last tap's pixel.
+template <int TP>
+static void row_h_i16(const uint8_t* row, int col_base, const AxisWeights& ax, bool flip, float* dst, int x0,
+                      int x1) {
+  const int out = ax.out, KP = ax.KP;
+  const __m128i shuf = _mm_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
+  auto one = [&](int x) {
+    const int32_t* wp = &ax.wpair[(size_t)x * KP];
+    const uint8_t* s = row + (size_t)(ax.start[x] - col_base) * 3;
+    __m128i acc = _mm_madd_epi16(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i*)s), shuf), _mm_set1_epi32(wp[0]));
+#pragma GCC unroll 8
+    for (int p = 1; p < TP; ++p) {
+      __m128i px = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i*)(s + 6 * p)), shuf);
+      acc = _mm_add_epi32(acc, _mm_madd_epi16(px, _mm_set1_epi32(wp[p])));
+    }
+    return _mm_cvtepi32_ps(acc);  // R, G, B, 0
+  };
+  int x = x0;
+  // Four outputs at a time: transpose (RGB0 x 4) to R x 4, G x 4, B x 4 and store vectors.
+  for (; x + 4 <= x1; x += 4) {
+    __m128 p0 = one(x), p1 = one(x + 1), p2 = one(x + 2), p3 = one(x + 3);
+    _MM_TRANSPOSE4_PS(p0, p1, p2, p3);  // p0 = R, p1 = G, p2 = B
+    if (flip) {
+      const int xo = out - 4 - x;  // outputs x..x+3 land at xo+3..xo
+      _mm_storeu_ps(dst + xo, _mm_shuffle_ps(p0, p0, 0x1B));
+      _mm_storeu_ps(dst + out + xo, _mm_shuffle_ps(p1, p1, 0x1B));
+      _mm_storeu_ps(dst + 2 * out + xo, _mm_shuffle_ps(p2, p2, 0x1B));
+    } else {
+      _mm_storeu_ps(dst + x, p0);
+      _mm_storeu_ps(dst + out + x, p1);
+      _mm_storeu_ps(dst + 2 * out + x, p2);
+    }
+  }
+  for (; x < x1; ++x) {
+    const int xo = flip ? out - 1 - x : x;
+    alignas(16) float a4[4];
+    _mm_store_ps(a4, one(x));
+    dst[xo] = a4[0];
+    dst[out + xo] = a4[1];
+    dst[2 * out + xo] = a4[2];
+  }
+}
+#endif
+
+// Float fallback (and the outputs whose wide loads would leave the buffer); same units.
+static void row_h_generic(const uint8_t* row, int col_base, const AxisWeights& ax, bool flip, float* dst,
+                          int x0, int x1) {
+  const int out = ax.out, K = ax.K;
+  for (int x = x0; x < x1; ++x) {
+    const float* w = &ax.w[(size_t)x * K];
+    const uint8_t* s = row + (size_t)(ax.start[x] - col_base) * 3;
+    const int n = ax.count[x];
+    float r = 0.f, g = 0.f, b = 0.f;
+    for (int k = 0; k < n; ++k) {
+      r += w[k] * s[3 * k];
+      g += w[k] * s[3 * k + 1];
+      b += w[k] * s[3 * k + 2];
+    }
+    const int xo = flip ? out - 1 - x : x;
+    dst[xo] = r * (float)kOne;
+    dst[out + xo] = g * (float)kOne;
+    dst[2 * out + xo] = b * (float)kOne;
+  }
+}
+
+void resize_row_h(const uint8_t* row, int col_base, const AxisWeights& ax, bool flip, float* dst,
+                  int64_t safe_bytes) {
+  const int out = ax.out;
+#if defined(__SSE4_1__)
+  if (ax.taps > 0 && ax.KP <= 8) {
+    // Outputs are sorted by start: those whose loads would pass safe_bytes form a tail.
+    const int64_t reach = 6 * (int64_t)ax.KP + 2;
+    int x1 = out;
+    while (x1 > 0 && (int64_t)(ax.start[x1 - 1] - col_base) * 3 + reach > safe_bytes) --x1;
+    switch (ax.KP) {
+#define FL_CASE(T) \
+  case T:          \
+    row_h_i16<T>(row, col_base, ax, flip, dst, 0, x1); break;
+      FL_CASE(1) FL_CASE(2) FL_CASE(3) FL_CASE(4) FL_CASE(5) FL_CASE(6) FL_CASE(7) FL_CASE(8)
+#undef FL_CASE
+    }
+    row_h_generic(row, col_base, ax, flip, dst, x1, out);
+    return;
+  }
+#endif
+  (void)safe_bytes;
+  row_h_generic(row, col_base, ax, flip, dst, 0, out);
+}
+
+void VStream::begin(const AxisWeights* a, int rl, std::vector<float>& buf, uint8_t* o) {
+  ay = a;
+  row_len = rl;
+  R = a->K;
+  if (buf.size() < (size_t)R * rl) buf.resize((size_t)R * rl);
+  ring = buf.data();
+  out = o;
+  next_y = 0;
+}
+
+#if defined(__F16C__)
+static inline void store_f16(uint16_t* d, __m128 v) { _mm_storel_epi64((__m128i*)d, _mm_cvtps_ph(v, 0)); }
+#endif
+
+// Round (half-even) and clamp like the uint8 image would, then normalize into the output.
+static void emit_direct(const DirectOut& D, int c, const float* acc, size_t off, int m) {
+  const float sc = D.scale[c], bi = D.bias[c];
+  int x = 0;
+  if (D.dtype == 2) {
+    store_u8(acc, (uint8_t*)D.planes[c] + off, m);
+    return;
+  }
+#if defined(__SSE4_1__)
+  const __m128 vs = _mm_set1_ps(sc), vb = _mm_set1_ps(bi), lo = _mm_setzero_ps(), hi = _mm_set1_ps(255.f);
+  for (; x + 4 <= m; x += 4) {
+    __m128 v = _mm_round_ps(_mm_loadu_ps(acc + x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm_min_ps(_mm_max_ps(v, lo), hi);
+    v = _mm_add_ps(_mm_mul_ps(v, vs), vb);
+    if (D.dtype == 0) {
+      float* d = (float*)D.planes[c] + off + x;
+      // Non-temporal stores: the batch is far larger than the caches and read later by
+      // someone else; this skips the read-for-ownership of every output line.
+      if (((uintptr_t)d & 15) == 0)
+        _mm_stream_ps(d, v);
+      else
+        _mm_storeu_ps(d, v);
+    } else {
+#if defined(__F16C__)
+      store_f16((uint16_t*)D.planes[c] + off + x, v);
+#else
+      alignas(16) float t[4];
+      _mm_store_ps(t, v);
+      for (int k = 0; k < 4; ++k) ((uint16_t*)D.planes[c])[off + x + k] = float_to_half(t[k]);
+#endif
+    }
+  }
+#endif
+  for (; x < m; ++x) {
+    float v = acc[x];
+    v = v > 0.f ? v : 0.f;
+    v = v < 255.f ? v : 255.f;
+    v = std::nearbyint(v) * sc + bi;
+    if (D.dtype == 0)
+      ((float*)D.planes[c])[off + x] = v;
+    else
+      ((uint16_t*)D.planes[c])[off + x] = float_to_half(v);
+  }
+}
+
+// acc[0, m) = sum_k w[k] * inv * row(s0 + k)[c0 + x]: 16 outputs at a time held in
+// registers across the taps (one store per output, not one per tap).
+void VStream::vertical_taps(const float* w, int n, float inv, int s0, int c0, int m, float* acc) {
+  int x = 0;
+#if defined(__SSE4_1__)
+  if (n <= 32) {
+    const float* rows[32];
+    __m128 wv[32];
+    for (int k = 0; k < n; ++k) {
+      rows[k] = slot(s0 + k) + c0;
+      wv[k] = _mm_set1_ps(w[k] * inv);
+    }
+    for (; x + 16 <= m; x += 16) {
+      __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int k = 0; k < n; ++k) {
+        const float* t = rows[k] + x;
+        a0 = madd(_mm_loadu_ps(t), wv[k], a0);
+        a1 = madd(_mm_loadu_ps(t + 4), wv[k], a1);
+        a2 = madd(_mm_loadu_ps(t + 8), wv[k], a2);
+        a3 = madd(_mm_loadu_ps(t + 12), wv[k], a3);
+      }
+      _mm_store_ps(acc + x, a0);
+      _mm_store_ps(acc + x + 4, a1);
+      _mm_store_ps(acc + x + 8, a2);
+      _mm_store_ps(acc + x + 12, a3);
+    }
+  }
+#endif
+  if (x < m) {
+    for (int i = x; i < m; ++i) acc[i] = 0.f;
+    for (int k = 0; k < n; ++k) {
+      const float wk = w[k] * inv;
+      const float* t = slot(s0 + k) + c0;
+      for (int i = x; i < m; ++i) acc[i] += wk * t[i];
+    }
+  }
+}
+
+void VStream::row_done(int r) {
+  constexpr int C = 512;
+  const float inv_one = 1.0f / (float)kOne;  // the horizontal pass works in 1/kOne units
+  alignas(32) float acc[C];
+  const int ow = row_len / 3;
+  while (next_y < ay->out && ay->start[next_y] + ay->count[next_y] - 1 <= r) {
+    const int y = next_y++;
+    const float* w = &ay->w[(size_t)y * ay->K];
+    const int n = ay->count[y], s0 = ay->start[y];
+    uint8_t* o = out ? out + (size_t)y * row_len : nullptr;
+    for (int c = 0; c < 3; ++c) {
+      for (int x0 = 0; x0 < ow; x0 += C) {
+        const int m = std::min(C, ow - x0), c0 = c * ow + x0;
+        vertical_taps(w, n, inv_one, s0, c0, m, acc);
+        if (direct)
+          emit_direct(*direct, c, acc, (size_t)y * ow + x0, m);
+        else
+          store_u8(acc, o + c0, m);
+      }
+    }
+  }
+}
+
+int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
+              bool dct, Scratch& s, uint8_t* out) {
+  if (src.kind == 0) {
+#ifdef FASTLOAD_HAVE_JPEG
+    return jpeg_render(src.data, (size_t)src.len, crop, flip, oh, ow, bicubic, dct, s, out);
+#else
+    return fail("built without libjpeg: decode JPEGs before calling the kernel");
+#endif
+  }
+  if (src.kind != 1) return fail("unknown source kind %d", src.kind);
+  const int H = src.h, W = src.w;
+  if (H <= 0 || W <= 0 || src.data == nullptr) return fail("empty raw image");
+  if (src.len < (int64_t)H * W * 3) return fail("raw image buffer too small for %dx%dx3", H, W);
+  int t, l, bh, bw;
+  box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
+  compute_axis_weights(ow, l, bw, l, l + bw, bicubic, s.ax);
+  compute_axis_weights(oh, t, bh, t, t + bh, bicubic, s.ay);
+  VStream vs;
+  vs.begin(&s.ay, ow * 3, s.tmp, out);
+  vs.direct = s.direct;
+  for (int y = s.ay.tap_lo; y < s.ay.tap_hi; ++y) {
+    // Wide loads may read into the next rows, never past the image.
+    resize_row_h(src.data + (size_t)y * W * 3, 0, s.ax, flip, vs.slot(y), (int64_t)(H - y) * W * 3);
+    vs.row_done(y);
+  }
+  return 0;
+}
+
+}  // namespace fl

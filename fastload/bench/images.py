@@ -1,0 +1,393 @@
+"""``fastload bench``: the image-loader benchmark.
+
+With no arguments it builds the embedded default dataset (2000 JPEGs of about 500x375,
+quality 90, made from the photos inside scikit-image; see fastload/bench/data.py) and its
+reinforced versions, then measures in one run, on the same files and the same cores,
+RandomResizedCrop 224 + flip + normalize, batch 64:
+
+1. the torchvision DataLoader (num_workers = cores), or its PIL + torch stand-in, labelled
+   as such, where torchvision does not import; FFCV and DALI (CPU) when importable;
+   fastload.ReinforcedLoader; the decode-only limit (libjpeg-turbo on all cores at the DCT
+   scale the loader would use, and at full scale);
+2. + RandAugment(2, 9) + MixUp/CutMix: ReinforcedLoader vs torchvision v2 (or stand-in);
+3. memory: ReinforcedLoader's peak RSS on a dataset 10x larger, and RSS over 10 epochs.
+
+Every pipeline runs in its own subprocess (fastload/bench/peers.py), so its RSS and CPU
+time are its own; warm-up batches are excluded. Results: benchmarks/results/images.json
+and images.png. Peers installed in another environment are run with ``--python-peers``.
+
+Example::
+
+    fastload bench --quick            # a tiny run (seconds)
+    fastload bench                    # the default run (a few minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from fastload._progress import Progress
+from fastload.bench import data as bench_data
+from fastload.bench import peers as peers_mod
+from fastload.bench._common import write_result
+
+PEERS_PY = os.path.abspath(peers_mod.__file__)
+# the modules a pipeline needs, to pick a Python where it imports
+NEEDS = {"torchvision": "torchvision", "torchvision_v2_ra": "torchvision.transforms.v2",
+         "ffcv": "ffcv", "dali_cpu": "nvidia.dali"}
+TARGETS = {"vs_torchvision": 4.0, "vs_ffcv": 2.0, "vs_dali_cpu": 2.0, "of_decode_limit": 0.75,
+           "ra_mix_vs_torchvision_v2": 3.0, "rss_10x_growth": 0.10, "rss_10_epochs_growth": 0.05}
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="fastload bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=None, help="dataset cache (default ~/.cache/fastload/bench)")
+    ap.add_argument("--num-images", type=int, default=None, help="images in the dataset (default 2000)")
+    ap.add_argument("--augmentations", type=int, default=None, help="stored augmentations per image (default 4)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="DataLoader workers / decode threads (default: cores)")
+    ap.add_argument("--seconds", type=float, default=None, help="time budget per pipeline after warm-up")
+    ap.add_argument("--max-batches", type=int, default=None, help="batch budget per pipeline after warm-up")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up batches (excluded)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each pipeline keeps its best")
+    ap.add_argument("--quick", action="store_true", help="a tiny run: 192 images, ~2 s per pipeline")
+    ap.add_argument("--python-peers", action="append", default=[], metavar="PATH",
+                    help="another Python executable where peers (torchvision, FFCV, DALI) import; repeatable")
+    ap.add_argument("--pipelines", default=None,
+                    help="comma-separated subset of: " + ",".join(sorted(peers_mod.PIPELINES)))
+    ap.add_argument("--no-rss", action="store_true", help="skip the memory table")
+    ap.add_argument("--rss-epochs", type=int, default=10)
+    ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--name", default="images", help="result file name (default images)")
+    return ap
+
+
+def _settings(args):
+    quick = args.quick
+    s = {"num_images": args.num_images or (192 if quick else 2000),
+         "augmentations": args.augmentations or (2 if quick else 4),
+         "seconds": args.seconds if args.seconds is not None else (2.0 if quick else 12.0),
+         "max_batches": args.max_batches or (6 if quick else 300),
+         "warmup": args.warmup if args.warmup is not None else (1 if quick else 5),
+         "rss_epochs": 3 if quick and args.rss_epochs == 10 else args.rss_epochs}
+    for k in ("num_images", "augmentations", "max_batches", "rss_epochs"):
+        if s[k] <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {s[k]}")
+    for k, v in (("rounds", args.rounds), ("batch_size", args.batch_size), ("image_size", args.image_size), ("workers", args.workers)):
+        if v <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    if s["num_images"] < args.batch_size:
+        raise ValueError(f"--num-images ({s['num_images']}) must be at least --batch-size ({args.batch_size})")
+    return s
+
+
+def _imports(python: str, module: str) -> bool:
+    try:
+        r = subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=120)
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def find_python(pipeline: str, pythons: list[str]):
+    """The first Python in ``pythons`` where the pipeline's peer imports (None: nowhere)."""
+    mod = NEEDS.get(pipeline)
+    if mod is None:
+        return pythons[0]
+    for py in pythons:
+        if _imports(py, mod):
+            return py
+    return None
+
+
+def run_pipeline(python: str, cfg: dict, timeout: float = 900) -> dict:
+    """Run one pipeline in a subprocess; sample its process tree's RSS meanwhile."""
+    proc = subprocess.Popen([python, PEERS_PY, "--config", json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = {"rss": 0.0, "anon": 0.0, "file": 0.0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            m = peers_mod.tree_memory_mib(proc.pid)
+            for k in peak:
+                peak[k] = max(peak[k], m[k])
+            done.wait(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += f"\n(timed out after {timeout} s)"
+    done.set()
+    th.join()
+    for line in out.splitlines():
+        if line.startswith("FASTLOAD_RESULT "):
+            res = json.loads(line[len("FASTLOAD_RESULT "):])
+            res["peak_rss_mib"], res["peak_rss_anon_mib"] = peak["rss"], peak["anon"]
+            res["python"] = python
+            return res
+    tail = "\n".join((err or "").strip().splitlines()[-6:])
+    return {"pipeline": cfg["pipeline"], "error": tail or f"exit code {proc.returncode}", "python": python}
+
+
+def _fmt_table(rows, cols):
+    head = "| " + " | ".join(c for c, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
+
+
+def _num(v, fmt="{:,.0f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def _speed_rows(results, names, base):
+    rows = []
+    b = results.get(base, {}).get("images_per_s")
+    for n in names:
+        r = results.get(n)
+        if r is None:
+            continue
+        ips = r.get("images_per_s")
+        rows.append({"pipeline": n, "label": r.get("label", peers_mod.LABELS.get(n, n)), "images_per_s": ips,
+                     "cpu_ms_per_image": None if ips is None else 1000 * r["cpu_s_per_image"],
+                     "peak_rss_mib": r.get("peak_rss_mib"), "vs_baseline": (ips / b) if ips and b else None,
+                     "error": r.get("error")})
+    return rows
+
+
+def _print_speed(title, rows, base):
+    if not rows:
+        return
+    print(f"\n## {title} (ratios vs {base})")
+    print(_fmt_table(rows, [
+        ("pipeline", lambda r: r["label"] + (f" [FAILED: {r['error'].splitlines()[-1][:120]}]" if r["error"] else "")),
+        ("images/s", lambda r: _num(r["images_per_s"])),
+        ("CPU ms/image", lambda r: _num(r["cpu_ms_per_image"], "{:.2f}")),
+        ("peak RSS MiB", lambda r: _num(r["peak_rss_mib"])),
+        ("vs baseline", lambda r: _num(r["vs_baseline"], "{:.2f}x"))]))
+
+
+SHORT = {"torchvision": "torchvision", "torch_pil": "torch+PIL (torchvision stand-in)", "ffcv": "FFCV",
+         "dali_cpu": "DALI CPU", "fastload": "fastload", "decode_scaled": "decode only, loader's DCT scale",
+         "decode_full": "decode only, full scale", "torchvision_v2_ra": "torchvision v2",
+         "torch_ra_mix": "torch ops (torchvision v2 stand-in)", "fastload_ra_mix": "fastload"}
+
+
+def _chart(path, table1, table2):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no chart; pip install 'fastload[bench]')")
+        return None
+    rows = [("RRC+flip: " + SHORT.get(r["pipeline"], r["pipeline"]), r) for r in table1 if r["images_per_s"]]
+    rows += [("RA+mix: " + SHORT.get(r["pipeline"], r["pipeline"]), r) for r in table2 if r["images_per_s"]]
+    if not rows:
+        return None
+    rows = rows[::-1]
+    names = [n for n, _ in rows]
+    colors = ["tab:orange" if r["pipeline"].startswith("fastload") else
+              ("tab:gray" if r["pipeline"].startswith("decode") else "tab:blue") for _, r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.4), sharey=True)
+    for ax, key, xlabel, fmt in ((axes[0], "images_per_s", "images/s (higher is better)", "{:,.0f}"),
+                                 (axes[1], "cpu_ms_per_image", "CPU ms per image (lower is better)", "{:.2f}")):
+        vals = [r[key] or 0 for _, r in rows]
+        ax.barh(names, vals, color=colors)
+        for y, v in enumerate(vals):
+            ax.text(v, y, " " + fmt.format(v), va="center", fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.margins(x=0.15)
+    fig.suptitle(f"fastload bench: batch 64, 224x224, same JPEGs, {os.cpu_count()} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    s = _settings(args)
+    cache = args.data_dir or bench_data.default_cache_dir()
+    pythons = [sys.executable] + list(args.python_peers)
+    for py in args.python_peers:
+        if not os.path.exists(py):
+            raise ValueError(f"--python-peers: {py!r} does not exist")
+    wanted = set(args.pipelines.split(",")) if args.pipelines else None
+    if wanted:
+        bad = wanted - set(peers_mod.PIPELINES)
+        if bad:
+            raise ValueError(f"--pipelines: unknown {sorted(bad)}; known: {sorted(peers_mod.PIPELINES)}")
+
+    # -- data
+    n = s["num_images"]
+    paths = bench_data.build_all(cache, n=n, seed=args.seed, num_augmentations=s["augmentations"], tolerant=True)
+    n_small = max(args.batch_size, n // 10)
+    small = None
+    if not args.no_rss and (wanted is None or "fastload" in wanted):
+        small = bench_data.build_all(cache, n=n_small, seed=args.seed, num_augmentations=s["augmentations"],
+                                     kinds=("crop",), tolerant=True)
+        if small["crop"] is None or paths["crop"] is None:
+            small = None
+    base_cfg = {"images": paths["images"], "reinforced": paths["crop"], "reinforced_ra_mix": paths["ra_mix"],
+                "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+                "threads": args.workers, "seed": args.seed, "warmup": s["warmup"],
+                "max_batches": s["max_batches"], "seconds": s["seconds"]}
+
+    # -- which pipelines run, and with which Python
+    t1 = ["torchvision", "torch_pil", "ffcv", "dali_cpu", "fastload", "decode_scaled", "decode_full"]
+    t2 = ["torchvision_v2_ra", "torch_ra_mix", "fastload_ra_mix"]
+    plan, skipped = [], {}
+    for name in t1 + t2:
+        if wanted is not None and name not in wanted:
+            continue
+        need = {"fastload": "crop", "fastload_ra_mix": "ra_mix"}.get(name)
+        if need and paths[need] is None:
+            skipped[name] = "no reinforced dataset: " + paths["errors"][need]
+            continue
+        py = find_python(name, pythons)
+        if py is None:
+            skipped[name] = f"{NEEDS[name]} does not import in {pythons}"
+            continue
+        plan.append((name, py))
+    print(f"fastload bench: {n} images, batch {args.batch_size}, {args.image_size}px, {args.workers} workers, "
+          f"{s['seconds']} s or {s['max_batches']} batches per pipeline after {s['warmup']} warm-up batches")
+    for name, why in skipped.items():
+        print(f"  skipped {name}: {why}")
+
+    results = {}
+    extra = 3 if small else 0
+    bar = Progress(len(plan) * args.rounds + extra, desc="bench pipelines", unit="pipeline")
+    for rnd in range(args.rounds):
+        # rounds interleave the pipelines, so a burst of outside load hits all of them alike;
+        # each pipeline keeps its fastest round
+        for name, py in plan:
+            if rnd and "error" in results[name]:
+                bar.update()
+                continue
+            r = run_pipeline(py, {**base_cfg, "pipeline": name})
+            prev = results.get(name)
+            rounds = (prev or {}).get("rounds_images_per_s", []) + [r.get("images_per_s")]
+            if prev is None or r.get("images_per_s", 0) > prev.get("images_per_s", 0):
+                results[name] = r
+            results[name]["rounds_images_per_s"] = rounds
+            msg = (f"{r['images_per_s']:,.0f} img/s, {1000 * r['cpu_s_per_image']:.2f} CPU ms/img"
+                   if "images_per_s" in r else "FAILED: " + r["error"].splitlines()[-1])
+            print(f"  {name}{f' (round {rnd + 1})' if args.rounds > 1 else ''}: {msg}", flush=True)
+            bar.update()
+
+    # -- memory: 10x data, and RSS over epochs
+    rss = {}
+    if small:
+        same = {**base_cfg, "pipeline": "fastload", "seconds": 1e9,
+                "max_batches": min(s["max_batches"], 40 if not args.quick else 6)}
+        r_small = run_pipeline(sys.executable, {**same, "images": small["images"], "reinforced": small["crop"]})
+        bar.update()
+        r_big = run_pipeline(sys.executable, same)
+        bar.update()
+        per_epoch = n_small // args.batch_size
+        r_ep = run_pipeline(sys.executable, {**base_cfg, "pipeline": "fastload", "images": small["images"],
+                                             "reinforced": small["crop"], "epochs_rss": s["rss_epochs"],
+                                             "epoch_batches": per_epoch})
+        bar.update()
+        rss = {"small_images": n_small, "large_images": n, "batches": same["max_batches"], "small": r_small,
+               "large": r_big, "epochs": r_ep}
+        if "peak_rss_mib" in r_small and "peak_rss_mib" in r_big:
+            rss["peak_rss_small_mib"] = r_small["peak_rss_mib"]
+            rss["peak_rss_large_mib"] = r_big["peak_rss_mib"]
+            rss["rss_10x_growth"] = r_big["peak_rss_mib"] / r_small["peak_rss_mib"] - 1
+            rss["rss_anon_10x_growth"] = r_big["peak_rss_anon_mib"] / r_small["peak_rss_anon_mib"] - 1
+        per = r_ep.get("rss_per_epoch_mib")
+        if per:
+            rss["rss_epoch_1_mib"], rss["rss_epoch_last_mib"] = per[0]["rss"], per[-1]["rss"]
+            rss["rss_10_epochs_growth"] = per[-1]["rss"] / per[0]["rss"] - 1
+    bar.close()
+
+    # -- tables and ratios
+    base1 = "torchvision" if "images_per_s" in results.get("torchvision", {}) else "torch_pil"
+    base2 = "torchvision_v2_ra" if "images_per_s" in results.get("torchvision_v2_ra", {}) else "torch_ra_mix"
+    table1 = _speed_rows(results, t1, base1)
+    table2 = _speed_rows(results, t2, base2)
+    ips = {k: v.get("images_per_s") for k, v in results.items()}
+
+    cpu = {k: v.get("cpu_s_per_image") for k, v in results.items()}
+
+    def ratio(a, b):
+        return ips[a] / ips[b] if ips.get(a) and ips.get(b) else None
+
+    def cpu_ratio(a, b):  # images per CPU-second, a vs b: robust to outside load
+        return cpu[b] / cpu[a] if cpu.get(a) and cpu.get(b) else None
+
+    ratios = {"vs_torchvision": ratio("fastload", base1), "baseline": base1,
+              "vs_ffcv": ratio("fastload", "ffcv"), "vs_dali_cpu": ratio("fastload", "dali_cpu"),
+              "of_decode_limit": ratio("fastload", "decode_scaled"),
+              "of_decode_full": ratio("fastload", "decode_full"),
+              "ra_mix_vs_torchvision_v2": ratio("fastload_ra_mix", base2), "ra_mix_baseline": base2,
+              "rss_10x_growth": rss.get("rss_10x_growth"), "rss_10_epochs_growth": rss.get("rss_10_epochs_growth"),
+              "per_cpu_second": {"vs_torchvision": cpu_ratio("fastload", base1), "vs_ffcv": cpu_ratio("fastload", "ffcv"),
+                                 "vs_dali_cpu": cpu_ratio("fastload", "dali_cpu"),
+                                 "of_decode_limit": cpu_ratio("fastload", "decode_scaled"),
+                                 "ra_mix_vs_torchvision_v2": cpu_ratio("fastload_ra_mix", base2)}}
+    met = {}
+    for k, t in TARGETS.items():
+        v = ratios.get(k)
+        met[k] = None if v is None else (v < t if k.startswith("rss") else v >= t)
+
+    _print_speed("RandomResizedCrop 224 + flip + normalize", table1, base1)
+    _print_speed("+ RandAugment(2, 9) + MixUp/CutMix", table2, base2)
+    if rss:
+        print(f"\n## Memory (fastload.ReinforcedLoader, {args.workers} workers)")
+        print(f"peak RSS, {n_small} images: {_num(rss.get('peak_rss_small_mib'))} MiB; {n} images "
+              f"({n / n_small:.3g}x): "
+              f"{_num(rss.get('peak_rss_large_mib'))} MiB; growth {_num(rss.get('rss_10x_growth'), '{:+.1%}')} "
+              f"(target < +10%)")
+        print(f"RSS after epoch 1: {_num(rss.get('rss_epoch_1_mib'))} MiB, after epoch {s['rss_epochs']}: "
+              f"{_num(rss.get('rss_epoch_last_mib'))} MiB; growth {_num(rss.get('rss_10_epochs_growth'), '{:+.1%}')}"
+              f" (target < +5%)")
+    loads = [v.get(k) for v in results.values() for k in ("loadavg_before", "loadavg_after") if v.get(k)]
+    if loads and max(loads) > (os.cpu_count() or 1) + 0.5:
+        print(f"\nwarning: load average reached {max(loads):.1f} on {os.cpu_count()} cores during the run "
+              "(other processes): compare ratios and CPU ms/image rather than absolute images/s")
+    print("\n## Targets (issue 3)")
+    for k, t in TARGETS.items():
+        v = ratios.get(k)
+        if k.startswith("rss"):
+            shown, tgt = ("-" if v is None else f"{v:+.1%}"), f"< +{t:.0%}"
+        else:
+            c = ratios["per_cpu_second"].get(k)
+            shown = "-" if v is None else f"{v:.2f}x" + ("" if c is None else f" (per CPU-second: {c:.2f}x)")
+            tgt = f">= {t:g}x" if k != "of_decode_limit" else f">= {t:.0%}"
+        print(f"  {k}: {shown}, target {tgt}: {'-' if met[k] is None else ('met' if met[k] else 'MISSED')}")
+
+    payload = {"settings": {**s, "batch_size": args.batch_size, "image_size": args.image_size,
+                            "workers": args.workers, "seed": args.seed, "quick": args.quick},
+               "dataset": {"images": paths["images"], "reinforced": {k: paths[k] for k in ("crop", "ra_mix")},
+                           "num_images": n, "jpeg": f"{bench_data.WIDTH}x{bench_data.HEIGHT} q{bench_data.QUALITY}",
+                           "teacher": "tiny fixed conv net (loader speed only)"},
+               "pythons": pythons, "skipped": skipped, "data_errors": paths["errors"], "results": results,
+               "table_rrc_flip": table1, "table_ra_mix": table2, "memory": rss, "ratios": ratios,
+               "targets": TARGETS, "targets_met": met,
+               "max_loadavg": max(loads) if loads else None}
+    path = write_result(args.name, payload, args.out_dir)
+    chart = None if args.no_chart else _chart(os.path.join(args.out_dir, args.name + ".png"), table1, table2)
+    print(f"\nresults: {path}" + (f", chart: {chart}" if chart else ""))
+    failed = [k for k, v in results.items() if "error" in v]
+    return 1 if failed and len(failed) == len(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Exact sparse execution of ReLU FFN blocks (``fastload.SparseReLUFFN``).
+
+Why: after ReLU most FFN activations are exactly zero (>90% in ReLU LLMs, RECIPES.md
+section 5). A zero activation makes the matching row of ``W_down^T`` irrelevant, so in
+memory-bound decoding the down-projection only has to read the active rows: speed-up
+ceiling ``1/u`` with ``u`` the active fraction (union over the batch).
+
+How: the up (and gate) projection stays dense (``torch.nn.functional.linear``); the
+down-projection weight is kept transposed, ``[d_ff, d_model]`` row-major in the weight
+dtype, so an active neuron is one contiguous row. On CPU the C++ library ``_sparse_ffn``
+compacts the active set and FMA's the active rows into fp32 accumulators (threads own
+output columns: deterministic). On CUDA the Triton kernel in ``fastload.kernels.sparse_ffn``
+does the same on the device. When the active fraction is above the crossover (measured once
+per shape, dtype, batch bucket and thread count, then cached) the dense matmul runs instead,
+so the sparse path is never meaningfully slower than dense.
+
+Autograd: when gradients are needed (grad mode on and the input or a weight requires grad)
+the module runs the dense path, which is differentiable. The sparse path is for inference
+(``torch.no_grad()`` / ``torch.inference_mode()``).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import statistics
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# (d_ff, d_model, dtype, batch bucket, threads) -> largest active fraction run sparse.
+_CROSSOVER: dict = {}
+_CROSSOVER_LOCK = threading.Lock()
+
+
+def _lib():
+    from fastload import _native
+
+    lib = _native.load("sparse_ffn")
+    if not getattr(lib, "_fl_sffn_typed", False):
+        lib.fl_sffn_down.restype = ctypes.c_int
+        lib.fl_sffn_down.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                     ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_long, ctypes.c_int, ctypes.POINTER(ctypes.c_long)]
+        lib.fl_sffn_active.restype = ctypes.c_int
+        lib.fl_sffn_active.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+                                       ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+        lib._fl_sffn_typed = True
+    return lib
+
+
+def batch_bucket(n: int) -> int:
+    """Power-of-two bucket of a batch size (1, 2, 4, ..., 128); the crossover is per bucket."""
+    return min(128, 1 << max(0, int(n - 1).bit_length()))
+
+
+def sparse_down_cpu(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    max_active: Optional[int] = None, threads: Optional[int] = None):
+    """``act @ w_t + bias`` reading only the rows of ``w_t`` whose neuron is active.
+
+    ``act`` is ``[B, d_ff]``, ``w_t`` is ``[d_ff, d_model]`` (both contiguous, same dtype:
+    fp32, bf16 or fp16). Returns ``(out, n_active)``; ``out`` is None when more than
+    ``max_active`` neurons are active (the caller then runs the dense product).
+
+    >>> import torch
+    >>> a = torch.relu(torch.randn(2, 8)); w = torch.randn(8, 3)
+    >>> out, n = sparse_down_cpu(a, w)
+    >>> torch.allclose(out, a @ w, atol=1e-5)
+    True
+    """
+    from fastload import _native
+
+    if act.dim() != 2 or w_t.dim() != 2 or act.shape[1] != w_t.shape[0]:
+        raise ValueError(f"act {tuple(act.shape)} and w_t {tuple(w_t.shape)} do not chain")
+    if act.dtype != w_t.dtype or act.dtype not in _DTYPE_CODE:
+        raise ValueError(f"act dtype {act.dtype} and w_t dtype {w_t.dtype} must match and be "
+                         "float32, bfloat16 or float16")
+    if act.device.type != "cpu" or w_t.device.type != "cpu":
+        raise ValueError("sparse_down_cpu needs CPU tensors")
+    if not w_t.is_contiguous():
+        raise ValueError("w_t must be contiguous ([d_ff, d_model] row-major)")
+    act = act.contiguous()
+    B, d_ff = act.shape
+    d_model = w_t.shape[1]
+    if bias is not None:
+        if bias.shape != (d_model,):
+            raise ValueError(f"bias must have shape ({d_model},), got {tuple(bias.shape)}")
+        bias = bias.to(act.dtype).contiguous()
+    out = torch.empty(B, d_model, dtype=act.dtype)
+    if max_active is None:
+        max_active = d_ff
+    n = ctypes.c_long(0)
+    lib = _lib()
+    st = lib.fl_sffn_down(act.data_ptr(), B, d_ff, w_t.data_ptr(), d_model, _DTYPE_CODE[act.dtype],
+                          bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                          int(max_active), int(threads or torch.get_num_threads()), ctypes.byref(n))
+    _native.check(lib, st, "sparse_down_cpu")
+    return (out if n.value <= max_active else None), n.value
+
+
+def active_indices(act: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of the neurons non-zero in some row of ``act`` ([B, d_ff], CPU).
+
+    NaN counts as active (``ReLU(NaN) = NaN``).
+
+    >>> active_indices(torch.tensor([[0., 1., 0.], [0., 0., 2.]])).tolist()
+    [1, 2]
+    """
+    from fastload import _native
+
+    act = act.reshape(-1, act.shape[-1]).contiguous()
+    if act.dtype not in _DTYPE_CODE:
+        act = act.float()
+    idx = torch.empty(act.shape[1], dtype=torch.int32)
+    n = ctypes.c_long(0)
+    lib = _lib()
+    _native.check(lib, lib.fl_sffn_active(act.data_ptr(), act.shape[0], act.shape[1],
+                                          _DTYPE_CODE[act.dtype], idx.data_ptr(), ctypes.byref(n)),
+                  "active_indices")
+    return idx[: n.value].long()
+
+
+def _median_time(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure_crossover(w_t: torch.Tensor, batch: int, threads: Optional[int] = None, reps: int = 3,
+                      bias: Optional[torch.Tensor] = None) -> float:
+    """Largest active fraction at which the sparse down-projection beats dense ``act @ w_t``.
+
+    Sparse and dense are timed interleaved (median of ``reps``) at decreasing fractions;
+    the first fraction where sparse takes at most 95% of dense time wins (a margin so the
+    sparse path is never slower than dense by more than noise). Returns 0.0 if none does.
+    """
+    d_ff, d_model = w_t.shape
+    g = torch.Generator().manual_seed(1234)
+    threads = threads or torch.get_num_threads()
+    for u in (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.06, 0.03):
+        k = max(1, int(round(u * d_ff)))
+        act = torch.zeros(batch, d_ff, dtype=w_t.dtype)
+        cols = torch.randperm(d_ff, generator=g)[:k]
+        act[:, cols] = torch.rand(batch, k, generator=g).to(w_t.dtype) + 0.5
+        sparse = lambda: sparse_down_cpu(act, w_t, bias, None, threads)  # noqa: E731
+        dense = lambda: _dense_down(act, w_t, bias)  # noqa: E731
+        sparse(), dense()  # warm up
+        ts, td = [], []
+        for _ in range(reps):
+            ts.append(_median_time(sparse, 1))
+            td.append(_median_time(dense, 1))
+        if statistics.median(ts) <= 0.95 * statistics.median(td):
+            return u
+    return 0.0
+
+
+def _dense_down(act, w_t, bias):
+    out = act @ w_t
+    return out + bias if bias is not None else out
+
+
+class SparseReLUFFN(nn.Module):
+    """ReLU FFN block with an exact sparse down-projection for inference.
+
+    Plain: ``y = down(relu(up(x)))``; gated: ``y = down(relu(gate(x)) * up(x))``. Weights in
+    fp32, bf16 or fp16, with or without bias. ``up``/``gate`` are ``nn.Linear`` modules
+    (reused, not copied, by :meth:`from_dense`); the down-projection is stored once as
+    ``down_t = W_down^T`` (``[d_ff, d_model]`` row-major, the weight dtype) with
+    ``down_bias``. Under ``torch.no_grad()`` on CPU (C++) or CUDA (Triton) only the rows of
+    ``down_t`` of active neurons (union over the batch) are read; above the crossover
+    fraction (``crossover=`` or measured once per shape/dtype/batch bucket and cached) the
+    dense product runs. With gradients required the dense path runs (it is the training
+    path). Inputs of another floating dtype are converted to the weight dtype.
+
+    Approximate mode (``approx_window > 0``, plain FFN only): the up-projection is computed
+    only for the neurons active in the last ``approx_window`` calls (aggregated sparsity,
+    plus a full refresh every ``approx_refresh`` calls); see :meth:`approx_report`.
+
+    >>> import torch, torch.nn as nn
+    >>> up, down = nn.Linear(16, 64), nn.Linear(64, 16)
+    >>> ffn = SparseReLUFFN.from_dense(up, down)
+    >>> x = torch.randn(3, 16)
+    >>> with torch.no_grad():
+    ...     torch.allclose(ffn(x), down(torch.relu(up(x))), atol=1e-5)
+    True
+    """
+
+    def __init__(self, d_model: int, d_ff: int, gated: bool = False, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, crossover: Optional[float] = None,
+                 activation: str = "relu", approx_window: int = 0, approx_refresh: int = 16):
+        super().__init__()
+        if activation != "relu":
+            raise ValueError(f"activation={activation!r}: the exact sparse path needs ReLU "
+                             "(convert the model with fastload.relufy first)")
+        if dtype not in _DTYPE_CODE:
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if d_model <= 0 or d_ff <= 0:
+            raise ValueError(f"d_model and d_ff must be positive, got {d_model}, {d_ff}")
+        if crossover is not None and not 0.0 <= crossover <= 1.0:
+            raise ValueError(f"crossover must be in [0, 1], got {crossover}")
+        self.d_model, self.d_ff, self.gated = d_model, d_ff, gated
+        self.crossover = crossover
+        self.up = nn.Linear(d_model, d_ff, bias=bias, dtype=dtype)
+        self.gate = nn.Linear(d_model, d_ff, bias=bias, dtype=dtype) if gated else None
+        down = nn.Linear(d_ff, d_model, bias=bias, dtype=dtype)
+        self.down_t = nn.Parameter(down.weight.detach().t().contiguous())
+        self.down_bias = nn.Parameter(down.bias.detach()) if bias else None
+        self.approx_window, self.approx_refresh = int(approx_window), int(approx_refresh)
+        self._finite_checked = None  # data_ptr/version of down_t when last checked finite
+        self._finite = True
+        self.last_active = None  # active count of the last sparse call (None: dense ran)
+        self._probe = None  # set by activation_sparsity
+        self._approx_state = None
+
+    @classmethod
+    def from_dense(cls, up: nn.Linear, down: nn.Linear, gate: Optional[nn.Linear] = None,
+                   activation=None, crossover: Optional[float] = None, **kwargs) -> "SparseReLUFFN":
+        """Build from the dense block's ``nn.Linear`` modules (``up``/``gate`` are reused).
+
+        ``activation`` (optional) is the module or name the dense block used; anything but
+        ReLU is refused, since the exact path relies on exact zeros.
+
+        >>> import torch.nn as nn
+        >>> ffn = SparseReLUFFN.from_dense(nn.Linear(8, 32), nn.Linear(32, 8), gate=nn.Linear(8, 32))
+        >>> ffn.gated, tuple(ffn.down_t.shape)
+        (True, (32, 8))
+        """
+        if activation is not None:
+            name = activation if isinstance(activation, str) else type(activation).__name__
+            if str(name).lower() not in ("relu", "relu()"):
+                raise ValueError(f"activation {name!r} is not ReLU: the exact sparse path needs "
+                                 "ReLU (convert the model with fastload.relufy first)")
+        for nm, m in (("up", up), ("down", down), ("gate", gate)):
+            if m is not None and not isinstance(m, nn.Linear):
+                raise ValueError(f"{nm} must be an nn.Linear, got {type(m).__name__}")
+        d_ff, d_model = up.weight.shape
+        if down.weight.shape != (d_model, d_ff):
+            raise ValueError(f"down weight has shape {tuple(down.weight.shape)}, expected "
+                             f"({d_model}, {d_ff}) to match up {tuple(up.weight.shape)}")
+        if gate is not None and gate.weight.shape != up.weight.shape:
+            raise ValueError(f"gate weight {tuple(gate.weight.shape)} != up weight {tuple(up.weight.shape)}")
+        dtype = up.weight.dtype
+        for nm, m in (("down", down), ("gate", gate)):
+            if m is not None and m.weight.dtype != dtype:
+                raise ValueError(f"{nm} weight dtype {m.weight.dtype} != up weight dtype {dtype}")
+        has_bias = down.bias is not None
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if dtype not in _DTYPE_CODE:
+            raise ValueError(f"weight dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.d_model, self.d_ff, self.gated = d_model, d_ff, gate is not None
+        if crossover is not None and not 0.0 <= crossover <= 1.0:
+            raise ValueError(f"crossover must be in [0, 1], got {crossover}")
+        self.crossover = crossover
+        self.up, self.gate = up, gate
+        # The one copy: W_down^T, row-major, so an active neuron is a contiguous row.
+        self.down_t = nn.Parameter(down.weight.detach().t().contiguous(),
+                                   requires_grad=down.weight.requires_grad)
+        self.down_bias = down.bias if has_bias else None
+        self.approx_window = int(kwargs.pop("approx_window", 0))
+        self.approx_refresh = int(kwargs.pop("approx_refresh", 16))
+        if kwargs:
+            raise ValueError(f"unknown arguments {sorted(kwargs)}")
+        self._finite_checked, self._finite = None, True
+        self.last_active, self._probe, self._approx_state = None, None, None
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, gated={self.gated}, "
+                f"dtype={self.down_t.dtype}, crossover={self.crossover}")
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _weights_finite(self) -> bool:
+        # 0 * inf = NaN in the dense product, but a skipped row contributes nothing: with
+        # non-finite weights only the dense path is exact. Checked once per weight version.
+        key = (self.down_t.data_ptr(), self.down_t._version)
+        if self._finite_checked != key:
+            self._finite = bool(torch.isfinite(self.down_t).all())
+            self._finite_checked = key
+        return self._finite
+
+    def _max_active(self, batch: int) -> int:
+        frac = self.crossover
+        if frac is None:
+            key = (self.d_ff, self.d_model, self.down_t.dtype, batch_bucket(batch),
+                   torch.get_num_threads(), self.down_t.device.type)
+            frac = _CROSSOVER.get(key)
+            if frac is None:
+                with _CROSSOVER_LOCK:
+                    frac = _CROSSOVER.get(key)
+                    if frac is None:
+                        if self.down_t.device.type == "cpu":
+                            frac = measure_crossover(self.down_t.detach(), batch_bucket(batch))
+                        else:  # the device kernel's launch cost is small: trust the ceiling
+                            frac = 0.85
+                        _CROSSOVER[key] = frac
+        return int(math.floor(frac * self.d_ff))
+
+    def _activation(self, x):
+        if self.approx_window > 0 and not self.gated and not torch.is_grad_enabled():
+            return self._approx_activation(x)
+        h = F.linear(x, self.up.weight, self.up.bias)
+        if self.gated:
+            return torch.relu(F.linear(x, self.gate.weight, self.gate.bias)) * h
+        return torch.relu(h)
+
+    def _down_dense(self, act):
+        out = act @ self.down_t
+        return out + self.down_bias if self.down_bias is not None else out
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+        if x.shape[-1:] != (self.d_model,):
+            raise ValueError(f"x has last dimension {tuple(x.shape)[-1:]} but d_model is {self.d_model}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point, got {x.dtype}")
+        dtype = self.down_t.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_model)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        act = self._activation(x2)
+        if self._probe is not None:
+            self._probe(self, act)
+        out = None
+        self.last_active = None
+        if not needs_grad and x2.shape[0] > 0 and self._weights_finite():
+            max_active = self._max_active(x2.shape[0])
+            if max_active > 0:
+                if act.device.type == "cpu":
+                    out, n = sparse_down_cpu(act, self.down_t, self.down_bias, max_active)
+                    self.last_active = n if out is not None else None
+                elif act.device.type == "cuda":
+                    from fastload.kernels.sparse_ffn import sparse_down
+
+                    out = sparse_down(act.contiguous(), self.down_t, self.down_bias)
+        if out is None:
+            out = self._down_dense(act)
+        return out.reshape(*lead, self.d_model)
+
+    # -- approximate mode ------------------------------------------------------------------
+    def _approx_activation(self, x):
+        """Aggregated sparsity: compute the up rows of neurons active in the recent window."""
+        st = self._approx_state
+        if st is None:
+            st = self._approx_state = {"calls": 0, "recent": [], "set": None,
+                                       "recall_sum": 0.0, "checked": 0}
+        st["calls"] += 1
+        refresh = st["set"] is None or (st["calls"] % max(1, self.approx_refresh) == 0)
+        if refresh:
+            act = torch.relu(F.linear(x, self.up.weight, self.up.bias))
+        else:
+            idx = st["set"]
+            w = self.up.weight.index_select(0, idx)
+            b = self.up.bias.index_select(0, idx) if self.up.bias is not None else None
+            act = x.new_zeros(x.shape[0], self.d_ff)
+            act[:, idx] = torch.relu(F.linear(x, w, b))
+        cur = active_indices(act) if act.device.type == "cpu" else \
+            (act != 0).any(0).nonzero().flatten()
+        st["recent"] = (st["recent"] + [cur])[-self.approx_window:]
+        st["set"] = torch.unique(torch.cat(st["recent"]))
+        return act
+
+    @torch.no_grad()
+    def approx_report(self, xs) -> dict:
+        """Recall of the true active set and relative output error of approximate mode.
+
+        Runs the sequence of inputs ``xs`` (e.g. one tensor per decoded token) through the
+        approximate path and, side by side, through the exact path.
+        """
+        if self.approx_window <= 0 or self.gated:
+            raise ValueError("approx_report needs a plain FFN built with approx_window > 0")
+        saved = self._approx_state
+        self._approx_state = None
+        recalls, errs = [], []
+        for x in xs:
+            x2 = x.reshape(-1, self.d_model).to(self.down_t.dtype)
+            true_act = torch.relu(F.linear(x2, self.up.weight, self.up.bias))
+            true_set = set(active_indices(true_act).tolist())
+            approx_act = self._approx_activation(x2)
+            got = set(active_indices(approx_act).tolist())
+            recalls.append(len(true_set & got) / max(1, len(true_set)))
+            ref = self._down_dense(true_act)
+            err = (self._down_dense(approx_act) - ref).norm() / ref.norm().clamp_min(1e-30)
+            errs.append(float(err))
+        self._approx_state = saved
+        return {"recall_mean": sum(recalls) / len(recalls), "recall_min": min(recalls),
+                "rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs),
+                "steps": len(recalls)}

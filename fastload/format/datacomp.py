@@ -1,0 +1,314 @@
+"""Import DataCompDR-style WebDataset shards into the reinforced format (kind ``image_text``).
+
+Per sample (WebDataset: tar members ``<key>.<ext>``) the reinforcement tars hold
+``syn.json`` (synthetic captions: a list, or ``{"syn_text": [...]}``), ``paug.json`` (per
+augmentation ``[[i, j, h, w], [[op, mag], ...]]`` with the crop in source pixels, the op a
+RandAugment name or index and the magnitude a signed bin; or ``{"param_aug": [...]}``) and
+``npz`` (``image_emb`` [N, D] and ``text_emb`` [1 + S, D], float32, or bfloat16 bit patterns
+stored as uint16). Images are not part of DataCompDR: they are joined by key from image tars
+or a folder (``<key>.jpg``), with the real caption from ``<key>.txt`` or ``<key>.json``
+(``{"caption": ...}``). Embeddings are stored as fp16.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import zipfile
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fastload.format.shards import encode_array, encode_augs
+from fastload.format.writer import DatasetWriter, write_shard_file
+from fastload.sample import params as P
+
+_IMG_EXT = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER = 256 << 20  # no single tar member / npz array may claim more (bounded reads)
+
+
+def _split(name: str) -> Tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the basename."""
+    d, b = os.path.split(name)
+    if "." not in b:
+        return name, ""
+    stem, ext = b.split(".", 1)
+    return (os.path.join(d, stem) if d else stem), ext.lower()
+
+
+def _iter_tar_samples(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """Group consecutive members of a tar by key."""
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: not a readable tar file ({e})") from e
+    with tf:
+        cur, parts = None, {}
+        for m in tf:
+            if not m.isfile():
+                continue
+            if m.size > MAX_MEMBER:
+                raise ValueError(f"{path}: member {m.name!r} is {m.size} bytes, over the {MAX_MEMBER} limit")
+            key, ext = _split(m.name)
+            if key != cur and cur is not None:
+                yield cur, parts
+                parts = {}
+            cur = key
+            f = tf.extractfile(m)
+            parts[ext] = f.read(m.size) if f is not None else b""
+        if cur is not None:
+            yield cur, parts
+
+
+class _ImageIndex:
+    """key -> (image bytes, real caption) from image tars or a folder, read lazily."""
+
+    def __init__(self, images: Sequence[str]):
+        self.tar_members: Dict[str, Dict[str, Tuple[str, int, int]]] = {}
+        self.folder: Optional[str] = None
+        for src in images:
+            if os.path.isdir(src):
+                self.folder = src
+                continue
+            try:
+                tf = tarfile.open(src, "r:")
+            except (tarfile.TarError, OSError) as e:
+                raise ValueError(f"images: {src!r} is neither a folder nor an uncompressed tar ({e})") from e
+            with tf:
+                for m in tf:
+                    if m.isfile():
+                        key, ext = _split(m.name)
+                        self.tar_members.setdefault(key, {})[ext] = (src, m.offset_data, m.size)
+
+    def _read(self, spec) -> bytes:
+        path, off, size = spec
+        if size > MAX_MEMBER:
+            raise ValueError(f"{path}: member of {size} bytes over the limit")
+        with open(path, "rb") as f:
+            f.seek(off)
+            return f.read(size)
+
+    def get(self, key: str) -> Tuple[Optional[bytes], Optional[str]]:
+        img = cap = None
+        parts = self.tar_members.get(key)
+        if parts:
+            for ext in _IMG_EXT:
+                if ext in parts:
+                    img = self._read(parts[ext])
+                    break
+            if "txt" in parts:
+                cap = self._read(parts["txt"]).decode("utf-8", "replace")
+            elif "json" in parts:
+                cap = _caption_from_json(self._read(parts["json"]))
+        if img is None and self.folder:
+            for ext in _IMG_EXT:
+                p = os.path.join(self.folder, f"{key}.{ext}")
+                if os.path.isfile(p):
+                    with open(p, "rb") as f:
+                        img = f.read()
+                    break
+            p = os.path.join(self.folder, f"{key}.txt")
+            if cap is None and os.path.isfile(p):
+                with open(p, encoding="utf-8", errors="replace") as f:
+                    cap = f.read()
+        return img, cap
+
+
+def _caption_from_json(b: bytes) -> Optional[str]:
+    try:
+        d = json.loads(b)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return d.get("caption") if isinstance(d, dict) else None
+
+
+def _load_npz(b: bytes, key: str) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(b))
+        for info in zf.infolist():
+            if info.file_size > MAX_MEMBER:
+                raise ValueError(f"sample {key!r}: npz member {info.filename} claims {info.file_size} bytes")
+        with np.load(io.BytesIO(b), allow_pickle=False) as z:
+            if "image_emb" not in z.files or "text_emb" not in z.files:
+                raise ValueError(f"sample {key!r}: npz needs image_emb and text_emb, has {z.files}")
+            ie, te = z["image_emb"], z["text_emb"]
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"sample {key!r}: corrupt npz ({e})") from e
+
+    def f32(a):
+        if a.dtype in (np.uint16, np.int16):  # bfloat16 bit patterns
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        if a.dtype.kind != "f":
+            raise ValueError(f"sample {key!r}: embeddings must be float or bf16 bits, got {a.dtype}")
+        return a.astype(np.float32)
+
+    ie, te = f32(ie), f32(te)
+    if ie.ndim != 2 or te.ndim != 2 or ie.shape[1] != te.shape[1]:
+        raise ValueError(f"sample {key!r}: image_emb {ie.shape} / text_emb {te.shape} must be [*, D] with one D")
+    return ie, te
+
+
+def _parse_paug(b: bytes, key: str, hw: Tuple[int, int]) -> np.ndarray:
+    try:
+        d = json.loads(b)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"sample {key!r}: paug.json is not JSON ({e})") from e
+    if isinstance(d, dict):
+        d = d.get("param_aug", d.get("params"))
+    if not isinstance(d, list) or not d:
+        raise ValueError(f"sample {key!r}: paug.json must be a non-empty list of augmentations")
+    H, W = hw
+    rec = P.empty(len(d))
+    for n, a in enumerate(d):
+        try:
+            box, ops = a[0], (a[1] if len(a) > 1 else [])
+            i, j, h, w = (int(v) for v in box)
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"sample {key!r}: augmentation {n} is not [[i, j, h, w], [[op, mag], ...]]") from e
+        if not (0 <= i and 0 <= j and h >= 1 and w >= 1 and i + h <= H and j + w <= W):
+            raise ValueError(f"sample {key!r}: crop {box} outside the {H}x{W} image")
+        rec["crop"][n] = P.pixels_to_box(i, j, h, w, H, W)
+        if len(ops) > P.MAX_RA:
+            raise ValueError(f"sample {key!r}: {len(ops)} RandAugment ops, at most {P.MAX_RA}")
+        for s, op in enumerate(ops):
+            name, mag = op[0], op[1]
+            idx = P.RA_OPS.index(name) if isinstance(name, str) and name in P.RA_OPS else name
+            if not isinstance(idx, int) or not 0 <= idx < len(P.RA_OPS):
+                raise ValueError(f"sample {key!r}: unknown RandAugment op {name!r}")
+            if float(mag) != int(mag) or not -127 <= int(mag) <= 127:
+                raise ValueError(f"sample {key!r}: magnitude {mag!r} is not a signed bin index")
+            rec["ra_ops"][n, s] = idx
+            rec["ra_mags"][n, s] = int(mag)
+    return rec
+
+
+def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_size: int = 1000,
+                    image_size: int = 224, on_error: str = "raise", progress: bool = True,
+                    teachers: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Import DataCompDR-style shards ``tars`` (joined by key with ``images``) into ``out``.
+
+    Example:
+        >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
+    """
+    from PIL import Image
+
+    from fastload._progress import Progress
+    from fastload.sample.policy import AugmentPolicy
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not tars:
+        raise ValueError("tars: give at least one DataCompDR shard")
+    for t in tars:
+        if not os.path.isfile(t):
+            raise ValueError(f"tars: {t!r} does not exist")
+    index = _ImageIndex(list(images))
+    policy = AugmentPolicy(rrc=True, flip=False, randaugment=(2, 9), interpolation="bicubic",
+                           size=(image_size, image_size))
+    rows: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    meta: Dict[str, Any] = {}
+    with Progress(0, "import", "samples", enabled=progress) as bar:
+        for t in tars:
+            for key, parts in _iter_tar_samples(t):
+                try:
+                    for need in ("syn.json", "paug.json", "npz"):
+                        if need not in parts:
+                            raise ValueError(f"sample {key!r} in {t}: missing {need}")
+                    img, real = index.get(key)
+                    if img is None:
+                        raise ValueError(f"sample {key!r}: no image with this key in {list(images)}")
+                    try:
+                        im = Image.open(io.BytesIO(img))
+                        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                        im.load()
+                    except Exception as e:  # any decode failure
+                        raise ValueError(f"cannot decode image {key!r}: {e}") from e
+                    w, h = Image.open(io.BytesIO(img)).size
+                    if im.format != "JPEG":
+                        buf = io.BytesIO()
+                        Image.open(io.BytesIO(img)).convert("RGB").save(buf, format="JPEG", quality=95)
+                        img = buf.getvalue()
+                    ie, te = _load_npz(parts["npz"], key)
+                    rec = _parse_paug(parts["paug.json"], key, (h, w))
+                    if len(rec) != len(ie):
+                        raise ValueError(f"sample {key!r}: {len(rec)} augmentations but {len(ie)} image embeddings")
+                    syn = json.loads(parts["syn.json"])
+                    syn = syn.get("syn_text", []) if isinstance(syn, dict) else syn
+                    if not isinstance(syn, list) or not all(isinstance(s, str) for s in syn):
+                        raise ValueError(f"sample {key!r}: syn.json must hold a list of captions")
+                    shape = {"num_augmentations": len(rec), "embedding_dim": ie.shape[1],
+                             "num_captions": te.shape[0]}
+                    if not meta:
+                        meta = shape
+                    elif shape != meta:
+                        raise ValueError(f"sample {key!r}: shapes {shape} differ from the first sample's {meta}")
+                    rows.append({"key": key, "image": img, "hw": (h, w), "augs": rec, "ie": ie, "te": te,
+                                 "real": [real] if real else [], "syn": syn})
+                except (ValueError, json.JSONDecodeError) as e:
+                    if on_error == "raise":
+                        raise ValueError(str(e)) from e
+                    skipped.append({"key": key, "error": str(e)})
+                bar.update()
+    if not rows:
+        raise ValueError("no importable samples found")
+    all_hw = np.array([r["hw"] for r in rows], np.int64)
+    num_shards = -(-len(rows) // shard_size)
+    digest = hashlib.sha256()
+    for t in tars:
+        digest.update(f"{os.path.abspath(t)}:{os.path.getsize(t)}\n".encode())
+    replay = {"image_size": [image_size, image_size], "box_grid": list(policy.size), "interpolation": "bicubic",
+              "dct_scale": "as fastload.replay.native.render_batch", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+              "kernel": "fastload.replay.native"}
+    header = {"kind": "image_text", "num_augmentations": meta["num_augmentations"], "topk": 0, "num_classes": None,
+              "seeds": [], "policy": policy.to_dict(), "ra_ops": list(P.RA_OPS), "replay": replay,
+              "teachers": teachers or [{"name": "DataCompDR teacher ensemble",
+                                        "description": "embeddings imported from DataCompDR shards"}],
+              "embedding_dim": meta["embedding_dim"], "num_captions": meta["num_captions"],
+              "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": skipped}
+    fp = {"tars": digest.hexdigest(), "rows": len(rows), "shard_size": shard_size, "image_size": image_size}
+    w = DatasetWriter(out, header, fp, num_shards)
+    for s in range(num_shards):
+        if s in w.done:
+            continue
+        part = rows[s * shard_size:(s + 1) * shard_size]
+        cols = {"id": list(range(s * shard_size, s * shard_size + len(part))), "key": [r["key"] for r in part],
+                "hash": [hashlib.blake2b(r["image"], digest_size=16).digest() for r in part],
+                "orig_h": [r["hw"][0] for r in part], "orig_w": [r["hw"][1] for r in part],
+                "src_h": [r["hw"][0] for r in part], "src_w": [r["hw"][1] for r in part],
+                "label": [-1] * len(part), "image": [r["image"] for r in part],
+                "augs": [encode_augs(r["augs"], r["hw"], policy.size, all_hw) for r in part],
+                "image_emb": [encode_array(r["ie"]) for r in part], "text_emb": [encode_array(r["te"]) for r in part],
+                "captions": [r["real"] for r in part], "syn_captions": [r["syn"] for r in part]}
+        w.add_shard(write_shard_file(out, s, cols, "image_text"))
+    return w.finish(skipped=skipped)
+
+
+def main(argv=None) -> int:
+    """``fastload import-datacomp SHARD.tar... --images TAR_OR_DIR... --out DIR``."""
+    ap = argparse.ArgumentParser(prog="fastload import-datacomp", description=__doc__.splitlines()[0])
+    ap.add_argument("tars", nargs="+", help="DataCompDR WebDataset shards (syn.json, paug.json, npz)")
+    ap.add_argument("--images", nargs="+", required=True, help="image tars or a folder, joined by key")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        m = import_datacomp(a.tars, a.out, a.images, shard_size=a.shard_size, image_size=a.image_size,
+                            on_error=a.on_error, progress=not a.quiet)
+    except ValueError as e:
+        print(f"fastload import-datacomp: error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {m['num_rows']} samples x {m['num_augmentations']} augmentations into {a.out} "
+          f"({len(m['skipped'])} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

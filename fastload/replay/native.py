@@ -1,0 +1,245 @@
+"""The fused C++ replay kernel (``csrc/replay``) from Python.
+
+``render_batch`` turns a batch of sources (JPEG bytes or decoded uint8 HWC arrays) and their
+stored augmentation records into a normalized NCHW batch written straight into ``out``:
+decode (DCT-scaled, region only) -> crop -> antialiased resize -> flip -> RandAugment ->
+normalize -> erase -> MixUp -> CutMix, on a pool of native threads with the GIL released.
+Its plain-PyTorch specification is ``fastload.replay.reference.render_reference``.
+
+If the library was built without libjpeg, JPEG sources are decoded with Pillow in Python
+first (a documented slow path: one Python decode per image, the GIL held while decoding).
+"""
+from __future__ import annotations
+
+import ctypes
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import _native
+from ..sample import params as P
+from .reference import IMAGENET_MEAN, IMAGENET_STD
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
+_INTERP = {"bilinear": 0, "bicubic": 1}
+
+_SOURCE_DTYPE = np.dtype([("data", "<u8"), ("len", "<i8"), ("h", "<i4"), ("w", "<i4"),
+                          ("kind", "<i4"), ("pad", "<i4")])
+
+
+def _lib():
+    lib = _native.load("replay")
+    if not getattr(lib, "_fl_typed", False):
+        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.fl_replay_batch.argtypes = [vp, vp, vp, i64, vp, i32, i32, i32, vp, vp, i32, i32, i32, i32, vp]
+        lib.fl_replay_batch.restype = i32
+        lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, i32, vp]
+        lib.fl_decode_batch.restype = i32
+        lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i32, vp]
+        lib.fl_jpeg_dims_batch.restype = i32
+        lib.fl_replay_have_jpeg.restype = i32
+        lib.fl_replay_have_randaugment.restype = i32
+        if lib.fl_replay_record_size() != P.AUG_DTYPE.itemsize:
+            raise ImportError("fastload._replay was built against another augmentation record layout")
+        lib._fl_typed = True
+    return lib
+
+
+def have_jpeg() -> bool:
+    """Whether the native library decodes JPEG itself (built with libjpeg)."""
+    return bool(_lib().fl_replay_have_jpeg())
+
+
+def _pil_decode(b) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(b))) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+        raise RuntimeError(f"bad JPEG: {e}") from None
+
+
+def _describe(sources, keep: list, what: str, allow_none=False) -> np.ndarray:
+    """Source descriptors for the C side; `keep` holds the buffers alive during the call."""
+    n = len(sources)
+    ptrs = [0] * n
+    lens = [0] * n
+    hs = [0] * n
+    ws = [0] * n
+    kinds = [0] * n
+    for i, s in enumerate(sources):
+        if s is None:
+            if allow_none:
+                continue
+            raise ValueError(f"{what}[{i}] is None")
+        if isinstance(s, np.ndarray):
+            if s.dtype != np.uint8 or s.ndim != 3 or s.shape[2] != 3 or s.shape[0] < 1 or s.shape[1] < 1:
+                raise ValueError(f"{what}[{i}]: a raw source must be a uint8 HWC array with 3 channels, "
+                                 f"got {s.dtype} {s.shape}")
+            a = s if s.flags.c_contiguous else np.ascontiguousarray(s)
+            keep.append(a)
+            ptrs[i] = a.__array_interface__["data"][0]
+            lens[i] = a.nbytes
+            hs[i], ws[i] = a.shape[0], a.shape[1]
+            kinds[i] = 1
+            continue
+        if isinstance(s, torch.Tensor):
+            raise ValueError(f"{what}[{i}]: pass raw images as numpy uint8 HWC arrays, not tensors")
+        try:
+            a = np.frombuffer(s, dtype=np.uint8)
+        except TypeError:
+            raise ValueError(f"{what}[{i}]: expected JPEG bytes or a uint8 HWC array, "
+                             f"got {type(s).__name__}") from None
+        keep.append(a)
+        ptrs[i] = a.__array_interface__["data"][0] if a.size else 0
+        lens[i] = a.size
+    desc = np.zeros(n, dtype=_SOURCE_DTYPE)
+    desc["data"] = ptrs
+    desc["len"] = lens
+    desc["h"] = hs
+    desc["w"] = ws
+    desc["kind"] = kinds
+    return desc
+
+
+def _decode_python(sources, sample_ids, what):
+    out = []
+    for i, s in enumerate(sources):
+        if s is None or isinstance(s, np.ndarray):
+            out.append(s)
+            continue
+        try:
+            out.append(_pil_decode(s))
+        except RuntimeError as e:
+            name = sample_ids[i] if sample_ids is not None else i
+            raise ValueError(f"sample {name} ({what} {i}): {e}") from None
+    return out
+
+
+def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
+                 partner_sources: Optional[Sequence] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
+                 sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31) -> torch.Tensor:
+    """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
+
+    ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
+    normalization; erased pixels take the mean colour), and may be pinned: the kernel writes
+    into it directly. ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
+    where the record does not mix). ``dct_scale`` lets the JPEG decoder downscale in the DCT
+    domain when the crop is at least twice the output. A bad sample raises ``ValueError``
+    naming ``sample_ids[i]`` (or the position i).
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from fastload.sample import params as P
+        >>> img = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+        >>> out = torch.empty(2, 3, 32, 32)
+        >>> _ = render_batch([img, img], P.empty(2), out)
+        >>> out.shape
+        torch.Size([2, 3, 32, 32])
+    """
+    lib = _lib()
+    params = np.ascontiguousarray(params).reshape(-1)
+    if params.dtype != P.AUG_DTYPE:
+        raise ValueError(f"params must have dtype fastload.sample.params.AUG_DTYPE, got {params.dtype}")
+    n = len(sources)
+    if params.shape[0] != n:
+        raise ValueError(f"params holds {params.shape[0]} records for {n} sources")
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != n or out.shape[1] != 3:
+        raise ValueError(f"out must be a [{n}, 3, h, w] tensor, got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if out.dtype not in _DTYPES:
+        raise ValueError(f"out dtype must be float32, float16 or uint8, got {out.dtype}")
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError("out must be a contiguous CPU tensor (pinned is fine)")
+    if interpolation not in _INTERP:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
+    if sample_ids is not None and len(sample_ids) != n:
+        raise ValueError(f"sample_ids has {len(sample_ids)} entries for {n} sources")
+    if partner_sources is not None and len(partner_sources) != n:
+        raise ValueError(f"partner_sources has {len(partner_sources)} entries for {n} sources")
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(-1)
+    if mean_a.size != 3 or std_a.size != 3:
+        raise ValueError("mean and std must have 3 values")
+    if (std_a <= 0).any():
+        raise ValueError(f"std must be positive, got {std}")
+    if n == 0:
+        return out
+    h, w = int(out.shape[2]), int(out.shape[3])
+    native_jpeg = bool(lib.fl_replay_have_jpeg())
+    if not native_jpeg:  # slow path: Pillow decodes in Python
+        sources = _decode_python(sources, sample_ids, "source")
+        if partner_sources is not None:
+            partner_sources = _decode_python(partner_sources, sample_ids, "partner of source")
+    keep: list = []
+    desc = _describe(sources, keep, "sources")
+    pdesc = None
+    if partner_sources is not None:
+        pdesc = _describe(partner_sources, keep, "partner_sources", allow_none=True)
+    bad = ctypes.c_int64(-1)
+    status = lib.fl_replay_batch(
+        desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
+        out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
+        _INTERP[interpolation], int(bool(dct_scale)), int(ra_num_bins), int(threads or 0),
+        ctypes.byref(bad))
+    if status != 0:
+        msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
+        i = bad.value
+        if i >= 0:
+            name = sample_ids[i] if sample_ids is not None else i
+            raise ValueError(f"render_batch: sample {name} (position {i}): {msg.split(': ', 1)[-1]}")
+        raise ValueError(f"render_batch: {msg}")
+    return out
+
+
+def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = None,
+                 keep: bool = True) -> Optional[list]:
+    """Decode JPEGs at DCT scale 1/``scale`` (1, 2, 4, 8) on the native thread pool.
+
+    Returns a list of uint8 HWC arrays, or ``None`` when ``keep=False`` (decode into
+    per-thread scratch and discard: the benchmark's decode-only limit).
+
+    Example:
+        >>> import io, numpy as np
+        >>> from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
+        >>> decode_batch([buf.getvalue()], scale=2)[0].shape
+        (24, 32, 3)
+    """
+    if scale not in (1, 2, 4, 8):
+        raise ValueError(f"scale must be 1, 2, 4 or 8, got {scale}")
+    lib = _lib()
+    if not lib.fl_replay_have_jpeg():
+        arrs = _decode_python(sources, None, "source")
+        if scale != 1:
+            from PIL import Image
+
+            arrs = [np.asarray(Image.fromarray(a).reduce(scale)) for a in arrs]
+        return arrs if keep else None
+    hold: list = []
+    for i, s in enumerate(sources):
+        if isinstance(s, np.ndarray) or s is None:
+            raise ValueError(f"sources[{i}] must be JPEG bytes")
+    desc = _describe(sources, hold, "sources")
+    n = len(sources)
+    bad = ctypes.c_int64(-1)
+    nt = int(threads or 0)
+    if not keep:
+        st = lib.fl_decode_batch(desc.ctypes.data, n, scale, None, nt, ctypes.byref(bad))
+        if st != 0:
+            raise ValueError(f"decode_batch: {lib.fl_last_error().decode('utf-8', 'replace')}")
+        return None
+    hw = np.zeros((n, 2), np.int32)
+    st = lib.fl_jpeg_dims_batch(desc.ctypes.data, n, scale, hw.ctypes.data, nt, ctypes.byref(bad))
+    if st != 0:
+        raise ValueError(f"decode_batch: {lib.fl_last_error().decode('utf-8', 'replace')}")
+    arrs = [np.empty((int(a), int(b), 3), np.uint8) for a, b in hw]
+    ptrs = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs])
+    st = lib.fl_decode_batch(desc.ctypes.data, n, scale, ptrs, nt, ctypes.byref(bad))
+    if st != 0:
+        raise ValueError(f"decode_batch: {lib.fl_last_error().decode('utf-8', 'replace')}")
+    return arrs

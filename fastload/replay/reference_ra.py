@@ -1,0 +1,251 @@
+"""Plain-PyTorch reference of RandAugment's 14 ops on uint8 images (torchvision semantics).
+
+This is the oracle the C++ kernel (``csrc/replay/randaugment.cpp``) and the Triton kernel are
+tested against. It follows ``torchvision.transforms.RandAugment`` (``_augmentation_space`` and
+``_apply_op``) and the tensor functions behind it (``_functional_tensor``) operation by
+operation, with the same dtypes, so that it reproduces torchvision's bytes, without importing
+torchvision (which does not install beside every torch). It is written for clarity, not speed.
+
+Conventions (the stored record, ``fastload.sample.params``):
+
+- ``ops[i]`` is an index into :data:`~fastload.sample.params.RA_OPS` (``RA_NONE`` = unused slot).
+- ``mags[i]`` is a *signed bin index*: the value is ``table[abs(bin)]`` of the op's magnitude
+  table for ``num_bins`` bins and the current image size, negated when ``bin < 0`` for the
+  signed ops (torchvision draws that sign with ``torch.randint(2)``). Ops without a magnitude
+  (Identity, AutoContrast, Equalize) ignore it.
+
+Example::
+
+    >>> import torch
+    >>> from fastload.replay.reference_ra import apply_ra
+    >>> img = torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8)
+    >>> out = apply_ra(img, ops=[5, 11], mags=[-9, 9])   # Rotate by -8.7 deg, Solarize
+    >>> out.shape, out.dtype
+    (torch.Size([3, 17, 23]), torch.uint8)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastload.sample.params import RA_NONE, RA_OPS, RA_SIGNED
+
+__all__ = ["apply_ra", "apply_op", "magnitude_table", "magnitude_value"]
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
+
+
+def magnitude_table(op: str, num_bins: int, h: int, w: int) -> torch.Tensor | None:
+    """The op's magnitude table as torchvision's ``RandAugment._augmentation_space`` builds it
+    for an image of ``h x w`` (None for ops without a magnitude)."""
+    if op in ("ShearX", "ShearY"):
+        return torch.linspace(0.0, 0.3, num_bins)
+    if op == "TranslateX":
+        return torch.linspace(0.0, 150.0 / 331.0 * w, num_bins)
+    if op == "TranslateY":
+        return torch.linspace(0.0, 150.0 / 331.0 * h, num_bins)
+    if op == "Rotate":
+        return torch.linspace(0.0, 30.0, num_bins)
+    if op in ("Brightness", "Color", "Contrast", "Sharpness"):
+        return torch.linspace(0.0, 0.9, num_bins)
+    if op == "Posterize":
+        return 8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int()
+    if op == "Solarize":
+        return torch.linspace(255.0, 0.0, num_bins)
+    return None
+
+
+def magnitude_value(op: str, mag_bin: int, num_bins: int, h: int, w: int) -> float:
+    """Signed bin index -> the float magnitude torchvision passes to ``_apply_op``."""
+    table = magnitude_table(op, num_bins, h, w)
+    if table is None:
+        return 0.0
+    k = abs(int(mag_bin))
+    if k >= num_bins:
+        raise ValueError(f"mags: bin {mag_bin} of op {op} is outside [-{num_bins - 1}, {num_bins - 1}]")
+    value = float(table[k].item())
+    if op in RA_SIGNED and mag_bin < 0:
+        value = -value
+    return value
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _grayscale(img: torch.Tensor) -> torch.Tensor:
+    """[3,H,W] uint8 -> [1,H,W] uint8: float32 weighted sum, truncated (torchvision)."""
+    r, g, b = img.unbind(0)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).to(torch.uint8).unsqueeze(0)
+
+
+def _blend(img1: torch.Tensor, img2: torch.Tensor, ratio: float) -> torch.Tensor:
+    """ratio*img1 + (1-ratio)*img2 in float32, clamped to [0, 255] and truncated to uint8."""
+    ratio = float(ratio)
+    return (ratio * img1 + (1.0 - ratio) * img2).clamp(0, 255).to(torch.uint8)
+
+
+def _inverse_affine(center, angle, translate, shear) -> list[float]:
+    """Inverse of T * C * RSS * C^-1 (scale 1), in double, as torchvision's
+    ``_get_inverse_affine_matrix``: maps output coordinates (origin at the image centre) to
+    input coordinates."""
+    rot = math.radians(angle)
+    sx, sy = math.radians(shear[0]), math.radians(shear[1])
+    cx, cy = center
+    tx, ty = translate
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
+    m = [d, -b, 0.0, -c, a, 0.0]
+    m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty)
+    m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty)
+    m[2] += cx
+    m[5] += cy
+    return m
+
+
+def _warp_nearest(img: torch.Tensor, matrix: list[float]) -> torch.Tensor:
+    """Resample with the inverse affine ``matrix`` (centre-origin pixel units), nearest
+    neighbour, zeros outside: torchvision's tensor affine (grid + grid_sample)."""
+    _, h, w = img.shape
+    theta = torch.tensor(matrix, dtype=torch.float32).reshape(1, 2, 3)
+    base = torch.empty(1, h, w, 3, dtype=torch.float32)
+    base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w))
+    base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h).unsqueeze(-1))
+    base[..., 2].fill_(1.0)
+    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)
+    grid = base.view(1, h * w, 3).bmm(scaled).view(1, h, w, 2)
+    out = F.grid_sample(img.unsqueeze(0).to(torch.float32), grid, mode="nearest",
+                        padding_mode="zeros", align_corners=False)
+    return out.squeeze(0).round().to(torch.uint8)
+
+
+def _shear(img: torch.Tensor, mag: float, axis: int) -> torch.Tensor:
+    _, h, w = img.shape
+    deg = math.degrees(math.atan(mag))
+    shear = [deg, 0.0] if axis == 0 else [0.0, deg]
+    # torchvision shears about the top-left corner: center=[0, 0] in pixel coordinates,
+    # i.e. (-w/2, -h/2) relative to the image centre.
+    center = [0.0 - w * 0.5, 0.0 - h * 0.5]
+    return _warp_nearest(img, _inverse_affine(center, 0.0, [0.0, 0.0], shear))
+
+
+def _translate(img: torch.Tensor, tx: int, ty: int) -> torch.Tensor:
+    return _warp_nearest(img, _inverse_affine([0.0, 0.0], 0.0, [float(tx), float(ty)], [0.0, 0.0]))
+
+
+def _rotate(img: torch.Tensor, angle: float) -> torch.Tensor:
+    # F.rotate passes -angle to the matrix (counter-clockwise for positive angles).
+    return _warp_nearest(img, _inverse_affine([0.0, 0.0], -angle, [0.0, 0.0], [0.0, 0.0]))
+
+
+def _sharpness(img: torch.Tensor, factor: float) -> torch.Tensor:
+    _, h, w = img.shape
+    if h <= 2 or w <= 2:
+        return img
+    kernel = torch.ones((3, 3), dtype=torch.float32)
+    kernel[1, 1] = 5.0
+    kernel /= kernel.sum()
+    kernel = kernel.expand(3, 1, 3, 3)
+    blurred = F.conv2d(img.unsqueeze(0).to(torch.float32), kernel, groups=3)
+    blurred = blurred.squeeze(0).round().to(torch.uint8)
+    degenerate = img.clone()
+    degenerate[:, 1:-1, 1:-1] = blurred  # border pixels keep their value
+    return _blend(img, degenerate, factor)
+
+
+def _autocontrast(img: torch.Tensor) -> torch.Tensor:
+    lo = img.amin(dim=(-2, -1), keepdim=True).to(torch.float32)
+    hi = img.amax(dim=(-2, -1), keepdim=True).to(torch.float32)
+    scale = 255 / (hi - lo)
+    flat = ~torch.isfinite(scale)
+    lo[flat] = 0
+    scale[flat] = 1
+    return ((img - lo) * scale).clamp(0, 255).to(torch.uint8)
+
+
+def _equalize_channel(ch: torch.Tensor) -> torch.Tensor:
+    hist = torch.bincount(ch.reshape(-1), minlength=256)
+    nonzero = hist[hist != 0]
+    step = torch.div(nonzero[:-1].sum(), 255, rounding_mode="floor")
+    if step == 0:
+        return ch
+    lut = torch.div(torch.cumsum(hist, 0) + torch.div(step, 2, rounding_mode="floor"), step,
+                    rounding_mode="floor")
+    lut = F.pad(lut, [1, 0])[:-1].clamp(0, 255)
+    return lut[ch.to(torch.int64)].to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def apply_op(img: torch.Tensor, op: str, mag: float) -> torch.Tensor:
+    """One RandAugment op with its float magnitude, as torchvision's ``_apply_op`` (NEAREST,
+    fill None = zeros) on a [3, H, W] uint8 tensor; returns a new tensor."""
+    if op == "Identity":
+        return img.clone()
+    if op == "ShearX":
+        return _shear(img, mag, 0)
+    if op == "ShearY":
+        return _shear(img, mag, 1)
+    if op == "TranslateX":
+        return _translate(img, int(mag), 0)
+    if op == "TranslateY":
+        return _translate(img, 0, int(mag))
+    if op == "Rotate":
+        return _rotate(img, mag)
+    if op == "Brightness":
+        return _blend(img, torch.zeros_like(img), 1.0 + mag)
+    if op == "Color":
+        return _blend(img, _grayscale(img), 1.0 + mag)
+    if op == "Contrast":
+        mean = torch.mean(_grayscale(img).to(torch.float32), dim=(-3, -2, -1), keepdim=True)
+        return _blend(img, mean, 1.0 + mag)
+    if op == "Sharpness":
+        return _sharpness(img, 1.0 + mag)
+    if op == "Posterize":
+        bits = int(mag)
+        return img & -int(2 ** (8 - bits))
+    if op == "Solarize":
+        return torch.where(img >= mag, 255 - img, img)
+    if op == "AutoContrast":
+        return _autocontrast(img)
+    if op == "Equalize":
+        return torch.stack([_equalize_channel(img[c]) for c in range(img.shape[0])])
+    raise ValueError(f"op: unknown RandAugment op {op!r}")
+
+
+def apply_ra(img_u8_chw: torch.Tensor, ops: Sequence[int], mags: Sequence[int],
+             num_bins: int = 31) -> torch.Tensor:
+    """Apply the stored RandAugment ops (ids into ``RA_OPS``, ``RA_NONE`` skipped) with their
+    signed magnitude bins, in order, to a [3, H, W] uint8 image; returns a new uint8 tensor.
+
+    Magnitudes come from each op's table for ``num_bins`` bins and the *current* image size,
+    exactly as ``torchvision.transforms.RandAugment(num_magnitude_bins=num_bins)``.
+
+    >>> import torch
+    >>> img = torch.full((3, 4, 5), 100, dtype=torch.uint8)
+    >>> apply_ra(img, [6], [30])[0, 0, 0].item()   # Brightness x1.9
+    190
+    """
+    if not isinstance(img_u8_chw, torch.Tensor) or img_u8_chw.dtype != torch.uint8 \
+            or img_u8_chw.ndim != 3 or img_u8_chw.shape[0] != 3:
+        raise ValueError("img_u8_chw: expected a uint8 tensor of shape [3, H, W]")
+    if len(ops) != len(mags):
+        raise ValueError(f"ops/mags: lengths differ ({len(ops)} != {len(mags)})")
+    if num_bins < 2:
+        raise ValueError(f"num_bins: must be >= 2, got {num_bins}")
+    img = img_u8_chw.clone()
+    for op_id, mag_bin in zip(ops, mags):
+        op_id = int(op_id)
+        if op_id == RA_NONE:
+            continue
+        if not 0 <= op_id < len(RA_OPS):
+            raise ValueError(f"ops: unknown op id {op_id} (valid: 0..{len(RA_OPS) - 1}, {RA_NONE})")
+        name = RA_OPS[op_id]
+        _, h, w = img.shape
+        img = apply_op(img, name, magnitude_value(name, int(mag_bin), num_bins, h, w))
+    return img
