@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # 1. Reinforced datasets and their replay
     "AugmentPolicy": "fastload.sample.policy:AugmentPolicy",
-    "reinforce": "fastload.reinforce:reinforce",
+    "reinforce": "fastload.generate:reinforce",
     "ReinforcedDataset": "fastload.format.reader:ReinforcedDataset",
     "ReinforcedLoader": "fastload.loader.reinforced:ReinforcedLoader",
     "densify": "fastload.losses:densify",

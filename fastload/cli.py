@@ -9,7 +9,7 @@ COMMANDS = {
     "bench": ("fastload.bench.images:main",
               "benchmark the image loaders on embedded data (--lm: sequence buckets, "
               "--ffn: sparse FFN, --variable: variable-resolution batching)"),
-    "reinforce": ("fastload.reinforce:main", "create a reinforced dataset from images and a teacher"),
+    "reinforce": ("fastload.generate:main", "create a reinforced dataset from images and a teacher"),
     "inspect": ("fastload.format.inspect:main", "summarize and validate a reinforced dataset"),
     "import-datacomp": ("fastload.format.datacomp:main",
                         "import DataCompDR-style WebDataset shards into the reinforced format"),
@@ -17,7 +17,8 @@ COMMANDS = {
 }
 BENCH_MODES = {"--lm": "fastload.bench.lm:main", "--ffn": "fastload.bench.ffn:main",
                "--variable": "fastload.bench.variable:main", "--kernel": "fastload.bench.kernel:main",
-               "--reinforce": "fastload.bench.reinforce:main"}
+               "--reinforce": "fastload.bench.reinforce:main",
+               "--triton": "fastload.bench.triton_replay:main"}
 
 
 def _usage() -> str:

@@ -1,7 +1,7 @@
 """Replay of stored augmentation records on the GPU (Triton): crop -> antialiased bilinear
-resize -> uint8 rounding -> flip -> /255 -> Normalize -> RandomErasing(0) -> MixUp -> CutMix,
-from a batch of decoded uint8 images already on the device to a normalized [B, 3, h, w]
-float32/float16 batch, in one launch.
+or bicubic resize -> uint8 rounding -> flip -> RandAugment ops -> /255 -> Normalize ->
+RandomErasing(0) -> MixUp -> CutMix, from a batch of decoded uint8 images already on the
+device to a normalized [B, 3, h, w] float32/float16 batch.
 
 Inputs: ``images`` [B, Hmax, Wmax, 3] uint8 (padded; image b occupies the top-left
 ``hw[b]`` = (h_b, w_b) corner) and one ``AUG_DTYPE`` record per image
@@ -11,24 +11,43 @@ boxes are dequantized in the kernel with the library's integer rule
 pixels the C++ path and the reference crop.
 
 Semantics are those of ``fastload.replay.reference.render_reference`` (torchvision's uint8
-tensor pipeline): ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)``
-(PyTorch's separable triangle filter with support ``max(scale, 1)``, weights normalized per
-output pixel), rounded and clamped to uint8 before normalization. The two separable passes
-are fused into one 2-D weighted sum per output pixel; float summation order differs from
-PyTorch's, so a value within float error of a .5 rounding tie can land on the other uint8
-level: outputs agree with the reference within 1 uint8 level (1/255/std after
-normalization), nearly everywhere exactly. The MixUp partner is another row of ``images``
-(``partner_rows[b]``; the caller maps the record's dataset index to a batch row) rendered
-with its own crop and flip, no erasing.
+tensor pipeline): ``F.interpolate(mode="bilinear"|"bicubic", antialias=True,
+align_corners=False)`` (PyTorch's separable aa filters: triangle with support
+``max(scale, 1)``, or Keys cubic, a = -0.5, with support ``2 max(scale, 1)``; weights
+normalized per output pixel), rounded and clamped to uint8. The kernel sums the separable
+passes per output pixel in its own float order, so a value within float error of a .5
+rounding tie can land on the other uint8 level: outputs agree with the reference within 1
+uint8 level (1/255/std after normalization), nearly everywhere exactly. The MixUp partner is
+another row of ``images`` (``partner_rows[b]``; the caller maps the record's dataset index
+to a batch row) rendered with its own crop and flip, no RandAugment, no erasing.
 
-Not supported here: RandAugment ops (records that carry any raise ValueError; replay them
-with the C++ path), bicubic interpolation.
+RandAugment (``fastload.replay.reference_ra``, torchvision's ops): all 14 ops, with
+magnitudes from each op's table for ``ra_num_bins`` bins at the output size (computed on the
+host from the records). Photometric ops repeat torchvision's float32 arithmetic in the same
+order (scalars rounded to float32 where torch rounds them) and integer reductions, so they
+match the reference exactly in the interpreter; for the GPU the RandAugment passes are
+compiled without FMA contraction (``enable_fp_fusion=False``) and with IEEE division
+(``tl.div_rn``), checked in the PTX compiled here for sm_90, but never run on a GPU.
+Geometric ops (ShearX/Y, TranslateX/Y, Rotate) use the reference's inverse affine matrix,
+nearest sampling (round half to even, as grid_sample) and fill 0; a source coordinate within
+float error of a .5 tie may pick the neighbouring pixel.
 
-Grid: (B, cdiv(h*w, BLOCK)); program (b, t) renders BLOCK output pixels of image b, all
-three channels, looping over the per-image tap window (2*ceil(support)+1 per axis).
+Launches per batch (no host sync; every decision comes from the host-side records):
 
-Tested on CPU with ``TRITON_INTERPRET=1`` at small sizes. No GPU timing has been measured
-(the session that wrote it had no GPU).
+- no record has RandAugment ops: one fused launch (``_replay_kernel``);
+- otherwise: ``_resize_u8_kernel`` renders the main images into a uint8 buffer; then per op
+  slot (up to 4; each image applies its own op) an optional reduction launch
+  ``_ra_stats_kernel`` (one program per image: grayscale mean for Contrast, per-channel
+  min/max for AutoContrast, histogram -> LUT for Equalize; only when an image's op in that
+  slot needs it) and an apply launch ``_ra_apply_kernel`` (src -> dst, ping-pong buffers);
+  finally ``_replay_kernel`` reads the uint8 buffer, renders the partners and normalizes,
+  erases and mixes.
+
+Grid: (B, cdiv(h*w, BLOCK)); program (b, t) handles BLOCK output pixels of image b, all
+three channels (the resize loops over the per-image tap window, 2*ceil(support)+1 per axis).
+
+Tested on CPU with ``TRITON_INTERPRET=1`` at small sizes (tests/test_triton_replay.py). No
+GPU timing has been measured; ``python benchmarks/triton_replay.py`` measures it on a GPU.
 
 >>> import numpy as np, torch                                        # doctest: +SKIP
 >>> from fastload.sample import params as P
@@ -40,6 +59,7 @@ torch.Size([2, 3, 16, 16])
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -52,7 +72,8 @@ from fastload.sample import params as P
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Columns of the int32 parameter tensor [B, NPARAM].
+# Columns of the int32 parameter tensor [B, NPARAM]. (Integer sizes are not specialized:
+# a size of 1 would otherwise become a constexpr without .to().)
 _CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX, _PROW = 0, 4, 5, 9, 13, 17
 NPARAM = 18
 
@@ -74,11 +95,15 @@ def _box(prm, col, h, w):
 
 
 @triton.jit
-def _axis(o, in_size, out_size):
-    """PyTorch's antialiased bilinear index/weight setup for output indices o along one axis:
-    returns (center, first tap, tap count, 1/scale or 1, total weight helper inputs)."""
+def _axis(o, in_size, out_size, CUBIC: tl.constexpr):
+    """PyTorch's antialiased index/weight setup (``_compute_indices_min_size_weights_aa``)
+    for output indices o along one axis: returns (center, first tap, tap count, 1/scale or 1,
+    support). The support is interp_size/2 * max(scale, 1): interp_size 2 (bilinear) or 4
+    (bicubic)."""
     scale = in_size.to(tl.float32) / out_size.to(tl.float32)
     support = tl.where(scale >= 1.0, scale, 1.0)
+    if CUBIC:
+        support = support * 2.0
     invscale = tl.where(scale >= 1.0, 1.0 / scale, 1.0)
     center = scale * (o.to(tl.float32) + 0.5)
     lo = tl.maximum((center - support + 0.5).to(tl.int32), 0)
@@ -87,11 +112,16 @@ def _axis(o, in_size, out_size):
 
 
 @triton.jit
-def _tri(k, lo, center, invscale, size):
-    # triangle filter weight of tap k (0 outside the window)
-    t = ((k + lo).to(tl.float32) - center + 0.5) * invscale
-    wgt = tl.maximum(1.0 - tl.abs(t), 0.0)
-    return tl.where(k < size, wgt, 0.0)
+def _filt(t, CUBIC: tl.constexpr):
+    # PyTorch's aa filters: triangle, or Keys cubic convolution with a = -0.5
+    x = tl.abs(t)
+    if CUBIC:
+        w1 = (1.5 * x - 2.5) * x * x + 1.0                      # ((a+2)x - (a+3)) x^2 + 1
+        w2 = ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0             # ((a x - 5a) x + 8a) x - 4a
+        wgt = tl.where(x < 1.0, w1, tl.where(x < 2.0, w2, 0.0))
+    else:
+        wgt = tl.maximum(1.0 - x, 0.0)
+    return wgt
 
 
 @triton.jit
@@ -103,49 +133,71 @@ def _taps(support):
 
 
 @triton.jit
-def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, flip, mask):
+def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, flip, mask,
+               CUBIC: tl.constexpr):
     """Crop (top, left, bh, bw) of one image resized to out_h x out_w at output pixels
-    (oy, ox), flipped horizontally if flip: three float tensors holding uint8 levels."""
+    (oy, ox), flipped horizontally if flip: three float tensors holding uint8 levels.
+
+    Tap k of an axis has weight filt((k + lo - center + 0.5) * invscale) (PyTorch's
+    ``_compute_indices_min_size_weights_aa``), normalized by the window's total. The sum is
+    separable like PyTorch's two passes (a row sum over x, then weighted over y), with the x
+    normalization applied once at the end."""
     ox_src = tl.where(flip != 0, out_w - 1 - ox, ox)
-    cy, ly, sy, iy, supy = _axis(oy, bh, out_h)
-    cx, lx, sx, ix, supx = _axis(ox_src, bw, out_w)
+    cy, ly, sy, iy, supy = _axis(oy, bh, out_h, CUBIC)
+    cx, lx, sx, ix, supx = _axis(ox_src, bw, out_w, CUBIC)
     KY = _taps(supy)  # scalars: one scale per image
     KX = _taps(supx)
+    oyf = ly.to(tl.float32) - cy + 0.5  # tap k sits at (k + oyf) * iy
+    oxf = lx.to(tl.float32) - cx + 0.5
     ty = tl.zeros_like(cy)
     for k in range(0, KY):
-        ty += _tri(k, ly, cy, iy, sy)
+        ty += tl.where(k < sy, _filt((k + oyf) * iy, CUBIC), 0.0)
     tx = tl.zeros_like(cx)
     for k in range(0, KX):
-        tx += _tri(k, lx, cx, ix, sx)
+        tx += tl.where(k < sx, _filt((k + oxf) * ix, CUBIC), 0.0)
     ty = tl.where(ty != 0.0, ty, 1.0)
     tx = tl.where(tx != 0.0, tx, 1.0)
     acc0 = tl.zeros_like(cy)
     acc1 = tl.zeros_like(cy)
     acc2 = tl.zeros_like(cy)
+    col = img_ptr + (left + lx).to(tl.int64) * 3
     for ky in range(0, KY):
-        wy = _tri(ky, ly, cy, iy, sy) / ty
-        row = (top + ly + ky).to(tl.int64) * row_stride
+        wy = _filt((ky + oyf) * iy, CUBIC) / ty
+        rp = col + (top + ly + ky).to(tl.int64) * row_stride
         my = mask & (ky < sy)
+        r0 = tl.zeros_like(cy)
+        r1 = tl.zeros_like(cy)
+        r2 = tl.zeros_like(cy)
         for kx in range(0, KX):
-            wx = _tri(kx, lx, cx, ix, sx) / tx
+            # _filt inlined: this is the hot loop (and each nested call costs the interpreter)
+            xa = tl.abs((kx + oxf) * ix)
+            if CUBIC:
+                wx = tl.where(xa < 1.0, (1.5 * xa - 2.5) * xa * xa + 1.0,
+                              tl.where(xa < 2.0, ((-0.5 * xa + 2.5) * xa - 4.0) * xa + 2.0, 0.0))
+            else:
+                wx = tl.maximum(1.0 - xa, 0.0)
+            # (taps outside the window load 0)
             m = my & (kx < sx)
-            p = img_ptr + row + (left + lx + kx).to(tl.int64) * 3
-            wgt = wy * wx
-            acc0 += wgt * tl.load(p + 0, mask=m, other=0).to(tl.float32)
-            acc1 += wgt * tl.load(p + 1, mask=m, other=0).to(tl.float32)
-            acc2 += wgt * tl.load(p + 2, mask=m, other=0).to(tl.float32)
+            p = rp + kx * 3
+            r0 += wx * tl.load(p, mask=m, other=0).to(tl.float32)
+            r1 += wx * tl.load(p + 1, mask=m, other=0).to(tl.float32)
+            r2 += wx * tl.load(p + 2, mask=m, other=0).to(tl.float32)
+        acc0 += wy * r0
+        acc1 += wy * r1
+        acc2 += wy * r2
     # torchvision's uint8 resize: round, clamp
-    acc0 = tl.minimum(tl.maximum(tl.floor(acc0 + 0.5), 0.0), 255.0)
-    acc1 = tl.minimum(tl.maximum(tl.floor(acc1 + 0.5), 0.0), 255.0)
-    acc2 = tl.minimum(tl.maximum(tl.floor(acc2 + 0.5), 0.0), 255.0)
+    acc0 = tl.minimum(tl.maximum(tl.floor(acc0 / tx + 0.5), 0.0), 255.0)
+    acc1 = tl.minimum(tl.maximum(tl.floor(acc1 / tx + 0.5), 0.0), 255.0)
+    acc2 = tl.minimum(tl.maximum(tl.floor(acc2 / tx + 0.5), 0.0), 255.0)
     return acc0, acc1, acc2
 
 
-@triton.jit
-def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr,
+@triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
+def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
                    m0, m1, m2, s0, s1, s2,
                    Hmax, Wmax, out_h, out_w,
-                   NPARAM_C: tl.constexpr, BLOCK: tl.constexpr):
+                   NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
+                   FROM_U8: tl.constexpr):
     b = tl.program_id(0)
     t = tl.program_id(1)
     npix = out_h * out_w
@@ -157,13 +209,20 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr,
     row_stride = Wmax * 3
     img_stride = Hmax.to(tl.int64) * row_stride
 
-    h = tl.load(hw_ptr + 2 * b)
-    w = tl.load(hw_ptr + 2 * b + 1)
     flags = tl.load(prm + 4)
-    top, left, bh, bw = _box(prm, 0, h, w)
-    base = img_ptr + b.to(tl.int64) * img_stride
-    v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
-                            flags & 1, mask)
+    if FROM_U8:
+        # the main image was rendered (and RandAugment'ed) into mid [B, 3, h, w] uint8
+        mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
+        v0 = tl.load(mb, mask=mask, other=0).to(tl.float32)
+        v1 = tl.load(mb + npix, mask=mask, other=0).to(tl.float32)
+        v2 = tl.load(mb + 2 * npix, mask=mask, other=0).to(tl.float32)
+    else:
+        h = tl.load(hw_ptr + 2 * b)
+        w = tl.load(hw_ptr + 2 * b + 1)
+        top, left, bh, bw = _box(prm, 0, h, w)
+        base = img_ptr + b.to(tl.int64) * img_stride
+        v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
+                                flags & 1, mask, CUBIC)
     x0 = (v0 / 255.0 - m0) / s0
     x1 = (v1 / 255.0 - m1) / s1
     x2 = (v2 / 255.0 - m2) / s2
@@ -183,7 +242,7 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr,
         pt, pl, pbh, pbw = _box(prm, 9, ph, pw)
         pbase = img_ptr + prow.to(tl.int64) * img_stride
         u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, oy, ox, out_h, out_w,
-                                (flags >> 1) & 1, mask)
+                                (flags >> 1) & 1, mask, CUBIC)
         p0 = (u0 / 255.0 - m0) / s0
         p1 = (u1 / 255.0 - m1) / s1
         p2 = (u2 / 255.0 - m2) / s2
@@ -207,21 +266,221 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr,
     tl.store(ob + 2 * npix, x2.to(ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
+def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
+                      NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr):
+    """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
+    [B, 3, h, w] uint8 (the image RandAugment sees)."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    npix = out_h * out_w
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < npix
+    oy = offs // out_w
+    ox = offs % out_w
+    prm = prm_ptr + b * NPARAM_C
+    row_stride = Wmax * 3
+    h = tl.load(hw_ptr + 2 * b)
+    w = tl.load(hw_ptr + 2 * b + 1)
+    top, left, bh, bw = _box(prm, 0, h, w)
+    base = img_ptr + b.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
+    v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
+                            tl.load(prm + 4) & 1, mask, CUBIC)
+    mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
+    tl.store(mb, v0.to(tl.uint8), mask=mask)
+    tl.store(mb + npix, v1.to(tl.uint8), mask=mask)
+    tl.store(mb + 2 * npix, v2.to(tl.uint8), mask=mask)
+
+
+# RandAugment op ids (fastload.sample.params.RA_OPS order; stored on disk, never reorder)
+# (the kernels test the ids as literals, named in comments); these need the stats pass:
+_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL = 8, 12, 13
+_NSTAT = 8  # float32 stats per image: [gray mean, lo0, lo1, lo2, scale0, scale1, scale2, -]
+
+
+@triton.jit
+def _gray_u8(r, g, b):
+    # torchvision's rgb_to_grayscale on uint8: float32 weighted sum, truncated
+    return (0.2989 * r + 0.587 * g + 0.114 * b).to(tl.int32).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["npix"])
+def _ra_stats_kernel(src_ptr, rai_ptr, st_ptr, lut_ptr, npix, BLOCK: tl.constexpr):
+    """Reduction pass of one RandAugment slot: one program per image over the whole image,
+    computing only what that image's op needs (Contrast: grayscale mean; AutoContrast:
+    per-channel min/max -> offset/scale; Equalize: per-channel histogram -> LUT)."""
+    b = tl.program_id(0)
+    op = tl.load(rai_ptr + 2 * b)
+    base = src_ptr + b.to(tl.int64) * 3 * npix
+    if op == 8:  # Contrast: torch.mean of the float32 grayscale (integer sum: exact)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, npix, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < npix
+            r = tl.load(base + offs, mask=m, other=0).to(tl.float32)
+            g = tl.load(base + npix + offs, mask=m, other=0).to(tl.float32)
+            bl = tl.load(base + 2 * npix + offs, mask=m, other=0).to(tl.float32)
+            acc += tl.where(m, _gray_u8(r, g, bl).to(tl.int32), 0)
+        tl.store(st_ptr + b * 8, tl.div_rn(tl.sum(acc, axis=0).to(tl.float32), npix * 1.0))
+    if op == 12:  # AutoContrast: per-channel min/max
+        for c in tl.static_range(3):
+            lo = tl.full([BLOCK], 255, tl.int32)
+            hi = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, npix, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                m = offs < npix
+                x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
+                lo = tl.minimum(lo, tl.where(m, x, 255))
+                hi = tl.maximum(hi, tl.where(m, x, 0))
+            lo_s = tl.min(lo, axis=0).to(tl.float32)
+            d = tl.max(hi, axis=0).to(tl.float32) - lo_s
+            flat = d == 0.0
+            # torch: 255 / t is t.reciprocal() * 255 (two float32 roundings); div_rn: IEEE
+            # division on a GPU too (plain / compiles to the approximate div.full.f32)
+            scale = tl.div_rn(1.0, tl.where(flat, 1.0, d)) * 255.0
+            tl.store(st_ptr + b * 8 + 1 + c, tl.where(flat, 0.0, lo_s))
+            tl.store(st_ptr + b * 8 + 4 + c, tl.where(flat, 1.0, scale))
+    if op == 13:  # Equalize: per-channel histogram -> LUT (torchvision's _scale_channel)
+        bins = tl.arange(0, 256)
+        for c in tl.static_range(3):
+            hist = tl.zeros([256], dtype=tl.int32)
+            hi = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, npix, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                m = offs < npix
+                x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
+                hist += tl.histogram(x, 256, mask=m)
+                hi = tl.maximum(hi, tl.where(m, x, 0))
+            top = tl.max(hi, axis=0)
+            # sum of the non-zero bins but the last = everything but the top value's count
+            step = (npix - tl.sum(tl.where(bins == top, hist, 0), axis=0)) // 255
+            excl = tl.cumsum(hist, axis=0) - hist
+            safe = tl.maximum(step, 1)
+            lut = tl.minimum((excl + safe // 2) // safe, 255)
+            lut = tl.where(step == 0, bins, lut)
+            tl.store(lut_ptr + b * 768 + c * 256 + bins, lut)
+
+
+@triton.jit
+def _blend(x, d, r, r1):
+    # torchvision _blend: (ratio * img1 + (1 - ratio) * img2).clamp(0, 255) -> uint8 (trunc)
+    return tl.floor(tl.minimum(tl.maximum(r * x + r1 * d, 0.0), 255.0))
+
+
+@triton.jit
+def _sharp_deg(ptr, oy, ox, h, w, m, x):
+    # torchvision's sharpness "degenerate": 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, rounded,
+    # interior only. round(S/13) in integers: S/13 is never within 1/26 of a .5 tie.
+    inner = m & (oy >= 1) & (oy < h - 1) & (ox >= 1) & (ox < w - 1)
+    s = tl.zeros_like(oy)
+    for dy in tl.static_range(3):
+        for dx in tl.static_range(3):
+            s += tl.load(ptr + (oy + dy - 1) * w + (ox + dx - 1), mask=inner, other=0).to(tl.int32)
+    s += 4 * x.to(tl.int32)
+    return tl.where(inner, ((2 * s + 13) // 26).to(tl.float32), x)
+
+
+@triton.jit
+def _rint(v):
+    # round half to even (std::nearbyint / Vec::round in grid_sample's nearest mode)
+    f = tl.floor(v + 0.5)
+    tie = (f - v) == 0.5
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(tie & odd, f - 1.0, f)
+
+
+@triton.jit(do_not_specialize=["h", "w"])
+def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
+                     BLOCK: tl.constexpr):
+    """Pointwise/gather pass of one RandAugment slot, src -> dst ([B, 3, h, w] uint8): each
+    image applies its own op (id, int and float parameters per image)."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    npix = h * w
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < npix
+    oy = offs // w
+    ox = offs % w
+    op = tl.load(rai_ptr + 2 * b)
+    ip = tl.load(rai_ptr + 2 * b + 1)
+    fp = raf_ptr + b * 8
+    base = src_ptr + b.to(tl.int64) * 3 * npix
+
+    sy = oy
+    sx = ox
+    valid = mask
+    if (op >= 1) & (op <= 5):
+        # geometric: torchvision's affine grid (centre-origin pixel coordinates times the
+        # inverse matrix pre-divided by (w/2, h/2)), grid_sample nearest, zeros outside
+        bx = ox.to(tl.float32) - (w * 0.5 - 0.5)
+        by = oy.to(tl.float32) - (h * 0.5 - 0.5)
+        gx = bx * tl.load(fp + 0) + by * tl.load(fp + 1) + tl.load(fp + 2)
+        gy = bx * tl.load(fp + 3) + by * tl.load(fp + 4) + tl.load(fp + 5)
+        ix = _rint((gx + 1.0) * (w * 0.5) - 0.5)
+        iy = _rint((gy + 1.0) * (h * 0.5) - 0.5)
+        valid = mask & (ix >= 0.0) & (ix <= w - 1.0) & (iy >= 0.0) & (iy <= h - 1.0)
+        sx = tl.where(valid, ix, 0.0).to(tl.int32)
+        sy = tl.where(valid, iy, 0.0).to(tl.int32)
+    src = sy * w + sx
+    x0 = tl.load(base + src, mask=valid, other=0).to(tl.float32)
+    x1 = tl.load(base + npix + src, mask=valid, other=0).to(tl.float32)
+    x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
+    r = tl.load(fp + 0)
+    r1 = tl.load(fp + 1)
+    if op == 6:  # Brightness: blend with black
+        x0 = _blend(x0, 0.0, r, r1)
+        x1 = _blend(x1, 0.0, r, r1)
+        x2 = _blend(x2, 0.0, r, r1)
+    if op == 7:  # Color: blend with the uint8 grayscale
+        g = _gray_u8(x0, x1, x2)
+        x0 = _blend(x0, g, r, r1)
+        x1 = _blend(x1, g, r, r1)
+        x2 = _blend(x2, g, r, r1)
+    if op == 8:  # Contrast: blend with the grayscale mean (stats pass)
+        mean = tl.load(st_ptr + b * 8)
+        x0 = _blend(x0, mean, r, r1)
+        x1 = _blend(x1, mean, r, r1)
+        x2 = _blend(x2, mean, r, r1)
+    if (op == 9) & (h > 2) & (w > 2):  # Sharpness: blend with the 3x3-smoothed image
+        x0 = _blend(x0, _sharp_deg(base, oy, ox, h, w, mask, x0), r, r1)
+        x1 = _blend(x1, _sharp_deg(base + npix, oy, ox, h, w, mask, x1), r, r1)
+        x2 = _blend(x2, _sharp_deg(base + 2 * npix, oy, ox, h, w, mask, x2), r, r1)
+    if op == 10:  # Posterize: keep the top bits (ip is the uint8 mask)
+        x0 = (x0.to(tl.int32) & ip).to(tl.float32)
+        x1 = (x1.to(tl.int32) & ip).to(tl.float32)
+        x2 = (x2.to(tl.int32) & ip).to(tl.float32)
+    if op == 11:  # Solarize: invert at or above the float32 threshold
+        x0 = tl.where(x0 >= r, 255.0 - x0, x0)
+        x1 = tl.where(x1 >= r, 255.0 - x1, x1)
+        x2 = tl.where(x2 >= r, 255.0 - x2, x2)
+    if op == 12:  # AutoContrast: (x - lo) * scale per channel (stats pass)
+        st = st_ptr + b * 8
+        x0 = tl.floor(tl.minimum(tl.maximum((x0 - tl.load(st + 1)) * tl.load(st + 4), 0.0), 255.0))
+        x1 = tl.floor(tl.minimum(tl.maximum((x1 - tl.load(st + 2)) * tl.load(st + 5), 0.0), 255.0))
+        x2 = tl.floor(tl.minimum(tl.maximum((x2 - tl.load(st + 3)) * tl.load(st + 6), 0.0), 255.0))
+    if op == 13:  # Equalize: per-channel LUT (stats pass)
+        lb = lut_ptr + b * 768
+        x0 = tl.load(lb + x0.to(tl.int32), mask=mask, other=0).to(tl.float32)
+        x1 = tl.load(lb + 256 + x1.to(tl.int32), mask=mask, other=0).to(tl.float32)
+        x2 = tl.load(lb + 512 + x2.to(tl.int32), mask=mask, other=0).to(tl.float32)
+    ob = dst_ptr + b.to(tl.int64) * 3 * npix + offs
+    tl.store(ob, x0.to(tl.uint8), mask=mask)
+    tl.store(ob + npix, x1.to(tl.uint8), mask=mask)
+    tl.store(ob + 2 * npix, x2.to(tl.uint8), mask=mask)
+
+
 def pack_params(params, partner_rows=None, device="cpu"):
     """AUG_DTYPE records [B] -> (int32 [B, 18] tensor, float32 [B, 2] MixUp (lam, 1 - lam)).
 
     The float pair is computed on the host in double and rounded once, as the reference
-    (``lam * x + (1 - lam) * p`` with Python floats) does.
+    (``lam * x + (1 - lam) * p`` with Python floats) does. RandAugment ops are packed
+    separately by :func:`pack_ra`.
     """
     rec = np.asarray(params)
     if rec.dtype != P.AUG_DTYPE or rec.ndim != 1:
         raise ValueError(f"params: expected a 1-D array of fastload AUG_DTYPE records, got {rec.dtype} "
                          f"with shape {rec.shape}")
     B = rec.shape[0]
-    if np.any(rec["ra_ops"] != P.RA_NONE):
-        bad = int(np.nonzero(np.any(rec["ra_ops"] != P.RA_NONE, axis=1))[0][0])
-        raise ValueError(f"params: record {bad} carries RandAugment ops, which the Triton replay "
-                         "kernel does not implement; replay it with the C++ path")
     prm = np.zeros((B, NPARAM), dtype=np.int32)
     prm[:, _CROP:_CROP + 4] = rec["crop"]
     prm[:, _FLAGS] = rec["flags"]
@@ -246,12 +505,171 @@ def pack_params(params, partner_rows=None, device="cpu"):
     return (torch.from_numpy(prm).to(device), torch.from_numpy(np.ascontiguousarray(lams)).to(device))
 
 
+def _op_params(name: str, mag: float, h: int, w: int):
+    """One op's (int, float[8]) kernel parameters from its float magnitude, on the host in
+    double then rounded to float32 where torch rounds (scalars meet float32 tensors)."""
+    from fastload.replay.reference_ra import _inverse_affine
+
+    f = np.zeros(8, dtype=np.float64)
+    ip = 0
+    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        if name in ("ShearX", "ShearY"):
+            deg = math.degrees(math.atan(mag))
+            shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
+            m = _inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], shear)
+        elif name == "Rotate":
+            m = _inverse_affine([0.0, 0.0], -mag, [0.0, 0.0], [0.0, 0.0])
+        else:
+            t = [float(int(mag)), 0.0] if name == "TranslateX" else [0.0, float(int(mag))]
+            m = _inverse_affine([0.0, 0.0], 0.0, t, [0.0, 0.0])
+        # the reference's theta (float32) transposed and divided by (w/2, h/2) in float32
+        th = np.asarray(m, dtype=np.float32).reshape(2, 3)
+        sx, sy = np.float32(0.5 * w), np.float32(0.5 * h)
+        f[:6] = [th[0, 0] / sx, th[0, 1] / sx, th[0, 2] / sx, th[1, 0] / sy, th[1, 1] / sy, th[1, 2] / sy]
+        return ip, f.astype(np.float32)
+    if name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        ratio = 1.0 + mag
+        f[0], f[1] = np.float32(ratio), np.float32(1.0 - ratio)
+    elif name == "Posterize":
+        ip = (-int(2 ** (8 - int(mag)))) & 0xFF
+    elif name == "Solarize":
+        f[0] = np.float32(mag)
+    return ip, f.astype(np.float32)
+
+
+def pack_ra(params, size, num_bins: int = 31, device="cpu"):
+    """The records' RandAugment ops as per-slot kernel parameters: (int32 [S, B, 2] (op id,
+    int parameter), float32 [S, B, 8]), S = the most ops any record carries (RA_NONE slots
+    skipped, as ``apply_ra`` does; an image with fewer ops gets Identity). Magnitudes come
+    from each op's table for ``num_bins`` bins at the output ``size`` (reference_ra)."""
+    from fastload.replay.reference_ra import magnitude_value
+
+    if int(num_bins) < 2:
+        raise ValueError(f"ra_num_bins: must be >= 2, got {num_bins}")
+    rec = np.asarray(params)
+    h, w = size
+    ops = [[(int(o), int(m)) for o, m in zip(r["ra_ops"], r["ra_mags"]) if int(o) != P.RA_NONE]
+           for r in rec]
+    S = max((len(o) for o in ops), default=0)
+    rai = np.zeros((S, len(rec), 2), dtype=np.int32)
+    raf = np.zeros((S, len(rec), 8), dtype=np.float32)
+    cache = {}
+    for b, lst in enumerate(ops):
+        for s, (op, mag_bin) in enumerate(lst):
+            if not 0 <= op < len(P.RA_OPS):
+                raise ValueError(f"params: record {b} has unknown RandAugment op id {op} "
+                                 f"(valid: 0..{len(P.RA_OPS) - 1}, {P.RA_NONE})")
+            key = (op, mag_bin)
+            if key not in cache:
+                name = P.RA_OPS[op]
+                try:
+                    mag = magnitude_value(name, mag_bin, num_bins, h, w)
+                except ValueError as e:
+                    raise ValueError(f"params: record {b}: {e}") from None
+                cache[key] = _op_params(name, mag, h, w)
+            rai[s, b, 0] = op
+            rai[s, b, 1], raf[s, b] = cache[key]
+    return torch.from_numpy(rai).to(device), torch.from_numpy(raf).to(device)
+
+
+def _check_inputs(images, hw, params, block):
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block: must be a power of two >= 16, got {block}")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+            or images.shape[3] != 3:
+        raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
+    B, Hmax, Wmax, _ = images.shape
+    # validated on the host: pass hw as a host array/tensor to avoid a device sync here
+    hw_cpu = torch.as_tensor(hw).cpu().to(torch.int32)
+    if hw_cpu.shape != (B, 2):
+        raise ValueError(f"hw: expected shape [{B}, 2], got {tuple(hw_cpu.shape)}")
+    hw_t = hw_cpu.to(images.device).contiguous()
+    if bool(((hw_cpu[:, 0] < 1) | (hw_cpu[:, 0] > Hmax) | (hw_cpu[:, 1] < 1) | (hw_cpu[:, 1] > Wmax)).any()):
+        raise ValueError(f"hw: every (h, w) must lie in [1, {Hmax}] x [1, {Wmax}]")
+    rec = np.asarray(params)
+    if rec.dtype != P.AUG_DTYPE or rec.shape != (B,):
+        raise ValueError(f"params: expected {B} AUG_DTYPE records, got {rec.dtype} with shape {rec.shape}")
+    return hw_t, rec
+
+
+def _cubic(interpolation: str) -> bool:
+    if interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"interpolation: expected 'bilinear' or 'bicubic', got {interpolation!r}")
+    return interpolation == "bicubic"
+
+
+def _render_ra(images, hw_t, rec, size, cubic, num_bins, block):
+    """Passes 1..(1 + 2 S): resize into a uint8 buffer, then each RandAugment slot as a
+    reduction launch (only when some image's op in that slot needs whole-image statistics)
+    and an apply launch, ping-ponging two buffers. No host sync: every decision is made from
+    the host-side records."""
+    B, Hmax, Wmax, _ = images.shape
+    h, w = size
+    dev = images.device
+    rai_h, raf_h = pack_ra(rec, size, num_bins)
+    rai, raf = rai_h.to(dev), raf_h.to(dev)
+    prm = _pack_crop(rec, dev)
+    mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
+    grid = (B, triton.cdiv(h * w, block))
+    _resize_u8_kernel[grid](images, hw_t, prm, mid, Hmax, Wmax, h, w,
+                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic)
+    if rai.shape[0] == 0:
+        return mid
+    other = torch.empty_like(mid)
+    st = torch.zeros(B, _NSTAT, dtype=torch.float32, device=dev)
+    lut = torch.zeros(B, 3, 256, dtype=torch.int32, device=dev)
+    needs_stats = np.isin(rai_h[:, :, 0].numpy(), (_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL)).any(axis=1)
+    for s in range(rai.shape[0]):
+        r_i, r_f = rai[s].contiguous(), raf[s].contiguous()
+        if needs_stats[s]:
+            _ra_stats_kernel[(B,)](mid, r_i, st, lut, h * w, BLOCK=block, enable_fp_fusion=False)
+        # no FMA contraction: torchvision rounds ratio * x and (1 - ratio) * d separately,
+        # and the result is truncated, so one fused rounding could move it by a level
+        _ra_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block,
+                               enable_fp_fusion=False)
+        mid, other = other, mid
+    return mid
+
+
+def _pack_crop(rec, device):
+    prm = np.zeros((rec.shape[0], NPARAM), dtype=np.int32)
+    prm[:, _CROP:_CROP + 4] = rec["crop"]
+    prm[:, _FLAGS] = rec["flags"]
+    return torch.from_numpy(prm).to(device)
+
+
+def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpolation: str = "bilinear",
+                 ra_num_bins: int = 31, block: int = 256) -> torch.Tensor:
+    """The uint8 [B, 3, h, w] images before normalization: crop -> antialiased resize ->
+    round -> flip -> RandAugment ops, as ``fastload.replay.reference.reference_uint8`` (for
+    GPU-side normalization, or to inspect what the kernel renders).
+
+    >>> import torch                                                  # doctest: +SKIP
+    >>> from fastload.sample import params as P
+    >>> imgs = torch.zeros(1, 8, 8, 3, dtype=torch.uint8, device="cuda")
+    >>> render_uint8(imgs, torch.tensor([[8, 8]]), P.empty(1), (4, 4)).shape
+    torch.Size([1, 3, 4, 4])
+    """
+    hw_t, rec = _check_inputs(images, hw, params, block)
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size: output size must be positive, got {tuple(size)}")
+    return _render_ra(images.contiguous(), hw_t, rec, (h, w), _cubic(interpolation), ra_num_bins, block)
+
+
 def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tensor,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 partner_rows: Optional[torch.Tensor] = None, block: int = 256) -> torch.Tensor:
+                 partner_rows: Optional[torch.Tensor] = None, block: int = 256,
+                 interpolation: str = "bilinear", ra_num_bins: int = 31) -> torch.Tensor:
     """Render ``params`` (AUG_DTYPE records, one per image) from ``images`` [B, Hmax, Wmax, 3]
     uint8 with true sizes ``hw`` [B, 2] into ``out`` [B, 3, h, w] (float32 or float16,
     same device) and return ``out``. See the module docstring for the semantics.
+
+    ``interpolation``: "bilinear" or "bicubic" (both antialiased, as the reference);
+    ``ra_num_bins``: RandAugment's ``num_magnitude_bins`` the records' bins refer to;
+    ``partner_rows``: batch row of each mixing record's partner; ``block``: output pixels
+    per program (a power of two). ``hw`` and ``partner_rows`` are validated on the host:
+    pass them as host tensors/arrays to keep the call free of device syncs.
 
     >>> import torch                                                  # doctest: +SKIP
     >>> from fastload.sample import params as P
@@ -260,34 +678,27 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
     >>> replay_batch(imgs, torch.tensor([[8, 8]]), P.empty(1), out)[0, 0, 0, 0].item()
     -2.1179039478302
     """
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
-            or images.shape[3] != 3:
-        raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
+    hw_t, rec = _check_inputs(images, hw, params, block)
     B, Hmax, Wmax, _ = images.shape
     if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != B or out.shape[1] != 3 \
             or out.dtype not in (torch.float32, torch.float16) or out.device != images.device:
         raise ValueError(f"out: expected a float32/float16 tensor [{B}, 3, h, w] on {images.device}")
     if not out.is_contiguous():
         raise ValueError("out: must be contiguous")
-    hw_t = torch.as_tensor(hw).to(device=images.device, dtype=torch.int32).contiguous()
-    if hw_t.shape != (B, 2):
-        raise ValueError(f"hw: expected shape [{B}, 2], got {tuple(hw_t.shape)}")
-    hw_cpu = hw_t.cpu()
-    if bool(((hw_cpu[:, 0] < 1) | (hw_cpu[:, 0] > Hmax) | (hw_cpu[:, 1] < 1) | (hw_cpu[:, 1] > Wmax)).any()):
-        raise ValueError(f"hw: every (h, w) must lie in [1, {Hmax}] x [1, {Wmax}]")
     if len(mean) != 3 or len(std) != 3 or any(float(s) == 0.0 for s in std):
         raise ValueError("mean/std: expected three values each, std non-zero")
-    rec = np.asarray(params)
-    if rec.shape != (B,):
-        raise ValueError(f"params: expected {B} records, got shape {rec.shape}")
+    cubic = _cubic(interpolation)
     prm, lams = pack_params(rec, partner_rows, images.device)
     out_h, out_w = int(out.shape[2]), int(out.shape[3])
     if out_h < 1 or out_w < 1:
         raise ValueError("out: output size must be positive")
     images = images.contiguous()
+    has_ra = bool(np.any(rec["ra_ops"] != P.RA_NONE))
+    mid = _render_ra(images, hw_t, rec, (out_h, out_w), cubic, ra_num_bins, block) if has_ra else out
     grid = (B, triton.cdiv(out_h * out_w, block))
-    _replay_kernel[grid](images, hw_t, prm, lams, out,
+    _replay_kernel[grid](images, hw_t, prm, lams, out, mid,
                          float(mean[0]), float(mean[1]), float(mean[2]),
                          float(std[0]), float(std[1]), float(std[2]),
-                         Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=block)
+                         Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic,
+                         FROM_U8=has_ra)
     return out

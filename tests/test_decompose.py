@@ -220,3 +220,16 @@ def test_local_engine_never_imports_ray(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_fsync_writes_the_same_rows(tmp_path, rng):
+    tokens, offsets = corpus(rng, n_docs=60)
+    a = decompose((tokens, offsets), str(tmp_path / "a"), 4, 7, vocab_size=VOCAB, eot_id=EOT, progress=False)
+    b = decompose((tokens, offsets), str(tmp_path / "b"), 4, 7, vocab_size=VOCAB, eot_id=EOT, progress=False,
+                  fsync=True)
+    (ma, ra), (mb, rb) = bucket_arrays(str(tmp_path / "a")), bucket_arrays(str(tmp_path / "b"))
+    assert a["dropped_tokens"] == b["dropped_tokens"] and ra.keys() == rb.keys()
+    want, _ = reference(tokens, offsets, 4, 7, True)
+    for k in ra:
+        assert np.array_equal(ra[k], rb[k])
+        assert ra[k].tolist() == want[k]

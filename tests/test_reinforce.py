@@ -145,7 +145,7 @@ def test_merge_grows_n(images, tmp_path):
 
 
 def test_cli_with_torchscript_teacher_and_refused_pickle(images, tmp_path):
-    from fastload.reinforce import main
+    from fastload.generate import main
 
     t = make_teacher(20)
     ts = str(tmp_path / "teacher.pt")
@@ -164,7 +164,7 @@ def test_cli_with_torchscript_teacher_and_refused_pickle(images, tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_export_teacher(images, tmp_path):
-    from fastload.reinforce import main
+    from fastload.generate import main
 
     t = make_teacher(20)
     args = ["--images", images, "--out", str(tmp_path / "cli2"), "--num-augmentations", "2", "--topk", "3",

@@ -232,3 +232,63 @@ def test_jpeg_encodings_region_decode_exact(enc):
     for i, a in enumerate(rec):
         assert max_u8_diff(out[i], reference_uint8(dec, a, (40, 40))) <= 1
     assert np.abs(native.decode_batch([jb])[0].astype(int) - dec).max() <= 1
+
+
+def _smooth_jpeg(h, w):
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(x / 37 + y / 53), 128 + 90 * np.cos(y / 29 - x / 61), (x + y) * 255 / (h + w)], -1)
+    return jpeg(np.clip(img, 0, 255).astype(np.uint8), quality=95)
+
+
+@pytest.mark.parametrize("size", [(24, 24), (64, 64)])
+def test_jpeg_m8_dct_scaling_close_to_full_decode(size):
+    # The "m8" rule decodes at M/8 (M = 1..8, the smallest keeping the scaled crop >= the
+    # output), so the resize after it is close to 1:1. Measured on this textured image:
+    # mean |diff| 0.9-1.1 levels, worst image 2.4, 0.3-1.6% of values > 8 levels (more than
+    # "pow2", which scales less often). Tolerance: mean <= 1.5, worst image <= 3,
+    # fewer than 2.5% of values > 8 levels. On a smooth image, where a geometric offset
+    # (not the filter) would show as a bias of several levels, measured mean 0.3-0.5, max 6
+    # (pow2: the same): mean <= 0.6, max <= 8, fewer than 2% of values > 2 levels.
+    dec = pil_decode(JPG)
+    rec = records(24, seed=4, hw=dec.shape[:2])
+    full = render([JPG] * len(rec), rec, size, torch.uint8, dct_scale=False)
+    m8 = render([JPG] * len(rec), rec, size, torch.uint8, dct_scale="m8")
+    d = (full.int() - m8.int()).abs().float()
+    assert d.mean().item() <= 1.5
+    assert d.mean(dim=(1, 2, 3)).max().item() <= 3.0
+    assert (d > 8).float().mean().item() < 0.025
+    assert not torch.equal(full, m8)
+    assert not torch.equal(m8, render([JPG] * len(rec), rec, size, torch.uint8, dct_scale=True))
+    smooth = _smooth_jpeg(300, 400)
+    rec = records(16, seed=5, hw=(300, 400))
+    full = render([smooth] * len(rec), rec, size, torch.uint8, dct_scale=False)
+    m8 = render([smooth] * len(rec), rec, size, torch.uint8, dct_scale="m8")
+    d = (full.int() - m8.int()).abs().float()
+    assert d.mean().item() <= 0.6 and d.max().item() <= 8, (d.mean().item(), d.max().item())
+    assert (d > 2).float().mean().item() < 0.02
+
+
+def test_dct_scale_true_is_the_pow2_rule_and_bad_values_raise():
+    # Datasets recorded as dct_scale=True replay with the rule they were generated with.
+    rec = records(8, seed=4, hw=pil_decode(JPG).shape[:2])
+    a = render([JPG] * len(rec), rec, (24, 24), torch.uint8, dct_scale=True)
+    b = render([JPG] * len(rec), rec, (24, 24), torch.uint8, dct_scale="pow2")
+    c = render([JPG] * len(rec), rec, (24, 24), torch.uint8, dct_scale="off")
+    assert torch.equal(a, b)
+    assert torch.equal(c, render([JPG] * len(rec), rec, (24, 24), torch.uint8, dct_scale=False))
+    with pytest.raises(ValueError, match="dct_scale"):
+        render([JPG], rec[:1], (8, 8), dct_scale="m4")
+
+
+def test_bytes_and_buffer_sources_agree():
+    # bytes take a bulk address path; memoryviews, bytearrays and read-only/writable arrays
+    # the per-source ones: same pixels from all.
+    rec = records(2, seed=8, hw=pil_decode(JPG).shape[:2])
+    want = render([JPG] * 4, rec, (20, 20), torch.uint8)
+    for conv in (memoryview, bytearray):
+        got = render([conv(JPG) if i % 2 else JPG for i in range(4)], rec, (20, 20), torch.uint8)
+        assert torch.equal(got, want)
+    ro = np.asarray(Image.open(io.BytesIO(JPG)).convert("RGB"))
+    rw = ro.copy()
+    ro.setflags(write=False)
+    assert torch.equal(render([ro] * 4, rec, (20, 20), torch.uint8), render([rw] * 4, rec, (20, 20), torch.uint8))

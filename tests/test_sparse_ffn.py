@@ -123,7 +123,7 @@ def test_autograd_uses_dense_path():
     x = torch.randn(3, 12, requires_grad=True)
     ffn(x).sum().backward()
     assert ffn.last_active is None
-    assert x.grad is not None and ffn.down_t.grad is not None and up.weight.grad is not None
+    assert x.grad is not None and ffn.down_weight.grad is not None and up.weight.grad is not None
     x2 = x.detach().clone().requires_grad_(True)
     ref = down(torch.relu(up(x2)))
     ref.sum().backward()
@@ -204,3 +204,33 @@ def test_approx_mode_reports_recall_and_error():
     rep = ffn.approx_report(xs)
     assert 0.0 <= rep["recall_min"] <= rep["recall_mean"] <= 1.0 and rep["steps"] == 8
     assert rep["recall_mean"] > 0.5 and rep["rel_error_mean"] < 0.5
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_dense_weight_kept_or_dropped(keep):
+    """keep_dense_weight: the trainable weight is W_down (dense path F.linear with it) and
+    down_t follows it after in-place updates; without it down_t is the only copy."""
+    up, down, _ = make(20, 50, False, True, torch.float32)
+    ffn = SparseReLUFFN.from_dense(up, down, crossover=1.0, keep_dense_weight=keep)
+    assert (ffn.down_weight is not None) == keep
+    x = torch.randn(4, 20)
+    ffn(x).sum().backward()  # training path: dense, differentiable
+    assert (ffn.down_weight if keep else ffn.down_t).grad is not None
+    with torch.no_grad():
+        if keep:
+            ffn.down_weight.mul_(-2.0)  # an optimizer step in place
+            down.weight.copy_(ffn.down_weight)
+        else:
+            ffn.down_t.mul_(-2.0)
+            down.weight.copy_(ffn.down_t.t())
+        out = ffn(x)
+    assert ffn.last_active is not None
+    check(out, dense_ref(x, up, down)[0], torch.float32)
+
+
+def test_plan_cheap_and_sane():
+    from fastload.ffn.sparse import measure_plan
+    w_t = torch.randn(300, 64)
+    plan = measure_plan(w_t, 4, threads=2, reps=2, w_dense=w_t.t().contiguous())
+    assert 0.0 <= plan["crossover"] <= 1.0 and plan["threads"] in (1, 2)
+    assert plan["proxy_rows"] == 300  # never more rows than d_ff

@@ -479,3 +479,33 @@ def test_reinforced_loader_renders_each_step_at_its_size(tmp_path):
                                             mean=L.mean, std=L.std, interpolation=L.interpolation))
             err = ((x - torch.stack(ref)).abs() * torch.tensor(L.std).view(1, 3, 1, 1) * 255).mean()
             assert err < 0.5, (k, float(err))
+
+
+# ----------------------------------------------------------------------------- lazy order
+@pytest.mark.parametrize("world,n", [(1, 1000), (3, 1001), (8, 5)])
+def test_iter_arrays_matches_batches_and_resume(world, n):
+    kw = dict(base_size=64, base_batch_size=4, min_size=32, max_size=96, num_scales=3, divisible_by=16, seed=5)
+    for r in range(world):
+        s = VariableBatchSampler(n, rank=r, world_size=world, **kw)
+        lists = all_batches(s)
+        arrays = [(i.tolist(), h, w) for i, h, w in s.iter_arrays()]
+        assert arrays == [([i for i, _, _ in b], b[0][1], b[0][2]) for b in lists]
+        it = s.iter_arrays()
+        next(it)
+        state = s.state_dict()
+        t = VariableBatchSampler(n, rank=r, world_size=world, **kw)
+        t.load_state_dict(state)
+        assert all_batches(t) == lists[1:]
+
+
+def test_lazy_order_covers_each_bucket_once_with_windows():
+    # more samples than one id window (8192): windows must join without gaps or repeats
+    n = 20000
+    ratios = np.where(np.arange(n) % 3 == 0, 0.75, 1.0)
+    s = VariableBatchSampler(n, 64, 16, 32, 96, 3, divisible_by=16, seed=3, aspect_ratios=ratios,
+                             aspect_buckets=(0.75, 1.0))
+    ids = [i for b in s for i, _, _ in b]
+    assert sorted(ids) == list(range(n))
+    assert ids[:50] != sorted(ids[:50])  # shuffled
+    for b in s:
+        assert len({ratios[i] for i, _, _ in b}) == 1

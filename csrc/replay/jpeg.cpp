@@ -54,11 +54,24 @@ struct Decoder {
   }
 };
 
-// Largest DCT scale denominator d in {8, 4, 2} with the crop still covering the output.
-int choose_denom(int bh, int bw, int oh, int ow) {
-  for (int d = 8; d >= 2; d /= 2)
-    if ((int64_t)bh >= (int64_t)oh * d && (int64_t)bw >= (int64_t)ow * d) return d;
-  return 1;
+// DCT scaling rules (the replay settings record which one a dataset was generated with):
+//   kDctPow2 ("pow2", the first rule): 1/d for the largest d in {8, 4, 2} with the crop
+//            >= d x the output on both axes, else no scaling;
+//   kDctM8   ("m8"): M/8 for the smallest M in 1..8 with the scaled crop >= the output on
+//            both axes (libjpeg-turbo >= 1.3 scales by M/8 with M = 1..16).
+// Returns M (scale M/8); 8 = no scaling.
+int choose_scale_num(int rule, int bh, int bw, int oh, int ow) {
+  if (rule == kDctPow2) {
+    for (int d = 8; d >= 2; d /= 2)
+      if ((int64_t)bh >= (int64_t)oh * d && (int64_t)bw >= (int64_t)ow * d) return 8 / d;
+    return 8;
+  }
+  if (rule == kDctM8) {
+    const int64_t my = (8 * (int64_t)oh + bh - 1) / bh, mx = (8 * (int64_t)ow + bw - 1) / bw;
+    const int64_t m = std::max<int64_t>(1, std::max(my, mx));
+    return m >= 8 ? 8 : (int)m;
+  }
+  return 8;
 }
 
 // Everything between setjmp and a possible longjmp lives in `d` or is POD: no destructor is
@@ -104,7 +117,7 @@ int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* o
 }
 
 int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
-                bool bicubic, bool dct, Scratch& s, uint8_t* out) {
+                bool bicubic, int dct, Scratch& s, uint8_t* out) {
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
   if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
@@ -113,17 +126,20 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   const int H = (int)ci.image_height, W = (int)ci.image_width;
   int t, l, bh, bw;
   box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
-  const int denom = dct ? choose_denom(bh, bw, oh, ow) : 1;
-  ci.scale_num = 1;
-  ci.scale_denom = (unsigned)denom;
+  const int M = choose_scale_num(dct & 0xff, bh, bw, oh, ow);
+  ci.scale_num = (unsigned)M;
+  ci.scale_denom = 8;
+  if (dct & kDctIfast) ci.dct_method = JDCT_IFAST;
+  if (dct & kDctNoFancy) ci.do_fancy_upsampling = FALSE;
   jpeg_start_decompress(&ci);
   const int SH = (int)ci.output_height, SW = (int)ci.output_width;
   if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
-  // The crop in scaled pixels: scaled pixel k covers source pixels [k*d, (k+1)*d).
-  const double inv = 1.0 / denom;
+  // The crop in scaled pixels: each 8x8 block decodes to M x M pixels, so scaled pixel k
+  // covers source pixels [8k/M, 8(k+1)/M).
+  const double inv = M / 8.0;
   const double fx0 = l * inv, fy0 = t * inv, fw = bw * inv, fh = bh * inv;
-  const int xlo = (int)(l / denom), xhi = std::min(SW, (int)((l + bw + denom - 1) / denom));
-  const int ylo = (int)(t / denom), yhi = std::min(SH, (int)((t + bh + denom - 1) / denom));
+  const int xlo = (int)((int64_t)l * M / 8), xhi = std::min(SW, (int)(((int64_t)(l + bw) * M + 7) / 8));
+  const int ylo = (int)((int64_t)t * M / 8), yhi = std::min(SH, (int)(((int64_t)(t + bh) * M + 7) / 8));
   compute_axis_weights(ow, fx0, fw, xlo, xhi, bicubic, s.ax);
   compute_axis_weights(oh, fy0, fh, ylo, yhi, bicubic, s.ay);
   // jpeg_crop_scanline widens the region to iMCU edges; the first and last columns of a

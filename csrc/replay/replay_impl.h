@@ -22,6 +22,10 @@ struct AxisWeights {
   int taps = 0;  // > 0: every output has exactly this many taps (zero-padded)
   int KP = 0;    // int16 weight pairs per output (taps > 0)
   std::vector<int32_t> wpair;
+  // AVX2 layout of wpair for groups of 8 outputs x = 8g + j (j < 4) paired with x + 4: per
+  // (g, j, pair p) 8 int32 = wpair(x, p) x 4, wpair(x + 4, p) x 4.
+  std::vector<int32_t> wvec;
+  std::vector<int32_t> off3;  // 3 * start[i]: byte offset of each output's first tap (taps > 0)
   int tap_lo = 0, tap_hi = 0;  // union of all taps
   std::vector<int> start, count;
   std::vector<float> w;
@@ -125,15 +129,21 @@ struct Scratch {
 
 // Crop (quantized box) -> resize -> flip of one source into out, uint8 in "row-planar"
 // layout: row y holds ow R values, then ow G, then ow B (out[(y * 3 + c) * ow + x]).
-// dct: allow libjpeg DCT-domain downscaling. Returns 0 or fl::fail(...).
+// dct: DCT scaling rule and decoder options (DctRule | kDct* bits, below). Returns 0 or fl::fail(...).
 int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
-              bool dct, Scratch& s, uint8_t* out);
+              int dct, Scratch& s, uint8_t* out);
+
+// The `dct` argument of the render functions: low byte = DCT scaling rule, higher bits =
+// decoder options (measurement switches).
+enum DctRule { kDctOff = 0, kDctPow2 = 1, kDctM8 = 2 };
+constexpr int kDctIfast = 1 << 8;    // JDCT_IFAST instead of JDCT_ISLOW
+constexpr int kDctNoFancy = 1 << 9;  // do_fancy_upsampling = FALSE (merged upsampling for 4:2:x)
 
 // JPEG support (jpeg.cpp). Header only: source height/width.
 int jpeg_dims(const uint8_t* data, size_t len, int* h, int* w);
 // Decodes the crop region needed by (ax, ay) at scale 1/denom and runs the fused resize.
 int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
-                bool bicubic, bool dct, Scratch& s, uint8_t* out);
+                bool bicubic, int dct, Scratch& s, uint8_t* out);
 // Full decode at scale 1/denom into out (or scratch when out is null); dims returned.
 int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow);
 int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* ow);

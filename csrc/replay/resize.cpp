@@ -118,6 +118,21 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
       for (int p = 0; p < KP; ++p)
         aw.wpair[(size_t)i * KP + p] = (int32_t)((uint32_t)(uint16_t)q[2 * p] | ((uint32_t)(uint16_t)q[2 * p + 1] << 16));
     }
+#if defined(__AVX2__)
+    const int G = kmax <= 16 ? out / 8 : 0;
+    aw.wvec.resize((size_t)G * 4 * KP * 8);
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < 4; ++j)
+        for (int p = 0; p < KP; ++p) {
+          int32_t* d = &aw.wvec[(((size_t)g * 4 + j) * KP + p) * 8];
+          for (int k = 0; k < 4; ++k) {
+            d[k] = aw.wpair[(size_t)(8 * g + j) * KP + p];
+            d[4 + k] = aw.wpair[(size_t)(8 * g + j + 4) * KP + p];
+          }
+        }
+#endif
+    aw.off3.resize(out);
+    for (int i = 0; i < out; ++i) aw.off3[i] = 3 * aw.start[i];
   } else {
     aw.taps = 0;  // counts differ: generic loops
   }
@@ -172,6 +187,69 @@ static void row_h_i16(const uint8_t* row, int col_base, const AxisWeights& ax, b
 }
 #endif
 
+#if defined(__AVX2__)
+// As row_h_i16, two outputs per 256-bit madd (x in the low lane, x + 4 in the high lane):
+// 8 outputs per step, transposed lane-wise to R x 8, G x 8, B x 8. Returns the first output
+// it did not handle (groups of 8 entirely below x1).
+template <int TP>
+static int row_h_i16_avx2(const uint8_t* row, int col_base, const AxisWeights& ax, bool flip, float* dst,
+                          int x1) {
+  const int out = ax.out, KP = ax.KP;
+  const __m256i shuf = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
+                                        0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
+  const __m256i shuf2 = _mm256_add_epi8(shuf, _mm256_setr_epi8(6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 0, 0, 0, 0,
+                                                                6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 0, 0, 0, 0));
+  const __m256i rev = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  const uint8_t* rb = row - (ptrdiff_t)col_base * 3;  // + off3[x]: output x's first tap
+  int x = 0;
+  for (; x + 8 <= x1; x += 8) {
+    const int32_t* wg = &ax.wvec[(size_t)(x / 8) * 4 * KP * 8];
+    __m256 v[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* a = rb + ax.off3[x + j];
+      const uint8_t* b = rb + ax.off3[x + j + 4];
+      const int32_t* wj = wg + (size_t)j * KP * 8;
+      __m256i acc = _mm256_setzero_si256();
+      int p = 0;
+      // Two tap pairs per 16-byte load (pixels 2p .. 2p+4): half the loads and lane inserts.
+#pragma GCC unroll 4
+      for (; p + 2 <= TP; p += 2) {
+        const __m256i px = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(a + 6 * p))),
+            _mm_loadu_si128((const __m128i*)(b + 6 * p)), 1);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_shuffle_epi8(px, shuf),
+                                                      _mm256_loadu_si256((const __m256i*)(wj + 8 * p))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_shuffle_epi8(px, shuf2),
+                                                      _mm256_loadu_si256((const __m256i*)(wj + 8 * p + 8))));
+      }
+      for (; p < TP; ++p) {
+        __m256i px = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i*)(a + 6 * p))),
+                                             _mm_loadl_epi64((const __m128i*)(b + 6 * p)), 1);
+        px = _mm256_shuffle_epi8(px, shuf);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i*)(wj + 8 * p))));
+      }
+      v[j] = _mm256_cvtepi32_ps(acc);  // [x+j: R G B 0 | x+j+4: R G B 0]
+    }
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpacklo_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_unpackhi_ps(v[0], v[1]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 R = _mm256_shuffle_ps(t0, t1, 0x44), G = _mm256_shuffle_ps(t0, t1, 0xEE),
+           B = _mm256_shuffle_ps(t2, t3, 0x44);
+    int xo = x;
+    if (flip) {
+      xo = out - 8 - x;
+      R = _mm256_permutevar8x32_ps(R, rev);
+      G = _mm256_permutevar8x32_ps(G, rev);
+      B = _mm256_permutevar8x32_ps(B, rev);
+    }
+    _mm256_storeu_ps(dst + xo, R);
+    _mm256_storeu_ps(dst + out + xo, G);
+    _mm256_storeu_ps(dst + 2 * out + xo, B);
+  }
+  return x;
+}
+#endif
+
 // Float fallback (and the outputs whose wide loads would leave the buffer); same units.
 static void row_h_generic(const uint8_t* row, int col_base, const AxisWeights& ax, bool flip, float* dst,
                           int x0, int x1) {
@@ -202,10 +280,23 @@ void resize_row_h(const uint8_t* row, int col_base, const AxisWeights& ax, bool 
     const int64_t reach = 6 * (int64_t)ax.KP + 2;
     int x1 = out;
     while (x1 > 0 && (int64_t)(ax.start[x1 - 1] - col_base) * 3 + reach > safe_bytes) --x1;
+#if defined(__AVX2__)
+    // The AVX2 pass loads 16 bytes at pixel 2p (p even < KP): up to 6 * KP + 10 bytes.
+    int x1w = x1;
+    while (x1w > 0 && (int64_t)(ax.start[x1w - 1] - col_base) * 3 + 6 * (int64_t)ax.KP + 10 > safe_bytes) --x1w;
+#endif
     switch (ax.KP) {
+#if defined(__AVX2__)
+#define FL_CASE(T)                                                               \
+  case T: {                                                                      \
+    const int xa = ax.wvec.empty() ? 0 : row_h_i16_avx2<T>(row, col_base, ax, flip, dst, x1w); \
+    row_h_i16<T>(row, col_base, ax, flip, dst, xa, x1);                          \
+  } break;
+#else
 #define FL_CASE(T) \
   case T:          \
     row_h_i16<T>(row, col_base, ax, flip, dst, 0, x1); break;
+#endif
       FL_CASE(1) FL_CASE(2) FL_CASE(3) FL_CASE(4) FL_CASE(5) FL_CASE(6) FL_CASE(7) FL_CASE(8)
 #undef FL_CASE
     }
@@ -239,6 +330,25 @@ static void emit_direct(const DirectOut& D, int c, const float* acc, size_t off,
     store_u8(acc, (uint8_t*)D.planes[c] + off, m);
     return;
   }
+#if defined(__AVX2__) && defined(__FMA__)
+  {
+    const __m256 vs8 = _mm256_set1_ps(sc), vb8 = _mm256_set1_ps(bi), lo8 = _mm256_setzero_ps(),
+                 hi8 = _mm256_set1_ps(255.f);
+    for (; x + 8 <= m; x += 8) {
+      __m256 v = _mm256_round_ps(_mm256_load_ps(acc + x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_fmadd_ps(_mm256_min_ps(_mm256_max_ps(v, lo8), hi8), vs8, vb8);
+      if (D.dtype == 0) {
+        float* d = (float*)D.planes[c] + off + x;
+        if (((uintptr_t)d & 31) == 0)
+          _mm256_stream_ps(d, v);  // see below: no read-for-ownership of output lines
+        else
+          _mm256_storeu_ps(d, v);
+      } else {
+        _mm_storeu_si128((__m128i*)((uint16_t*)D.planes[c] + off + x), _mm256_cvtps_ph(v, 0));
+      }
+    }
+  }
+#endif
 #if defined(__SSE4_1__)
   const __m128 vs = _mm_set1_ps(sc), vb = _mm_set1_ps(bi), lo = _mm_setzero_ps(), hi = _mm_set1_ps(255.f);
   for (; x + 4 <= m; x += 4) {
@@ -280,7 +390,36 @@ static void emit_direct(const DirectOut& D, int c, const float* acc, size_t off,
 // registers across the taps (one store per output, not one per tap).
 void VStream::vertical_taps(const float* w, int n, float inv, int s0, int c0, int m, float* acc) {
   int x = 0;
-#if defined(__SSE4_1__)
+#if defined(__AVX2__) && defined(__FMA__)
+  // 32 outputs at a time in four 8-wide accumulators held across the taps.
+  if (n <= 32) {
+    const float* rows[32];
+    __m256 wv[32];
+    for (int k = 0; k < n; ++k) {
+      rows[k] = slot(s0 + k) + c0;
+      wv[k] = _mm256_set1_ps(w[k] * inv);
+    }
+    for (; x + 32 <= m; x += 32) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int k = 0; k < n; ++k) {
+        const float* t = rows[k] + x;
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(t), wv[k], a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(t + 8), wv[k], a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(t + 16), wv[k], a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(t + 24), wv[k], a3);
+      }
+      _mm256_store_ps(acc + x, a0);
+      _mm256_store_ps(acc + x + 8, a1);
+      _mm256_store_ps(acc + x + 16, a2);
+      _mm256_store_ps(acc + x + 24, a3);
+    }
+    for (; x + 8 <= m; x += 8) {
+      __m256 a0 = _mm256_setzero_ps();
+      for (int k = 0; k < n; ++k) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(rows[k] + x), wv[k], a0);
+      _mm256_store_ps(acc + x, a0);
+    }
+  }
+#elif defined(__SSE4_1__)
   if (n <= 32) {
     const float* rows[32];
     __m128 wv[32];
@@ -338,7 +477,7 @@ void VStream::row_done(int r) {
 }
 
 int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
-              bool dct, Scratch& s, uint8_t* out) {
+              int dct, Scratch& s, uint8_t* out) {
   if (src.kind == 0) {
 #ifdef FASTLOAD_HAVE_JPEG
     return jpeg_render(src.data, (size_t)src.len, crop, flip, oh, ow, bicubic, dct, s, out);

@@ -156,6 +156,51 @@ void down_tile(const float* vals, const int32_t* idx, long n, long B, const void
   std::memset(acc, 0, sizeof(float) * (size_t)(B * w));
   long k = 0;
 #ifdef FL_SFFN_AVX2
+  if (B == 1) {
+    // GEMV: groups of 8 neurons, one accumulator load/store per 8 FMAs; prefetch the start
+    // of the next group's rows (random rows: the hardware prefetcher cannot guess them).
+    for (; k + 8 <= n; k += 8) {
+      long r[8];
+      for (int q = 0; q < 8; ++q) r[q] = (long)idx[k + q] * d_model + c0;
+      if (k + 16 <= n) {
+        for (int q = 0; q < 8; ++q) {
+          const char* p = (const char*)wt + ((long)idx[k + 8 + q] * d_model + c0) * (DT == F32 ? 4 : 2);
+          _mm_prefetch(p, _MM_HINT_T0);
+          _mm_prefetch(p + 64, _MM_HINT_T0);
+          _mm_prefetch(p + 128, _MM_HINT_T0);
+          _mm_prefetch(p + 192, _MM_HINT_T0);
+        }
+      }
+      const float* a = vals + k;
+      const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
+                   a3 = _mm256_set1_ps(a[3]), a4 = _mm256_set1_ps(a[4]), a5 = _mm256_set1_ps(a[5]),
+                   a6 = _mm256_set1_ps(a[6]), a7 = _mm256_set1_ps(a[7]);
+      long c = 0;
+      for (; c + 8 <= w; c += 8) {
+        __m256 v = _mm256_loadu_ps(acc + c);
+        __m256 u = _mm256_mul_ps(a1, load8<DT>(wt, r[1] + c));
+        v = _mm256_fmadd_ps(a0, load8<DT>(wt, r[0] + c), v);
+        u = _mm256_fmadd_ps(a3, load8<DT>(wt, r[3] + c), u);
+        v = _mm256_fmadd_ps(a2, load8<DT>(wt, r[2] + c), v);
+        u = _mm256_fmadd_ps(a5, load8<DT>(wt, r[5] + c), u);
+        v = _mm256_fmadd_ps(a4, load8<DT>(wt, r[4] + c), v);
+        u = _mm256_fmadd_ps(a7, load8<DT>(wt, r[7] + c), u);
+        v = _mm256_fmadd_ps(a6, load8<DT>(wt, r[6] + c), v);
+        _mm256_storeu_ps(acc + c, _mm256_add_ps(v, u));
+      }
+      for (; c < w; ++c) {
+        float v = acc[c], u = a[1] * to_f32<DT>(wt, r[1] + c);
+        v = std::fma(a[0], to_f32<DT>(wt, r[0] + c), v);
+        u = std::fma(a[3], to_f32<DT>(wt, r[3] + c), u);
+        v = std::fma(a[2], to_f32<DT>(wt, r[2] + c), v);
+        u = std::fma(a[5], to_f32<DT>(wt, r[5] + c), u);
+        v = std::fma(a[4], to_f32<DT>(wt, r[4] + c), v);
+        u = std::fma(a[7], to_f32<DT>(wt, r[7] + c), u);
+        v = std::fma(a[6], to_f32<DT>(wt, r[6] + c), v);
+        acc[c] = v + u;
+      }
+    }
+  }
   // Groups of 4 neurons: 4 row streams in flight and one accumulator load/store per 4 FMAs.
   for (; k + 4 <= n; k += 4) {
     const long r0 = (long)idx[k] * d_model + c0, r1 = (long)idx[k + 1] * d_model + c0;
@@ -251,14 +296,22 @@ int down(const void* act, long B, long d_ff, const void* wt, long d_model, const
   for (long k = 0; k < n; ++k)
     for (long b = 0; b < B; ++b) vals[k * B + b] = to_f32<DT>(act, b * d_ff + idx[k]);
   if (nthreads <= 0) nthreads = fl::default_threads();
-  // Tile width: B * tile fp32 accumulators within ~32 KiB (L1/L2), multiple of 32, and at
-  // least one tile per thread.
-  long tile = 8192 / B;
+  // Tile width: B * tile fp32 accumulators within ~32 KiB (L1/L2), a multiple of 64
+  // columns, and small enough that there are >= 8 tiles per thread: tiles are claimed
+  // dynamically, so a thread slowed by another process simply takes fewer of them (each
+  // tile's sum order is fixed, so the result stays deterministic). Tiles stay >= 256
+  // columns (1 KiB fp32 per row segment) so the hardware prefetcher keeps streaming.
+  // (B == 1: up to 4096 columns, so a row streams as one long segment.)
+  long tile = B == 1 ? 4096 : 8192 / B;
   if (tile > 4096) tile = 4096;
-  long per_thread = (d_model + nthreads - 1) / nthreads;
-  if (tile > per_thread) tile = per_thread;
-  tile = (tile + 31) / 32 * 32;
-  if (tile < 32) tile = 32;
+  if (B > 1 && tile > 2048) tile = 2048;
+  if (nthreads > 1) {
+    long fine = d_model / (8L * nthreads);
+    if (fine < 256) fine = 256;
+    if (tile > fine) tile = fine;
+  }
+  tile = (tile + 63) / 64 * 64;
+  if (tile < 64) tile = 64;
   const long ntiles = (d_model + tile - 1) / tile;
   const float* pv = vals.data();
   const int32_t* pi = idx.data();

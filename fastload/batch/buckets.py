@@ -25,7 +25,8 @@ draws the same bucket at every step.
 
 Distributed trimming rule: bucket k contributes ``m_k = floor(n_k / (b_k * world_size))``
 batches per rank per epoch. The epoch's row permutation is cut into ``m_k * world_size``
-consecutive groups of b_k rows; group ``j * world_size + r`` is batch j of rank r. The last
+consecutive groups of b_k rows; group ``r * m_k + j`` is batch j of rank r (each rank reads
+one contiguous part of the permutation, in windows of several batches per native call). The last
 ``n_k - m_k * b_k * world_size`` rows of the permutation are not used in that epoch (with
 ``shuffle=True`` a different subset each epoch). Every rank thus has the same number of
 batches per bucket, the same steps and the same shapes per step.
@@ -43,6 +44,10 @@ from ..format.decompose import _chunk_hash, _lib
 Odds = Union[str, Mapping[int, float], Sequence[float]]
 
 __all__ = ["BucketBatchSampler", "curriculum_odds"]
+
+# Rows of a bucket permuted per native call (several batches: the call's fixed cost, a few
+# microseconds, would otherwise be paid every step).
+_WINDOW = 4096
 
 
 def curriculum_odds(buckets: Sequence[int], curriculum: Odds) -> np.ndarray:
@@ -154,8 +159,7 @@ class BucketBatchSampler:
         if not self.shuffle:
             return np.arange(start, start + count, dtype=np.int64)
         out = np.empty(count, np.int64)
-        st = self._lib.fl_dd_permute(self._nrows[b], self._keys[b], start, count,
-                                     out.__array_interface__["data"][0])
+        st = self._lib.fl_dd_permute(self._nrows[b], self._keys[b], start, count, out.ctypes.data)
         check(self._lib, st, "bucket permutation")
         return out
 
@@ -169,7 +173,7 @@ class BucketBatchSampler:
         self._plan()
         b = int(self._sched_b[t])
         bs = int(self.batch_size[b])
-        start = (int(self._sched_j[t]) * self.world_size + self.rank) * bs
+        start = (self.rank * int(self.batches[b]) + int(self._sched_j[t])) * bs
         return self.buckets[b], self._rows(b, start, bs)
 
     def __iter__(self) -> Iterator[Tuple[int, np.ndarray]]:
@@ -179,16 +183,26 @@ class BucketBatchSampler:
             check_same_across_ranks([self.epoch, self._step, n, self.seed, *self.rows.tolist()],
                                     "epoch/step/steps per epoch/seed/bucket rows")
         buckets, sb, sj, rows = self.buckets, self._sb, self._sj, self._rows
-        bsz, w, r = self.batch_size.tolist(), self.world_size, self.rank
+        bsz, check_every = self.batch_size.tolist(), self.check_every
+        # this rank's part of bucket b starts at row r * m_b * b_b; its batches are read front
+        # to back, so rows come from windows of >= _WINDOW rows (one native call each)
+        first = [self.rank * m * bs for m, bs in zip(self.batches.tolist(), bsz)]
+        end = [f + m * bs for f, m, bs in zip(first, self.batches.tolist(), bsz)]
+        win_at, win = [0] * len(buckets), [None] * len(buckets)
         while self._step < n:
             t = self._step
             b = sb[t]
             bs = bsz[b]
-            start = (sj[t] * w + r) * bs
-            if self.check_every > 0 and t % self.check_every == 0:
+            start = first[b] + sj[t] * bs
+            if check_every > 0 and t % check_every == 0:
                 check_same_across_ranks([t, buckets[b], bs], "step/bucket/batch size")
+            w = win[b]
+            o = start - win_at[b]
+            if w is None or o < 0 or o + bs > len(w):
+                win_at[b], o = start, 0
+                w = win[b] = rows(b, start, min(max(_WINDOW, bs), end[b] - start))
             self._step = t + 1
-            yield buckets[b], rows(b, start, bs)
+            yield buckets[b], w[o:o + bs]
         # A complete pass: the next iteration is the next epoch.
         self.epoch += 1
         self._step = 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from itertools import repeat
+from itertools import product
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -253,15 +253,33 @@ class ResolutionCurriculum:
 
 
 # --------------------------------------------------------------------------- sampler
+def _chunk_key(seed: int, epoch: int, bucket: int) -> int:
+    from fastload.format.decompose import _chunk_hash
+
+    return _chunk_hash(seed, epoch, bucket, 0x5CA1E)  # salt: not the LM sampler's keys
+
+
 class _Plan:
-    """One epoch on one rank: per bucket, this rank's sample ids; per step, its shape and slice."""
+    """One epoch on one rank: per bucket, how to produce this rank's sample ids (lazily); per
+    step, its bucket, shape and slice of the bucket's per-rank positions."""
 
-    __slots__ = ("ids", "bucket", "h", "w", "b", "start", "end", "n")
+    __slots__ = ("buckets", "bucket", "h", "w", "b", "start", "end", "n")
 
-    def __init__(self, ids, bucket, h, w, b, start, end):
-        self.ids = ids  # list (per bucket) of python lists of sample ids
+    def __init__(self, buckets, bucket, h, w, b, start, end):
+        self.buckets = buckets  # per bucket: (members or None, n_all, per, permutation key or None)
         self.bucket, self.h, self.w, self.b, self.start, self.end = bucket, h, w, b, start, end
         self.n = len(bucket)
+
+
+# Ids are produced in windows of this many positions: one native call and one tolist() per
+# window instead of per batch (each costs ~1 us of fixed overhead).
+_WINDOW = 8192
+
+
+def _permute_lib():
+    from fastload.format.decompose import _lib
+
+    return _lib()
 
 
 class VariableBatchSampler:
@@ -273,11 +291,14 @@ class VariableBatchSampler:
     when ``drop_last=False``. ``b`` is the per-rank batch size.
 
     Randomness (sample order, scale per step, bucket interleaving) comes from a private
-    generator seeded by ``(seed, epoch)`` and is the same on every rank. Distributed
-    (torch.distributed initialized, or ``rank``/``world_size`` given): each bucket's shuffled
-    ids are padded by repeating its first ids up to a multiple of ``world_size`` (at most
-    ``world_size - 1`` duplicates per bucket per epoch) and sharded round-robin; every rank
-    then gets the same number of steps and the same (h, w, b) at each step.
+    generator seeded by ``(seed, epoch)`` and is the same on every rank; the sample order of
+    each bucket is a keyed pseudo-random permutation (key from ``(seed, epoch, bucket)``)
+    evaluated lazily at the positions a batch needs, so an epoch costs O(its batches) on every
+    rank, not an O(dataset) shuffle. Distributed (torch.distributed initialized, or
+    ``rank``/``world_size`` given): each bucket's permuted ids are padded by repeating its
+    first ids up to a multiple of ``world_size`` (at most ``world_size - 1`` duplicates per
+    bucket per epoch) and cut into ``world_size`` contiguous equal parts, part r for rank r;
+    every rank then gets the same number of steps and the same (h, w, b) at each step.
     ``check_shapes=True`` all-reduces each step's shape and raises ``RuntimeError`` when ranks
     disagree (one collective per step; for debugging).
 
@@ -375,7 +396,8 @@ class VariableBatchSampler:
         which = np.abs(np.log(arr)[:, None] - np.log(buckets)[None, :]).argmin(axis=1)
         self._ratios, self._members = [], []
         for k, r in enumerate(buckets):
-            ids = np.flatnonzero(which == k).astype(np.int64)
+            # int32 when it fits: half the memory that the shuffled gathers touch at random
+            ids = np.flatnonzero(which == k).astype(np.int32 if self.num_samples < 2**31 else np.int64)
             if ids.size:  # empty buckets produce no shapes
                 self._ratios.append(float(r))
                 self._members.append(ids)
@@ -455,21 +477,16 @@ class VariableBatchSampler:
             return plan
         rng = self._rng(epoch)
         grids = self._bucket_grids(epoch)
-        W, r = self.world_size, self.rank
-        ids, parts = [], []
+        W = self.world_size
+        buckets, parts = [], []
         for k, (members, grid) in enumerate(zip(self._members, grids)):
             n_all = members.size
-            if not self.shuffle:
-                order = members
-            elif self._ratios is None:  # members is arange(n): skip the gather
-                order = rng.permutation(n_all)
-            else:
-                order = members[rng.permutation(n_all)]
             per = -(-n_all // W)
-            pad = per * W - n_all
-            if pad:  # repeat the first ids so every rank gets `per` samples
-                order = np.concatenate([order, np.resize(order, pad)])
-            ids.append(order[r::W].tolist())
+            # The epoch's order of bucket k is a keyed permutation P of [0, n_all) (key from
+            # (seed, epoch, bucket), never the rank), evaluated only at this rank's positions
+            # when a batch needs them: no O(n) shuffle per epoch and rank.
+            key = _chunk_key(self.seed, epoch, k) if self.shuffle else None
+            buckets.append((None if self._ratios is None else members, n_all, per, key))
             g = np.asarray(grid, dtype=np.int64)
             bsz = g[:, 2]
             draws = rng.integers(0, len(g), size=per // int(bsz.min()) + 2)
@@ -484,12 +501,50 @@ class VariableBatchSampler:
         steps = np.concatenate(parts, axis=0) if parts else np.zeros((0, 6), np.int64)
         if len(parts) > 1:  # interleave the buckets' batches
             steps = steps[rng.permutation(len(steps))]
+            # then hand each bucket's positions out in step order (the ids at the positions are
+            # random anyway), so a bucket's batches read its id windows front to back
+            for k in range(len(parts)):
+                sel = np.flatnonzero(steps[:, 0] == k)
+                ln = steps[sel, 5] - steps[sel, 4]
+                steps[sel, 5] = np.cumsum(ln)
+                steps[sel, 4] = steps[sel, 5] - ln
         cols = [c.tolist() for c in steps.T]
-        plan = _Plan(ids, *cols)
+        plan = _Plan(buckets, *cols)
         if len(self._plans) > 4:
             self._plans.clear()
         self._plans[epoch] = plan
         return plan
+
+    def _ids_array(self, bucket, a: int, m: int) -> np.ndarray:
+        """Sample ids (int64 array) at this rank's positions [a, a + m) of a bucket.
+
+        Rank r holds the positions [r * per, (r + 1) * per) of the bucket's permuted order,
+        extended past n_all by wrapping to its start (the padding repeats the first ids)."""
+        members, n_all, per, key = bucket
+        g0 = self.rank * per + a
+        if key is None and g0 + m <= n_all:
+            return np.arange(g0, g0 + m, dtype=np.int64) if members is None else members[g0:g0 + m]
+        out = np.empty(m, np.int64)
+        lib = _permute_lib() if key is not None else None
+        done = 0
+        while done < m:  # contiguous runs of P's argument (one run unless padding wraps)
+            q = (g0 + done) % n_all
+            run = min(m - done, n_all - q)
+            if key is None:
+                out[done:done + run] = np.arange(q, q + run)
+            else:
+                st = lib.fl_dd_permute(n_all, key, q, run, out.ctypes.data + 8 * done)
+                if st != 0:
+                    raise RuntimeError(f"permutation failed: {lib.fl_last_error().decode()}")
+            done += run
+        return out if members is None else members[out]
+
+    def _ids(self, bucket, a: int, m: int) -> list:
+        members, n_all, per, key = bucket
+        g0 = self.rank * per + a
+        if key is None and members is None and g0 + m <= n_all:
+            return list(range(g0, g0 + m))
+        return self._ids_array(bucket, a, m).tolist()
 
     def steps(self, epoch: Optional[int] = None) -> np.ndarray:
         """(num_steps, 3) int64 array of (h, w, batch length) per step of ``epoch`` on this rank."""
@@ -559,14 +614,65 @@ class VariableBatchSampler:
 
     def _batches(self, plan: _Plan, first: int, epoch: int) -> Iterator[List[Tuple[int, int, int]]]:
         check = self.check_shapes
-        ids, bk, hs, ws, st, en = plan.ids, plan.bucket, plan.h, plan.w, plan.start, plan.end
+        bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
+        # per bucket: [first position, ids] of the current window of this rank's ids
+        win_at = [0] * len(plan.buckets)
+        win = [None] * len(plan.buckets)
+        ids_of = self._ids
         for s in range(first, plan.n):
-            h, w = hs[s], ws[s]
+            h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
             if check:
-                check_same_across_ranks([s, h, w, en[s] - st[s]], f"the batch shape (step, h, w, b) at step {s}")
+                check_same_across_ranks([s, h, w, e - a], f"the batch shape (step, h, w, b) at step {s}")
+            ids = win[k]
+            if ids is None or a < win_at[k] or e - win_at[k] > len(ids):
+                bucket = plan.buckets[k]
+                win_at[k] = a
+                ids = win[k] = ids_of(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
+            o = a - win_at[k]
             self._step = s + 1
-            yield list(zip(ids[bk[s]][st[s]:en[s]], repeat(h), repeat(w)))
+            # product(ids, (h,), (w,)) builds the (i, h, w) tuples ~15% faster than zip/repeat
+            yield list(product(ids[o:o + e - a], (h,), (w,)))
         if check:  # a rank with more steps meets this sentinel instead of hanging
+            check_same_across_ranks([-1, -1, -1, -1], f"the end of epoch {epoch} (number of steps)")
+
+    def iter_arrays(self) -> Iterator[Tuple[np.ndarray, int, int]]:
+        """Like ``iter(self)`` (same batches, same position tracking for ``state_dict``) but
+        yields ``(indices int64[b], h, w)`` instead of a list of tuples: no Python object per
+        sample, for consumers that want arrays (a loader rendering the batch in C++).
+
+        >>> import fastload
+        >>> s = fastload.VariableBatchSampler(1000, 256, 32, 160, 320, seed=0)
+        >>> [(list(i), h, w) for i, h, w in s.iter_arrays()] == [
+        ...     ([i for i, _, _ in b], b[0][1], b[0][2]) for b in s]
+        True
+        """
+        epoch = self._epoch
+        plan = self._plan(epoch)
+        first = min(self._resume_step, plan.n)
+        self._resume_step = 0
+        self._step = first
+        if self.check_shapes:
+            check_same_across_ranks([plan.n, self._grid_code(epoch), first, epoch],
+                                    f"the epoch plan (steps, grid, resume step, epoch) of epoch {epoch}")
+        return self._array_batches(plan, first, epoch)
+
+    def _array_batches(self, plan: _Plan, first: int, epoch: int):
+        check = self.check_shapes
+        bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
+        win_at, win = [0] * len(plan.buckets), [None] * len(plan.buckets)
+        for s in range(first, plan.n):
+            h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
+            if check:
+                check_same_across_ranks([s, h, w, e - a], f"the batch shape (step, h, w, b) at step {s}")
+            ids = win[k]
+            if ids is None or a < win_at[k] or e - win_at[k] > len(ids):
+                bucket = plan.buckets[k]
+                win_at[k] = a
+                ids = win[k] = self._ids_array(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
+            o = a - win_at[k]
+            self._step = s + 1
+            yield ids[o:o + e - a].astype(np.int64), h, w  # a copy (int64 even for int32 members)
+        if check:
             check_same_across_ranks([-1, -1, -1, -1], f"the end of epoch {epoch} (number of steps)")
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,14 +1,22 @@
 """``fastload bench --ffn``: sparse ReLU FFN vs dense ``torch.nn.functional.linear`` on CPU.
 
-Per (kind, dtype, batch, sparsity): the down-projection alone (random independent masks per
-batch row, so the union fraction u grows with the batch) and the whole exact FFN
-(SparseReLUFFN, crossover measured by the module, vs up/gate/down dense F.linear; the FFN's
-activation pattern is set through the up (or gate) bias and is the same for every row, with
-union fraction 1 - s^B as for independent neurons). Dense and sparse are timed interleaved,
-medians reported, with the ceiling 1/u beside each speed-up and the achieved GB/s of the
-sparse down-projection (bytes of the active rows) against the copy bandwidth measured in the
-same run. Also: end-to-end tokens/s of a small relufied GPT-style decoder (KV cache), dense
-vs sparsified. No masks from a real ReLU LLM are used (none is available offline).
+Per (dtype, batch) group, round-robin in every repetition (medians reported): the dense
+baselines (down-projection ``F.linear(act, W_down)``; whole plain / gated FFN with dense
+``F.linear`` for every projection) once, and every sparse variant of the group: the
+down-projection through ``SparseReLUFFN.down_proj`` (random independent masks per batch
+row, so the union fraction u grows with the batch; above the measured crossover it takes
+the dense fallback, as the module does) and the whole exact FFN (``SparseReLUFFN``; the
+activation pattern is set through the up (or gate) bias, the same for every row, union
+fraction 1 - s^B as for independent neurons). The dense time does not depend on the
+sparsity, so timing it once per repetition per group keeps the full grid affordable while
+staying side by side. Each row carries the ceiling (1/u for the down-projection, the
+byte ratio for the FFN) and, for the down-projection, the achieved GB/s (bytes of the
+active rows / time) next to the dense product's GB/s and the copy bandwidth measured in the
+same run. End to end: decode tokens/s of a relufied GPT whose FFN dominates the weights
+(d_model 2048, d_ff 8192, 2 layers, fp32), dense vs sparsified, prefill excluded.
+No masks from a real ReLU LLM are used (none is available offline).
+
+``--quick``: batch 1 and 4, sparsity 0 and 0.9, fp32, 8 decoded tokens (about a minute).
 """
 from __future__ import annotations
 
@@ -29,9 +37,17 @@ from fastload.ffn.sparse import SparseReLUFFN, sparse_down_cpu
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
+def _interleaved(fns: dict, reps: int, warm_below_s: float = 0.2) -> dict:
+    """Median seconds per function, the functions run round-robin (side by side in time).
+
+    A call slower than ``warm_below_s`` is not warmed up separately (its first timed run is
+    warm enough relative to its own length; this keeps the full sweep affordable).
+    """
     for f in fns.values():
-        f()  # warm up
+        t0 = time.perf_counter()
+        f()
+        if time.perf_counter() - t0 < warm_below_s:
+            f()
     ts = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
@@ -49,11 +65,32 @@ def memory_bandwidth_gbs(mib: int = 256, reps: int = 5) -> float:
     return 2 * src.numel() * 4 / t / 1e9
 
 
+def read_bandwidth_gbs(mib: int = 256, reps: int = 5) -> float:
+    """Read-only streaming bandwidth (bytes / s) of a sum over a large fp32 tensor."""
+    src = torch.ones(mib * 2**20 // 4)
+    t = _interleaved({"s": lambda: src.sum()}, reps)["s"]
+    return src.numel() * 4 / t / 1e9
+
+
+def _variant(ffn: SparseReLUFFN, name: str, lin: nn.Linear, bias: torch.Tensor) -> SparseReLUFFN:
+    """Shallow copy of ``ffn`` whose ``name`` projection has its own bias (same weight)."""
+    new = copy.copy(ffn)
+    new._modules = dict(ffn._modules)
+    shifted = nn.Linear(lin.in_features, lin.out_features, bias=True, device="meta")
+    shifted.weight = lin.weight
+    shifted.bias = nn.Parameter(bias, requires_grad=False)
+    new._modules[name] = shifted
+    return new
+
+
 def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log):
+    """Per (dtype, batch) group the dense baselines run once per repetition, round-robin with
+    every sparse variant of the group (the dense time does not depend on the sparsity)."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for dname in dtypes:
         dt = DT[dname]
+        esz = torch.finfo(dt).bits // 8
         up = nn.Linear(d_model, d_ff, dtype=dt)
         gate = nn.Linear(d_model, d_ff, dtype=dt)
         down = nn.Linear(d_ff, d_model, dtype=dt)
@@ -61,58 +98,86 @@ def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log):
             m.requires_grad_(False)
             with torch.no_grad():
                 m.weight.normal_(0, 1 / math.sqrt(m.in_features), generator=g)
+                m.bias.zero_()
         ffn_plain = SparseReLUFFN.from_dense(up, down)
         ffn_gated = SparseReLUFFN.from_dense(up, down, gate=gate)
-        w_t, esz = ffn_plain.down_t, torch.finfo(dt).bits // 8
+        w_t = ffn_plain.down_t
         for B in batches:
             x = torch.randn(B, d_model, generator=g).to(dt)
+            fns, meta = {}, {}
+            fns["down/dense"] = lambda: F.linear(act0, down.weight)
+            act0 = torch.rand(B, d_ff, generator=g).to(dt)
             for s in sparsities:
                 # Down-projection alone, independent random masks per row.
-                act = (torch.rand(B, d_ff, generator=g) + 0.1)
+                act = torch.rand(B, d_ff, generator=g) + 0.1
                 act[torch.rand(B, d_ff, generator=g) < s] = 0
                 act = act.to(dt)
-                u = float((act != 0).any(0).float().mean())
-                t = _interleaved({"dense": lambda: F.linear(act, down.weight),
-                                  "sparse": lambda: sparse_down_cpu(act, w_t)}, reps)
                 n_act = int((act != 0).any(0).sum())
-                row = {"dtype": dname, "batch": B, "sparsity": s, "part": "down", "u": u,
-                       "ceiling": (1 / u) if u > 0 else None, "dense_ms": t["dense"] * 1e3,
-                       "sparse_ms": t["sparse"] * 1e3, "speedup": t["dense"] / t["sparse"],
-                       "sparse_gbs": n_act * d_model * esz / t["sparse"] / 1e9,
-                       "dense_gbs": d_ff * d_model * esz / t["dense"] / 1e9, "bandwidth_gbs": bw}
-                rows.append(row)
-                log(row)
-                for kind in kinds:
-                    ffn = ffn_gated if kind == "gated" else ffn_plain
+                fns[f"down/{s}"] = (lambda a: lambda: ffn_plain.down_proj(a))(act)
+                with torch.no_grad():
+                    ffn_plain.down_proj(act)
+                meta[("down", s)] = {"u": n_act / d_ff, "n_active": n_act,
+                                     "sparse_path": ffn_plain.last_active is not None}
+            for kind in kinds:
+                base = ffn_gated if kind == "gated" else ffn_plain
+
+                def dense_ffn(kind=kind):
+                    h = F.linear(x, up.weight, up.bias)
+                    a = torch.relu(F.linear(x, gate.weight, gate.bias)) * h if kind == "gated" else torch.relu(h)
+                    return F.linear(a, down.weight, down.bias)
+                fns[f"ffn_{kind}/dense"] = dense_ffn
+                for s in sparsities:
+                    # The pattern is set through the up (gate) bias, the same for every row,
+                    # with union fraction 1 - s^B as for independent neurons.
                     u_ffn = 1 - s ** B
                     k = int(round(u_ffn * d_ff))
                     on = torch.zeros(d_ff, dtype=torch.bool)
                     on[torch.randperm(d_ff, generator=g)[:k]] = True
-                    shift = (gate if kind == "gated" else up)
+                    shift = torch.where(on, 20.0, -20.0).to(dt)
+                    if kind == "gated":
+                        v = _variant(base, "gate", gate, shift)
+                        v = _variant(v, "up", up, torch.full((d_ff,), 20.0, dtype=dt))
+                    else:
+                        v = _variant(base, "up", up, shift)
                     with torch.no_grad():
-                        shift.bias.copy_(torch.where(on, 20.0, -20.0).to(dt))
-                        if kind == "gated":
-                            up.bias.fill_(20.0)  # so up(x) is never exactly zero
-
-                    def dense_ffn():
-                        h = F.linear(x, up.weight, up.bias)
-                        a = torch.relu(F.linear(x, gate.weight, gate.bias)) * h if kind == "gated" else torch.relu(h)
-                        return F.linear(a, down.weight, down.bias)
-
-                    with torch.no_grad():
-                        ffn(x)  # crossover measured (once per dtype / batch bucket) outside timing
-                        t = _interleaved({"dense": dense_ffn, "sparse": lambda: ffn(x)}, reps)
+                        v(x)  # plan measured (once per dtype / batch bucket) outside timing
+                    fns[f"ffn_{kind}/{s}"] = (lambda m: lambda: m(x))(v)
+                    meta[(f"ffn_{kind}", s)] = {"u": u_ffn, "module": v}
+            with torch.no_grad():
+                t = _interleaved(fns, reps)
+            for s in sparsities:
+                m = meta[("down", s)]
+                ts, td = t[f"down/{s}"], t["down/dense"]
+                row = {"dtype": dname, "batch": B, "sparsity": s, "part": "down", "u": m["u"],
+                       "ceiling": (1 / m["u"]) if m["u"] > 0 else None, "dense_ms": td * 1e3,
+                       "sparse_ms": ts * 1e3, "speedup": td / ts,
+                       "sparse_gbs": m["n_active"] * d_model * esz / ts / 1e9,
+                       "dense_gbs": d_ff * d_model * esz / td / 1e9, "bandwidth_gbs": bw,
+                       "threads": _threads(w_t, B), "sparse_path": m["sparse_path"]}
+                rows.append(row)
+                log(row)
+                for kind in kinds:
+                    m = meta[(f"ffn_{kind}", s)]
+                    ts, td = t[f"ffn_{kind}/{s}"], t[f"ffn_{kind}/dense"]
                     n_proj = 3 if kind == "gated" else 2
-                    ceil = n_proj / (n_proj - 1 + u_ffn)
-                    row = {"dtype": dname, "batch": B, "sparsity": s, "part": f"ffn_{kind}", "u": u_ffn,
-                           "ceiling": ceil, "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
-                           "speedup": t["dense"] / t["sparse"], "sparse_path": ffn.last_active is not None}
+                    row = {"dtype": dname, "batch": B, "sparsity": s, "part": f"ffn_{kind}",
+                           "u": m["u"], "ceiling": n_proj / (n_proj - 1 + m["u"]),
+                           "dense_ms": td * 1e3, "sparse_ms": ts * 1e3, "speedup": td / ts,
+                           "sparse_path": m["module"].last_active is not None}
                     rows.append(row)
                     log(row)
-                with torch.no_grad():
-                    up.bias.zero_()
-                    gate.bias.zero_()
     return rows
+
+
+def _threads(w_t, B):
+    """Thread count the module's plan picked for this shape and batch bucket."""
+    from fastload.ffn import sparse
+
+    key = (w_t.shape[0], w_t.shape[1], w_t.dtype, sparse.batch_bucket(B), torch.get_num_threads(), "cpu")
+    plan = sparse._CROSSOVER.get(key)
+    if plan is None:
+        plan = sparse._CROSSOVER[key] = sparse.measure_plan(w_t, sparse.batch_bucket(B))
+    return plan["threads"]
 
 
 class _Attn(nn.Module):
@@ -144,7 +209,7 @@ class _Block(nn.Module):
 class TinyGPT(nn.Module):
     """A GPT-style decoder with ReLU MLPs (already relufied) and a KV cache."""
 
-    def __init__(self, vocab=1000, d=1024, h=4096, layers=4, heads=8):
+    def __init__(self, vocab=1000, d=2048, h=8192, layers=2, heads=16):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList([_Block(d, h, heads) for _ in range(layers)])
@@ -159,33 +224,47 @@ class TinyGPT(nn.Module):
 
 @torch.no_grad()
 def decode_tokens_per_s(model, prompt, n_new, reps):
+    """A function that prefills ``prompt`` (untimed) and returns (tokens, decode seconds)."""
     def run():
         caches = [[] for _ in model.blocks]
         logits = model(prompt, caches)
         ids = logits[:, -1:].argmax(-1)
         out = []
+        t0 = time.perf_counter()
         for _ in range(n_new):
             logits = model(ids, caches)
             ids = logits[:, -1:].argmax(-1)
             out.append(ids)
-        return torch.cat(out, 1)
+        return torch.cat(out, 1), time.perf_counter() - t0
     return run
 
 
-def e2e(reps, n_new, sparsity_bias, log):
+def e2e(reps, n_new, sparsity_bias, log, d=2048, layers=2):
+    """Decode tokens/s, dense vs sparsified, of a GPT whose FFN dominates decode time.
+
+    d_ff = 4 d: per layer the FFN holds 8 d^2 weights against 4 d^2 in attention (2/3 of
+    the bytes read per token), as in real LLMs; the vocabulary is small so the head does
+    not dominate. At FFN sparsity s the ceiling is 12 / (4 + 4 + 4 (1 - s)) per layer.
+    """
     torch.manual_seed(0)
-    model = TinyGPT().eval()
+    model = TinyGPT(d=d, h=4 * d, layers=layers, heads=max(1, d // 128)).eval()
     with torch.no_grad():
         for b in model.blocks:  # shift the up bias so ~90% of the ReLU outputs are zero
             b.mlp[0].bias.fill_(-sparsity_bias)
-    prompt = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
     sp = activation_sparsity(model, prompt, forward=lambda m, x: m(x, [[] for _ in m.blocks]))
     sparse_model = sparsify_ffn(copy.deepcopy(model))
     dense_run = decode_tokens_per_s(model, prompt, n_new, reps)
     sparse_run = decode_tokens_per_s(sparse_model, prompt, n_new, reps)
-    same = torch.equal(dense_run(), sparse_run())
-    t = _interleaved({"dense": dense_run, "sparse": sparse_run}, reps)
-    row = {"model": "TinyGPT d=1024 ffn=4096 layers=4 (random weights, up bias shifted)",
+    same = torch.equal(dense_run()[0], sparse_run()[0])  # also the warm-up
+    ts = {"dense": [], "sparse": []}
+    for _ in range(reps):  # interleaved; only the decode steps are timed (prefill excluded)
+        ts["dense"].append(dense_run()[1])
+        ts["sparse"].append(sparse_run()[1])
+    t = {k: statistics.median(v) for k, v in ts.items()}
+    s_mean = statistics.mean(s["sparsity"] for s in sp.values())
+    row = {"model": f"TinyGPT d={d} ffn={4 * d} layers={layers} fp32 (random weights, up bias shifted)",
+           "ceiling": 12 / (8 + 4 * (1 - s_mean)),
            "ffn_sparsity": statistics.mean(s["sparsity"] for s in sp.values()),
            "new_tokens": n_new, "dense_tokens_per_s": n_new / t["dense"],
            "sparse_tokens_per_s": n_new / t["sparse"], "speedup": t["dense"] / t["sparse"],
@@ -203,21 +282,28 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--sparsity", default="0,0.5,0.7,0.9,0.95,0.99")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1,4, sparsity 0,0.9, fp32, e2e with 8 tokens (about a minute)")
     p.add_argument("--e2e-tokens", type=int, default=32)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--out-dir", default="benchmarks/results")
     a = p.parse_args(argv)
+    if a.quick:
+        a.batches, a.sparsity, a.dtypes, a.e2e_tokens = "1,4", "0,0.9", "fp32", 8
     log = lambda r: print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)  # noqa: E731
     bw = memory_bandwidth_gbs()
-    print(f"copy bandwidth {bw:.1f} GB/s, threads {torch.get_num_threads()}", flush=True)
+    rbw = read_bandwidth_gbs()
+    print(f"copy bandwidth {bw:.1f} GB/s, read {rbw:.1f} GB/s, threads {torch.get_num_threads()}",
+          flush=True)
     rows = sweep(a.d_model, a.d_ff, a.kinds.split(","), a.dtypes.split(","),
                  [int(b) for b in a.batches.split(",")], [float(s) for s in a.sparsity.split(",")],
                  a.reps, bw, log)
     e2e_row = None if a.skip_e2e else e2e(a.reps, a.e2e_tokens, 0.74, log)
     from fastload.ffn import sparse
     path = write_result("ffn", {"d_model": a.d_model, "d_ff": a.d_ff, "threads": torch.get_num_threads(),
-                                "bandwidth_gbs": bw, "rows": rows, "e2e": e2e_row,
-                                "crossovers": {str(k): v for k, v in sparse._CROSSOVER.items()},
+                                "bandwidth_gbs": bw, "read_bandwidth_gbs": rbw, "rows": rows, "e2e": e2e_row,
+                                "plans": {str(k): v for k, v in sparse._CROSSOVER.items()},
+                                "quick": a.quick,
                                 "gpu": "not measured (no GPU in this run)"}, a.out_dir)
     print("wrote", path)
     return 0

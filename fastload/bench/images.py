@@ -89,12 +89,20 @@ def _settings(args):
     return s
 
 
-def _imports(python: str, module: str) -> bool:
-    try:
-        r = subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=120)
-        return r.returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+_IMPORTABLE: dict = {}
+
+
+def _importable(python: str) -> set:
+    """Which peer modules import in ``python`` (one subprocess per Python, cached)."""
+    if python not in _IMPORTABLE:
+        code = ("import importlib\nfor m in %r:\n    try:\n        importlib.import_module(m)\n"
+                "        print(m)\n    except Exception:\n        pass\n") % (sorted(set(NEEDS.values())),)
+        try:
+            r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
+            _IMPORTABLE[python] = set(r.stdout.split())
+        except (OSError, subprocess.SubprocessError):
+            _IMPORTABLE[python] = set()
+    return _IMPORTABLE[python]
 
 
 def find_python(pipeline: str, pythons: list[str]):
@@ -103,7 +111,7 @@ def find_python(pipeline: str, pythons: list[str]):
     if mod is None:
         return pythons[0]
     for py in pythons:
-        if _imports(py, mod):
+        if mod in _importable(py):
             return py
     return None
 
@@ -270,6 +278,7 @@ def main(argv=None) -> int:
         print(f"  skipped {name}: {why}")
 
     results = {}
+    loads_all: list = []  # 1-minute load averages seen around every measurement
     extra = 3 if small else 0
     bar = Progress(len(plan) * args.rounds + extra, desc="bench pipelines", unit="pipeline")
     for rnd in range(args.rounds):
@@ -282,6 +291,7 @@ def main(argv=None) -> int:
             r = run_pipeline(py, {**base_cfg, "pipeline": name})
             prev = results.get(name)
             rounds = (prev or {}).get("rounds_images_per_s", []) + [r.get("images_per_s")]
+            loads_all += [r[k] for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
             if prev is None or r.get("images_per_s", 0) > prev.get("images_per_s", 0):
                 results[name] = r
             results[name]["rounds_images_per_s"] = rounds
@@ -337,7 +347,8 @@ def main(argv=None) -> int:
               "of_decode_limit": ratio("fastload", "decode_scaled"),
               "of_decode_full": ratio("fastload", "decode_full"),
               "ra_mix_vs_torchvision_v2": ratio("fastload_ra_mix", base2), "ra_mix_baseline": base2,
-              "rss_10x_growth": rss.get("rss_10x_growth"), "rss_10_epochs_growth": rss.get("rss_10_epochs_growth"),
+              "rss_10x_growth": rss.get("rss_10x_growth"), "rss_anon_10x_growth": rss.get("rss_anon_10x_growth"),
+              "rss_10_epochs_growth": rss.get("rss_10_epochs_growth"),
               "per_cpu_second": {"vs_torchvision": cpu_ratio("fastload", base1), "vs_ffcv": cpu_ratio("fastload", "ffcv"),
                                  "vs_dali_cpu": cpu_ratio("fastload", "dali_cpu"),
                                  "of_decode_limit": cpu_ratio("fastload", "decode_scaled"),
@@ -354,11 +365,13 @@ def main(argv=None) -> int:
         print(f"peak RSS, {n_small} images: {_num(rss.get('peak_rss_small_mib'))} MiB; {n} images "
               f"({n / n_small:.3g}x): "
               f"{_num(rss.get('peak_rss_large_mib'))} MiB; growth {_num(rss.get('rss_10x_growth'), '{:+.1%}')} "
-              f"(target < +10%)")
+              f"(target < +10%); anonymous memory only: {_num(rss.get('rss_anon_10x_growth'), '{:+.1%}')} "
+              "(the rest is file-backed: pages of the memory-mapped dataset)")
         print(f"RSS after epoch 1: {_num(rss.get('rss_epoch_1_mib'))} MiB, after epoch {s['rss_epochs']}: "
               f"{_num(rss.get('rss_epoch_last_mib'))} MiB; growth {_num(rss.get('rss_10_epochs_growth'), '{:+.1%}')}"
               f" (target < +5%)")
-    loads = [v.get(k) for v in results.values() for k in ("loadavg_before", "loadavg_after") if v.get(k)]
+    loads = loads_all + [v.get(k) for v in (rss.get("small", {}), rss.get("large", {}))
+                         for k in ("loadavg_before", "loadavg_after") if v.get(k)]
     if loads and max(loads) > (os.cpu_count() or 1) + 0.5:
         print(f"\nwarning: load average reached {max(loads):.1f} on {os.cpu_count()} cores during the run "
               "(other processes): compare ratios and CPU ms/image rather than absolute images/s")
@@ -382,6 +395,19 @@ def main(argv=None) -> int:
                "table_rrc_flip": table1, "table_ra_mix": table2, "memory": rss, "ratios": ratios,
                "targets": TARGETS, "targets_met": met,
                "max_loadavg": max(loads) if loads else None}
+    notes = ["Every pipeline runs in its own process; images/s and CPU seconds (its whole process "
+             "tree) are measured after the warm-up batches; peak RSS is the process tree's RSS sampled "
+             "every 50 ms (worker processes add their shared pages again).",
+             "The reinforced datasets store the same JPEG bytes as the ImageFolder the baselines read; "
+             "the teacher is a tiny fixed conv net (loader speed only).",
+             "decode_scaled decodes every file at the DCT scale the loader's rule (csrc/replay/jpeg.cpp "
+             "choose_denom) picks for a torchvision-sampled crop; counts per denominator in its result."]
+    if any(r.get("python") != sys.executable for r in results.values()):
+        notes.append("Pipelines run with another Python (see each result's 'python') carry that "
+                     "environment's torch build in their RSS.")
+    if "ffcv" in results:
+        notes.append("FFCV reads a .beton written from the same images (re-encoded as JPEG quality 90).")
+    payload["notes"] = notes
     path = write_result(args.name, payload, args.out_dir)
     chart = None if args.no_chart else _chart(os.path.join(args.out_dir, args.name + ".png"), table1, table2)
     print(f"\nresults: {path}" + (f", chart: {chart}" if chart else ""))

@@ -6,8 +6,10 @@
    flip, ``float()/255``, normalize, ``torch.stack``), which is what torchvision v2's
    tensor transforms + collate do. Measured at 1 thread (``torch.set_num_threads(1)``) and
    at all cores, the two alternating rep by rep in one run.
-2. JPEG bytes -> normalized batch with the fused kernel, 1 and all threads, DCT scaling on
-   and off, plus the decode-only rate (full-size libjpeg decode) on one thread for scale.
+2. JPEG bytes -> normalized batch with the fused kernel, interleaved rep by rep: DCT scaling
+   off / "pow2" (1/2, 1/4, 1/8) / "m8" (M/8), libjpeg's IFAST IDCT and plain (non-fancy,
+   merged) chroma upsampling, 1 and all threads, and the decode-only rate (full-size libjpeg
+   decode, 1 thread); plus each option's accuracy against the exact decode in uint8 levels.
 
 Run: ``python benchmarks/kernel.py [--batch 64] [--size 224] [--reps 7]``; writes
 ``benchmarks/results/kernel.json``.
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     boxes = [P.box_to_pixels(r["crop"], h, w) for r, (h, w) in zip(rec, hw)]
     flips = [bool(r["flags"] & P.FLAG_FLIP) for r in rec]
     timgs = [torch.from_numpy(a.copy()).permute(2, 0, 1) for a in imgs]
+    imgs = [a.copy() for a in imgs]  # both sides get private, writable copies (Pillow's are read-only)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = torch.empty(B, 3, *S)
@@ -122,30 +125,63 @@ def main(argv=None) -> int:
               f"speedup {t_med / f_med:.2f}x wall, {results[label]['speedup_cpu_time']:.2f}x CPU time")
     torch.set_num_threads(torch_threads0)
 
-    jpeg = {}
-    for dct in (False, True):
-        for nthreads in sorted({1, cores}):
-            render_batch(jpgs, rec, out, threads=nthreads, dct_scale=dct)
-            ws = [_time(lambda: render_batch(jpgs, rec, out, threads=nthreads, dct_scale=dct))[0]
-                  for _ in range(args.reps)]
-            key = f"dct_{'on' if dct else 'off'}_{nthreads}_threads"
-            jpeg[key] = B / statistics.median(ws)
-            print(f"JPEG -> batch, dct {'on ' if dct else 'off'}, {nthreads} thread(s): {jpeg[key]:8.1f} img/s")
-    decode_batch(jpgs, 1, threads=1, keep=False)
-    ws = [_time(lambda: decode_batch(jpgs, 1, threads=1, keep=False))[0] for _ in range(args.reps)]
-    jpeg["decode_only_full_1_thread"] = B / statistics.median(ws)
-    print(f"decode only (full size, 1 thread): {jpeg['decode_only_full_1_thread']:8.1f} img/s")
+    # JPEG -> batch: the DCT rules and decoder options, interleaved rep by rep (wall and CPU).
+    from ..replay.native import DECODER_IFAST, DECODER_NO_FANCY
 
-    # DCT scaling applies only when the crop covers >= 2x the output on both axes.
+    variants = {
+        "dct_off": dict(dct_scale=False),
+        "dct_pow2": dict(dct_scale="pow2"),
+        "dct_m8": dict(dct_scale="m8"),
+        "pow2_ifast": dict(dct_scale="pow2", _decoder_flags=DECODER_IFAST),
+        "pow2_no_fancy_upsampling": dict(dct_scale="pow2", _decoder_flags=DECODER_NO_FANCY),
+        "pow2_ifast_no_fancy": dict(dct_scale="pow2", _decoder_flags=DECODER_IFAST | DECODER_NO_FANCY),
+    }
+    runs = {f"{k}_1_thread": (v, 1) for k, v in variants.items()}
+    runs[f"dct_pow2_{cores}_threads"] = (variants["dct_pow2"], cores)
+    runs["decode_only_full_1_thread"] = (None, 1)
+    timings = {k: ([], []) for k in runs}
+    for _ in range(args.reps):
+        for k, (kw, nthreads) in runs.items():
+            if kw is None:
+                fn = lambda: decode_batch(jpgs, 1, threads=1, keep=False)  # noqa: E731
+            else:
+                fn = lambda kw=kw, nthreads=nthreads: render_batch(jpgs, rec, out, threads=nthreads, **kw)  # noqa: E731
+            w, c = _time(fn)
+            timings[k][0].append(w)
+            timings[k][1].append(c)
+    jpeg = {}
+    for k, (ws, cs) in timings.items():
+        jpeg[k] = {"images_per_s": B / statistics.median(ws), "cpu_ms_per_image": 1e3 * statistics.median(cs) / B}
+        print(f"JPEG {k:32s} {jpeg[k]['images_per_s']:8.1f} img/s  {jpeg[k]['cpu_ms_per_image']:.3f} CPU ms/img")
+    base = jpeg["dct_pow2_1_thread"]["images_per_s"]
+    for k in jpeg:
+        jpeg[k]["ratio_vs_dct_pow2_1_thread"] = jpeg[k]["images_per_s"] / base
+    jpeg[f"thread_scaling_{cores}_vs_1_wall"] = jpeg[f"dct_pow2_{cores}_threads"]["images_per_s"] / base
+
+    # What the options cost in accuracy: uint8 renders vs the exact decode (islow, fancy
+    # upsampling, no DCT scaling), in uint8 levels.
+    out8 = torch.empty(B, 3, *S, dtype=torch.uint8)
+    exact = render_batch(jpgs, rec, out8.clone(), threads=cores, dct_scale=False).int()
+    accuracy = {}
+    for k, kw in variants.items():
+        d = (render_batch(jpgs, rec, out8, threads=cores, **kw).int() - exact).abs().float()
+        accuracy[k] = {"mean_abs_levels": float(d.mean()), "max_levels": float(d.max()),
+                       "fraction_over_1_level": float((d > 1).float().mean()),
+                       "worst_image_mean_levels": float(d.mean(dim=(1, 2, 3)).max())}
+
+    # pow2 scales when the crop covers >= 2x the output on both axes; m8 when >= 8/7x.
     dct_fraction = float(np.mean([bh >= 2 * S[0] and bw >= 2 * S[1] for (_, _, bh, bw) in boxes]))
+    m8_fraction = float(np.mean([7 * bh >= 8 * S[0] and 7 * bw >= 8 * S[1] for (_, _, bh, bw) in boxes]))
     payload = {
         "dct_scaled_fraction_of_samples": dct_fraction,
+        "m8_scaled_fraction_of_samples": m8_fraction,
+        "decoder_option_accuracy_vs_exact_decode": accuracy,
         "what": "fused replay kernel (RRC+flip+normalize, float32 NCHW) vs per-image torch tensor ops",
         "batch": B, "size": list(S), "reps": args.reps, "native_jpeg": have_jpeg(),
         "image_source": "fastload.bench.data photos, ~500x375 JPEG q90",
         "max_abs_diff_uint8_levels_vs_torch": max_diff_levels,
         "decoded_uint8_to_batch": results,
-        "jpeg_to_batch_images_per_s": jpeg,
+        "jpeg_to_batch": jpeg,
         "target": "fused >= 5x torch ops",
         "note": "wall-clock medians of alternating reps on a shared machine; CPU-time ratios are "
                 "less sensitive to other load. 'all_cores' gives torch its intra-op threads, which "

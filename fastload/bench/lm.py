@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import sysconfig
 import tempfile
 import time
@@ -43,15 +44,18 @@ def flops_per_token(ctx_eff: float) -> float:
     return 6 * n + 6 * MODEL["layers"] * ctx_eff * MODEL["d_model"]
 
 
-def memcpy_bandwidth(lib, nbytes=256 << 20, reps=5):
+def memcpy_bandwidth(lib, nbytes=256 << 20, reps=5, cpu=False):
+    """Bytes/s of a one-thread memcpy (best of reps): wall clock, or CPU time with cpu=True
+    (on a shared, loaded machine the wall clock also counts time spent waiting for a core)."""
     src = np.ones(nbytes, np.uint8)
     dst = np.empty_like(src)
     lib.fl_dd_memcpy(dst.ctypes.data, src.ctypes.data, nbytes, 1)  # fault the pages in
+    clock = time.process_time if cpu else time.perf_counter
     best = 1e9
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         lib.fl_dd_memcpy(dst.ctypes.data, src.ctypes.data, nbytes, 1)
-        best = min(best, time.perf_counter() - t)
+        best = max(min(best, clock() - t), 1e-9)
     return nbytes / best  # bytes/s, one thread
 
 
@@ -65,9 +69,22 @@ def run_case(tokens, offsets, max_k, tokens_per_step, work, min_k=8, cycles=1, s
     L = 1 << max_k
     out = os.path.join(work, f"dd{max_k}")
     n_tok = int(tokens.size + offsets.size - 1)
-    with Timer() as t_dec:
-        m = decompose((tokens, offsets), out, min_k, max_k, randomize=True, seed=seed, vocab_size=257,
-                      eot_id=256, num_threads=1, progress=False)
+    dec = {"wall": [], "cpu": [], "wall_fsync": []}
+    for rep in range(3):  # alternate: without / with fsync (the rows forced to disk)
+        for fsync in (False, True) if rep < 2 else (False,):
+            tmp = f"{out}.{rep}{int(fsync)}"  # a fresh folder: deleting the last one is not timed
+            c0 = time.process_time()
+            with Timer() as t_dec:
+                m = decompose((tokens, offsets), tmp, min_k, max_k, randomize=True, seed=seed, vocab_size=257,
+                              eot_id=256, num_threads=1, progress=False, fsync=fsync)
+            if os.path.isdir(out):
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            if fsync:
+                dec["wall_fsync"].append(t_dec.seconds)
+            else:
+                dec["wall"].append(t_dec.seconds)
+                dec["cpu"].append(time.process_time() - c0)
     rows = {int(k): b["rows"] for k, b in m["buckets"].items()}
     kept = sum(r << k for k, r in rows.items())  # input tokens (targets excluded)
     dd_cost_per_token = sum(r * 4.0 ** k for k, r in rows.items()) / kept  # = token-weighted mean length
@@ -78,22 +95,31 @@ def run_case(tokens, offsets, max_k, tokens_per_step, work, min_k=8, cycles=1, s
     seg = pk["segment_lengths"].astype(np.float64)
     pk_cost_per_token = float((seg ** 2).sum() / seg.sum())  # varlen attention: sum s^2
     # Loader rate (one thread), int64 and int32 outputs, one full epoch each.
-    rates = {}
-    for dt in (torch.int64, torch.int32):
-        for reuse in (0, 2):
-            loader = DecompositionLoader(out, tokens_per_step, cycles=cycles, seed=seed, dtype=dt, num_threads=1,
-                                         reuse_buffers=reuse)
-            ntok = 0
-            t = time.perf_counter()
-            for x, _ in loader:
-                ntok += x.numel()
-            name = str(dt).replace("torch.", "") + ("_reuse_buffers" if reuse else "_fresh_tensors")
-            rates[name] = ntok / (time.perf_counter() - t)
-    # Sampler alone: per batch, the epoch plan included.
+    rates, rates_cpu, wall_all, cpu_all = {}, {}, {}, {}
+    for rep in range(3):  # interleaved rounds, medians
+        for dt in (torch.int64, torch.int32):
+            for reuse in (0, 2):
+                loader = DecompositionLoader(out, tokens_per_step, cycles=cycles, seed=seed + rep, dtype=dt,
+                                             num_threads=1, reuse_buffers=reuse)
+                ntok = 0
+                t, c = time.perf_counter(), time.process_time()
+                for x, _ in loader:
+                    ntok += x.numel()
+                name = str(dt).replace("torch.", "") + ("_reuse_buffers" if reuse else "_fresh_tensors")
+                wall_all.setdefault(name, []).append(ntok / (time.perf_counter() - t))
+                cpu_all.setdefault(name, []).append(ntok / max(time.process_time() - c, 1e-9))
+    for name in wall_all:
+        rates[name], rates_cpu[name] = float(np.median(wall_all[name])), float(np.median(cpu_all[name]))
+    # Sampler alone: per batch, the epoch plan included (several epochs, median).
     s = BucketBatchSampler(rows, tokens_per_step, cycles=cycles, seed=seed + 1)
-    t = time.perf_counter()
-    nb = sum(1 for _ in s)
-    sampler_us = (time.perf_counter() - t) / max(nb, 1) * 1e6
+    sw, sc = [], []
+    for rep in range(5):
+        s.set_epoch(rep)
+        t, c = time.perf_counter(), time.process_time()
+        nb = sum(1 for _ in s)
+        sw.append((time.perf_counter() - t) / max(nb, 1) * 1e6)
+        sc.append((time.process_time() - c) / max(nb, 1) * 1e6)
+    sampler_us, sampler_cpu_us = float(np.median(sw)), float(np.median(sc))
     loader = DecompositionLoader(out, tokens_per_step, cycles=cycles, seed=seed)
     return {
         "max_length": L, "buckets": [min_k, max_k], "tokens_per_step": tokens_per_step,
@@ -112,9 +138,13 @@ def run_case(tokens, offsets, max_k, tokens_per_step, work, min_k=8, cycles=1, s
                             "packing_varlen": flops_per_token(pk_cost_per_token)},
         "flops_ratio_dd_vs_cc": flops_per_token(dd_cost_per_token) / flops_per_token(L),
         "concat_chunk_rows": int(cc["rows"].shape[0]),
-        "decompose_tokens_per_s": n_tok / t_dec.seconds,
+        "decompose_tokens_per_s": n_tok / float(np.median(dec["wall"])),
+        "decompose_tokens_per_s_cpu": n_tok / float(np.median(dec["cpu"])),
+        "decompose_tokens_per_s_with_fsync": n_tok / float(np.median(dec["wall_fsync"])),
         "loader_tokens_per_s": rates,
+        "loader_tokens_per_s_cpu": rates_cpu,
         "sampler_us_per_batch": sampler_us,
+        "sampler_cpu_us_per_batch": sampler_cpu_us,
     }
 
 
@@ -166,6 +196,7 @@ def main(argv=None) -> int:
     tokens, offsets, root = stdlib_corpus(a.limit_files)
     lens = np.diff(offsets)
     bw = memcpy_bandwidth(_lib())
+    bw_cpu = memcpy_bandwidth(_lib(), cpu=True)
     res = {"corpus": {"source": root + "/**/*.py", "documents": int(lens.size), "tokens": int(tokens.size),
                       "tokenizer": "byte-level (vocab 257, EOT 256)",
                       "length_percentiles": {p: float(np.percentile(lens, p)) for p in (10, 50, 90, 99)}},
@@ -174,6 +205,10 @@ def main(argv=None) -> int:
                             "(decomposition: sum n_i 4^i / sum n_i 2^i; concat-chunk: L; packing: sum s^2 / sum s)",
            "cycles": a.cycles, "threads": 1,
            "memcpy_bytes_per_s_one_thread": bw,
+           "memcpy_bytes_per_s_one_thread_cpu": bw_cpu,
+           "timing_note": "rates are medians of interleaved rounds; *_cpu use CPU time (process_time), the "
+                          "others wall time, which on a loaded shared machine includes waiting for a core; "
+                          "decomposition is without fsync unless named (files left to the kernel's write-back)",
            "loader_bytes_per_token": {"int64": 4 + 16, "int32": 4 + 8},
            "load_average_at_start": os.getloadavg(),
            "targets": {"loader_tokens_per_s": 1e8, "decompose_tokens_per_s": 5e7, "sampler_us_per_batch": 20},
@@ -192,8 +227,12 @@ def main(argv=None) -> int:
               f"FLOPs/token DD/C&C {c['flops_ratio_dd_vs_cc']:.3f}, C&C cross-doc "
               f"{c['cross_document_attention_fraction']['concat_chunk']:.3f}, packing padding "
               f"{c['padding_fraction']['packing']:.3f}, dropped {c['dropped_fraction']:.4f}")
-        lr = ", ".join(f"{k} {v / 1e6:.0f}" for k, v in c["loader_tokens_per_s"].items())
-        print(f"  decompose {c['decompose_tokens_per_s'] / 1e6:.1f} M tok/s; loader M tok/s: {lr}; "
-              f"sampler {c['sampler_us_per_batch']:.1f} us/batch")
-    print(f"memcpy (1 thread) {bw / 1e9:.2f} GB/s; wrote {path}" + (f" and {png}" if png else ""))
+        lr = ", ".join(f"{k} {v / 1e6:.0f} ({c['loader_tokens_per_s_cpu'][k] / 1e6:.0f} CPU)"
+                       for k, v in c["loader_tokens_per_s"].items())
+        print(f"  decompose {c['decompose_tokens_per_s'] / 1e6:.1f} M tok/s wall, "
+              f"{c['decompose_tokens_per_s_cpu'] / 1e6:.1f} CPU, {c['decompose_tokens_per_s_with_fsync'] / 1e6:.1f} "
+              f"wall with fsync; loader M tok/s: {lr}; sampler {c['sampler_us_per_batch']:.1f} us/batch wall, "
+              f"{c['sampler_cpu_us_per_batch']:.1f} CPU")
+    print(f"memcpy (1 thread) {bw / 1e9:.2f} GB/s wall, {bw_cpu / 1e9:.2f} CPU; wrote {path}" +
+          (f" and {png}" if png else ""))
     return 0

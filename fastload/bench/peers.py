@@ -37,7 +37,7 @@ STD = (0.229, 0.224, 0.225)
 LABELS = {
     "torchvision": "torchvision DataLoader (ImageFolder + PIL + transforms)",
     "torch_pil": "torch DataLoader + PIL, torchvision's RRC/flip/normalize rewritten with "
-                 "PIL + torch ops (torchvision not importable here)",
+                 "PIL + torch ops (the stand-in where torchvision does not import)",
     "fastload": "fastload.ReinforcedLoader (stored augmentations)",
     "decode_scaled": "decode-only limit: libjpeg-turbo at the loader's DCT scale, all cores",
     "decode_full": "decode-only: libjpeg-turbo at full scale, all cores",
@@ -45,7 +45,7 @@ LABELS = {
     "dali_cpu": "DALI CPU pipeline (decoders.image_random_crop, resize, crop_mirror_normalize)",
     "torchvision_v2_ra": "torchvision.transforms.v2 DataLoader + RandAugment(2,9) + MixUp/CutMix",
     "torch_ra_mix": "torch DataLoader, torchvision v2's RRC/flip/RandAugment(2,9)/MixUp/CutMix "
-                    "rewritten with torch ops (torchvision not importable here)",
+                    "rewritten with torch ops (the stand-in where torchvision does not import)",
     "fastload_ra_mix": "fastload.ReinforcedLoader, stored RRC/flip/RandAugment(2,9)/MixUp/CutMix",
 }
 

@@ -175,7 +175,7 @@ def generation(tmp: str, images: int = 24, n: int = 16, image_size: int = 224, b
     import torch
 
     from fastload.format.inspect import summarize
-    from fastload.reinforce import reinforce
+    from fastload.generate import reinforce
     from fastload.sample.policy import AugmentPolicy
 
     src = os.path.join(tmp, "imgs")

@@ -6,13 +6,22 @@ memory-bound decoding the down-projection only has to read the active rows: spee
 ceiling ``1/u`` with ``u`` the active fraction (union over the batch).
 
 How: the up (and gate) projection stays dense (``torch.nn.functional.linear``); the
-down-projection weight is kept transposed, ``[d_ff, d_model]`` row-major in the weight
+down-projection weight is also kept transposed, ``[d_ff, d_model]`` row-major in the weight
 dtype, so an active neuron is one contiguous row. On CPU the C++ library ``_sparse_ffn``
-compacts the active set and FMA's the active rows into fp32 accumulators (threads own
-output columns: deterministic). On CUDA the Triton kernel in ``fastload.kernels.sparse_ffn``
-does the same on the device. When the active fraction is above the crossover (measured once
-per shape, dtype, batch bucket and thread count, then cached) the dense matmul runs instead,
-so the sparse path is never meaningfully slower than dense.
+compacts the active set and FMA's the active rows into fp32 accumulators (dynamic column
+tiles: deterministic, and a thread slowed by another process takes fewer tiles). On CUDA the
+Triton kernel in ``fastload.kernels.sparse_ffn`` does the same on the device.
+
+Dense fallback and crossover: by default the original ``W_down`` is kept as the parameter
+(``keep_dense_weight=True``; reused, not copied, by ``from_dense``; the transposed copy is a
+derived buffer), because torch's CPU product is fast only with that layout (transposed view:
+~15% slower in fp32, ~30x in bf16, measured). The plan per (shape, dtype, batch bucket,
+threads) comes from :func:`measure_plan`: the kernel time is linear in the active rows, so
+one timing of the kernel with every row active and one of torch's dense product, both on a
+slice of the weight (~16M multiply-adds, a few ms to ~0.1 s in all), give the crossover
+``0.95 * t_dense / t_kernel_full``; when the kernel beats torch even with every row (as in
+bf16 on AVX2 CPUs without native bf16 GEMM), the kernel always runs. The same timing picks 1
+or N threads. Set ``crossover=`` to skip the measurement.
 
 Autograd: when gradients are needed (grad mode on and the input or a weight requires grad)
 the module runs the dense path, which is differentiable. The sparse path is for inference
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# (d_ff, d_model, dtype, batch bucket, threads) -> largest active fraction run sparse.
+# (d_ff, d_model, dtype, batch bucket, threads, device) -> measure_plan() result.
 _CROSSOVER: dict = {}
 _CROSSOVER_LOCK = threading.Lock()
 
@@ -134,37 +143,80 @@ def _median_time(fn, reps):
     return statistics.median(ts)
 
 
-def measure_crossover(w_t: torch.Tensor, batch: int, threads: Optional[int] = None, reps: int = 3,
-                      bias: Optional[torch.Tensor] = None) -> float:
-    """Largest active fraction at which the sparse down-projection beats dense ``act @ w_t``.
+def _proxy_rows(d_ff: int, d_model: int, batch: int) -> int:
+    # About 16M multiply-adds per timed call (a few ms), never fewer than 256 rows: both the
+    # kernel and torch's product scale linearly in the number of rows, so a slice of W^T
+    # predicts the full product at a fraction of its cost.
+    k = (16 << 20) // max(1, batch * d_model)
+    return int(min(d_ff, max(256, k)))
 
-    Sparse and dense are timed interleaved (median of ``reps``) at decreasing fractions;
-    the first fraction where sparse takes at most 95% of dense time wins (a margin so the
-    sparse path is never slower than dense by more than noise). Returns 0.0 if none does.
+
+def measure_plan(w_t: torch.Tensor, batch: int, threads: Optional[int] = None,
+                 reps: int = 5, w_dense: Optional[torch.Tensor] = None) -> dict:
+    """Crossover and thread count for the CPU down-projection at this shape and batch bucket.
+
+    Cheap by construction (a few ms to ~0.1 s): the sparse kernel is timed with *every*
+    neuron active on a slice of ``w_t`` (``_proxy_rows`` rows), because its time is linear in
+    the active rows (``t(u) = u * t_full``, memory-bound at small batch, FMA-bound at large),
+    so one point gives the whole line. The dense fallback is ``F.linear(act, w_t.t())`` (the
+    transposed view of the one stored copy); it is timed on the same slice only for fp32:
+    in bf16/fp16 torch's CPU product with that layout is ~30x slower than with the original
+    layout (measured), so the kernel with all rows is the dense path there. The crossover is
+    ``0.95 * t_torch / t_kernel_full`` (5% margin, capped at 1.0: when the kernel with every
+    row beats torch, the kernel always runs). With ``w_dense`` (the original ``W_down``,
+    ``[d_model, d_ff]``) torch is timed with that layout in every dtype instead. The thread count (1 or ``threads``) is the
+    faster one by median in the same interleaved timing (the crossover uses the fastest of
+    ``reps``): on a loaded machine a second thread whose
+    wake-up is delayed stalls the pool barrier, and for a memory-bound GEMV one core often
+    already streams near the bandwidth bound.
+
+    Returns ``{"crossover": float, "threads": int, "t_kernel_full_s": ..., "t_torch_s": ...}``
+    (times extrapolated to the full ``d_ff``).
     """
     d_ff, d_model = w_t.shape
+    threads = int(threads or torch.get_num_threads())
+    k = _proxy_rows(d_ff, d_model, batch)
+    w = w_t[:k]  # first k rows of a row-major tensor: contiguous
     g = torch.Generator().manual_seed(1234)
-    threads = threads or torch.get_num_threads()
-    for u in (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.06, 0.03):
-        k = max(1, int(round(u * d_ff)))
-        act = torch.zeros(batch, d_ff, dtype=w_t.dtype)
-        cols = torch.randperm(d_ff, generator=g)[:k]
-        act[:, cols] = torch.rand(batch, k, generator=g).to(w_t.dtype) + 0.5
-        sparse = lambda: sparse_down_cpu(act, w_t, bias, None, threads)  # noqa: E731
-        dense = lambda: _dense_down(act, w_t, bias)  # noqa: E731
-        sparse(), dense()  # warm up
-        ts, td = [], []
-        for _ in range(reps):
-            ts.append(_median_time(sparse, 1))
-            td.append(_median_time(dense, 1))
-        if statistics.median(ts) <= 0.95 * statistics.median(td):
-            return u
-    return 0.0
+    act = (torch.rand(batch, k, generator=g) + 0.5).to(w_t.dtype)
+    fns = {1: lambda: sparse_down_cpu(act, w, None, None, 1)}
+    if threads > 1:
+        fns[threads] = lambda: sparse_down_cpu(act, w, None, None, threads)
+    if w_dense is not None:
+        wd = w_dense[:, :k]  # strided slice: same bytes per row-chunk as the full product
+        fns["torch"] = lambda: F.linear(act, wd)
+    elif w_t.dtype == torch.float32:
+        fns["torch"] = lambda: F.linear(act, w.t())
+    for f in fns.values():
+        f()  # warm up
+    ts = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[name].append(time.perf_counter() - t0)
+    # Fastest of the repetitions: other processes only ever add time, so the minimum is
+    # the least noisy estimate of what each path can do on this machine.
+    med = {name: min(v) * d_ff / k for name, v in ts.items()}
+    # Threads by the median: a second thread that is often late (pool barrier) should lose.
+    best_threads = min((n for n in fns if n != "torch"), key=lambda n: statistics.median(ts[n]))
+    t_kernel = med[best_threads]
+    t_torch = med.get("torch")
+    frac = 1.0 if t_torch is None else min(1.0, 0.95 * t_torch / t_kernel)
+    return {"crossover": frac, "threads": int(best_threads), "t_kernel_full_s": t_kernel,
+            "t_torch_s": t_torch, "proxy_rows": k}
+
+
+def measure_crossover(w_t: torch.Tensor, batch: int, threads: Optional[int] = None, reps: int = 5,
+                      bias: Optional[torch.Tensor] = None) -> float:
+    """Largest active fraction at which the sparse down-projection is used (see measure_plan)."""
+    return measure_plan(w_t, batch, threads, reps)["crossover"]
 
 
 def _dense_down(act, w_t, bias):
-    out = act @ w_t
-    return out + bias if bias is not None else out
+    # The transposed view of W_down^T is W_down: F.linear with it is torch's fast layout in
+    # fp32 (as fast as F.linear with the original weight, measured).
+    return F.linear(act, w_t.t(), bias)
 
 
 class SparseReLUFFN(nn.Module):
@@ -195,7 +247,8 @@ class SparseReLUFFN(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, gated: bool = False, bias: bool = True,
                  dtype: torch.dtype = torch.float32, crossover: Optional[float] = None,
-                 activation: str = "relu", approx_window: int = 0, approx_refresh: int = 16):
+                 activation: str = "relu", approx_window: int = 0, approx_refresh: int = 16,
+                 keep_dense_weight: bool = True):
         super().__init__()
         if activation != "relu":
             raise ValueError(f"activation={activation!r}: the exact sparse path needs ReLU "
@@ -211,7 +264,7 @@ class SparseReLUFFN(nn.Module):
         self.up = nn.Linear(d_model, d_ff, bias=bias, dtype=dtype)
         self.gate = nn.Linear(d_model, d_ff, bias=bias, dtype=dtype) if gated else None
         down = nn.Linear(d_ff, d_model, bias=bias, dtype=dtype)
-        self.down_t = nn.Parameter(down.weight.detach().t().contiguous())
+        self._set_down(down.weight, bool(keep_dense_weight))
         self.down_bias = nn.Parameter(down.bias.detach()) if bias else None
         self.approx_window, self.approx_refresh = int(approx_window), int(approx_refresh)
         self._finite_checked = None  # data_ptr/version of down_t when last checked finite
@@ -261,9 +314,7 @@ class SparseReLUFFN(nn.Module):
             raise ValueError(f"crossover must be in [0, 1], got {crossover}")
         self.crossover = crossover
         self.up, self.gate = up, gate
-        # The one copy: W_down^T, row-major, so an active neuron is a contiguous row.
-        self.down_t = nn.Parameter(down.weight.detach().t().contiguous(),
-                                   requires_grad=down.weight.requires_grad)
+        self._set_down(down.weight, bool(kwargs.pop("keep_dense_weight", True)))
         self.down_bias = down.bias if has_bias else None
         self.approx_window = int(kwargs.pop("approx_window", 0))
         self.approx_refresh = int(kwargs.pop("approx_refresh", 16))
@@ -273,6 +324,38 @@ class SparseReLUFFN(nn.Module):
         self.last_active, self._probe, self._approx_state = None, None, None
         return self
 
+    def _set_down(self, weight: torch.Tensor, keep: bool) -> None:
+        # W_down^T, row-major, so an active neuron is one contiguous row. With keep (default)
+        # the original W_down ([d_model, d_ff], reused, not copied) stays the parameter: the
+        # dense / training path runs F.linear with it (torch's fast layout in every dtype;
+        # with the transposed view it is ~15% slower in fp32 and ~30x slower in bf16 on
+        # CPU, measured) and down_t is a derived buffer, re-made when the weight changes.
+        # Cost: one more d_ff x d_model copy. Without keep, down_t is the only copy.
+        if keep:
+            self.down_weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+            self.register_buffer("down_t", weight.detach().t().contiguous(), persistent=False)
+            self._down_t_of = (weight.data_ptr(), weight._version)
+        else:
+            self.down_weight = None
+            self.down_t = nn.Parameter(weight.detach().t().contiguous(),
+                                       requires_grad=weight.requires_grad)
+            self._down_t_of = None
+
+    def _sync_down_t(self) -> None:
+        """Re-make the derived ``down_t`` if ``down_weight`` was changed (trained, loaded)."""
+        w = self.down_weight
+        if w is None:
+            return
+        key = (w.data_ptr(), w._version)
+        if key != self._down_t_of:
+            with torch.no_grad():
+                if self.down_t.shape == (w.shape[1], w.shape[0]) and self.down_t.dtype == w.dtype \
+                        and self.down_t.device == w.device:
+                    self.down_t.copy_(w.t())
+                else:
+                    self.down_t = w.detach().t().contiguous()
+            self._down_t_of = key
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, gated={self.gated}, "
                 f"dtype={self.down_t.dtype}, crossover={self.crossover}")
@@ -281,28 +364,31 @@ class SparseReLUFFN(nn.Module):
     def _weights_finite(self) -> bool:
         # 0 * inf = NaN in the dense product, but a skipped row contributes nothing: with
         # non-finite weights only the dense path is exact. Checked once per weight version.
+        self._sync_down_t()
         key = (self.down_t.data_ptr(), self.down_t._version)
         if self._finite_checked != key:
             self._finite = bool(torch.isfinite(self.down_t).all())
             self._finite_checked = key
         return self._finite
 
-    def _max_active(self, batch: int) -> int:
-        frac = self.crossover
-        if frac is None:
-            key = (self.d_ff, self.d_model, self.down_t.dtype, batch_bucket(batch),
-                   torch.get_num_threads(), self.down_t.device.type)
-            frac = _CROSSOVER.get(key)
-            if frac is None:
-                with _CROSSOVER_LOCK:
-                    frac = _CROSSOVER.get(key)
-                    if frac is None:
-                        if self.down_t.device.type == "cpu":
-                            frac = measure_crossover(self.down_t.detach(), batch_bucket(batch))
-                        else:  # the device kernel's launch cost is small: trust the ceiling
-                            frac = 0.85
-                        _CROSSOVER[key] = frac
-        return int(math.floor(frac * self.d_ff))
+    def _plan(self, batch: int) -> dict:
+        if self.crossover is not None:
+            return {"crossover": self.crossover, "threads": None}
+        key = (self.d_ff, self.d_model, self.down_t.dtype, batch_bucket(batch),
+               torch.get_num_threads(), self.down_t.device.type, self.down_weight is not None)
+        plan = _CROSSOVER.get(key)
+        if plan is None:
+            with _CROSSOVER_LOCK:
+                plan = _CROSSOVER.get(key)
+                if plan is None:
+                    if self.down_t.device.type == "cpu":
+                        plan = measure_plan(self.down_t.detach(), batch_bucket(batch),
+                                            w_dense=None if self.down_weight is None
+                                            else self.down_weight.detach())
+                    else:  # the device kernel's launch cost is small: trust the ceiling
+                        plan = {"crossover": 0.85, "threads": None}
+                    _CROSSOVER[key] = plan
+        return plan
 
     def _activation(self, x):
         if self.approx_window > 0 and not self.gated and not torch.is_grad_enabled():
@@ -313,8 +399,39 @@ class SparseReLUFFN(nn.Module):
         return torch.relu(h)
 
     def _down_dense(self, act):
-        out = act @ self.down_t
-        return out + self.down_bias if self.down_bias is not None else out
+        if self.down_weight is not None:
+            return F.linear(act, self.down_weight, self.down_bias)
+        return _dense_down(act, self.down_t, self.down_bias)
+
+    def down_proj(self, act: torch.Tensor, needs_grad: bool = False) -> torch.Tensor:
+        """Down-projection of ``act`` ([N, d_ff], weight dtype): sparse kernel below the
+        crossover, dense fallback above it (or when gradients are needed / weights non-finite).
+        Sets ``last_active`` (None when the dense path ran).
+
+        >>> import torch, torch.nn as nn
+        >>> ffn = SparseReLUFFN.from_dense(nn.Linear(4, 16), nn.Linear(16, 4), crossover=1.0)
+        >>> a = torch.relu(torch.randn(2, 16))
+        >>> with torch.no_grad():
+        ...     torch.allclose(ffn.down_proj(a), ffn._down_dense(a), atol=1e-5)
+        True
+        """
+        out = None
+        self.last_active = None
+        if not needs_grad and act.shape[0] > 0 and self._weights_finite():
+            plan = self._plan(act.shape[0])
+            max_active = int(math.floor(plan["crossover"] * self.d_ff))
+            if max_active > 0:
+                if act.device.type == "cpu":
+                    out, n = sparse_down_cpu(act, self.down_t, self.down_bias, max_active,
+                                             plan["threads"])
+                    self.last_active = n if out is not None else None
+                elif act.device.type == "cuda":
+                    from fastload.kernels.sparse_ffn import sparse_down
+
+                    out = sparse_down(act.contiguous(), self.down_t, self.down_bias)
+        if out is None:
+            out = self._down_dense(act)
+        return out
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,20 +451,7 @@ class SparseReLUFFN(nn.Module):
         act = self._activation(x2)
         if self._probe is not None:
             self._probe(self, act)
-        out = None
-        self.last_active = None
-        if not needs_grad and x2.shape[0] > 0 and self._weights_finite():
-            max_active = self._max_active(x2.shape[0])
-            if max_active > 0:
-                if act.device.type == "cpu":
-                    out, n = sparse_down_cpu(act, self.down_t, self.down_bias, max_active)
-                    self.last_active = n if out is not None else None
-                elif act.device.type == "cuda":
-                    from fastload.kernels.sparse_ffn import sparse_down
-
-                    out = sparse_down(act.contiguous(), self.down_t, self.down_bias)
-        if out is None:
-            out = self._down_dense(act)
+        out = self.down_proj(act, needs_grad)
         return out.reshape(*lead, self.d_model)
 
     # -- approximate mode ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``ReinforcedDataset``: O(1) random access to a reinforced dataset through memory maps."""
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -13,17 +14,23 @@ from fastload.sample.params import AUG_DTYPE
 
 
 class _Shard:
-    """One memory-mapped Arrow IPC shard; binary columns exposed as (offsets, buffer)."""
+    """One memory-mapped Arrow IPC shard; binary columns exposed as (offsets, buffer).
+
+    The map is Python's ``mmap`` (read-only, file-backed) handed to Arrow zero-copy, so its
+    touched pages can be dropped from the process with ``release()``: they are clean file
+    pages, re-read from the page cache on the next access, never lost.
+    """
 
     def __init__(self, path: str, kind: str):
         import pyarrow as pa
 
         try:
-            self.mmap = pa.memory_map(path, "r")
-        except OSError as e:
+            with open(path, "rb") as f:
+                self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # ValueError: empty file
             raise ValueError(f"cannot open shard {path}: {e}") from e
         try:
-            reader = pa.ipc.open_file(self.mmap)
+            reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.mmap)))
             if reader.num_record_batches != 1:
                 raise ValueError(f"{path}: expected one record batch, found {reader.num_record_batches}")
             self.batch = reader.get_batch(0)
@@ -46,6 +53,11 @@ class _Shard:
         off, data = self.binary(name)
         return data[off[row]:off[row + 1]]
 
+    def release(self) -> None:
+        """Drop this shard's resident pages from the process (RSS), keeping the mapping."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.mmap.madvise(mmap.MADV_DONTNEED)
+
 
 class ReinforcedDataset:
     """A reinforced dataset (``manifest.json`` + Arrow IPC shards) opened for random access.
@@ -59,8 +71,12 @@ class ReinforcedDataset:
         >>> ids, probs = ds.target(0, ds.num_augmentations - 1)   # doctest: +SKIP
     """
 
-    def __init__(self, path: str, verify: bool = False):
+    def __init__(self, path: str, verify: bool = False, max_resident_mib: Optional[float] = 64):
         self.path = os.fspath(path)
+        # Mapped pages a loader touched count in RSS and would grow with the dataset; after
+        # about this many MiB read through `gather`, they are dropped (None: never).
+        self.max_resident_mib = max_resident_mib
+        self._touched = 0
         m = mf.read_manifest(self.path)
         if not m.get("complete"):
             raise ValueError(f"{self.path!r} is incomplete ({len(m['shards'])}/{m.get('num_shards')} shards "
@@ -141,6 +157,13 @@ class ReinforcedDataset:
             sh = self._open[pos] = _Shard(os.path.join(self.path, meta["file"]), self.kind)
         return sh
 
+    def release_pages(self) -> None:
+        """Drop the mapped pages this process holds (they stay in the OS page cache), so RSS
+        stays bounded whatever the dataset size; buffers already handed out stay valid."""
+        self._touched = 0
+        for sh in list(self._open.values()):
+            sh.release()
+
     def _shard_table(self, index: int):
         for pos, s in enumerate(self._shards_meta):
             if s["index"] == index:
@@ -217,6 +240,10 @@ class ReinforcedDataset:
             ablobs.append(sh.blob("augs", r))
             if cls:
                 tblobs.append(sh.blob("targets", r))
+        if self.max_resident_mib is not None:
+            self._touched += sum(len(v) for v in images) + sum(len(v) for v in ablobs) + sum(len(v) for v in tblobs)
+            if self._touched > self.max_resident_mib * 2**20:
+                self.release_pages()
         recs = decode_augs_batch(ablobs, aug_ids, self.source_hw[rows], self._box_grid, self.source_hw, n)
         if cls:
             ids, probs = decode_targets_batch(tblobs, aug_ids, n, k)

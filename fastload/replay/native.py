@@ -52,6 +52,21 @@ def have_jpeg() -> bool:
     return bool(_lib().fl_replay_have_jpeg())
 
 
+# DCT scaling rules (csrc/replay/jpeg.cpp). True means "pow2", the rule datasets recorded as
+# `dct_scale: true` were generated with; keep it so that they replay bit for bit.
+DCT_RULES = {"off": 0, "pow2": 1, "m8": 2}
+DECODER_IFAST = 1 << 8     # measurement switches (see fastload/bench/kernel.py)
+DECODER_NO_FANCY = 1 << 9
+
+
+def _dct_code(dct_scale) -> int:
+    if dct_scale is True or dct_scale is False:
+        return int(dct_scale)
+    if isinstance(dct_scale, str) and dct_scale in DCT_RULES:
+        return DCT_RULES[dct_scale]
+    raise ValueError(f"dct_scale must be True, False or one of {sorted(DCT_RULES)}, got {dct_scale!r}")
+
+
 def _pil_decode(b) -> np.ndarray:
     from PIL import Image
 
@@ -62,15 +77,27 @@ def _pil_decode(b) -> np.ndarray:
         raise RuntimeError(f"bad JPEG: {e}") from None
 
 
+def _address(a: np.ndarray) -> int:
+    # ctypes.c_char.from_buffer is several times cheaper than __array_interface__ / .ctypes
+    # (Python overhead per source matters at thousands of images per second).
+    if a.flags.writeable and a.size:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    return a.__array_interface__["data"][0] if a.size else 0
+
+
 def _describe(sources, keep: list, what: str, allow_none=False) -> np.ndarray:
     """Source descriptors for the C side; `keep` holds the buffers alive during the call."""
     n = len(sources)
+    desc = np.zeros(n, dtype=_SOURCE_DTYPE)
     ptrs = [0] * n
     lens = [0] * n
-    hs = [0] * n
-    ws = [0] * n
-    kinds = [0] * n
+    raw = []  # (position, array) of decoded sources
+    byte_pos = []  # positions of `bytes` sources: their addresses are taken in one ctypes call
     for i, s in enumerate(sources):
+        if type(s) is bytes:
+            byte_pos.append(i)
+            lens[i] = len(s)
+            continue
         if s is None:
             if allow_none:
                 continue
@@ -81,10 +108,9 @@ def _describe(sources, keep: list, what: str, allow_none=False) -> np.ndarray:
                                  f"got {s.dtype} {s.shape}")
             a = s if s.flags.c_contiguous else np.ascontiguousarray(s)
             keep.append(a)
-            ptrs[i] = a.__array_interface__["data"][0]
+            ptrs[i] = _address(a)
             lens[i] = a.nbytes
-            hs[i], ws[i] = a.shape[0], a.shape[1]
-            kinds[i] = 1
+            raw.append((i, a))
             continue
         if isinstance(s, torch.Tensor):
             raise ValueError(f"{what}[{i}]: pass raw images as numpy uint8 HWC arrays, not tensors")
@@ -96,12 +122,20 @@ def _describe(sources, keep: list, what: str, allow_none=False) -> np.ndarray:
         keep.append(a)
         ptrs[i] = a.__array_interface__["data"][0] if a.size else 0
         lens[i] = a.size
-    desc = np.zeros(n, dtype=_SOURCE_DTYPE)
+    if byte_pos:
+        objs = [sources[i] for i in byte_pos]
+        keep.append(objs)
+        cptrs = (ctypes.c_char_p * len(objs))(*objs)  # points into the bytes objects, no copy
+        addr = np.frombuffer(cptrs, dtype=np.uint64)
+        for j, i in enumerate(byte_pos):
+            ptrs[i] = int(addr[j])
     desc["data"] = ptrs
     desc["len"] = lens
-    desc["h"] = hs
-    desc["w"] = ws
-    desc["kind"] = kinds
+    if raw:
+        pos = [i for i, _ in raw]
+        desc["h"][pos] = [a.shape[0] for _, a in raw]
+        desc["w"][pos] = [a.shape[1] for _, a in raw]
+        desc["kind"][pos] = 1
     return desc
 
 
@@ -122,7 +156,8 @@ def _decode_python(sources, sample_ids, what):
 def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                  partner_sources: Optional[Sequence] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
-                 sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31) -> torch.Tensor:
+                 sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
+                 _decoder_flags: int = 0) -> torch.Tensor:
     """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
@@ -180,11 +215,12 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     pdesc = None
     if partner_sources is not None:
         pdesc = _describe(partner_sources, keep, "partner_sources", allow_none=True)
+    dct = _dct_code(dct_scale) | int(_decoder_flags)
     bad = ctypes.c_int64(-1)
     status = lib.fl_replay_batch(
         desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
         out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
-        _INTERP[interpolation], int(bool(dct_scale)), int(ra_num_bins), int(threads or 0),
+        _INTERP[interpolation], dct, int(ra_num_bins), int(threads or 0),
         ctypes.byref(bad))
     if status != 0:
         msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")

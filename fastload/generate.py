@@ -1,4 +1,4 @@
-"""``fastload.reinforce``: run a teacher once on N sampled augmentations of every image and
+"""Generation (`fastload.reinforce`): run a teacher once on N sampled augmentations of every image and
 store the parameters with the teacher's top-k probabilities (Dataset Reinforcement).
 
 The teacher sees exactly the pixels the loader will later produce: every augmented image is
@@ -604,14 +604,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-class _CallableModule(type(sys)):
-    """``fastload.reinforce`` is both this module and the function: importing the submodule
-    rebinds the package attribute to the module, so the module itself forwards calls."""
-
-    def __call__(self, *args, **kwargs):
-        return reinforce(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
