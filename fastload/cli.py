@@ -7,8 +7,9 @@ import sys
 
 COMMANDS = {
     "bench": ("fastload.bench.images:main",
-              "benchmark the image loaders on embedded data (--lm: sequence buckets, "
-              "--ffn: sparse FFN, --variable: variable-resolution batching)"),
+              "benchmark the image loaders on embedded data; other benchmarks: --lm (sequence "
+              "buckets), --ffn (sparse FFN), --variable (variable resolution), --kernel (fused "
+              "replay kernel alone), --reinforce (generation, format size), --triton (GPU replay)"),
     "reinforce": ("fastload.generate:main", "create a reinforced dataset from images and a teacher"),
     "inspect": ("fastload.format.inspect:main", "summarize and validate a reinforced dataset"),
     "import-datacomp": ("fastload.format.datacomp:main",
