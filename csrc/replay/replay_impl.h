@@ -87,7 +87,9 @@ struct VStream {
   void begin(const AxisWeights* a, int row_len, std::vector<float>& buf, uint8_t* out);
   float* slot(int r) { return ring + (size_t)(r % R) * row_len; }
   void row_done(int r);
-  void vertical_taps(const float* w, int n, float inv, int s0, int c0, int m, float* acc);  // input row r (absolute) is in slot(r): emit the rows it completes
+  void vertical_taps(const float* w, int n, float inv, int s0, int c0, int m, float* acc);
+  template <typename T>  // float (float32 output) or uint16_t (float16)
+  void emit_fused(const float* w, int n, float inv, int s0, int y, int ow, float* acc);  // input row r (absolute) is in slot(r): emit the rows it completes
 };
 
 // Round half-even and clamp to [0, 255] (torch's round + clamp + to(uint8)): cvtps2dq

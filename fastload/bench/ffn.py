@@ -37,17 +37,26 @@ from fastload.ffn.sparse import SparseReLUFFN, sparse_down_cpu
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _interleaved(fns: dict, reps: int, warm_below_s: float = 0.2) -> dict:
+def _interleaved(fns: dict, reps: int, warm_below_s: float = 0.2,
+                 budget_s: float = float("inf")) -> dict:
     """Median seconds per function, the functions run round-robin (side by side in time).
 
-    A call slower than ``warm_below_s`` is not warmed up separately (its first timed run is
-    warm enough relative to its own length; this keeps the full sweep affordable).
+    A call slower than ``warm_below_s`` is not warmed up twice. The number of repetitions is
+    cut (never below 1) so that the timed round-robins fit in ``budget_s``, estimated from
+    the warm-up pass: groups of calls lasting seconds (batch 64, torch's bf16 GEMM) average
+    over scheduler noise within one call, and this keeps the default sweep affordable.
     """
+    t_round = 0.0
     for f in fns.values():
         t0 = time.perf_counter()
         f()
-        if time.perf_counter() - t0 < warm_below_s:
+        dt = time.perf_counter() - t0
+        if dt < warm_below_s:
+            t0 = time.perf_counter()
             f()
+            dt = time.perf_counter() - t0
+        t_round += dt
+    reps = max(1, min(reps, int(budget_s // max(t_round, 1e-9))))
     ts = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
@@ -83,7 +92,7 @@ def _variant(ffn: SparseReLUFFN, name: str, lin: nn.Linear, bias: torch.Tensor) 
     return new
 
 
-def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log):
+def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log, budget_s=float("inf")):
     """Per (dtype, batch) group the dense baselines run once per repetition, round-robin with
     every sparse variant of the group (the dense time does not depend on the sparsity)."""
     g = torch.Generator().manual_seed(0)
@@ -144,7 +153,9 @@ def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log):
                     fns[f"ffn_{kind}/{s}"] = (lambda m: lambda: m(x))(v)
                     meta[(f"ffn_{kind}", s)] = {"u": u_ffn, "module": v}
             with torch.no_grad():
-                t = _interleaved(fns, reps)
+                t0 = time.perf_counter()
+                t = _interleaved(fns, reps, budget_s=budget_s)
+                print(f"group {dname} batch {B}: {time.perf_counter() - t0:.1f} s", flush=True)
             for s in sparsities:
                 m = meta[("down", s)]
                 ts, td = t[f"down/{s}"], t["down/dense"]
@@ -282,6 +293,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--sparsity", default="0,0.5,0.7,0.9,0.95,0.99")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--group-budget-s", type=float, default=12.0,
+                   help="fewer repetitions (>= 1) for a (dtype, batch) group whose one round "
+                        "of calls would not fit reps times in this many seconds")
     p.add_argument("--quick", action="store_true",
                    help="batch 1,4, sparsity 0,0.9, fp32, e2e with 8 tokens (about a minute)")
     p.add_argument("--e2e-tokens", type=int, default=32)
@@ -291,19 +305,21 @@ def main(argv=None) -> int:
     if a.quick:
         a.batches, a.sparsity, a.dtypes, a.e2e_tokens = "1,4", "0,0.9", "fp32", 8
     log = lambda r: print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)  # noqa: E731
+    t_start = time.perf_counter()
     bw = memory_bandwidth_gbs()
     rbw = read_bandwidth_gbs()
     print(f"copy bandwidth {bw:.1f} GB/s, read {rbw:.1f} GB/s, threads {torch.get_num_threads()}",
           flush=True)
     rows = sweep(a.d_model, a.d_ff, a.kinds.split(","), a.dtypes.split(","),
                  [int(b) for b in a.batches.split(",")], [float(s) for s in a.sparsity.split(",")],
-                 a.reps, bw, log)
+                 a.reps, bw, log, a.group_budget_s)
     e2e_row = None if a.skip_e2e else e2e(a.reps, a.e2e_tokens, 0.74, log)
     from fastload.ffn import sparse
     path = write_result("ffn", {"d_model": a.d_model, "d_ff": a.d_ff, "threads": torch.get_num_threads(),
                                 "bandwidth_gbs": bw, "read_bandwidth_gbs": rbw, "rows": rows, "e2e": e2e_row,
                                 "plans": {str(k): v for k, v in sparse._CROSSOVER.items()},
-                                "quick": a.quick,
+                                "quick": a.quick, "reps": a.reps, "group_budget_s": a.group_budget_s,
+                                "wall_s": time.perf_counter() - t_start,
                                 "gpu": "not measured (no GPU in this run)"}, a.out_dir)
     print("wrote", path)
     return 0

@@ -323,8 +323,17 @@ class ReinforcedLoader:
             bs = self.batch_sampler
             if hasattr(bs, "set_epoch"):
                 bs.set_epoch(epoch)
-            for step, batch in enumerate(bs):
+            # Samplers that can yield (indices array, h, w) skip building a tuple per sample.
+            arrays = hasattr(bs, "iter_arrays")
+            for step, batch in enumerate(bs.iter_arrays() if arrays else bs):
                 if step < start:
+                    continue
+                if arrays:
+                    idx, h, w = batch
+                    idx = np.asarray(idx, dtype=np.int64)
+                    hw = _pair((h, w), "batch_sampler (h, w)")
+                    self._check_range(idx, "batch_sampler")
+                    yield step, idx, hw
                     continue
                 batch = list(batch)
                 if batch and isinstance(batch[0], (tuple, list)):

@@ -164,8 +164,15 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     normalization; erased pixels take the mean colour), and may be pinned: the kernel writes
     into it directly. ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
     where the record does not mix). ``dct_scale`` lets the JPEG decoder downscale in the DCT
-    domain when the crop is at least twice the output. A bad sample raises ``ValueError``
-    naming ``sample_ids[i]`` (or the position i).
+    domain: ``True`` / ``"pow2"`` (the default rule, the one datasets recorded as
+    ``dct_scale: true`` were generated with) decodes at 1/2, 1/4 or 1/8 when the crop is at
+    least 2x, 4x, 8x the output; ``"m8"`` at M/8 (M = 1..8, the smallest keeping the scaled
+    crop >= the output), measured slower (libjpeg-turbo's non-power-of-two IDCTs are not SIMD)
+    and further from the exact decode, so it is not the default; ``False`` / ``"off"`` never.
+    Generation and replay of one dataset must use the same rule. ``_decoder_flags``
+    (``DECODER_IFAST``, ``DECODER_NO_FANCY``) are measurement switches for the benchmark: they
+    change pixels by more than the 1-level contract. A bad sample raises ``ValueError`` naming
+    ``sample_ids[i]`` (or the position i).
 
     Example:
         >>> import numpy as np, torch
