@@ -292,3 +292,16 @@ def test_bytes_and_buffer_sources_agree():
     rw = ro.copy()
     ro.setflags(write=False)
     assert torch.equal(render([ro] * 4, rec, (20, 20), torch.uint8), render([rw] * 4, rec, (20, 20), torch.uint8))
+
+
+def test_decoder_measurement_switches_stay_close():
+    # IFAST IDCT and non-fancy (merged) chroma upsampling are benchmark switches only: they
+    # run, change pixels (so they are not the default), and stay near the exact decode.
+    # Measured on the benchmark photos: mean 0.94 (ifast) / 0.16 (no fancy) levels.
+    dec = pil_decode(JPG)
+    rec = records(8, seed=3, hw=dec.shape[:2])
+    exact = render([JPG] * len(rec), rec, (40, 40), torch.uint8, dct_scale=False)
+    for flags in (native.DECODER_IFAST, native.DECODER_NO_FANCY, native.DECODER_IFAST | native.DECODER_NO_FANCY):
+        got = render([JPG] * len(rec), rec, (40, 40), torch.uint8, dct_scale=False, _decoder_flags=flags)
+        d = (got.int() - exact.int()).abs().float()
+        assert not torch.equal(got, exact) and d.mean().item() <= 1.5, (flags, d.mean().item())

@@ -56,7 +56,8 @@ def _interleaved(fns: dict, reps: int, warm_below_s: float = 0.2,
             f()
             dt = time.perf_counter() - t0
         t_round += dt
-    reps = max(1, min(reps, int(budget_s // max(t_round, 1e-9))))
+    if math.isfinite(budget_s):
+        reps = max(1, min(reps, int(budget_s // max(t_round, 1e-9))))
     ts = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():

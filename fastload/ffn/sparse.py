@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# (d_ff, d_model, dtype, batch bucket, threads, device) -> measure_plan() result.
+# (d_ff, d_model, dtype, batch bucket, threads, device, dense weight kept) -> plan dict.
 _CROSSOVER: dict = {}
 _CROSSOVER_LOCK = threading.Lock()
 
@@ -134,15 +134,6 @@ def active_indices(act: torch.Tensor) -> torch.Tensor:
     return idx[: n.value].long()
 
 
-def _median_time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _proxy_rows(d_ff: int, d_model: int, batch: int) -> int:
     # About 16M multiply-adds per timed call (a few ms), never fewer than 256 rows: both the
     # kernel and torch's product scale linearly in the number of rows, so a slice of W^T
@@ -164,9 +155,9 @@ def measure_plan(w_t: torch.Tensor, batch: int, threads: Optional[int] = None,
     layout (measured), so the kernel with all rows is the dense path there. The crossover is
     ``0.95 * t_torch / t_kernel_full`` (5% margin, capped at 1.0: when the kernel with every
     row beats torch, the kernel always runs). With ``w_dense`` (the original ``W_down``,
-    ``[d_model, d_ff]``) torch is timed with that layout in every dtype instead. The thread count (1 or ``threads``) is the
-    faster one by median in the same interleaved timing (the crossover uses the fastest of
-    ``reps``): on a loaded machine a second thread whose
+    ``[d_model, d_ff]``) torch is timed with that layout in every dtype instead. The thread
+    count (1 or ``threads``) is the faster one by median in the same interleaved timing (the
+    crossover uses the fastest of ``reps``): on a loaded machine a second thread whose
     wake-up is delayed stalls the pool barrier, and for a memory-bound GEMV one core often
     already streams near the bandwidth bound.
 
