@@ -288,9 +288,8 @@ def _worker_rng():
     return random.Random(info.seed if info is not None else torch.initial_seed())
 
 
-class PilRRCDataset:
-    """torchvision's RandomResizedCrop(size) + RandomHorizontalFlip + ToTensor + Normalize on
-    PIL images, written with PIL + torch ops (the torchvision code path for PIL inputs)."""
+class _FolderDataset:
+    """ImageFolder items, decoded with PIL, and a per-worker RNG for the transforms."""
 
     def __init__(self, root, size=224):
         self.items, self.classes = _image_folder(root)
@@ -300,25 +299,40 @@ class PilRRCDataset:
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
-        import numpy as np
-        import torch
+    def _open(self, i):
         from PIL import Image
 
         if self._rng is None:
             self._rng = _worker_rng()
         path, label = self.items[i]
         with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+            return Image.open(f).convert("RGB"), label
+
+    @staticmethod
+    def _normalize(x):
+        import torch
+
+        x = x.float().div_(255)
+        return x.sub_(torch.tensor(MEAN).view(3, 1, 1)).div_(torch.tensor(STD).view(3, 1, 1))
+
+
+class PilRRCDataset(_FolderDataset):
+    """torchvision's RandomResizedCrop(size) + RandomHorizontalFlip + ToTensor + Normalize on
+    PIL images, written with PIL + torch ops (the torchvision code path for PIL inputs)."""
+
+    def __getitem__(self, i):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        img, label = self._open(i)
         top, left, h, w = rrc_params(img.height, img.width, self._rng)
         # torchvision's F.resized_crop on PIL: crop, then resize (bilinear, antialiased by PIL)
         img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
         if self._rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)  # ToTensor (copies, as torchvision)
-        mean = torch.tensor(MEAN).view(3, 1, 1)
-        std = torch.tensor(STD).view(3, 1, 1)
-        return x.sub_(mean).div_(std), label
+        # ToTensor (copies, as torchvision) + Normalize
+        return self._normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1)), label
 
 
 def _dataloader(ds, cfg, collate_fn=None):
@@ -398,39 +412,24 @@ def _mix_collate(num_classes, seed, torchvision_v2=False):
     return collate
 
 
-class TorchRAMixDataset:
+class TorchRAMixDataset(_FolderDataset):
     """torchvision v2 on uint8 tensors (its fast path): decode, RandomResizedCrop (bilinear,
     antialias), flip, RandAugment(2, 9) (torchvision's 14 ops and magnitudes), ToDtype,
     Normalize, written with torch ops. MixUp/CutMix runs in the collate function."""
 
-    def __init__(self, root, size=224):
-        self.items, self.classes = _image_folder(root)
-        self.size = size
-        self._rng = None
-
-    def __len__(self):
-        return len(self.items)
-
     def __getitem__(self, i):
         import numpy as np
         import torch
-        from PIL import Image
 
-        if self._rng is None:
-            self._rng = _worker_rng()
-        path, label = self.items[i]
-        with open(path, "rb") as f:
-            img = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        pil, label = self._open(i)
+        img = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
         top, left, h, w = rrc_params(img.shape[1], img.shape[2], self._rng)
         x = torch.nn.functional.interpolate(img[None, :, top:top + h, left:left + w], size=(self.size, self.size),
                                             mode="bilinear", antialias=True, align_corners=False)[0]
         if self._rng.random() < 0.5:
             x = x.flip(-1)
         x = rand_augment(x, 2, 9, self._rng)
-        x = x.float().div_(255)
-        mean = torch.tensor(MEAN).view(3, 1, 1)
-        std = torch.tensor(STD).view(3, 1, 1)
-        return x.sub_(mean).div_(std), label
+        return self._normalize(x), label
 
 
 def pipe_torch_ra_mix(cfg):
