@@ -51,6 +51,8 @@ def _extensions():
             Extension(
                 f"fastload._{name}",
                 sources=sources,
+                # headers: a change to them rebuilds the library (setuptools tracks no #include)
+                depends=sorted(glob(os.path.join("csrc", "include", "*.h")) + glob(os.path.join(d, "*.h"))),
                 include_dirs=[os.path.join("csrc", "include")],
                 libraries=LIBS.get(name, []) + ["pthread"],
                 define_macros=DEFINES.get(name, []),

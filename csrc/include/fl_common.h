@@ -67,7 +67,7 @@ class ThreadPool {
     std::lock_guard<std::mutex> call_lock(call_mu_);
     ensure_workers(nthreads - 1);
     std::atomic<long> next{0};
-    auto body = [&](int wid) {
+    const std::function<void(int)> body = [&](int wid) {
       for (;;) {
         long c = next.fetch_add(1);
         if (c >= chunks) break;
@@ -77,16 +77,18 @@ class ThreadPool {
     };
     {
       std::lock_guard<std::mutex> lk(mu_);
-      task_ = body;
+      task_ = &body;
       active_ = nthreads - 1;
-      pending_ = nthreads - 1;
       ++generation_;
     }
     cv_.notify_all();
     body(0);
+    // All chunks are claimed: withdraw the task so a worker that wakes only now does not
+    // start (the caller never waits for a thread that got no work), then wait for the
+    // workers that did start, since they use this frame's `body`.
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return pending_ == 0; });
     task_ = nullptr;
+    done_cv_.wait(lk, [&] { return running_ == 0; });
   }
 
  private:
@@ -100,26 +102,27 @@ class ThreadPool {
   void loop(int wid) {
     unsigned long seen = 0;
     for (;;) {
-      std::function<void(int)> task;
+      const std::function<void(int)>* task;
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_ != seen; });
         seen = generation_;
-        if (wid > active_) continue;  // not needed for this call
+        if (wid > active_ || task_ == nullptr) continue;  // not needed, or already finished
         task = task_;
+        ++running_;
       }
-      task(wid);
+      (*task)(wid);
       std::lock_guard<std::mutex> lk(mu_);
-      if (--pending_ == 0) done_cv_.notify_all();
+      if (--running_ == 0) done_cv_.notify_all();
     }
   }
 
   std::mutex call_mu_, mu_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> workers_;
-  std::function<void(int)> task_;
+  const std::function<void(int)>* task_ = nullptr;
   unsigned long generation_ = 0;
-  int active_ = 0, pending_ = 0;
+  int active_ = 0, running_ = 0;
 };
 
 inline void parallel_for(long n, int nthreads, long grain,

@@ -111,7 +111,6 @@ def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log, budg
                 m.bias.zero_()
         ffn_plain = SparseReLUFFN.from_dense(up, down)
         ffn_gated = SparseReLUFFN.from_dense(up, down, gate=gate)
-        w_t = ffn_plain.down_t
         for B in batches:
             x = torch.randn(B, d_model, generator=g).to(dt)
             fns, meta = {}, {}
@@ -165,7 +164,7 @@ def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log, budg
                        "sparse_ms": ts * 1e3, "speedup": td / ts,
                        "sparse_gbs": m["n_active"] * d_model * esz / ts / 1e9,
                        "dense_gbs": d_ff * d_model * esz / td / 1e9, "bandwidth_gbs": bw,
-                       "threads": _threads(w_t, B), "sparse_path": m["sparse_path"]}
+                       "threads": _threads(ffn_plain, B), "sparse_path": m["sparse_path"]}
                 rows.append(row)
                 log(row)
                 for kind in kinds:
@@ -181,15 +180,9 @@ def sweep(d_model, d_ff, kinds, dtypes, batches, sparsities, reps, bw, log, budg
     return rows
 
 
-def _threads(w_t, B):
-    """Thread count the module's plan picked for this shape and batch bucket."""
-    from fastload.ffn import sparse
-
-    key = (w_t.shape[0], w_t.shape[1], w_t.dtype, sparse.batch_bucket(B), torch.get_num_threads(), "cpu")
-    plan = sparse._CROSSOVER.get(key)
-    if plan is None:
-        plan = sparse._CROSSOVER[key] = sparse.measure_plan(w_t, sparse.batch_bucket(B))
-    return plan["threads"]
+def _threads(ffn: SparseReLUFFN, B: int):
+    """Thread count of the module's own plan for this batch (measured on first use)."""
+    return ffn._plan(B)["threads"]
 
 
 class _Attn(nn.Module):
@@ -234,9 +227,9 @@ class TinyGPT(nn.Module):
         return self.head(x)
 
 
-@torch.no_grad()
 def decode_tokens_per_s(model, prompt, n_new, reps):
     """A function that prefills ``prompt`` (untimed) and returns (tokens, decode seconds)."""
+    @torch.no_grad()  # on run itself: a decorator on the factory would not cover the calls
     def run():
         caches = [[] for _ in model.blocks]
         logits = model(prompt, caches)
@@ -293,7 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--sparsity", default="0,0.5,0.7,0.9,0.95,0.99")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--group-budget-s", type=float, default=12.0,
                    help="fewer repetitions (>= 1) for a (dtype, batch) group whose one round "
                         "of calls would not fit reps times in this many seconds")
