@@ -71,7 +71,7 @@ class ReinforcedDataset:
         >>> ids, probs = ds.target(0, ds.num_augmentations - 1)   # doctest: +SKIP
     """
 
-    def __init__(self, path: str, verify: bool = False, max_resident_mib: Optional[float] = 64):
+    def __init__(self, path: str, verify: bool = False, max_resident_mib: Optional[float] = 16):
         self.path = os.fspath(path)
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
