@@ -429,6 +429,51 @@ def test_reuse_buffers_ring_contract(ds):
     assert len(ptrs) < len(ref)
 
 
+def test_pooled_buffers_never_rewrite_what_the_caller_holds(ds):
+    """Default buffers are pooled: a batch (or a view / numpy array of it) the caller still
+    holds is never rendered into again; dropped batches' buffers are reused."""
+    ref = _all(_loader(ds, shuffle=True, num_workers=0, batch_size=2))
+    for workers in (0, 2):
+        L = _loader(ds, shuffle=True, num_workers=workers, batch_size=2)
+        kept_view, kept_np, ptrs = None, None, []
+        for k, (x, y, t) in enumerate(L):
+            time.sleep(0.01)  # let the producer run ahead
+            assert torch.equal(x, ref[k][0]), (workers, k)
+            ptrs.append(x.data_ptr())
+            if k == 1:
+                kept_view = x[1:]  # only a view survives the loop variable
+            if k == 2:
+                kept_np = x.numpy()
+        assert torch.equal(kept_view, ref[1][0][1:])
+        assert np.array_equal(kept_np, ref[2][0].numpy())
+        assert len(set(ptrs)) < len(ptrs)  # dropped buffers were reused
+        assert ptrs[1] not in ptrs[2:] and ptrs[2] not in ptrs[3:]  # held ones never
+    # a caller keeping every batch gets distinct, intact tensors
+    got = list(_loader(ds, shuffle=True, num_workers=2, batch_size=2))
+    assert len({x.data_ptr() for x, _, _ in got}) == len(got)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, ref))
+
+
+def test_buffer_pool_bounds_and_ownership():
+    from fastload.loader.reinforced import _Pool
+
+    pool = _Pool(torch.float32, pin=False, cap=3)
+    held = [pool((2, 3, 4, 4)) for _ in range(4)]  # 4th: pool full, an untracked tensor
+    assert len({t.data_ptr() for t in held}) == 4
+    held[0].fill_(7.0)
+    view = held[0][1]
+    del held[0]
+    t = pool((2, 3, 4, 4))  # the only pooled base nobody holds: none (the view keeps it)
+    assert torch.all(view == 7.0) and t.data_ptr() not in {v.data_ptr() for v in held}
+    del view, t
+    again = pool((2, 3, 4, 4))  # now reused
+    assert sum(map(len, pool.bases.values())) == 3
+    del again
+    other = pool((1, 3, 8, 8))  # a new shape evicts a free base: still 3 in all
+    assert sum(map(len, pool.bases.values())) == 3 and len(pool.bases[(1, 3, 8, 8)]) == 1
+    assert other.shape == (1, 3, 8, 8)
+
+
 # ------------------------------------------------------------------------------- samplers
 def test_user_sampler_and_sharding_args(ds):
     s = ShardedSampler(len(ds), seed=2, rank=1, world_size=3)

@@ -305,3 +305,34 @@ def test_decoder_measurement_switches_stay_close():
         got = render([JPG] * len(rec), rec, (40, 40), torch.uint8, dct_scale=False, _decoder_flags=flags)
         d = (got.int() - exact.int()).abs().float()
         assert not torch.equal(got, exact) and d.mean().item() <= 1.5, (flags, d.mean().item())
+
+
+@pytest.mark.parametrize("enc", [dict(), dict(progressive=True), dict(subsampling=0), dict(subsampling=1), None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_cutmix_only_partner_region_equals_full_partner_render(enc, dtype):
+    # A CutMix-only record decodes and resizes only the partner rows inside the box. The same
+    # record with MixUp at lambda = 1 (v = 1 * v + 0 * p: exact) renders the whole partner;
+    # both must give the very same output, for JPEG (DCT-scaled or not) and raw partners.
+    if enc is None:
+        partner = synth(160, 130, seed=3)
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(synth(160, 130, seed=3)).save(buf, "JPEG", quality=85, **enc)
+        partner = buf.getvalue()
+    rec = records(24, seed=11, mixup=0.0, cutmix=1.0, mix_p=1.0)
+    rec["flags"] = (rec["flags"] & ~np.uint8(P.FLAG_MIXUP)) | np.uint8(P.FLAG_CUTMIX)
+    rec["partner"] = 1
+    assert (rec["cutmix"][:, 3] > 0).all()
+    full = rec.copy()
+    full["flags"] |= np.uint8(P.FLAG_MIXUP)  # MixUp with lambda = 1: forces the full partner render
+    full["mixup"] = 65535
+    for dct in (True, False):
+        kw = dict(partner_sources=[partner] * len(rec), dct_scale=dct)
+        a = render([JPG] * len(rec), rec, (56, 48), dtype, **kw)
+        b = render([JPG] * len(rec), full, (56, 48), dtype, **kw)
+        assert torch.equal(a, b)
+        # and the box really holds partner pixels: rendering without a partner differs there
+        plain = rec.copy()
+        plain["flags"] &= ~np.uint8(P.FLAG_MIXUP | P.FLAG_CUTMIX)
+        c = render([JPG] * len(rec), plain, (56, 48), dtype)
+        assert not torch.equal(a, c)

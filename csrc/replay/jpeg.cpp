@@ -152,16 +152,18 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
   if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
   const int row_bytes = (int)cw * 3;
-  const int nrows = s.ay.tap_hi - s.ay.tap_lo;
   VStream vs;
   vs.begin(&s.ay, ow * 3, s.tmp, out);
   vs.direct = s.direct;
+  int rlo = s.ay.tap_lo, rhi = s.ay.tap_hi;  // input rows to decode (scaled pixels)
+  if (s.win_y1 > s.win_y0) vs.window(s.win_y0, s.win_y1, &rlo, &rhi);
+  const int nrows = rhi - rlo;
   const int batch_rows = 4;
   // +16 bytes: the horizontal pass reads a few bytes past the last pixel.
   if (s.rows.size() < (size_t)batch_rows * row_bytes + 16) s.rows.resize((size_t)batch_rows * row_bytes + 16);
-  if (s.ay.tap_lo > 0) {
-    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)s.ay.tap_lo);
-    if ((int)skipped != s.ay.tap_lo) return fail("bad JPEG: could not skip to row %d", s.ay.tap_lo);
+  if (rlo > 0) {
+    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)rlo);
+    if ((int)skipped != rlo) return fail("bad JPEG: could not skip to row %d", rlo);
   }
   JSAMPROW ptrs[batch_rows];
   for (int k = 0; k < batch_rows; ++k) ptrs[k] = &s.rows[(size_t)k * row_bytes];
@@ -169,9 +171,9 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   while (r < nrows) {
     int want = std::min(batch_rows, nrows - r);
     int got = (int)jpeg_read_scanlines(&ci, ptrs, (JDIMENSION)want);
-    if (got <= 0) return fail("bad JPEG: no data at row %d", s.ay.tap_lo + r);
+    if (got <= 0) return fail("bad JPEG: no data at row %d", rlo + r);
     for (int k = 0; k < got; ++k) {
-      const int y = s.ay.tap_lo + r + k;
+      const int y = rlo + r + k;
       resize_row_h(ptrs[k], (int)xoff, s.ax, flip, vs.slot(y), (int64_t)row_bytes + 16);
       vs.row_done(y);
     }

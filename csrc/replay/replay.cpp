@@ -44,7 +44,7 @@ struct Job {
 
 struct TLS {
   Scratch s;
-  std::vector<uint8_t> img, pimg, hwc, ra;
+  std::vector<uint8_t> img, pimg, hwc, ra, deint;
   std::vector<float> row, prow;
 };
 
@@ -53,16 +53,99 @@ TLS& tls() {
   return t;
 }
 
+
+// Planar <-> interleaved RGB rows, 16 pixels per step with byte shuffles (the scalar byte
+// loops were the largest cost of the RandAugment path after the ops themselves).
+struct ShufMasks {
+  alignas(16) int8_t to_hwc[3][3][16];    // [out block][channel]
+  alignas(16) int8_t to_planar[3][3][16]; // [channel][in block]
+  ShufMasks() {
+    for (int o = 0; o < 3; ++o)
+      for (int c = 0; c < 3; ++c)
+        for (int i = 0; i < 16; ++i) {
+          const int k = 16 * o + i;
+          to_hwc[o][c][i] = (k % 3 == c) ? (int8_t)(k / 3) : (int8_t)-128;
+        }
+    for (int c = 0; c < 3; ++c)
+      for (int o = 0; o < 3; ++o)
+        for (int p = 0; p < 16; ++p) {
+          const int k = 3 * p + c;
+          to_planar[c][o][p] = (k / 16 == o) ? (int8_t)(k % 16) : (int8_t)-128;
+        }
+  }
+};
+const ShufMasks& shuf_masks() {
+  static const ShufMasks m;
+  return m;
+}
+
+void planar_to_hwc(const uint8_t* r, const uint8_t* g, const uint8_t* b, uint8_t* d, int n) {
+  int x = 0;
+#if defined(__SSSE3__)
+  const ShufMasks& M = shuf_masks();
+  for (; x + 16 <= n; x += 16) {
+    const __m128i in[3] = {_mm_loadu_si128((const __m128i*)(r + x)), _mm_loadu_si128((const __m128i*)(g + x)),
+                           _mm_loadu_si128((const __m128i*)(b + x))};
+    for (int o = 0; o < 3; ++o) {
+      __m128i v = _mm_shuffle_epi8(in[0], _mm_load_si128((const __m128i*)M.to_hwc[o][0]));
+      v = _mm_or_si128(v, _mm_shuffle_epi8(in[1], _mm_load_si128((const __m128i*)M.to_hwc[o][1])));
+      v = _mm_or_si128(v, _mm_shuffle_epi8(in[2], _mm_load_si128((const __m128i*)M.to_hwc[o][2])));
+      _mm_storeu_si128((__m128i*)(d + 3 * x + 16 * o), v);
+    }
+  }
+#endif
+  for (; x < n; ++x) {
+    d[3 * x] = r[x];
+    d[3 * x + 1] = g[x];
+    d[3 * x + 2] = b[x];
+  }
+}
+
+void hwc_to_planar(const uint8_t* s, uint8_t* r, uint8_t* g, uint8_t* b, int n) {
+  int x = 0;
+#if defined(__SSSE3__)
+  const ShufMasks& M = shuf_masks();
+  uint8_t* outs[3] = {r, g, b};
+  for (; x + 16 <= n; x += 16) {
+    const __m128i in[3] = {_mm_loadu_si128((const __m128i*)(s + 3 * x)),
+                           _mm_loadu_si128((const __m128i*)(s + 3 * x + 16)),
+                           _mm_loadu_si128((const __m128i*)(s + 3 * x + 32))};
+    for (int c = 0; c < 3; ++c) {
+      __m128i v = _mm_shuffle_epi8(in[0], _mm_load_si128((const __m128i*)M.to_planar[c][0]));
+      v = _mm_or_si128(v, _mm_shuffle_epi8(in[1], _mm_load_si128((const __m128i*)M.to_planar[c][1])));
+      v = _mm_or_si128(v, _mm_shuffle_epi8(in[2], _mm_load_si128((const __m128i*)M.to_planar[c][2])));
+      _mm_storeu_si128((__m128i*)(outs[c] + x), v);
+    }
+  }
+#endif
+  for (; x < n; ++x) {
+    r[x] = s[3 * x];
+    g[x] = s[3 * x + 1];
+    b[x] = s[3 * x + 2];
+  }
+}
+
+// Output stores: non-temporal where the row is aligned (the batch is written once and read
+// by the consumer much later: no read-for-ownership of its cache lines).
 template <typename T>
 inline void store(T* dst, const float* v, int n);
 template <>
 inline void store<float>(float* dst, const float* v, int n) {
-  std::memcpy(dst, v, sizeof(float) * n);
+  int i = 0;
+#if defined(__AVX__)
+  if (((uintptr_t)dst & 31) == 0) {
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(v + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = v[i];
 }
 template <>
 inline void store<uint16_t>(uint16_t* dst, const float* v, int n) {
   int i = 0;
-#if defined(__F16C__)
+#if defined(__F16C__) && defined(__AVX__)
+  if (((uintptr_t)dst & 15) == 0)
+    for (; i + 8 <= n; i += 8)
+      _mm_stream_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), 0));
   for (; i + 4 <= n; i += 4) _mm_storel_epi64((__m128i*)(dst + i), _mm_cvtps_ph(_mm_loadu_ps(v + i), 0));
 #endif
   for (; i < n; ++i) dst[i] = fl::float_to_half(v[i]);
@@ -72,20 +155,13 @@ inline void store<uint8_t>(uint8_t* dst, const float* v, int n) {
   fl::store_u8(v, dst, n);
 }
 
-// Channel c of row y of a rendered image: row-planar (step 1) or interleaved HWC (step 3).
-template <int STEP>
-inline const uint8_t* chan_row(const uint8_t* img, int y, int c, int ow) {
-  return STEP == 1 ? img + ((size_t)y * 3 + c) * ow : img + (size_t)y * ow * 3 + c;
+inline void load_norm(const uint8_t* __restrict src, float sc, float bi, float* __restrict v, int n) {
+  for (int x = 0; x < n; ++x) v[x] = src[x] * sc + bi;
 }
 
-template <int STEP>
-inline void load_norm(const uint8_t* src, float sc, float bi, float* v, int n) {
-  for (int x = 0; x < n; ++x) v[x] = src[x * STEP] * sc + bi;
-}
-
-// The last pass: normalize, erase, mix, convert; one output row of one channel at a time.
-// img is interleaved HWC when STEP == 3 (after RandAugment), else row-planar; the partner
-// image is always row-planar.
+// The last pass: normalize, erase, mix, convert; one output row (all channels) at a time.
+// img is interleaved HWC when STEP == 3 (after RandAugment: each row is de-interleaved once
+// into a small buffer), else row-planar; the partner image is always row-planar.
 template <typename T, int STEP>
 void finish(const Job& J, const Aug& a, const uint8_t* img, const uint8_t* pimg, T* out, TLS& t) {
   const int oh = J.oh, ow = J.ow;
@@ -101,26 +177,39 @@ void finish(const Job& J, const Aug& a, const uint8_t* img, const uint8_t* pimg,
   if (cut) fl::box_to_pixels(a.cutmix, oh, ow, &ct, &cl, &ch, &cw);
   if (t.row.size() < (size_t)ow) t.row.resize(ow);
   if (t.prow.size() < (size_t)ow) t.prow.resize(ow);
-  float* v = t.row.data();
-  float* p = t.prow.data();
-  for (int c = 0; c < 3; ++c) {
-    const float sc = norm ? J.scale[c] : 1.f, bi = norm ? J.bias[c] : 0.f;
-    const float fill = norm ? 0.f : J.mean255[c];
-    T* plane = out + (size_t)c * oh * ow;
-    for (int y = 0; y < oh; ++y) {
-      load_norm<STEP>(chan_row<STEP>(img, y, c, ow), sc, bi, v, ow);
-      if (erase && y >= et && y < et + eh)
+  if (STEP == 3 && t.deint.size() < (size_t)ow * 3) t.deint.resize((size_t)ow * 3);
+  float* __restrict v = t.row.data();
+  float* __restrict p = t.prow.data();
+  uint8_t* dq = t.deint.data();
+  for (int y = 0; y < oh; ++y) {
+    const uint8_t* rowp;  // row-planar row y: R, G, B runs of ow
+    if (STEP == 3) {
+      hwc_to_planar(img + (size_t)y * ow * 3, dq, dq + ow, dq + 2 * ow, ow);
+      rowp = dq;
+    } else {
+      rowp = img + (size_t)y * 3 * ow;
+    }
+    const bool in_cut = cut && y >= ct && y < ct + ch;
+    const bool in_erase = erase && y >= et && y < et + eh;
+    for (int c = 0; c < 3; ++c) {
+      const float sc = norm ? J.scale[c] : 1.f, bi = norm ? J.bias[c] : 0.f;
+      const float fill = norm ? 0.f : J.mean255[c];
+      load_norm(rowp + (size_t)c * ow, sc, bi, v, ow);
+      if (in_erase)
         for (int x = el; x < el + ew; ++x) v[x] = fill;
-      if (pimg && (mix || (cut && y >= ct && y < ct + ch))) {
-        load_norm<1>(chan_row<1>(pimg, y, c, ow), sc, bi, p, ow);
+      if (mix || in_cut) {
+        load_norm(pimg + ((size_t)y * 3 + c) * ow, sc, bi, p, ow);
         if (mix)
           for (int x = 0; x < ow; ++x) v[x] = lam * v[x] + lam1 * p[x];
-        if (cut && y >= ct && y < ct + ch)
+        if (in_cut)
           for (int x = cl; x < cl + cw; ++x) v[x] = p[x];
       }
-      store<T>(plane + (size_t)y * ow, v, ow);
+      store<T>(out + (size_t)c * oh * ow + (size_t)y * ow, v, ow);
     }
   }
+#if defined(__SSE2__)
+  _mm_sfence();  // order the non-temporal stores before anything that follows
+#endif
 }
 
 template <int STEP>
@@ -200,12 +289,7 @@ int render_one(const Job& J, long i) {
     const int ow = J.ow;
     for (int y = 0; y < J.oh; ++y) {
       const uint8_t* r = t.img.data() + (size_t)y * 3 * ow;
-      uint8_t* d = t.hwc.data() + (size_t)y * 3 * ow;
-      for (int x = 0; x < ow; ++x) {
-        d[3 * x] = r[x];
-        d[3 * x + 1] = r[ow + x];
-        d[3 * x + 2] = r[2 * ow + x];
-      }
+      planar_to_hwc(r, r + ow, r + 2 * ow, t.hwc.data() + (size_t)y * 3 * ow, ow);
     }
     rc = fl::randaugment_apply(t.hwc.data(), J.oh, J.ow, a.ra_ops, a.ra_mags, fl::kMaxRA, J.num_bins,
                                t.ra.data());
@@ -216,8 +300,17 @@ int render_one(const Job& J, long i) {
     if (J.partners == nullptr || J.partners[i].data == nullptr)
       return fl::fail("the record mixes with partner %d but no partner source was given", a.partner);
     if (t.pimg.size() < n) t.pimg.resize(n);
+    // CutMix without MixUp reads only the partner rows inside the box: render (and decode)
+    // just those; the rows' pixels are the same as in a full render.
+    if (!(a.flags & fl::kFlagMixup)) {
+      int ct, cl, ch, cw;
+      fl::box_to_pixels(a.cutmix, J.oh, J.ow, &ct, &cl, &ch, &cw);
+      t.s.win_y0 = ct;
+      t.s.win_y1 = ct + ch;
+    }
     rc = fl::render_u8(J.partners[i], a.pcrop, a.flags & fl::kFlagPartnerFlip, J.oh, J.ow, J.bicubic, J.dct,
                        t.s, t.pimg.data());
+    t.s.win_y0 = t.s.win_y1 = 0;
     if (rc) {
       std::string m = fl::error_buffer();
       return fl::fail("partner %d: %s", a.partner, m.c_str());

@@ -81,11 +81,14 @@ struct DirectOut {
 struct VStream {
   const AxisWeights* ay = nullptr;
   int row_len = 0, R = 1, next_y = 0;
+  int end_y = 0;  // rows [next_y, end_y) are emitted (begin: all)
   float* ring = nullptr;
   uint8_t* out = nullptr;
   const DirectOut* direct = nullptr;  // when set, rows go to the output instead of `out`
   void begin(const AxisWeights* a, int row_len, std::vector<float>& buf, uint8_t* out);
   float* slot(int r) { return ring + (size_t)(r % R) * row_len; }
+  // Emit only output rows [y0, y1) (clamped); [*rlo, *rhi) = the input rows they read.
+  void window(int y0, int y1, int* rlo, int* rhi);
   void row_done(int r);
   void vertical_taps(const float* w, int n, float inv, int s0, int c0, int m, float* acc);
   template <typename T>  // float (float32 output) or uint16_t (float16)
@@ -127,6 +130,10 @@ struct Scratch {
   std::vector<uint8_t> rows;    // decoded JPEG scanlines
   AxisWeights ax, ay;
   const DirectOut* direct = nullptr;  // see DirectOut; set by the caller per render
+  // Output row window of the next render (win_y1 > win_y0: only rows [win_y0, win_y1) are
+  // written, and only the input rows they read are decoded; the other rows of `out` are left
+  // as they were). CutMix-only partners need just the rows of the box. Reset by the caller.
+  int win_y0 = 0, win_y1 = 0;
 };
 
 // Crop (quantized box) -> resize -> flip of one source into out, uint8 in "row-planar"

@@ -316,6 +316,23 @@ void VStream::begin(const AxisWeights* a, int rl, std::vector<float>& buf, uint8
   ring = buf.data();
   out = o;
   next_y = 0;
+  end_y = a->out;
+}
+
+void VStream::window(int y0, int y1, int* rlo, int* rhi) {
+  y0 = std::max(0, y0);
+  y1 = std::min(ay->out, y1);
+  if (y1 <= y0) y1 = y0 = 0;
+  next_y = y0;
+  end_y = y1;
+  int lo = ay->tap_hi, hi = ay->tap_lo;
+  for (int y = y0; y < y1; ++y) {
+    lo = std::min(lo, ay->start[y]);
+    hi = std::max(hi, ay->start[y] + ay->count[y]);
+  }
+  if (hi <= lo) hi = lo;
+  *rlo = lo;
+  *rhi = hi;
 }
 
 #if defined(__F16C__)
@@ -518,7 +535,7 @@ void VStream::row_done(int r) {
   const float inv_one = 1.0f / (float)kOne;  // the horizontal pass works in 1/kOne units
   alignas(32) float acc[C];
   const int ow = row_len / 3;
-  while (next_y < ay->out && ay->start[next_y] + ay->count[next_y] - 1 <= r) {
+  while (next_y < end_y && ay->start[next_y] + ay->count[next_y] - 1 <= r) {
     const int y = next_y++;
     const float* w = &ay->w[(size_t)y * ay->K];
     const int n = ay->count[y], s0 = ay->start[y];
@@ -565,7 +582,9 @@ int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int 
   VStream vs;
   vs.begin(&s.ay, ow * 3, s.tmp, out);
   vs.direct = s.direct;
-  for (int y = s.ay.tap_lo; y < s.ay.tap_hi; ++y) {
+  int rlo = s.ay.tap_lo, rhi = s.ay.tap_hi;
+  if (s.win_y1 > s.win_y0) vs.window(s.win_y0, s.win_y1, &rlo, &rhi);
+  for (int y = rlo; y < rhi; ++y) {
     // Wide loads may read into the next rows, never past the image.
     resize_row_h(src.data + (size_t)y * W * 3, 0, s.ax, flip, vs.slot(y), (int64_t)(H - y) * W * 3);
     vs.row_done(y);

@@ -138,20 +138,36 @@ def _pack_parts(parts) -> bytes:
     return b"".join(out)
 
 
-def _unpack_parts(buf: memoryview, raw_sizes, what: str):
-    """Inverse of :func:`_pack_parts`; every part is bounded by its expected raw size."""
-    pos, out = 0, []
+def _unpack_parts(buf: memoryview, raw_sizes, what: str, zd=None):
+    """Inverse of :func:`_pack_parts`; every part is bounded by its expected raw size.
+    (Inlined decompression: this runs for every row of every batch.)"""
+    pos, out, n = 0, [], len(buf)
+    psize, unpack = _PART.size, _PART.unpack_from
     for expected in raw_sizes:
-        if pos + _PART.size > len(buf):
+        if pos + psize > n:
             raise ValueError(f"corrupt {what} blob: truncated")
-        codec, raw, stored = _PART.unpack_from(buf, pos)
-        pos += _PART.size
-        if raw != expected or pos + stored > len(buf):
+        codec, raw, stored = unpack(buf, pos)
+        pos += psize
+        if raw != expected or pos + stored > n:
             raise ValueError(f"corrupt {what} blob: part of {raw} bytes, expected {expected}")
-        out.append(np.frombuffer(_decompress(codec, buf[pos:pos + stored], expected, what), np.uint8))
+        data = buf[pos:pos + stored]
+        if codec == CODEC_RAW:
+            got = data  # a view: no copy
+        elif codec == CODEC_ZSTD:
+            if zd is None:
+                zd = _zstd()[1]
+            try:
+                got = zd.decompress(data, max_output_size=expected)
+            except Exception as e:  # zstandard.ZstdError, bounded output exceeded, ...
+                raise ValueError(f"corrupt {what} blob: {e}") from e
+        else:
+            raise ValueError(f"corrupt {what} blob: unknown codec {codec}")
+        if len(got) != expected:
+            raise ValueError(f"corrupt {what} blob: {len(got)} bytes, expected {expected}")
+        out.append(np.frombuffer(got, np.uint8))
         pos += stored
-    if pos != len(buf):
-        raise ValueError(f"corrupt {what} blob: {len(buf) - pos} trailing bytes")
+    if pos != n:
+        raise ValueError(f"corrupt {what} blob: {n - pos} trailing bytes")
     return out
 
 
@@ -196,8 +212,9 @@ def encode_augs(augs: np.ndarray, hw: Tuple[int, int], render_hw: Tuple[int, int
     return _AUG_HDR.pack(BLOB_VERSION, 0, mode, 0, n, len(body)) + body
 
 
-def _raw_parts(blob, hdr: struct.Struct, what: str, sizes_fn):
-    blob = memoryview(blob)
+def _raw_parts(blob, hdr: struct.Struct, what: str, sizes_fn, zd=None):
+    if not isinstance(blob, memoryview):
+        blob = memoryview(blob)
     if len(blob) < hdr.size:
         raise ValueError(f"corrupt {what} blob: truncated header")
     head = hdr.unpack_from(blob)
@@ -205,7 +222,7 @@ def _raw_parts(blob, hdr: struct.Struct, what: str, sizes_fn):
         raise ValueError(f"{what} blob version {head[0]} is not supported (this fastload reads {BLOB_VERSION})")
     if head[-1] != len(blob) - hdr.size:
         raise ValueError(f"corrupt {what} blob: length mismatch")
-    return head, _unpack_parts(blob[hdr.size:], sizes_fn(head), what)
+    return head, _unpack_parts(blob[hdr.size:], sizes_fn(head), what, zd)
 
 
 @functools.lru_cache(maxsize=16)
@@ -433,8 +450,9 @@ def decode_augs_batch(blobs, js, hws: np.ndarray, render_hw: Tuple[int, int], al
     if js.min() < 0 or js.max() >= n:
         raise IndexError(f"augmentation index out of range [0, {n})")
     parts, modes = [], np.empty(B, np.int64)
+    zd = _zstd()[1]
     for b, blob in enumerate(blobs):
-        head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes)
+        head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes, zd)
         if head[4] != n:
             raise ValueError(f"corrupt augs blob: {head[4]} records, manifest says {n}")
         modes[b] = head[2]
@@ -476,8 +494,9 @@ def decode_targets_batch(blobs, js, n: int, k: int) -> Tuple[np.ndarray, np.ndar
     if js.min() < 0 or js.max() >= n:
         raise IndexError(f"augmentation index out of range [0, {n})")
     vparts, iparts, pparts, nvs, slow = [], [], [], np.zeros(B, np.int64), []
+    zd = _zstd()[1]
     for b, blob in enumerate(blobs):
-        head, (rvi, rp) = _raw_parts(blob, _TGT_HDR, "targets", _tgt_sizes)
+        head, (rvi, rp) = _raw_parts(blob, _TGT_HDR, "targets", _tgt_sizes, zd)
         _, _, idx_w, id_w, hn, hk, nv, _ = head
         if (hn, hk) != (n, k):
             raise ValueError(f"corrupt targets blob: shape {(hn, hk)}, manifest says {(n, k)}")
