@@ -595,6 +595,11 @@ def _to_device(t, device, nb):
     return t
 
 
+# A private torch function: without it (another torch release) the pool is off and every
+# batch is a fresh tensor (correct, only slower).
+_HAVE_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
+
+
 def _storage_refs(t: torch.Tensor) -> int:
     """Owners of ``t``'s storage (tensors and views on it, numpy arrays, storage objects)."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
@@ -620,6 +625,8 @@ class _Pool:
         self.lock = threading.Lock()
 
     def __call__(self, shape):
+        if not _HAVE_USE_COUNT:
+            return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
         if self.pin:
             return torch.empty(shape, dtype=self.dtype, pin_memory=True)
         with self.lock:
