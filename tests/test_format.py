@@ -1,7 +1,7 @@
 """Reinforced format v1: blob codecs, reader, manifest validation, crash safety, inspect."""
+import copy
 import json
 import os
-import copy
 import pickle
 import shutil
 
