@@ -612,13 +612,15 @@ class VariableBatchSampler:
         # after iter() says "start of epoch"
         return self._batches(plan, first, epoch)
 
-    def _batches(self, plan: _Plan, first: int, epoch: int) -> Iterator[List[Tuple[int, int, int]]]:
+    def _steps(self, plan: _Plan, first: int, epoch: int, fetch):
+        """Per step from ``first``: (window of this rank's ids, offset, batch size, h, w).
+        ``fetch(bucket, start, count)`` gives a window (a list or an array); one native call
+        serves many steps."""
         check = self.check_shapes
         bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
-        # per bucket: [first position, ids] of the current window of this rank's ids
+        # per bucket: first position and ids of the current window
         win_at = [0] * len(plan.buckets)
         win = [None] * len(plan.buckets)
-        ids_of = self._ids
         for s in range(first, plan.n):
             h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
             if check:
@@ -627,13 +629,16 @@ class VariableBatchSampler:
             if ids is None or a < win_at[k] or e - win_at[k] > len(ids):
                 bucket = plan.buckets[k]
                 win_at[k] = a
-                ids = win[k] = ids_of(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
-            o = a - win_at[k]
+                ids = win[k] = fetch(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
             self._step = s + 1
-            # product(ids, (h,), (w,)) builds the (i, h, w) tuples ~15% faster than zip/repeat
-            yield list(product(ids[o:o + e - a], (h,), (w,)))
+            yield ids, a - win_at[k], e - a, h, w
         if check:  # a rank with more steps meets this sentinel instead of hanging
             check_same_across_ranks([-1, -1, -1, -1], f"the end of epoch {epoch} (number of steps)")
+
+    def _batches(self, plan: _Plan, first: int, epoch: int) -> Iterator[List[Tuple[int, int, int]]]:
+        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids):
+            # product(ids, (h,), (w,)) builds the (i, h, w) tuples ~15% faster than zip/repeat
+            yield list(product(ids[o:o + b], (h,), (w,)))
 
     def iter_arrays(self) -> Iterator[Tuple[np.ndarray, int, int]]:
         """Like ``iter(self)`` (same batches, same position tracking for ``state_dict``) but
@@ -657,23 +662,8 @@ class VariableBatchSampler:
         return self._array_batches(plan, first, epoch)
 
     def _array_batches(self, plan: _Plan, first: int, epoch: int):
-        check = self.check_shapes
-        bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
-        win_at, win = [0] * len(plan.buckets), [None] * len(plan.buckets)
-        for s in range(first, plan.n):
-            h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
-            if check:
-                check_same_across_ranks([s, h, w, e - a], f"the batch shape (step, h, w, b) at step {s}")
-            ids = win[k]
-            if ids is None or a < win_at[k] or e - win_at[k] > len(ids):
-                bucket = plan.buckets[k]
-                win_at[k] = a
-                ids = win[k] = self._ids_array(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
-            o = a - win_at[k]
-            self._step = s + 1
-            yield ids[o:o + e - a].astype(np.int64), h, w  # a copy (int64 even for int32 members)
-        if check:
-            check_same_across_ranks([-1, -1, -1, -1], f"the end of epoch {epoch} (number of steps)")
+        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids_array):
+            yield ids[o:o + b].astype(np.int64), h, w  # a copy (int64 even for int32 members)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (its order, scales and, with a curriculum, its grid). Setting the

@@ -65,11 +65,13 @@ def _maybe_compress(payload: bytes) -> Tuple[int, bytes]:
     return (CODEC_ZSTD, z) if len(z) < len(payload) else (CODEC_RAW, payload)
 
 
-def _decompress(codec: int, data, expected: int, what: str) -> bytes:
+def _decompress(codec: int, data, expected: int, what: str, zd=None) -> bytes:
+    """One stored part back to ``expected`` bytes (bounded); ``zd``: a decompressor the
+    caller already holds (batched decoders fetch it once)."""
     if codec == CODEC_RAW:
         out = data  # a view: no copy
     elif codec == CODEC_ZSTD:
-        _, zd = _zstd()
+        zd = zd or _zstd()[1]
         try:
             out = zd.decompress(data, max_output_size=expected)
         except Exception as e:  # zstandard.ZstdError, bounded output exceeded, ...
@@ -150,20 +152,9 @@ def _unpack_parts(buf: memoryview, raw_sizes, what: str, zd=None):
         pos += psize
         if raw != expected or pos + stored > n:
             raise ValueError(f"corrupt {what} blob: part of {raw} bytes, expected {expected}")
-        data = buf[pos:pos + stored]
-        if codec == CODEC_RAW:
-            got = data  # a view: no copy
-        elif codec == CODEC_ZSTD:
-            if zd is None:
-                zd = _zstd()[1]
-            try:
-                got = zd.decompress(data, max_output_size=expected)
-            except Exception as e:  # zstandard.ZstdError, bounded output exceeded, ...
-                raise ValueError(f"corrupt {what} blob: {e}") from e
-        else:
-            raise ValueError(f"corrupt {what} blob: unknown codec {codec}")
-        if len(got) != expected:
-            raise ValueError(f"corrupt {what} blob: {len(got)} bytes, expected {expected}")
+        if codec == CODEC_ZSTD and zd is None:
+            zd = _zstd()[1]
+        got = _decompress(codec, buf[pos:pos + stored], expected, what, zd)
         out.append(np.frombuffer(got, np.uint8))
         pos += stored
     if pos != n:
