@@ -81,6 +81,31 @@ def test_kernel_sparsity_sweep(sparsity, batch, pattern):
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_model", [1, 15, 16, 17, 75, 300, 4100])
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_kernel_dtypes_widths_threads(dtype, d_model, batch):
+    # Widths around the vector blocks (8 columns; 16 for bf16, stored even/odd inside a
+    # block) and past one tile (4096 columns), neuron counts that leave every group path a
+    # remainder; one thread and two must agree bit for bit (fixed sum order per column).
+    g = torch.Generator().manual_seed(d_model * 100 + batch)
+    d_ff = 45
+    act = torch.rand(batch, d_ff, generator=g) + 0.1
+    act[torch.rand(batch, d_ff, generator=g) < 0.5] = 0
+    act = act.to(dtype)
+    w_t = torch.randn(d_ff, d_model, generator=g).to(dtype)
+    bias = torch.randn(d_model, generator=g).to(dtype)
+    out1, n = sparse_down_cpu(act, w_t, bias, threads=1)
+    out2, _ = sparse_down_cpu(act, w_t, bias, threads=2)
+    assert out1.dtype == dtype and torch.equal(out1, out2)
+    assert n == int((act != 0).any(0).sum())
+    ref = act.double() @ w_t.double() + bias.double()
+    # fp32 accumulation, one rounding to the output dtype
+    eps = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    tol = eps * ref.abs() + 1e-5 * float(ref.abs().max().clamp_min(1.0))
+    assert bool(((out1.double() - ref).abs() <= tol).all()), float((out1.double() - ref).abs().max())
+
 def test_all_zero_input_and_all_inactive():
     up, down, _ = make(16, 40, False, True, torch.float32)
     ffn = SparseReLUFFN.from_dense(up, down, crossover=1.0)
