@@ -13,11 +13,14 @@ Three launches, no host synchronization (the active count never leaves the devic
 3. ``_gather_gemv_kernel``: grid (column blocks, SPLIT_K). Program (c, s) owns columns
    ``c*BLOCK_D...`` and the s-th slice of the active list; it loads BLOCK_K active indices,
    gathers ``act[:, idx]`` and the rows ``W_down^T[idx, cols]`` and accumulates in fp32.
-   Programs whose slice starts past the active count exit at once (masked early exit:
-   at 90% sparsity 9 of 10 split-K programs do no memory traffic).
-4. ``_reduce_kernel``: sums the SPLIT_K fp32 partials in a fixed order and adds the bias.
-   This is the deterministic two-pass split-K (no atomics): results are bitwise identical
-   between runs.
+   Programs whose slice starts past the active count exit at once without writing
+   (masked early exit: at 90% sparsity 9 of 10 split-K programs touch no memory). Slices
+   are short (64 active rows by default) so that the few programs with work are many
+   enough to keep the memory system busy at batch 1.
+4. ``_reduce_kernel``: sums, in a fixed order, the fp32 partials of the slices that had
+   work (``cdiv(count, rows_per_split)``; the others are masked off, never read) and adds
+   the bias. This is the deterministic two-pass split-K (no atomics): results are bitwise
+   identical between runs, and the partial traffic scales with the active count.
 
 Tested on CPU with ``TRITON_INTERPRET=1`` (fp32, fp16; the interpreter has no bf16). GPU
 speed has not been measured here (no GPU in the session that wrote it).
@@ -84,7 +87,7 @@ def _gather_gemv_kernel(act_ptr, wt_ptr, idx_ptr, count_ptr, part_ptr, B, d_ff, 
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_B)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    if k_start < n_active:  # masked early exit past the active count
+    if k_start < n_active:  # masked early exit past the active count: no load, no store
         k_end = tl.minimum(k_start + k_per_split, n_active)
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -95,20 +98,22 @@ def _gather_gemv_kernel(act_ptr, wt_ptr, idx_ptr, count_ptr, part_ptr, B, d_ff, 
             w = tl.load(wt_ptr + idx[:, None].to(tl.int64) * d_model + cols[None, :],
                         mask=km[:, None] & (cols[None, :] < d_model), other=0.0).to(tl.float32)
             acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-    out_m = (rows[:, None] < B) & (cols[None, :] < d_model)
-    tl.store(part_ptr + (pid_s * B + rows[:, None]) * d_model + cols[None, :], acc, mask=out_m)
+        out_m = (rows[:, None] < B) & (cols[None, :] < d_model)
+        tl.store(part_ptr + (pid_s * B + rows[:, None]) * d_model + cols[None, :], acc, mask=out_m)
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, bias_ptr, out_ptr, B, d_model, split_k, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _reduce_kernel(part_ptr, bias_ptr, out_ptr, count_ptr, B, d_model, split_k, k_per_split,
+                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     n = B * d_model
     m = offs < n
+    n_used = (tl.load(count_ptr) + k_per_split - 1) // k_per_split  # slices that had work
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, split_k):  # fixed order: deterministic
-        acc += tl.load(part_ptr + s * n + offs, mask=m, other=0.0)
+    for s in range(0, split_k):  # fixed order: deterministic; idle slices masked, not read
+        lim = tl.where(s < n_used, n, 0)
+        acc += tl.load(part_ptr + s * n + offs, mask=offs < lim, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % d_model, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
@@ -129,12 +134,20 @@ def active_compact(act: torch.Tensor, block_n: int = 128):
     return idx, count
 
 
+def _empty_partials(shape, device):
+    # Only the slices that had work are written and read (tests fill this with NaN).
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def sparse_down(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                split_k: Optional[int] = None, block_d: int = 128, block_k: int = 16) -> torch.Tensor:
+                split_k: Optional[int] = None, block_d: int = 128, block_k: int = 16,
+                rows_per_split: int = 64) -> torch.Tensor:
     """``act @ w_t + bias`` reading only active rows of ``w_t`` (see the module docstring).
 
     ``act`` [B, d_ff] and ``w_t`` [d_ff, d_model] contiguous, same dtype (fp32/fp16/bf16);
-    output in that dtype, fp32 accumulation. No host synchronization.
+    output in that dtype, fp32 accumulation. No host synchronization. Each split-K program
+    takes ``rows_per_split`` consecutive active rows (rounded up to ``block_k``), or
+    ``split_k`` slices cover ``d_ff`` when given.
     """
     if act.dim() != 2 or w_t.dim() != 2 or act.shape[1] != w_t.shape[0]:
         raise ValueError(f"act {tuple(act.shape)} and w_t {tuple(w_t.shape)} do not chain")
@@ -147,19 +160,21 @@ def sparse_down(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tenso
     if B == 0:
         return out
     idx, count = active_compact(act)
-    if split_k is None:  # enough programs to fill a GPU at batch 1
-        split_k = max(1, min(64, triton.cdiv(d_ff, 256)))
+    if split_k is None:
+        if rows_per_split < 1:
+            raise ValueError(f"rows_per_split must be >= 1, got {rows_per_split}")
+        split_k = triton.cdiv(d_ff, rows_per_split)
     k_per_split = triton.cdiv(triton.cdiv(d_ff, split_k), block_k) * block_k
     split_k = triton.cdiv(d_ff, k_per_split)
     block_b = triton.next_power_of_2(B)
     if block_b > 16:  # keep the [B, K, D] product tile small
         block_d = min(block_d, 32)
-    part = torch.empty(split_k, B, d_model, dtype=torch.float32, device=act.device)
+    part = _empty_partials((split_k, B, d_model), act.device)
     grid = (triton.cdiv(d_model, block_d), split_k)
     _gather_gemv_kernel[grid](act, w_t, idx, count, part, B, d_ff, d_model, k_per_split,
                               BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d)
     rblock = 1024
     _reduce_kernel[(triton.cdiv(B * d_model, rblock),)](
-        part, bias if bias is not None else part, out, B, d_model, split_k,
+        part, bias if bias is not None else part, out, count, B, d_model, split_k, k_per_split,
         HAS_BIAS=bias is not None, BLOCK=rblock)
     return out

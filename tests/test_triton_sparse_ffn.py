@@ -48,3 +48,22 @@ def test_nan_propagates_and_deterministic():
     a, b = sparse_down(act, w_t, split_k=4), sparse_down(act, w_t, split_k=4)
     assert torch.isnan(a[1]).all() and torch.isfinite(a[0]).all()
     assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("rows_per_split", [16, 40, 1000])
+def test_idle_splits_neither_written_nor_read(monkeypatch, sparsity, rows_per_split):
+    # Partials start as NaN: a slice past the active count that was read, or a slice with
+    # work that was not written, would show up as NaN in the output.
+    from fastload.kernels import sparse_ffn as k
+    monkeypatch.setattr(k, "_empty_partials",
+                        lambda shape, device: torch.full(shape, float("nan"), device=device))
+    g = torch.Generator().manual_seed(3)
+    act = torch.rand(2, 333, generator=g) + 0.1
+    act[:, torch.rand(333, generator=g) < sparsity] = 0
+    w_t = torch.randn(333, 50, generator=g)
+    bias = torch.randn(50, generator=g)
+    out = k.sparse_down(act, w_t, bias, rows_per_split=rows_per_split)
+    ref = reference(act, w_t, bias)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, atol=1e-4 * float(ref.abs().max().clamp_min(1)), rtol=1e-4)
