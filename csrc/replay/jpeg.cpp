@@ -143,8 +143,8 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   const double fx0 = l * inv, fy0 = t * inv, fw = bw * inv, fh = bh * inv;
   const int xlo = (int)((int64_t)l * M / 8), xhi = std::min(SW, (int)(((int64_t)(l + bw) * M + 7) / 8));
   const int ylo = (int)((int64_t)t * M / 8), yhi = std::min(SH, (int)(((int64_t)(t + bh) * M + 7) / 8));
-  compute_axis_weights(ow, fx0, fw, xlo, xhi, bicubic, s.ax);
-  compute_axis_weights(oh, fy0, fh, ylo, yhi, bicubic, s.ay);
+  compute_axis_weights(ow, fx0, fw, xlo, xhi, bicubic, s.ax, true);
+  compute_axis_weights(oh, fy0, fh, ylo, yhi, bicubic, s.ay, false);
   // jpeg_crop_scanline widens the region to iMCU edges; the first and last columns of a
   // cropped region are upsampled without their outer neighbour's chroma (they differ from a
   // full decode), so decode 2 more columns on each side than the taps need.

@@ -31,7 +31,9 @@ struct AxisWeights {
   std::vector<float> w;
 };
 
-void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw);
+// int16: also build the pmaddwd tables (wpair, wvec, off3) of the horizontal pass.
+void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw,
+                          bool int16);
 
 // float -> IEEE half, round to nearest even (portable: no F16C requirement).
 inline uint16_t float_to_half(float f) {

@@ -43,7 +43,8 @@ static inline double filter_bicubic(double x) {
   return 0.0;
 }
 
-void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw) {
+void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw,
+                          bool int16) {
   const double interp = bicubic ? 4.0 : 2.0;
   const double scale = len / out;
   const double support = scale >= 1.0 ? interp * 0.5 * scale : interp * 0.5;
@@ -101,11 +102,12 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
     }
     aw.taps = kmax;
     // int16 weight pairs (14 fractional bits) for the horizontal pmaddwd pass; the rounded
-    // weights of each output are nudged to sum to exactly 1.0 (no DC gain error).
+    // weights of each output are nudged to sum to exactly 1.0 (no DC gain error). The
+    // vertical axis reads only the float weights and skips these tables.
     const int KP = (kmax + 1) / 2;
-    aw.KP = KP;
-    aw.wpair.assign(kmax <= 16 ? (size_t)out * KP : 0, 0);
-    for (int i = 0; i < out && kmax <= 16; ++i) {
+    aw.KP = int16 ? KP : 0;
+    aw.wpair.assign(int16 && kmax <= 16 ? (size_t)out * KP : 0, 0);
+    for (int i = 0; i < out && int16 && kmax <= 16; ++i) {
       const float* wp = &aw.w[(size_t)i * K];
       int16_t q[16] = {0};
       int sum = 0, big = 0;
@@ -119,7 +121,7 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
         aw.wpair[(size_t)i * KP + p] = (int32_t)((uint32_t)(uint16_t)q[2 * p] | ((uint32_t)(uint16_t)q[2 * p + 1] << 16));
     }
 #if defined(__AVX2__)
-    const int G = kmax <= 16 ? out / 8 : 0;
+    const int G = int16 && kmax <= 16 ? out / 8 : 0;
     aw.wvec.resize((size_t)G * 4 * KP * 8);
     for (int g = 0; g < G; ++g)
       for (int j = 0; j < 4; ++j)
@@ -131,8 +133,8 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
           }
         }
 #endif
-    aw.off3.resize(out);
-    for (int i = 0; i < out; ++i) aw.off3[i] = 3 * aw.start[i];
+    aw.off3.resize(int16 ? out : 0);
+    for (int i = 0; i < out && int16; ++i) aw.off3[i] = 3 * aw.start[i];
   } else {
     aw.taps = 0;  // counts differ: generic loops
   }
@@ -577,8 +579,8 @@ int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int 
   if (src.len < (int64_t)H * W * 3) return fail("raw image buffer too small for %dx%dx3", H, W);
   int t, l, bh, bw;
   box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
-  compute_axis_weights(ow, l, bw, l, l + bw, bicubic, s.ax);
-  compute_axis_weights(oh, t, bh, t, t + bh, bicubic, s.ay);
+  compute_axis_weights(ow, l, bw, l, l + bw, bicubic, s.ax, true);
+  compute_axis_weights(oh, t, bh, t, t + bh, bicubic, s.ay, false);
   VStream vs;
   vs.begin(&s.ay, ow * 3, s.tmp, out);
   vs.direct = s.direct;
