@@ -259,3 +259,17 @@ def test_plan_cheap_and_sane():
     plan = measure_plan(w_t, 4, threads=2, reps=2, w_dense=w_t.t().contiguous())
     assert 0.0 <= plan["crossover"] <= 1.0 and plan["threads"] in (1, 2)
     assert plan["proxy_rows"] == 300  # never more rows than d_ff
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1e9])
+def test_plan_full_size_retiming_when_close(monkeypatch, ratio):
+    # A close call between the slice estimates (ratio 1e9: always "close") re-times both
+    # paths at full size; ratio 0 never does.
+    from fastload.ffn import sparse
+    monkeypatch.setattr(sparse, "_REFINE_RATIO", ratio)
+    w_t = torch.randn(600, 1024)  # batch 64: the slice is 256 of the 600 rows
+    plan = sparse.measure_plan(w_t, 64, threads=1, reps=2, w_dense=w_t.t().contiguous())
+    assert plan["proxy_rows"] == 256
+    assert plan["full_size_timed"] is (ratio > 0)
+    assert plan["t_kernel_full_s"] > 0 and plan["t_torch_s"] > 0
+    assert 0.0 < plan["crossover"] <= 1.0
