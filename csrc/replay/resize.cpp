@@ -43,6 +43,199 @@ static inline double filter_bicubic(double x) {
   return 0.0;
 }
 
+namespace {
+struct AxisGeom {
+  int out, lo, hi, K;
+  double x0, scale, support, invscale;
+};
+}  // namespace
+
+// Taps and normalized weights of output i (the reference rule; the SIMD path below must
+// reproduce it bit for bit): wp[0, K) = nn weights then zeros.
+static void axis_output(const AxisGeom& G, bool bicubic, int i, float* wp, int* start, int* count) {
+  double center = G.x0 + G.scale * (i + 0.5);
+  // torch truncates toward zero then clamps at 0; with the clamp at lo the two agree.
+  int xmin = std::max((int)std::floor(center - G.support + 0.5), G.lo);
+  int xmax = std::min((int)std::floor(center + G.support + 0.5), G.hi);
+  if (xmax <= xmin) {  // degenerate (never for a valid box): nearest pixel
+    xmin = std::min(std::max((int)std::floor(center), G.lo), G.hi - 1);
+    xmax = xmin + 1;
+  }
+  const int K = G.K, nn = std::min(xmax - xmin, K);
+  double total = 0.0;
+  for (int j = 0; j < nn; ++j) {
+    double wv = bicubic ? filter_bicubic((j + xmin - center + 0.5) * G.invscale)
+                        : filter_bilinear((j + xmin - center + 0.5) * G.invscale);
+    wp[j] = (float)wv;
+    total += wv;
+  }
+  const double inv = total != 0.0 ? 1.0 / total : 0.0;
+  for (int j = 0; j < K; ++j) wp[j] = j < nn ? (float)(wp[j] * inv) : 0.0f;
+  *start = xmin;
+  *count = nn;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Four outputs per step, one per double lane, with the exact operations of axis_output
+// (the build contracts a * b + c into fma: so do these, explicitly, where it does). Taps
+// j >= nn get weight +0.0, which leaves the running total unchanged (it is never -0.0).
+constexpr int kVecMaxK = 64;
+
+template <bool BIC>
+static inline __m256d filter4(__m256d x) {
+  const __m256d one = _mm256_set1_pd(1.0);
+  const __m256d ax = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
+  if (!BIC) {
+    return _mm256_and_pd(_mm256_cmp_pd(ax, one, _CMP_LT_OQ), _mm256_sub_pd(one, ax));
+  } else {
+    const __m256d t = _mm256_mul_pd(ax, _mm256_fmadd_pd(ax, _mm256_set1_pd(1.5), _mm256_set1_pd(-2.5)));
+    const __m256d r1 = _mm256_fmadd_pd(ax, t, one);
+    const __m256d u = _mm256_fmadd_pd(_mm256_sub_pd(ax, _mm256_set1_pd(5.0)), ax, _mm256_set1_pd(8.0));
+    const __m256d r2 = _mm256_mul_pd(_mm256_fmadd_pd(ax, u, _mm256_set1_pd(-4.0)), _mm256_set1_pd(-0.5));
+    const __m256d r = _mm256_blendv_pd(r2, r1, _mm256_cmp_pd(ax, one, _CMP_LT_OQ));
+    return _mm256_and_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(2.0), _CMP_LT_OQ), r);
+  }
+}
+
+// Outputs [i, i + 4): returns false (nothing written) when a lane is degenerate.
+template <bool BIC>
+static bool axis_output4(const AxisGeom& G, int i, float* w, int* start, int* count) {
+  const int K = G.K;
+  const __m256d half = _mm256_set1_pd(0.5);
+  const __m256d ii = _mm256_add_pd(_mm256_cvtepi32_pd(_mm_add_epi32(_mm_set1_epi32(i), _mm_setr_epi32(0, 1, 2, 3))), half);
+  const __m256d center = _mm256_fmadd_pd(_mm256_set1_pd(G.scale), ii, _mm256_set1_pd(G.x0));
+  const __m256d sup = _mm256_set1_pd(G.support);
+  const int rnd = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+  __m128i xmin = _mm256_cvttpd_epi32(_mm256_round_pd(_mm256_add_pd(_mm256_sub_pd(center, sup), half), rnd));
+  __m128i xmax = _mm256_cvttpd_epi32(_mm256_round_pd(_mm256_add_pd(_mm256_add_pd(center, sup), half), rnd));
+  xmin = _mm_max_epi32(xmin, _mm_set1_epi32(G.lo));
+  xmax = _mm_min_epi32(xmax, _mm_set1_epi32(G.hi));
+  const __m128i span = _mm_sub_epi32(xmax, xmin);
+  if (_mm_movemask_epi8(_mm_cmpgt_epi32(span, _mm_setzero_si128())) != 0xFFFF) return false;
+  const __m128i nn = _mm_min_epi32(span, _mm_set1_epi32(K));
+  const __m256d invscale = _mm256_set1_pd(G.invscale);
+  // Taps past the widest lane's count are zero in every lane: skip their evaluation.
+  __m128i m4 = _mm_max_epi32(nn, _mm_shuffle_epi32(nn, 0x4E));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
+  const int nmax = _mm_cvtsi128_si32(m4);
+  alignas(16) float col[kVecMaxK * 4];
+  __m256d total = _mm256_setzero_pd();
+  for (int j = 0; j < nmax; ++j) {
+    const __m128i jj = _mm_set1_epi32(j);
+    const __m256d xj = _mm256_cvtepi32_pd(_mm_add_epi32(jj, xmin));
+    const __m256d x = _mm256_mul_pd(_mm256_add_pd(_mm256_sub_pd(xj, center), half), invscale);
+    const __m256d keep = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_cmpgt_epi32(nn, jj)));
+    const __m256d wv = _mm256_and_pd(keep, filter4<BIC>(x));
+    _mm_store_ps(col + 4 * j, _mm256_cvtpd_ps(wv));
+    total = _mm256_add_pd(total, wv);
+  }
+  const __m256d nz = _mm256_cmp_pd(total, _mm256_setzero_pd(), _CMP_NEQ_UQ);
+  const __m256d inv = _mm256_and_pd(nz, _mm256_div_pd(_mm256_set1_pd(1.0), total));
+  for (int j = 0; j < nmax; ++j) {
+    const __m128 keep = _mm_castsi128_ps(_mm_cmpgt_epi32(nn, _mm_set1_epi32(j)));
+    const __m128 v = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm_load_ps(col + 4 * j)), inv));
+    _mm_store_ps(col + 4 * j, _mm_and_ps(keep, v));
+  }
+  for (int j = nmax; j < K; ++j) _mm_store_ps(col + 4 * j, _mm_setzero_ps());
+  // Transpose the K x 4 columns into the four consecutive rows w[(i + l) * K + j].
+  float* d = w + (size_t)i * K;
+  int j = 0;
+  for (; j + 4 <= K; j += 4) {
+    __m128 c0 = _mm_load_ps(col + 4 * j), c1 = _mm_load_ps(col + 4 * j + 4), c2 = _mm_load_ps(col + 4 * j + 8),
+           c3 = _mm_load_ps(col + 4 * j + 12);
+    _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
+    _mm_storeu_ps(d + j, c0);
+    _mm_storeu_ps(d + K + j, c1);
+    _mm_storeu_ps(d + 2 * K + j, c2);
+    _mm_storeu_ps(d + 3 * K + j, c3);
+  }
+  for (; j < K; ++j)
+    for (int l = 0; l < 4; ++l) d[l * K + j] = col[4 * j + l];
+  _mm_storeu_si128((__m128i*)(start + i), xmin);
+  _mm_storeu_si128((__m128i*)(count + i), nn);
+  return true;
+}
+#endif
+
+#if defined(__AVX2__)
+// The int16 tables of outputs [i, i + 8) when kmax <= 8, four outputs per 128-bit lane set
+// (rows transposed to tap columns), with the scalar loop's exact integer rule: q =
+// (int16_t)lrint(w * kOne) (w * kOne is exact in float, and cvtps2dq rounds as lrint unless
+// it overflows int32: then returns false having written nothing); the first largest |q|
+// absorbs kOne - sum; pairs packed little-endian. Writes wpair rows i..i+7 (wide: room for
+// 4 int32 past each row start) and the wvec group i / 8. Reads 8 floats per row.
+static inline bool quantize8(const float* w, int K, int kmax, int KP, int i, int32_t* wpair, int32_t* wvec,
+                             bool wide) {
+  __m128i P[2][4];
+  const __m128 sc = _mm_set1_ps((float)kOne);
+  const __m128i ind = _mm_set1_epi32(INT32_MIN);
+  for (int h = 0; h < 2; ++h) {
+    const float* r = w + (size_t)(i + 4 * h) * K;
+    __m128 c[8];
+    c[0] = _mm_loadu_ps(r), c[1] = _mm_loadu_ps(r + K), c[2] = _mm_loadu_ps(r + 2 * K), c[3] = _mm_loadu_ps(r + 3 * K);
+    _MM_TRANSPOSE4_PS(c[0], c[1], c[2], c[3]);
+    if (kmax > 4) {
+      c[4] = _mm_loadu_ps(r + 4), c[5] = _mm_loadu_ps(r + K + 4), c[6] = _mm_loadu_ps(r + 2 * K + 4),
+      c[7] = _mm_loadu_ps(r + 3 * K + 4);
+      _MM_TRANSPOSE4_PS(c[4], c[5], c[6], c[7]);
+    }
+    __m128i q[8], bad = _mm_setzero_si128(), sum = _mm_setzero_si128(), best = _mm_setzero_si128(),
+                  big = _mm_setzero_si128();
+    for (int j = 0; j < kmax; ++j) {
+      __m128i v = _mm_cvtps_epi32(_mm_mul_ps(c[j], sc));
+      bad = _mm_or_si128(bad, _mm_cmpeq_epi32(v, ind));
+      v = _mm_srai_epi32(_mm_slli_epi32(v, 16), 16);  // (int16_t) truncation
+      q[j] = v;
+      sum = _mm_add_epi32(sum, v);
+      const __m128i a = _mm_abs_epi32(v);
+      if (j == 0) {
+        best = a;
+      } else {
+        big = _mm_blendv_epi8(big, _mm_set1_epi32(j), _mm_cmpgt_epi32(a, best));
+        best = _mm_max_epi32(best, a);
+      }
+    }
+    if (!_mm_testz_si128(bad, bad)) return false;
+    const __m128i d = _mm_sub_epi32(_mm_set1_epi32(kOne), sum);
+    for (int j = 0; j < kmax; ++j) {
+      const __m128i v = _mm_add_epi32(q[j], _mm_and_si128(_mm_cmpeq_epi32(big, _mm_set1_epi32(j)), d));
+      q[j] = _mm_srai_epi32(_mm_slli_epi32(v, 16), 16);
+    }
+    if (kmax & 1) q[kmax] = _mm_setzero_si128();
+    const __m128i lo16 = _mm_set1_epi32(0xFFFF);
+    for (int p = 0; p < 4; ++p)
+      P[h][p] = p < KP ? _mm_or_si128(_mm_and_si128(q[2 * p], lo16), _mm_slli_epi32(q[2 * p + 1], 16))
+                       : _mm_setzero_si128();
+  }
+  for (int h = 0; h < 2; ++h) {
+    __m128 t0 = _mm_castsi128_ps(P[h][0]), t1 = _mm_castsi128_ps(P[h][1]), t2 = _mm_castsi128_ps(P[h][2]),
+           t3 = _mm_castsi128_ps(P[h][3]);
+    _MM_TRANSPOSE4_PS(t0, t1, t2, t3);  // t_l = pairs of output i + 4h + l
+    const __m128 rows[4] = {t0, t1, t2, t3};
+    for (int l = 0; l < 4; ++l) {
+      int32_t* dst = wpair + (size_t)(i + 4 * h + l) * KP;
+      if (wide)
+        _mm_storeu_ps((float*)dst, rows[l]);  // spills into the next row, rewritten next
+      else {
+        alignas(16) int32_t t[4];
+        _mm_store_ps((float*)t, rows[l]);
+        for (int p = 0; p < KP; ++p) dst[p] = t[p];
+      }
+    }
+  }
+  int32_t* g = wvec + (size_t)(i / 8) * 4 * KP * 8;
+  for (int p = 0; p < KP; ++p) {
+    const __m128i a = P[0][p], b = P[1][p];
+#define FL_WV(J) \
+  _mm256_storeu_si256((__m256i*)(g + ((size_t)(J) * KP + p) * 8), \
+                      _mm256_set_m128i(_mm_shuffle_epi32(b, (J) * 0x55), _mm_shuffle_epi32(a, (J) * 0x55)));
+    FL_WV(0) FL_WV(1) FL_WV(2) FL_WV(3)
+#undef FL_WV
+  }
+  return true;
+}
+#endif
+
 void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool bicubic, AxisWeights& aw,
                           bool int16) {
   const double interp = bicubic ? 4.0 : 2.0;
@@ -55,50 +248,44 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
   aw.start.resize(out);
   aw.count.resize(out);
   aw.w.resize((size_t)out * K);
-  int tlo = hi, thi = lo;
-  for (int i = 0; i < out; ++i) {
-    double center = x0 + scale * (i + 0.5);
-    // torch truncates toward zero then clamps at 0; with the clamp at lo the two agree.
-    int xmin = std::max((int)std::floor(center - support + 0.5), lo);
-    int xmax = std::min((int)std::floor(center + support + 0.5), hi);
-    if (xmax <= xmin) {  // degenerate (never for a valid box): nearest pixel
-      xmin = std::min(std::max((int)std::floor(center), lo), hi - 1);
-      xmax = xmin + 1;
+  const AxisGeom G{out, lo, hi, K, x0, scale, support, invscale};
+  float* w = aw.w.data();
+  int* start = aw.start.data();
+  int* count = aw.count.data();
+  int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (K <= kVecMaxK) {
+    for (; i + 4 <= out; i += 4) {
+      if (bicubic ? axis_output4<true>(G, i, w, start, count) : axis_output4<false>(G, i, w, start, count))
+        continue;
+      for (int l = i; l < i + 4; ++l) axis_output(G, bicubic, l, w + (size_t)l * K, start + l, count + l);
     }
-    const int nn = std::min(xmax - xmin, K);
-    float* wp = &aw.w[(size_t)i * K];
-    double total = 0.0;
-    for (int j = 0; j < nn; ++j) {
-      double wv = bicubic ? filter_bicubic((j + xmin - center + 0.5) * invscale)
-                          : filter_bilinear((j + xmin - center + 0.5) * invscale);
-      wp[j] = (float)wv;
-      total += wv;
-    }
-    const double inv = total != 0.0 ? 1.0 / total : 0.0;
-    for (int j = 0; j < K; ++j) wp[j] = j < nn ? (float)(wp[j] * inv) : 0.0f;
-    aw.start[i] = xmin;
-    aw.count[i] = nn;
-    tlo = std::min(tlo, xmin);
-    thi = std::max(thi, xmin + nn);
+  }
+#endif
+  for (; i < out; ++i) axis_output(G, bicubic, i, w + (size_t)i * K, start + i, count + i);
+  int tlo = hi, thi = lo, kmax = 1;
+  for (i = 0; i < out; ++i) {
+    tlo = std::min(tlo, start[i]);
+    thi = std::max(thi, start[i] + count[i]);
+    kmax = std::max(kmax, count[i]);
   }
   // Give every output the same tap count (the widest), zero-padded and kept inside [lo, hi):
   // fixed-count inner loops unroll and overlap across outputs.
-  int kmax = 1;
-  for (int i = 0; i < out; ++i) kmax = std::max(kmax, aw.count[i]);
   if (kmax <= hi - lo) {
     tlo = hi;
     thi = lo;
-    for (int i = 0; i < out; ++i) {
-      float* wp = &aw.w[(size_t)i * K];
-      const int n = aw.count[i];
-      if (n < kmax) {
-        const int s0 = aw.start[i], s1 = std::min(s0, hi - kmax), sh = s0 - s1;
+    for (i = 0; i < out; ++i) {
+      const int n = count[i];
+      // Rows are already zero past their count: only a start moved left needs a shift.
+      const int s0 = start[i], s1 = n < kmax ? std::min(s0, hi - kmax) : s0, sh = s0 - s1;
+      if (sh > 0) {
+        float* wp = w + (size_t)i * K;
         for (int j = kmax - 1; j >= 0; --j) wp[j] = (j - sh >= 0 && j - sh < n) ? wp[j - sh] : 0.0f;
-        aw.start[i] = s1;
-        aw.count[i] = kmax;
       }
-      tlo = std::min(tlo, aw.start[i]);
-      thi = std::max(thi, aw.start[i] + kmax);
+      start[i] = s1;
+      count[i] = kmax;
+      tlo = std::min(tlo, s1);
+      thi = std::max(thi, s1 + kmax);
     }
     aw.taps = kmax;
     // int16 weight pairs (14 fractional bits) for the horizontal pmaddwd pass; the rounded
@@ -106,9 +293,23 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
     // vertical axis reads only the float weights and skips these tables.
     const int KP = (kmax + 1) / 2;
     aw.KP = int16 ? KP : 0;
-    aw.wpair.assign(int16 && kmax <= 16 ? (size_t)out * KP : 0, 0);
-    for (int i = 0; i < out && int16 && kmax <= 16; ++i) {
-      const float* wp = &aw.w[(size_t)i * K];
+    const bool pairs = int16 && kmax <= 16;
+    aw.wpair.resize(pairs ? (size_t)out * KP : 0);
+#if defined(__AVX2__)
+    const int NG = pairs ? out / 8 : 0;
+    aw.wvec.resize((size_t)NG * 4 * KP * 8);
+#endif
+    for (i = 0; i < out && pairs; ++i) {
+#if defined(__AVX2__)
+      // Groups of 8 (the wvec groups) whose 8-float row reads stay inside w.
+      if ((i & 7) == 0 && i + 8 <= out && kmax <= 8 && (size_t)(i + 7) * K + 8 <= (size_t)out * K &&
+          quantize8(w, K, kmax, KP, i, aw.wpair.data(), aw.wvec.data(), (size_t)(i + 7) * KP + 4 <= (size_t)out * KP)) {
+        i += 7;
+        continue;
+      }
+#endif
+      const float* wp = w + (size_t)i * K;
+      int32_t* dst = aw.wpair.data() + (size_t)i * KP;
       int16_t q[16] = {0};
       int sum = 0, big = 0;
       for (int j = 0; j < kmax; ++j) {
@@ -118,23 +319,18 @@ void compute_axis_weights(int out, double x0, double len, int lo, int hi, bool b
       }
       q[big] = (int16_t)(q[big] + (kOne - sum));
       for (int p = 0; p < KP; ++p)
-        aw.wpair[(size_t)i * KP + p] = (int32_t)((uint32_t)(uint16_t)q[2 * p] | ((uint32_t)(uint16_t)q[2 * p + 1] << 16));
-    }
+        dst[p] = (int32_t)((uint32_t)(uint16_t)q[2 * p] | ((uint32_t)(uint16_t)q[2 * p + 1] << 16));
 #if defined(__AVX2__)
-    const int G = int16 && kmax <= 16 ? out / 8 : 0;
-    aw.wvec.resize((size_t)G * 4 * KP * 8);
-    for (int g = 0; g < G; ++g)
-      for (int j = 0; j < 4; ++j)
-        for (int p = 0; p < KP; ++p) {
-          int32_t* d = &aw.wvec[(((size_t)g * 4 + j) * KP + p) * 8];
-          for (int k = 0; k < 4; ++k) {
-            d[k] = aw.wpair[(size_t)(8 * g + j) * KP + p];
-            d[4 + k] = aw.wpair[(size_t)(8 * g + j + 4) * KP + p];
-          }
-        }
+      if (i < 8 * NG) {
+        const int g = i / 8, j = i % 8;
+        int32_t* d = aw.wvec.data() + ((size_t)g * 4 + (j & 3)) * KP * 8 + (j & 4);
+        for (int p = 0; p < KP; ++p)
+          for (int k = 0; k < 4; ++k) d[8 * p + k] = dst[p];
+      }
 #endif
+    }
     aw.off3.resize(int16 ? out : 0);
-    for (int i = 0; i < out && int16; ++i) aw.off3[i] = 3 * aw.start[i];
+    for (i = 0; i < out && int16; ++i) aw.off3[i] = 3 * start[i];
   } else {
     aw.taps = 0;  // counts differ: generic loops
   }
