@@ -367,6 +367,27 @@ FL_EXPORT int fl_replay_have_randaugment() { return &fl::randaugment_apply != nu
 
 FL_EXPORT int fl_replay_record_size() { return (int)sizeof(fl::Aug); }
 
+// The resize weights of one axis, for tests against a NumPy reference. sizes[0..2] = K (row
+// stride of w), taps (every output's count after padding; 0: counts differ), KP (int16
+// pairs per output; 0: no int16 tables). Buffers may be null (size query); otherwise
+// w: out*K floats, start/count: out ints, wpair: out*KP, wvec: (out/8)*4*KP*8 int32.
+FL_EXPORT int fl_replay_axis_weights(int out, double x0, double len, int lo, int hi, int bicubic, int int16,
+                                     int* sizes, float* w, int* start, int* count, int32_t* wpair,
+                                     int32_t* wvec) {
+  if (out <= 0 || hi <= lo || len <= 0) return fl::fail("axis weights: bad axis out=%d lo=%d hi=%d", out, lo, hi);
+  fl::AxisWeights aw;
+  fl::compute_axis_weights(out, x0, len, lo, hi, bicubic != 0, aw, int16 != 0);
+  sizes[0] = aw.K;
+  sizes[1] = aw.taps;
+  sizes[2] = aw.wpair.empty() ? 0 : aw.KP;
+  if (w) std::memcpy(w, aw.w.data(), sizeof(float) * aw.w.size());
+  if (start) std::memcpy(start, aw.start.data(), sizeof(int) * (size_t)out);
+  if (count) std::memcpy(count, aw.count.data(), sizeof(int) * (size_t)out);
+  if (wpair && !aw.wpair.empty()) std::memcpy(wpair, aw.wpair.data(), sizeof(int32_t) * aw.wpair.size());
+  if (wvec && !aw.wvec.empty()) std::memcpy(wvec, aw.wvec.data(), sizeof(int32_t) * aw.wvec.size());
+  return 0;
+}
+
 // srcs/partners: n Source descriptors (partners may be null); augs: n records; out: n x 3 x
 // oh x ow of dtype (0 float32, 1 float16, 2 uint8 = no normalization); mean/std: 3 floats.
 FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const Aug* augs, int64_t n, void* out,
