@@ -41,17 +41,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _count_kernel(act_ptr, counts_ptr, B, d_ff, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _active_block(act_ptr, B, d_ff, offs, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """1 where neuron offs[k] is non-zero in some batch row (NaN != 0: active), else 0."""
     rows = tl.arange(0, BLOCK_B)
     active = tl.zeros([BLOCK_N], dtype=tl.int32)
     for b0 in range(0, B, BLOCK_B):
         r = b0 + rows
         m = (r[:, None] < B) & (offs[None, :] < d_ff)
         a = tl.load(act_ptr + r[:, None] * d_ff + offs[None, :], mask=m, other=0.0)
-        nz = ((a != 0.0) & m).to(tl.int32)  # NaN != 0: active
-        active = tl.maximum(active, tl.max(nz, axis=0))
+        active = tl.maximum(active, tl.max(((a != 0.0) & m).to(tl.int32), axis=0))
+    return active
+
+
+@triton.jit
+def _count_kernel(act_ptr, counts_ptr, B, d_ff, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    active = _active_block(act_ptr, B, d_ff, offs, BLOCK_N, BLOCK_B)
     tl.store(counts_ptr + pid, tl.sum(active, axis=0))
 
 
@@ -63,13 +69,7 @@ def _compact_kernel(act_ptr, counts_ptr, idx_ptr, count_ptr, B, d_ff, n_blocks,
     cnt = tl.load(counts_ptr + blocks, mask=blocks < n_blocks, other=0)
     base = tl.sum(tl.where(blocks < pid, cnt, 0), axis=0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_B)
-    active = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for b0 in range(0, B, BLOCK_B):
-        r = b0 + rows
-        m = (r[:, None] < B) & (offs[None, :] < d_ff)
-        a = tl.load(act_ptr + r[:, None] * d_ff + offs[None, :], mask=m, other=0.0)
-        active = tl.maximum(active, tl.max(((a != 0.0) & m).to(tl.int32), axis=0))
+    active = _active_block(act_ptr, B, d_ff, offs, BLOCK_N, BLOCK_B)
     pos = base + tl.cumsum(active, axis=0) - 1
     tl.store(idx_ptr + pos, offs, mask=active != 0)
     if pid == 0:
