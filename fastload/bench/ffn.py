@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fastload.bench._common import write_result
 from fastload.ffn.relufy import activation_sparsity, sparsify_ffn
-from fastload.ffn.sparse import SparseReLUFFN, sparse_down_cpu
+from fastload.ffn.sparse import SparseReLUFFN, round_robin, sparse_down_cpu
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,13 +58,7 @@ def _interleaved(fns: dict, reps: int, warm_below_s: float = 0.2,
         t_round += dt
     if math.isfinite(budget_s):
         reps = max(1, min(reps, int(budget_s // max(t_round, 1e-9))))
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: statistics.median(v) for k, v in round_robin(fns, reps).items()}
 
 
 def memory_bandwidth_gbs(mib: int = 256, reps: int = 5) -> float:

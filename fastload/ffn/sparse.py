@@ -186,12 +186,7 @@ def measure_plan(w_t: torch.Tensor, batch: int, threads: Optional[int] = None,
         fns["torch"] = lambda: F.linear(act, w.t())
     for f in fns.values():
         f()  # warm up
-    ts = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[name].append(time.perf_counter() - t0)
+    ts = round_robin(fns, reps)
     # Fastest of the repetitions: other processes only ever add time, so the minimum is
     # the least noisy estimate of what each path can do on this machine.
     med = {name: min(v) * d_ff / k for name, v in ts.items()}
@@ -222,19 +217,27 @@ def _time_full(w_t, w_dense, batch, threads, reps):
     g = torch.Generator().manual_seed(4321)
     act = (torch.rand(batch, d_ff, generator=g) + 0.5).to(w_t.dtype)
     wd = w_t.t() if w_dense is None else w_dense
-    fns = (lambda: sparse_down_cpu(act, w_t, None, None, threads), lambda: F.linear(act, wd))
-    for f in fns:
+    fns = {"kernel": lambda: sparse_down_cpu(act, w_t, None, None, threads),
+           "torch": lambda: F.linear(act, wd)}
+    for f in fns.values():
         f()
-    best = [math.inf, math.inf]
+    ts = round_robin(fns, max(2, reps), budget_s=_FULL_BUDGET_S)
+    return min(ts["kernel"]), min(ts["torch"])
+
+
+def round_robin(fns: dict, reps: int, budget_s: float = math.inf) -> dict:
+    """Seconds of each call, the functions run in turn ``reps`` times (side by side in time,
+    so they see the same machine state); stops early past ``budget_s`` after 2 rounds."""
+    ts = {name: [] for name in fns}
     start = time.perf_counter()
-    for rep in range(max(2, reps)):
-        for i, f in enumerate(fns):
+    for rep in range(reps):
+        for name, f in fns.items():
             t0 = time.perf_counter()
             f()
-            best[i] = min(best[i], time.perf_counter() - t0)
-        if rep >= 1 and time.perf_counter() - start > _FULL_BUDGET_S:
+            ts[name].append(time.perf_counter() - t0)
+        if rep >= 1 and time.perf_counter() - start > budget_s:
             break
-    return best[0], best[1]
+    return ts
 
 
 def measure_crossover(w_t: torch.Tensor, batch: int, threads: Optional[int] = None, reps: int = 5,
