@@ -192,19 +192,23 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, fli
     return acc0, acc1, acc2
 
 
+@triton.jit
+def _tile(h, w, BLOCK: tl.constexpr):
+    """Program (sample b, tile t) of an [h, w] image: its pixels' flat offsets, mask, y, x."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    npix = h * w
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    return b, npix, offs, offs < npix, offs // w, offs % w
+
+
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
 def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
                    m0, m1, m2, s0, s1, s2,
                    Hmax, Wmax, out_h, out_w,
                    NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
                    FROM_U8: tl.constexpr):
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    npix = out_h * out_w
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < npix
-    oy = offs // out_w
-    ox = offs % out_w
+    b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
     img_stride = Hmax.to(tl.int64) * row_stride
@@ -271,13 +275,7 @@ def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, mid_ptr, Hmax, Wmax, out_h, out_
                       NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr):
     """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
     [B, 3, h, w] uint8 (the image RandAugment sees)."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    npix = out_h * out_w
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < npix
-    oy = offs // out_w
-    ox = offs % out_w
+    b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
     h = tl.load(hw_ptr + 2 * b)
@@ -394,13 +392,7 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
                      BLOCK: tl.constexpr):
     """Pointwise/gather pass of one RandAugment slot, src -> dst ([B, 3, h, w] uint8): each
     image applies its own op (id, int and float parameters per image)."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    npix = h * w
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < npix
-    oy = offs // w
-    ox = offs % w
+    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK)
     op = tl.load(rai_ptr + 2 * b)
     ip = tl.load(rai_ptr + 2 * b + 1)
     fp = raf_ptr + b * 8

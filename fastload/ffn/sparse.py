@@ -45,6 +45,10 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # (d_ff, d_model, dtype, batch bucket, threads, device, dense weight kept) -> plan dict.
 _CROSSOVER: dict = {}
 _CROSSOVER_LOCK = threading.Lock()
+# Slice estimates closer than this factor are re-timed at full size, within this budget
+# (see measure_plan).
+_REFINE_RATIO = 1.6
+_FULL_BUDGET_S = 0.5
 
 
 def _lib():
@@ -204,11 +208,6 @@ def measure_plan(w_t: torch.Tensor, batch: int, threads: Optional[int] = None,
     frac = 1.0 if t_torch is None else min(1.0, 0.95 * t_torch / t_kernel)
     return {"crossover": frac, "threads": int(best_threads), "t_kernel_full_s": t_kernel,
             "t_torch_s": t_torch, "proxy_rows": k, "full_size_timed": full_timed}
-
-
-# Slice estimates closer than this factor are re-timed at full size (see measure_plan).
-_REFINE_RATIO = 1.6
-_FULL_BUDGET_S = 0.5
 
 
 def _time_full(w_t, w_dense, batch, threads, reps):
