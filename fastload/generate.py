@@ -317,7 +317,8 @@ def _render(job: _Job, renders: list, partners: list, params: np.ndarray, out, i
     has_partner = any(p is not None for p in partners)
     render_batch(renders, params, out, partner_sources=partners if has_partner else None,
                  mean=job.mean, std=job.std, interpolation=job.policy.interpolation, dct_scale=True,
-                 threads=job.threads, sample_ids=ids, ra_num_bins=job.policy.ra_num_bins)
+                 threads=job.threads, sample_ids=ids, ra_num_bins=job.policy.ra_num_bins,
+                 ra_semantics=job.policy.randaugment_semantics)
 
 
 def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:

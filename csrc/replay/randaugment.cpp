@@ -19,6 +19,13 @@
 //   exact while the sum stays below 2^24, i.e. up to ~65k pixels at full white).
 // - Sharpness' 3x3 blur is round(S/13) for the integer weighted sum S: S/13 is never a tie,
 //   and float32 error is far below the 1/26 distance to one.
+// - v2 semantics (kRASemanticsV2 in num_bins): transforms.v2 computes grey as r*0.2989
+//   followed by two add_(x, alpha) and blends as x.mul(r).add_(y, alpha=1-r); torch's CPU
+//   add-with-alpha is one FMA on every element (vector body and tail: measured on all 2^24
+//   RGB triples), hence the explicit fmaf calls in the *_v2 code (the pragma below only stops
+//   implicit contraction). Sharpness: x + (1-r)*(blur - x) as one FMA, border untouched;
+//   AutoContrast: (x - min) / ((max - min) * fl(1/255)); Solarize: threshold
+//   fl(255 * linspace(1, 0)[k]).
 #pragma GCC optimize("fp-contract=off")
 #include "randaugment.h"
 
@@ -63,7 +70,7 @@ bool has_magnitude(int op) {
 bool is_signed(int op) { return op >= kShearX && op <= kSharpness; }
 
 // The float magnitude torchvision passes to _apply_op (float32 table value, then double).
-double magnitude(int op, int bin, int num_bins, int h, int w) {
+double magnitude(int op, int bin, int num_bins, int h, int w, bool v2) {
   const int k = bin < 0 ? -bin : bin;
   float v = 0.f;
   switch (op) {
@@ -80,7 +87,10 @@ double magnitude(int op, int bin, int num_bins, int h, int w) {
       v = (float)(8 - (int)std::nearbyint(q));
       break;
     }
-    case kSolarize: v = linspace_at(255.f, 0.f, num_bins, k); break;
+    case kSolarize:
+      // v2 scales a fraction by 255 in double, compared in float32 like v1's table value
+      v = v2 ? (float)(255.0 * (double)linspace_at(1.f, 0.f, num_bins, k)) : linspace_at(255.f, 0.f, num_bins, k);
+      break;
     default: return 0.0;
   }
   double m = (double)v;
@@ -343,8 +353,80 @@ void sharpness(uint8_t* img, int h, int w, double factor, uint8_t* scratch) {
   }
 }
 
-int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch) {
+// v2's float grey level (floored, kept in float).
+inline float gray_v2(const uint8_t* p) {
+  return std::floor(std::fmaf((float)p[2], 0.114f, std::fmaf((float)p[1], 0.587f, (float)p[0] * 0.2989f)));
+}
+
+void color_v2(uint8_t* img, size_t npix, double factor) {
+  const Blend bl(factor);
+  for (size_t p = 0; p < npix; ++p) {
+    uint8_t* q = img + p * 3;
+    const float g = gray_v2(q);
+    for (int c = 0; c < 3; ++c) q[c] = clamp_trunc(std::fmaf(g, bl.rb, bl.a[q[c]]));
+  }
+}
+
+void contrast_v2(uint8_t* img, size_t npix, double factor) {
+  int64_t sum = 0;  // floored grey levels are integers: the float32 sum is exact below 2^24
+  for (size_t p = 0; p < npix; ++p) sum += (int64_t)gray_v2(img + p * 3);
+  const float mean = (float)sum / (float)npix;
+  const Blend bl(factor);
+  uint8_t lut[3][256];
+  for (int i = 0; i < 256; ++i) lut[0][i] = lut[1][i] = lut[2][i] = clamp_trunc(std::fmaf(mean, bl.rb, bl.a[i]));
+  apply_lut(img, npix, lut);
+}
+
+void sharpness_v2(uint8_t* img, int h, int w, double factor, uint8_t* scratch) {
+  if (h <= 2 || w <= 2) return;
+  const size_t row = (size_t)w * 3;
+  std::memcpy(scratch, img, (size_t)h * row);
+  const float rb = (float)(1.0 - factor);
+  for (int i = 1; i < h - 1; ++i) {
+    uint8_t* dst = img + (size_t)i * row;
+    const uint8_t* up = scratch + (size_t)(i - 1) * row;
+    const uint8_t* mid = up + row;
+    const uint8_t* dn = mid + row;
+    for (size_t m = 3; m + 3 < row; ++m) {
+      const size_t l = m - 3, r = m + 3;
+      const int s = up[l] + up[m] + up[r] + mid[l] + 5 * mid[m] + mid[r] + dn[l] + dn[m] + dn[r];
+      const int blur = (2 * s + 13) / 26;
+      dst[m] = clamp_trunc(std::fmaf((float)(blur - mid[m]), rb, (float)mid[m]));
+    }
+  }
+}
+
+void autocontrast_v2(uint8_t* img, size_t npix) {
+  int lo[3] = {255, 255, 255}, hi[3] = {0, 0, 0};
+  for (size_t p = 0; p < npix; ++p)
+    for (int c = 0; c < 3; ++c) {
+      const int v = img[p * 3 + c];
+      lo[c] = v < lo[c] ? v : lo[c];
+      hi[c] = v > hi[c] ? v : hi[c];
+    }
+  uint8_t lut[3][256];
+  for (int c = 0; c < 3; ++c) {
+    float mn = (float)lo[c], inv = ((float)hi[c] - (float)lo[c]) * (float)(1.0 / 255.0);
+    if (hi[c] == lo[c]) {
+      mn = 0.f;
+      inv = 1.f;
+    }
+    for (int i = 0; i < 256; ++i) lut[c][i] = clamp_trunc(((float)i - mn) / inv);
+  }
+  apply_lut(img, npix, lut);
+}
+
+int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch, bool v2) {
   const size_t npix = (size_t)h * w;
+  if (v2) {
+    switch (op) {
+      case kColor: color_v2(img, npix, 1.0 + mag); return 0;
+      case kContrast: contrast_v2(img, npix, 1.0 + mag); return 0;
+      case kSharpness: sharpness_v2(img, h, w, 1.0 + mag, scratch); return 0;
+      case kAutoContrast: autocontrast_v2(img, npix); return 0;
+      default: break;  // Brightness (x * r == v1's blend with zeros) and the rest: shared
+    }
+  }
   double mat[6];
   switch (op) {
     case kIdentity:
@@ -492,6 +574,8 @@ int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch) 
 int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, int n,
                       int num_bins, uint8_t* scratch) {
   if (h < 1 || w < 1) return fail("randaugment: image size %dx%d must be positive", h, w);
+  const bool v2 = (num_bins & kRASemanticsV2) != 0;
+  num_bins &= ~kRASemanticsV2;
   if (num_bins < 2 || num_bins > 128) return fail("randaugment: num_bins %d outside [2, 128]", num_bins);
   if (n < 0) return fail("randaugment: negative op count %d", n);
   // Validate everything first so that a bad record leaves the image untouched.
@@ -507,8 +591,8 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
   for (int i = 0; i < n; ++i) {
     const int op = ops[i];
     if (op == kRANone) continue;
-    const double mag = magnitude(op, mags[i], num_bins, h, w);
-    if (apply_one(img, h, w, op, mag, scratch) != 0) return -1;
+    const double mag = magnitude(op, mags[i], num_bins, h, w, v2);
+    if (apply_one(img, h, w, op, mag, scratch, v2) != 0) return -1;
   }
   return 0;
 }

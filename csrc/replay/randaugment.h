@@ -1,12 +1,17 @@
-// RandAugment's 14 ops (torchvision semantics) on an interleaved RGB uint8 image, in place.
+// RandAugment's 14 ops on an interleaved RGB uint8 image, in place, in torchvision's v1
+// (transforms.RandAugment) or v2 (transforms.v2.RandAugment) semantics.
 #pragma once
 #include <cstdint>
 
 namespace fl {
 
+constexpr int kRASemanticsV2 = 1 << 8;  // bit of num_bins: torchvision v2 semantics
+
 // Applies ops[i] with signed magnitude bin mags[i] for i < n (ops equal to kRANone are
 // skipped), in order, to img (h x w x 3, row stride w*3). Magnitude values follow
-// torchvision's _augmentation_space(num_bins, (h, w)). scratch must hold h*w*3 bytes.
+// torchvision's _augmentation_space(num_bins, (h, w)). num_bins may carry kRASemanticsV2
+// (v2 arithmetic; without it v1): the flag rides in num_bins so that the replay entry points
+// keep their signature. scratch must hold h*w*3 bytes.
 // Allocates nothing; returns 0, or -1 with fl::fail() set for an unknown op id.
 int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, int n,
                       int num_bins, uint8_t* scratch);

@@ -438,8 +438,10 @@ class ReinforcedLoader:
         from fastload.replay.native import render_batch
 
         threads = max(1, self.num_workers)
+        pol = getattr(self.dataset, "policy", None)  # replay RandAugment as the dataset was made
         kw = dict(mean=self.mean, std=self.std, interpolation=self.interpolation,
-                  dct_scale=self.dct_scale, threads=threads)
+                  dct_scale=self.dct_scale, threads=threads, ra_num_bins=getattr(pol, "ra_num_bins", 31),
+                  ra_semantics=getattr(pol, "randaugment_semantics", "v1"))
         try:
             src = sources
             if self.views > 1:

@@ -24,6 +24,7 @@ from .reference import IMAGENET_MEAN, IMAGENET_STD
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 _INTERP = {"bilinear": 0, "bicubic": 1}
+_RA_V2 = 1 << 8  # kRASemanticsV2: RandAugment in torchvision v2 semantics
 
 _SOURCE_DTYPE = np.dtype([("data", "<u8"), ("len", "<i8"), ("h", "<i4"), ("w", "<i4"),
                           ("kind", "<i4"), ("pad", "<i4")])
@@ -157,12 +158,13 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                  partner_sources: Optional[Sequence] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
                  sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
-                 _decoder_flags: int = 0) -> torch.Tensor:
+                 ra_semantics: str = "v1", _decoder_flags: int = 0) -> torch.Tensor:
     """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
     normalization; erased pixels take the mean colour), and may be pinned: the kernel writes
-    into it directly. ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
+    into it directly. ``ra_semantics`` ("v1" or "v2": the dataset policy's
+    ``randaugment_semantics``) picks torchvision's RandAugment arithmetic. ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
     where the record does not mix). ``dct_scale`` lets the JPEG decoder downscale in the DCT
     domain: ``True`` / ``"pow2"`` (the default rule, the one datasets recorded as
     ``dct_scale: true`` were generated with) decodes at 1/2, 1/4 or 1/8 when the crop is at
@@ -199,6 +201,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         raise ValueError("out must be a contiguous CPU tensor (pinned is fine)")
     if interpolation not in _INTERP:
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
+    if ra_semantics not in ("v1", "v2"):
+        raise ValueError(f"ra_semantics must be 'v1' or 'v2', got {ra_semantics!r}")
     if sample_ids is not None and len(sample_ids) != n:
         raise ValueError(f"sample_ids has {len(sample_ids)} entries for {n} sources")
     if partner_sources is not None and len(partner_sources) != n:
@@ -227,7 +231,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     status = lib.fl_replay_batch(
         desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
         out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
-        _INTERP[interpolation], dct, int(ra_num_bins), int(threads or 0),
+        # the semantics ride in num_bins' bit 8 (kRASemanticsV2, csrc/replay/randaugment.h)
+        _INTERP[interpolation], dct, int(ra_num_bins) | (_RA_V2 if ra_semantics == "v2" else 0), int(threads or 0),
         ctypes.byref(bad))
     if status != 0:
         msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")

@@ -44,7 +44,8 @@ def _box_px(q, h, w):
     return t, l, bh, bw
 
 
-def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", ra_num_bins=31) -> torch.Tensor:
+def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", ra_num_bins=31,
+                    ra_semantics="v1") -> torch.Tensor:
     """The uint8 [3,h,w] image before normalization: crop, resize, flip, RandAugment.
 
     Example:
@@ -61,7 +62,7 @@ def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", 
         from .reference_ra import apply_ra
 
         mags = [int(m) for o, m in zip(aug["ra_ops"], aug["ra_mags"]) if int(o) != P.RA_NONE]
-        y = apply_ra(y, ops, mags, num_bins=ra_num_bins)
+        y = apply_ra(y, ops, mags, num_bins=ra_num_bins, semantics=ra_semantics)
     return y
 
 

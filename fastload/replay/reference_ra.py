@@ -1,10 +1,24 @@
-"""Plain-PyTorch reference of RandAugment's 14 ops on uint8 images (torchvision semantics).
+"""Plain-PyTorch reference of RandAugment's 14 ops on uint8 images, in torchvision's two
+semantics: ``"v1"`` (``torchvision.transforms.RandAugment``) and ``"v2"``
+(``torchvision.transforms.v2.RandAugment``).
 
 This is the oracle the C++ kernel (``csrc/replay/randaugment.cpp``) and the Triton kernel are
-tested against. It follows ``torchvision.transforms.RandAugment`` (``_augmentation_space`` and
-``_apply_op``) and the tensor functions behind it (``_functional_tensor``) operation by
-operation, with the same dtypes, so that it reproduces torchvision's bytes, without importing
-torchvision (which does not install beside every torch). It is written for clarity, not speed.
+tested against; both semantics are checked byte for byte against outputs of real torchvision
+(tests/golden/ra_golden.npz, made by tests/golden/make_ra_golden.py). v1 follows
+``RandAugment._augmentation_space`` / ``_apply_op`` and ``_functional_tensor``; v2 follows
+``_AUGMENTATION_SPACE`` / ``_apply_image_or_video_transform`` and ``v2.functional``. They
+differ on four ops, by a few levels (Solarize: whole pixels flip at one threshold):
+
+- Color (and Contrast): v2 keeps the grey image in float (floored, not truncated from a
+  float sum of separately rounded products) and blends as ``x*r + y*(1-r)`` with one fused
+  multiply-add; v1 adds two rounded products;
+- Sharpness: v2 blends the interior as ``x + (1-r)*(blur - x)``, v1 as ``r*x + (1-r)*blur``
+  (v1 also passes the border through the blend, v2 leaves it untouched);
+- AutoContrast: v2 divides by ``(max - min) / 255``, v1 multiplies by ``255 / (max - min)``;
+- Solarize: v2's threshold is ``255 * linspace(1, 0)`` (v1: ``linspace(255, 0)``), which
+  lands on the other side of an integer for some bins.
+
+No torchvision import (it does not install beside every torch). Written for clarity, not speed.
 
 Conventions (the stored record, ``fastload.sample.params``):
 
@@ -33,14 +47,25 @@ import torch.nn.functional as F
 
 from fastload.sample.params import RA_NONE, RA_OPS, RA_SIGNED
 
-__all__ = ["apply_ra", "apply_op", "magnitude_table", "magnitude_value"]
+__all__ = ["apply_ra", "apply_op", "magnitude_table", "magnitude_value", "SEMANTICS"]
+
+SEMANTICS = ("v1", "v2")
+
+
+def _check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics: expected one of {SEMANTICS}, got {semantics!r}")
+    return semantics
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
 
 
-def magnitude_table(op: str, num_bins: int, h: int, w: int) -> torch.Tensor | None:
-    """The op's magnitude table as torchvision's ``RandAugment._augmentation_space`` builds it
-    for an image of ``h x w`` (None for ops without a magnitude)."""
+def magnitude_table(op: str, num_bins: int, h: int, w: int, semantics: str = "v1") -> torch.Tensor | None:
+    """The op's magnitude table as torchvision's RandAugment builds it for an image of
+    ``h x w`` (None for ops without a magnitude). v2's Solarize table is ``linspace(1, 0)``
+    (a fraction of 255)."""
+    if op == "Solarize" and _check_semantics(semantics) == "v2":
+        return torch.linspace(1.0, 0.0, num_bins)
     if op in ("ShearX", "ShearY"):
         return torch.linspace(0.0, 0.3, num_bins)
     if op == "TranslateX":
@@ -58,15 +83,18 @@ def magnitude_table(op: str, num_bins: int, h: int, w: int) -> torch.Tensor | No
     return None
 
 
-def magnitude_value(op: str, mag_bin: int, num_bins: int, h: int, w: int) -> float:
-    """Signed bin index -> the float magnitude torchvision passes to ``_apply_op``."""
-    table = magnitude_table(op, num_bins, h, w)
+def magnitude_value(op: str, mag_bin: int, num_bins: int, h: int, w: int, semantics: str = "v1") -> float:
+    """Signed bin index -> the float magnitude torchvision passes to the op (v2's Solarize:
+    the threshold ``255 * fraction``, in double, as v2 computes it before the op)."""
+    table = magnitude_table(op, num_bins, h, w, semantics)
     if table is None:
         return 0.0
     k = abs(int(mag_bin))
     if k >= num_bins:
         raise ValueError(f"mags: bin {mag_bin} of op {op} is outside [-{num_bins - 1}, {num_bins - 1}]")
     value = float(table[k].item())
+    if op == "Solarize" and semantics == "v2":
+        value = 255.0 * value
     if op in RA_SIGNED and mag_bin < 0:
         value = -value
     return value
@@ -179,12 +207,71 @@ def _equalize_channel(ch: torch.Tensor) -> torch.Tensor:
     return lut[ch.to(torch.int64)].to(torch.uint8)
 
 
+# ----------------------------------------------------------------------------- v2 helpers
+# The same tensor calls as v2.functional, so that the rounding (including the fused
+# multiply-add of ``add_(..., alpha=...)``) is ATen's.
+
+
+def _grayscale_float_v2(img: torch.Tensor) -> torch.Tensor:
+    r, g, b = img.unbind(0)
+    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(0).floor_()
+
+
+def _blend_v2(img1: torch.Tensor, img2: torch.Tensor, ratio: float) -> torch.Tensor:
+    ratio = float(ratio)
+    return img1.mul(ratio).add_(img2, alpha=1.0 - ratio).clamp_(0, 255).to(torch.uint8)
+
+
+def _sharpness_v2(img: torch.Tensor, factor: float) -> torch.Tensor:
+    _, h, w = img.shape
+    if h <= 2 or w <= 2:
+        return img.clone()
+    kernel = torch.full((3, 3), 1.0 / 13.0, dtype=torch.float32)
+    kernel[1, 1] = 5.0 / 13.0
+    out = img.to(torch.float32)
+    blurred = F.conv2d(out.unsqueeze(0), kernel.expand(3, 1, 3, 3), groups=3).squeeze(0).round_()
+    inner = out[:, 1:-1, 1:-1]
+    inner.add_(blurred.sub_(inner), alpha=1.0 - float(factor))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _autocontrast_v2(img: torch.Tensor) -> torch.Tensor:
+    x = img.to(torch.float32)
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    inv_scale = hi.sub_(lo).mul_(1.0 / 255.0)
+    lo[flat] = 0.0
+    inv_scale[flat] = 1.0
+    return x.sub_(lo).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+
+
+def _apply_op_v2(img: torch.Tensor, op: str, mag: float) -> torch.Tensor | None:
+    """The ops whose v2 arithmetic differs from v1; None for the others (shared code)."""
+    if op == "Color":
+        return _blend_v2(img, _grayscale_float_v2(img), 1.0 + mag)
+    if op == "Contrast":
+        return _blend_v2(img, _grayscale_float_v2(img).mean(dim=(-3, -2, -1), keepdim=True), 1.0 + mag)
+    if op == "Brightness":
+        return img.mul(1.0 + mag).clamp_(0, 255).to(torch.uint8)
+    if op == "Sharpness":
+        return _sharpness_v2(img, 1.0 + mag)
+    if op == "AutoContrast":
+        return _autocontrast_v2(img)
+    return None
+
+
 # ----------------------------------------------------------------------------- public
 
 
-def apply_op(img: torch.Tensor, op: str, mag: float) -> torch.Tensor:
-    """One RandAugment op with its float magnitude, as torchvision's ``_apply_op`` (NEAREST,
-    fill None = zeros) on a [3, H, W] uint8 tensor; returns a new tensor."""
+def apply_op(img: torch.Tensor, op: str, mag: float, semantics: str = "v1") -> torch.Tensor:
+    """One RandAugment op with its float magnitude, as torchvision's ``_apply_op`` (v1) or
+    ``_apply_image_or_video_transform`` (v2) with NEAREST and zero fill, on a [3, H, W]
+    uint8 tensor; returns a new tensor."""
+    if _check_semantics(semantics) == "v2":
+        out = _apply_op_v2(img, op, mag)
+        if out is not None:
+            return out
     if op == "Identity":
         return img.clone()
     if op == "ShearX":
@@ -219,12 +306,13 @@ def apply_op(img: torch.Tensor, op: str, mag: float) -> torch.Tensor:
 
 
 def apply_ra(img_u8_chw: torch.Tensor, ops: Sequence[int], mags: Sequence[int],
-             num_bins: int = 31) -> torch.Tensor:
+             num_bins: int = 31, semantics: str = "v1") -> torch.Tensor:
     """Apply the stored RandAugment ops (ids into ``RA_OPS``, ``RA_NONE`` skipped) with their
     signed magnitude bins, in order, to a [3, H, W] uint8 image; returns a new uint8 tensor.
 
     Magnitudes come from each op's table for ``num_bins`` bins and the *current* image size,
-    exactly as ``torchvision.transforms.RandAugment(num_magnitude_bins=num_bins)``.
+    exactly as ``torchvision.transforms.RandAugment(num_magnitude_bins=num_bins)`` (``semantics=
+    "v1"``) or ``torchvision.transforms.v2.RandAugment`` (``"v2"``).
 
     >>> import torch
     >>> img = torch.full((3, 4, 5), 100, dtype=torch.uint8)
@@ -238,6 +326,7 @@ def apply_ra(img_u8_chw: torch.Tensor, ops: Sequence[int], mags: Sequence[int],
         raise ValueError(f"ops/mags: lengths differ ({len(ops)} != {len(mags)})")
     if num_bins < 2:
         raise ValueError(f"num_bins: must be >= 2, got {num_bins}")
+    _check_semantics(semantics)
     img = img_u8_chw.clone()
     for op_id, mag_bin in zip(ops, mags):
         op_id = int(op_id)
@@ -247,5 +336,5 @@ def apply_ra(img_u8_chw: torch.Tensor, ops: Sequence[int], mags: Sequence[int],
             raise ValueError(f"ops: unknown op id {op_id} (valid: 0..{len(RA_OPS) - 1}, {RA_NONE})")
         name = RA_OPS[op_id]
         _, h, w = img.shape
-        img = apply_op(img, name, magnitude_value(name, int(mag_bin), num_bins, h, w))
+        img = apply_op(img, name, magnitude_value(name, int(mag_bin), num_bins, h, w, semantics), semantics)
     return img

@@ -33,6 +33,11 @@ class AugmentPolicy:
     - ``rrc``: RandomResizedCrop with ``rrc_scale`` / ``rrc_ratio`` (else the full image).
     - ``flip``: horizontal flip with p=0.5.
     - ``randaugment``: ``None`` or ``(num_ops, magnitude)`` over ``ra_num_bins`` bins.
+    - ``randaugment_semantics``: whose op arithmetic replay reproduces byte for byte:
+      ``"v1"`` (``torchvision.transforms.RandAugment``, the default, and what datasets
+      written before this field were made with) or ``"v2"`` (``transforms.v2.RandAugment``:
+      Color, Contrast, Sharpness, AutoContrast and Solarize round differently, by a few
+      levels; see ``fastload.replay.reference_ra``).
     - ``erase``: RandomErasing probability (box from ``erase_scale`` / ``erase_ratio``).
     - ``mixup`` / ``cutmix``: Beta alpha (0 = off), each applied with probability ``mix_p``.
     - ``interpolation``: "bilinear" or "bicubic" (antialiased, as torchvision).
@@ -59,6 +64,7 @@ class AugmentPolicy:
     mix_p: float = 0.5
     interpolation: str = "bilinear"
     size: Tuple[int, int] = (224, 224)
+    randaugment_semantics: str = "v1"
 
     def __post_init__(self):
         self.rrc = bool(self.rrc)
@@ -103,6 +109,8 @@ class AugmentPolicy:
             if not (v >= 0.0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a Beta alpha >= 0 (0 = off), got {v}")
             setattr(self, name, v)
+        if self.randaugment_semantics not in ("v1", "v2"):
+            raise ValueError(f"randaugment_semantics must be 'v1' or 'v2', got {self.randaugment_semantics!r}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
         try:

@@ -1,0 +1,132 @@
+"""Generate tests/golden/ra_golden.npz: RandAugment outputs of real torchvision, v1 and v2.
+
+Run once, in an environment that has torchvision (never fastload's own):
+
+    python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /work/venv-tv/bin/python tests/golden/make_ra_golden.py
+
+The tests (tests/test_ra_golden.py) read the arrays and need no torchvision. Each case is a
+chain of at most two ops, stored as fastload records store them: op ids in RA_OPS order and
+signed magnitude bins (the bin of the op's magnitude table for 31 bins and the current image
+size; negative = the sign torchvision draws). Outputs come from each version's own code path:
+
+- v1: ``torchvision.transforms.RandAugment._augmentation_space`` for the magnitude and
+  ``torchvision.transforms.autoaugment._apply_op`` (NEAREST, fill None) for the op;
+- v2: ``torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE`` and its
+  ``_apply_image_or_video_transform`` (its default interpolation and fill).
+
+This script does not import fastload (it runs beside another torch); the op order below is
+checked against ``fastload.sample.params.RA_OPS`` by the test.
+"""
+import sys
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import RandAugment as RAv1
+from torchvision.transforms.autoaugment import _apply_op
+from torchvision.transforms.v2 import RandAugment as RAv2
+
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+       "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+          "Contrast", "Sharpness"}
+NONE = 255
+NUM_BINS = 31
+
+
+def images():
+    """Small images that reach each op's edge cases: a narrow value range per channel (so
+    AutoContrast rescales), a smooth gradient with noise, a flat channel, odd sizes, and one
+    wide enough for the kernel's 16-pixel vector paths."""
+    rng = np.random.default_rng(13)
+    out = []
+    a = np.stack([rng.integers(lo, hi, (13, 17)) for lo, hi in ((30, 200), (5, 120), (90, 251))])
+    out.append(a)
+    yy, xx = np.mgrid[0:20, 0:37]
+    g = np.stack([(yy * 11 + xx * 5) % 256, (xx * 7 + 40) % 256, 255 - yy * 9]).astype(np.int64)
+    b = np.clip(g + rng.integers(-12, 13, g.shape), 3, 247)
+    out.append(b)
+    c = np.stack([np.full((9, 8), 77), rng.integers(0, 256, (9, 8)), rng.integers(100, 140, (9, 8))])
+    out.append(c)
+    d = np.stack([rng.integers(0, 256, (6, 31)), rng.integers(60, 70, (6, 31)), rng.integers(0, 30, (6, 31))])
+    out.append(d)
+    return [torch.from_numpy(x.astype(np.uint8)).contiguous() for x in out]
+
+
+def cases():
+    rng = np.random.default_rng(7)
+    single = []
+    for op in OPS:
+        if op in ("Identity", "AutoContrast", "Equalize"):
+            bins = [0]
+        elif op == "Solarize":
+            bins = list(range(NUM_BINS))
+        elif op in ("Color", "Sharpness", "Brightness", "Contrast"):
+            bins = [1, 3, 5, 9, 14, 17, 22, 27, 30]
+        else:
+            bins = [0, 3, 9, 17, 30]
+        for b in bins:
+            single.append([(OPS.index(op), b)])
+            if op in SIGNED and b:
+                single.append([(OPS.index(op), -b)])
+    chains = []
+    for _ in range(48):
+        chain = []
+        for _ in range(2):
+            k = int(rng.integers(0, len(OPS)))
+            b = int(rng.integers(0, NUM_BINS))
+            if OPS[k] in SIGNED and rng.random() < 0.5:
+                b = -b
+            chain.append((k, b))
+        chains.append(chain)
+    return single + chains
+
+
+def v1_apply(img, op, b):
+    _, h, w = img.shape
+    table, signed = RAv1(num_magnitude_bins=NUM_BINS)._augmentation_space(NUM_BINS, (h, w))[op]
+    mag = float(table[abs(b)].item()) if table.ndim > 0 else 0.0
+    if signed and b < 0:
+        mag = -mag
+    return _apply_op(img, op, mag, interpolation=InterpolationMode.NEAREST, fill=None)
+
+
+def v2_apply(img, op, b):
+    _, h, w = img.shape
+    ra = RAv2(num_magnitude_bins=NUM_BINS)
+    fn, signed = ra._AUGMENTATION_SPACE[op]
+    table = fn(NUM_BINS, h, w)
+    mag = float(table[abs(b)]) if table is not None else 0.0
+    if signed and b < 0:
+        mag *= -1
+    return ra._apply_image_or_video_transform(img, op, mag, interpolation=ra.interpolation, fill=ra._fill)
+
+
+def main(path):
+    imgs, cs = images(), cases()
+    ops = np.full((len(cs), 2), NONE, np.uint8)
+    mags = np.zeros((len(cs), 2), np.int8)
+    for i, c in enumerate(cs):
+        for j, (k, b) in enumerate(c):
+            ops[i, j], mags[i, j] = k, b
+    arrays = {"ops": ops, "mags": mags, "op_names": np.array(OPS), "num_bins": np.int64(NUM_BINS),
+              "versions": np.array([torch.__version__, torchvision.__version__])}
+    for n, img in enumerate(imgs):
+        arrays[f"img{n}"] = img.numpy()
+        for ver, fn in (("v1", v1_apply), ("v2", v2_apply)):
+            outs = []
+            for c in cs:
+                x = img.clone()
+                for k, b in c:
+                    x = fn(x, OPS[k], b)
+                outs.append(x.numpy())
+            arrays[f"{ver}_{n}"] = np.stack(outs)
+    np.savez_compressed(path, **arrays)
+    diff = sum(int((arrays[f"v1_{n}"] != arrays[f"v2_{n}"]).any(axis=(1, 2, 3)).sum()) for n in range(len(imgs)))
+    print(f"{path}: {len(cs)} cases x {len(imgs)} images; v1 != v2 in {diff}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden/ra_golden.npz")
