@@ -2,8 +2,23 @@
 
 Bucket ``k`` holds rows of ``2^k + 1`` tokens; a step from bucket ``k`` is ``b_k =
 tokens_per_step / 2^k`` rows, so every step carries ``tokens_per_step`` input tokens (per
-rank). Which bucket a step uses follows the reference mixture: at every step bucket ``k`` is
-drawn with probability proportional to ``(batches left in k) x odds_k``. Curricula:
+rank). Which bucket a step uses is the ``schedule``:
+
+* ``"remaining"`` (default): at every step bucket ``k`` is drawn with probability
+  proportional to ``(batches left in k) x odds_k``; a new order every epoch;
+* ``"reference"``: the mixer of Dataset Decomposition's published code (its open_lm patch,
+  ``MyRandomMix`` with the ``--train-data-mix-weights`` of ``get_dd_params``): *fixed*
+  weights ``(batches of k in the epoch) x odds_k`` until a bucket runs out, which then
+  leaves the mix; draws come from ``random.Random(seed)`` exactly as upstream's (one
+  ``random()`` per draw, including the draw that finds a bucket empty), so with one
+  worker per GPU the bucket order is upstream's for the same ``--seed``; the same order
+  every epoch, as upstream rebuilds the mixer with the same seed
+  (``schedule_per_epoch=True`` draws a new one per epoch).
+
+With pow2 odds the reference mixer empties the short buckets early (on the README's
+example, 2^19 tokens per step over buckets 8..13 of the upstream wiki example, bucket 8 is
+gone after 36% of the epoch, vs 76% with ``"remaining"``) and ends the epoch on the long
+buckets alone. Curricula:
 
 * ``"pow2"``: odds ``2^(max - k)`` (32, 16, 8, 4, 2, 1 for buckets 8..13): short buckets
   drain first, so the sequence length grows within a cycle;
@@ -17,7 +32,8 @@ the key ``E / odds_k`` (E ~ Exp(1)) and the steps are the batches sorted by key
 consecutive parts; each cycle runs its own curriculum over its part (length goes short ->
 long c times per pass over the data).
 
-Randomness: the schedule comes from a private ``numpy`` Generator seeded by ``(seed, epoch)``;
+Randomness: the ``"remaining"`` schedule comes from a private ``numpy`` Generator seeded by
+``(seed, epoch)`` (``(seed, 0)`` with ``schedule_per_epoch=False``);
 the rows of bucket k are shuffled by a keyed permutation of ``[0, n_k)`` with key
 ``H(seed, epoch, k)`` evaluated per index in C++ (``fl_dd_permute``), so a step costs
 O(batch size), not an O(rows) table per epoch. The rank never enters either, so every rank
@@ -33,6 +49,7 @@ batches per bucket, the same steps and the same shapes per step.
 """
 from __future__ import annotations
 
+import random
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -43,7 +60,9 @@ from ..format.decompose import _chunk_hash, _lib
 
 Odds = Union[str, Mapping[int, float], Sequence[float]]
 
-__all__ = ["BucketBatchSampler", "curriculum_odds"]
+__all__ = ["BucketBatchSampler", "curriculum_odds", "SCHEDULES"]
+
+SCHEDULES = ("remaining", "reference")
 
 # Rows of a bucket permuted per native call (several batches: the call's fixed cost, a few
 # microseconds, would otherwise be paid every step).
@@ -77,6 +96,39 @@ def curriculum_odds(buckets: Sequence[int], curriculum: Odds) -> np.ndarray:
     return odds
 
 
+def _reference_mix(counts: np.ndarray, weights: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Bucket index of every step under upstream's fixed-weight mixer.
+
+    Upstream draws ``r = rng.random()`` and takes source ``searchsorted(cumsum(p / sum(p)), r)``;
+    a draw that lands on an exhausted source removes it (and its weight) without yielding.
+    Every draw consumes one number, so the whole stream (batches + one per source) is drawn
+    up front and consumed in vectorized runs between removals. A ``r`` past the last cumulative
+    weight (float rounding) goes to the last source, where upstream would raise IndexError.
+    """
+    left = [int(c) for c in counts]
+    live = [b for b in range(len(left)) if left[b] > 0]
+    total = sum(left)
+    u = np.array([rng.random() for _ in range(total + len(live))])
+    out = np.empty(total, np.int64)
+    t = pos = 0
+    while live:
+        p = np.array([float(weights[b]) for b in live])
+        pick = np.minimum(np.searchsorted((p / np.sum(p)).cumsum(), u[pos:]), len(live) - 1)
+        stop = len(pick)  # the first draw that finds its source empty
+        for j, b in enumerate(live):
+            hits = np.flatnonzero(pick[:stop] == j)
+            if len(hits) > left[b]:
+                stop = int(hits[left[b]])
+        taken = pick[:stop]
+        out[t:t + stop] = np.asarray(live)[taken]
+        t += stop
+        for j, b in enumerate(live):
+            left[b] -= int(np.count_nonzero(taken == j))
+        del live[int(pick[stop])]
+        pos += stop + 1
+    return out
+
+
 class BucketBatchSampler:
     """Yields ``(k, rows)``: the bucket of the step and this rank's row indices into it.
 
@@ -96,7 +148,8 @@ class BucketBatchSampler:
 
     def __init__(self, rows: Mapping[int, int], tokens_per_step: int, curriculum: Odds = "pow2", cycles: int = 1,
                  seed: int = 0, shuffle: bool = True, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, check_every: int = 0):
+                 world_size: Optional[int] = None, check_every: int = 0, schedule: str = "remaining",
+                 schedule_per_epoch: Optional[bool] = None):
         if not rows:
             raise ValueError("rows: no buckets")
         self.buckets = sorted(int(k) for k in rows)
@@ -116,6 +169,11 @@ class BucketBatchSampler:
         self.tokens_per_step = int(tokens_per_step)
         self.batch_size = np.array([self.tokens_per_step >> k for k in self.buckets], dtype=np.int64)
         self.odds = curriculum_odds(self.buckets, curriculum)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule_name = schedule
+        # upstream rebuilds its mixer with the same seed every epoch; ours draws anew
+        self.schedule_per_epoch = (schedule == "remaining") if schedule_per_epoch is None else bool(schedule_per_epoch)
         self.cycles, self.seed, self.shuffle = int(cycles), int(seed), bool(shuffle)
         self.rank, self.world_size = rank_world(rank, world_size)
         self.check_every = int(check_every)
@@ -132,7 +190,10 @@ class BucketBatchSampler:
     def _plan(self) -> None:
         if self._plan_epoch == self.epoch:
             return
-        rng = np.random.default_rng([self.seed, self.epoch])
+        e = self.epoch if self.schedule_per_epoch else 0
+        rng = np.random.default_rng([self.seed, e])
+        # upstream's MyRandomMix seeds random.Random(seed); epoch e > 0 adds e << 96
+        mix_rng = random.Random(self.seed + (e << 96)) if self.schedule_name == "reference" else None
         nb = len(self.buckets)
         self._keys = [_chunk_hash(self.seed, self.epoch, k, 0x5EED) for k in self.buckets]
         sched_b, sched_j = [], []
@@ -140,9 +201,12 @@ class BucketBatchSampler:
             lo = self.batches * c // self.cycles
             hi = self.batches * (c + 1) // self.cycles
             cnt = hi - lo
-            balls = np.repeat(np.arange(nb), cnt)
-            keys = rng.standard_exponential(balls.size) / self.odds[balls]
-            s = balls[np.argsort(keys, kind="stable")]
+            if mix_rng is not None:
+                s = _reference_mix(cnt, cnt * self.odds, mix_rng)
+            else:
+                balls = np.repeat(np.arange(nb), cnt)
+                keys = rng.standard_exponential(balls.size) / self.odds[balls]
+                s = balls[np.argsort(keys, kind="stable")]
             j = np.empty_like(s)
             for b in range(nb):
                 pos = np.flatnonzero(s == b)
@@ -217,7 +281,8 @@ class BucketBatchSampler:
     def _fingerprint(self) -> dict:
         return {"buckets": self.buckets, "rows": self.rows.tolist(), "tokens_per_step": self.tokens_per_step,
                 "odds": self.odds.tolist(), "cycles": self.cycles, "seed": self.seed, "shuffle": self.shuffle,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "schedule": self.schedule_name,
+                "schedule_per_epoch": self.schedule_per_epoch}
 
     def state_dict(self) -> Dict:
         return {"epoch": self.epoch, "step": self._step, "config": self._fingerprint()}

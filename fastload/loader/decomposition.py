@@ -36,6 +36,12 @@ class DecompositionLoader:
 
     ``buckets`` restricts training to some buckets (e.g. ``range(8, 12)`` for a 2k context).
 
+    ``schedule``: ``"remaining"`` (default: weights batches left x odds, a new order per
+    epoch) or ``"reference"`` (Dataset Decomposition's published mixer: fixed weights
+    batches x odds until a bucket runs out, the same order every epoch); see
+    :mod:`fastload.batch.buckets`. ``schedule_per_epoch`` overrides whether the order changes
+    with the epoch.
+
     >>> import tempfile, numpy as np, fastload
     >>> d = tempfile.mkdtemp()
     >>> toks = np.random.default_rng(0).integers(0, 256, 20000).astype(np.int32)
@@ -51,7 +57,8 @@ class DecompositionLoader:
                  seed: int = 0, shuffle: bool = True, dtype: torch.dtype = torch.int64,
                  pin_memory: Optional[bool] = None, rank: Optional[int] = None,
                  world_size: Optional[int] = None, check_every: int = 0,
-                 buckets: Optional[Sequence[int]] = None, num_threads: int = 1, reuse_buffers: int = 0):
+                 buckets: Optional[Sequence[int]] = None, num_threads: int = 1, reuse_buffers: int = 0,
+                 schedule: str = "remaining", schedule_per_epoch: Optional[bool] = None):
         self.manifest = m = load_manifest(path)
         if dtype not in (torch.int64, torch.int32):
             raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
@@ -94,7 +101,8 @@ class DecompositionLoader:
             self._cum[k] = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrs])]).astype(np.int64)
             self._rowbytes[k] = ((1 << k) + 1) * 4
         self.sampler = BucketBatchSampler({k: int(self._cum[k][-1]) for k in use}, tokens_per_step, curriculum,
-                                          cycles, seed, shuffle, rank, world_size, check_every)
+                                          cycles, seed, shuffle, rank, world_size, check_every,
+                                          schedule=schedule, schedule_per_epoch=schedule_per_epoch)
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
