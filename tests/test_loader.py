@@ -529,7 +529,7 @@ def test_resume_with_variable_batch_sampler(ds, nw):
     from fastload.batch.variable import VariableBatchSampler
 
     def make():
-        vs = VariableBatchSampler(len(ds), base_size=(32, 32), base_batch_size=3, min_size=(16, 16),
+        vs = VariableBatchSampler(len(ds), base_size=(32, 32), base_batch_size=4, min_size=(16, 16),
                                   max_size=(48, 48), num_scales=3, seed=1, rank=0, world_size=1)
         return ReinforcedLoader(ds, batch_sampler=vs, num_workers=nw, p_reinforced=0.5)
 

@@ -37,18 +37,23 @@ def ref_grid(base, bs0, lo, hi, n, d=32, pairing="index", ref=None, include_base
         pairs = set(zip(hs, ws)) | ({(bh, bw)} if include_base else set())
     else:
         pairs = {(h, w) for h in set(hs) | {bh} for w in set(ws) | {bw}}
-    return sorted((h, w, math.floor(bs0 * ref[0] * ref[1] / (h * w) + 0.5)) for h, w in pairs)
+    return sorted((h, w, (bs0 * ref[0] * ref[1]) // (h * w)) for h, w in pairs)  # floor: within budget
 
 
-def reference_zip_grid(base, lo, hi, n, d=32):
-    """The ml-cvnets grid as published: zip of two lists that may differ in length."""
-    wd = list(np.linspace(lo[1], hi[1], n))
-    if base[1] not in wd:
-        wd.append(base[1])
-    hd = list(np.linspace(lo[0], hi[0], n))
-    if base[0] not in hd:
-        hd.append(base[0])
-    return sorted({(ref_make_divisible(h, d), ref_make_divisible(w, d)) for h, w in zip(hd, wd)})
+def reference_zip_grid(base, lo, hi, n, d=32, bs0=None):
+    """The ml-cvnets grid as published (data/sampler/utils.py, image_batch_pairs): per axis the
+    set of linspace(min, max, n) values plus the base, each made divisible, *sorted*, with
+    duplicates kept; the two lists zipped (the shorter one truncates); b = int(round(x, 2)),
+    at least 1. Returns (h, w) pairs, or (h, w, b) when bs0 is given."""
+    def axis(a):
+        vals = set(np.linspace(lo[a], hi[a], n).tolist())
+        vals.add(base[a])
+        return sorted(ref_make_divisible(v, d) for v in vals)
+    pairs = list(zip(axis(0), axis(1)))
+    if bs0 is None:
+        return sorted(set(pairs))
+    total = bs0 * base[0] * base[1]
+    return sorted({(h, w, max(1, int(round(total / (h * w), 2)))) for h, w in pairs})
 
 
 def all_batches(s):
@@ -93,7 +98,7 @@ def test_grid_matches_reference_rule(cfg):
 
 def test_default_grid_is_the_recipe_default():
     s = VariableBatchSampler(10, base_size=256, base_batch_size=128, min_size=160, max_size=320, num_scales=5)
-    assert s.grid == [(160, 160, 328), (192, 192, 228), (256, 256, 128), (288, 288, 101), (320, 320, 82)]
+    assert s.grid == [(160, 160, 327), (192, 192, 227), (256, 256, 128), (288, 288, 101), (320, 320, 81)]
 
 
 def test_axes_of_different_grid_length_are_not_mismatched():
@@ -116,7 +121,7 @@ def test_axes_of_different_grid_length_are_not_mismatched():
     (dict(min_size=0), "min_size"),
     (dict(max_size=(320, -1)), "max_size"),
     (dict(base_size=(256, 256, 3)), "base_size"),
-    (dict(base_batch_size=1), "base_batch_size"),  # b(320x320) = round(0.64) = 1, b... see below
+    (dict(base_batch_size=1), "base_batch_size"),  # b(320x320) = floor(0.64) = 0
     (dict(base_batch_size=0), "base_batch_size"),
     (dict(divisible_by=0), "divisible_by"),
     (dict(pairing="zip"), "pairing"),
@@ -126,7 +131,7 @@ def test_bad_input_names_the_argument(kwargs, name):
     cfg = dict(base_size=256, base_batch_size=128, min_size=160, max_size=320, num_scales=5)
     cfg.update(kwargs)
     if kwargs == dict(base_batch_size=1):
-        cfg["max_size"] = 384  # b at 384x384 = round(65536/147456) = 0
+        cfg["max_size"] = 384  # b at 384x384 = floor(65536/147456) = 0 (also under "nearest")
     with pytest.raises(ValueError, match=name):
         VariableBatchSampler(1000, **cfg)
 

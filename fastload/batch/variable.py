@@ -2,7 +2,8 @@
 samplers, RECIPES.md section 3), a resolution curriculum and aspect-ratio buckets.
 
 Every step draws one resolution (h, w) from a grid and a batch size
-``b = round(bs0 * H0 * W0 / (h * w))`` so that pixels per batch stay constant. The sampler
+``b = floor(bs0 * H0 * W0 / (h * w))`` so that pixels per batch stay at or under the base
+batch's (the budget users size to their GPU memory). The sampler
 yields, per step, a list of ``(index, h, w)`` tuples: a dataset receiving ``(index, h, w)``
 builds its crop at that size, so it works with ``torch.utils.data.DataLoader(dataset,
 batch_sampler=sampler)`` and with ``fastload.ReinforcedLoader(rds, batch_sampler=sampler)``.
@@ -13,8 +14,10 @@ What differs from the reference (deliberately):
   with the i-th width of two grids of the same length ``num_scales`` and adds the base pair
   (H0, W0) on its own; ``pairing="product"`` takes every (h, w) combination), never with a
   ``zip`` of two lists that can differ in length;
-* ``b`` is rounded to nearest (the reference truncates), and a ``b < 1`` is an error, not
-  silently clamped to 1;
+* ``rounding="floor"`` (default) never exceeds the budget ``bs0 * H0 * W0``; the reference
+  computes ``int(round(x, 2))``, which rounds x up when its fraction is >= 0.995 (then the
+  batch is over budget): ``rounding="cvnets"`` reproduces it, ``"nearest"`` rounds half up
+  (up to half a sample over budget); a ``b < 1`` is an error, not silently clamped to 1;
 * randomness comes from a private generator seeded by ``(seed, epoch)``, identical on every
   rank, so all ranks draw the same (h, w, b) per step and the same number of steps;
 * ``len(sampler)`` is the number of batches (the reference returns samples).
@@ -53,9 +56,23 @@ def make_divisible(v: float, divisor: int = 32) -> int:
     return int(new_v)
 
 
-def _batch_for(bs0: int, ref_hw: Tuple[int, int], h: int, w: int) -> int:
+ROUNDINGS = ("floor", "nearest", "cvnets")
+
+
+def _batch_for(bs0: int, ref_hw: Tuple[int, int], h: int, w: int, rounding: str = "floor") -> int:
+    budget = bs0 * ref_hw[0] * ref_hw[1]
+    if rounding == "floor":  # integer arithmetic: exactly the largest b within the budget
+        return budget // (h * w)
+    if rounding == "cvnets":  # ml-cvnets' image_batch_pairs: round to 2 decimals, truncate
+        return int(round(budget / (h * w), 2))
     # round half up (Python's round() is banker's rounding)
-    return int(math.floor(bs0 * ref_hw[0] * ref_hw[1] / (h * w) + 0.5))
+    return int(math.floor(budget / (h * w) + 0.5))
+
+
+def _check_rounding(rounding) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
 
 
 def _pair(name: str, v: Size) -> Tuple[int, int]:
@@ -97,24 +114,27 @@ def _scale_pairs(base: Tuple[float, float], lo: Tuple[float, float], hi: Tuple[f
 
 def scale_grid(base_size: Size = 256, base_batch_size: int = 128, min_size: Size = 160,
                max_size: Size = 320, num_scales: int = 5, divisible_by: int = 32,
-               pairing: str = "index", batch_reference: Union[str, Size] = "base") -> List[Tuple[int, int, int]]:
+               pairing: str = "index", batch_reference: Union[str, Size] = "base",
+               rounding: str = "floor") -> List[Tuple[int, int, int]]:
     """The (h, w, b) grid of the multi-scale sampler, sorted.
 
     Per axis: ``linspace(min, max, num_scales)`` plus the base, each value made divisible by
     ``divisible_by`` with :func:`make_divisible`; duplicates removed. ``pairing="index"``
     pairs the i-th height with the i-th width and adds (H0, W0); ``pairing="product"`` takes
-    every combination of the per-axis values. ``b = round(bs0 * Hr * Wr / (h * w))`` where
+    every combination of the per-axis values. ``b = floor(bs0 * Hr * Wr / (h * w))`` where
     (Hr, Wr) is ``batch_reference``: ``"base"`` (the base crop, as the reference code does),
-    ``"max"`` (``max_size``, as the reference docs say) or an explicit size.
+    ``"max"`` (``max_size``, as the reference docs say) or an explicit size; ``rounding``
+    "nearest" rounds half up, "cvnets" as ml-cvnets (``int(round(x, 2))``).
 
     >>> scale_grid(256, 128, 160, 320, 5)
-    [(160, 160, 328), (192, 192, 228), (256, 256, 128), (288, 288, 101), (320, 320, 82)]
+    [(160, 160, 327), (192, 192, 227), (256, 256, 128), (288, 288, 101), (320, 320, 81)]
     """
     base, lo, hi = _pair("base_size", base_size), _pair("min_size", min_size), _pair("max_size", max_size)
     _validate_bounds(base, lo, hi, num_scales, base_batch_size, divisible_by)
     ref = _reference(batch_reference, base, hi)
+    _check_rounding(rounding)
     pairs = _scale_pairs(base, lo, hi, num_scales, divisible_by, pairing, True)
-    grid = [(h, w, _batch_for(base_batch_size, ref, h, w)) for h, w in pairs]
+    grid = [(h, w, _batch_for(base_batch_size, ref, h, w, rounding)) for h, w in pairs]
     _check_batches(grid)
     return grid
 
@@ -286,9 +306,12 @@ class VariableBatchSampler:
     """Batch sampler with one resolution per step and a constant pixel budget per batch.
 
     Each step yields a list of ``(index, h, w)`` tuples; every batch has one (h, w) and
-    ``b = round(base_batch_size * Hr * Wr / (h * w))`` samples (``Hr, Wr`` = the base crop,
+    ``b = floor(base_batch_size * Hr * Wr / (h * w))`` samples (``Hr, Wr`` = the base crop,
     or ``max_size`` with ``batch_reference="max"``), except a short last batch per bucket
-    when ``drop_last=False``. ``b`` is the per-rank batch size.
+    when ``drop_last=False``: no batch holds more pixels than the base batch.
+    ``rounding="nearest"`` (half up) or ``"cvnets"`` (ml-cvnets' ``int(round(x, 2))``) give
+    batches up to half a sample, or 0.005 of one, over that budget. ``b`` is the per-rank
+    batch size.
 
     Randomness (sample order, scale per step, bucket interleaving) comes from a private
     generator seeded by ``(seed, epoch)`` and is the same on every rank; the sample order of
@@ -317,7 +340,7 @@ class VariableBatchSampler:
     >>> s = fastload.VariableBatchSampler(1000, base_size=256, base_batch_size=32,
     ...                                   min_size=160, max_size=320, num_scales=5, seed=0)
     >>> s.grid
-    [(160, 160, 82), (192, 192, 57), (256, 256, 32), (288, 288, 25), (320, 320, 20)]
+    [(160, 160, 81), (192, 192, 56), (256, 256, 32), (288, 288, 25), (320, 320, 20)]
     >>> batch = next(iter(s)); len({(h, w) for _, h, w in batch})
     1
     >>> sum(len(b) for b in s) == 1000 and len(list(s)) == len(s)
@@ -330,7 +353,7 @@ class VariableBatchSampler:
                  curriculum: Optional[ResolutionCurriculum] = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
                  check_shapes: bool = False, aspect_ratios=None,
-                 aspect_buckets: Sequence[float] = DEFAULT_ASPECT_BUCKETS):
+                 aspect_buckets: Sequence[float] = DEFAULT_ASPECT_BUCKETS, rounding: str = "floor"):
         if not isinstance(num_samples, (int, np.integer)):
             try:
                 num_samples = len(num_samples)
@@ -340,6 +363,7 @@ class VariableBatchSampler:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if pairing not in ("index", "product"):
             raise ValueError(f"pairing must be 'index' or 'product', got {pairing!r}")
+        self.rounding = _check_rounding(rounding)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.num_samples = int(num_samples)
@@ -420,13 +444,13 @@ class VariableBatchSampler:
         d, bs0, ref = self.divisible_by, self.base_batch_size, self.batch_reference
         where = f" (epoch {key})" if self.curriculum is not None else ""
         if self._ratios is None:
-            grids = [[(h, w, _batch_for(bs0, ref, h, w)) for h, w in pairs]]
+            grids = [[(h, w, _batch_for(bs0, ref, h, w, self.rounding)) for h, w in pairs]]
         else:
             grids = []
             for r in self._ratios:
                 shp = {(make_divisible(math.sqrt(h * w * r), d), make_divisible(math.sqrt(h * w / r), d))
                        for h, w in pairs}
-                grids.append([(h, w, _batch_for(bs0, ref, h, w)) for h, w in sorted(shp)])
+                grids.append([(h, w, _batch_for(bs0, ref, h, w, self.rounding)) for h, w in sorted(shp)])
         for gr in grids:
             _check_batches(gr, where)
         self._grids[key] = grids
@@ -449,7 +473,7 @@ class VariableBatchSampler:
         """The current epoch's (h, w, b) list (without aspect buckets; else see ``bucket_grids``)."""
         if self._ratios is None:
             return list(self._bucket_grids(self._epoch)[0])
-        return [(h, w, _batch_for(self.base_batch_size, self.batch_reference, h, w))
+        return [(h, w, _batch_for(self.base_batch_size, self.batch_reference, h, w, self.rounding))
                 for h, w in self._pairs(self._epoch)]
 
     @property
