@@ -3,41 +3,45 @@ budget (bs0 * H0 * W0); "nearest" and "cvnets" on request; the tests' model of m
 grid against the upstream rule (data/sampler/utils.py, image_batch_pairs)."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from fastload.batch.variable import VariableBatchSampler, scale_grid
 from test_variable_sampler import reference_zip_grid
 
 
-@st.composite
-def configs(draw):
-    d = draw(st.sampled_from([8, 16, 32]))
-    lo = (draw(st.integers(2, 8)) * d, draw(st.integers(2, 8)) * d)
-    hi = (lo[0] + draw(st.integers(0, 8)) * d, lo[1] + draw(st.integers(0, 8)) * d)
-    base = (draw(st.integers(lo[0], hi[0])), draw(st.integers(lo[1], hi[1])))
-    cfg = dict(base_size=base, min_size=lo, max_size=hi, num_scales=draw(st.integers(1, 7)), divisible_by=d,
-               pairing=draw(st.sampled_from(["index", "product"])),
-               base_batch_size=draw(st.integers(1, 300)))
-    ref = draw(st.sampled_from(["base", "max"]))
-    cfg["batch_reference"] = ref
-    return cfg
+def random_config(rng):
+    d = int(rng.choice([8, 16, 32]))
+    lo = (int(rng.integers(2, 9)) * d, int(rng.integers(2, 9)) * d)
+    hi = (lo[0] + int(rng.integers(0, 9)) * d, lo[1] + int(rng.integers(0, 9)) * d)
+    base = (int(rng.integers(lo[0], hi[0] + 1)), int(rng.integers(lo[1], hi[1] + 1)))
+    return dict(base_size=base, min_size=lo, max_size=hi, num_scales=int(rng.integers(1, 8)), divisible_by=d,
+                pairing=str(rng.choice(["index", "product"])), base_batch_size=int(rng.integers(1, 301)),
+                batch_reference=str(rng.choice(["base", "max"])))
 
 
 def _budget(s):
     return s.base_batch_size * s.batch_reference[0] * s.batch_reference[1]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=configs(), aspect=st.booleans(), seed=st.integers(0, 3))
-def test_no_step_exceeds_the_pixel_budget(cfg, aspect, seed):
+@pytest.mark.parametrize("chunk", range(6))
+def test_no_step_exceeds_the_pixel_budget(chunk):
+    # a property over 300 random configurations (50 per chunk), with and without aspect buckets
+    rng = np.random.default_rng(1000 + chunk)
+    served = 0
+    for _ in range(50):
+        cfg = random_config(rng)
+        aspect, seed = bool(rng.integers(0, 2)), int(rng.integers(0, 4))
+        served += _check_budget(cfg, aspect, seed)
+    assert served >= 25  # most configurations are valid: the check ran on them
+
+
+def _check_budget(cfg, aspect, seed):
     n = 257
     ratios = np.random.default_rng(seed).uniform(0.5, 2.0, n) if aspect else None
     try:
         s = VariableBatchSampler(n, **cfg, seed=seed, aspect_ratios=ratios)
     except ValueError as e:  # a grid with b < 1 is refused, never served
         assert "base_batch_size is too small" in str(e)
-        return
+        return 0
     budget = _budget(s)
     grids = s.bucket_grids.values() if aspect else [s.grid]
     for g in grids:
@@ -45,7 +49,8 @@ def test_no_step_exceeds_the_pixel_budget(cfg, aspect, seed):
             assert 1 <= b and b * h * w <= budget < (b + 1) * h * w, (h, w, b, budget)  # largest b within
     for batch in s:
         h, w = batch[0][1], batch[0][2]
-        assert len(batch) * h * w <= budget
+        assert len(batch) * h * w <= budget, (cfg, h, w, len(batch))
+    return 1
 
 
 def test_nearest_exceeds_the_budget_floor_does_not():
