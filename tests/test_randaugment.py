@@ -28,12 +28,12 @@ def lib():
     return lib
 
 
-def run_cpp(lib, img_chw, ops, mags, num_bins=31):
+def run_cpp(lib, img_chw, ops, mags, num_bins=31, semantics="v1"):
     hwc = np.ascontiguousarray(img_chw.permute(1, 2, 0).numpy())
     o = np.ascontiguousarray(ops, dtype=np.uint8)
     m = np.ascontiguousarray(mags, dtype=np.int8)
     st = lib.fl_randaugment_u8(_native.ptr(hwc), hwc.shape[0], hwc.shape[1], _native.ptr(o),
-                               _native.ptr(m), len(o), num_bins)
+                               _native.ptr(m), len(o), num_bins | (256 if semantics == "v2" else 0))
     _native.check(lib, st, "fl_randaugment_u8")
     return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
 
@@ -66,15 +66,29 @@ SIZES = [(17, 23), (64, 48), (3, 3), (1, 5)]
 BINS_31 = [0, 1, -1, 5, -5, 9, -9, 17, -23, 30, -30]
 
 
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
 @pytest.mark.parametrize("op", range(len(RA_OPS)), ids=list(RA_OPS))
 @pytest.mark.parametrize("h,w", SIZES)
-def test_every_op_matches_reference(lib, op, h, w):
+def test_every_op_matches_reference(lib, op, h, w, semantics):
     for kind, seed in (("photo", 1), ("noise", 2)):
         img = make_image(h, w, seed + 10 * op, kind)
         for mag in BINS_31:
-            ref = apply_ra(img, [op], [mag])
-            got = run_cpp(lib, img, [op], [mag])
-            assert_same(ref, got, f"{RA_OPS[op]} bin {mag} on {h}x{w} {kind}")
+            ref = apply_ra(img, [op], [mag], semantics=semantics)
+            got = run_cpp(lib, img, [op], [mag], semantics=semantics)
+            assert_same(ref, got, f"{RA_OPS[op]} bin {mag} on {h}x{w} {kind} {semantics}")
+
+
+@pytest.mark.parametrize("op", ["Color", "Contrast", "Sharpness", "AutoContrast", "Solarize"])
+def test_v2_ops_every_bin_larger_images(lib, op):
+    # v2's own arithmetic (FMA blends, floored grey, division) over every bin on images large
+    # enough for the kernel's vector paths and their tails
+    op_id = RA_OPS.index(op)
+    for (h, w), nb in (((224, 224), 10), ((131, 97), 31)):
+        img = make_image(h, w, 9 + h, "photo")
+        bins = range(-(nb - 1), nb) if op in RA_SIGNED else range(nb)
+        for mag in bins:
+            assert_same(apply_ra(img, [op_id], [mag], nb, semantics="v2"),
+                        run_cpp(lib, img, [op_id], [mag], nb, semantics="v2"), f"{op} v2 bin {mag}/{nb} on {h}x{w}")
 
 
 @pytest.mark.parametrize("op", ["ShearX", "ShearY", "Rotate", "Color", "Contrast", "Sharpness"])
@@ -100,16 +114,19 @@ def test_other_bin_counts(lib, num_bins):
                         f"{RA_OPS[op]} bin {mag}/{num_bins}")
 
 
-def test_flat_channels(lib):
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+def test_flat_channels(lib, semantics):
     # AutoContrast keeps a constant channel (255/0 is not finite); Equalize's step is 0.
     img = make_image(16, 20, 3, "flat")
     for op in ("AutoContrast", "Equalize", "Contrast", "Sharpness", "Color"):
         op_id = RA_OPS.index(op)
-        assert_same(apply_ra(img, [op_id], [12]), run_cpp(lib, img, [op_id], [12]), op)
-    assert torch.equal(apply_ra(img, [RA_OPS.index("AutoContrast")], [0]), img)
+        assert_same(apply_ra(img, [op_id], [12], semantics=semantics),
+                    run_cpp(lib, img, [op_id], [12], semantics=semantics), op)
+    assert torch.equal(apply_ra(img, [RA_OPS.index("AutoContrast")], [0], semantics=semantics), img)
 
 
-def test_chains_of_ops(lib):
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+def test_chains_of_ops(lib, semantics):
     g = np.random.default_rng(5)
     for t in range(60):
         h, w = int(g.integers(5, 70)), int(g.integers(5, 70))
@@ -119,8 +136,8 @@ def test_chains_of_ops(lib):
         mags = [int(x) for x in g.integers(-30, 31, n)]
         if t % 4 == 0:
             ops[1] = RA_NONE  # unused slots are skipped
-        assert_same(apply_ra(img, ops, mags), run_cpp(lib, img, ops, mags),
-                    f"chain {list(zip(ops, mags))} on {h}x{w}")
+        assert_same(apply_ra(img, ops, mags, semantics=semantics), run_cpp(lib, img, ops, mags, semantics=semantics),
+                    f"chain {list(zip(ops, mags))} on {h}x{w} {semantics}")
 
 
 def test_reference_semantics_by_hand():

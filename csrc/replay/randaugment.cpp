@@ -358,15 +358,6 @@ inline float gray_v2(const uint8_t* p) {
   return std::floor(std::fmaf((float)p[2], 0.114f, std::fmaf((float)p[1], 0.587f, (float)p[0] * 0.2989f)));
 }
 
-void color_v2(uint8_t* img, size_t npix, double factor) {
-  const Blend bl(factor);
-  for (size_t p = 0; p < npix; ++p) {
-    uint8_t* q = img + p * 3;
-    const float g = gray_v2(q);
-    for (int c = 0; c < 3; ++c) q[c] = clamp_trunc(std::fmaf(g, bl.rb, bl.a[q[c]]));
-  }
-}
-
 void contrast_v2(uint8_t* img, size_t npix, double factor) {
   int64_t sum = 0;  // floored grey levels are integers: the float32 sum is exact below 2^24
   for (size_t p = 0; p < npix; ++p) sum += (int64_t)gray_v2(img + p * 3);
@@ -420,11 +411,10 @@ int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch, 
   const size_t npix = (size_t)h * w;
   if (v2) {
     switch (op) {
-      case kColor: color_v2(img, npix, 1.0 + mag); return 0;
       case kContrast: contrast_v2(img, npix, 1.0 + mag); return 0;
       case kSharpness: sharpness_v2(img, h, w, 1.0 + mag, scratch); return 0;
       case kAutoContrast: autocontrast_v2(img, npix); return 0;
-      default: break;  // Brightness (x * r == v1's blend with zeros) and the rest: shared
+      default: break;  // Color below; Brightness (x * r == v1's blend with zeros) and the rest: shared
     }
   }
   double mat[6];
@@ -465,8 +455,12 @@ int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch, 
       size_t p = 0;
 #if defined(__AVX2__)
       // 16 pixels at a time: de-interleave, the same float products / sums as gray() and the
-      // tables, clamp + truncate, re-interleave.
-      {
+      // tables (v2: the same FMAs as gray_v2), clamp + truncate, re-interleave.
+#if defined(__FMA__)
+      if (true) {
+#else
+      if (!v2) {  // no FMA instructions: v2 takes the scalar loop (std::fmaf)
+#endif
         alignas(16) int8_t split[3][3][16], join[3][3][16];
         for (int c = 0; c < 3; ++c)
           for (int o = 0; o < 3; ++o)
@@ -495,10 +489,21 @@ int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch, 
             __m128i part[3];
             for (int c = 0; c < 3; ++c) part[c] = hh ? _mm_srli_si128(ch[c], 8) : ch[c];
             const __m256 r = f8(part[0]), g = f8(part[1]), b = f8(part[2]);
+            const __m256 cf[3] = {r, g, b};
+#if defined(__FMA__)
+            if (v2) {  // the same FMAs as gray_v2 and the scalar loop below
+              const __m256 gr = _mm256_floor_ps(
+                  _mm256_fmadd_ps(b, wb, _mm256_fmadd_ps(g, wg, _mm256_mul_ps(r, wr))));
+              for (int c = 0; c < 3; ++c) {
+                const __m256 v = _mm256_fmadd_ps(gr, vrb, _mm256_mul_ps(cf[c], vra));
+                res[c][hh] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, zero), top));
+              }
+              continue;
+            }
+#endif
             const __m256 gr = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(wr, r), _mm256_mul_ps(wg, g)),
                                             _mm256_mul_ps(wb, b));
             const __m256 gb = _mm256_mul_ps(vrb, _mm256_cvtepi32_ps(_mm256_cvttps_epi32(gr)));
-            const __m256 cf[3] = {r, g, b};
             for (int c = 0; c < 3; ++c) {
               const __m256 v = _mm256_add_ps(_mm256_mul_ps(vra, cf[c]), gb);
               res[c][hh] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, zero), top));
@@ -518,6 +523,11 @@ int apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch, 
         }
       }
 #endif
+      for (; p < npix && v2; ++p) {
+        uint8_t* q = img + p * 3;
+        const float g = gray_v2(q);
+        for (int c = 0; c < 3; ++c) q[c] = clamp_trunc(std::fmaf(g, bl.rb, bl.a[q[c]]));
+      }
       for (; p < npix; ++p) {
         uint8_t* q = img + p * 3;
         const float g = bl.b[gray(q)];
