@@ -108,7 +108,8 @@ def _reference_mix(counts: np.ndarray, weights: np.ndarray, rng: random.Random) 
     left = [int(c) for c in counts]
     live = [b for b in range(len(left)) if left[b] > 0]
     total = sum(left)
-    u = np.array([rng.random() for _ in range(total + len(live))])
+    n = total + len(live)
+    u = np.fromiter((rng.random() for _ in range(n)), np.float64, n)  # no list of n floats
     out = np.empty(total, np.int64)
     t = pos = 0
     while live:
