@@ -456,3 +456,33 @@ def test_native_replay_of_extension_records_equals_reference(tmp_path, dtype):
     plain = torch.empty_like(out)
     native.render_batch(crops, recs, plain, partner_sources=pcrops, interpolation="bilinear")
     assert not torch.equal(plain, out)
+
+
+def test_loader_replays_extension_records(tmp_path):
+    """ReinforcedLoader over an imported dataset passes the extension records to the kernel
+    (the batch equals a direct render with them and differs from one without)."""
+    from fastload.loader.reinforced import ReinforcedLoader
+    from fastload.replay import native
+
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "mix_rare", "tar", n=6, num_samples=2, float_mags=True)
+    mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=False)
+    ds = ReinforcedDataset(str(tmp_path / "out"))
+    loader = ReinforcedLoader(str(tmp_path / "out"), batch_size=6, shuffle=False, aug_choice="epoch",
+                              image_size=SIZE, target_mode="mldr")
+    batch = next(iter(loader))
+    x, y = batch[0], batch[-1]  # (images, labels, dense targets)
+    rows = np.arange(6)
+    srcs = [bytes(ds.image_bytes(i)) for i in rows]
+    recs = np.concatenate([ds.augs(i)[:1] for i in rows])
+    ext = np.concatenate([ds.augs_ext(i)[:1] for i in rows])
+    assert ext["ext"].any()
+    partners = [bytes(ds.image_bytes(int(p))) if p >= 0 else None for p in recs["partner"]]
+    kw = dict(partner_sources=partners, mean=loader.mean, std=loader.std, interpolation=loader.interpolation,
+              dct_scale=loader.dct_scale)
+    want = native.render_batch(srcs, recs, torch.empty(6, 3, SIZE, SIZE), ext=ext, box_grid=(SIZE, SIZE), **kw)
+    torch.testing.assert_close(x, want, atol=0, rtol=0)
+    plain = native.render_batch(srcs, recs, torch.empty(6, 3, SIZE, SIZE), **kw)
+    assert not torch.equal(plain, want)
+    ids, probs = zip(*[ds.target(i, 0) for i in rows])
+    torch.testing.assert_close(y, densify(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(probs)), 5,
+                                          mode="mldr"))
