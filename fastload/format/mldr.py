@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import functools
 import hashlib
 import io
 import lzma
@@ -377,6 +378,60 @@ def read_config(archive: str) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # ml-dr parameters -> records
 
+@functools.lru_cache(maxsize=256)
+def _table(op: str, num_bins: int, h: int, w: int) -> Optional[np.ndarray]:
+    """torchvision's magnitude table of ``op`` for an h x w image (float32, as ml-dr read it)."""
+    from fastload.replay.reference_ra import magnitude_table
+
+    t = magnitude_table(op, num_bins, h, w)
+    return None if t is None else t.float().numpy()
+
+
+def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
+    """ml-dr RandAugment params ``[(op name or index, float magnitude), ...]`` (or None)
+    -> (ra_ops, ra_mags, ra_vals, off_grid): the bins where a value is exactly a table entry
+    at ``size`` (the crop it was drawn on), else the nearest bin and ``off_grid`` (the
+    record then needs ``EXT_RA_FLOAT``). Integer (non-float) magnitudes are bins."""
+    o = np.full(P.MAX_RA, P.RA_NONE, np.uint8)
+    m = np.zeros(P.MAX_RA, np.int8)
+    v = np.zeros(P.MAX_RA, np.float32)
+    off_grid = False
+    if ops is None:
+        return o, m, v, off_grid
+    if len(ops) > P.MAX_RA:
+        raise ValueError(f"{where}: {len(ops)} RandAugment ops, the record holds {P.MAX_RA}")
+    for s, op in enumerate(ops):
+        try:
+            name, raw = op[0], op[1]
+            mag = float(raw)
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{where}: RandAugment op {op!r} is not (op, magnitude)") from e
+        if isinstance(name, (int, np.integer)) and not isinstance(name, bool) and 0 <= int(name) < len(P.RA_OPS):
+            name = P.RA_OPS[int(name)]
+        if name not in P.RA_OPS:
+            raise ValueError(f"{where}: unknown RandAugment op {op[0]!r}")
+        if not np.isfinite(mag):
+            raise ValueError(f"{where}: non-finite RandAugment magnitude {raw!r}")
+        o[s] = P.RA_OPS.index(name)
+        table = _table(name, int(num_bins), int(size[0]), int(size[1]))
+        if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):  # a signed bin
+            k = abs(int(raw))
+            if k >= num_bins:
+                raise ValueError(f"{where}: magnitude bin {raw} outside [-{num_bins - 1}, {num_bins - 1}]")
+            m[s] = int(raw) if name in P.RA_SIGNED else k
+            v[s] = 0.0 if table is None else float(table[k]) * (-1.0 if int(raw) < 0 and name in P.RA_SIGNED else 1.0)
+            continue
+        v[s] = mag
+        if table is None:
+            off_grid |= mag != 0.0
+            continue
+        a = np.float32(abs(mag)) if name in P.RA_SIGNED else np.float32(mag)
+        hit = np.nonzero(table == a)[0]
+        k = int(hit[0]) if hit.size else int(np.argmin(np.abs(table - a)))
+        off_grid |= not hit.size or (name not in P.RA_SIGNED and mag < 0)
+        m[s] = -k if (name in P.RA_SIGNED and mag < 0) else k
+    return o, m, v, off_grid
+
 
 class Layout:
     """What a reinforcement config says about the stored parameters."""
@@ -414,7 +469,6 @@ class Layout:
         self.num_samples = int(r["num_samples"])
         self.topk = int(r.get("topk") or 0)
         self.num_classes = config.get("num_classes")
-        self._tables: Dict[str, Optional[np.ndarray]] = {}
 
     def policy(self):
         from fastload.sample.policy import AugmentPolicy
@@ -432,14 +486,8 @@ class Layout:
             mix_p=float(a.get("mixup", a.get("cutmix", {})).get("p", 1.0)) if self.mixing else 0.5,
             interpolation=self.interpolation, size=self.size)
 
-    def table(self, op: str) -> Optional[np.ndarray]:
-        """torchvision's magnitude table of ``op`` at the crop size (float32, as ml-dr read it)."""
-        if op not in self._tables:
-            from fastload.replay.reference_ra import magnitude_table
-
-            t = magnitude_table(op, self.ra_bins, self.size[0], self.size[1])
-            self._tables[op] = None if t is None else t.float().numpy()
-        return self._tables[op]
+    def _ra(self, ops, where: str):
+        return ra_fields(ops, self.size, self.ra_bins, where)
 
     def unpack(self, params, where: str) -> Dict[str, Any]:
         """ml-dr params (compressed list or dict) -> {transform: (value, partner value)}."""
@@ -476,34 +524,6 @@ class Layout:
                 out[t] = (p, None)
         out["id2"] = pair
         return out
-
-    def _ra(self, ops, where: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        o = np.full(P.MAX_RA, P.RA_NONE, np.uint8)
-        m = np.zeros(P.MAX_RA, np.int8)
-        v = np.zeros(P.MAX_RA, np.float32)
-        off_grid = False
-        if ops is None:
-            return o, m, v, off_grid
-        if len(ops) > P.MAX_RA:
-            raise ValueError(f"{where}: {len(ops)} RandAugment ops, the record holds {P.MAX_RA}")
-        for s, op in enumerate(ops):
-            name, mag = op[0], float(op[1])
-            if isinstance(name, (int, np.integer)) and 0 <= int(name) < len(P.RA_OPS):
-                name = P.RA_OPS[int(name)]
-            if name not in P.RA_OPS:
-                raise ValueError(f"{where}: unknown RandAugment op {op[0]!r}")
-            o[s] = P.RA_OPS.index(name)
-            v[s] = mag
-            table = self.table(name)
-            if table is None:
-                off_grid |= mag != 0.0
-                continue
-            a = np.float32(abs(mag)) if name in P.RA_SIGNED else np.float32(mag)
-            hit = np.nonzero(table == a)[0]
-            k = int(hit[0]) if hit.size else int(np.argmin(np.abs(table - a)))
-            off_grid |= not hit.size or (name not in P.RA_SIGNED and mag < 0)
-            m[s] = -k if (name in P.RA_SIGNED and mag < 0) else k
-        return o, m, v, off_grid
 
     def _box(self, box, h: int, w: int, what: str, where: str) -> np.ndarray:
         try:
