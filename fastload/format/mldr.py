@@ -418,7 +418,7 @@ def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
             k = abs(int(raw))
             if k >= num_bins:
                 raise ValueError(f"{where}: magnitude bin {raw} outside [-{num_bins - 1}, {num_bins - 1}]")
-            m[s] = int(raw) if name in P.RA_SIGNED else k
+            m[s] = int(raw)  # as given (the sign of an unsigned op is ignored by the replay)
             v[s] = 0.0 if table is None else float(table[k]) * (-1.0 if int(raw) < 0 and name in P.RA_SIGNED else 1.0)
             continue
         v[s] = mag
