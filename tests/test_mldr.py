@@ -486,3 +486,22 @@ def test_loader_replays_extension_records(tmp_path):
     ids, probs = zip(*[ds.target(i, 0) for i in rows])
     torch.testing.assert_close(y, densify(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(probs)), 5,
                                           mode="mldr"))
+
+
+def test_ext_blob_roundtrip_and_corruption():
+    from fastload.format.record_ext import decode_ext, encode_ext
+
+    e = P.empty_ext(5)
+    assert encode_ext(e) == b"" and decode_ext(b"", expected_n=5).tobytes() == e.tobytes()
+    e["ext"][2] = P.EXT_RA_FLOAT
+    e["ra_vals"][2] = (0.5, -3.25, 0, 0)
+    blob = encode_ext(e)
+    assert decode_ext(blob, expected_n=5).tobytes() == e.tobytes()
+    with pytest.raises(ValueError, match="expected 4 records"):
+        decode_ext(blob, expected_n=4)
+    with pytest.raises(ValueError, match="corrupt"):
+        decode_ext(blob[:-3], expected_n=5)
+    bad = bytearray(blob)
+    bad[8:12] = (10 ** 9).to_bytes(4, "little")  # announces a huge raw size
+    with pytest.raises(ValueError, match="corrupt"):
+        decode_ext(bytes(bad), expected_n=5)

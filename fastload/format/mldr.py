@@ -406,6 +406,11 @@ def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
             mag = float(raw)
         except (TypeError, ValueError, IndexError) as e:
             raise ValueError(f"{where}: RandAugment op {op!r} is not (op, magnitude)") from e
+        hit = _RA_SEEN.get((name, type(raw), raw, size, num_bins))
+        if hit is not None:  # archives repeat a few dozen (op, magnitude) pairs
+            o[s], m[s], v[s], off = hit
+            off_grid |= off
+            continue
         if isinstance(name, (int, np.integer)) and not isinstance(name, bool) and 0 <= int(name) < len(P.RA_OPS):
             name = P.RA_OPS[int(name)]
         if name not in P.RA_OPS:
@@ -428,9 +433,15 @@ def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
         a = np.float32(abs(mag)) if name in P.RA_SIGNED else np.float32(mag)
         hit = np.nonzero(table == a)[0]
         k = int(hit[0]) if hit.size else int(np.argmin(np.abs(table - a)))
-        off_grid |= not hit.size or (name not in P.RA_SIGNED and mag < 0)
+        off = not hit.size or (name not in P.RA_SIGNED and mag < 0)
+        off_grid |= off
         m[s] = -k if (name in P.RA_SIGNED and mag < 0) else k
+        if len(_RA_SEEN) < 100000:
+            _RA_SEEN[(op[0], type(raw), raw, size, num_bins)] = (o[s], m[s], v[s], off)
     return o, m, v, off_grid
+
+
+_RA_SEEN: Dict[tuple, tuple] = {}
 
 
 class Layout:

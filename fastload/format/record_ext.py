@@ -5,7 +5,8 @@ Blob: header (version u8, codec u8, pad u16, n u32, raw bytes u32) then the reco
 shuffled by byte position (record byte 0 of every record, then byte 1, ...: most fields are
 zero or repeat along a row) and zstandard-compressed where that is smaller. Decompression is
 bounded by ``n * itemsize``, which the header announces and the manifest's
-``num_augmentations`` confirms.
+``num_augmentations`` confirms. A row whose records are all empty (``params.empty_ext``:
+nothing beyond the base record) is stored as an empty blob.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from fastload.sample.params import AUG_EXT_DTYPE
+from fastload.sample.params import AUG_EXT_DTYPE, empty_ext
 
 EXT_BLOB_VERSION = 1
 _HDR = struct.Struct("<BBHII")
@@ -27,6 +28,8 @@ def encode_ext(ext: np.ndarray) -> bytes:
 
     ext = np.ascontiguousarray(ext, dtype=AUG_EXT_DTYPE).reshape(-1)
     n, size = len(ext), AUG_EXT_DTYPE.itemsize
+    if ext.tobytes() == empty_ext(n).tobytes():
+        return b""
     raw = np.ascontiguousarray(ext.view(np.uint8).reshape(n, size).T).tobytes()
     z = zstandard.ZstdCompressor(level=12, write_content_size=True).compress(raw)
     codec, body = (_ZSTD, z) if len(z) < len(raw) else (_RAW, raw)
@@ -36,6 +39,10 @@ def encode_ext(ext: np.ndarray) -> bytes:
 def decode_ext(blob, expected_n: Optional[int] = None) -> np.ndarray:
     """Inverse of :func:`encode_ext`; a corrupt blob raises ValueError (never over-allocates)."""
     mv = memoryview(blob)
+    if len(mv) == 0:
+        if expected_n is None:
+            raise ValueError("an empty augs_ext blob needs the expected record count")
+        return empty_ext(expected_n)
     if len(mv) < _HDR.size:
         raise ValueError("corrupt augs_ext blob: truncated header")
     ver, codec, _, n, raw_len = _HDR.unpack_from(mv)
