@@ -315,7 +315,7 @@ def test_malicious_files_raise_without_running(kind, tmp_path):
 
 def test_joblib_numpy_arrays_read_without_joblib_globals():
     """joblib's inline-array format (NumpyArrayWrapper + raw bytes), as joblib itself writes it."""
-    joblib = pytest.importorskip("joblib")
+    import joblib  # in the "test" extra: real joblib output, read without its globals
     obj = (3, [{"a": np.arange(12, dtype=np.float32).reshape(3, 4), "f": np.asfortranarray(np.eye(3)),
                 "s": np.int64(7), "e": np.zeros(0, np.int16)}])
     for compress in (True, False, ("gzip", 3)):
@@ -326,6 +326,11 @@ def test_joblib_numpy_arrays_read_without_joblib_globals():
         for k, v in obj[1][0].items():
             np.testing.assert_array_equal(got[1][0][k], v)
             assert got[1][0][k].dtype == np.asarray(v).dtype
+    samples = L.make_samples(np.random.default_rng(0), 0, [(40, 50), (30, 60)],
+                             L.make_config("mix_rare", 3, 2, 5, size=SIZE))
+    buf = io.BytesIO()
+    joblib.dump((0, samples), buf, compress=True)  # what ml-dr's reinforce.joblib=true writes
+    assert mldr.load_jb(buf.getvalue(), "0.jb") == (0, samples)
     buf = io.BytesIO()
     joblib.dump(np.array([object()], dtype=object), buf)
     with pytest.raises(pickle.UnpicklingError):

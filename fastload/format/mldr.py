@@ -125,6 +125,9 @@ def _np_scalar(dtype, data=None):
 def _np_reconstruct(cls, shape, typecode):
     if cls is not np.ndarray:
         raise UnsafePickleError(f"numpy array subclass {cls!r} is refused")
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d for d in shape) \
+            or int(np.prod(shape, dtype=np.int64)) > MAX_FILE:
+        raise pickle.UnpicklingError(f"numpy array placeholder of shape {shape!r}")
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy 1
