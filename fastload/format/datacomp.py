@@ -184,8 +184,9 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
         if ops is not None and not isinstance(ops, list):
             raise ValueError(f"sample {key!r}: augmentation {n}: RandAugment params must be a list or null")
         o, m, v, off = ra_fields(ops, grid, num_bins, f"sample {key!r}: augmentation {n}")
-        rec["ra_ops"][n], rec["ra_mags"][n], ext["ra_vals"][n] = o, m, v
-        ext["ext"][n] = P.EXT_RA_FLOAT if off else 0
+        rec["ra_ops"][n], rec["ra_mags"][n] = o, m
+        if off:  # else the bins reproduce the values exactly
+            ext["ra_vals"][n], ext["ext"][n] = v, P.EXT_RA_FLOAT
     return rec, ext
 
 

@@ -636,6 +636,9 @@ class Layout:
                         xb |= P.EXT_CUTMIX_EMPTY
             r["flags"] = flags
             e["ext"] = xb
+            if not xb & P.EXT_RA_FLOAT:  # the bins reproduce every value exactly: keep none
+                e["ra_vals"] = 0
+                e["pra_vals"] = 0
         return rec, ext, ids, probs
 
     def _erase(self, box, where: str) -> np.ndarray:

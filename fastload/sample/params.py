@@ -34,7 +34,8 @@ ImageNet+) store and the 47-byte record cannot, so an import loses nothing:
   are the float values ``ra_vals`` / ``pra_vals`` (torchvision's ``_apply_op`` argument,
   signed; translations in pixels of the box grid ``replay.box_grid``, scaled to the output
   width/height), not the bins ``ra_mags`` / ``pra_mags`` (which then hold the nearest bin).
-  ``EXT_ERASE_BLACK``: erased pixels are 0 *before* Normalize (ml-dr: black, i.e.
+  Importers store the floats only where a value is not a table entry (bins are exact
+  otherwise). ``EXT_ERASE_BLACK``: erased pixels are 0 *before* Normalize (ml-dr: black, i.e.
   ``-mean/std`` after it), not the mean colour. ``EXT_CUTMIX_EMPTY``: CutMix was drawn but
   its box has no area (no pixel changes; flag bit 3 stays clear). ``EXT_PARTNER_AUG``: the
   partner has its own RandAugment (``pra_ops``/``pra_mags``/``pra_vals``) and erasing
