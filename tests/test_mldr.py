@@ -409,6 +409,9 @@ def test_cli_import(tmp_path, capsys):
     imgs, hw, cfg, arch, _ = _setup(tmp_path, "rare", "tar", n=3, classes=3)
     assert main(["import-mldr", arch, "--images", imgs, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert "imported 3 images x 4 augmentations" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "schema v2" in text and "extension records" in text
     assert main(["import-mldr", str(tmp_path / "nope.tar"), "--images", imgs, "--out", str(tmp_path / "o")]) == 2
 
 
