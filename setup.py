@@ -107,7 +107,7 @@ setup(
         "bench": ["scikit-image>=0.21", "matplotlib>=3.7"],
         "peers": ["nvidia-dali-cuda120", "ffcv"],
         "test": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "ray>=2.9",
-                 "scikit-image>=0.21", "matplotlib>=3.7"],
+                 "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2"],  # joblib: ml-dr .jb files in tests
     },
     entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
 )

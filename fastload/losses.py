@@ -9,8 +9,22 @@ import torch.nn.functional as F
 def densify(ids, probs, num_classes: int, mode: str = "smooth") -> torch.Tensor:
     """Sparse top-k targets [B, k] -> dense float32 distributions [B, num_classes].
 
-    ``mode="smooth"`` spreads ``1 - sum(top-k)`` evenly over the other classes (ml-dr);
+    ``mode="smooth"`` spreads ``1 - sum(top-k)`` evenly over the other classes;
     ``"zeros"`` renormalizes the top-k mass to 1 and leaves the rest at 0.
+
+    apple/ml-dr's own rules (``dr.utils.densify``), for targets that must equal what ml-dr
+    trains on (its ``ReinforcedDataset`` defaults to ``densify: zeros``):
+
+    - ``"mldr"`` (ml-dr's ``"zeros"``): ``softmax`` *over the stored top-k probabilities*
+      at the top-k ids, 0 elsewhere. It is not a renormalization: top-k values (0.7, 0.2)
+      become (0.622, 0.378), not (0.778, 0.222).
+    - ``"mldr_smooth"`` (ml-dr's ``"smooth"``): like ``"smooth"``, except that a row whose
+      top-k sum exceeds 1 (float rounding) falls back to the softmax rule, as ml-dr does.
+
+    Example:
+        >>> t = densify(torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.2]]), 4, mode="mldr")
+        >>> [round(v, 3) for v in t[0].tolist()]
+        [0.378, 0.0, 0.622, 0.0]
 
     Example:
         >>> t = densify(torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.2]]), 4)
@@ -42,8 +56,18 @@ def densify(ids, probs, num_classes: int, mode: str = "smooth") -> torch.Tensor:
         out = torch.zeros(B, num_classes, dtype=torch.float32, device=p.device)
         out.scatter_(1, ids, p)
         out = out / out.sum(1, keepdim=True).clamp_min(1e-12)
+    elif mode in ("mldr", "mldr_smooth"):
+        q = probs.float()  # ml-dr neither clamps nor renormalizes the stored values
+        soft = torch.zeros(B, num_classes, dtype=torch.float32, device=q.device)
+        soft.scatter_(1, ids, torch.softmax(q, dim=1))
+        if mode == "mldr":
+            return soft
+        rest = 1.0 - q.sum(1, keepdim=True)
+        out = (rest / max(num_classes - k, 1)).expand(B, num_classes).clone()
+        out.scatter_(1, ids, q)
+        out = torch.where(rest < 0, soft, out)
     else:
-        raise ValueError(f"mode must be 'smooth' or 'zeros', got {mode!r}")
+        raise ValueError(f"mode must be 'smooth', 'zeros', 'mldr' or 'mldr_smooth', got {mode!r}")
     return out
 
 

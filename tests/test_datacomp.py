@@ -117,3 +117,117 @@ def test_inconsistent_augmentation_count(tmp_path):
             _add(dst, m.name, data)
     with pytest.raises(ValueError, match="2 augmentations but 5 image embeddings"):
         import_datacomp([str(bad)], str(tmp_path / "o"), [im], progress=False)
+
+
+def _ra_value(name, k, size=224, bins=31):
+    """A magnitude as DataCompDR stores it: torchvision's table entry (float32) as a float."""
+    from fastload.replay.reference_ra import magnitude_table
+
+    t = magnitude_table(name, bins, size, size)
+    return 0.0 if t is None else float(t[k].item())
+
+
+def _build_real(tmp_path, n=4, off_grid_key=None):
+    """The DataCompDR-12M layout: per sample url.txt, syn.json {"syn_text"}, paug.json
+    {"param_aug": [ml-dr compressed params: [[i, j, h, w], [[op index, float mag], ...]]]},
+    npz (image_emb [30-like N, D], text_emb [1 + S, D]) and json (metadata); images apart."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    truth = {}
+    dr, im = tmp_path / "real-00000.tar", tmp_path / "realimg-00000.tar"
+    with tarfile.open(dr, "w") as tdr, tarfile.open(im, "w") as tim:
+        for s in range(n):
+            key = f"{s:09d}"
+            h, w = 60 + 5 * s, 70 + 3 * s
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            paug = []
+            for a in range(N_AUG):
+                bh, bw = int(rng.integers(20, h)), int(rng.integers(20, w))
+                i, j = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+                ops = []
+                for _ in range(2):
+                    o = int(rng.integers(0, 14))
+                    v = _ra_value(P.RA_OPS[o], 9)
+                    if P.RA_OPS[o] in P.RA_SIGNED and rng.integers(0, 2):
+                        v = -v
+                    if key == off_grid_key and P.RA_OPS[o] in ("Rotate", "TranslateX", "Brightness"):
+                        v = float(np.float32(v * 0.77))
+                    ops.append([o, v])
+                paug.append([[i, j, bh, bw], ops if a != 1 else None])
+            ie = rng.standard_normal((N_AUG, D)).astype(np.float32)
+            te = rng.standard_normal((1 + 3, D)).astype(np.float32)
+            syn = [f"syn {s}.{c}" for c in range(3)]
+            truth[key] = dict(paug=paug, hw=(h, w), img=img)
+            _add(tdr, f"{key}.url.txt", f"https://example.invalid/{key}.jpg".encode())
+            _add(tdr, f"{key}.syn.json", json.dumps({"syn_text": syn}).encode())
+            _add(tdr, f"{key}.paug.json", json.dumps({"param_aug": paug}).encode())
+            _add(tdr, f"{key}.npz", _npz(image_emb=ie, text_emb=te))
+            _add(tdr, f"{key}.json", json.dumps({"uid": key, "sha256": "0" * 64}).encode())
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")  # lossless: the test replays exact pixels
+            _add(tim, f"{key}.png", buf.getvalue())
+            _add(tim, f"{key}.txt", f"real {s}".encode())
+    return str(dr), str(im), truth
+
+
+def test_real_datacompdr_layout_with_float_magnitudes(tmp_path):
+    from fastload.format.datacomp import import_datacomp
+    from fastload.format.reader import ReinforcedDataset
+
+    dr, im, truth = _build_real(tmp_path, off_grid_key="000000002")
+    m = import_datacomp([dr], str(tmp_path / "out"), [im], progress=False)
+    assert m["schema_version"] == 2
+    ds = ReinforcedDataset(str(tmp_path / "out"))
+    assert ds.has_ext and ds.manifest["num_captions"] == 4
+    off_seen = 0
+    for i, key in enumerate(sorted(truth)):
+        t = truth[key]
+        recs, ext = ds.augs(i), ds.augs_ext(i)
+        for a, (box, ops) in enumerate(t["paug"]):
+            assert P.box_to_pixels(recs[a]["crop"], *t["hw"]) == tuple(box)
+            if ops is None:
+                assert (recs[a]["ra_ops"] == P.RA_NONE).all()
+                continue
+            assert recs[a]["ra_ops"][:2].tolist() == [o for o, _ in ops]
+            off = any(abs(v) != abs(_ra_value(P.RA_OPS[o], 9)) for o, v in ops)
+            assert bool(ext[a]["ext"] & P.EXT_RA_FLOAT) == off
+            if off:
+                assert ext[a]["ra_vals"][:2].tolist() == [float(np.float32(v)) for _, v in ops]
+            off_seen += off
+            if not off:  # on the bin grid: the 47-byte record alone is exact
+                for (o, v), mag in zip(ops, recs[a]["ra_mags"][:2]):
+                    from fastload.replay.reference_ra import magnitude_value
+
+                    assert magnitude_value(P.RA_OPS[o], int(mag), 31, 224, 224) == v
+    assert off_seen > 0
+
+
+def test_float_magnitudes_replay_as_stored(tmp_path):
+    """The kernel replays the stored floats (given the same 224 crop) as torchvision's
+    _apply_op semantics with that value (the reference's apply_op)."""
+    import torch
+
+    from fastload.format.datacomp import import_datacomp
+    from fastload.format.reader import ReinforcedDataset
+    from fastload.replay import native
+    from fastload.replay.reference import crop_resize_flip
+    from fastload.replay.reference_ra import apply_op
+
+    dr, im, truth = _build_real(tmp_path, n=3, off_grid_key="000000001")
+    import_datacomp([dr], str(tmp_path / "out"), [im], progress=False)
+    ds = ReinforcedDataset(str(tmp_path / "out"))
+    for i, key in enumerate(sorted(truth)):
+        t = truth[key]
+        recs, ext = ds.augs(i), ds.augs_ext(i)
+        crops = [crop_resize_flip(t["img"], r["crop"], (224, 224), False, "bicubic") for r in recs]
+        full = recs.copy()
+        full["crop"] = (0, 0, P.Q, P.Q)
+        out = torch.empty(len(recs), 3, 224, 224, dtype=torch.uint8)
+        native.render_batch([c.permute(1, 2, 0).contiguous().numpy() for c in crops], full, out, ext=ext,
+                            box_grid=(224, 224), interpolation="bicubic")
+        for a, (box, ops) in enumerate(t["paug"]):
+            want = crops[a]
+            for o, v in ops or []:
+                want = apply_op(want, P.RA_OPS[o], v)
+            assert torch.equal(out[a], want), (key, a)

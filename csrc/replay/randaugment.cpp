@@ -607,6 +607,27 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
   return 0;
 }
 
+// ml-dr records store float magnitudes (the value _apply_op receives); translations were
+// sampled on a grid_h x grid_w image and scale to this one.
+int randaugment_apply_values(uint8_t* img, int h, int w, const uint8_t* ops, const float* vals, int n,
+                             int grid_h, int grid_w, uint8_t* scratch, bool v2) {
+  if (h < 1 || w < 1) return fail("randaugment: image size %dx%d must be positive", h, w);
+  if (n < 0) return fail("randaugment: negative op count %d", n);
+  for (int i = 0; i < n; ++i) {
+    if (ops[i] != kRANone && ops[i] >= kNumOps) return fail("randaugment: unknown op id %d at slot %d", ops[i], i);
+    if (ops[i] != kRANone && !std::isfinite(vals[i])) return fail("randaugment: non-finite magnitude at slot %d", i);
+  }
+  for (int i = 0; i < n; ++i) {
+    const int op = ops[i];
+    if (op == kRANone) continue;
+    double mag = (double)vals[i];
+    if (op == kTranslateX && grid_w > 0) mag = mag * w / grid_w;
+    if (op == kTranslateY && grid_h > 0) mag = mag * h / grid_h;
+    if (apply_one(img, h, w, op, mag, scratch, v2) != 0) return -1;
+  }
+  return 0;
+}
+
 }  // namespace fl
 
 // Test entry: RandAugment in place on one h x w x 3 image (scratch allocated per call).

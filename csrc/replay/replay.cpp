@@ -23,6 +23,8 @@ namespace fl {
 // translation unit is absent from a build.
 int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, int n,
                       int num_bins, uint8_t* scratch) __attribute__((weak));
+int randaugment_apply_values(uint8_t* img, int h, int w, const uint8_t* ops, const float* vals, int n,
+                             int grid_h, int grid_w, uint8_t* scratch, bool v2) __attribute__((weak));
 }  // namespace fl
 
 namespace {
@@ -40,11 +42,21 @@ struct Job {
   void* out;
   int dtype, oh, ow, bicubic, dct, num_bins;
   float scale[3], bias[3], mean255[3];
+  const fl::AugExt* ext = nullptr;  // schema-v2 extension records (may be null)
+  int grid_h = 0, grid_w = 0;       // the box grid float translations were sampled on
 };
+
+// The erase fill of channel c: the mean colour (0 after Normalize), or black before
+// Normalize for ml-dr records (-mean/std after it; 0 in uint8 output).
+inline float erase_fill(const Job& J, int c, bool black) {
+  const bool norm = J.dtype != kU8;
+  if (black) return norm ? J.bias[c] : 0.f;
+  return norm ? 0.f : J.mean255[c];
+}
 
 struct TLS {
   Scratch s;
-  std::vector<uint8_t> img, pimg, hwc, ra, deint;
+  std::vector<uint8_t> img, pimg, hwc, ra, deint, phwc;
   std::vector<float> row, prow;
 };
 
@@ -163,12 +175,17 @@ inline void load_norm(const uint8_t* __restrict src, float sc, float bi, float* 
 // img is interleaved HWC when STEP == 3 (after RandAugment: each row is de-interleaved once
 // into a small buffer), else row-planar; the partner image is always row-planar.
 template <typename T, int STEP>
-void finish(const Job& J, const Aug& a, const uint8_t* img, const uint8_t* pimg, T* out, TLS& t) {
+void finish(const Job& J, const Aug& a, const fl::ExtView& e, const uint8_t* img, const uint8_t* pimg, T* out,
+            TLS& t) {
   const int oh = J.oh, ow = J.ow;
   const bool norm = J.dtype != kU8;
+  const bool black = e.ext & fl::kExtEraseBlack;
   int et = 0, el = 0, eh = 0, ew = 0;
   const bool erase = a.erase[3] != 0;
   if (erase) fl::box_to_pixels(a.erase, oh, ow, &et, &el, &eh, &ew);
+  int pt = 0, pl = 0, ph = 0, pw = 0;
+  const bool perase = pimg && (e.ext & fl::kExtPartnerAug) && e.perase[3] != 0;
+  if (perase) fl::box_to_pixels(e.perase, oh, ow, &pt, &pl, &ph, &pw);
   const bool mix = pimg && (a.flags & fl::kFlagMixup);
   const bool cut = pimg && (a.flags & fl::kFlagCutmix);
   const float lam = mix ? (float)a.mixup / (float)fl::kQ : 1.f;
@@ -191,14 +208,17 @@ void finish(const Job& J, const Aug& a, const uint8_t* img, const uint8_t* pimg,
     }
     const bool in_cut = cut && y >= ct && y < ct + ch;
     const bool in_erase = erase && y >= et && y < et + eh;
+    const bool in_perase = perase && y >= pt && y < pt + ph;
     for (int c = 0; c < 3; ++c) {
       const float sc = norm ? J.scale[c] : 1.f, bi = norm ? J.bias[c] : 0.f;
-      const float fill = norm ? 0.f : J.mean255[c];
+      const float fill = erase_fill(J, c, black);
       load_norm(rowp + (size_t)c * ow, sc, bi, v, ow);
       if (in_erase)
         for (int x = el; x < el + ew; ++x) v[x] = fill;
       if (mix || in_cut) {
         load_norm(pimg + ((size_t)y * 3 + c) * ow, sc, bi, p, ow);
+        if (in_perase)
+          for (int x = pl; x < pl + pw; ++x) p[x] = fill;
         if (mix)
           for (int x = 0; x < ow; ++x) v[x] = lam * v[x] + lam1 * p[x];
         if (in_cut)
@@ -213,23 +233,50 @@ void finish(const Job& J, const Aug& a, const uint8_t* img, const uint8_t* pimg,
 }
 
 template <int STEP>
-void finish_any(const Job& J, const Aug& a, const uint8_t* img, const uint8_t* pimg, long i, TLS& t) {
+void finish_any(const Job& J, const Aug& a, const fl::ExtView& e, const uint8_t* img, const uint8_t* pimg, long i,
+                TLS& t) {
   const size_t plane = (size_t)3 * J.oh * J.ow;
   switch (J.dtype) {
     case kF32:
-      finish<float, STEP>(J, a, img, pimg, (float*)J.out + i * plane, t);
+      finish<float, STEP>(J, a, e, img, pimg, (float*)J.out + i * plane, t);
       break;
     case kF16:
-      finish<uint16_t, STEP>(J, a, img, pimg, (uint16_t*)J.out + i * plane, t);
+      finish<uint16_t, STEP>(J, a, e, img, pimg, (uint16_t*)J.out + i * plane, t);
       break;
     default:
-      finish<uint8_t, STEP>(J, a, img, pimg, (uint8_t*)J.out + i * plane, t);
+      finish<uint8_t, STEP>(J, a, e, img, pimg, (uint8_t*)J.out + i * plane, t);
   }
+}
+
+// RandAugment on a row-planar render (ops work on interleaved HWC): bins, or the stored
+// float magnitudes of an extension record. hwc/ra: scratch of oh*ow*3 bytes.
+int ra_planar(const Job& J, uint8_t* planar, uint8_t* hwc, uint8_t* ra, const uint8_t* ops, const int8_t* mags,
+              const float* vals, bool use_vals, bool back_to_planar) {
+  const int ow = J.ow;
+  for (int y = 0; y < J.oh; ++y) {
+    const uint8_t* r = planar + (size_t)y * 3 * ow;
+    planar_to_hwc(r, r + ow, r + 2 * ow, hwc + (size_t)y * 3 * ow, ow);
+  }
+  int rc;
+  if (use_vals) {
+    if (&fl::randaugment_apply_values == nullptr) return fl::fail("RandAugment is not built into this library");
+    rc = fl::randaugment_apply_values(hwc, J.oh, J.ow, ops, vals, fl::kMaxRA, J.grid_h, J.grid_w, ra,
+                                      (J.num_bins & fl::kRASemanticsV2) != 0);
+  } else {
+    if (&fl::randaugment_apply == nullptr) return fl::fail("RandAugment is not built into this library");
+    rc = fl::randaugment_apply(hwc, J.oh, J.ow, ops, mags, fl::kMaxRA, J.num_bins, ra);
+  }
+  if (rc || !back_to_planar) return rc;
+  for (int y = 0; y < J.oh; ++y) {
+    uint8_t* r = planar + (size_t)y * 3 * ow;
+    hwc_to_planar(hwc + (size_t)y * 3 * ow, r, r + ow, r + 2 * ow, ow);
+  }
+  return 0;
 }
 
 // Fast path (no RandAugment, no mixing): the resize writes normalized rows straight into
 // the output; erasing then overwrites its box.
-int render_direct(const Job& J, const Aug& a, long i, TLS& t) {
+int render_direct(const Job& J, const Aug& a, bool black, long i, TLS& t) {
   const int oh = J.oh, ow = J.ow;
   const size_t plane = (size_t)oh * ow;
   const size_t esz = J.dtype == kF32 ? 4 : (J.dtype == kF16 ? 2 : 1);
@@ -253,7 +300,7 @@ int render_direct(const Job& J, const Aug& a, long i, TLS& t) {
     int et, el, eh, ew;
     fl::box_to_pixels(a.erase, oh, ow, &et, &el, &eh, &ew);
     for (int c = 0; c < 3; ++c) {
-      const float fill = norm ? 0.f : J.mean255[c];
+      const float fill = erase_fill(J, c, black);
       for (int y = et; y < et + eh; ++y) {
         const size_t off = (size_t)c * plane + (size_t)y * ow + el;
         if (J.dtype == kF32)
@@ -273,26 +320,27 @@ int render_one(const Job& J, long i) {
   const Aug& a = J.augs[i];
   const size_t n = (size_t)J.oh * J.ow * 3;
   if (t.img.size() < n) t.img.resize(n);
-  bool has_ra = false;
+  fl::ExtView e{};
+  for (int k = 0; k < fl::kMaxRA; ++k) e.pra_ops[k] = fl::kRANone;
+  if (J.ext) fl::load_ext(J.ext + i, &e);
+  const bool vals = e.ext & fl::kExtRaFloat;
+  bool has_ra = false, p_ra = false;
   for (int k = 0; k < fl::kMaxRA; ++k) has_ra |= a.ra_ops[k] != fl::kRANone;
+  if (e.ext & fl::kExtPartnerAug)
+    for (int k = 0; k < fl::kMaxRA; ++k) p_ra |= e.pra_ops[k] != fl::kRANone;
   const bool mixing = a.flags & (fl::kFlagMixup | fl::kFlagCutmix);
-  if (!has_ra && !mixing) return render_direct(J, a, i, t);
+  if (!has_ra && !mixing) return render_direct(J, a, e.ext & fl::kExtEraseBlack, i, t);
   t.s.direct = nullptr;
   int rc = fl::render_u8(J.srcs[i], a.crop, a.flags & fl::kFlagFlip, J.oh, J.ow, J.bicubic, J.dct, t.s,
                          t.img.data());
   if (rc) return rc;
-  if (has_ra) {
-    if (&fl::randaugment_apply == nullptr) return fl::fail("RandAugment is not built into this library");
-    // RandAugment works on interleaved HWC: interleave the row-planar render first.
+  if (has_ra || p_ra) {
     if (t.hwc.size() < n) t.hwc.resize(n);
     if (t.ra.size() < n) t.ra.resize(n);
-    const int ow = J.ow;
-    for (int y = 0; y < J.oh; ++y) {
-      const uint8_t* r = t.img.data() + (size_t)y * 3 * ow;
-      planar_to_hwc(r, r + ow, r + 2 * ow, t.hwc.data() + (size_t)y * 3 * ow, ow);
-    }
-    rc = fl::randaugment_apply(t.hwc.data(), J.oh, J.ow, a.ra_ops, a.ra_mags, fl::kMaxRA, J.num_bins,
-                               t.ra.data());
+  }
+  if (has_ra) {
+    // the result stays interleaved in t.hwc (finish<3> de-interleaves row by row)
+    rc = ra_planar(J, t.img.data(), t.hwc.data(), t.ra.data(), a.ra_ops, a.ra_mags, e.ra_vals, vals, false);
     if (rc) return rc;
   }
   const uint8_t* pimg = nullptr;
@@ -302,7 +350,7 @@ int render_one(const Job& J, long i) {
     if (t.pimg.size() < n) t.pimg.resize(n);
     // CutMix without MixUp reads only the partner rows inside the box: render (and decode)
     // just those; the rows' pixels are the same as in a full render.
-    if (!(a.flags & fl::kFlagMixup)) {
+    if (!(a.flags & fl::kFlagMixup) && !p_ra) {  // the partner's RandAugment moves pixels across rows
       int ct, cl, ch, cw;
       fl::box_to_pixels(a.cutmix, J.oh, J.ow, &ct, &cl, &ch, &cw);
       t.s.win_y0 = ct;
@@ -315,12 +363,20 @@ int render_one(const Job& J, long i) {
       std::string m = fl::error_buffer();
       return fl::fail("partner %d: %s", a.partner, m.c_str());
     }
+    if (p_ra) {
+      if (t.phwc.size() < n) t.phwc.resize(n);
+      rc = ra_planar(J, t.pimg.data(), t.phwc.data(), t.ra.data(), e.pra_ops, e.pra_mags, e.pra_vals, vals, true);
+      if (rc) {
+        std::string m = fl::error_buffer();
+        return fl::fail("partner %d: %s", a.partner, m.c_str());
+      }
+    }
     pimg = t.pimg.data();
   }
   if (has_ra)
-    finish_any<3>(J, a, t.hwc.data(), pimg, i, t);
+    finish_any<3>(J, a, e, t.hwc.data(), pimg, i, t);
   else
-    finish_any<1>(J, a, t.img.data(), pimg, i, t);
+    finish_any<1>(J, a, e, t.img.data(), pimg, i, t);
   return 0;
 }
 
@@ -398,6 +454,30 @@ FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const 
   if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
   if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
   Job J{srcs, partners, augs, out, dtype, oh, ow, bicubic, dct, num_bins, {}, {}, {}};
+  for (int c = 0; c < 3; ++c) {
+    if (!(std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
+    J.scale[c] = 1.f / (255.f * std[c]);
+    J.bias[c] = -mean[c] / std[c];
+    J.mean255[c] = mean[c] * 255.f;
+  }
+  return run_batch((long)n, threads, bad_index, [&](long i) { return render_one(J, i); });
+}
+
+// fl_replay_batch with schema-v2 extension records ext[n] (packed AugExt, any alignment);
+// grid_h/grid_w: the box grid float translations were sampled on (0: the output size).
+FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
+                                  int64_t n, void* out, int dtype, int oh, int ow, const float* mean,
+                                  const float* std, int bicubic, int dct, int num_bins, int grid_h, int grid_w,
+                                  int threads, int64_t* bad_index) {
+  if (bad_index) *bad_index = -1;
+  if (n < 0 || (n > 0 && (!srcs || !augs || !out || !ext))) return fl::fail("null argument");
+  if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
+  if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
+  if (grid_h < 0 || grid_w < 0) return fl::fail("box grid must be non-negative, got %dx%d", grid_h, grid_w);
+  Job J{srcs, partners, augs, out, dtype, oh, ow, bicubic, dct, num_bins, {}, {}, {}};
+  J.ext = ext;
+  J.grid_h = grid_h > 0 ? grid_h : oh;
+  J.grid_w = grid_w > 0 ? grid_w : ow;
   for (int c = 0; c < 3; ++c) {
     if (!(std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
     J.scale[c] = 1.f / (255.f * std[c]);

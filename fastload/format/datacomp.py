@@ -2,10 +2,15 @@
 
 Per sample (WebDataset: tar members ``<key>.<ext>``) the reinforcement tars hold
 ``syn.json`` (synthetic captions: a list, or ``{"syn_text": [...]}``), ``paug.json`` (per
-augmentation ``[[i, j, h, w], [[op, mag], ...]]`` with the crop in source pixels, the op a
-RandAugment name or index and the magnitude a signed bin; or ``{"param_aug": [...]}``) and
-``npz`` (``image_emb`` [N, D] and ``text_emb`` [1 + S, D], float32, or bfloat16 bit patterns
-stored as uint16). Images are not part of DataCompDR: they are joined by key from image tars
+augmentation ml-dr's compressed parameters ``[[i, j, h, w], [[op, mag], ...]]`` with the
+crop in source pixels, the op a RandAugment name or index; or ``{"param_aug": [...]}``, the
+real DataCompDR-12M layout) and ``npz`` (``image_emb`` [N, D] and ``text_emb`` [C + S, D]:
+real captions then synthetic ones, float32, or bfloat16 bit patterns stored as uint16);
+``url.txt`` and ``json`` (per-sample metadata) may be present and are not needed.
+Magnitudes are DataCompDR's floats (the value torchvision's ``_apply_op`` receives, drawn on
+the ``reinforce_size`` crop, 224): stored exactly in the schema-v2 extension record, and as
+the matching bin when they are one (always, for DataCompDR-12M); an integer magnitude is a
+signed bin (fastload's own layout). A RandAugment entry of ``null`` (skipped) is no op. Images are not part of DataCompDR: they are joined by key from image tars
 or a folder (``<key>.jpg``), with the real caption from ``<key>.txt`` or ``<key>.json``
 (``{"caption": ...}``). Embeddings are stored as fp16.
 """
@@ -23,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fastload.format.record_ext import encode_ext
 from fastload.format.shards import encode_array, encode_augs
 from fastload.format.writer import DatasetWriter, write_shard_file
 from fastload.sample import params as P
@@ -152,7 +158,8 @@ def _load_npz(b: bytes, key: str) -> Tuple[np.ndarray, np.ndarray]:
     return ie, te
 
 
-def _parse_paug(b: bytes, key: str, hw: Tuple[int, int]) -> np.ndarray:
+def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] = (224, 224),
+                num_bins: int = 31) -> Tuple[np.ndarray, np.ndarray]:
     try:
         d = json.loads(b)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -161,35 +168,36 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int]) -> np.ndarray:
         d = d.get("param_aug", d.get("params"))
     if not isinstance(d, list) or not d:
         raise ValueError(f"sample {key!r}: paug.json must be a non-empty list of augmentations")
+    from fastload.format.mldr import ra_fields
+
     H, W = hw
-    rec = P.empty(len(d))
+    rec, ext = P.empty(len(d)), P.empty_ext(len(d))
     for n, a in enumerate(d):
         try:
-            box, ops = a[0], (a[1] if len(a) > 1 else [])
+            box, ops = a[0], (a[1] if len(a) > 1 else None)
             i, j, h, w = (int(v) for v in box)
         except (TypeError, ValueError, IndexError) as e:
             raise ValueError(f"sample {key!r}: augmentation {n} is not [[i, j, h, w], [[op, mag], ...]]") from e
         if not (0 <= i and 0 <= j and h >= 1 and w >= 1 and i + h <= H and j + w <= W):
             raise ValueError(f"sample {key!r}: crop {box} outside the {H}x{W} image")
         rec["crop"][n] = P.pixels_to_box(i, j, h, w, H, W)
-        if len(ops) > P.MAX_RA:
-            raise ValueError(f"sample {key!r}: {len(ops)} RandAugment ops, at most {P.MAX_RA}")
-        for s, op in enumerate(ops):
-            name, mag = op[0], op[1]
-            idx = P.RA_OPS.index(name) if isinstance(name, str) and name in P.RA_OPS else name
-            if not isinstance(idx, int) or not 0 <= idx < len(P.RA_OPS):
-                raise ValueError(f"sample {key!r}: unknown RandAugment op {name!r}")
-            if float(mag) != int(mag) or not -127 <= int(mag) <= 127:
-                raise ValueError(f"sample {key!r}: magnitude {mag!r} is not a signed bin index")
-            rec["ra_ops"][n, s] = idx
-            rec["ra_mags"][n, s] = int(mag)
-    return rec
+        if ops is not None and not isinstance(ops, list):
+            raise ValueError(f"sample {key!r}: augmentation {n}: RandAugment params must be a list or null")
+        o, m, v, off = ra_fields(ops, grid, num_bins, f"sample {key!r}: augmentation {n}")
+        rec["ra_ops"][n], rec["ra_mags"][n] = o, m
+        if off:  # else the bins reproduce the values exactly
+            ext["ra_vals"][n], ext["ext"][n] = v, P.EXT_RA_FLOAT
+    return rec, ext
 
 
 def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_size: int = 1000,
                     image_size: int = 224, on_error: str = "raise", progress: bool = True,
-                    teachers: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+                    teachers: Optional[List[Dict[str, Any]]] = None, reinforce_size: int = 224,
+                    ra_num_bins: int = 31) -> Dict[str, Any]:
     """Import DataCompDR-style shards ``tars`` (joined by key with ``images``) into ``out``.
+
+    ``reinforce_size``: the crop size the augmentations were drawn on (DataCompDR: 224; the
+    grid of float translations); ``image_size``: the replay output size.
 
     Example:
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
@@ -208,7 +216,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
             raise ValueError(f"tars: {t!r} does not exist")
     index = _ImageIndex(list(images))
     policy = AugmentPolicy(rrc=True, flip=False, randaugment=(2, 9), interpolation="bicubic",
-                           size=(image_size, image_size))
+                           size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins)
     rows: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     meta: Dict[str, Any] = {}
@@ -234,7 +242,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                         Image.open(io.BytesIO(img)).convert("RGB").save(buf, format="JPEG", quality=95)
                         img = buf.getvalue()
                     ie, te = _load_npz(parts["npz"], key)
-                    rec = _parse_paug(parts["paug.json"], key, (h, w))
+                    rec, ext = _parse_paug(parts["paug.json"], key, (h, w), policy.size, ra_num_bins)
                     if len(rec) != len(ie):
                         raise ValueError(f"sample {key!r}: {len(rec)} augmentations but {len(ie)} image embeddings")
                     syn = json.loads(parts["syn.json"])
@@ -247,7 +255,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                         meta = shape
                     elif shape != meta:
                         raise ValueError(f"sample {key!r}: shapes {shape} differ from the first sample's {meta}")
-                    rows.append({"key": key, "image": img, "hw": (h, w), "augs": rec, "ie": ie, "te": te,
+                    rows.append({"key": key, "image": img, "hw": (h, w), "augs": rec, "ext": ext, "ie": ie, "te": te,
                                  "real": [real] if real else [], "syn": syn})
                 except (ValueError, json.JSONDecodeError) as e:
                     if on_error == "raise":
@@ -269,8 +277,10 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
               "teachers": teachers or [{"name": "DataCompDR teacher ensemble",
                                         "description": "embeddings imported from DataCompDR shards"}],
               "embedding_dim": meta["embedding_dim"], "num_captions": meta["num_captions"],
-              "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": skipped}
-    fp = {"tars": digest.hexdigest(), "rows": len(rows), "shard_size": shard_size, "image_size": image_size}
+              "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": skipped,
+              "record_ext": True}
+    fp = {"tars": digest.hexdigest(), "rows": len(rows), "shard_size": shard_size, "image_size": image_size,
+          "reinforce_size": reinforce_size}
     w = DatasetWriter(out, header, fp, num_shards)
     for s in range(num_shards):
         if s in w.done:
@@ -283,7 +293,8 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                 "label": [-1] * len(part), "image": [r["image"] for r in part],
                 "augs": [encode_augs(r["augs"], r["hw"], policy.size, all_hw) for r in part],
                 "image_emb": [encode_array(r["ie"]) for r in part], "text_emb": [encode_array(r["te"]) for r in part],
-                "captions": [r["real"] for r in part], "syn_captions": [r["syn"] for r in part]}
+                "captions": [r["real"] for r in part], "syn_captions": [r["syn"] for r in part],
+                "augs_ext": [encode_ext(r["ext"]) for r in part]}
         w.add_shard(write_shard_file(out, s, cols, "image_text"))
     return w.finish(skipped=skipped)
 
@@ -296,12 +307,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--reinforce-size", type=int, default=224,
+                    help="crop size the augmentations were drawn on (DataCompDR: 224)")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_datacomp(a.tars, a.out, a.images, shard_size=a.shard_size, image_size=a.image_size,
-                            on_error=a.on_error, progress=not a.quiet)
+                            on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size)
     except ValueError as e:
         print(f"fastload import-datacomp: error: {e}", file=sys.stderr)
         return 2

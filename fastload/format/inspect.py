@@ -47,7 +47,7 @@ def summarize(path: str, max_rows_for_entropy: int = 2000) -> Dict[str, Any]:
     if bad:
         return out
     n_aug_total = 0
-    aug_b = tgt_b = emb_b = img_b = file_b = 0
+    aug_b = ext_b = tgt_b = emb_b = img_b = file_b = 0
     for s in shards:
         p = os.path.join(path, s["file"])
         file_b += os.path.getsize(p)
@@ -55,17 +55,21 @@ def summarize(path: str, max_rows_for_entropy: int = 2000) -> Dict[str, Any]:
             b = pa.ipc.open_file(mm).get_batch(0)
             n_aug_total += b.num_rows * m["num_augmentations"]
             aug_b += b.column("augs").nbytes
+            if "augs_ext" in b.schema.names:  # schema v2 extension records (imports)
+                ext_b += b.column("augs_ext").nbytes
             img_b += b.column("image").nbytes
             if m["kind"] == "classification":
                 tgt_b += b.column("targets").nbytes
             else:
                 emb_b += b.column("image_emb").nbytes + b.column("text_emb").nbytes
     n = max(n_aug_total, 1)
-    out["bytes"] = {"files": file_b, "images": img_b, "augs": aug_b, "targets": tgt_b, "embeddings": emb_b}
+    out["bytes"] = {"files": file_b, "images": img_b, "augs": aug_b, "augs_ext": ext_b, "targets": tgt_b,
+                    "embeddings": emb_b}
     out["bytes_per_augmentation"] = {
-        "params": aug_b / n,
+        "params": (aug_b + ext_b) / n,
+        "params_ext": ext_b / n,
         "targets": tgt_b / n,
-        "params_plus_targets": (aug_b + tgt_b) / n,
+        "params_plus_targets": (aug_b + ext_b + tgt_b) / n,
         "embeddings": emb_b / n,
         "all_but_images": (file_b - img_b) / n,
     }
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
             b = s["bytes_per_augmentation"]
             print(f"  bytes per augmentation: {b['params_plus_targets']:.2f} (params {b['params']:.2f} + "
                   f"targets {b['targets']:.2f}); {b['all_but_images']:.2f} with row metadata")
+            if b["params_ext"]:
+                print(f"  of the params, extension records (schema v2): {b['params_ext']:.2f}")
             if s["kind"] == "image_text":
                 print(f"  embedding bytes per augmentation (image + caption embeddings, fp16): {b['embeddings']:.1f}")
             print(f"  total {s['bytes']['files']:,} bytes, images {s['bytes']['images']:,}")

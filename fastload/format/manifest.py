@@ -1,4 +1,4 @@
-"""``manifest.json`` of a reinforced dataset (schema v1): reading, validation, atomic writes.
+"""``manifest.json`` of a reinforced dataset (schema v2; v1 is read too): reading, validation, atomic writes.
 
 The manifest is the single source of truth: a shard exists for readers only once it is
 listed here, and it is listed only after it was written to a temporary name, fsync'd and
@@ -21,7 +21,9 @@ import json
 import os
 from typing import Any, Dict
 
-SCHEMA_VERSION = 1
+# v2: shards may hold the ``augs_ext`` column (fastload.sample.params.AUG_EXT_DTYPE); v1
+# datasets have none and read as empty extensions.
+SCHEMA_VERSION = 2
 FORMAT_NAME = "fastload-reinforced"
 MANIFEST = "manifest.json"
 KINDS = ("classification", "image_text")

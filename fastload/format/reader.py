@@ -207,6 +207,22 @@ class ReinforcedDataset:
         return decode_augs(sh.blob("augs", r), self._hw_tuples[i], self._box_grid, self.source_hw,
                            expected_n=self.num_augmentations)
 
+    @property
+    def has_ext(self) -> bool:
+        """Whether the shards hold extension records (schema v2 ``augs_ext``)."""
+        return bool(self._shards_meta) and "augs_ext" in self._shard(0).batch.schema.names
+
+    def augs_ext(self, i: int) -> np.ndarray:
+        """The N extension records of row ``i`` (AUG_EXT_DTYPE[N]); empty ones when the
+        dataset has none (schema v1, or nothing to extend)."""
+        from fastload.format.record_ext import decode_ext
+        from fastload.sample.params import empty_ext
+
+        sh, r = self._locate(i)
+        if "augs_ext" not in sh.batch.schema.names:
+            return empty_ext(self.num_augmentations)
+        return decode_ext(sh.blob("augs_ext", r), expected_n=self.num_augmentations)
+
     def _targets_row(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
         if self.kind != "classification":
             raise ValueError("top-k targets exist only in classification datasets")

@@ -403,7 +403,8 @@ def decode_array(blob, shape: Tuple[int, ...]) -> np.ndarray:
 # Arrow schema
 
 
-def arrow_schema(kind: str):
+def arrow_schema(kind: str, ext: bool = False):
+    """``ext``: schema v2's optional ``augs_ext`` column (fastload.format.record_ext)."""
     import pyarrow as pa
 
     fields = [
@@ -424,6 +425,8 @@ def arrow_schema(kind: str):
         fields += [pa.field("image_emb", pa.large_binary()), pa.field("text_emb", pa.large_binary()),
                    pa.field("captions", pa.list_(pa.large_string())),
                    pa.field("syn_captions", pa.list_(pa.large_string()))]
+    if ext:
+        fields.append(pa.field("augs_ext", pa.large_binary()))
     return pa.schema(fields)
 
 

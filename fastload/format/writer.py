@@ -19,7 +19,7 @@ def write_shard_file(root: str, index: int, columns: Dict[str, list], kind: str)
     """Write one shard (one Arrow IPC record batch) atomically; return its manifest entry."""
     import pyarrow as pa
 
-    schema = arrow_schema(kind)
+    schema = arrow_schema(kind, ext="augs_ext" in columns)
     batch = pa.record_batch([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
     name = mf.shard_name(index)
     path = os.path.join(root, name)

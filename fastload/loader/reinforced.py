@@ -404,6 +404,11 @@ class ReinforcedLoader:
             fresh = coin >= self.p_reinforced
             if fresh.any():
                 recs[fresh] = self._fresh(epoch, step, rows[fresh])
+        ext = None
+        if getattr(ds, "has_ext", False):  # schema-v2 extension records (imported ml-dr data)
+            ext = np.concatenate([ds.augs_ext(int(r))[int(a):int(a) + 1] for r, a in zip(rows, aug)])
+            if fresh is not None and fresh.any():
+                ext[fresh] = P.empty_ext(int(fresh.sum()))
         partners = None
         if (recs["partner"] >= 0).any():
             partners = [ds.image_bytes(int(p)) if p >= 0 else None for p in recs["partner"]]
@@ -413,13 +418,13 @@ class ReinforcedLoader:
         else:
             labels, tgt = None, self._text_side(epoch, rows, views, aug)
         return dict(rows=rows, sources=list(sources), recs=recs, partners=partners, hw=hw,
-                    labels=labels, tgt=tgt)
+                    labels=labels, tgt=tgt, ext=ext)
 
     def _render_prepared(self, prep: dict, out_fn):
         """Stage 2 (native, GIL released): render into an output buffer."""
         rows, labels, tgt, hw = prep["rows"], prep["labels"], prep["tgt"], prep["hw"]
         out = out_fn((len(rows), 3, hw[0], hw[1]))
-        bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows)
+        bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows, prep.get("ext"))
         if bad is not None:  # on_error="skip": copy the first good row over every bad one
             good = int(np.flatnonzero(~bad)[0])
             bi = np.flatnonzero(bad)
@@ -433,7 +438,7 @@ class ReinforcedLoader:
         """Gather and render one batch; returns the (host) batch."""
         return self._render_prepared(self._prepare(epoch, step, idx, hw), out_fn)
 
-    def _render(self, sources, recs, out, partners, rows):
+    def _render(self, sources, recs, out, partners, rows, ext=None):
         """Render; returns (None, []) or, under on_error="skip", (bad-row mask, culprit ids)."""
         from fastload.replay.native import render_batch
 
@@ -442,6 +447,10 @@ class ReinforcedLoader:
         kw = dict(mean=self.mean, std=self.std, interpolation=self.interpolation,
                   dct_scale=self.dct_scale, threads=threads, ra_num_bins=getattr(pol, "ra_num_bins", 31),
                   ra_semantics=getattr(pol, "randaugment_semantics", "v1"))
+        grid = self.dataset.replay.get("box_grid") if ext is not None else None
+
+        def ek(pos):  # the rows' schema-v2 extension records, when the dataset has them
+            return {} if ext is None else dict(ext=ext[pos], box_grid=grid)
         try:
             src = sources
             if self.views > 1:
@@ -451,7 +460,7 @@ class ReinforcedLoader:
 
                 pixels = decode_batch(sources[::self.views], scale=1, threads=threads)
                 src = [pixels[r // self.views] for r in range(len(sources))]
-            render_batch(src, recs, out, partner_sources=partners, sample_ids=rows, **kw)
+            render_batch(src, recs, out, partner_sources=partners, sample_ids=rows, **kw, **ek(slice(None)))
             return None, []
         except (RuntimeError, ValueError) as exc:
             first_exc = exc
@@ -465,7 +474,7 @@ class ReinforcedLoader:
             p = None if partners is None else partners[r:r + 1]
             try:
                 render_batch(sources[r:r + 1], recs[r:r + 1], out[r:r + 1], partner_sources=p,
-                             sample_ids=rows[r:r + 1], **one)
+                             sample_ids=rows[r:r + 1], **one, **ek(slice(r, r + 1)))
                 continue
             except (RuntimeError, ValueError) as exc:
                 bad[r] = True
@@ -474,7 +483,8 @@ class ReinforcedLoader:
             own["partner"] = -1
             own["flags"] &= np.uint8(~(P.FLAG_MIXUP | P.FLAG_CUTMIX | P.FLAG_PARTNER_FLIP) & 0xFF)
             try:
-                render_batch(sources[r:r + 1], own, out[r:r + 1], sample_ids=rows[r:r + 1], **one)
+                render_batch(sources[r:r + 1], own, out[r:r + 1], sample_ids=rows[r:r + 1], **one,
+                             **ek(slice(r, r + 1)))
                 culprit[r] = int(recs["partner"][r]) if recs["partner"][r] >= 0 else int(rows[r])
             except (RuntimeError, ValueError) as exc:
                 culprit[r] = int(rows[r])

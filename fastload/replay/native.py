@@ -36,6 +36,10 @@ def _lib():
         vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.fl_replay_batch.argtypes = [vp, vp, vp, i64, vp, i32, i32, i32, vp, vp, i32, i32, i32, i32, vp]
         lib.fl_replay_batch.restype = i32
+        if hasattr(lib, "fl_replay_batch_ext"):  # schema-v2 extension records
+            lib.fl_replay_batch_ext.argtypes = [vp, vp, vp, vp, i64, vp, i32, i32, i32, vp, vp, i32, i32, i32,
+                                                i32, i32, i32, vp]
+            lib.fl_replay_batch_ext.restype = i32
         lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, i32, vp]
         lib.fl_decode_batch.restype = i32
         lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i32, vp]
@@ -158,7 +162,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                  partner_sources: Optional[Sequence] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
                  sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
-                 ra_semantics: str = "v1", _decoder_flags: int = 0) -> torch.Tensor:
+                 ra_semantics: str = "v1", _decoder_flags: int = 0, ext: Optional[np.ndarray] = None,
+                 box_grid: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
@@ -174,7 +179,10 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     Generation and replay of one dataset must use the same rule. ``_decoder_flags``
     (``DECODER_IFAST``, ``DECODER_NO_FANCY``) are measurement switches for the benchmark: they
     change pixels by more than the 1-level contract. A bad sample raises ``ValueError`` naming
-    ``sample_ids[i]`` (or the position i).
+    ``sample_ids[i]`` (or the position i). ``ext``: schema-v2 extension records
+    (``params.AUG_EXT_DTYPE``, one per record: float magnitudes, black erasing, the
+    partner's own RandAugment/erasing), with ``box_grid`` the (h, w) their float
+    translations were sampled on (the dataset's ``replay.box_grid``; default: the output).
 
     Example:
         >>> import numpy as np, torch
@@ -192,6 +200,14 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     n = len(sources)
     if params.shape[0] != n:
         raise ValueError(f"params holds {params.shape[0]} records for {n} sources")
+    if ext is not None:
+        ext = np.ascontiguousarray(ext).reshape(-1)
+        if ext.dtype != P.AUG_EXT_DTYPE or ext.shape[0] != n:
+            raise ValueError(f"ext must be {n} records of dtype fastload.sample.params.AUG_EXT_DTYPE, got "
+                             f"{ext.shape[0]} of {ext.dtype}")
+        if not hasattr(lib, "fl_replay_batch_ext"):
+            raise ValueError("fastload._replay predates extension records: rebuild it (setup.py build_ext)")
+    gh, gw = (0, 0) if box_grid is None else (int(box_grid[0]), int(box_grid[1]))
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != n or out.shape[1] != 3:
         raise ValueError(f"out must be a [{n}, 3, h, w] tensor, got "
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
@@ -228,12 +244,18 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         pdesc = _describe(partner_sources, keep, "partner_sources", allow_none=True)
     dct = _dct_code(dct_scale) | int(_decoder_flags)
     bad = ctypes.c_int64(-1)
-    status = lib.fl_replay_batch(
-        desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
-        out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
-        # the semantics ride in num_bins' bit 8 (kRASemanticsV2, csrc/replay/randaugment.h)
-        _INTERP[interpolation], dct, int(ra_num_bins) | (_RA_V2 if ra_semantics == "v2" else 0), int(threads or 0),
-        ctypes.byref(bad))
+    # the semantics ride in num_bins' bit 8 (kRASemanticsV2, csrc/replay/randaugment.h)
+    bins = int(ra_num_bins) | (_RA_V2 if ra_semantics == "v2" else 0)
+    if ext is not None:
+        status = lib.fl_replay_batch_ext(
+            desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data,
+            ext.ctypes.data, n, out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
+            _INTERP[interpolation], dct, bins, gh, gw, int(threads or 0), ctypes.byref(bad))
+    else:
+        status = lib.fl_replay_batch(
+            desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
+            out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
+            _INTERP[interpolation], dct, bins, int(threads or 0), ctypes.byref(bad))
     if status != 0:
         msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
         i = bad.value

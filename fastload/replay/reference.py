@@ -5,6 +5,11 @@ Triton kernel are tested against. It follows torchvision's tensor semantics: the
 integer box (``params.box_to_pixels``), the resize is ``F.interpolate(antialias=True,
 align_corners=False)`` on float followed by round + clamp to uint8 (torchvision's uint8
 resize), then flip, RandAugment, ``/255``, Normalize, RandomErasing(value=0), MixUp, CutMix.
+
+With a schema-v2 extension record (``ext``, ``params.AUG_EXT_DTYPE``) it also replays what
+imported ml-dr records hold: float magnitudes, black erasing before Normalize, and the
+partner's own RandAugment and erasing (applied to the partner in the same order as to the
+image, as ml-dr's ``Compose.reapply`` does).
 """
 from __future__ import annotations
 
@@ -44,8 +49,40 @@ def _box_px(q, h, w):
     return t, l, bh, bw
 
 
+def _ra_float(y: torch.Tensor, ops, vals, box_grid, semantics: str = "v1") -> torch.Tensor:
+    """RandAugment with stored float magnitudes (translations scaled from the box grid)."""
+    from .reference_ra import apply_op
+
+    h, w = y.shape[1:]
+    gh, gw = box_grid if box_grid is not None else (h, w)
+    for o, v in zip(ops, vals):
+        o = int(o)
+        if o == P.RA_NONE:
+            continue
+        name = P.RA_OPS[o]
+        v = float(v)
+        if name == "TranslateX":
+            v = v * w / gw
+        elif name == "TranslateY":
+            v = v * h / gh
+        y = apply_op(y, name, v, semantics=semantics)
+    return y
+
+
+def _apply_ra_any(y, ops, mags, vals, use_float: bool, ra_num_bins, box_grid, semantics: str = "v1"):
+    if not any(int(o) != P.RA_NONE for o in ops):
+        return y
+    if use_float:
+        return _ra_float(y, ops, vals, box_grid, semantics)
+    from .reference_ra import apply_ra
+
+    keep = [i for i, o in enumerate(ops) if int(o) != P.RA_NONE]
+    return apply_ra(y, [int(ops[i]) for i in keep], [int(mags[i]) for i in keep], num_bins=ra_num_bins,
+                    semantics=semantics)
+
+
 def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", ra_num_bins=31,
-                    ra_semantics="v1") -> torch.Tensor:
+                    ext=None, box_grid=None, ra_semantics="v1") -> torch.Tensor:
     """The uint8 [3,h,w] image before normalization: crop, resize, flip, RandAugment.
 
     Example:
@@ -57,17 +94,20 @@ def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", 
     """
     flags = int(aug["flags"])
     y = crop_resize_flip(img_u8_hwc, aug["crop"], size, bool(flags & P.FLAG_FLIP), interpolation)
-    ops = [int(o) for o in aug["ra_ops"] if int(o) != P.RA_NONE]
-    if ops:
-        from .reference_ra import apply_ra
+    use_float = ext is not None and bool(int(ext["ext"]) & P.EXT_RA_FLOAT)
+    vals = ext["ra_vals"] if ext is not None else None
+    return _apply_ra_any(y, aug["ra_ops"], aug["ra_mags"], vals, use_float, ra_num_bins, box_grid, ra_semantics)
 
-        mags = [int(m) for o, m in zip(aug["ra_ops"], aug["ra_mags"]) if int(o) != P.RA_NONE]
-        y = apply_ra(y, ops, mags, num_bins=ra_num_bins, semantics=ra_semantics)
-    return y
+
+def _erase(x: torch.Tensor, box, h: int, w: int, fill: torch.Tensor) -> None:
+    if int(box[3]) != 0:
+        t, l, eh, ew = _box_px(box, h, w)
+        x[:, t:t + eh, l:l + ew] = fill
 
 
 def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, interpolation="bilinear", ra_num_bins=31) -> torch.Tensor:
+                     std=IMAGENET_STD, interpolation="bilinear", ra_num_bins=31, ext=None,
+                     box_grid=None, ra_semantics="v1") -> torch.Tensor:
     """Replay one record on one image: float32 [3, h, w], normalized, erased and mixed.
 
     Example:
@@ -80,19 +120,25 @@ def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IM
     h, w = size
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    x = reference_uint8(img_u8_hwc, aug, size, interpolation, ra_num_bins).float() / 255
+    x = reference_uint8(img_u8_hwc, aug, size, interpolation, ra_num_bins, ext, box_grid,
+                        ra_semantics).float() / 255
     x = (x - m) / s
-    e = aug["erase"]
-    if int(e[3]) != 0:
-        t, l, eh, ew = _box_px(e, h, w)
-        x[:, t:t + eh, l:l + ew] = 0
+    xb = int(ext["ext"]) if ext is not None else 0
+    # ml-dr erases with 0 before Normalize: the pixel becomes -mean/std; fastload's own
+    # records fill the mean colour (0 after Normalize), torchvision's RandomErasing(value=0)
+    fill = -m / s if xb & P.EXT_ERASE_BLACK else torch.zeros_like(m)
+    _erase(x, aug["erase"], h, w, fill)
     flags = int(aug["flags"])
     if flags & (P.FLAG_MIXUP | P.FLAG_CUTMIX):
         if partner_img is None:
             raise ValueError("the record mixes with a partner but partner_img is None")
-        p = crop_resize_flip(partner_img, aug["pcrop"], size, bool(flags & P.FLAG_PARTNER_FLIP),
-                             interpolation).float() / 255
-        p = (p - m) / s
+        p = crop_resize_flip(partner_img, aug["pcrop"], size, bool(flags & P.FLAG_PARTNER_FLIP), interpolation)
+        if xb & P.EXT_PARTNER_AUG:
+            p = _apply_ra_any(p, ext["pra_ops"], ext["pra_mags"], ext["pra_vals"], bool(xb & P.EXT_RA_FLOAT),
+                              ra_num_bins, box_grid, ra_semantics)
+        p = (p.float() / 255 - m) / s
+        if xb & P.EXT_PARTNER_AUG:
+            _erase(p, ext["perase"], h, w, fill)
         if flags & P.FLAG_MIXUP:
             lam = int(aug["mixup"]) / P.Q
             x = lam * x + (1 - lam) * p

@@ -24,6 +24,24 @@ re-encoded at a smaller size) is correct:
   (1 - lam) * partner.
 - ``cutmix``: CutMix box as fractions of the output (valid when flag bit 3 is set), filled
   with the partner's pixels after MixUp.
+
+Schema v2 adds an optional *extension record* (``AUG_EXT_DTYPE``, one per record, stored in
+its own column ``augs_ext``; absent in v1 datasets and in datasets that do not need it, which
+then read as :func:`empty_ext`). It holds what imported reinforcements (apple/ml-dr's
+ImageNet+) store and the 47-byte record cannot, so an import loses nothing:
+
+- ``ext``: bits. ``EXT_RA_FLOAT``: the RandAugment magnitudes of the image and of the partner
+  are the float values ``ra_vals`` / ``pra_vals`` (torchvision's ``_apply_op`` argument,
+  signed; translations in pixels of the box grid ``replay.box_grid``, scaled to the output
+  width/height), not the bins ``ra_mags`` / ``pra_mags`` (which then hold the nearest bin).
+  Importers store the floats only where a value is not a table entry (bins are exact
+  otherwise). ``EXT_ERASE_BLACK``: erased pixels are 0 *before* Normalize (ml-dr: black, i.e.
+  ``-mean/std`` after it), not the mean colour. ``EXT_CUTMIX_EMPTY``: CutMix was drawn but
+  its box has no area (no pixel changes; flag bit 3 stays clear). ``EXT_PARTNER_AUG``: the
+  partner has its own RandAugment (``pra_ops``/``pra_mags``/``pra_vals``) and erasing
+  (``perase``, same encoding as ``erase``), applied after its crop/flip as for the image.
+- ``mixup_f`` / ``cutmix_lam``: the exact MixUp lambda and CutMix Beta draw (``mixup`` keeps
+  the 1/65535 quantization the kernels use).
 """
 from __future__ import annotations
 
@@ -58,6 +76,30 @@ AUG_DTYPE = np.dtype([
     ("mixup", "<u2"),
     ("cutmix", "<u2", (4,)),
 ])  # packed: 47 bytes, the C++ struct `fl_aug` in csrc/include/fl_aug.h mirrors it
+
+
+EXT_RA_FLOAT = 1
+EXT_ERASE_BLACK = 2
+EXT_CUTMIX_EMPTY = 4
+EXT_PARTNER_AUG = 8
+
+AUG_EXT_DTYPE = np.dtype([
+    ("ext", "u1"),
+    ("ra_vals", "<f4", (MAX_RA,)),
+    ("pra_ops", "u1", (MAX_RA,)),
+    ("pra_mags", "i1", (MAX_RA,)),
+    ("pra_vals", "<f4", (MAX_RA,)),
+    ("perase", "<u2", (4,)),
+    ("mixup_f", "<f8"),
+    ("cutmix_lam", "<f8"),
+])  # packed: 65 bytes; csrc/include/fl_aug.h `AugExt` mirrors it
+
+
+def empty_ext(shape) -> np.ndarray:
+    """Extension records meaning 'nothing beyond the base record' (what v1 datasets read as)."""
+    a = np.zeros(shape, dtype=AUG_EXT_DTYPE)
+    a["pra_ops"] = RA_NONE
+    return a
 
 
 def empty(shape) -> np.ndarray:

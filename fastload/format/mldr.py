@@ -1,0 +1,890 @@
+"""Import apple/ml-dr reinforcements (ImageNet+, CIFAR-100+, ... as published) into the
+reinforced format, joined with the user's own copy of the images.
+
+The archives (``reinforced_data.tar``, ``.tar.gz`` or the extracted folder) hold
+``reinforced_data/{id}.pth.tar`` (``torch.save((id, samples), pickle_protocol=4)``) or
+``{id}.jb`` (``joblib.dump(..., compress=True)``) per image, and ``config.pth.tar`` (the
+reinforcement config: transforms, ``num_samples``, ``topk``). ``samples`` is a list of
+``{"params": ..., "prob": (top-k probabilities, top-k class ids)}``; ``params`` is ml-dr's
+compressed list (``reinforce.compress: true``, the published archives) or its dict. ``id``
+is the index into torchvision's ``ImageFolder`` of the training folder (sorted class
+folders, then sorted files), which is how the images are joined here.
+
+Safety: nothing is unpickled with arbitrary globals. ``.pth.tar`` is tried with
+``torch.load(weights_only=True)``; torch's weights-only unpickler rejects the protocol-4
+FRAME opcode every ml-dr sample file uses (measured on torch 2.13: "Unsupported operand
+149"), so those, and ``.jb`` files, go through :class:`SafeUnpickler`, which admits only
+containers, numbers, strings, bytes and numpy arrays/scalars (joblib's inline array format
+included, read without importing joblib). Everything else raises
+:class:`UnsafePickleError` before any constructor runs. Every read is bounded.
+
+Streaming: tar archives are read member by member (``r|*``, no extraction, no seeking);
+converted records are staged per output shard under ``out/.mldr-staging`` and a shard is
+written once all its ids arrived, so memory stays bounded whatever the archive order. An
+interrupted import resumes: finished shards (listed in the manifest) are kept and their ids
+skipped; the staging is rebuilt.
+
+Lossless: see ``fastload.sample.params`` (schema v2 extension records) for the partner's own
+RandAugment and erasing, ml-dr's black erasing before Normalize, float magnitudes, exact
+MixUp/CutMix lambdas and empty CutMix boxes. Targets are stored as fastload stores every
+target (ids + fp16 probabilities); :func:`fastload.losses.densify` with ``mode="mldr"``
+(ml-dr's default ``densify: zeros``) or ``"mldr_smooth"`` turns them into ml-dr's dense
+targets.
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import functools
+import hashlib
+import io
+import lzma
+import os
+import pickle
+import re
+import shutil
+import struct
+import sys
+import tarfile
+import zipfile
+import zlib
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from fastload.sample import params as P
+
+MAX_FILE = 64 << 20  # no reinforcement file (compressed or not) may claim more
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+# ml-dr's composition order (dr/transforms.py) and the transforms without random parameters
+TRANSFORM_ORDER = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop",
+                   "random_horizontal_flip", "rand_augment", "to_tensor", "random_erase", "normalize",
+                   "mixup", "cutmix")
+NO_PARAM = frozenset({"uint8", "center_crop", "to_tensor", "normalize"})
+SUPPORTED = frozenset({"uint8", "random_resized_crop", "random_horizontal_flip", "rand_augment", "to_tensor",
+                       "random_erase", "normalize", "mixup", "cutmix"})
+_NAME = re.compile(r"^(\d+)\.(pth\.tar|jb)$")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A reinforcement file asked for a global outside the allow-list."""
+
+
+# ---------------------------------------------------------------------------------------
+# safe loading
+
+
+class _JoblibArray:
+    """Stand-in for joblib's ``NumpyArrayWrapper``: its pickled state says what raw array
+    bytes follow in the stream; :meth:`read` takes them."""
+
+    _KEYS = {"subclass", "shape", "order", "dtype", "allow_mmap", "numpy_array_alignment_bytes"}
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or not set(state) <= self._KEYS or not {"shape", "dtype"} <= set(state):
+            raise UnsafePickleError(f"joblib array header with unexpected fields {sorted(state)[:8]}")
+        self.state = state
+
+    def read(self, read, where: str) -> np.ndarray:
+        st = self.state
+        dtype, shape = st["dtype"], st["shape"]
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise UnsafePickleError(f"{where}: joblib array of dtype {dtype!r} (object arrays are refused)")
+        if st.get("subclass", np.ndarray) is not np.ndarray:
+            raise UnsafePickleError(f"{where}: joblib array subclass {st.get('subclass')!r} is refused")
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise pickle.UnpicklingError(f"{where}: joblib array shape {shape!r}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes > MAX_FILE:
+            raise pickle.UnpicklingError(f"{where}: joblib array of {nbytes} bytes over the {MAX_FILE} limit")
+        align = st.get("numpy_array_alignment_bytes")
+        if align is not None:
+            pad = read(1)
+            if len(pad) != 1 or pad[0] > int(align):
+                raise pickle.UnpicklingError(f"{where}: corrupt joblib array padding")
+            if pad[0] and len(read(pad[0])) != pad[0]:
+                raise pickle.UnpicklingError(f"{where}: truncated joblib array padding")
+        data = read(nbytes) if nbytes else b""
+        if len(data) != nbytes:
+            raise pickle.UnpicklingError(f"{where}: truncated joblib array ({len(data)} of {nbytes} bytes)")
+        arr = np.frombuffer(data, dtype).copy()
+        if st.get("order") == "F":
+            return arr.reshape(shape[::-1]).T
+        return arr.reshape(shape)
+
+
+def _np_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+        raise UnsafePickleError(f"numpy scalar of dtype {dtype!r} is refused")
+    if len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("corrupt numpy scalar")
+    return np.frombuffer(bytes(data), dtype)[0]
+
+
+def _np_reconstruct(cls, shape, typecode):
+    if cls is not np.ndarray:
+        raise UnsafePickleError(f"numpy array subclass {cls!r} is refused")
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d for d in shape) \
+            or int(np.prod(shape, dtype=np.int64)) > MAX_FILE:
+        raise pickle.UnpicklingError(f"numpy array placeholder of shape {shape!r}")
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct(np.ndarray, shape, typecode)
+
+
+def _latin1(s, encoding="latin1"):  # protocol 2 pickles bytes as _codecs.encode(str, "latin1")
+    if not isinstance(s, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("_codecs.encode is admitted for latin-1 bytes only")
+    return s.encode("latin-1")
+
+
+_ALLOWED = {
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray, ("collections", "OrderedDict"): dict,
+    ("_codecs", "encode"): _latin1,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _np_scalar, ("numpy._core.multiarray", "scalar"): _np_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("joblib.numpy_pickle", "NumpyArrayWrapper"): _JoblibArray,
+}
+
+
+def _find(module: str, name: str, where: str):
+    got = _ALLOWED.get((module, name))
+    if got is None and module in ("numpy.dtypes",) and name.endswith("DType") and name != "ObjectDType":
+        got = getattr(np.dtypes, name, None)  # numpy 2 pickles some dtypes by their class
+    if got is None:
+        raise UnsafePickleError(f"{where}: refuses to load global {module}.{name} "
+                                "(only containers, numbers, strings and numpy arrays are admitted)")
+    return got
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """A pure-Python unpickler (its dispatch table can take joblib's inline arrays) that
+    admits only the globals in the allow-list.
+
+    Example:
+        >>> import io, pickle
+        >>> SafeUnpickler(io.BytesIO(pickle.dumps((1, [2.5, "x"])))).load()
+        (1, [2.5, 'x'])
+    """
+
+    def __init__(self, file, where: str = "pickle"):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module, name):
+        return _find(module, name, self.where)
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"{self.where}: holds persistent objects (tensor storages), which the "
+                                "importer does not read")
+
+    def _load_build(self):
+        pickle._Unpickler.load_build(self)
+        top = self.stack[-1]
+        if isinstance(top, _JoblibArray):
+            self.stack[-1] = top.read(self.read, self.where)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build
+
+
+class _FastSafeUnpickler(pickle.Unpickler):
+    """The C unpickler with the same allow-list (for ``data.pkl`` of ``.pth.tar``: no
+    joblib arrays there, and about 10x faster)."""
+
+    def __init__(self, file, where: str):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module, name):
+        if (module, name) == ("joblib.numpy_pickle", "NumpyArrayWrapper"):
+            raise UnsafePickleError(f"{self.where}: joblib array inside a torch file")
+        return _find(module, name, self.where)
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"{self.where}: holds tensor storages, which the importer does not read")
+
+
+def _bounded(dec, data: bytes, where: str) -> bytes:
+    out = dec(data, MAX_FILE + 1)
+    if len(out) > MAX_FILE:
+        raise ValueError(f"{where}: decompresses to more than {MAX_FILE} bytes")
+    return out
+
+
+def _decompress_joblib(data: bytes, where: str) -> bytes:
+    """joblib's compressors, told apart by their magic bytes (as joblib does)."""
+    if data[:1] == b"\x80":
+        return data  # uncompressed pickle
+    try:
+        if data[:1] == b"\x78":
+            d = zlib.decompressobj()
+            return _bounded(d.decompress, data, where)
+        if data[:2] == b"\x1f\x8b":
+            d = zlib.decompressobj(wbits=31)
+            return _bounded(d.decompress, data, where)
+        if data[:3] == b"BZh":
+            d = bz2.BZ2Decompressor()
+            return _bounded(lambda b, n: d.decompress(b, max_length=n), data, where)
+        if data[:6] == b"\xfd7zXZ\x00" or data[:3] == b"\x5d\x00\x00":
+            d = lzma.LZMADecompressor()
+            return _bounded(lambda b, n: d.decompress(b, max_length=n), data, where)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
+        raise ValueError(f"{where}: corrupt compressed joblib file ({e})") from e
+    raise ValueError(f"{where}: not a joblib file (unknown magic {data[:4]!r}; lz4 is not supported)")
+
+
+def load_jb(data: bytes, where: str = ".jb") -> Any:
+    """Load a joblib file's bytes with :class:`SafeUnpickler`."""
+    raw = _decompress_joblib(bytes(data), where)
+    try:
+        return SafeUnpickler(io.BytesIO(raw), where).load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, struct.error) as e:
+        raise ValueError(f"{where}: corrupt joblib pickle ({e})") from e
+
+
+def _torch_numpy_globals() -> list:
+    """The numpy entries torch's weights-only unpickler needs for numpy scalars (ml-dr's
+    CutMix boxes are numpy ints) and arrays: reconstruct functions and dtypes, nothing else."""
+    try:
+        from numpy._core import multiarray as ma
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray as ma
+    g = [ma.scalar, ma._reconstruct, np.ndarray, np.dtype]
+    dts = getattr(np, "dtypes", None)
+    if dts is not None:
+        g += [getattr(dts, n) for n in dir(dts) if n.endswith("DType") and n != "ObjectDType"]
+    return g
+
+
+def load_pth(data: bytes, where: str = ".pth.tar") -> Any:
+    """Load a ``torch.save`` file's bytes: ``torch.load(weights_only=True)``, or, for the
+    pickle protocols torch's weights-only unpickler rejects, the same allow-list here."""
+    import torch
+
+    bio = io.BytesIO(bytes(data))
+    pkl = None
+    if zipfile.is_zipfile(bio):
+        try:
+            zf = zipfile.ZipFile(bio)
+            names = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if len(names) != 1:
+                raise ValueError(f"{where}: a torch zip file needs one data.pkl, found {len(names)}")
+            if names[0].file_size > MAX_FILE:
+                raise ValueError(f"{where}: data.pkl claims {names[0].file_size} bytes")
+            with zf.open(names[0]) as f:
+                pkl = f.read(MAX_FILE + 1)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{where}: corrupt torch zip file ({e})") from e
+    if pkl is not None and pkl[:2] in (b"\x80\x04", b"\x80\x05"):
+        try:
+            return _FastSafeUnpickler(io.BytesIO(pkl), where).load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, struct.error) as e:
+            raise ValueError(f"{where}: corrupt pickle ({e})") from e
+    bio.seek(0)
+    try:
+        with torch.serialization.safe_globals(_torch_numpy_globals()):
+            return torch.load(bio, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise UnsafePickleError(f"{where}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"{where}: not a readable torch file ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------
+# the archive
+
+
+def _member_id(name: str) -> Optional[Tuple[int, str]]:
+    m = _NAME.match(os.path.basename(name))
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes:
+    if m.size > MAX_FILE:
+        raise ValueError(f"{where}: member {m.name!r} is {m.size} bytes, over the {MAX_FILE} limit")
+    f = tf.extractfile(m)
+    data = f.read(m.size) if f is not None else b""
+    if len(data) != m.size:
+        raise ValueError(f"{where}: member {m.name!r} is truncated")
+    return data
+
+
+def _load(kind: str, data: bytes, where: str):
+    return load_pth(data, where) if kind == "pth.tar" else load_jb(data, where)
+
+
+def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
+    """Yield ``("config", cfg)`` and ``(id, (id, samples))`` in archive order, streaming."""
+    if os.path.isdir(archive):
+        root = os.path.join(archive, "reinforced_data")
+        root = root if os.path.isdir(root) else archive
+        with os.scandir(root) as it:
+            names = sorted(e.name for e in it if e.is_file())
+        for name in names:
+            where = os.path.join(root, name)
+            if name == "config.pth.tar":
+                with open(where, "rb") as f:
+                    yield "config", load_pth(f.read(MAX_FILE + 1), where)
+                continue
+            mid = _member_id(name)
+            if mid is None:
+                continue
+            if os.path.getsize(where) > MAX_FILE:
+                raise ValueError(f"{where}: over the {MAX_FILE} byte limit")
+            with open(where, "rb") as f:
+                yield mid[0], _load(mid[1], f.read(), where)
+        return
+    try:
+        tf = tarfile.open(archive, "r|*")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{archive}: not a readable tar(.gz) archive or folder ({e})") from e
+    with tf:
+        try:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                where = f"{archive}:{m.name}"
+                if os.path.basename(m.name) == "config.pth.tar":
+                    yield "config", load_pth(_read_member(tf, m, archive), where)
+                    continue
+                mid = _member_id(m.name)
+                if mid is None:
+                    continue
+                yield mid[0], _load(mid[1], _read_member(tf, m, archive), where)
+        except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
+            raise ValueError(f"{archive}: corrupt or truncated archive ({e})") from e
+
+
+def read_config(archive: str) -> Dict[str, Any]:
+    """The archive's ``config.pth.tar`` (streams up to it)."""
+    for key, val in iter_archive(archive):
+        if key == "config":
+            if not isinstance(val, dict) or not isinstance(val.get("reinforce"), dict):
+                raise ValueError(f"{archive}: config.pth.tar has no 'reinforce' section")
+            return val
+    raise ValueError(f"{archive}: no config.pth.tar found")
+
+
+# ---------------------------------------------------------------------------------------
+# ml-dr parameters -> records
+
+@functools.lru_cache(maxsize=256)
+def _table(op: str, num_bins: int, h: int, w: int) -> Optional[np.ndarray]:
+    """torchvision's magnitude table of ``op`` for an h x w image (float32, as ml-dr read it)."""
+    from fastload.replay.reference_ra import magnitude_table
+
+    t = magnitude_table(op, num_bins, h, w)
+    return None if t is None else t.float().numpy()
+
+
+def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
+    """ml-dr RandAugment params ``[(op name or index, float magnitude), ...]`` (or None)
+    -> (ra_ops, ra_mags, ra_vals, off_grid): the bins where a value is exactly a table entry
+    at ``size`` (the crop it was drawn on), else the nearest bin and ``off_grid`` (the
+    record then needs ``EXT_RA_FLOAT``). Integer (non-float) magnitudes are bins."""
+    o = np.full(P.MAX_RA, P.RA_NONE, np.uint8)
+    m = np.zeros(P.MAX_RA, np.int8)
+    v = np.zeros(P.MAX_RA, np.float32)
+    off_grid = False
+    if ops is None:
+        return o, m, v, off_grid
+    if len(ops) > P.MAX_RA:
+        raise ValueError(f"{where}: {len(ops)} RandAugment ops, the record holds {P.MAX_RA}")
+    for s, op in enumerate(ops):
+        try:
+            name, raw = op[0], op[1]
+            mag = float(raw)
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{where}: RandAugment op {op!r} is not (op, magnitude)") from e
+        hit = _RA_SEEN.get((name, type(raw), raw, size, num_bins))
+        if hit is not None:  # archives repeat a few dozen (op, magnitude) pairs
+            o[s], m[s], v[s], off = hit
+            off_grid |= off
+            continue
+        if isinstance(name, (int, np.integer)) and not isinstance(name, bool) and 0 <= int(name) < len(P.RA_OPS):
+            name = P.RA_OPS[int(name)]
+        if name not in P.RA_OPS:
+            raise ValueError(f"{where}: unknown RandAugment op {op[0]!r}")
+        if not np.isfinite(mag):
+            raise ValueError(f"{where}: non-finite RandAugment magnitude {raw!r}")
+        o[s] = P.RA_OPS.index(name)
+        table = _table(name, int(num_bins), int(size[0]), int(size[1]))
+        if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):  # a signed bin
+            k = abs(int(raw))
+            if k >= num_bins:
+                raise ValueError(f"{where}: magnitude bin {raw} outside [-{num_bins - 1}, {num_bins - 1}]")
+            m[s] = int(raw)  # as given (the sign of an unsigned op is ignored by the replay)
+            v[s] = 0.0 if table is None else float(table[k]) * (-1.0 if int(raw) < 0 and name in P.RA_SIGNED else 1.0)
+            continue
+        v[s] = mag
+        if table is None:
+            off_grid |= mag != 0.0
+            continue
+        a = np.float32(abs(mag)) if name in P.RA_SIGNED else np.float32(mag)
+        hit = np.nonzero(table == a)[0]
+        k = int(hit[0]) if hit.size else int(np.argmin(np.abs(table - a)))
+        off = not hit.size or (name not in P.RA_SIGNED and mag < 0)
+        off_grid |= off
+        m[s] = -k if (name in P.RA_SIGNED and mag < 0) else k
+        if len(_RA_SEEN) < 100000:
+            _RA_SEEN[(op[0], type(raw), raw, size, num_bins)] = (o[s], m[s], v[s], off)
+    return o, m, v, off_grid
+
+
+_RA_SEEN: Dict[tuple, tuple] = {}
+
+
+class Layout:
+    """What a reinforcement config says about the stored parameters."""
+
+    def __init__(self, config: Dict[str, Any]):
+        r = config["reinforce"]
+        aug = {k: dict(v or {}) for k, v in (r.get("image_augmentation") or {}).items()}
+        aug = {k: v for k, v in aug.items() if v.pop("enable", True)}  # ml-dr's clean_config
+        unknown = sorted(set(aug) - set(TRANSFORM_ORDER))
+        if unknown:
+            raise ValueError(f"config: unknown transforms {unknown}")
+        self.names = [t for t in TRANSFORM_ORDER if t in aug]
+        bad = sorted(set(self.names) - SUPPORTED)
+        if bad:
+            raise ValueError(f"config: transforms {bad} are not supported by the importer "
+                             f"(supported: {sorted(SUPPORTED)})")
+        if "random_resized_crop" not in self.names:
+            raise ValueError("config: the importer needs random_resized_crop (the ImageNet+ variants)")
+        self.aug = aug
+        self.mixing = "mixup" in aug or "cutmix" in aug
+        self.with_param = [t for t in self.names if t not in NO_PARAM]
+        size = aug["random_resized_crop"].get("size", 224)
+        size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+        self.size = size if len(size) == 2 else (size[0], size[0])
+        rrc = aug["random_resized_crop"]
+        self.interpolation = str(rrc.get("interpolation", "bilinear")).split(".")[-1].lower()
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"config: random_resized_crop interpolation {self.interpolation!r} is not supported")
+        ra = aug.get("rand_augment", {})
+        self.ra_bins = int(ra.get("num_magnitude_bins", 31))
+        self.ra = (int(ra.get("num_ops", 2)), int(ra.get("magnitude", 9))) if "rand_augment" in aug else None
+        norm = aug.get("normalize", {})
+        self.mean = tuple(float(v) for v in norm.get("mean", (0.0, 0.0, 0.0)))
+        self.std = tuple(float(v) for v in norm.get("std", (1.0, 1.0, 1.0)))
+        self.num_samples = int(r["num_samples"])
+        self.topk = int(r.get("topk") or 0)
+        self.num_classes = config.get("num_classes")
+
+    def policy(self):
+        from fastload.sample.policy import AugmentPolicy
+
+        a = self.aug
+        rrc = a["random_resized_crop"]
+        er = a.get("random_erase", {})
+        return AugmentPolicy(
+            rrc=True, rrc_scale=tuple(rrc.get("scale", (0.08, 1.0))), rrc_ratio=tuple(rrc.get("ratio", (3 / 4, 4 / 3))),
+            flip="random_horizontal_flip" in a, randaugment=self.ra, ra_num_bins=self.ra_bins,
+            erase=float(er.get("p", 0.5)) if "random_erase" in a else 0.0,
+            erase_scale=tuple(er.get("scale", (0.02, 0.33))), erase_ratio=tuple(er.get("ratio", (0.3, 3.3))),
+            mixup=float(a["mixup"].get("alpha", 1.0)) if "mixup" in a else 0.0,
+            cutmix=float(a["cutmix"].get("alpha", 1.0)) if "cutmix" in a else 0.0,
+            mix_p=float(a.get("mixup", a.get("cutmix", {})).get("p", 1.0)) if self.mixing else 0.5,
+            interpolation=self.interpolation, size=self.size)
+
+    def _ra(self, ops, where: str):
+        return ra_fields(ops, self.size, self.ra_bins, where)
+
+    def unpack(self, params, where: str) -> Dict[str, Any]:
+        """ml-dr params (compressed list or dict) -> {transform: (value, partner value)}."""
+        out: Dict[str, Any] = {}
+        if isinstance(params, dict):
+            for t in self.with_param:
+                v = params.get(t)
+                if t in ("mixup", "cutmix"):
+                    out[t] = v
+                elif v is not None:
+                    v = tuple(v)
+                    out[t] = (v[0], v[1] if len(v) > 1 else None)
+            out["id2"] = params.get("id2")
+            return out
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(f"{where}: params must be ml-dr's list or dict, got {type(params).__name__}")
+        params = list(params)
+        pair = None
+        if self.mixing:
+            if not params:
+                raise ValueError(f"{where}: empty params")
+            pair, params = params[0], params[1:]
+        if len(params) != len(self.with_param):
+            raise ValueError(f"{where}: {len(params)} parameter entries, the config's transforms "
+                             f"{self.with_param} need {len(self.with_param)}")
+        for p, t in zip(params, self.with_param):
+            if p is None:
+                continue
+            if t in ("mixup", "cutmix"):
+                out[t] = p
+            elif pair is not None and isinstance(p, (list, tuple)) and len(p) > 1:
+                out[t] = (p[0], p[1])
+            else:
+                out[t] = (p, None)
+        out["id2"] = pair
+        return out
+
+    def _box(self, box, h: int, w: int, what: str, where: str) -> np.ndarray:
+        try:
+            i, j, bh, bw = (int(x) for x in box)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {what} {box!r} is not (top, left, height, width)") from e
+        if not (0 <= i and 0 <= j and bh >= 1 and bw >= 1 and i + bh <= h and j + bw <= w):
+            raise ValueError(f"{where}: {what} {box!r} outside the {h}x{w} image")
+        return P.pixels_to_box(i, j, bh, bw, h, w)
+
+    def to_records(self, samples, hw: Tuple[int, int], all_hw: np.ndarray, where: str):
+        """One image's ml-dr samples -> (AUG_DTYPE[n], AUG_EXT_DTYPE[n], ids[n, k], probs[n, k])."""
+        if not isinstance(samples, (list, tuple)) or len(samples) != self.num_samples:
+            raise ValueError(f"{where}: expected {self.num_samples} samples, got "
+                             f"{len(samples) if isinstance(samples, (list, tuple)) else type(samples).__name__}")
+        n, k = len(samples), self.topk
+        rec, ext = P.empty(n), P.empty_ext(n)
+        ids = np.zeros((n, k), np.int64)
+        probs = np.zeros((n, k), np.float32)
+        oh, ow = self.size
+        H, W = hw
+        for a, s in enumerate(samples):
+            w = f"{where} sample {a}"
+            if not isinstance(s, dict) or "params" not in s or "prob" not in s:
+                raise ValueError(f"{w}: expected a dict with 'params' and 'prob'")
+            prob = s["prob"]
+            if not isinstance(prob, (list, tuple)) or len(prob) != 2:
+                raise ValueError(f"{w}: prob must be (top-k probabilities, top-k ids) as ml-dr's sparsify stores")
+            pv, pi = np.asarray(prob[0], np.float64).reshape(-1), np.asarray(prob[1]).reshape(-1)
+            if pv.shape != (k,) or pi.shape != (k,) or not np.issubdtype(pi.dtype, np.integer):
+                raise ValueError(f"{w}: prob holds {pv.shape[0]} values / {pi.shape[0]} ids, config topk is {k}")
+            if self.num_classes is not None and k and (pi.min() < 0 or pi.max() >= int(self.num_classes)):
+                raise ValueError(f"{w}: class id outside [0, {self.num_classes})")
+            if not np.all(np.isfinite(pv)):
+                raise ValueError(f"{w}: non-finite probability")
+            order = np.argsort(-pv, kind="stable")  # fastload stores top-k descending
+            ids[a], probs[a] = pi[order], pv[order]
+
+            u = self.unpack(s["params"], w)
+            r, e = rec[a], ext[a]
+            flags, xb = 0, 0
+            crop = u.get("random_resized_crop")
+            if crop is None or crop[0] is None:
+                raise ValueError(f"{w}: no random_resized_crop parameters")
+            r["crop"] = self._box(crop[0], H, W, "crop", w)
+            flip = u.get("random_horizontal_flip", (None, None))
+            if flip[0]:
+                flags |= P.FLAG_FLIP
+            ra = u.get("rand_augment", (None, None))
+            r["ra_ops"], r["ra_mags"], e["ra_vals"], off = self._ra(ra[0], w)
+            xb |= P.EXT_RA_FLOAT if off else 0
+            er = u.get("random_erase", (None, None))
+            if "random_erase" in self.names:
+                xb |= P.EXT_ERASE_BLACK
+            if er[0] is not None and int(er[0][0]) != -1:
+                r["erase"] = self._erase(er[0], w)
+            mix, cut = u.get("mixup"), u.get("cutmix")
+            if mix is not None or cut is not None:
+                pid = u.get("id2")
+                if not isinstance(pid, (int, np.integer)) or not 0 <= int(pid) < len(all_hw):
+                    raise ValueError(f"{w}: mixing partner {pid!r} outside the dataset of {len(all_hw)} images")
+                r["partner"] = int(pid)
+                ph, pw = (int(x) for x in all_hw[int(pid)])
+                if crop[1] is None:
+                    raise ValueError(f"{w}: mixing without the partner's crop")
+                r["pcrop"] = self._box(crop[1], ph, pw, "partner crop", w)
+                if flip[1]:
+                    flags |= P.FLAG_PARTNER_FLIP
+                po, pm, pv_, poff = self._ra(ra[1], w)
+                e["pra_ops"], e["pra_mags"], e["pra_vals"] = po, pm, pv_
+                xb |= P.EXT_RA_FLOAT if poff else 0
+                if er[1] is not None and int(er[1][0]) != -1:
+                    e["perase"] = self._erase(er[1], w)
+                if (po != P.RA_NONE).any() or e["perase"][3] != 0:
+                    xb |= P.EXT_PARTNER_AUG
+                if mix is not None:
+                    lam = float(mix[0] if isinstance(mix, (list, tuple)) else mix)
+                    if not 0.0 <= lam <= 1.0:
+                        raise ValueError(f"{w}: MixUp lambda {lam} outside [0, 1]")
+                    flags |= P.FLAG_MIXUP
+                    r["mixup"] = int(np.rint(lam * P.Q))
+                    e["mixup_f"] = lam
+                if cut is not None:
+                    if len(cut) == 2 and isinstance(cut[1], (list, tuple)):
+                        lam, box = cut[0], cut[1]
+                    else:
+                        lam, box = cut[0], cut[1:]
+                    x1, y1, x2, y2 = (int(v) for v in box)
+                    if not (0 <= x1 <= x2 <= oh and 0 <= y1 <= y2 <= ow):
+                        raise ValueError(f"{w}: CutMix box {tuple(box)} outside the {oh}x{ow} output")
+                    e["cutmix_lam"] = float(lam)
+                    if x2 > x1 and y2 > y1:
+                        flags |= P.FLAG_CUTMIX
+                        r["cutmix"] = P.pixels_to_box(x1, y1, x2 - x1, y2 - y1, oh, ow)
+                    else:
+                        xb |= P.EXT_CUTMIX_EMPTY
+            r["flags"] = flags
+            e["ext"] = xb
+            if not xb & P.EXT_RA_FLOAT:  # the bins reproduce every value exactly: keep none
+                e["ra_vals"] = 0
+                e["pra_vals"] = 0
+        return rec, ext, ids, probs
+
+    def _erase(self, box, where: str) -> np.ndarray:
+        oh, ow = self.size
+        i, j, h, w = (int(v) for v in box)
+        if h <= 0 or w <= 0:
+            return np.zeros(4, np.uint16)
+        if not (0 <= i and 0 <= j and i + h <= oh and j + w <= ow):
+            raise ValueError(f"{where}: erase box {tuple(box)} outside the {oh}x{ow} output")
+        return P.pixels_to_box(i, j, h, w, oh, ow)
+
+
+# ---------------------------------------------------------------------------------------
+# the images
+
+
+def image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
+    """torchvision ``ImageFolder`` order: (relative paths, labels, classes)."""
+    if not os.path.isdir(root):
+        raise ValueError(f"images: {root!r} is not a folder")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"images: {root!r} has no class folders (ImageFolder layout: root/class/image.jpg)")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for dp, _, fs in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            for f in sorted(fs):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    files.append(os.path.relpath(os.path.join(dp, f), root))
+                    labels.append(c)
+    return files, labels, classes
+
+
+def _image_sizes(root: str, files: List[str], progress: bool) -> np.ndarray:
+    from PIL import Image
+
+    from fastload._progress import Progress
+
+    hw = np.zeros((len(files), 2), np.int64)
+    with Progress(len(files), "image sizes", "images", enabled=progress) as bar:
+        for i, f in enumerate(files):
+            p = os.path.join(root, f)
+            try:
+                with Image.open(p) as im:  # reads the header only
+                    w, h = im.size
+            except Exception as e:  # any decoder error: name the file
+                raise ValueError(f"images: cannot read {p}: {e}") from e
+            hw[i] = (h, w)
+            bar.update()
+    return hw
+
+
+def _image_bytes(path: str) -> bytes:
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        b = f.read()
+    with Image.open(io.BytesIO(b)) as im:
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            return b
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=95)  # the replay decodes JPEG only
+        return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# staging (bounded memory, any archive order)
+
+_STAGE = struct.Struct("<QII")  # id, n, k
+
+
+def _stage_append(path: str, i: int, rec, ext, ids, probs) -> None:
+    with open(path, "ab") as f:
+        f.write(_STAGE.pack(i, len(rec), ids.shape[1]))
+        f.write(rec.tobytes() + ext.tobytes() + ids.astype("<i8").tobytes() + probs.astype("<f4").tobytes())
+
+
+def _stage_read(path: str) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    out = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        i, n, k = _STAGE.unpack_from(data, pos)
+        pos += _STAGE.size
+        parts = []
+        for dt, cnt in ((P.AUG_DTYPE, n), (P.AUG_EXT_DTYPE, n), (np.dtype("<i8"), n * k), (np.dtype("<f4"), n * k)):
+            nb = dt.itemsize * cnt
+            parts.append(np.frombuffer(data[pos:pos + nb], dt).copy())
+            pos += nb
+        out[i] = (parts[0], parts[1], parts[2].reshape(n, k), parts[3].reshape(n, k))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# import
+
+
+def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
+                progress: bool = True, limit: Optional[int] = None) -> Dict[str, Any]:
+    """Import an ml-dr reinforcement ``archive`` (tar, tar.gz or folder) for the ImageNet-style
+    ``images`` folder (the training split ml-dr reinforced: ``root/class/*.jpg``) into ``out``.
+
+    ``config``: a ``config.pth.tar`` to use instead of the archive's (saves a pass over a
+    tar.gz whose config comes last). ``limit``: import only the first ``limit`` images
+    of the folder (ids ``0..limit-1``; the archive may hold more, e.g. a subset test).
+    Returns the manifest. Rerunning the same call resumes an interrupted import.
+
+    Example:
+        >>> import_mldr("imagenet_plus_rrc.tar.gz", "imagenet/training", "imagenet_plus/")  # doctest: +SKIP
+    """
+    from fastload._progress import Progress
+    from fastload.format.record_ext import encode_ext
+    from fastload.format.shards import encode_augs, encode_targets
+    from fastload.format.writer import DatasetWriter, write_shard_file
+    from fastload.sample.params import RA_OPS
+
+    if not os.path.exists(archive):
+        raise ValueError(f"archive: {archive!r} does not exist")
+    shard_size = int(shard_size)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if config is not None:
+        with open(config, "rb") as f:
+            cfg = load_pth(f.read(MAX_FILE + 1), config)
+    else:
+        cfg = read_config(archive)
+    lay = Layout(cfg)
+    files, labels, classes = image_folder(images)
+    if limit is not None:
+        files, labels = files[:int(limit)], labels[:int(limit)]
+    N = len(files)
+    if lay.num_classes is not None and len(classes) != int(lay.num_classes):
+        raise ValueError(f"images: {len(classes)} class folders, the reinforcement has {lay.num_classes} classes")
+    all_hw = _image_sizes(images, files, progress)
+    policy = lay.policy()
+    num_shards = -(-N // shard_size)
+    st = os.stat(archive)
+    fp = {"archive": os.path.abspath(archive), "archive_bytes": int(st.st_size) if not os.path.isdir(archive) else None,
+          "images": os.path.abspath(images), "num_images": N, "shard_size": shard_size,
+          "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+    replay = {"image_size": list(lay.size), "box_grid": list(lay.size), "interpolation": lay.interpolation,
+              "dct_scale": False, "mean": list(lay.mean), "std": list(lay.std),
+              "kernel": "fastload.replay.native", "erase_fill": "black before normalize (ml-dr)",
+              "densify": "fastload.losses.densify(mode='mldr') for ml-dr's default"}
+    header = {"kind": "classification", "num_augmentations": lay.num_samples, "topk": lay.topk,
+              "num_classes": int(lay.num_classes) if lay.num_classes is not None else len(classes),
+              "seeds": [], "policy": policy.to_dict(), "ra_ops": list(RA_OPS), "replay": replay,
+              "teachers": [{"name": str((cfg.get("teacher") or {}).get("name", "ml-dr teacher")),
+                            "description": "imported from an apple/ml-dr reinforcement archive"}],
+              "shard_size": shard_size, "classes": classes, "images_stored": True, "source": "ml-dr",
+              "record_ext": True, "mldr_config": _plain(cfg)}
+    w = DatasetWriter(out, header, fp, num_shards)
+    done = w.done
+    stage = os.path.join(out, ".mldr-staging")
+    shutil.rmtree(stage, ignore_errors=True)  # partial staging of an interrupted run: rebuilt
+    os.makedirs(stage)
+    counts = np.zeros(num_shards, np.int64)
+    seen = np.zeros(N, bool)
+    for s in done:
+        seen[s * shard_size:(s + 1) * shard_size] = True
+
+    def flush(s: int) -> None:
+        path = os.path.join(stage, f"{s:05d}.bin")
+        staged = _stage_read(path)
+        lo, hi = s * shard_size, min(N, (s + 1) * shard_size)
+        rows = range(lo, hi)
+        imgs = [_image_bytes(os.path.join(images, files[i])) for i in rows]
+        cols = {"id": list(rows), "key": [files[i] for i in rows],
+                "hash": [hashlib.blake2b(b, digest_size=16).digest() for b in imgs],
+                "orig_h": [int(all_hw[i, 0]) for i in rows], "orig_w": [int(all_hw[i, 1]) for i in rows],
+                "src_h": [int(all_hw[i, 0]) for i in rows], "src_w": [int(all_hw[i, 1]) for i in rows],
+                "label": [labels[i] for i in rows], "image": imgs,
+                "augs": [encode_augs(staged[i][0], tuple(all_hw[i]), lay.size, all_hw) for i in rows],
+                "targets": [encode_targets(staged[i][2], staged[i][3]) for i in rows],
+                "augs_ext": [encode_ext(staged[i][1]) for i in rows]}
+        w.add_shard(write_shard_file(out, s, cols, "classification"))
+        os.remove(path)
+
+    with Progress(N, "import ml-dr", "images", enabled=progress) as bar:
+        bar.update(int(seen.sum()))
+        for key, val in iter_archive(archive):
+            if key == "config":
+                continue
+            i = int(key)
+            if i >= N:
+                if limit is not None:
+                    continue
+                raise ValueError(f"{archive}: reinforcement id {i} but the image folder has {N} images")
+            if i // shard_size in done:
+                continue
+            where = f"{archive}: id {i}"
+            if not isinstance(val, (tuple, list)) or len(val) != 2 or val[0] != i:
+                raise ValueError(f"{where}: expected (id, samples) with id {i}")
+            if seen[i]:
+                raise ValueError(f"{where}: appears twice in the archive")
+            rec, ext, ids, probs = lay.to_records(val[1], tuple(int(x) for x in all_hw[i]), all_hw,
+                                                  f"{where} ({files[i]})")
+            s = i // shard_size
+            _stage_append(os.path.join(stage, f"{s:05d}.bin"), i, rec, ext, ids, probs)
+            seen[i] = True
+            counts[s] += 1
+            if counts[s] == min(N, (s + 1) * shard_size) - s * shard_size:
+                flush(s)
+            bar.update()
+    missing = np.nonzero(~seen)[0]
+    if missing.size:
+        raise ValueError(f"{archive}: no reinforcement for {missing.size} images, e.g. ids "
+                         f"{missing[:5].tolist()} ({files[int(missing[0])]})")
+    shutil.rmtree(stage, ignore_errors=True)
+    return w.finish()
+
+
+def _plain(v):
+    """The config as JSON-ready data (the manifest keeps it for provenance)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return repr(v)
+
+
+def main(argv=None) -> int:
+    """``fastload import-mldr ARCHIVE --images IMAGENET/training --out DIR``."""
+    ap = argparse.ArgumentParser(prog="fastload import-mldr", description=__doc__.splitlines()[0])
+    ap.add_argument("archive", help="ml-dr reinforced_data.tar(.gz) or its extracted folder")
+    ap.add_argument("--images", required=True, help="the ImageNet-style training folder (root/class/image)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--config", default=None, help="config.pth.tar to use instead of the archive's")
+    ap.add_argument("--limit", type=int, default=None, help="import only the first N images of the folder")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        m = import_mldr(a.archive, a.images, a.out, shard_size=a.shard_size, config=a.config,
+                        progress=not a.quiet, limit=a.limit)
+    except (ValueError, pickle.UnpicklingError) as e:
+        print(f"fastload import-mldr: error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {m['num_rows']} images x {m['num_augmentations']} augmentations into {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
