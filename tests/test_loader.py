@@ -13,6 +13,7 @@ import torch
 
 import fastload
 from fastload.batch.sharding import ShardedSampler, epoch_permutation, shard_indices
+from fastload._state import SupersededError
 from fastload.format.reader import ReinforcedDataset
 from fastload.loader.reinforced import ReinforcedLoader
 from fastload.losses import densify
@@ -126,10 +127,14 @@ def test_sharded_sampler_deterministic_and_resume():
     st = b.state_dict()
     c = ShardedSampler(50, seed=1, rank=0, world_size=2)
     c.load_state_dict(st)
-    assert head + list(c) == e1
-    it = iter(c)
+    assert head + list(c) == e1 and c.epoch == 2  # a complete pass moves to the next epoch
+    d = ShardedSampler(50, seed=1, rank=0, world_size=2)
+    d.set_epoch(1)
+    it = iter(d)
     next(it)
-    assert list(c) == e1  # a new iter() without load_state_dict restarts the epoch
+    assert list(d) == e1[1:]  # a new iter() continues at the position and supersedes `it`
+    with pytest.raises(SupersededError):
+        next(it)
     assert ShardedSampler(50, shuffle=False, world_size=2, rank=1).indices().tolist() == list(range(1, 50, 2))
     with pytest.raises(ValueError, match="seed"):
         ShardedSampler(50, seed=2, rank=0, world_size=2).load_state_dict(st)
