@@ -464,8 +464,9 @@ def test_reinforced_loader_renders_each_step_at_its_size(tmp_path):
                               divisible_by=16, seed=0, aspect_ratios=ds, aspect_buckets=(0.75, 1.0, 4 / 3))
     L = ReinforcedLoader(ds, batch_sampler=vs, num_workers=2, dct_scale=False)
     plan = all_batches(vs)
+    n = len(L)
     got = [(x.clone(), y.clone()) for x, y, _ in L]
-    assert len(got) == len(plan) == len(L)
+    assert len(got) == len(plan) == n
     labels = np.asarray(ds.labels)
     decode = lambda b: np.asarray(Image.open(io.BytesIO(bytes(b))).convert("RGB"))
     for k, ((x, y), batch) in enumerate(zip(got, plan)):
