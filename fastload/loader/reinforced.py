@@ -7,19 +7,26 @@ the batch buffer, GIL released, ``num_workers`` native threads). No per-sample P
 in the hot loop and no worker processes are forked.
 
 Randomness. Everything random is a pure function of ``(seed, epoch, sample index, view)``
-(and, for fresh augmentations, the step) through private generators: the shuffle order
-(``fastload.batch.sharding``), which stored augmentation a view replays, the
-``p_reinforced`` coin, the synthetic caption picked, and the fresh parameters of the
-non-reinforced case. The same seed, epoch and world size give identical bytes whatever
-``num_workers`` or ``prefetch_factor`` are.
+(and, for fresh augmentations, the global step) through private generators: the shuffle
+order (``fastload.batch.sharding.epoch_permutation``), which stored augmentation a view
+replays, the ``p_reinforced`` coin, the synthetic caption picked, and the fresh parameters
+of the non-reinforced case (drawn for the whole global batch, then sliced). With the built-in
+order (no ``sampler``/``batch_sampler``, or a sampler with ``global_order``) the same seed and
+epoch give the same global batches bit for bit whatever ``num_workers``,
+``prefetch_factor`` and the world size are (see "Elastic" in the class docstring).
 
-Epochs. ``set_epoch(e)`` selects an epoch; a completed pass advances it by one on its own,
-so a loop that never calls ``set_epoch`` still reshuffles every epoch (as DataLoader does).
-
-Resume. ``state_dict()`` records the epoch and the number of batches handed to the user in
-it; after ``load_state_dict`` the next iteration yields exactly the remaining batches. A new
-``iter()`` without ``load_state_dict`` restarts the epoch (DataLoader semantics). User
-samplers must be deterministic given ``set_epoch`` (resume re-iterates them and skips).
+Epochs and resume (``fastload._state``). The loader keeps a position (epoch, step = global
+batches handed to the user in the epoch, the same on every rank). A complete pass moves to
+(epoch + 1, 0), so a loop that never calls ``set_epoch`` still reshuffles every epoch;
+``set_epoch(e)`` keeps the position when ``e`` is the current epoch (so ``load_state_dict``
+then the usual ``set_epoch`` at the top of the epoch loop resumes mid-epoch) and otherwise
+moves to (e, 0). ``iter()`` starts at the position; one iterator is live at a time: a newer
+``iter()``, ``load_state_dict`` or ``set_epoch`` to another epoch supersedes the old one,
+whose prefetch threads stop and whose ``next()`` raises ``SupersededError`` (so
+``zip(loader, loader)`` is an error, not a silent empty loop). ``state_dict()`` is plain types
+(``torch.save`` / ``torch.load(weights_only=True)``), the protocol of torchdata's
+``StatefulDataLoader``. A plain user batch sampler is re-iterated from its start and skipped
+to the position, so it must be deterministic given ``set_epoch``.
 
 Buffers. With ``reuse_buffers=False`` (default) every yielded image tensor is the caller's
 own: it comes from a small per-loader pool whose buffers are rendered into again only once
@@ -150,9 +157,9 @@ class ReinforcedLoader:
       of the batch: a batch holds ``batch_size * V`` rows (FKD's multi-crop). With V > 1
       each image is decoded once at full resolution and its V views replayed from the pixels
       (no DCT-domain downscaling then).
-    - ``rank`` / ``world_size``: sharding (default: torch.distributed when initialized).
-      See ``fastload.batch.sharding`` for the padding rule; every rank gets the same number
-      of batches of the same sizes.
+    - ``rank`` / ``world_size``: default torch.distributed when initialized. Elastic rule
+      below; with a plain ``sampler`` (no ``global_order``) it shards by itself and each rank
+      batches its indices; a ``batch_sampler`` gives this rank's batches.
     - ``tokenizer``: for image-text datasets, a callable applied to each batch's list of
       captions.
     - ``on_error``: "raise" or "skip" for undecodable samples (see the module docstring).
@@ -164,6 +171,24 @@ class ReinforcedLoader:
       for custom samplers: the built-in sharding already guarantees agreement).
     - ``dataset`` may also be a path, opened with ``fastload.ReinforcedDataset``;
       ``generator``: a ``torch.Generator`` whose ``initial_seed()`` replaces ``seed``.
+
+    Elastic determinism (the built-in order, or a ``sampler`` with ``global_order``): the
+    epoch's global order is ``epoch_permutation(len(dataset), seed, epoch, shuffle)``, a
+    function of (seed, epoch) only. Global batch t is samples ``[t G, (t + 1) G)`` of it with
+    ``G = batch_size * world_size``, and rank r takes its slice ``[r B, (r + 1) B)``. The
+    last, partial global batch of ``m < G`` samples is dropped with ``drop_last=True``; else
+    it is padded by wrapping to the start of the order up to ``W * ceil(m / W)`` samples, each
+    rank taking ``ceil(m / W)`` (at most ``W - 1`` samples seen twice; with W = 1 it is the
+    usual short last batch). All ranks thus have the same steps and shapes. ``state_dict()``
+    describes the global position and is identical on every rank: any rank's state resumes
+    every rank of another world size, provided ``batch_size * world_size`` is the same (e.g.
+    global 256 as 4 x 64 then 8 x 32); a state of another dataset size, seed, global batch
+    size, shuffle or drop_last raises ``ValueError`` naming the field.
+
+    Order hook: if ``sampler`` has a method ``global_order(epoch) -> np.ndarray[int64]`` (the
+    epoch's order of sample indices, identical on every rank, e.g. a shard-aware shuffle),
+    the loader uses it instead of the permutation, under the same elastic rules (its length
+    is the epoch size); the sampler is not iterated.
 
     For image-text datasets each batch is an ``ImageTextBatch`` (images, captions,
     syn_captions, image_emb, text_emb, syn_text_emb).
