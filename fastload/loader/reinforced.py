@@ -933,7 +933,7 @@ def _render_stage(loader: ReinforcedLoader, src: queue.Queue, q: queue.Queue,
 class _Iter:
     def __init__(self, loader: ReinforcedLoader, token: int, epoch: int, start: int):
         self.loader, self.token, self.epoch = loader, token, epoch
-        self.done = False
+        self.done = self.finished = False
         self.thread = None
         plan = loader._plan(epoch, start)  # samplers set up here, in the caller's thread
         if loader.num_workers == 0:
@@ -967,10 +967,12 @@ class _Iter:
 
     def __next__(self):
         L = self.loader
+        if self.finished:
+            raise StopIteration
         if not L._pos.is_live(self.token):
             self.close()
             L._pos.check(self.token)  # raises SupersededError
-        if self.done:
+        if self.done:  # closed after an error
             raise StopIteration
         if self.thread is None:
             try:
@@ -995,7 +997,7 @@ class _Iter:
         return batch
 
     def _end(self):
-        self.done = True
+        self.done = self.finished = True
         L = self.loader
         self.close()
         if L.check_ranks:  # a rank with more batches meets this sentinel instead of hanging
