@@ -120,6 +120,8 @@ def test_elastic_state_errors(images, images23):
     with pytest.raises(ValueError, match="num_samples"):
         _rl(images23, 2, 0).load_state_dict(st)
     _rl(images, 4, 3).load_state_dict(st)  # another world size with the same global batch: fine
+    with pytest.raises(ValueError, match="step 9 is past the end"):
+        _rl(images, 4, 3).load_state_dict({**st, "step": 9})
 
 
 def test_global_order_hook(images):

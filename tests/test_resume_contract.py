@@ -109,6 +109,15 @@ def test_contract_surface(case, paths):
     assert (obj.state_dict()["epoch"], obj.state_dict()["step"]) == (3, 0)
     with pytest.raises(SupersededError):
         next(y)
+    # issue 10 item 15: load_state_dict under a live iterator supersedes it; the old iterator
+    # can neither go on nor, running out, move the loaded position
+    z = iter(obj)
+    next(z)
+    obj.load_state_dict({**st, "epoch": 2, "step": 1})
+    with pytest.raises(SupersededError):
+        for _ in z:
+            pass
+    assert (obj.state_dict()["epoch"], obj.state_dict()["step"]) == (2, 1)
     # a state of another configuration names the field
     other = {**st, "fingerprint": {**st["fingerprint"], "seed": -1}}
     with pytest.raises(ValueError, match="seed"):

@@ -402,7 +402,13 @@ class ReinforcedLoader:
             if self._elastic and "world_size" in legacy:
                 legacy["global_batch_size"] = int(legacy.pop("world_size")) * self.batch_size
             state = {**state, "fingerprint": legacy}
+        before = (self._pos.epoch, self._pos.step)
         self._pos.load(state, self._fingerprint())
+        if self._elastic and self._pos.step > len(self):
+            step = self._pos.step
+            self._pos.seek(*before)
+            raise ValueError(f"ReinforcedLoader.load_state_dict: step {step} is past the end of "
+                             f"the epoch ({len(self)} steps)")
         self._drop_superseded()
 
     def _drop_superseded(self) -> None:
