@@ -73,6 +73,12 @@ class Position:
     def is_live(self, token: int) -> bool:
         return token == self.generation
 
+    def seek(self, epoch: int, step: int) -> None:
+        """Move to (epoch, step), superseding any live iterator (a loader driving a sampler
+        places it at its own position this way)."""
+        self.epoch, self.step = int(epoch), int(step)
+        self.generation += 1
+
     # -- epochs ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         epoch = int(epoch)

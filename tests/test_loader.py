@@ -13,6 +13,7 @@ import torch
 
 import fastload
 from fastload.batch.sharding import ShardedSampler, epoch_permutation, shard_indices
+from fastload._state import SupersededError
 from fastload.format.reader import ReinforcedDataset
 from fastload.loader.reinforced import ReinforcedLoader
 from fastload.losses import densify
@@ -126,10 +127,14 @@ def test_sharded_sampler_deterministic_and_resume():
     st = b.state_dict()
     c = ShardedSampler(50, seed=1, rank=0, world_size=2)
     c.load_state_dict(st)
-    assert head + list(c) == e1
-    it = iter(c)
+    assert head + list(c) == e1 and c.epoch == 2  # a complete pass moves to the next epoch
+    d = ShardedSampler(50, seed=1, rank=0, world_size=2)
+    d.set_epoch(1)
+    it = iter(d)
     next(it)
-    assert list(c) == e1  # a new iter() without load_state_dict restarts the epoch
+    assert list(d) == e1[1:]  # a new iter() continues at the position and supersedes `it`
+    with pytest.raises(SupersededError):
+        next(it)
     assert ShardedSampler(50, shuffle=False, world_size=2, rank=1).indices().tolist() == list(range(1, 50, 2))
     with pytest.raises(ValueError, match="seed"):
         ShardedSampler(50, seed=2, rank=0, world_size=2).load_state_dict(st)
@@ -277,7 +282,7 @@ def test_determinism_across_workers_and_prefetch(ds):
 def test_epochs_reshuffle_and_auto_advance(ds):
     L = _loader(ds, shuffle=True, num_workers=2)
     e0 = _all(L)
-    assert L.epoch == 1 and L.state_dict()["batches_done"] == 0
+    assert L.epoch == 1 and L.state_dict()["step"] == 0
     e1 = _all(L)
     assert not torch.equal(e0[0][1], e1[0][1]) or not torch.equal(e0[0][0], e1[0][0])
     L.set_epoch(0)
@@ -301,12 +306,13 @@ def test_exact_resume(ds, nw):
         assert len(iter(R)) == len(full) - k if k < len(full) else True
         R.load_state_dict(st)
         _same(full, head + _all(R))
-    # a fresh iter() without load_state_dict restarts the epoch (DataLoader semantics)
+    # a fresh iter() continues at the position and supersedes the old iterator (fastload._state)
     L = _loader(ds, shuffle=True, seed=3, num_workers=nw, p_reinforced=0.7)
     it = iter(L)
-    next(it)
-    next(it)
-    _same(full, _all(L))
+    head = [tuple(t.clone() for t in next(it)) for _ in range(2)]
+    _same(full, head + _all(L))
+    with pytest.raises(SupersededError, match="superseded"):
+        next(it)
 
 
 def test_resume_mid_epoch_two(ds):
@@ -315,7 +321,7 @@ def test_resume_mid_epoch_two(ds):
     it = iter(L)
     next(it)
     st = L.state_dict()
-    assert st["epoch"] == 1 and st["batches_done"] == 1
+    assert st["epoch"] == 1 and st["step"] == 1
     R = _loader(ds, shuffle=True, num_workers=0)
     R.load_state_dict(st)
     R.set_epoch(1)  # a trainer's usual set_epoch at the top of the resumed epoch keeps the position
@@ -353,6 +359,8 @@ def test_corrupt_jpeg_raises_naming_sample(bad_ds, nw):
 
 
 def test_corrupt_jpeg_skip_and_count(bad_ds):
+    """Issue 10 item 9: skipped counts each replaced row once; skipped_ids names each failing
+    sample once (it listed sample 5 once per broken row before)."""
     L = _loader(bad_ds, num_workers=2, batch_size=4, on_error="skip", views_per_decode=2)
     plan = _plan_rows(L, 0)
     bad_rows = 0
@@ -362,12 +370,35 @@ def test_corrupt_jpeg_skip_and_count(bad_ds):
         _, recs, _, _ = bad_ds.gather(rows, augs)
         bad = (rows == 5) | (recs["partner"] == 5)
         bad_rows += int(bad.sum())
-        assert L.skipped == bad_rows == L.state_dict()["skipped"]  # counted as consumed
+        assert L.skipped == bad_rows  # counted as consumed
         if bad.any():
             good = int(np.flatnonzero(~bad)[0])
             for r in np.flatnonzero(bad):
                 assert torch.equal(x[r], x[good]) and y[r] == y[good] and torch.equal(t[r], t[good])
-    assert bad_rows >= 2 and set(L.skipped_ids) == {5} and len(L.skipped_ids) == bad_rows
+    assert bad_rows >= 2 and L.skipped == bad_rows and L.skipped_ids == [5]
+    L.set_epoch(1)
+    _all(L)  # another epoch: rows counted again, the id not listed twice
+    assert L.skipped > bad_rows and L.skipped_ids == [5]
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_skip_batch_with_no_good_row(bad_ds, nw):
+    """Issue 10 item 14: a batch whose every row fails under on_error="skip" used to raise
+    (telling the user to pass on_error='skip'); now its rows are copies of the next sample
+    that renders, the step is kept and counted."""
+    L = ReinforcedLoader(bad_ds, batch_sampler=[[0, 1], [5, 5], [2]], image_size=S, num_workers=nw,
+                         on_error="skip")
+    out = _all(L)
+    assert [b[0].shape[0] for b in out] == [2, 2, 1] and L.skipped == 2 and L.skipped_ids == [5]
+    aug = L._aug_ids(0, np.array([5]), np.array([0]))
+    cand = 6
+    while bad_ds.gather(np.array([cand]), L._aug_ids(0, np.array([cand]), np.array([0])))[1]["partner"][0] == 5:
+        cand += 1
+    ref = _all(ReinforcedLoader(bad_ds, batch_sampler=[[cand]], image_size=S, num_workers=nw))[0]
+    for r in range(2):
+        assert torch.equal(out[1][0][r], ref[0][0]) and out[1][1][r] == ref[1][0]
+        assert torch.equal(out[1][2][r], ref[2][0])
+    assert aug.shape == (1,)
 
 
 class _Boom(Exception):
@@ -408,7 +439,7 @@ def test_early_break_and_gc_do_not_hang(ds):
     for i, _ in enumerate(L):
         if i == 1:
             break
-    assert L.state_dict()["batches_done"] == 2
+    assert L.state_dict()["step"] == 2
     _wait_no_prefetch_threads()
     it = iter(L)
     next(it)
@@ -482,11 +513,11 @@ def test_user_sampler_and_sharding_args(ds):
     ys = torch.cat([y for _, y, _ in _all(L)])
     s.set_epoch(4)
     assert ys.tolist() == ds.labels[s.indices()].tolist()
-    for i, _ in enumerate(L):  # break mid-epoch: the next pass restarts it
-        if i == 1:
-            break
     L.set_epoch(4)
-    assert torch.cat([y for _, y, _ in _all(L)]).tolist() == ys.tolist()
+    for _ in L:  # break mid-epoch: the next pass continues it
+        break
+    L.set_epoch(4)
+    assert torch.cat([y for _, y, _ in _all(L)]).tolist() == ys.tolist()[L.batch_size:]
     # rank/world_size given: the loader shards the same way, equal batch counts
     seen = []
     counts = set()
@@ -520,8 +551,9 @@ def test_variable_batch_sampler_integration(ds):
     L = ReinforcedLoader(ds, batch_sampler=vs, num_workers=2, reuse_buffers=True)
     vs.set_epoch(0)
     expected = [(len(b), b[0][1], b[0][2]) for b in vs]
+    n = len(L)  # the loader's epoch 0 (the sampler's pass above moved it to epoch 1)
     got = [(x.shape[0], x.shape[2], x.shape[3]) for x, _, _ in L]
-    assert got == expected and len(L) == len(expected)
+    assert got == expected and n == len(expected) and L.epoch == vs.epoch == 1
 
 
 @pytest.mark.parametrize("nw", [0, 2])

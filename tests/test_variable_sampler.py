@@ -57,7 +57,10 @@ def reference_zip_grid(base, lo, hi, n, d=32, bs0=None):
 
 
 def all_batches(s):
-    return [list(b) for b in s]
+    e = s.epoch
+    out = [list(b) for b in s]
+    s.set_epoch(e)  # a complete pass moved to the next epoch (fastload._state): come back
+    return out
 
 
 # ----------------------------------------------------------------------------- grid
@@ -319,7 +322,7 @@ def test_smooth_curriculum(mode):
 def test_pixels_per_epoch_counts_iterated_pixels():
     s = VariableBatchSampler(1234, 64, 10, 32, 96, 3, divisible_by=16, rank=1, world_size=2)
     it = sum(len(b) * b[0][1] * b[0][2] for b in s)
-    assert s.pixels_per_epoch() == 2 * it
+    assert s.pixels_per_epoch(0) == 2 * it
 
 
 # ----------------------------------------------------------------------------- aspect buckets
@@ -351,6 +354,7 @@ def test_aspect_buckets_keep_native_ratio(rng):
         assert abs(math.log(h / w) - math.log(r)) < 0.25  # the crop keeps the bucket's ratio
         seen.extend(idx.tolist())
     assert sorted(seen) == list(range(n))
+    s.set_epoch(0)  # the pass moved to epoch 1
     # the same from an (N, 2) array and from plain ratios
     t = VariableBatchSampler(n, 256, 32, 160, 320, 5, aspect_ratios=hw, aspect_buckets=buckets, seed=4)
     u = VariableBatchSampler(n, 256, 32, 160, 320, 5, aspect_ratios=ratio, aspect_buckets=buckets, seed=4)
@@ -427,8 +431,9 @@ def test_plain_torch_dataloader(workers):
     dl = torch.utils.data.DataLoader(AtResolution(SquaresDataset(n), _at_size), batch_sampler=s,
                                      num_workers=workers)
     plan = all_batches(s)
+    n_dl = len(dl)
     got = list(dl)
-    assert len(got) == len(plan) == len(dl)
+    assert len(got) == len(plan) == n_dl
     for (x, y), batch in zip(got, plan):
         assert tuple(x.shape) == (len(batch), 3, batch[0][1], batch[0][2])
         assert y.tolist() == [i for i, _, _ in batch]
@@ -464,8 +469,9 @@ def test_reinforced_loader_renders_each_step_at_its_size(tmp_path):
                               divisible_by=16, seed=0, aspect_ratios=ds, aspect_buckets=(0.75, 1.0, 4 / 3))
     L = ReinforcedLoader(ds, batch_sampler=vs, num_workers=2, dct_scale=False)
     plan = all_batches(vs)
+    n = len(L)
     got = [(x.clone(), y.clone()) for x, y, _ in L]
-    assert len(got) == len(plan) == len(L)
+    assert len(got) == len(plan) == n
     labels = np.asarray(ds.labels)
     decode = lambda b: np.asarray(Image.open(io.BytesIO(bytes(b))).convert("RGB"))
     for k, ((x, y), batch) in enumerate(zip(got, plan)):
@@ -495,6 +501,7 @@ def test_iter_arrays_matches_batches_and_resume(world, n):
         lists = all_batches(s)
         arrays = [(i.tolist(), h, w) for i, h, w in s.iter_arrays()]
         assert arrays == [([i for i, _, _ in b], b[0][1], b[0][2]) for b in lists]
+        s.set_epoch(0)  # the pass moved to epoch 1
         it = s.iter_arrays()
         next(it)
         state = s.state_dict()

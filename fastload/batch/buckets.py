@@ -39,13 +39,19 @@ the rows of bucket k are shuffled by a keyed permutation of ``[0, n_k)`` with ke
 O(batch size), not an O(rows) table per epoch. The rank never enters either, so every rank
 draws the same bucket at every step.
 
-Distributed trimming rule: bucket k contributes ``m_k = floor(n_k / (b_k * world_size))``
-batches per rank per epoch. The epoch's row permutation is cut into ``m_k * world_size``
-consecutive groups of b_k rows; group ``r * m_k + j`` is batch j of rank r (each rank reads
-one contiguous part of the permutation, in windows of several batches per native call). The last
-``n_k - m_k * b_k * world_size`` rows of the permutation are not used in that epoch (with
-``shuffle=True`` a different subset each epoch). Every rank thus has the same number of
-batches per bucket, the same steps and the same shapes per step.
+Distributed rule (elastic): ``tokens_per_step`` is per rank, so a step's *global* batch of
+bucket k has ``G_k = b_k * world_size`` rows. Bucket k contributes ``m_k = floor(n_k / G_k)``
+global batches per epoch; global batch j of bucket k is positions ``[j G_k, (j + 1) G_k)`` of
+the epoch's row permutation, and rank r takes its slice ``[j G_k + r b_k, j G_k + (r + 1) b_k)``.
+The schedule and the permutation depend on (seed, epoch, global tokens per step) only, never
+on the world size itself, so a state saved at world size W1 resumes at W2 (with
+``tokens_per_step`` scaled to keep ``tokens_per_step * world_size``) and continues the same
+global batches: no row seen twice or missed in that epoch. The last ``n_k - m_k G_k`` rows of
+the permutation are not used in that epoch (with ``shuffle=True`` a different subset each
+epoch). Every rank has the same number of steps and the same bucket and shape at every step.
+
+State: :mod:`fastload._state` (``state_dict()`` is the same on every rank; its fingerprint
+holds the global tokens per step, not the world size).
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .._dist import check_same_across_ranks, rank_world
+from .._dist import check_epoch_end, check_same_across_ranks, rank_world
+from .._state import Position
 from .._native import check
 from ..format.decompose import _chunk_hash, _lib
 
@@ -135,10 +142,11 @@ class BucketBatchSampler:
 
     ``rows``: ``{k: number of rows in bucket k}``. ``tokens_per_step`` (per rank) must be a
     multiple of the longest bucket length ``2^max(k)``. One pass (``len(self)`` steps) is an
-    epoch; after a complete pass the epoch advances by itself (``set_epoch`` overrides).
-    ``state_dict()`` taken after n batches and loaded into a fresh sampler resumes with batch
-    n + 1, bit for bit. ``check_every=n`` (distributed) all-reduces (step, bucket, batch
-    size) every n steps and raises if ranks disagree.
+    epoch. Position, epochs, resume and the one-live-iterator rule follow
+    :mod:`fastload._state`: ``state_dict()`` taken after n batches and loaded into a fresh
+    sampler (any world size with the same global tokens per step) resumes with batch n + 1,
+    bit for bit. ``check_every=n`` (distributed) all-reduces (step, bucket, batch size) every
+    n steps, and an end-of-epoch sentinel, and raises if ranks disagree.
 
     >>> s = BucketBatchSampler({8: 64, 9: 16}, tokens_per_step=2048, seed=0)
     >>> [(k, len(r)) for k, r in s][:3]
@@ -178,8 +186,9 @@ class BucketBatchSampler:
         self.cycles, self.seed, self.shuffle = int(cycles), int(seed), bool(shuffle)
         self.rank, self.world_size = rank_world(rank, world_size)
         self.check_every = int(check_every)
-        self.batches = self.rows // (self.batch_size * self.world_size)  # per rank, per epoch
-        self.epoch, self._step = 0, 0
+        # global batches per bucket per epoch (= each rank's batches of that bucket)
+        self.batches = self.rows // (self.batch_size * self.world_size)
+        self._pos = Position("BucketBatchSampler")
         self._plan_epoch = None
         self._lib = _lib()
         self._nrows = self.rows.tolist()
@@ -233,69 +242,91 @@ class BucketBatchSampler:
         self._plan()
         return np.asarray(self.buckets)[self._sched_b]
 
+    @property
+    def epoch(self) -> int:
+        return self._pos.epoch
+
+    @property
+    def _step(self) -> int:
+        return self._pos.step
+
     def step_rows(self, t: int) -> Tuple[int, np.ndarray]:
         """(k, this rank's rows) of step t of the current epoch."""
         self._plan()
         b = int(self._sched_b[t])
         bs = int(self.batch_size[b])
-        start = (self.rank * int(self.batches[b]) + int(self._sched_j[t])) * bs
+        start = (int(self._sched_j[t]) * self.world_size + self.rank) * bs
         return self.buckets[b], self._rows(b, start, bs)
 
     def __iter__(self) -> Iterator[Tuple[int, np.ndarray]]:
+        # the token is taken now, not at the first next(): a second iter() supersedes this one
+        return self._iterate(self._pos.begin())
+
+    def _iterate(self, token: int) -> Iterator[Tuple[int, np.ndarray]]:
+        pos = self._pos
+        pos.check(token)
         self._plan()
         n = len(self)
         if self.check_every > 0:
-            check_same_across_ranks([self.epoch, self._step, n, self.seed, *self.rows.tolist()],
+            check_same_across_ranks([self.epoch, pos.step, n, self.seed, *self.rows.tolist()],
                                     "epoch/step/steps per epoch/seed/bucket rows")
         buckets, sb, sj, rows = self.buckets, self._sb, self._sj, self._rows
-        bsz, check_every = self.batch_size.tolist(), self.check_every
-        # this rank's part of bucket b starts at row r * m_b * b_b; its batches are read front
-        # to back, so rows come from windows of >= _WINDOW rows (one native call each)
-        first = [self.rank * m * bs for m, bs in zip(self.batches.tolist(), bsz)]
-        end = [f + m * bs for f, m, bs in zip(first, self.batches.tolist(), bsz)]
+        bsz, check_every, W = self.batch_size.tolist(), self.check_every, self.world_size
+        # global batch j of bucket b is [j G, (j + 1) G) of its permutation (G = W b_b); this
+        # rank's slice starts at r b_b inside it. Rows come from windows of >= _WINDOW
+        # permutation positions (one native call each), read front to back.
+        gsz = [W * bs for bs in bsz]
+        end = [m * g for m, g in zip(self.batches.tolist(), gsz)]
+        off = [self.rank * bs for bs in bsz]
         win_at, win = [0] * len(buckets), [None] * len(buckets)
-        while self._step < n:
-            t = self._step
+        for t in range(min(pos.step, n), n):
+            pos.check(token)
             b = sb[t]
-            bs = bsz[b]
-            start = first[b] + sj[t] * bs
+            bs, g = bsz[b], gsz[b]
+            start = sj[t] * g
             if check_every > 0 and t % check_every == 0:
                 check_same_across_ranks([t, buckets[b], bs], "step/bucket/batch size")
             w = win[b]
             o = start - win_at[b]
-            if w is None or o < 0 or o + bs > len(w):
+            if w is None or o < 0 or o + g > len(w):
                 win_at[b], o = start, 0
-                w = win[b] = rows(b, start, min(max(_WINDOW, bs), end[b] - start))
-            self._step = t + 1
+                w = win[b] = rows(b, start, min(max(_WINDOW, g), end[b] - start))
+            pos.step = t + 1
+            o += off[b]
             yield buckets[b], w[o:o + bs]
-        # A complete pass: the next iteration is the next epoch.
-        self.epoch += 1
-        self._step = 0
+        pos.check(token)
+        if check_every > 0:  # a rank with more steps meets this instead of hanging
+            check_epoch_end(3, "step/bucket/batch size")
+        pos.finish(token)  # a complete pass: the next iteration is the next epoch
 
     # ------------------------------------------------------------------ state
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first step (call before iterating, as with DistributedSampler)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch, self._step = int(epoch), 0
+        """Select ``epoch``; the current epoch keeps its position (see fastload._state)."""
+        self._pos.set_epoch(epoch)
 
     def _fingerprint(self) -> dict:
-        return {"buckets": self.buckets, "rows": self.rows.tolist(), "tokens_per_step": self.tokens_per_step,
-                "odds": self.odds.tolist(), "cycles": self.cycles, "seed": self.seed, "shuffle": self.shuffle,
-                "world_size": self.world_size, "schedule": self.schedule_name,
+        # the global tokens per step, not the world size: the state resumes elastically
+        return {"buckets": list(self.buckets), "rows": self.rows.tolist(),
+                "global_tokens_per_step": self.tokens_per_step * self.world_size,
+                "odds": self.odds.tolist(), "cycles": self.cycles, "seed": self.seed,
+                "shuffle": self.shuffle, "schedule": self.schedule_name,
                 "schedule_per_epoch": self.schedule_per_epoch}
 
     def state_dict(self) -> Dict:
-        return {"epoch": self.epoch, "step": self._step, "config": self._fingerprint()}
+        return self._pos.state(self._fingerprint())
 
     def load_state_dict(self, state: Mapping) -> None:
-        cfg = state.get("config")
-        if cfg is not None and cfg != self._fingerprint():
-            diff = sorted(k for k in cfg if cfg[k] != self._fingerprint().get(k))
-            raise ValueError(f"state_dict was saved with a different sampler configuration ({', '.join(diff)})")
-        step = int(state["step"])
-        self.epoch = int(state["epoch"])
+        if "fingerprint" not in state and isinstance(state.get("config"), Mapping):
+            # a state saved before the contract: its config had the per-rank tokens and world size
+            cfg = dict(state["config"])
+            if "tokens_per_step" in cfg and "world_size" in cfg:
+                cfg["global_tokens_per_step"] = int(cfg.pop("tokens_per_step")) * int(cfg.pop("world_size"))
+            state = {**state, "fingerprint": cfg}
+        old = (self._pos.epoch, self._pos.step)
+        self._pos.load(state, self._fingerprint())
         self._plan()
-        if not 0 <= step <= len(self):
-            raise ValueError(f"state_dict step {step} outside [0, {len(self)}]")
-        self._step = step
+        if self._pos.step > len(self):
+            step = self._pos.step
+            self._pos.seek(*old)
+            raise ValueError(f"BucketBatchSampler.load_state_dict: step {step} is outside "
+                             f"[0, {len(self)}] (the steps of an epoch)")

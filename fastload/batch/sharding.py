@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from fastload._dist import rank_world
+from fastload._state import Position
 
 _SHUFFLE_TAG = 0x5348_5546  # separates this stream from the loader's other seeded streams
 
@@ -55,19 +56,19 @@ class ShardedSampler:
 
     Rank and world size come from the arguments, else from ``torch.distributed`` when it is
     initialized, else (0, 1). ``len(sampler)`` is this rank's count, equal on every rank.
-    ``state_dict()`` records the epoch and the indices yielded in it; after
-    ``load_state_dict`` the next iteration resumes at the exact next index. A new ``iter()``
-    otherwise restarts the epoch (DataLoader semantics). When the sampler is passed to a
-    ``ReinforcedLoader``, checkpoint the loader (it counts consumed batches), not the sampler.
+    State (:mod:`fastload._state`): ``step`` counts the indices yielded in the epoch (the
+    same on every rank); a complete pass moves to the next epoch; ``set_epoch(e)`` keeps the
+    position when ``e`` is the current epoch; ``iter()`` continues at the position and
+    supersedes an older iterator. When the sampler is passed to a ``ReinforcedLoader``,
+    checkpoint the loader (it counts consumed batches), not the sampler.
 
     Example:
         >>> s = ShardedSampler(10, shuffle=True, seed=0, rank=1, world_size=3)
         >>> s.set_epoch(2)
-        >>> len(s), len(list(s))
-        (4, 4)
-        >>> a = ShardedSampler(10, seed=0, rank=0, world_size=3); a.set_epoch(2)
-        >>> b = ShardedSampler(10, seed=0, rank=2, world_size=3); b.set_epoch(2)
-        >>> sorted(set(list(a)) | set(list(s)) | set(list(b))) == list(range(10))
+        >>> len(s), len(list(s)), s.epoch  # a complete pass moves to the next epoch
+        (4, 4, 3)
+        >>> parts = [ShardedSampler(10, seed=0, rank=r, world_size=3).indices(2) for r in range(3)]
+        >>> sorted(set(np.concatenate(parts).tolist())) == list(range(10))
         True
     """
 
@@ -80,16 +81,15 @@ class ShardedSampler:
         self.seed = int(seed)
         self.pad = bool(pad)
         self.rank, self.world_size = rank_world(rank, world_size)
-        self.epoch = 0
-        self._pos = 0  # indices already yielded in this epoch
-        self._resume = 0  # where the next __iter__ starts (set by load_state_dict only)
+        self._pos = Position("ShardedSampler")
+
+    @property
+    def epoch(self) -> int:
+        return self._pos.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order. Setting the epoch being resumed keeps the resume point."""
-        epoch = int(epoch)
-        if epoch != self.epoch:
-            self._pos = self._resume = 0
-        self.epoch = epoch
+        """Select the epoch's order; the current epoch keeps its position."""
+        self._pos.set_epoch(epoch)
 
     def indices(self, epoch: Optional[int] = None) -> np.ndarray:
         """This rank's full index array for ``epoch`` (default: the current one)."""
@@ -102,22 +102,27 @@ class ShardedSampler:
         return -(-n // w) if self.pad else n // w
 
     def __iter__(self) -> Iterator[int]:
-        idx = self.indices()
-        start, self._resume = min(self._resume, len(idx)), 0
-        self._pos = start
-        for k in range(start, len(idx)):
-            self._pos = k + 1
-            yield int(idx[k])
+        return self._iterate(self._pos.begin())
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self._pos, "seed": self.seed,
-                "num_samples": self.num_samples, "world_size": self.world_size,
+    def _iterate(self, token: int) -> Iterator[int]:
+        pos = self._pos
+        pos.check(token)
+        idx = self.indices()
+        for k in range(min(pos.step, len(idx)), len(idx)):
+            pos.check(token)
+            pos.step = k + 1
+            yield int(idx[k])
+        pos.check(token)
+        pos.finish(token)
+
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "num_samples": self.num_samples, "world_size": self.world_size,
                 "shuffle": self.shuffle, "pad": self.pad}
 
+    def state_dict(self) -> dict:
+        return self._pos.state(self._fingerprint())
+
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_samples", "world_size"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"state_dict {key}={state[key]} does not match this sampler's "
-                                 f"{key}={getattr(self, key)}")
-        self.epoch = int(state["epoch"])
-        self._pos = self._resume = int(state["pos"])
+        if "fingerprint" not in state:  # saved before the contract: fields at the top level
+            state = {**state, "fingerprint": {k: state[k] for k in self._fingerprint() if k in state}}
+        self._pos.load(state, self._fingerprint(), step_aliases=("pos", "batches_done"))

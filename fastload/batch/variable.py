@@ -31,7 +31,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fastload._dist import check_same_across_ranks, rank_world
+from fastload._dist import check_epoch_end, check_same_across_ranks, rank_world
+from fastload._state import Position
 
 Size = Union[int, Sequence[int]]
 
@@ -332,19 +333,24 @@ class VariableBatchSampler:
     (same area, so one side may exceed ``max_size``), so batches hold one bucket, one shape
     and need no padding. The loader picks crops of that shape's ratio.
 
-    Resume: ``state_dict``/``load_state_dict`` when a torch DataLoader drives the sampler.
-    ``ReinforcedLoader`` drives it itself (``set_epoch`` and skipping to its own position):
-    checkpoint the loader's state there, not the sampler's, or the skip happens twice.
+    State (:mod:`fastload._state`): position (epoch, step), a finished pass moves to the next
+    epoch, ``set_epoch(e)`` keeps the position when ``e`` is the current epoch, a new
+    ``iter()`` supersedes the previous iterator. Checkpoint it when a torch DataLoader drives
+    the sampler; ``ReinforcedLoader`` places it at its own position itself: checkpoint the
+    loader there. The state holds the world size (the per-rank split is not elastic).
 
     >>> import fastload
     >>> s = fastload.VariableBatchSampler(1000, base_size=256, base_batch_size=32,
     ...                                   min_size=160, max_size=320, num_scales=5, seed=0)
     >>> s.grid
     [(160, 160, 81), (192, 192, 56), (256, 256, 32), (288, 288, 25), (320, 320, 20)]
-    >>> batch = next(iter(s)); len({(h, w) for _, h, w in batch})
+    >>> steps = len(s); batch = next(iter(s)); len({(h, w) for _, h, w in batch})
     1
-    >>> sum(len(b) for b in s) == 1000 and len(list(s)) == len(s)
+    >>> rest = list(s)  # a new iter() continues at the position: step 1
+    >>> len(rest) == steps - 1 and sum(map(len, rest)) == 1000 - len(batch)
     True
+    >>> s.epoch  # the complete pass moved to the next epoch
+    1
     """
 
     def __init__(self, num_samples, base_size: Size = 256, base_batch_size: int = 128,
@@ -388,9 +394,7 @@ class VariableBatchSampler:
         if aspect_ratios is not None:
             self._init_buckets(aspect_ratios, aspect_buckets)
 
-        self._epoch = 0
-        self._step = 0          # batches handed out in the current epoch
-        self._resume_step = 0   # where the next __iter__ starts (load_state_dict)
+        self._pos = Position("VariableBatchSampler")  # step: batches handed out this epoch
         self._grids: Dict[int, List[List[Tuple[int, int, int]]]] = {}
         self._plans: Dict[int, _Plan] = {}
         # fail now, not at epoch 57, if a curriculum grid makes b < 1
@@ -623,20 +627,21 @@ class VariableBatchSampler:
         return zlib.crc32(g.tobytes()) ^ (self.num_samples << 32)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
-        epoch = self._epoch
+        token, plan, first, epoch = self._begin()
+        return self._batches(plan, first, epoch, token)
+
+    def _begin(self):
+        """Start an iteration at the position (the token supersedes older iterators now)."""
+        token = self._pos.begin()
+        epoch = self._pos.epoch
         plan = self._plan(epoch)
-        first = min(self._resume_step, plan.n)
-        self._resume_step = 0
-        self._step = first
-        check = self.check_shapes
-        if check:
+        first = min(self._pos.step, plan.n)
+        if self.check_shapes:
             check_same_across_ranks([plan.n, self._grid_code(epoch), first, epoch],
                                     f"the epoch plan (steps, grid, resume step, epoch) of epoch {epoch}")
-        # position updated here, not inside the generator, so a state_dict taken right
-        # after iter() says "start of epoch"
-        return self._batches(plan, first, epoch)
+        return token, plan, first, epoch
 
-    def _steps(self, plan: _Plan, first: int, epoch: int, fetch):
+    def _steps(self, plan: _Plan, first: int, epoch: int, fetch, token: int):
         """Per step from ``first``: (window of this rank's ids, offset, batch size, h, w).
         ``fetch(bucket, start, count)`` gives a window (a list or an array); one native call
         serves many steps."""
@@ -645,7 +650,9 @@ class VariableBatchSampler:
         # per bucket: first position and ids of the current window
         win_at = [0] * len(plan.buckets)
         win = [None] * len(plan.buckets)
+        pos = self._pos
         for s in range(first, plan.n):
+            pos.check(token)
             h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
             if check:
                 check_same_across_ranks([s, h, w, e - a], f"the batch shape (step, h, w, b) at step {s}")
@@ -654,13 +661,15 @@ class VariableBatchSampler:
                 bucket = plan.buckets[k]
                 win_at[k] = a
                 ids = win[k] = fetch(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
-            self._step = s + 1
+            pos.step = s + 1
             yield ids, a - win_at[k], e - a, h, w
+        pos.check(token)
         if check:  # a rank with more steps meets this sentinel instead of hanging
-            check_same_across_ranks([-1, -1, -1, -1], f"the end of epoch {epoch} (number of steps)")
+            check_epoch_end(4, f"the batch shape (step, h, w, b) of epoch {epoch}")
+        pos.finish(token)  # a complete pass: the next iteration is the next epoch
 
-    def _batches(self, plan: _Plan, first: int, epoch: int) -> Iterator[List[Tuple[int, int, int]]]:
-        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids):
+    def _batches(self, plan: _Plan, first: int, epoch: int, token: int) -> Iterator[List[Tuple[int, int, int]]]:
+        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids, token):
             # product(ids, (h,), (w,)) builds the (i, h, w) tuples ~15% faster than zip/repeat
             yield list(product(ids[o:o + b], (h,), (w,)))
 
@@ -671,68 +680,61 @@ class VariableBatchSampler:
 
         >>> import fastload
         >>> s = fastload.VariableBatchSampler(1000, 256, 32, 160, 320, seed=0)
-        >>> [(list(i), h, w) for i, h, w in s.iter_arrays()] == [
-        ...     ([i for i, _, _ in b], b[0][1], b[0][2]) for b in s]
+        >>> arrays = [(list(i), h, w) for i, h, w in s.iter_arrays()]
+        >>> s.set_epoch(0)
+        >>> arrays == [([i for i, _, _ in b], b[0][1], b[0][2]) for b in s]
         True
         """
-        epoch = self._epoch
-        plan = self._plan(epoch)
-        first = min(self._resume_step, plan.n)
-        self._resume_step = 0
-        self._step = first
-        if self.check_shapes:
-            check_same_across_ranks([plan.n, self._grid_code(epoch), first, epoch],
-                                    f"the epoch plan (steps, grid, resume step, epoch) of epoch {epoch}")
-        return self._array_batches(plan, first, epoch)
+        token, plan, first, epoch = self._begin()
+        return self._array_batches(plan, first, epoch, token)
 
-    def _array_batches(self, plan: _Plan, first: int, epoch: int):
-        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids_array):
+    def _array_batches(self, plan: _Plan, first: int, epoch: int, token: int):
+        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids_array, token):
             yield ids[o:o + b].astype(np.int64), h, w  # a copy (int64 even for int32 members)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (its order, scales and, with a curriculum, its grid). Setting the
-        epoch that a loaded state is in keeps its resume position."""
-        epoch = int(epoch)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self._epoch:
-            self._resume_step = 0
-            self._step = 0
-        self._epoch = epoch
+        """Select the epoch (its order, scales and, with a curriculum, its grid). The current
+        epoch keeps its position (a loaded state resumes mid-epoch)."""
+        self._pos.set_epoch(epoch)
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        return self._pos.epoch
+
+    @property
+    def _epoch(self) -> int:
+        return self._pos.epoch
+
+    def _fingerprint(self, epoch: int) -> dict:
+        return {"seed": self.seed, "num_samples": self.num_samples, "world_size": self.world_size,
+                "grid_code": self._grid_code(epoch)}
 
     def state_dict(self, batches_consumed: Optional[int] = None) -> dict:
-        """Position for an exact mid-epoch resume.
+        """Position for an exact mid-epoch resume (fastload._state keys).
 
         The sampler counts the batches it has handed out; a DataLoader with workers prefetches
         ahead of the training loop, so pass ``batches_consumed`` (the number of this epoch's
         batches the model has actually seen) when checkpointing under one.
         """
-        step = self._step if batches_consumed is None else int(batches_consumed)
-        if step < 0:
-            raise ValueError(f"batches_consumed must be >= 0, got {batches_consumed}")
-        return {"epoch": self._epoch, "step": step, "seed": self.seed, "num_samples": self.num_samples,
-                "world_size": self.world_size, "grid_code": self._grid_code(self._epoch)}
+        st = self._pos.state(self._fingerprint(self._pos.epoch))
+        if batches_consumed is not None:
+            if int(batches_consumed) < 0:
+                raise ValueError(f"batches_consumed must be >= 0, got {batches_consumed}")
+            st["step"] = int(batches_consumed)
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position from :meth:`state_dict`; the next ``iter()`` continues there."""
-        for key in ("epoch", "step", "seed", "num_samples", "world_size"):
-            if key not in state:
-                raise ValueError(f"state_dict is missing {key!r}")
-        for key in ("seed", "num_samples", "world_size"):
-            if int(state[key]) != getattr(self, key):
-                raise ValueError(f"state_dict {key}={state[key]} does not match this sampler's "
-                                 f"{key}={getattr(self, key)}")
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if epoch < 0 or step < 0:
-            raise ValueError(f"state_dict has a negative epoch or step: {epoch}, {step}")
-        if "grid_code" in state and int(state["grid_code"]) != self._grid_code(epoch):
-            raise ValueError("state_dict grid_code differs: the sampler was built with other sizes, "
-                             "batch sizes or aspect ratios than the one that saved it")
-        self._epoch, self._step, self._resume_step = epoch, step, step
+        if "fingerprint" not in state:  # saved before the contract: the fields were top level
+            missing = [k for k in ("seed", "num_samples", "world_size") if k not in state]
+            if missing:
+                raise ValueError(f"VariableBatchSampler.load_state_dict: the state is missing {missing}")
+            state = {**state, "fingerprint": {k: state[k] for k in
+                                              ("seed", "num_samples", "world_size", "grid_code") if k in state}}
+        epoch = int(state.get("epoch", 0))
+        if epoch < 0:
+            raise ValueError(f"VariableBatchSampler.load_state_dict: negative epoch {epoch}")
+        self._pos.load(state, self._fingerprint(epoch))
 
     def __repr__(self) -> str:
         return (f"VariableBatchSampler(num_samples={self.num_samples}, grid={self.grid}, "

@@ -20,9 +20,16 @@ class DecompositionLoader:
     A step from bucket k is ``[tokens_per_step // 2^k, 2^k]`` for both tensors
     (``targets`` = inputs shifted by one, the chunk's ``+1`` token), so every step has
     ``tokens_per_step`` tokens per rank. Bucket choice, curricula, cycles, the per-epoch
-    shuffle, resume and the distributed rule are those of
-    :class:`fastload.batch.buckets.BucketBatchSampler` (all ranks draw the same bucket at
-    every step and have the same number of batches per bucket).
+    shuffle and the distributed rule are those of
+    :class:`fastload.batch.buckets.BucketBatchSampler`: all ranks draw the same bucket at
+    every step, and the step's global batch (``tokens_per_step * world_size`` tokens) is split
+    across ranks, so the order depends on (seed, epoch, global tokens per step) only.
+
+    State (:mod:`fastload._state`): ``state_dict()`` is the global position, the same on every
+    rank; it resumes at any world size whose ``tokens_per_step * world_size`` is the saved
+    one (no row seen twice or missed in that epoch). ``set_epoch(e)`` keeps the position when
+    ``e`` is the current epoch; a finished pass moves to the next epoch; a new ``iter()``
+    supersedes the previous iterator (its ``next()`` raises ``SupersededError``).
 
     Copies: rows are gathered from the memory-mapped bucket arrays straight into contiguous
     ``dtype`` tensors (one pass in C++, ``num_threads`` threads, pinned when ``pin_memory``).
@@ -109,8 +116,8 @@ class DecompositionLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for k, rows in self.sampler:
-            yield self.fetch(k, rows)
+        # iter(self.sampler) runs now (it takes the live-iterator token), the fetches lazily
+        return (self.fetch(k, rows) for k, rows in iter(self.sampler))
 
     def _addresses(self, k: int, rows: np.ndarray) -> np.ndarray:
         cum, bases = self._cum[k], self._bases[k]
@@ -150,11 +157,21 @@ class DecompositionLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "path": os.path.abspath(self.path)}
+        """{kind, version, epoch, step, fingerprint}: see fastload._state (plain types)."""
+        return {**self.sampler.state_dict(), "kind": "DecompositionLoader"}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        if "kind" not in state and isinstance(state.get("sampler"), Mapping):
+            state = state["sampler"]  # saved before the contract: {"sampler": ..., "path": ...}
+        kind = state.get("kind", "DecompositionLoader")
+        if kind != "DecompositionLoader":
+            raise ValueError(f"DecompositionLoader.load_state_dict: the state was saved by a {kind}")
+        self.sampler.load_state_dict({**state, "kind": "BucketBatchSampler"})
 
     @property
     def tokens_per_step(self) -> int:

@@ -7,19 +7,26 @@ the batch buffer, GIL released, ``num_workers`` native threads). No per-sample P
 in the hot loop and no worker processes are forked.
 
 Randomness. Everything random is a pure function of ``(seed, epoch, sample index, view)``
-(and, for fresh augmentations, the step) through private generators: the shuffle order
-(``fastload.batch.sharding``), which stored augmentation a view replays, the
-``p_reinforced`` coin, the synthetic caption picked, and the fresh parameters of the
-non-reinforced case. The same seed, epoch and world size give identical bytes whatever
-``num_workers`` or ``prefetch_factor`` are.
+(and, for fresh augmentations, the global step) through private generators: the shuffle
+order (``fastload.batch.sharding.epoch_permutation``), which stored augmentation a view
+replays, the ``p_reinforced`` coin, the synthetic caption picked, and the fresh parameters
+of the non-reinforced case (drawn for the whole global batch, then sliced). With the built-in
+order (no ``sampler``/``batch_sampler``, or a sampler with ``global_order``) the same seed and
+epoch give the same global batches bit for bit whatever ``num_workers``,
+``prefetch_factor`` and the world size are (see "Elastic" in the class docstring).
 
-Epochs. ``set_epoch(e)`` selects an epoch; a completed pass advances it by one on its own,
-so a loop that never calls ``set_epoch`` still reshuffles every epoch (as DataLoader does).
-
-Resume. ``state_dict()`` records the epoch and the number of batches handed to the user in
-it; after ``load_state_dict`` the next iteration yields exactly the remaining batches. A new
-``iter()`` without ``load_state_dict`` restarts the epoch (DataLoader semantics). User
-samplers must be deterministic given ``set_epoch`` (resume re-iterates them and skips).
+Epochs and resume (``fastload._state``). The loader keeps a position (epoch, step = global
+batches handed to the user in the epoch, the same on every rank). A complete pass moves to
+(epoch + 1, 0), so a loop that never calls ``set_epoch`` still reshuffles every epoch;
+``set_epoch(e)`` keeps the position when ``e`` is the current epoch (so ``load_state_dict``
+then the usual ``set_epoch`` at the top of the epoch loop resumes mid-epoch) and otherwise
+moves to (e, 0). ``iter()`` starts at the position; one iterator is live at a time: a newer
+``iter()``, ``load_state_dict`` or ``set_epoch`` to another epoch supersedes the old one,
+whose prefetch threads stop and whose ``next()`` raises ``SupersededError`` (so
+``zip(loader, loader)`` is an error, not a silent empty loop). ``state_dict()`` is plain types
+(``torch.save`` / ``torch.load(weights_only=True)``), the protocol of torchdata's
+``StatefulDataLoader``. A plain user batch sampler is re-iterated from its start and skipped
+to the position, so it must be deterministic given ``set_epoch``.
 
 Buffers. With ``reuse_buffers=False`` (default) every yielded image tensor is the caller's
 own: it comes from a small per-loader pool whose buffers are rendered into again only once
@@ -32,16 +39,24 @@ tensors are device copies and are always the caller's own.
 
 Errors. An exception in the background thread is raised in the training loop at the next
 batch. A sample whose image cannot be decoded raises a ``RuntimeError`` naming the sample
-id (``on_error="raise"``), or with ``on_error="skip"`` its rows are replaced by a copy of
-the first good row of the same batch (image, label and target, so shapes never change and
-distributed ranks stay in step); ``loader.skipped`` counts replaced rows and
-``loader.skipped_ids`` lists the sample ids.
+id (``on_error="raise"``), or with ``on_error="skip"`` every row it breaks (its own rows and
+the rows that use it as MixUp/CutMix partner) is replaced by a copy of the first good row of
+the same batch (image, label and target, so shapes never change and distributed ranks stay
+in step). When no row of a batch renders, the rows are copies of the first sample
+``(first id + k) % N`` (k = 1, 2, ..., at most 64 tried) that renders with a stored
+augmentation: the batch is kept, not dropped, so every rank keeps the same steps, and the
+choice is deterministic (resume stays exact). ``loader.skipped`` counts the rows replaced
+(exactly once each, when the batch is consumed) and ``loader.skipped_ids`` lists each failing
+sample id once, in the order first seen. Both are this rank's counters, not part of
+``state_dict()``.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -49,8 +64,9 @@ from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
-from fastload.batch.sharding import epoch_permutation, shard_indices
-from fastload._dist import rank_world
+from fastload.batch.sharding import epoch_permutation
+from fastload._dist import check_epoch_end, check_same_across_ranks, rank_world
+from fastload._state import Position, SupersededError
 from fastload.sample import params as P
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,9 +157,9 @@ class ReinforcedLoader:
       of the batch: a batch holds ``batch_size * V`` rows (FKD's multi-crop). With V > 1
       each image is decoded once at full resolution and its V views replayed from the pixels
       (no DCT-domain downscaling then).
-    - ``rank`` / ``world_size``: sharding (default: torch.distributed when initialized).
-      See ``fastload.batch.sharding`` for the padding rule; every rank gets the same number
-      of batches of the same sizes.
+    - ``rank`` / ``world_size``: default torch.distributed when initialized. Elastic rule
+      below; with a plain ``sampler`` (no ``global_order``) it shards by itself and each rank
+      batches its indices; a ``batch_sampler`` gives this rank's batches.
     - ``tokenizer``: for image-text datasets, a callable applied to each batch's list of
       captions.
     - ``on_error``: "raise" or "skip" for undecodable samples (see the module docstring).
@@ -155,6 +171,24 @@ class ReinforcedLoader:
       for custom samplers: the built-in sharding already guarantees agreement).
     - ``dataset`` may also be a path, opened with ``fastload.ReinforcedDataset``;
       ``generator``: a ``torch.Generator`` whose ``initial_seed()`` replaces ``seed``.
+
+    Elastic determinism (the built-in order, or a ``sampler`` with ``global_order``): the
+    epoch's global order is ``epoch_permutation(len(dataset), seed, epoch, shuffle)``, a
+    function of (seed, epoch) only. Global batch t is samples ``[t G, (t + 1) G)`` of it with
+    ``G = batch_size * world_size``, and rank r takes its slice ``[r B, (r + 1) B)``. The
+    last, partial global batch of ``m < G`` samples is dropped with ``drop_last=True``; else
+    it is padded by wrapping to the start of the order up to ``W * ceil(m / W)`` samples, each
+    rank taking ``ceil(m / W)`` (at most ``W - 1`` samples seen twice; with W = 1 it is the
+    usual short last batch). All ranks thus have the same steps and shapes. ``state_dict()``
+    describes the global position and is identical on every rank: any rank's state resumes
+    every rank of another world size, provided ``batch_size * world_size`` is the same (e.g.
+    global 256 as 4 x 64 then 8 x 32); a state of another dataset size, seed, global batch
+    size, shuffle or drop_last raises ``ValueError`` naming the field.
+
+    Order hook: if ``sampler`` has a method ``global_order(epoch) -> np.ndarray[int64]`` (the
+    epoch's order of sample indices, identical on every rank, e.g. a shard-aware shuffle),
+    the loader uses it instead of the permutation, under the same elastic rules (its length
+    is the epoch size); the sampler is not iterated.
 
     For image-text datasets each batch is an ``ImageTextBatch`` (images, captions,
     syn_captions, image_emb, text_emb, syn_text_emb).
@@ -262,56 +296,126 @@ class ReinforcedLoader:
         self.num_classes = int(getattr(dataset, "num_classes", 0) or 0)
         self._labels = np.asarray(dataset.labels) if self.kind == "classification" else None
 
-        self._epoch = 0
-        self._batches_done = 0
-        self._resume: Optional[int] = None
+        self._pos = Position("ReinforcedLoader")
+        self._order_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
         self.skipped = 0
         self.skipped_ids: List[int] = []
+        self._skipped_set: set = set()
         self._copy_events: dict = {}  # ring slot data_ptr -> CUDA event of its async copy
         self._active = None  # weakref to the live iterator
         self._pool: Optional[_Pool] = None  # caller-owned output buffers (see _Pool)
 
     # ------------------------------------------------------------------ epochs and state
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (call before iterating, as with DistributedSampler)."""
-        epoch = int(epoch)
-        if epoch != self._epoch:
-            self._resume = None
-            self._batches_done = 0
-        self._epoch = epoch
+        """Select the epoch; the current epoch keeps its position (a loaded state resumes
+        mid-epoch); another epoch starts at its first batch and ends a live iterator."""
+        self._pos.set_epoch(epoch)
+        self._drop_superseded()
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        return self._pos.epoch
 
-    def _per_rank(self) -> int:
-        n, w = self.num_samples, self.world_size
-        return -(-n // w)  # pad rule of fastload.batch.sharding
+    @property
+    def _elastic(self) -> bool:
+        """The order is a global one cut into global batches (see the class docstring)."""
+        return self.batch_sampler is None and (self.sampler is None or hasattr(self.sampler, "global_order"))
+
+    def _global_order(self, epoch: int) -> np.ndarray:
+        """The epoch's global sample order: a function of (seed, epoch) only (or the
+        sampler's ``global_order(epoch)``), never of the world size or num_workers."""
+        cached = self._order_cache
+        if cached[0] == epoch:
+            return cached[1]
+        if self.sampler is not None:
+            order = np.asarray(self.sampler.global_order(epoch))
+            if order.ndim != 1 or order.dtype.kind not in "iu":
+                raise ValueError(f"sampler.global_order({epoch}) must return a 1-D integer array, "
+                                 f"got {order.dtype} of shape {order.shape}")
+            order = order.astype(np.int64, copy=False)
+            self._check_range(order, "sampler.global_order")
+        else:
+            order = epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle)
+        self._order_cache = (epoch, order)
+        return order
+
+    def _order_len(self) -> int:
+        if self.sampler is not None:
+            return len(self._global_order(self._pos.epoch))
+        return self.num_samples
+
+    def _global_steps(self, n: int) -> Tuple[int, int]:
+        """(steps, this rank's size of the last batch) for a global order of n samples."""
+        G = self.batch_size * self.world_size
+        full, rem = divmod(n, G)
+        if rem == 0 or self.drop_last:
+            return full, self.batch_size
+        return full + 1, -(-rem // self.world_size)
+
+    def _global_batch(self, epoch: int, step: int) -> Tuple[np.ndarray, int]:
+        """(global batch ``step`` of ``epoch``, this rank's offset in it)."""
+        order = self._global_order(epoch)
+        n, G = len(order), self.batch_size * self.world_size
+        if (step + 1) * G <= n:
+            return order[step * G:(step + 1) * G], self.rank * self.batch_size
+        # the last, partial global batch: wrapped around to ceil(rem / W) rows per rank
+        last = self._global_steps(n)[1]
+        pos = np.arange(step * G, step * G + last * self.world_size) % max(n, 1)
+        return order[pos], self.rank * last
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per epoch on this rank (the same on every rank)."""
         if self.batch_sampler is not None:
-            return len(self.batch_sampler)
-        n = len(self.sampler) if self.sampler is not None else self._per_rank()
+            bs = self.batch_sampler
+            pos = getattr(bs, "_pos", None)
+            if isinstance(pos, Position) and pos.epoch != self._pos.epoch:
+                bs.set_epoch(self._pos.epoch)  # its length at the loader's epoch (it drives it)
+            return len(bs)
+        if self._elastic:
+            return self._global_steps(self._order_len())[0]
+        n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _fingerprint(self) -> dict:
+        if self._elastic:  # the world size is free: the state resumes elastically
+            return {"num_samples": self._order_len(), "seed": self.seed,
+                    "global_batch_size": self.batch_size * self.world_size, "shuffle": self.shuffle,
+                    "drop_last": self.drop_last,
+                    "order": "sampler.global_order" if self.sampler is not None else "permutation"}
+        fp = {"num_samples": self.num_samples, "seed": self.seed, "world_size": self.world_size,
+              "order": "batch_sampler" if self.batch_sampler is not None else "sampler"}
+        if self.batch_size is not None:
+            fp["batch_size"] = self.batch_size
+        return fp
+
     def state_dict(self) -> dict:
-        """Epoch and batches consumed in it (exact mid-epoch resume), plus the skip count."""
-        return {"epoch": self._epoch, "batches_done": self._batches_done, "seed": self.seed,
-                "world_size": self.world_size, "rank": self.rank, "skipped": self.skipped,
-                "skipped_ids": list(self.skipped_ids)}
+        """The global position (fastload._state): identical on every rank, plain types. The
+        skip counters (``skipped``, ``skipped_ids``) are this rank's and not part of it."""
+        return self._pos.state(self._fingerprint())
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(f"state_dict seed {state['seed']} differs from the loader's seed {self.seed}")
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            raise ValueError(f"state_dict world_size {state['world_size']} differs from the "
-                             f"loader's world_size {self.world_size}: the order would change")
-        self._epoch = int(state["epoch"])
-        self._batches_done = int(state["batches_done"])
-        self._resume = self._batches_done
-        self.skipped = int(state.get("skipped", 0))
-        self.skipped_ids = list(state.get("skipped_ids", []))
+        """Continue at the saved position (for the built-in order: at any world size with the
+        saved global batch size); ValueError naming the field when the order would differ."""
+        if isinstance(state, dict) and "fingerprint" not in state:
+            # saved before the contract: seed and world size at the top level
+            legacy = {k: state[k] for k in ("seed", "world_size") if k in state}
+            if self._elastic and "world_size" in legacy:
+                legacy["global_batch_size"] = int(legacy.pop("world_size")) * self.batch_size
+            state = {**state, "fingerprint": legacy}
+        before = (self._pos.epoch, self._pos.step)
+        self._pos.load(state, self._fingerprint())
+        if self._elastic and self._pos.step > len(self):
+            step = self._pos.step
+            self._pos.seek(*before)
+            raise ValueError(f"ReinforcedLoader.load_state_dict: step {step} is past the end of "
+                             f"the epoch ({len(self)} steps)")
+        self._drop_superseded()
+
+    def _drop_superseded(self) -> None:
+        """Stop the prefetch threads of an iterator that is no longer the live one."""
+        old = self._active() if self._active is not None else None
+        if old is not None and not self._pos.is_live(old.token):
+            old.close()
 
     # ------------------------------------------------------------------ batch plan
     def _check_range(self, idx: np.ndarray, what: str) -> None:
@@ -320,48 +424,65 @@ class ReinforcedLoader:
             raise ValueError(f"{what} yielded index {int(bad)}, outside [0, {self.num_samples})")
 
     def _plan(self, epoch: int, start: int) -> Iterator[Tuple[int, np.ndarray, Tuple[int, int]]]:
-        """Yield (step, indices int64[b], (h, w)) from batch ``start`` of ``epoch``."""
+        """Yield (step, this rank's indices int64[b], (h, w)) from batch ``start`` of ``epoch``.
+
+        Samplers are set up now, in the calling thread (a contract sampler is placed at the
+        loader's position and its iterator taken here); the returned generator may run in
+        the prefetch thread."""
         size = self.image_size
         if self.batch_sampler is not None:
             bs = self.batch_sampler
-            if hasattr(bs, "set_epoch"):
-                bs.set_epoch(epoch)
-            # Samplers that can yield (indices array, h, w) skip building a tuple per sample.
             arrays = hasattr(bs, "iter_arrays")
-            for step, batch in enumerate(bs.iter_arrays() if arrays else bs):
-                if step < start:
-                    continue
-                if arrays:
-                    idx, h, w = batch
-                    idx = np.asarray(idx, dtype=np.int64)
-                    hw = _pair((h, w), "batch_sampler (h, w)")
-                    self._check_range(idx, "batch_sampler")
-                    yield step, idx, hw
-                    continue
-                batch = list(batch)
-                if batch and isinstance(batch[0], (tuple, list)):
-                    arr = np.asarray(batch, dtype=np.int64)
-                    if arr.ndim != 2 or arr.shape[1] != 3 or not (arr[:, 1:] == arr[0, 1:]).all():
-                        raise ValueError("batch_sampler must yield lists of ints or of (index, h, w) "
-                                         f"tuples sharing one (h, w); got {batch[:4]}...")
-                    idx, hw = arr[:, 0], _pair((arr[0, 1], arr[0, 2]), "batch_sampler (h, w)")
-                else:
-                    idx, hw = np.asarray(batch, dtype=np.int64).reshape(-1), size
-                self._check_range(idx, "batch_sampler")
-                yield step, idx, hw
-            return
-        if self.sampler is not None:
-            if hasattr(self.sampler, "set_epoch"):
+            if isinstance(getattr(bs, "_pos", None), Position):
+                bs._pos.seek(epoch, start)  # the sampler starts at the loader's position
+                first = start
+            else:
+                if hasattr(bs, "set_epoch"):
+                    bs.set_epoch(epoch)
+                first = 0  # a plain batch sampler restarts: skip to the position
+            it = bs.iter_arrays() if arrays else iter(bs)
+            return self._batch_sampler_plan(it, arrays, first, start, size)
+        if not self._elastic:
+            if isinstance(getattr(self.sampler, "_pos", None), Position):
+                self.sampler._pos.seek(epoch, 0)  # the loader counts batches, not the sampler
+            elif hasattr(self.sampler, "set_epoch"):
                 self.sampler.set_epoch(epoch)
             idx = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
             self._check_range(idx, "sampler")
-        else:
-            order = epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle)
-            idx = shard_indices(order, self.rank, self.world_size, pad=True)
-        n, b = len(idx), self.batch_size
-        nb = n // b if self.drop_last else -(-n // b)
-        for step in range(start, nb):
-            yield step, idx[step * b:(step + 1) * b], size
+            b = self.batch_size
+            nb = len(idx) // b if self.drop_last else -(-len(idx) // b)
+            return ((step, idx[step * b:(step + 1) * b], size) for step in range(start, nb))
+        steps = self._global_steps(len(self._global_order(epoch)))[0]
+        return self._elastic_plan(epoch, start, steps, size)
+
+    def _elastic_plan(self, epoch, start, steps, size):
+        for step in range(start, steps):
+            gidx, off = self._global_batch(epoch, step)
+            b = len(gidx) // self.world_size
+            yield step, gidx[off:off + b], size
+
+    def _batch_sampler_plan(self, it, arrays, first, start, size):
+        for step, batch in enumerate(it, first):
+            if step < start:
+                continue
+            if arrays:
+                idx, h, w = batch
+                idx = np.asarray(idx, dtype=np.int64)
+                hw = _pair((h, w), "batch_sampler (h, w)")
+                self._check_range(idx, "batch_sampler")
+                yield step, idx, hw
+                continue
+            batch = list(batch)
+            if batch and isinstance(batch[0], (tuple, list)):
+                arr = np.asarray(batch, dtype=np.int64)
+                if arr.ndim != 2 or arr.shape[1] != 3 or not (arr[:, 1:] == arr[0, 1:]).all():
+                    raise ValueError("batch_sampler must yield lists of ints or of (index, h, w) "
+                                     f"tuples sharing one (h, w); got {batch[:4]}...")
+                idx, hw = arr[:, 0], _pair((arr[0, 1], arr[0, 2]), "batch_sampler (h, w)")
+            else:
+                idx, hw = np.asarray(batch, dtype=np.int64).reshape(-1), size
+            self._check_range(idx, "batch_sampler")
+            yield step, idx, hw
 
     # ------------------------------------------------------------------ one batch
     def _aug_ids(self, epoch: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -375,10 +496,25 @@ class ReinforcedLoader:
         """Fresh augmentation records (mixing removed: the target stays one-hot)."""
         from fastload.sample.policy import sample_params
 
-        ss = np.random.SeedSequence([self.seed & _MASK64, epoch, self.rank, step, _TAG_FRESH])
-        rng = np.random.Generator(np.random.PCG64(ss))
-        recs = np.asarray(sample_params(self.dataset.policy, rng, rows,
-                                        np.asarray(self.dataset.source_hw), 1)).reshape(-1)
+        hw = np.asarray(self.dataset.source_hw)
+        if self._elastic:
+            # drawn for the fresh rows of the whole global batch, then this rank's taken: the
+            # global batch is the same bytes whatever the world size
+            gidx, off = self._global_batch(epoch, step)
+            V = self.views
+            grows = np.repeat(gidx, V)
+            gviews = np.tile(np.arange(V, dtype=np.int64), len(gidx))
+            gfresh = np.flatnonzero(_uniform(_hash((self.seed, epoch, _TAG_COIN), grows, gviews))
+                                    >= self.p_reinforced)
+            b = len(gidx) // self.world_size
+            mine = (gfresh >= off * V) & (gfresh < (off + b) * V)
+            ss = np.random.SeedSequence([self.seed & _MASK64, epoch, step, _TAG_FRESH])
+            rng = np.random.Generator(np.random.PCG64(ss))
+            recs = np.asarray(sample_params(self.dataset.policy, rng, grows[gfresh], hw, 1)).reshape(-1)[mine]
+        else:
+            ss = np.random.SeedSequence([self.seed & _MASK64, epoch, self.rank, step, _TAG_FRESH])
+            rng = np.random.Generator(np.random.PCG64(ss))
+            recs = np.asarray(sample_params(self.dataset.policy, rng, rows, hw, 1)).reshape(-1)
         recs = recs.astype(P.AUG_DTYPE, copy=True)
         recs["partner"] = -1
         recs["flags"] &= np.uint8(~(P.FLAG_MIXUP | P.FLAG_CUTMIX | P.FLAG_PARTNER_FLIP) & 0xFF)
@@ -390,8 +526,10 @@ class ReinforcedLoader:
         probs[:, 0] = 1.0
         return ids.astype(np.int64), probs
 
-    def _prepare(self, epoch: int, step: int, idx: np.ndarray, hw: Tuple[int, int]) -> dict:
-        """Stage 1 (Python, vectorized): records, sources, labels and targets of one batch."""
+    def _prepare(self, epoch: int, step: int, idx: np.ndarray, hw: Tuple[int, int],
+                 fresh_ok: bool = True) -> dict:
+        """Stage 1 (Python, vectorized): records, sources, labels and targets of one batch.
+        ``fresh_ok=False`` replays stored augmentations only (a substitute row)."""
         ds, V = self.dataset, self.views
         rows = np.repeat(idx, V)
         views = np.tile(np.arange(V, dtype=np.int64), len(idx))
@@ -399,7 +537,7 @@ class ReinforcedLoader:
         sources, recs, ids, probs = ds.gather(rows, aug)
         recs = np.array(recs, dtype=P.AUG_DTYPE, copy=True).reshape(-1)
         fresh = None
-        if self.p_reinforced < 1.0:
+        if self.p_reinforced < 1.0 and fresh_ok:
             coin = _uniform(_hash((self.seed, epoch, _TAG_COIN), rows, views))
             fresh = coin >= self.p_reinforced
             if fresh.any():
@@ -418,7 +556,7 @@ class ReinforcedLoader:
         else:
             labels, tgt = None, self._text_side(epoch, rows, views, aug)
         return dict(rows=rows, sources=list(sources), recs=recs, partners=partners, hw=hw,
-                    labels=labels, tgt=tgt, ext=ext)
+                    labels=labels, tgt=tgt, ext=ext, epoch=epoch, step=step)
 
     def _render_prepared(self, prep: dict, out_fn):
         """Stage 2 (native, GIL released): render into an output buffer."""
@@ -426,13 +564,37 @@ class ReinforcedLoader:
         out = out_fn((len(rows), 3, hw[0], hw[1]))
         bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows, prep.get("ext"))
         if bad is not None:  # on_error="skip": copy the first good row over every bad one
-            good = int(np.flatnonzero(~bad)[0])
             bi = np.flatnonzero(bad)
-            out[torch.as_tensor(bi)] = out[good].clone()
+            if bad.all():  # no good row in the batch: borrow one (see the module docstring)
+                s_out, s_labels, s_tgt, good = self._substitute(prep)
+            else:
+                s_out, s_labels, s_tgt, good = out, labels, tgt, int(np.flatnonzero(~bad)[0])
+            out[torch.as_tensor(bi)] = s_out[good].clone()
             if labels is not None:
-                labels[bi] = labels[good]
-            tgt = _copy_rows(tgt, bi, good)
+                labels[bi] = s_labels[good]
+            tgt = _copy_from(tgt, bi, s_tgt, good)
         return out, labels, tgt, culprits
+
+    def _substitute(self, prep: dict, tries: int = 64):
+        """A batch whose every row failed (on_error="skip"): the rows of the first sample
+        ``(first id + k) % N``, k = 1, 2, ..., that renders with a stored augmentation.
+        Deterministic (a function of the batch), so resume and ranks stay exact."""
+        rows, hw = prep["rows"], prep["hw"]
+        first = int(rows[0])
+        for k in range(1, min(tries, self.num_samples - 1) + 1):
+            cand = np.array([(first + k) % self.num_samples], dtype=np.int64)
+            sub = self._prepare(prep["epoch"], prep["step"], cand, hw, fresh_ok=False)
+            out = torch.empty((len(sub["rows"]), 3, hw[0], hw[1]), dtype=self.dtype)
+            try:
+                bad, _ = self._render(sub["sources"], sub["recs"], out, sub["partners"], sub["rows"], sub.get("ext"))
+            except (RuntimeError, ValueError):
+                continue
+            if bad is None or not bad.all():
+                good = 0 if bad is None else int(np.flatnonzero(~bad)[0])
+                return out, sub["labels"], sub["tgt"], good
+        raise RuntimeError(f"on_error='skip': every row of a batch failed (sample ids "
+                           f"{sorted(set(rows.tolist()))}) and none of the next {tries} samples "
+                           "renders either; the dataset looks broken")
 
     def _make(self, epoch: int, step: int, idx: np.ndarray, hw: Tuple[int, int], out_fn):
         """Gather and render one batch; returns the (host) batch."""
@@ -493,7 +655,7 @@ class ReinforcedLoader:
         if not bad.any():  # the failure did not reproduce row by row: surface it as is
             raise first_exc
         ids = sorted(msgs)
-        if self.on_error == "raise" or bad.all():
+        if self.on_error == "raise":
             users = sorted(set(rows[bad].tolist()) - set(ids))
             note = f" (also breaking samples {users} that mix with it)" if users else ""
             raise RuntimeError(f"cannot render sample id(s) {ids}{note}: {msgs[ids[0]]}; pass "
@@ -545,14 +707,9 @@ class ReinforcedLoader:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
-        if self._active is not None:
-            old = self._active()
-            if old is not None:
-                old.close()
-        start = self._resume if self._resume is not None else 0
-        self._resume = None
-        self._batches_done = start
-        it = _Iter(self, self._epoch, start)
+        token = self._pos.begin()  # supersedes the previous iterator (fastload._state)
+        self._drop_superseded()
+        it = _Iter(self, token, self._pos.epoch, self._pos.step)
         self._active = weakref.ref(it)
         return it
 
@@ -561,8 +718,11 @@ class ReinforcedLoader:
         rows replaced under on_error="skip" here, at consumption, so state_dict is exact."""
         out, labels, tgt, culprits = host
         if culprits:
-            self.skipped += len(culprits)
-            self.skipped_ids.extend(culprits)
+            self.skipped += len(culprits)  # rows replaced
+            for c in culprits:  # distinct samples that failed, in the order first seen
+                if c not in self._skipped_set:
+                    self._skipped_set.add(c)
+                    self.skipped_ids.append(c)
         if labels is not None:
             labels = torch.from_numpy(labels)
         if self.device is not None:
@@ -582,18 +742,19 @@ class ReinforcedLoader:
         return ImageTextBatch(out, caps, syn, ie, te, se)
 
 
-def _copy_rows(t, rows, good):
+def _copy_from(t, rows, src, good):
+    """Rows ``rows`` of ``t`` become copies of row ``good`` of ``src`` (same structure)."""
     if isinstance(t, torch.Tensor):
-        t[torch.as_tensor(rows)] = t[good].clone()
+        t[torch.as_tensor(rows)] = src[good].clone()
         return t
     if isinstance(t, tuple):
-        return tuple(_copy_rows(x, rows, good) for x in t)
+        return tuple(_copy_from(x, rows, y, good) for x, y in zip(t, src))
     if isinstance(t, list):
         for r in rows:
-            t[r] = t[good]
+            t[r] = src[good]
         return t
     if isinstance(t, dict):  # tokenizer output
-        return {k: _copy_rows(v, rows, good) for k, v in t.items()}
+        return {k: _copy_from(v, rows, src[k], good) for k, v in t.items()}
     return t
 
 
@@ -715,12 +876,52 @@ def _get(q: queue.Queue, stop: threading.Event):
     return _END
 
 
-def _prepare_stage(loader: ReinforcedLoader, epoch: int, start: int, q: queue.Queue,
+# Every prefetch thread alive in the process, with its stop event. At interpreter exit the
+# atexit hook stops and joins them all: a daemon thread still running when finalization
+# starts is killed the moment it re-takes the GIL (torch.empty from the buffer pool, after a
+# native render), and that forced unwind through pybind11 aborts the process ("terminate
+# called without an active exception") instead of letting it exit with its own code.
+_THREADS: "dict[threading.Thread, threading.Event]" = {}
+_THREADS_LOCK = threading.Lock()
+_EXITING = threading.Event()
+
+
+def _start_thread(target, args, stop: threading.Event) -> threading.Thread:
+    def body():
+        try:
+            target(*args)
+        finally:
+            with _THREADS_LOCK:
+                _THREADS.pop(threading.current_thread(), None)
+
+    t = threading.Thread(target=body, name="fastload-prefetch", daemon=True)
+    with _THREADS_LOCK:
+        if _EXITING.is_set():
+            raise RuntimeError("fastload: cannot start a prefetch thread while the interpreter exits")
+        _THREADS[t] = stop
+        t.start()
+    return t
+
+
+@atexit.register
+def _stop_all_threads(timeout: float = 60.0) -> None:
+    """Stop every prefetch thread and wait for it (a batch being rendered finishes first)."""
+    _EXITING.set()
+    with _THREADS_LOCK:
+        live = list(_THREADS.items())
+    for _, stop in live:
+        stop.set()
+    deadline = time.monotonic() + timeout
+    for t, _ in live:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _prepare_stage(plan, loader: ReinforcedLoader, epoch: int, q: queue.Queue,
                    stop: threading.Event) -> None:
     """Thread 1: batch plan + gather (Python). Runs while thread 2's native render of the
     previous batch holds no GIL, so the native pool never waits for the gather."""
     try:
-        for step, idx, hw in loader._plan(epoch, start):
+        for step, idx, hw in plan:
             if stop.is_set():
                 return
             if not _put(q, loader._prepare(epoch, step, idx, hw), stop):
@@ -738,7 +939,7 @@ def _render_stage(loader: ReinforcedLoader, src: queue.Queue, q: queue.Queue,
         bufs = _Buffers(loader)
         while True:
             prep = _get(src, stop)
-            if prep is _END or isinstance(prep, _Error):
+            if prep is _END or isinstance(prep, _Error) or stop.is_set():
                 _put(q, prep, stop)
                 return
             if not _put(q, loader._render_prepared(prep, bufs), stop):
@@ -748,30 +949,28 @@ def _render_stage(loader: ReinforcedLoader, src: queue.Queue, q: queue.Queue,
 
 
 class _Iter:
-    def __init__(self, loader: ReinforcedLoader, epoch: int, start: int):
-        self.loader, self.epoch = loader, epoch
-        self.done = False
+    def __init__(self, loader: ReinforcedLoader, token: int, epoch: int, start: int):
+        self.loader, self.token, self.epoch = loader, token, epoch
+        self.done = self.finished = False
+        self.thread = None
+        plan = loader._plan(epoch, start)  # samplers set up here, in the caller's thread
         if loader.num_workers == 0:
-            self.thread = None
             self.bufs = _Buffers(loader)
-            self.plan = loader._plan(epoch, start)
+            self.plan = plan
         else:
             qsize = max(loader.prefetch_factor - 1, 1)
             self.q: queue.Queue = queue.Queue(maxsize=qsize)
             mid: queue.Queue = queue.Queue(maxsize=1)
             self.stop = threading.Event()
-            self.prep_thread = threading.Thread(target=_prepare_stage, args=(loader, epoch, start, mid, self.stop),
-                                                name="fastload-prefetch", daemon=True)
-            self.thread = threading.Thread(target=_render_stage, args=(loader, mid, self.q, self.stop),
-                                           name="fastload-prefetch", daemon=True)
-            self.prep_thread.start()
-            self.thread.start()
+            self.prep_thread = _start_thread(_prepare_stage, (plan, loader, epoch, mid, self.stop), self.stop)
+            self.thread = _start_thread(_render_stage, (loader, mid, self.q, self.stop), self.stop)
 
     def __iter__(self):
         return self
 
     def __len__(self):
-        return len(self.loader) - self.loader._batches_done
+        L = self.loader
+        return max(len(L) - L._pos.step, 0) if L._pos.is_live(self.token) else 0
 
     def _get(self):
         while True:
@@ -785,9 +984,14 @@ class _Iter:
                         raise RuntimeError("fastload prefetch thread exited without a result") from None
 
     def __next__(self):
-        if self.done:
-            raise StopIteration
         L = self.loader
+        if self.finished:
+            raise StopIteration
+        if not L._pos.is_live(self.token):
+            self.close()
+            L._pos.check(self.token)  # raises SupersededError
+        if self.done:  # closed after an error
+            raise StopIteration
         if self.thread is None:
             try:
                 step, idx, hw = next(self.plan)
@@ -806,19 +1010,17 @@ class _Iter:
             host = item
         batch = L._finish(host)
         if L.check_ranks:
-            from fastload._dist import check_same_across_ranks
-
-            check_same_across_ranks([L._batches_done, *batch[0].shape], "the step and batch shape")
-        L._batches_done += 1
+            check_same_across_ranks([L._pos.step, *batch[0].shape], "the step and batch shape")
+        L._pos.advance(self.token)
         return batch
 
     def _end(self):
-        self.done = True
+        self.done = self.finished = True
         L = self.loader
-        if L._active is not None and L._active() is self:
-            L._epoch = self.epoch + 1
-            L._batches_done = 0
         self.close()
+        if L.check_ranks:  # a rank with more batches meets this sentinel instead of hanging
+            check_epoch_end(5, "the step and batch shape")
+        L._pos.finish(self.token)
 
     def close(self):
         self.done = True
