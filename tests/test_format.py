@@ -126,7 +126,7 @@ def test_reader_layout_and_access(generated):
         ti, tp = ds.target(i, j)
         np.testing.assert_array_equal(ids[b], ti)
         np.testing.assert_array_equal(probs[b], tp)
-    item = ds[3]
+    item = ds.record(3)
     assert item["key"] == ds.keys[3] and item["augs"].dtype == P.AUG_DTYPE
     # cheap pickle for DataLoader workers: no maps inside, same answers after (deepcopy goes
     # through the same __getstate__/__setstate__ path as a worker's pickle round trip)

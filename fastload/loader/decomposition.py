@@ -95,6 +95,9 @@ class DecompositionLoader:
             self._rowbytes[k] = ((1 << k) + 1) * 4
         self.sampler = BucketBatchSampler({k: int(self._cum[k][-1]) for k in use}, tokens_per_step, curriculum,
                                           cycles, seed, shuffle, rank, world_size, check_every)
+        from ._args import check_nonempty, decomposition_why
+
+        check_nonempty(len(self.sampler), "DecompositionLoader", decomposition_why(self.sampler))
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
