@@ -86,7 +86,7 @@ def generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("rf")
     imgs = str(root / "imgs")
     make_images(imgs, 12)
-    kw = dict(teacher=make_teacher(20), num_augmentations=6, topk=5, image_size=48, batch_size=32,
+    kw = dict(teacher=make_teacher(20), num_classes=20, num_augmentations=6, topk=5, image_size=48, batch_size=32,
               shard_size=5, progress=False,
               policy=AugmentPolicy(randaugment=(2, 9), erase=0.25, mixup=1.0, cutmix=1.0, size=(48, 48)))
     out = str(root / "out")
