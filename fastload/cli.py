@@ -49,6 +49,11 @@ _PLAIN_NAMES = {"topk", "num_classes", "image_size", "num_augmentations", "eot_i
                 "tokens_per_step", "overwrite", "min_bucket", "max_bucket", "shard_size", "batch_size"}
 
 
+# bench modes whose parser has --out-dir (fastload.bench.images defaults to the cache itself)
+_OUT_DIR_MODES = {"fastload.bench.lm:main", "fastload.bench.ffn:main", "fastload.bench.variable:main",
+                  "fastload.bench.kernel:main", "fastload.bench.reinforce:main"}
+
+
 def _usage() -> str:
     lines = ["usage: fastload COMMAND [options]   (fastload COMMAND --help for its options)", ""]
     lines += [f"  {name:<16} {doc}" for name, (_, doc) in COMMANDS.items()]
@@ -76,6 +81,13 @@ def main(argv=None) -> int:
                 rest.remove(flag)
                 target = mode_target
                 break
+        # results go to the user's cache unless --out-dir is given (a relative default, run
+        # from a checkout, overwrote its committed results)
+        if target in _OUT_DIR_MODES and not any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) \
+                and not {"-h", "--help"} & set(rest):
+            from fastload.bench._common import default_results_dir
+
+            rest += ["--out-dir", default_results_dir()]
     return _call(target, rest)
 
 
