@@ -157,4 +157,7 @@ def test_decompose_one_style(tmp_path):
     p = _cli("decompose", src, "--out", str(tmp_path / "c"), "--min-bucket", "4", "--max-bucket", "6",
              "--vocab-size", "257", "--eot-id", "999")
     assert p.returncode == 2 and "eot_id" not in p.stderr and "--eot-id" in p.stderr, p.stderr
+    p = _cli("decompose", src, "--out", str(tmp_path / "a"), "--min-bucket", "4", "--max-bucket", "6",
+             "--vocab-size", "257", "--eot-id", "256")
+    assert p.returncode == 2 and "(pass --overwrite)" in p.stderr, p.stderr
     assert fastload.DecompositionLoader(str(tmp_path / "a"), tokens_per_step=64)
