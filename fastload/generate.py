@@ -627,7 +627,7 @@ def main(argv=None) -> int:
     ap.add_argument("images", nargs="?", default=None,
                     help="image folder: one subfolder per class (ImageFolder), or a flat folder (no labels)")
     ap.add_argument("--images", dest="images_flag", default=None, metavar="DIR",
-                    help="the same as the positional IMAGES (older form)")
+                    help="the same as the positional IMAGES (older form, deprecated)")
     ap.add_argument("--teacher", required=True, action="append", metavar="FILE",
                     help="teacher program: torch.export (.pt2, preferred) or TorchScript; repeat the "
                          "flag for an ensemble (probabilities averaged)")
@@ -667,6 +667,10 @@ def main(argv=None) -> int:
     if a.images and a.images_flag and a.images != a.images_flag:
         ap.error("give the image folder once: IMAGES or --images")
     images = a.images or a.images_flag
+    if a.images_flag and not a.images:
+        print("fastload reinforce: note: --images DIR is deprecated; give the folder first, as the "
+              "other commands take their input: fastload reinforce DIR --teacher FILE --out DIR",
+              file=sys.stderr)
     if images is None:
         ap.error("the image folder is required: fastload reinforce IMAGES --teacher FILE --out DIR")
     try:

@@ -35,7 +35,7 @@ def _cli(*args):
                           timeout=300, cwd=ROOT)
 
 
-def test_readme_line_on_three_classes_topk_defaults_to_classes(folder, tmp_path):
+def test_readme_line_on_three_classes_topk_defaults_to_classes(folder, tmp_path, capsys):
     from fastload.generate import main
 
     teacher = _export(make_teacher(3), str(tmp_path / "t.pt2"))
@@ -46,9 +46,10 @@ def test_readme_line_on_three_classes_topk_defaults_to_classes(folder, tmp_path)
 
     ds = fastload.ReinforcedDataset(out)
     assert ds.topk == 3 and ds.num_classes == 3
-    # the older --images form still works
+    # the older --images form still works, with a note
     assert main(["--images", folder, "--teacher", teacher, "--out", str(tmp_path / "p2"),
                  "--image-size", str(SIZE), "--num-augmentations", "2", "--quiet"]) == 0
+    assert "--images DIR is deprecated" in capsys.readouterr().err
 
 
 def test_teacher_width_checked_against_folder(folder, tmp_path, capsys):
