@@ -23,6 +23,38 @@ BENCH_MODES = {"--lm": "fastload.bench.lm:main", "--ffn": "fastload.bench.ffn:ma
                "--triton": "fastload.bench.triton_replay:main"}
 
 
+def flag_error(prog: str, exc: BaseException, parser, names=None) -> int:
+    """Print a library error for a command-line user: Python argument names (``eot_id=``,
+    ``pass overwrite=True``) become the flags that set them (``--eot-id``, ``pass
+    --overwrite``). Returns the exit status 2."""
+    import re
+
+    msg = str(exc)
+    for name, flag in (names or {}).items():  # e.g. a positional: dataset_or_folder -> IMAGES
+        msg = re.sub(rf"(?<![\w-]){re.escape(name)}\b", flag, msg)
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest in ("help",):
+            continue
+        flag = flags[0]
+        dest = re.escape(action.dest)
+        msg = re.sub(rf"(?<![\w-]){dest}=True\b", flag, msg)
+        msg = re.sub(rf"(?<![\w-]){dest}=", flag + " ", msg)
+        msg = re.sub(rf"(?<![\w.-]){dest}(?=[: ])(?!\w)", flag, msg) if action.dest in _PLAIN_NAMES else msg
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+# argument names that also appear bare in messages ("topk exceeds ...", "num_classes: ...")
+_PLAIN_NAMES = {"topk", "num_classes", "image_size", "num_augmentations", "eot_id", "vocab_size",
+                "tokens_per_step", "overwrite", "min_bucket", "max_bucket", "shard_size", "batch_size"}
+
+
+# bench modes whose parser has --out-dir (fastload.bench.images defaults to the cache itself)
+_OUT_DIR_MODES = {"fastload.bench.lm:main", "fastload.bench.ffn:main", "fastload.bench.variable:main",
+                  "fastload.bench.kernel:main", "fastload.bench.reinforce:main"}
+
+
 def _usage() -> str:
     lines = ["usage: fastload COMMAND [options]   (fastload COMMAND --help for its options)", ""]
     lines += [f"  {name:<16} {doc}" for name, (_, doc) in COMMANDS.items()]
@@ -50,6 +82,13 @@ def main(argv=None) -> int:
                 rest.remove(flag)
                 target = mode_target
                 break
+        # results go to the user's cache unless --out-dir is given (a relative default, run
+        # from a checkout, overwrote its committed results)
+        if target in _OUT_DIR_MODES and not any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest) \
+                and not {"-h", "--help"} & set(rest):
+            from fastload.bench._common import default_results_dir
+
+            rest += ["--out-dir", default_results_dir()]
     return _call(target, rest)
 
 

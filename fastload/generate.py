@@ -211,24 +211,60 @@ def _teacher_list(teacher) -> list:
     return out
 
 
+_JIT_NOTED = False
+
+
 def load_teacher(path: str):
-    """Load a TorchScript (``torch.jit.save``) or ``torch.export`` (``.pt2``) program; never a pickle."""
+    """Load a ``torch.export`` program (``torch.export.save``, ``.pt2``: the recommended
+    format) or a TorchScript one (``torch.jit.save``: still read; TorchScript is deprecated in
+    recent torch, so its warnings are replaced by one note); never a pickle. A file that is
+    neither gets our error alone (torch's loaders log tracebacks on failure: silenced)."""
+    import logging
+    import warnings
+    import zipfile
+
     import torch
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"teacher file {path!r} does not exist")
+    how_to = ("save the teacher with torch.export.save(torch.export.export(model.eval(), "
+              "(example_batch,)), 'teacher.pt2')")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"teacher file {path!r} is not a model program (torch.export and TorchScript "
+                         f"files are zip archives; this is not one): {how_to}")
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if not any("/code/" in n or n.endswith(("/constants.pkl", ".json")) or "/models/" in n for n in names):
+        raise ValueError(f"teacher file {path!r} looks like a torch.save() pickle, which is never "
+                         f"loaded (it can run arbitrary code): {how_to}")
     errors = []
-    order = ("export", "jit") if path.endswith(".pt2") else ("jit", "export")
-    for how in order:
-        try:
-            if how == "jit":
-                return torch.jit.load(path, map_location="cpu")
-            return torch.export.load(path).module()
-        except Exception as e:  # try the other program format
-            errors.append(f"{how}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    raise ValueError(f"teacher file {path!r} is neither a TorchScript nor a torch.export program "
-                     f"({'; '.join(errors)}); pickled models are not loaded")
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch.export.pt2_archive")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        for how in ("export", "jit"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if how == "export":
+                        return torch.export.load(path).module()
+                    t = torch.jit.load(path, map_location="cpu")
+                global _JIT_NOTED
+                if not _JIT_NOTED:
+                    _JIT_NOTED = True
+                    warnings.warn(f"teacher {path!r} is TorchScript, deprecated in torch "
+                                  f"{torch.__version__.split('+')[0]}; it still works, but "
+                                  f"prefer a torch.export program: {how_to}", FutureWarning, stacklevel=3)
+                return t
+            except Exception as e:  # try the other program format
+                errors.append(f"{how}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+    raise ValueError(f"teacher file {path!r} is neither a torch.export nor a TorchScript program "
+                     f"({'; '.join(errors)}): {how_to}")
 
 
 def _eval(t):
@@ -425,7 +461,7 @@ def _scan(src: _Sources, max_side, on_error: str, threads: int, progress: bool):
     return hw, ok, labels, skipped
 
 
-def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10, topk: int = 10,
+def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10, topk: Optional[int] = None,
               policy=None, batch_size: int = 64, image_size=224, num_classes: Optional[int] = None,
               seed: int = 0, engine: str = "local", shard_size: int = 1000, on_error: str = "raise",
               reencode_max_side: Optional[int] = None, progress: bool = True, store_images: bool = True,
@@ -435,6 +471,9 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
 
     ``teacher`` is an ``nn.Module`` (or a list: an ensemble averaging softmax probabilities)
     taking normalized float images [B, 3, h, w] and returning logits [B, num_classes].
+    ``topk`` (teacher probabilities stored per augmentation) defaults to min(10, classes).
+    An ImageFolder's class count must equal the teacher's width (its labels index the
+    teacher's classes); a wider teacher is accepted only with ``num_classes`` set to its width.
 
     Example:
         >>> import torch, fastload
@@ -452,7 +491,8 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    for name, v in (("num_augmentations", num_augmentations), ("topk", topk), ("batch_size", batch_size),
+    for name, v in (("num_augmentations", num_augmentations), ("topk", 1 if topk is None else topk),
+                    ("batch_size", batch_size),
                     ("shard_size", shard_size)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -476,18 +516,34 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
     with torch.no_grad():
         widths = []
         for i, t in enumerate(teachers):
-            y = t(torch.zeros((2, 3) + size, device=_device(t)))
+            try:
+                y = t(torch.zeros((2, 3) + size, device=_device(t)))
+            except Exception as e:  # an exported program's guard, a shape error, ...
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ValueError(f"teacher {i} fails on a [2, 3, {size[0]}, {size[1]}] batch "
+                                 f"(image_size={size[0]}): {first}; export it with a dynamic batch "
+                                 "dimension, at the image_size it will score") from None
             y = y[0] if isinstance(y, (tuple, list)) else y
             widths.append(int(y.shape[-1]))
     if len(set(widths)) != 1:
         raise ValueError(f"teachers disagree on the number of classes: {widths}")
     if num_classes is not None and widths[0] != num_classes:
         raise ValueError(f"teacher outputs {widths[0]} classes but num_classes={num_classes}")
+    explicit_classes = num_classes is not None
     num_classes = widths[0]
+    if topk is None:
+        topk = min(10, num_classes)
     if topk > num_classes:
-        raise ValueError(f"topk={topk} exceeds the number of classes {num_classes}")
+        raise ValueError(f"topk={topk} exceeds the teacher's {num_classes} classes; use topk <= {num_classes}")
 
     src = _Sources(dataset_or_folder)
+    if src.classes and len(src.classes) != num_classes and not (explicit_classes and len(src.classes) < num_classes):
+        raise ValueError(
+            f"the image folder has {len(src.classes)} class subfolders but the teacher outputs "
+            f"{num_classes} classes: labels would not index the teacher's classes. Use a teacher with "
+            f"{len(src.classes)} outputs" + (f", or pass num_classes={num_classes} if the sorted "
+                                             f"subfolders are the teacher's first {len(src.classes)} classes"
+                                             if len(src.classes) < num_classes else ""))
     if len(src) == 0:
         raise ValueError("dataset_or_folder is empty")
     hw, ok, labels, skipped = _scan(src, reencode_max_side, on_error, threads, progress)
@@ -558,46 +614,77 @@ def _run_ray(job: _Job, todo: List[int], writer: DatasetWriter, progress: bool) 
 
 
 def main(argv=None) -> int:
-    """``fastload reinforce --images DIR --teacher FILE --out DIR [options]``."""
+    """``fastload reinforce IMAGES --teacher FILE --out DIR [options]``."""
+    from fastload.cli import flag_error
     from fastload.sample.policy import AugmentPolicy
 
-    ap = argparse.ArgumentParser(prog="fastload reinforce", description=__doc__.splitlines()[0])
-    ap.add_argument("--images", required=True, help="image folder (class subfolders, or flat)")
-    ap.add_argument("--teacher", required=True, action="append",
-                    help="TorchScript or torch.export (.pt2) file; repeat for an ensemble")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--num-augmentations", type=int, default=10)
-    ap.add_argument("--topk", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--num-classes", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engine", choices=("local", "ray"), default="local")
-    ap.add_argument("--shard-size", type=int, default=1000)
-    ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    ap.add_argument("--reencode-max-side", type=int, default=None)
-    ap.add_argument("--no-store-images", action="store_true")
-    ap.add_argument("--no-rrc", action="store_true")
-    ap.add_argument("--no-flip", action="store_true")
-    ap.add_argument("--randaugment", type=int, nargs=2, metavar=("NUM_OPS", "MAGNITUDE"), default=None)
-    ap.add_argument("--erase", type=float, default=0.0)
-    ap.add_argument("--mixup", type=float, default=0.0)
-    ap.add_argument("--cutmix", type=float, default=0.0)
-    ap.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear")
-    ap.add_argument("--quiet", action="store_true")
+    ap = argparse.ArgumentParser(
+        prog="fastload reinforce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run a teacher once on N sampled augmentations of every image and store the "
+                    "augmentation parameters with the teacher's top-k probabilities (Dataset "
+                    "Reinforcement); train later with fastload.ReinforcedLoader, no teacher needed.",
+        epilog="example: fastload reinforce photos/ --teacher teacher.pt2 --out photos_plus/ "
+               "--num-augmentations 10 --image-size 224")
+    ap.add_argument("images", nargs="?", default=None,
+                    help="image folder: one subfolder per class (ImageFolder), or a flat folder (no labels)")
+    ap.add_argument("--images", dest="images_flag", default=None, metavar="DIR",
+                    help="the same as the positional IMAGES (older form, deprecated)")
+    ap.add_argument("--teacher", required=True, action="append", metavar="FILE",
+                    help="teacher program: torch.export (.pt2, preferred) or TorchScript; repeat the "
+                         "flag for an ensemble (probabilities averaged)")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="output dataset folder (rerunning the same command resumes it)")
+    ap.add_argument("--num-augmentations", type=int, default=10,
+                    help="augmentations sampled and scored per image")
+    ap.add_argument("--topk", type=int, default=None,
+                    help="teacher probabilities stored per augmentation (default: min(10, classes))")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per teacher forward pass")
+    ap.add_argument("--image-size", type=int, default=224,
+                    help="side of the square crops the teacher scores (the loader's default size)")
+    ap.add_argument("--num-classes", type=int, default=None,
+                    help="expected teacher width (default: read from the teacher); set it to use a "
+                         "teacher wider than the folder's classes")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampled augmentations")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="run shards in this process, or as Ray tasks")
+    ap.add_argument("--shard-size", type=int, default=1000, help="images per output shard")
+    ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                    help="an undecodable image stops the run, or is skipped and listed in the manifest")
+    ap.add_argument("--reencode-max-side", type=int, default=None,
+                    help="re-encode images larger than this many pixels on their long side (default: keep)")
+    ap.add_argument("--no-store-images", action="store_true",
+                    help="store only parameters and targets, not the images (the loader then needs them elsewhere)")
+    ap.add_argument("--no-rrc", action="store_true", help="no RandomResizedCrop (center crop instead)")
+    ap.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    ap.add_argument("--randaugment", type=int, nargs=2, metavar=("NUM_OPS", "MAGNITUDE"), default=None,
+                    help="RandAugment with NUM_OPS operations at MAGNITUDE (0-30); default: off")
+    ap.add_argument("--erase", type=float, default=0.0, help="random erasing probability")
+    ap.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (0: off)")
+    ap.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
+    ap.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear",
+                    help="resize filter of the replay")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    if a.images and a.images_flag and a.images != a.images_flag:
+        ap.error("give the image folder once: IMAGES or --images")
+    images = a.images or a.images_flag
+    if a.images_flag and not a.images:
+        print("fastload reinforce: note: --images DIR is deprecated; give the folder first, as the "
+              "other commands take their input: fastload reinforce DIR --teacher FILE --out DIR",
+              file=sys.stderr)
+    if images is None:
+        ap.error("the image folder is required: fastload reinforce IMAGES --teacher FILE --out DIR")
     try:
         policy = AugmentPolicy(rrc=not a.no_rrc, flip=not a.no_flip, randaugment=a.randaugment, erase=a.erase,
                                mixup=a.mixup, cutmix=a.cutmix, interpolation=a.interpolation,
                                size=(a.image_size, a.image_size))
-        m = reinforce(a.images, a.teacher, a.out, num_augmentations=a.num_augmentations, topk=a.topk,
+        m = reinforce(images, a.teacher, a.out, num_augmentations=a.num_augmentations, topk=a.topk,
                       policy=policy, batch_size=a.batch_size, image_size=a.image_size,
                       num_classes=a.num_classes, seed=a.seed, engine=a.engine, shard_size=a.shard_size,
                       on_error=a.on_error, reencode_max_side=a.reencode_max_side,
                       progress=not a.quiet, store_images=not a.no_store_images)
     except ValueError as e:
-        print(f"fastload reinforce: error: {e}", file=sys.stderr)
-        return 2
+        return flag_error("fastload reinforce", e, ap, {"dataset_or_folder": "IMAGES"})
     print(f"wrote {m['num_rows']} rows x {m['num_augmentations']} augmentations to {a.out} "
           f"({len(m['skipped'])} skipped)")
     return 0

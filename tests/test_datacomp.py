@@ -88,7 +88,7 @@ def test_import_roundtrip(tmp_path):
         np.testing.assert_array_equal(ds.text_embeddings(i), t["te"].astype(np.float16))
         assert ds.captions(i) == ([t["real"]], t["syn"])
         assert bytes(ds.image_bytes(i))[:2] == b"\xff\xd8"
-        item = ds[i]
+        item = ds.record(i)
         assert item["image_emb"].shape == (N_AUG, D) and item["syn_captions"] == t["syn"]
 
 

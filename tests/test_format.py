@@ -86,7 +86,7 @@ def generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("rf")
     imgs = str(root / "imgs")
     make_images(imgs, 12)
-    kw = dict(teacher=make_teacher(20), num_augmentations=6, topk=5, image_size=48, batch_size=32,
+    kw = dict(teacher=make_teacher(20), num_classes=20, num_augmentations=6, topk=5, image_size=48, batch_size=32,
               shard_size=5, progress=False,
               policy=AugmentPolicy(randaugment=(2, 9), erase=0.25, mixup=1.0, cutmix=1.0, size=(48, 48)))
     out = str(root / "out")
@@ -126,7 +126,7 @@ def test_reader_layout_and_access(generated):
         ti, tp = ds.target(i, j)
         np.testing.assert_array_equal(ids[b], ti)
         np.testing.assert_array_equal(probs[b], tp)
-    item = ds[3]
+    item = ds.record(3)
     assert item["key"] == ds.keys[3] and item["augs"].dtype == P.AUG_DTYPE
     # cheap pickle for DataLoader workers: no maps inside, same answers after (deepcopy goes
     # through the same __getstate__/__setstate__ path as a worker's pickle round trip)

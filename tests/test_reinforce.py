@@ -42,7 +42,7 @@ def _rerun(ds, teachers, i, j_list):
 def test_parity_replay_reproduces_stored_targets(images, tmp_path):
     teacher = make_teacher(20, seed=0)
     out = str(tmp_path / "ds")
-    fastload.reinforce(images, teacher, out, num_augmentations=8, topk=5, policy=POLICY, image_size=SIZE,
+    fastload.reinforce(images, teacher, out, num_classes=20, num_augmentations=8, topk=5, policy=POLICY, image_size=SIZE,
                        batch_size=16, shard_size=5, seed=3, progress=False)
     ds = fastload.ReinforcedDataset(out, verify=True)
     assert len(ds) == 12
@@ -94,7 +94,7 @@ def _bad_folder(tmp_path, images):
 def test_corrupt_images_raise_naming_the_key(images, tmp_path):
     root, bad = _bad_folder(tmp_path, images)
     with pytest.raises(ValueError) as e:
-        fastload.reinforce(root, make_teacher(20), str(tmp_path / "o"), num_augmentations=2, topk=3,
+        fastload.reinforce(root, make_teacher(20), str(tmp_path / "o"), num_classes=20, num_augmentations=2, topk=3,
                            image_size=SIZE, policy=POLICY, progress=False)
     assert any(k in str(e.value) for k in bad)
 
@@ -102,7 +102,7 @@ def test_corrupt_images_raise_naming_the_key(images, tmp_path):
 def test_corrupt_images_skipped_and_recorded(images, tmp_path):
     root, bad = _bad_folder(tmp_path, images)
     out = str(tmp_path / "o")
-    m = fastload.reinforce(root, make_teacher(20), out, num_augmentations=3, topk=3, image_size=SIZE,
+    m = fastload.reinforce(root, make_teacher(20), out, num_classes=20, num_augmentations=3, topk=3, image_size=SIZE,
                            policy=POLICY, on_error="skip", progress=False)
     assert {s["key"] for s in m["skipped"]} == bad
     ds = fastload.ReinforcedDataset(out)
@@ -126,7 +126,7 @@ def test_merge_grows_n(images, tmp_path):
     from fastload.format.writer import merge
 
     t = make_teacher(20)
-    kw = dict(num_augmentations=3, topk=4, image_size=SIZE, policy=POLICY, shard_size=5, progress=False)
+    kw = dict(num_classes=20, num_augmentations=3, topk=4, image_size=SIZE, policy=POLICY, shard_size=5, progress=False)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     fastload.reinforce(images, t, a, seed=0, **kw)
     fastload.reinforce(images, t, b, seed=1, **kw)
@@ -151,7 +151,7 @@ def test_cli_with_torchscript_teacher_and_refused_pickle(images, tmp_path):
     ts = str(tmp_path / "teacher.pt")
     torch.jit.save(torch.jit.trace(t, torch.zeros(2, 3, SIZE, SIZE)), ts)
     out = str(tmp_path / "cli")
-    args = ["--images", images, "--out", out, "--num-augmentations", "2", "--topk", "3", "--image-size",
+    args = ["--images", images, "--out", out, "--num-classes", "20", "--num-augmentations", "2", "--topk", "3", "--image-size",
             str(SIZE), "--randaugment", "2", "9", "--quiet"]
     assert main(args + ["--teacher", ts]) == 0
     ds = fastload.ReinforcedDataset(out)
@@ -167,7 +167,7 @@ def test_cli_with_export_teacher(images, tmp_path):
     from fastload.generate import main
 
     t = make_teacher(20)
-    args = ["--images", images, "--out", str(tmp_path / "cli2"), "--num-augmentations", "2", "--topk", "3",
+    args = ["--images", images, "--out", str(tmp_path / "cli2"), "--num-classes", "20", "--num-augmentations", "2", "--topk", "3",
             "--image-size", str(SIZE), "--quiet"]
     ep = str(tmp_path / "teacher.pt2")
     torch.export.save(torch.export.export(t, (torch.zeros(2, 3, SIZE, SIZE),),
@@ -182,7 +182,7 @@ def test_local_engine_does_not_import_ray(images, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` now raises ImportError
-    m = fastload.reinforce(images, make_teacher(20), str(tmp_path / "o"), num_augmentations=1, topk=2,
+    m = fastload.reinforce(images, make_teacher(20), str(tmp_path / "o"), num_classes=20, num_augmentations=1, topk=2,
                            image_size=32, progress=False)
     assert m["complete"]
 
@@ -200,7 +200,7 @@ def test_bad_arguments(images, tmp_path):
 def test_ray_engine_writes_and_resumes(images, tmp_path):
     ray = pytest.importorskip("ray")
     t = make_teacher(20)
-    kw = dict(num_augmentations=3, topk=4, image_size=SIZE, policy=POLICY, shard_size=4, progress=False)
+    kw = dict(num_classes=20, num_augmentations=3, topk=4, image_size=SIZE, policy=POLICY, shard_size=4, progress=False)
     local = str(tmp_path / "local")
     fastload.reinforce(images, t, local, **kw)
     out = str(tmp_path / "ray")

@@ -68,8 +68,20 @@ def cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def write_result(name: str, payload: dict, out_dir: str = "benchmarks/results") -> str:
+def cache_home() -> str:
+    """``$XDG_CACHE_HOME`` or ``~/.cache`` (the XDG base directory rule)."""
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
+def default_results_dir() -> str:
+    """Where benchmark results go unless ``--out-dir`` says otherwise: the user's cache, never
+    the current folder (run from a checkout, a relative default overwrote committed results)."""
+    return os.path.join(cache_home(), "fastload", "results")
+
+
+def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
     """Write ``<out_dir>/<name>.json`` with the metadata every result needs; returns the path."""
+    out_dir = out_dir or default_results_dir()
     os.makedirs(out_dir, exist_ok=True)
     doc = {
         "benchmark": name,

@@ -37,7 +37,10 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field
 
 
 def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "fastload", "bench")
+    """``$XDG_CACHE_HOME/fastload/bench`` (``~/.cache/fastload/bench`` when unset)."""
+    from fastload.bench._common import cache_home
+
+    return os.path.join(cache_home(), "fastload", "bench")
 
 
 def source_photos() -> list[tuple[str, np.ndarray]]:

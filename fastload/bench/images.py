@@ -13,8 +13,13 @@ RandomResizedCrop 224 + flip + normalize, batch 64:
 3. memory: ReinforcedLoader's peak RSS on a dataset 10x larger, and RSS over 10 epochs.
 
 Every pipeline runs in its own subprocess (fastload/bench/peers.py), so its RSS and CPU
-time are its own; warm-up batches are excluded. Results: benchmarks/results/images.json
-and images.png. Peers installed in another environment are run with ``--python-peers``.
+time are its own; warm-up batches are excluded. Results: images.json and images.png under
+``--out-dir`` (default ``$XDG_CACHE_HOME/fastload/results``; the data cache is
+``$XDG_CACHE_HOME/fastload/bench``); ``python benchmarks/images.py`` updates the checkout's
+committed results. The peers (torchvision, DALI, FFCV) need their own torch build:
+``--peers auto`` builds that environment once (fastload/bench/peers_env.py), or
+``--python-peers PATH`` names one. The run ends by naming what it measured and what it could
+not, and why.
 
 Example::
 
@@ -45,7 +50,8 @@ TARGETS = {"vs_torchvision": 4.0, "vs_ffcv": 2.0, "vs_dali_cpu": 2.0, "of_decode
 
 def _parser():
     ap = argparse.ArgumentParser(prog="fastload bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default=None, help="dataset cache (default ~/.cache/fastload/bench)")
+    ap.add_argument("--data-dir", default=None,
+                    help="dataset cache (default $XDG_CACHE_HOME/fastload/bench, ~/.cache/... when unset)")
     ap.add_argument("--num-images", type=int, default=None, help="images in the dataset (default 2000)")
     ap.add_argument("--augmentations", type=int, default=None, help="stored augmentations per image (default 4)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -65,7 +71,11 @@ def _parser():
     ap.add_argument("--no-rss", action="store_true", help="skip the memory table")
     ap.add_argument("--rss-epochs", type=int, default=10)
     ap.add_argument("--no-chart", action="store_true")
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default=None,
+                    help="results folder (default $XDG_CACHE_HOME/fastload/results; never the current folder)")
+    ap.add_argument("--peers", choices=("none", "auto"), default="none",
+                    help="auto: build (once) and use an isolated environment with torchvision, DALI and "
+                         "FFCV (several GB under $XDG_CACHE_HOME/fastload/peers-venv)")
     ap.add_argument("--name", default="images", help="result file name (default images)")
     return ap
 
@@ -227,11 +237,32 @@ def _chart(path, table1, table2):
     return path
 
 
+def _label(name: str) -> str:
+    return peers_mod.LABELS.get(name, name)
+
+
+def _coverage_lines(measured: dict, not_measured: dict) -> list:
+    lines = ["measured: " + (", ".join(measured) if measured else "nothing")]
+    if not_measured:
+        lines.append("not measured:")
+        lines += [f"  {k}: {why}" for k, why in not_measured.items()]
+    return lines
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     s = _settings(args)
     cache = args.data_dir or bench_data.default_cache_dir()
+    from fastload.bench._common import default_results_dir
+
+    args.out_dir = args.out_dir or default_results_dir()
     pythons = [sys.executable] + list(args.python_peers)
+    peer_notes = {}
+    if args.peers == "auto":
+        from fastload.bench.peers_env import ensure_peers_env
+
+        py, peer_notes = ensure_peers_env()
+        pythons.append(py)
     for py in args.python_peers:
         if not os.path.exists(py):
             raise ValueError(f"--python-peers: {py!r} does not exist")
@@ -269,7 +300,9 @@ def main(argv=None) -> int:
             continue
         py = find_python(name, pythons)
         if py is None:
-            skipped[name] = f"{NEEDS[name]} does not import in {pythons}"
+            skipped[name] = peer_notes.get(name) or (
+                f"{NEEDS[name]} does not import in {pythons}: `fastload bench --peers auto` builds an "
+                "environment with it (or pass --python-peers PATH)")
             continue
         plan.append((name, py))
     print(f"fastload bench: {n} images, batch {args.batch_size}, {args.image_size}px, {args.workers} workers, "
@@ -408,9 +441,14 @@ def main(argv=None) -> int:
     if "ffcv" in results:
         notes.append("FFCV reads a .beton written from the same images (re-encoded as JPEG quality 90).")
     payload["notes"] = notes
+    payload["measured"] = {k: _label(k) for k, v in results.items() if "images_per_s" in v}
+    payload["not_measured"] = {**skipped, **{k: "failed: " + v["error"].strip().splitlines()[-1]
+                                             for k, v in results.items() if "error" in v}}
     path = write_result(args.name, payload, args.out_dir)
     chart = None if args.no_chart else _chart(os.path.join(args.out_dir, args.name + ".png"), table1, table2)
     print(f"\nresults: {path}" + (f", chart: {chart}" if chart else ""))
+    for line in _coverage_lines(payload["measured"], payload["not_measured"]):
+        print(line)
     failed = [k for k, v in results.items() if "error" in v]
     return 1 if failed and len(failed) == len(results) else 0
 

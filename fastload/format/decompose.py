@@ -623,24 +623,34 @@ def _summary_text(m: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastload decompose", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="fastload decompose", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("input", help="token dataset: .parquet/.arrow/.npz file or a folder of them "
                                   "(or a folder of text files with --text)")
-    ap.add_argument("out", help="output folder")
-    ap.add_argument("--min-bucket", type=int, default=8)
-    ap.add_argument("--max-bucket", type=int, default=13)
+    ap.add_argument("out_positional", nargs="?", default=None, metavar="OUT",
+                    help="output folder (older form; prefer --out, as the other commands)")
+    ap.add_argument("--out", default=None, metavar="DIR", help="output folder")
+    ap.add_argument("--min-bucket", type=int, default=8, help="shortest chunk length, as a power of two (8: 256 tokens)")
+    ap.add_argument("--max-bucket", type=int, default=13, help="longest chunk length, as a power of two (13: 8192 tokens)")
     ap.add_argument("--no-randomize", action="store_true", help="cut long documents at max length, no draw")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab-size", type=int, default=None)
-    ap.add_argument("--eot-id", type=int, default=None)
-    ap.add_argument("--column", default=None)
-    ap.add_argument("--engine", choices=["local", "ray"], default="local")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random cut of long documents")
+    ap.add_argument("--vocab-size", type=int, default=None, help="token ids are checked against it (default: the input's metadata)")
+    ap.add_argument("--eot-id", type=int, default=None, help="end-of-text id appended to every document (default: the input's metadata)")
+    ap.add_argument("--column", default=None, help="column holding the token lists (default: the only list column)")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local", help="decompose here, or one Ray task per input file")
+    ap.add_argument("--threads", type=int, default=1, help="native threads of the local engine")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ap.add_argument("--fsync", action="store_true", help="force the bucket files to disk before the manifest")
     ap.add_argument("--text", default=None, metavar="GLOB",
                     help="input is a folder of text files matching GLOB: tokenize byte-level first")
     a = ap.parse_args(argv)
+    if a.out_positional is not None:
+        if a.out is not None:
+            ap.error("give the output folder once: --out DIR")
+        print("fastload decompose: note: a positional OUT is deprecated; use --out OUT", file=sys.stderr)
+        a.out = a.out_positional
+    if a.out is None:
+        ap.error("the output folder is required: fastload decompose INPUT --out DIR")
     src = a.input
     try:
         if a.text:
@@ -649,7 +659,8 @@ def main(argv=None) -> int:
         m = decompose(src, a.out, a.min_bucket, a.max_bucket, not a.no_randomize, a.seed, a.vocab_size,
                       a.eot_id, a.column, a.engine, a.threads, a.overwrite, fsync=a.fsync)
     except ValueError as e:
-        print(f"fastload decompose: error: {e}", file=sys.stderr)
-        return 2
+        from fastload.cli import flag_error
+
+        return flag_error("fastload decompose", e, ap)
     print(_summary_text(m))
     return 0

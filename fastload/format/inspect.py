@@ -104,7 +104,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fastload inspect", description=__doc__)
     ap.add_argument("path")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--export", metavar="FILE.parquet", default=None,
+                    help="also write the stored augmentations and top-k targets as plain columns "
+                         "(fastload.format.export)")
     a = ap.parse_args(argv)
+    if a.export:
+        from fastload.format.export import export_params
+
+        try:
+            rows = export_params(a.path, a.export, progress=not a.json)
+        except ValueError as e:
+            print(f"fastload inspect: error: {e}", file=sys.stderr)
+            return 2
+        print(f"exported {rows} rows (sample x augmentation) to {a.export}", file=sys.stderr)
     try:
         s = summarize(a.path)
     except ValueError as e:

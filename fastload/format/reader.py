@@ -183,6 +183,7 @@ class ReinforcedDataset:
     def __getstate__(self):
         st = dict(self.__dict__)
         st["_open"] = {}  # memory maps are reopened lazily in the worker
+        st["_item_renderer"] = None  # rebuilt in the worker from _item_options
         return st
 
     def verify(self) -> List[str]:
@@ -303,7 +304,27 @@ class ReinforcedDataset:
         sh, r = self._locate(i)
         return (sh.batch.column("captions")[r].as_py() or [], sh.batch.column("syn_captions")[r].as_py() or [])
 
-    def __getitem__(self, i: int) -> Dict[str, Any]:
+    def configure_items(self, **options) -> "ReinforcedDataset":
+        """Settings of ``ds[i]`` (``ReinforcedLoader``'s: image_size, seed, target_format,
+        dtype, mean, std, p_reinforced, ...; see ``fastload.loader._item``)."""
+        self._item_options, self._item_renderer = dict(options), None
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch ``ds[i]`` replays (which stored augmentation each sample shows)."""
+        self._item_epoch = int(epoch)
+
+    def __getitem__(self, i: int):
+        """One replayed sample ``(image [3, h, w], label, target)`` (``fastload.loader._item``);
+        the stored record is ``record(i)``."""
+        if getattr(self, "_item_renderer", None) is None:
+            from fastload.loader._item import ItemRenderer
+
+            self._item_renderer = ItemRenderer(self, getattr(self, "_item_options", {}))
+        return self._item_renderer(i, getattr(self, "_item_epoch", 0))
+
+    def record(self, i: int) -> Dict[str, Any]:
+        """The stored record of row ``i``: key, label, encoded image, augmentations, targets."""
         sh, r = self._locate(i)
         i = int(i) % len(self)
         d = {"id": i, "key": self._keys[i], "label": int(self.labels[i]), "image": self.image_bytes(i),

@@ -110,6 +110,9 @@ class DecompositionLoader:
         self.sampler = BucketBatchSampler({k: int(self._cum[k][-1]) for k in use}, tokens_per_step, curriculum,
                                           cycles, seed, shuffle, rank, world_size, check_every,
                                           schedule=schedule, schedule_per_epoch=schedule_per_epoch)
+        from ._args import check_nonempty, decomposition_why
+
+        check_nonempty(len(self.sampler), "DecompositionLoader", decomposition_why(self.sampler))
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:

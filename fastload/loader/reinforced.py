@@ -140,8 +140,14 @@ class ReinforcedLoader:
     background thread that prefetches ``prefetch_factor`` batches; ``persistent_workers`` is
     accepted and has nothing to keep alive), plus:
 
-    - ``image_size``: int or (h, w) output size (ignored for batches from a ``batch_sampler``
-      yielding ``(index, h, w)`` tuples, which are rendered at their own size).
+    - ``image_size``: int or (h, w) output size; default: the size the dataset was reinforced
+      at (its manifest), a different one is allowed with a one-time note (ignored for batches
+      from a ``batch_sampler`` yielding ``(index, h, w)`` tuples, rendered at their own size).
+    - ``num_classes``: width of dense targets; default: the manifest's class count.
+    - ``collate_fn`` (a batch-level hook: it receives the finished batch), ``batch_size=None``
+      (one sample per item), ``timeout``, ``pin_memory_device``, ``multiprocessing_context``,
+      ``in_order`` as DataLoader; ``worker_init_fn`` is rejected (no worker processes). The
+      reasons are in ``fastload.loader._args``.
     - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 or float16 normalized output, or
       uint8 unnormalized pixels (normalize on the GPU).
     - ``device``: move every batch there (non-blocking from pinned memory).
@@ -209,7 +215,7 @@ class ReinforcedLoader:
                  pin_memory: bool = False, drop_last: bool = False,
                  generator: Optional[torch.Generator] = None, seed: int = 0,
                  persistent_workers: bool = False, prefetch_factor: Optional[int] = 2,
-                 image_size: Union[int, Tuple[int, int]] = 224,
+                 image_size: Union[int, Tuple[int, int], None] = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  dtype: torch.dtype = torch.float32, device=None,
                  p_reinforced: float = 1.0, target_format: str = "dense",
@@ -217,11 +223,18 @@ class ReinforcedLoader:
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  tokenizer=None, aug_choice: str = "random", interpolation: Optional[str] = None,
                  on_error: str = "raise", reuse_buffers: bool = False, dct_scale: Optional[bool] = None,
-                 check_ranks: bool = False):
+                 check_ranks: bool = False, collate_fn=None, worker_init_fn=None,
+                 timeout: float = 0, multiprocessing_context=None, pin_memory_device: str = "",
+                 in_order: bool = True, num_classes: Optional[int] = None):
         if isinstance(dataset, (str, os.PathLike)):
             from fastload.format.reader import ReinforcedDataset
 
             dataset = ReinforcedDataset(dataset)
+        from fastload.loader import _args
+
+        batch_size, self._hooks = _args.dataloader_args(
+            batch_size, batch_sampler, num_workers, collate_fn, worker_init_fn, timeout,
+            pin_memory_device, multiprocessing_context, in_order)
         self.dataset = dataset
         self.kind = getattr(dataset, "kind", "classification")
         if self.kind not in ("classification", "image_text"):
@@ -249,7 +262,7 @@ class ReinforcedLoader:
         self.prefetch_factor = int(prefetch_factor)
         self.persistent_workers = bool(persistent_workers)
         self.seed = int(generator.initial_seed()) if generator is not None else int(seed)
-        self.image_size = _pair(image_size, "image_size")
+        self.image_size = _args.resolve_image_size(dataset, image_size, _pair)
         if dtype not in (torch.float32, torch.float16, torch.uint8):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.uint8, got {dtype}")
         self.dtype = dtype
@@ -293,7 +306,7 @@ class ReinforcedLoader:
         if self.views > self.num_augmentations:
             raise ValueError(f"views_per_decode={self.views} exceeds the dataset's "
                              f"{self.num_augmentations} stored augmentations")
-        self.num_classes = int(getattr(dataset, "num_classes", 0) or 0)
+        self.num_classes = _args.resolve_num_classes(dataset, num_classes)
         self._labels = np.asarray(dataset.labels) if self.kind == "classification" else None
 
         self._pos = Position("ReinforcedLoader")
@@ -304,6 +317,11 @@ class ReinforcedLoader:
         self._copy_events: dict = {}  # ring slot data_ptr -> CUDA event of its async copy
         self._active = None  # weakref to the live iterator
         self._pool: Optional[_Pool] = None  # caller-owned output buffers (see _Pool)
+        if sampler is None and batch_sampler is None:
+            _args.check_nonempty(len(self), "ReinforcedLoader", (
+                f"the global batch (batch_size={self.batch_size} x world_size={self.world_size}) "
+                f"with drop_last=True exceeds the {self._order_len()} samples of an epoch; lower "
+                f"batch_size or pass drop_last=False"))
 
     # ------------------------------------------------------------------ epochs and state
     def set_epoch(self, epoch: int) -> None:
@@ -737,9 +755,9 @@ class ReinforcedLoader:
                 ev.record()
                 self._copy_events[host_out.data_ptr()] = ev
         if self.kind == "classification":
-            return out, labels, tgt
+            return self._hooks.finish((out, labels, tgt))
         caps, syn, ie, te, se = tgt
-        return ImageTextBatch(out, caps, syn, ie, te, se)
+        return self._hooks.finish(ImageTextBatch(out, caps, syn, ie, te, se))
 
 
 def _copy_from(t, rows, src, good):
@@ -973,10 +991,16 @@ class _Iter:
         return max(len(L) - L._pos.step, 0) if L._pos.is_live(self.token) else 0
 
     def _get(self):
+        limit = self.loader._hooks.timeout
+        waited = 0.0
         while True:
             try:
-                return self.q.get(timeout=0.5)
+                return self.q.get(timeout=0.5 if not limit else min(0.5, limit - waited))
             except queue.Empty:
+                waited += 0.5 if not limit else min(0.5, limit - waited)
+                if limit and waited >= limit:
+                    raise RuntimeError(f"ReinforcedLoader timed out after {limit} seconds waiting "
+                                       "for a batch (timeout=)")
                 if not self.thread.is_alive():
                     try:
                         return self.q.get_nowait()
