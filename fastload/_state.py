@@ -64,7 +64,11 @@ class Position:
         self.step += 1
 
     def finish(self, token: int) -> None:
-        """The iteration ``token`` ran to its end: move to the next epoch."""
+        """The iteration ``token`` handed out its last batch: move to the next epoch.
+
+        Called when the last batch goes out, not at the StopIteration after it: trainers
+        (Lightning) stop asking after ``len(loader)`` batches, and the next ``iter()`` must
+        then start the next epoch."""
         if token == self.generation:
             self.epoch += 1
             self.step = 0

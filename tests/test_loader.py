@@ -303,7 +303,11 @@ def test_exact_resume(ds, nw):
         del it
         R = _loader(ds, shuffle=True, seed=3, num_workers=2 - nw, p_reinforced=0.7)
         R.load_state_dict(st)
-        assert len(iter(R)) == len(full) - k if k < len(full) else True
+        if k == len(full):  # the last batch completed the pass: the state is epoch 1's start
+            assert (st["epoch"], st["step"]) == (1, 0)
+            _same(full, head)
+            continue
+        assert len(iter(R)) == len(full) - k
         R.load_state_dict(st)
         _same(full, head + _all(R))
     # a fresh iter() continues at the position and supersedes the old iterator (fastload._state)
@@ -656,3 +660,25 @@ def test_end_to_end_with_reinforce_and_tiny_teacher(tmp_path):
             torch.testing.assert_close(top.values, probs, atol=2e-3, rtol=0)
             n += len(images)
     assert n == 12 and labels.max() <= 1
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_epoch_advances_when_its_last_batch_is_out(ds, nw):
+    """Trainers (Lightning) take len(loader) batches and never ask for the StopIteration:
+    the next iter() must still start the next epoch, not replay the finished one."""
+    from fastload.batch.variable import VariableBatchSampler
+
+    for make in (lambda: _loader(ds, shuffle=True, seed=1, num_workers=nw),
+                 lambda: ReinforcedLoader(ds, num_workers=nw, batch_sampler=VariableBatchSampler(
+                     len(ds), base_size=16, base_batch_size=4, min_size=16, max_size=32,
+                     num_scales=2, divisible_by=16, seed=2))):
+        L = make()
+        ref = [[b[1].tolist() for b in L] for _ in range(2)]  # epochs 0 and 1, run to StopIteration
+        assert ref[0] != ref[1]
+        L = make()
+        it = iter(L)
+        first = [next(it)[1].tolist() for _ in range(len(L))]  # no StopIteration asked for
+        assert first == ref[0] and (L.state_dict()["epoch"], L.state_dict()["step"]) == (1, 0)
+        assert [b[1].tolist() for b in L] == ref[1]
+        with pytest.raises(StopIteration):  # the old iterator is over
+            next(it)

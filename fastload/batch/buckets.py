@@ -293,11 +293,13 @@ class BucketBatchSampler:
                 w = win[b] = rows(b, start, min(max(_WINDOW, g), end[b] - start))
             pos.step = t + 1
             o += off[b]
+            if t == n - 1:  # the pass is complete once its last batch is out (see Position.finish)
+                pos.finish(token)
             yield buckets[b], w[o:o + bs]
-        pos.check(token)
+        if pos.is_live(token):  # no batch was yielded (resumed at the end, or an empty epoch)
+            pos.finish(token)
         if check_every > 0:  # a rank with more steps meets this instead of hanging
             check_epoch_end(3, "step/bucket/batch size")
-        pos.finish(token)  # a complete pass: the next iteration is the next epoch
 
     # ------------------------------------------------------------------ state
     def set_epoch(self, epoch: int) -> None:

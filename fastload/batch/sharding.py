@@ -111,9 +111,11 @@ class ShardedSampler:
         for k in range(min(pos.step, len(idx)), len(idx)):
             pos.check(token)
             pos.step = k + 1
+            if k == len(idx) - 1:  # the pass is complete once its last index is out
+                pos.finish(token)
             yield int(idx[k])
-        pos.check(token)
-        pos.finish(token)
+        if pos.is_live(token):  # nothing was yielded (resumed at the end)
+            pos.finish(token)
 
     def _fingerprint(self) -> dict:
         return {"seed": self.seed, "num_samples": self.num_samples, "world_size": self.world_size,

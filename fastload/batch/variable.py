@@ -662,11 +662,13 @@ class VariableBatchSampler:
                 win_at[k] = a
                 ids = win[k] = fetch(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
             pos.step = s + 1
+            if s == plan.n - 1:  # the pass is complete once its last batch is out (Position.finish)
+                pos.finish(token)
             yield ids, a - win_at[k], e - a, h, w
-        pos.check(token)
+        if pos.is_live(token):  # no batch was yielded (resumed at the end, or an empty epoch)
+            pos.finish(token)
         if check:  # a rank with more steps meets this sentinel instead of hanging
             check_epoch_end(4, f"the batch shape (step, h, w, b) of epoch {epoch}")
-        pos.finish(token)  # a complete pass: the next iteration is the next epoch
 
     def _batches(self, plan: _Plan, first: int, epoch: int, token: int) -> Iterator[List[Tuple[int, int, int]]]:
         for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids, token):

@@ -969,7 +969,10 @@ def _render_stage(loader: ReinforcedLoader, src: queue.Queue, q: queue.Queue,
 class _Iter:
     def __init__(self, loader: ReinforcedLoader, token: int, epoch: int, start: int):
         self.loader, self.token, self.epoch = loader, token, epoch
-        self.done = self.finished = False
+        self.done = self.finished = self.last_out = False
+        # batches in the epoch, when known exactly (built-in plans and fastload samplers)
+        bs = loader.batch_sampler
+        self.total = len(loader) if bs is None or isinstance(getattr(bs, "_pos", None), Position) else None
         self.thread = None
         plan = loader._plan(epoch, start)  # samplers set up here, in the caller's thread
         if loader.num_workers == 0:
@@ -1011,6 +1014,9 @@ class _Iter:
         L = self.loader
         if self.finished:
             raise StopIteration
+        if self.last_out:  # the epoch already moved on when its last batch went out
+            self._end()
+            raise StopIteration
         if not L._pos.is_live(self.token):
             self.close()
             L._pos.check(self.token)  # raises SupersededError
@@ -1036,6 +1042,11 @@ class _Iter:
         if L.check_ranks:
             check_same_across_ranks([L._pos.step, *batch[0].shape], "the step and batch shape")
         L._pos.advance(self.token)
+        if self.total is not None and L._pos.step >= self.total:
+            # the pass is complete with its last batch: trainers (Lightning) stop after
+            # len(loader) batches without asking for the StopIteration
+            self.last_out = True
+            L._pos.finish(self.token)
         return batch
 
     def _end(self):
@@ -1044,7 +1055,7 @@ class _Iter:
         self.close()
         if L.check_ranks:  # a rank with more batches meets this sentinel instead of hanging
             check_epoch_end(5, "the step and batch shape")
-        L._pos.finish(self.token)
+        L._pos.finish(self.token)  # no-op when the last batch already finished the pass
 
     def close(self):
         self.done = True
