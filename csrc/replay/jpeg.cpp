@@ -16,10 +16,63 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 
 #include <jpeglib.h>
 
 namespace fl {
+
+// The work and memory one JPEG may cost (see jpeg_limits below). A header is cheap to forge:
+// a few KB of arithmetic-coded or progressive data can declare 16384 x 16384 pixels, which
+// the decoder then walks (seconds of work per image) or buffers (whole-image coefficient
+// arrays: ~0.7 GB). Every decode checks, before any pixel work:
+//   max_pixels        declared width x height (default 2^26, 8192 x 8192);
+//   max_pixels_per_byte  above free_pixels (default 2^22), declared pixels per byte of
+//                     compressed data (default 4096): real images carry far more data (a
+//                     flat colour in baseline Huffman coding already needs a byte per ~170
+//                     pixels), so this rejects tiny files that declare huge images;
+//   max_bytes         memory libjpeg may hold for the image's coefficient buffers (default
+//                     384 MiB, enough for any image under max_pixels); a larger request
+//                     fails inside libjpeg instead of allocating.
+// An image over a limit is a bad JPEG (an error naming the sample), like a corrupt one.
+namespace {
+std::atomic<int64_t> g_max_pixels{int64_t(1) << 26};
+std::atomic<int64_t> g_free_pixels{int64_t(1) << 22};
+std::atomic<int64_t> g_max_pixels_per_byte{4096};
+std::atomic<int64_t> g_max_bytes{int64_t(384) << 20};
+
+int check_limits(uint64_t w, uint64_t h, size_t len, jpeg_memory_mgr* mem) {
+  const uint64_t px = w * h;
+  const int64_t max_px = g_max_pixels.load(), free_px = g_free_pixels.load();
+  const int64_t ppb = g_max_pixels_per_byte.load();
+  if (px > (uint64_t)max_px)
+    return fail("bad JPEG: %llux%llu (%llu pixels) exceeds the pixel limit of %lld "
+                "(fastload.replay.native.set_decode_limits / FASTLOAD_MAX_DECODE_PIXELS)",
+                (unsigned long long)w, (unsigned long long)h, (unsigned long long)px, (long long)max_px);
+  if (px > (uint64_t)free_px && ppb > 0 && px / (uint64_t)ppb > (uint64_t)len)
+    return fail("bad JPEG: %llux%llu declared in %zu bytes of data (more than %lld pixels per byte: a forged "
+                "or truncated header; limit: set_decode_limits / FASTLOAD_MAX_PIXELS_PER_BYTE)",
+                (unsigned long long)w, (unsigned long long)h, len, (long long)ppb);
+  mem->max_memory_to_use = (long)g_max_bytes.load();
+  return 0;
+}
+}  // namespace
+
+void set_jpeg_limits(int64_t max_pixels, int64_t max_bytes, int64_t max_pixels_per_byte, int64_t free_pixels) {
+  if (max_pixels > 0) g_max_pixels.store(max_pixels);
+  if (max_bytes > 0) g_max_bytes.store(max_bytes);
+  if (max_pixels_per_byte >= 0) g_max_pixels_per_byte.store(max_pixels_per_byte);
+  if (free_pixels >= 0) g_free_pixels.store(free_pixels);
+}
+
+void get_jpeg_limits(int64_t* v) {
+  v[0] = g_max_pixels.load();
+  v[1] = g_max_bytes.load();
+  v[2] = g_max_pixels_per_byte.load();
+  v[3] = g_free_pixels.load();
+}
+
 namespace {
 
 struct ErrMgr {
@@ -79,19 +132,13 @@ int choose_scale_num(int rule, int bh, int bw, int oh, int ow) {
 
 // Everything between setjmp and a possible longjmp lives in `d` or is POD: no destructor is
 // skipped by the jump.
-constexpr uint64_t kMaxPixels = 1ull << 28;
-
 int begin(Decoder& d, const uint8_t* data, size_t len) {
   jpeg_create_decompress(&d.cinfo);
   d.created = true;
   jpeg_mem_src(&d.cinfo, data, (unsigned long)len);
   jpeg_read_header(&d.cinfo, TRUE);
   d.cinfo.out_color_space = JCS_RGB;
-  // Bound the work and memory a (possibly hostile) header can ask for.
-  if ((uint64_t)d.cinfo.image_width * d.cinfo.image_height > kMaxPixels)
-    return fail("bad JPEG: %ux%u exceeds the %llu-pixel limit", d.cinfo.image_width, d.cinfo.image_height,
-                (unsigned long long)kMaxPixels);
-  return 0;
+  return check_limits(d.cinfo.image_width, d.cinfo.image_height, len, d.cinfo.mem);
 }
 
 }  // namespace
@@ -183,7 +230,8 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   return 0;
 }
 
-int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow) {
+int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
+                     int* ow) {
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
   if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
@@ -195,6 +243,8 @@ int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, S
   const int SH = (int)ci.output_height, SW = (int)ci.output_width;
   if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
   const size_t row_bytes = (size_t)SW * 3;
+  if (out && (out_cap < 0 || (uint64_t)out_cap < (uint64_t)row_bytes * (uint64_t)SH))
+    return fail("bad JPEG: %dx%d output does not fit its %lld-byte buffer", SH, SW, (long long)out_cap);
   uint8_t* dst = out;
   if (dst == nullptr) {  // decode-only: one row buffer, overwritten
     if (s.rows.size() < row_bytes) s.rows.resize(row_bytes);
@@ -206,6 +256,53 @@ int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, S
   jpeg_finish_decompress(&ci);
   *oh = SH;
   *ow = SW;
+  return 0;
+}
+
+// Test hook: encode an h x w image of `components` channels (1 grayscale, 3 RGB, 4 CMYK) as
+// JPEG with libjpeg's own options (Pillow cannot write arithmetic coding) into out (cap
+// bytes); *out_len = its size. subsample: 1 = 4:2:0, 0 = 4:4:4.
+int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive, int arith,
+                     int subsample, uint8_t* out, int64_t cap, int64_t* out_len) {
+  if (!px || !out || !out_len || h < 1 || w < 1 || (components != 1 && components != 3 && components != 4))
+    return fail("jpeg_encode_test: bad arguments");
+  struct Enc {
+    jpeg_compress_struct c;
+    ErrMgr err;
+    unsigned char* buf = nullptr;
+    unsigned long size = 0;
+    volatile bool created = false;
+    ~Enc() {
+      if (created) jpeg_destroy_compress(&c);
+      free(buf);
+    }
+  } e;
+  e.c.err = jpeg_std_error(&e.err.pub);
+  e.err.pub.error_exit = on_error;
+  e.err.pub.output_message = on_output;
+  if (setjmp(e.err.jump)) return fail("jpeg_encode_test: %s", e.err.msg);
+  jpeg_create_compress(&e.c);
+  e.created = true;
+  jpeg_mem_dest(&e.c, &e.buf, &e.size);
+  e.c.image_width = (JDIMENSION)w;
+  e.c.image_height = (JDIMENSION)h;
+  e.c.input_components = components;
+  e.c.in_color_space = components == 1 ? JCS_GRAYSCALE : (components == 3 ? JCS_RGB : JCS_CMYK);
+  jpeg_set_defaults(&e.c);
+  jpeg_set_quality(&e.c, quality, TRUE);
+  if (components == 3 && !subsample)
+    for (int c = 0; c < 3; ++c) e.c.comp_info[c].h_samp_factor = e.c.comp_info[c].v_samp_factor = 1;
+  if (progressive) jpeg_simple_progression(&e.c);
+  e.c.arith_code = arith ? TRUE : FALSE;
+  jpeg_start_compress(&e.c, TRUE);
+  while (e.c.next_scanline < e.c.image_height) {
+    JSAMPROW row = const_cast<JSAMPROW>(px + (size_t)e.c.next_scanline * w * components);
+    jpeg_write_scanlines(&e.c, &row, 1);
+  }
+  jpeg_finish_compress(&e.c);
+  *out_len = (int64_t)e.size;
+  if ((int64_t)e.size > cap) return fail("jpeg_encode_test: %lu bytes do not fit %lld", e.size, (long long)cap);
+  std::memcpy(out, e.buf, e.size);
   return 0;
 }
 

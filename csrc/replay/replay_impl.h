@@ -156,7 +156,13 @@ int jpeg_dims(const uint8_t* data, size_t len, int* h, int* w);
 int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
                 bool bicubic, int dct, Scratch& s, uint8_t* out);
 // Full decode at scale 1/denom into out (or scratch when out is null); dims returned.
-int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow);
+int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
+                     int* ow);
+// Decode limits (jpeg.cpp): a value < 0 (<= 0 for the first two) keeps the current one.
+void set_jpeg_limits(int64_t max_pixels, int64_t max_bytes, int64_t max_pixels_per_byte, int64_t free_pixels);
+void get_jpeg_limits(int64_t* v);  // v[4]: max_pixels, max_bytes, max_pixels_per_byte, free_pixels
+int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive, int arith,
+                     int subsample, uint8_t* out, int64_t cap, int64_t* out_len);
 int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* ow);
 
 }  // namespace fl
