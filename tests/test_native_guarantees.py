@@ -202,16 +202,19 @@ def test_two_loaders_render_concurrently():
     small, rec_small, out_small = [img] * 2, P.empty(2), torch.empty(2, 3, 32, 32)
     t = threading.Thread(target=train)
     t.start()
-    inside = 0
+    calls = []
     while t.is_alive():
         s = time.monotonic()
         native.render_batch(small, rec_small, out_small, threads=2)
-        e = time.monotonic()
-        if "start" in span and s > span["start"] and t.is_alive():
-            inside += 1
+        calls.append((s, time.monotonic()))
     t.join()
-    assert "end" in span
-    assert inside >= 3, f"only {inside} validation renders finished during the training render"
+    # Counted: validation calls that start in the second half of the training call (by then
+    # it is inside the library: its Python set-up takes a few % of it) and end before it.
+    # Serialized, a validation call ends only after the training call has left the library,
+    # i.e. at most a GIL hand-off (~5 ms) before the training thread reads its end time.
+    mid = (span["start"] + span["end"]) / 2
+    inside = sum(s > mid and e < span["end"] - 0.05 for s, e in calls)
+    assert inside >= 3, f"only {inside} of {len(calls)} validation renders finished during the training render"
 
 
 # ---------------------------------------------------------------- item 8d: aligned loads
