@@ -270,3 +270,16 @@ def test_process_exits_cleanly_while_a_native_render_runs():
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(k)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 7, f"run {k}: exit {r.returncode}: {r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("name", LIBS)
+def test_libraries_register_no_static_destructors(name):
+    # A static with a destructor registers it with __cxa_atexit: exit() would run it while
+    # pool workers may still use the object. The pool itself is leaked on purpose and its
+    # threads are detached, so exit neither joins nor destroys anything the workers use.
+    import shutil
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) not installed")
+    path = _native.load(name)._name
+    syms = subprocess.run(["nm", "-D", path], capture_output=True, text=True, check=True).stdout
+    assert "__cxa_atexit" not in syms, f"{path} registers static destructors"

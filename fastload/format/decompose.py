@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._native import check, load, ptr
+from .._native import load, ptr
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "fastload-decomposition"
