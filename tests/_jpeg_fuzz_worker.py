@@ -2,7 +2,11 @@
 and render entry points. Each case must end in a result or a ValueError naming its sample;
 a crash kills only this process, and the progress file names the case that was running.
 
-    python tests/_jpeg_fuzz_worker.py SEED N PROGRESS_FILE  -> prints one JSON summary line
+    python tests/_jpeg_fuzz_worker.py SEED N PROGRESS_FILE [records]  -> one JSON summary line
+
+"records" mode fuzzes the augmentation records instead: every byte of the 47-byte record
+random (crop, flags, RandAugment ops and magnitudes, erase, partner, MixUp/CutMix boxes),
+on raw and JPEG sources with and without partners.
 """
 import json
 import os
@@ -145,5 +149,52 @@ def main(seed, n, progress):
     print(json.dumps(stats))
 
 
+def main_records(seed, n, progress):
+    rng = np.random.default_rng(seed)
+    imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((1, 1), (3, 70), (33, 47), (96, 64))]
+    jpg = native._encode_jpeg(imgs[3], 90)
+    srcs = imgs + [jpg]
+    stats = {"cases": 0, "ok": 0, "errors": 0, "wrong": [], "slowest_s": 0.0, "slowest": ""}
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(progress, "w") as prog:
+        for i in range(n):
+            raw = rng.integers(0, 256, P.AUG_DTYPE.itemsize, dtype=np.uint8)
+            if rng.random() < 0.8:  # mostly valid RandAugment ops, so that the ops themselves run
+                raw[9:13] = np.where(rng.random(4) < 0.8, rng.integers(0, len(P.RA_OPS), 4), 255)
+                raw[13:17] = rng.integers(-30, 31, 4).astype(np.int8).view(np.uint8)
+            rec = raw.view(P.AUG_DTYPE).copy()
+            src = srcs[int(rng.integers(0, len(srcs)))]
+            partner = [srcs[int(rng.integers(0, len(srcs)))]] if rng.random() < 0.7 else None
+            dtype = [torch.float32, torch.float16, torch.uint8][int(rng.integers(0, 3))]
+            oh, ow = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+            out = torch.empty(1, 3, oh, ow, dtype=dtype)
+            sid = f"rec{i}"
+            prog.write(f"{i} {seed} record {raw.tobytes().hex()} out {oh}x{ow} {dtype}\n")
+            prog.flush()
+            t0 = time.perf_counter()
+            try:
+                native.render_batch([src], rec, out, partner_sources=partner, sample_ids=[sid], threads=1,
+                                    interpolation=["bilinear", "bicubic"][int(rng.integers(0, 2))])
+                if dtype != torch.uint8 and not torch.isfinite(out.float()).all():
+                    stats["wrong"].append(f"{sid}: non-finite output")
+                stats["ok"] += 1
+            except ValueError as e:
+                if sid not in str(e):
+                    stats["wrong"].append(f"{sid}: error without the sample name: {e}")
+                stats["errors"] += 1
+            except Exception as e:  # noqa: BLE001 - any other type is a finding
+                stats["wrong"].append(f"{sid}: {type(e).__name__}: {e}")
+            dt = time.perf_counter() - t0
+            if dt > stats["slowest_s"]:
+                stats["slowest_s"], stats["slowest"] = dt, sid
+            stats["cases"] += 1
+    stats["max_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    stats["limits"] = native.decode_limits()
+    print(json.dumps(stats))
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) > 4 and sys.argv[4] == "records":
+        main_records(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    else:
+        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -1,4 +1,4 @@
-"""Seeded fuzzing of JPEG bytes through the native decode and render entry points (bit flips,
+"""Seeded fuzzing of JPEG bytes and of augmentation records through the native decode and render entry points (bit flips,
 truncation, forged declared sizes, spans overwritten/inserted/deleted; baseline 4:2:0/4:4:4,
 progressive, arithmetic, grayscale and CMYK inputs): every case ends in a result or a
 ValueError naming its sample, never a crash, a hang or memory beyond the documented decode
@@ -18,11 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not native.have_jpeg(), reason="built without libjpeg: Pillow decodes")
 
 
-def _fuzz(tmp_path, seed, n, timeout):
+def _fuzz(tmp_path, seed, n, timeout, mode="jpeg"):
     prog = tmp_path / f"progress-{seed}.txt"
     try:
-        r = subprocess.run([sys.executable, os.path.join(HERE, "_jpeg_fuzz_worker.py"), str(seed), str(n), str(prog)],
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([sys.executable, os.path.join(HERE, "_jpeg_fuzz_worker.py"), str(seed), str(n), str(prog),
+                            mode], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         last = prog.read_text().splitlines()[-1] if prog.exists() else "?"
         pytest.fail(f"fuzz seed {seed}: no result after {timeout} s (hang?) in case: {last}")
@@ -46,3 +46,13 @@ def test_jpeg_fuzz_fast(tmp_path):
 def test_jpeg_fuzz_10k(tmp_path):
     stats = _fuzz(tmp_path, seed=2026, n=10_000, timeout=300)
     assert stats["slowest_s"] < 5, stats  # a case that takes seconds is a hang in the making
+
+
+def test_record_fuzz_fast(tmp_path):
+    _fuzz(tmp_path, seed=11, n=200, timeout=120, mode="records")
+
+
+@pytest.mark.slow
+def test_record_fuzz_10k(tmp_path):
+    stats = _fuzz(tmp_path, seed=2027, n=10_000, timeout=300, mode="records")
+    assert stats["slowest_s"] < 5, stats
