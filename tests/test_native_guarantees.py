@@ -172,7 +172,7 @@ def test_two_callers_use_the_pool_at_the_same_time():
 
     def call(k):
         go.wait()
-        assert lib.fl_pool_test_sleep(6, 2, 100, times[k].ctypes.data, 3) == 0
+        assert lib.fl_pool_test_sleep(8, 2, 150, times[k].ctypes.data, 3) == 0  # ~0.6 s per call
 
     th = [threading.Thread(target=call, args=(k,)) for k in range(2)]
     for t in th:
