@@ -137,8 +137,36 @@ int begin(Decoder& d, const uint8_t* data, size_t len) {
   d.created = true;
   jpeg_mem_src(&d.cinfo, data, (unsigned long)len);
   jpeg_read_header(&d.cinfo, TRUE);
-  d.cinfo.out_color_space = JCS_RGB;
+  // CMYK/YCCK (Adobe) images: libjpeg-turbo converts them to CMYK only; cmyk_to_rgb below.
+  const bool four = d.cinfo.jpeg_color_space == JCS_CMYK || d.cinfo.jpeg_color_space == JCS_YCCK;
+  d.cinfo.out_color_space = four ? JCS_CMYK : JCS_RGB;
   return check_limits(d.cinfo.image_width, d.cinfo.image_height, len, d.cinfo.mem);
+}
+
+// Adobe CMYK (stored inverted, as Photoshop writes it) -> RGB, Pillow's rule (JpegImagePlugin
+// reads 4-component JPEGs as "CMYK;I", then cmyk2rgb): with c, k the un-inverted inks,
+// R = CLIP(255 - k - (c (255 - k)) / 255), i.e. from the stored bytes C', K':
+// R = K' - muldiv255(255 - C', K'), muldiv255 rounding as Pillow's MULDIV255.
+inline uint8_t muldiv255(int a, int b) {
+  const int t = a * b + 128;
+  return (uint8_t)((t + (t >> 8)) >> 8);
+}
+
+void cmyk_to_rgb(const uint8_t* in, uint8_t* out, int n) {
+  for (int x = 0; x < n; ++x, in += 4, out += 3) {
+    const int nk = in[3];
+    for (int c = 0; c < 3; ++c) {
+      const int v = nk - muldiv255(255 - in[c], nk);
+      out[c] = (uint8_t)(v < 0 ? 0 : v);
+    }
+  }
+}
+
+// Checks the output is RGB or CMYK (converted per row); returns the bytes per output pixel.
+int out_bytes_per_pixel(const jpeg_decompress_struct& ci) {
+  if (ci.out_color_space == JCS_CMYK && ci.output_components == 4) return 4;
+  if (ci.output_components == 3) return 3;
+  return -1;
 }
 
 }  // namespace
@@ -183,7 +211,8 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   if (dct & kDctNoFancy) ci.do_fancy_upsampling = FALSE;
   jpeg_start_decompress(&ci);
   const int SH = (int)ci.output_height, SW = (int)ci.output_width;
-  if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
+  const int bpp = out_bytes_per_pixel(ci);
+  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
   // The crop in scaled pixels: each 8x8 block decodes to M x M pixels, so scaled pixel k
   // covers source pixels [8k/M, 8(k+1)/M).
   const double inv = M / 8.0;
@@ -213,7 +242,10 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
     if ((int)skipped != rlo) return fail("bad JPEG: could not skip to row %d", rlo);
   }
   JSAMPROW ptrs[batch_rows];
-  for (int k = 0; k < batch_rows; ++k) ptrs[k] = &s.rows[(size_t)k * row_bytes];
+  const size_t in_row = (size_t)cw * bpp;  // what libjpeg writes per row (CMYK: 4 bytes/pixel)
+  if (bpp == 4 && s.cmyk.size() < (size_t)batch_rows * in_row) s.cmyk.resize((size_t)batch_rows * in_row);
+  for (int k = 0; k < batch_rows; ++k)
+    ptrs[k] = bpp == 4 ? &s.cmyk[(size_t)k * in_row] : &s.rows[(size_t)k * row_bytes];
   int r = 0;
   while (r < nrows) {
     int want = std::min(batch_rows, nrows - r);
@@ -221,7 +253,9 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
     if (got <= 0) return fail("bad JPEG: no data at row %d", rlo + r);
     for (int k = 0; k < got; ++k) {
       const int y = rlo + r + k;
-      resize_row_h(ptrs[k], (int)xoff, s.ax, flip, vs.slot(y), (int64_t)row_bytes + 16);
+      uint8_t* rgb = &s.rows[(size_t)k * row_bytes];
+      if (bpp == 4) cmyk_to_rgb(ptrs[k], rgb, (int)cw);
+      resize_row_h(rgb, (int)xoff, s.ax, flip, vs.slot(y), (int64_t)row_bytes + 16);
       vs.row_done(y);
     }
     r += got;
@@ -241,7 +275,8 @@ int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, i
   ci.scale_denom = (unsigned)denom;
   jpeg_start_decompress(&ci);
   const int SH = (int)ci.output_height, SW = (int)ci.output_width;
-  if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
+  const int bpp = out_bytes_per_pixel(ci);
+  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
   const size_t row_bytes = (size_t)SW * 3;
   if (out && (out_cap < 0 || (uint64_t)out_cap < (uint64_t)row_bytes * (uint64_t)SH))
     return fail("bad JPEG: %dx%d output does not fit its %lld-byte buffer", SH, SW, (long long)out_cap);
@@ -249,9 +284,13 @@ int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, i
   if (dst == nullptr) {  // decode-only: one row buffer, overwritten
     if (s.rows.size() < row_bytes) s.rows.resize(row_bytes);
   }
+  if (bpp == 4 && s.cmyk.size() < (size_t)SW * 4) s.cmyk.resize((size_t)SW * 4);
   while ((int)ci.output_scanline < SH) {
-    JSAMPROW p = dst ? dst + (size_t)ci.output_scanline * row_bytes : s.rows.data();
-    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", (int)ci.output_scanline);
+    const int y = (int)ci.output_scanline;
+    uint8_t* rgb = dst ? dst + (size_t)y * row_bytes : s.rows.data();
+    JSAMPROW p = bpp == 4 ? s.cmyk.data() : rgb;
+    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
+    if (bpp == 4) cmyk_to_rgb(p, rgb, SW);
   }
   jpeg_finish_decompress(&ci);
   *oh = SH;

@@ -130,6 +130,7 @@ struct Source {
 struct Scratch {
   std::vector<float> tmp;       // ring of horizontally resized rows
   std::vector<uint8_t> rows;    // decoded JPEG scanlines
+  std::vector<uint8_t> cmyk;    // CMYK scanlines before their conversion to RGB
   AxisWeights ax, ay;
   const DirectOut* direct = nullptr;  // see DirectOut; set by the caller per render
   // Output row window of the next render (win_y1 > win_y0: only rows [win_y0, win_y1) are
