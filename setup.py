@@ -12,6 +12,10 @@ Environment knobs:
   FASTLOAD_MARCH   -march value (default "native": the library is built where it runs;
                    set e.g. "x86-64-v3" to build a wheel for other machines).
   FASTLOAD_ONLY    comma-separated csrc folder names to build (faster local rebuilds).
+  FASTLOAD_SANITIZE  "1": build with -fsanitize=address,undefined (-O1 -g, every UBSan check
+                   fatal) for the sanitizer job (.ci/sanitize): build into a separate folder
+                   (`python setup.py build_ext --build-lib build/sanitize --build-temp
+                   build/sanitize-tmp`) and point FASTLOAD_NATIVE_DIR at build/sanitize/fastload.
 """
 import os
 import sys
@@ -39,6 +43,14 @@ DEFINES = {"replay": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else [])}
 def _extensions():
     only = {s for s in os.environ.get("FASTLOAD_ONLY", "").split(",") if s}
     march = os.environ.get("FASTLOAD_MARCH", "native")
+    sanitize = os.environ.get("FASTLOAD_SANITIZE", "") not in ("", "0")
+    if sanitize:
+        opt = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+               "-fno-sanitize-recover=all"]
+        link = ["-fsanitize=address,undefined"]
+    else:
+        # Python's CFLAGS carry -g: -g0 cuts the build time and the .so size ~50x.
+        opt, link = ["-O3", "-g0"], ["-g0"]
     exts = []
     for d in sorted(glob(os.path.join("csrc", "*", ""))):
         name = os.path.basename(os.path.dirname(d))
@@ -56,10 +68,9 @@ def _extensions():
                 include_dirs=[os.path.join("csrc", "include")],
                 libraries=LIBS.get(name, []) + ["pthread"],
                 define_macros=DEFINES.get(name, []),
-                # Python's CFLAGS carry -g: -g0 cuts the build time and the .so size ~50x.
-                extra_compile_args=["-std=c++17", "-O3", "-g0", f"-march={march}",
-                                    "-fvisibility=hidden", "-fno-math-errno"],
-                extra_link_args=["-g0"],
+                extra_compile_args=["-std=c++17"] + opt + [f"-march={march}",
+                                                           "-fvisibility=hidden", "-fno-math-errno"],
+                extra_link_args=link,
                 language="c++",
             )
         )

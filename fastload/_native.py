@@ -3,6 +3,9 @@
 They are plain C-ABI shared objects called through ``ctypes``: ctypes drops the GIL for
 the duration of every call, and the build never needs torch. Each library exports
 ``fl_last_error()`` (a thread-local message) for calls that return a non-zero status.
+
+``FASTLOAD_NATIVE_DIR`` (a folder) loads the libraries from there instead of the package:
+the sanitizer job (.ci/sanitize) points it at the ASan/UBSan build.
 """
 from __future__ import annotations
 
@@ -17,15 +20,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> ctypes.CDLL:
     """Return the ctypes handle of ``fastload/_<name>.so``, with a clear error if absent."""
+    where = os.environ.get("FASTLOAD_NATIVE_DIR") or _HERE
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = os.path.join(_HERE, f"_{name}{suffix}")
+        path = os.path.join(where, f"_{name}{suffix}")
         if os.path.exists(path):
             lib = ctypes.CDLL(path)
             lib.fl_last_error.restype = ctypes.c_char_p
             lib.fl_last_error.argtypes = []
             return lib
     raise ImportError(
-        f"fastload's native library '_{name}' is not built (looked in {_HERE}). "
+        f"fastload's native library '_{name}' is not built (looked in {where}). "
         "Install the package with `pip install -e .` (or `python setup.py build_ext --inplace`)."
     )
 

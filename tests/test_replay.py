@@ -108,6 +108,25 @@ def test_jpeg_without_dct_scaling_matches_reference(interp):
             assert max_u8_diff(out[i], reference_uint8(dec, a, size, interp)) <= 1
 
 
+@pytest.mark.parametrize("writer", ["pillow", "libjpeg"])
+def test_cmyk_jpeg_matches_pillow_conversion(writer):
+    # Adobe CMYK JPEGs (a few in ImageNet) decode natively to Pillow's convert("RGB"):
+    # before, libjpeg-turbo refused the CMYK -> RGB conversion and the image was a bad sample.
+    cmyk = np.concatenate([synth(90, 120, seed=5), synth(90, 120, seed=6)[..., :1]], -1)
+    if writer == "pillow":
+        buf = io.BytesIO()
+        Image.fromarray(cmyk, "CMYK").save(buf, "JPEG", quality=90)
+        jpg = buf.getvalue()
+    else:
+        jpg = native._encode_jpeg(cmyk, 90)
+    dec = pil_decode(jpg)
+    assert np.array_equal(native.decode_batch([jpg])[0], dec)
+    rec = records(8, seed=7, hw=dec.shape[:2])
+    out = render([jpg] * len(rec), rec, (32, 32), torch.uint8, dct_scale=False)
+    for i, a in enumerate(rec):
+        assert max_u8_diff(out[i], reference_uint8(dec, a, (32, 32), "bilinear")) <= 1
+
+
 def test_jpeg_with_dct_scaling_close_to_full_decode():
     # DCT-domain downscaling (decode at 1/2, 1/4, 1/8 when the crop covers >= 2x, 4x, 8x
     # the output) is a different low-pass filter than decode + antialiased resize: pixels

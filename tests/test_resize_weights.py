@@ -82,17 +82,25 @@ def native(out, x0, length, lo, hi, bicubic, int16):
     f = lib.fl_replay_axis_weights
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_int] + [ctypes.c_void_p] * 6
+                  ctypes.c_int] + [ctypes.c_void_p] * 7
     sizes = np.zeros(3, np.int32)
-    assert f(out, x0, length, lo, hi, int(bicubic), int(int16), sizes.ctypes.data, None, None, None, None, None) == 0
+    assert f(out, x0, length, lo, hi, int(bicubic), int(int16), sizes.ctypes.data, None, None, None, None, None,
+             None) == 0
     K, taps, kp = (int(v) for v in sizes)
     w = np.zeros((out, K), np.float32)
     start = np.zeros(out, np.int32)
     count = np.zeros(out, np.int32)
     wpair = np.zeros((out, max(kp, 1)), np.int32)
     wvec = np.zeros(max(1, (out // 8) * 4 * kp * 8), np.int32)
+    caps = np.array([w.size, start.size, count.size, wpair.size, wvec.size], np.int64)
     assert f(out, x0, length, lo, hi, int(bicubic), int(int16), sizes.ctypes.data, w.ctypes.data,
-             start.ctypes.data, count.ctypes.data, wpair.ctypes.data, wvec.ctypes.data) == 0
+             start.ctypes.data, count.ctypes.data, wpair.ctypes.data, wvec.ctypes.data, caps.ctypes.data) == 0
+    # A buffer one element short is refused (the entry point takes capacities).
+    if K > 0:
+        short = caps.copy()
+        short[0] -= 1
+        assert f(out, x0, length, lo, hi, int(bicubic), int(int16), sizes.ctypes.data, w.ctypes.data,
+                 start.ctypes.data, count.ctypes.data, wpair.ctypes.data, wvec.ctypes.data, short.ctypes.data) != 0
     return K, taps, kp, w, start, count, wpair[:, :kp], wvec
 
 
@@ -132,4 +140,4 @@ def test_axis_weights_bad_axis_is_an_error():
     f.restype = ctypes.c_int
     sizes = np.zeros(3, np.int32)
     assert f(0, ctypes.c_double(0.0), ctypes.c_double(10.0), 0, 10, 0, 1, ctypes.c_void_p(sizes.ctypes.data),
-             None, None, None, None, None) != 0
+             None, None, None, None, None, None) != 0

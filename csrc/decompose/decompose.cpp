@@ -21,6 +21,7 @@
 // fl_dd_gather is the loader's copy: rows of a bucket (given by address) -> contiguous
 // input_ids = row[:-1] and targets = row[1:], int32 or int64, in one pass.
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -107,6 +108,7 @@ FL_EXPORT int fl_dd_count(const int32_t* tokens, const int64_t* offsets, int64_t
                           int min_k, int max_k, int randomize, uint64_t seed, uint64_t file,
                           int64_t vocab, int64_t block, int64_t* counts, int64_t* dropped,
                           int nthreads) {
+  return fl::guard("fl_dd_count", [&]() -> int {
   Rule rule;
   if (make_rule(rule, min_k, max_k, randomize, seed, file)) return -1;
   if (block < 1) return fl::fail("block must be >= 1");
@@ -114,7 +116,7 @@ FL_EXPORT int fl_dd_count(const int32_t* tokens, const int64_t* offsets, int64_t
   const int64_t n_blocks = (n_docs + block - 1) / block;
   std::atomic<int64_t> bad_doc{std::numeric_limits<int64_t>::max()};
   std::atomic<int64_t> bad_order{std::numeric_limits<int64_t>::max()};
-  fl::parallel_for(n_blocks, nthreads, 1, [&](long b0, long b1, int) {
+  if (fl::parallel_for(n_blocks, nthreads, 1, [&](long b0, long b1, int) {
     for (long b = b0; b < b1; ++b) {
       int64_t* cnt = counts + b * nb;
       for (int i = 0; i < nb; ++i) cnt[i] = 0;
@@ -140,7 +142,8 @@ FL_EXPORT int fl_dd_count(const int32_t* tokens, const int64_t* offsets, int64_t
       }
       dropped[b] = drop;
     }
-  });
+  }))
+    return -1;
   if (bad_order.load() != std::numeric_limits<int64_t>::max()) {
     int64_t d = bad_order.load();
     return fl::fail("offsets decrease at document %lld (%lld > %lld)", (long long)d,
@@ -154,31 +157,74 @@ FL_EXPORT int fl_dd_count(const int32_t* tokens, const int64_t* offsets, int64_t
                         (long long)d, (long long)(t - offsets[d]), tokens[t], (long long)vocab);
   }
   return 0;
+  });
 }
 
-// Pass 2. row_start: [n_blocks, n_buckets] int64, the first row of each block in each bucket
-// (exclusive prefix sums of the counts over blocks). out: n_buckets pointers to int32 arrays
-// [rows_k, 2^k + 1] (null for a bucket with no rows).
-FL_EXPORT int fl_dd_copy(const int32_t* tokens, const int64_t* offsets, int64_t n_docs,
+// Pass 2. counts / row_start: [n_blocks, n_buckets] int64, the chunks of each block in each
+// bucket from pass 1 and the first row they go to (exclusive prefix sums over blocks plus the
+// rows of earlier inputs); n_blocks_cap: the rows of those two arrays. out: n_buckets
+// pointers to int32 arrays [out_rows[i], 2^k + 1] (null for a bucket with no rows). Every
+// write is checked against that capacity: an input that changed after pass 1 (another
+// document split, offsets past the tokens, a token outside the vocabulary) fails with an
+// error instead of writing outside the mapped buckets or storing rows pass 1 never saw.
+FL_EXPORT int fl_dd_copy(const int32_t* tokens, int64_t n_tokens, const int64_t* offsets, int64_t n_docs,
                          int min_k, int max_k, int randomize, uint64_t seed, uint64_t file,
-                         int32_t eot, int64_t block, const int64_t* row_start,
-                         int32_t* const* out, int nthreads) {
+                         int32_t eot, int64_t vocab, int64_t block, const int64_t* counts,
+                         const int64_t* row_start, int64_t n_blocks_cap, int32_t* const* out,
+                         const int64_t* out_rows, int nthreads) {
+  return fl::guard("fl_dd_copy", [&]() -> int {
   Rule rule;
   if (make_rule(rule, min_k, max_k, randomize, seed, file)) return -1;
   if (block < 1) return fl::fail("block must be >= 1");
+  if (n_docs < 0 || n_tokens < 0) return fl::fail("negative document or token count");
   const int nb = max_k - min_k + 1;
   const int64_t n_blocks = (n_docs + block - 1) / block;
-  fl::parallel_for(n_blocks, nthreads, 1, [&](long b0, long b1, int) {
-    int64_t row[kMaxBuckets];
+  if (n_blocks > n_blocks_cap)
+    return fl::fail("the input changed since the counting pass: %lld documents, %lld counted",
+                    (long long)n_docs, (long long)(n_blocks_cap * block));
+  for (int64_t b = 0; b < n_blocks; ++b)
+    for (int i = 0; i < nb; ++i) {
+      const int64_t r0 = row_start[b * nb + i], c = counts[b * nb + i];
+      if (r0 < 0 || c < 0 || c > out_rows[i] - r0 || (c > 0 && out[i] == nullptr))
+        return fl::fail("rows [%lld, %lld) of bucket %d outside its %lld rows", (long long)r0,
+                        (long long)(r0 + c), min_k + i, (long long)out_rows[i]);
+    }
+  if (n_docs > 0 && (offsets[0] < 0 || offsets[n_docs] > n_tokens))
+    return fl::fail("offsets [%lld, %lld] outside the %lld tokens", (long long)offsets[0],
+                    (long long)offsets[n_docs], (long long)n_tokens);
+  std::atomic<int64_t> bad_block{std::numeric_limits<int64_t>::max()};
+  if (fl::parallel_for(n_blocks, nthreads, 1, [&](long b0, long b1, int) {
+    int64_t row[kMaxBuckets], end[kMaxBuckets];
     for (long b = b0; b < b1; ++b) {
-      for (int i = 0; i < nb; ++i) row[i] = row_start[b * nb + i];
+      for (int i = 0; i < nb; ++i) {
+        row[i] = row_start[b * nb + i];
+        end[i] = row[i] + counts[b * nb + i];
+      }
+      bool bad = false;
       const int64_t d0 = b * block, d1 = d0 + block < n_docs ? d0 + block : n_docs;
-      for (int64_t d = d0; d < d1; ++d) {
+      for (int64_t d = d0; d < d1 && !bad; ++d) {
+        if (offsets[d + 1] < offsets[d] || offsets[d + 1] > n_tokens) {
+          bad = true;
+          break;
+        }
         const int32_t* doc = tokens + offsets[d];
         const int64_t n = offsets[d + 1] - offsets[d];  // without EOT
+        if (vocab > 0) {
+          uint32_t any = 0;
+          for (int64_t t = 0; t < n; ++t) any |= (uint32_t)(doc[t] < 0) | (uint32_t)(doc[t] >= vocab);
+          if (any) {
+            bad = true;
+            break;
+          }
+        }
         rule.walk(n + 1, (uint64_t)d, [&](int k, int64_t pos) {
+          const int i = k - min_k;
+          if (bad || row[i] >= end[i]) {  // more chunks than pass 1 counted
+            bad = true;
+            return;
+          }
           const int64_t w = (int64_t(1) << k) + 1;
-          int32_t* dst = out[k - min_k] + row[k - min_k]++ * w;
+          int32_t* dst = out[i] + row[i]++ * w;
           if (pos + w <= n) {
             std::memcpy(dst, doc + pos, (size_t)w * 4);
           } else {  // the chunk ends with the appended EOT (pos + w == n + 1)
@@ -187,9 +233,22 @@ FL_EXPORT int fl_dd_copy(const int32_t* tokens, const int64_t* offsets, int64_t 
           }
         });
       }
+      for (int i = 0; i < nb && !bad; ++i) bad = row[i] != end[i];  // fewer chunks than counted
+      if (bad) {
+        int64_t cur = bad_block.load();
+        while (b < cur && !bad_block.compare_exchange_weak(cur, b)) {}
+      }
     }
-  });
+  }))
+    return -1;
+  if (bad_block.load() != std::numeric_limits<int64_t>::max()) {
+    const int64_t b = bad_block.load();
+    return fl::fail("the input changed since the counting pass: documents [%lld, %lld) do not split into "
+                    "the chunks counted (or their offsets or tokens are now invalid)",
+                    (long long)(b * block), (long long)std::min<int64_t>((b + 1) * block, n_docs));
+  }
   return 0;
+  });
 }
 
 namespace {
@@ -205,12 +264,13 @@ inline void shift_copy(const int32_t* src, T* in, T* tg, int64_t n) {
 // contiguous) as int32 (out_bytes 4) or int64 (out_bytes 8).
 FL_EXPORT int fl_dd_gather(const uint64_t* addrs, int64_t n_rows, int64_t row_len, void* inputs,
                            void* targets, int out_bytes, int nthreads) {
+  return fl::guard("fl_dd_gather", [&]() -> int {
   if (row_len < 2) return fl::fail("row_len must be >= 2, got %lld", (long long)row_len);
   if (out_bytes != 4 && out_bytes != 8) return fl::fail("out_bytes must be 4 or 8");
   const int64_t n = row_len - 1;
   // Each row is >= 1 KiB for the usual buckets; group rows so one task moves >= ~256 KiB.
   long grain = (long)(65536 / (n + 1)) + 1;
-  fl::parallel_for(n_rows, nthreads, grain, [&](long r0, long r1, int) {
+  return fl::parallel_for(n_rows, nthreads, grain, [&](long r0, long r1, int) {
     for (long r = r0; r < r1; ++r) {
       const int32_t* src = reinterpret_cast<const int32_t*>(addrs[r]);
       if (out_bytes == 8)
@@ -219,19 +279,20 @@ FL_EXPORT int fl_dd_gather(const uint64_t* addrs, int64_t n_rows, int64_t row_le
         shift_copy(src, static_cast<int32_t*>(inputs) + r * n, static_cast<int32_t*>(targets) + r * n, n);
     }
   });
-  return 0;
+  });
 }
 
 // memcpy of n bytes on nthreads threads (the benchmark's bandwidth yardstick).
 FL_EXPORT int fl_dd_memcpy(void* dst, const void* src, int64_t n, int nthreads) {
+  return fl::guard("fl_dd_memcpy", [&]() -> int {
   const long grain = 1 << 20;
-  fl::parallel_for((n + grain - 1) / grain, nthreads, 1, [&](long b0, long b1, int) {
+  return fl::parallel_for((n + grain - 1) / grain, nthreads, 1, [&](long b0, long b1, int) {
     for (long b = b0; b < b1; ++b) {
       int64_t s = b * grain, e = s + grain < n ? s + grain : n;
       std::memcpy(static_cast<char*>(dst) + s, static_cast<const char*>(src) + s, (size_t)(e - s));
     }
   });
-  return 0;
+  });
 }
 
 // A keyed pseudo-random permutation of [0, n) evaluated per index (no O(n) table per epoch):
@@ -239,7 +300,8 @@ FL_EXPORT int fl_dd_memcpy(void* dst, const void* src, int64_t n, int nthreads) 
 // odd multiply and xorshift, each invertible modulo 2^bits) restricted to [0, n) by cycle
 // walking (apply P again until the value is < n; on average < 2 applications). The sampler
 // uses it to shuffle the rows of a bucket per (seed, epoch, bucket) at O(batch) cost per step.
-FL_EXPORT int fl_dd_permute(int64_t n, uint64_t key, int64_t start, int64_t count, int64_t* out) {
+namespace {
+int permute_impl(int64_t n, uint64_t key, int64_t start, int64_t count, int64_t* out) {
   if (n < 1) return fl::fail("permute: n must be >= 1");
   if (start < 0 || count < 0 || start + count > n)
     return fl::fail("permute: range [%lld, %lld) outside [0, %lld)", (long long)start,
@@ -308,4 +370,10 @@ FL_EXPORT int fl_dd_permute(int64_t n, uint64_t key, int64_t start, int64_t coun
     out[i] = (int64_t)x;
   }
   return 0;
+}
+}  // namespace
+
+// out: `count` int64 (its capacity is `count`, the number of values asked for).
+FL_EXPORT int fl_dd_permute(int64_t n, uint64_t key, int64_t start, int64_t count, int64_t* out) {
+  return fl::guard("fl_dd_permute", [&] { return permute_impl(n, key, start, count, out); });
 }

@@ -69,8 +69,11 @@ inline void load_ext(const AugExt* src, ExtView* v) {
 // The dequantization rule, identical in Python (params.dq) and Triton.
 inline int dq(uint32_t q, int n) { return (int)(((uint64_t)q * (uint64_t)n + kQ / 2) / kQ); }
 
-// Integer box inside an h x w image from a quantized (top, left, height, width).
-inline void box_to_pixels(const uint16_t q[4], int h, int w, int* top, int* left, int* bh, int* bw) {
+// Integer box inside an h x w image from a quantized (top, left, height, width). q points
+// into a packed record (any alignment): read it with memcpy, never as uint16_t loads.
+inline void box_to_pixels(const uint16_t* q_any, int h, int w, int* top, int* left, int* bh, int* bw) {
+  uint16_t q[4];
+  std::memcpy(q, (const void*)q_any, sizeof q);
   int hh = dq(q[2], h), ww = dq(q[3], w);
   hh = hh < 1 ? 1 : (hh > h ? h : hh);
   ww = ww < 1 ? 1 : (ww > w ? w : ww);

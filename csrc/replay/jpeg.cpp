@@ -16,10 +16,63 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 
 #include <jpeglib.h>
 
 namespace fl {
+
+// The work and memory one JPEG may cost (see jpeg_limits below). A header is cheap to forge:
+// a few KB of arithmetic-coded or progressive data can declare 16384 x 16384 pixels, which
+// the decoder then walks (seconds of work per image) or buffers (whole-image coefficient
+// arrays: ~0.7 GB). Every decode checks, before any pixel work:
+//   max_pixels        declared width x height (default 2^26, 8192 x 8192);
+//   max_pixels_per_byte  above free_pixels (default 2^22), declared pixels per byte of
+//                     compressed data (default 4096): real images carry far more data (a
+//                     flat colour in baseline Huffman coding already needs a byte per ~170
+//                     pixels), so this rejects tiny files that declare huge images;
+//   max_bytes         memory libjpeg may hold for the image's coefficient buffers (default
+//                     384 MiB, enough for any image under max_pixels); a larger request
+//                     fails inside libjpeg instead of allocating.
+// An image over a limit is a bad JPEG (an error naming the sample), like a corrupt one.
+namespace {
+std::atomic<int64_t> g_max_pixels{int64_t(1) << 26};
+std::atomic<int64_t> g_free_pixels{int64_t(1) << 22};
+std::atomic<int64_t> g_max_pixels_per_byte{4096};
+std::atomic<int64_t> g_max_bytes{int64_t(384) << 20};
+
+int check_limits(uint64_t w, uint64_t h, size_t len, jpeg_memory_mgr* mem) {
+  const uint64_t px = w * h;
+  const int64_t max_px = g_max_pixels.load(), free_px = g_free_pixels.load();
+  const int64_t ppb = g_max_pixels_per_byte.load();
+  if (px > (uint64_t)max_px)
+    return fail("bad JPEG: %llux%llu (%llu pixels) exceeds the pixel limit of %lld "
+                "(fastload.replay.native.set_decode_limits / FASTLOAD_MAX_DECODE_PIXELS)",
+                (unsigned long long)w, (unsigned long long)h, (unsigned long long)px, (long long)max_px);
+  if (px > (uint64_t)free_px && ppb > 0 && px / (uint64_t)ppb > (uint64_t)len)
+    return fail("bad JPEG: %llux%llu declared in %zu bytes of data (more than %lld pixels per byte: a forged "
+                "or truncated header; limit: set_decode_limits / FASTLOAD_MAX_PIXELS_PER_BYTE)",
+                (unsigned long long)w, (unsigned long long)h, len, (long long)ppb);
+  mem->max_memory_to_use = (long)g_max_bytes.load();
+  return 0;
+}
+}  // namespace
+
+void set_jpeg_limits(int64_t max_pixels, int64_t max_bytes, int64_t max_pixels_per_byte, int64_t free_pixels) {
+  if (max_pixels > 0) g_max_pixels.store(max_pixels);
+  if (max_bytes > 0) g_max_bytes.store(max_bytes);
+  if (max_pixels_per_byte >= 0) g_max_pixels_per_byte.store(max_pixels_per_byte);
+  if (free_pixels >= 0) g_free_pixels.store(free_pixels);
+}
+
+void get_jpeg_limits(int64_t* v) {
+  v[0] = g_max_pixels.load();
+  v[1] = g_max_bytes.load();
+  v[2] = g_max_pixels_per_byte.load();
+  v[3] = g_free_pixels.load();
+}
+
 namespace {
 
 struct ErrMgr {
@@ -79,19 +132,41 @@ int choose_scale_num(int rule, int bh, int bw, int oh, int ow) {
 
 // Everything between setjmp and a possible longjmp lives in `d` or is POD: no destructor is
 // skipped by the jump.
-constexpr uint64_t kMaxPixels = 1ull << 28;
-
 int begin(Decoder& d, const uint8_t* data, size_t len) {
   jpeg_create_decompress(&d.cinfo);
   d.created = true;
   jpeg_mem_src(&d.cinfo, data, (unsigned long)len);
   jpeg_read_header(&d.cinfo, TRUE);
-  d.cinfo.out_color_space = JCS_RGB;
-  // Bound the work and memory a (possibly hostile) header can ask for.
-  if ((uint64_t)d.cinfo.image_width * d.cinfo.image_height > kMaxPixels)
-    return fail("bad JPEG: %ux%u exceeds the %llu-pixel limit", d.cinfo.image_width, d.cinfo.image_height,
-                (unsigned long long)kMaxPixels);
-  return 0;
+  // CMYK/YCCK (Adobe) images: libjpeg-turbo converts them to CMYK only; cmyk_to_rgb below.
+  const bool four = d.cinfo.jpeg_color_space == JCS_CMYK || d.cinfo.jpeg_color_space == JCS_YCCK;
+  d.cinfo.out_color_space = four ? JCS_CMYK : JCS_RGB;
+  return check_limits(d.cinfo.image_width, d.cinfo.image_height, len, d.cinfo.mem);
+}
+
+// Adobe CMYK (stored inverted, as Photoshop writes it) -> RGB, Pillow's rule (JpegImagePlugin
+// reads 4-component JPEGs as "CMYK;I", then cmyk2rgb): with c, k the un-inverted inks,
+// R = CLIP(255 - k - (c (255 - k)) / 255), i.e. from the stored bytes C', K':
+// R = K' - muldiv255(255 - C', K'), muldiv255 rounding as Pillow's MULDIV255.
+inline uint8_t muldiv255(int a, int b) {
+  const int t = a * b + 128;
+  return (uint8_t)((t + (t >> 8)) >> 8);
+}
+
+void cmyk_to_rgb(const uint8_t* in, uint8_t* out, int n) {
+  for (int x = 0; x < n; ++x, in += 4, out += 3) {
+    const int nk = in[3];
+    for (int c = 0; c < 3; ++c) {
+      const int v = nk - muldiv255(255 - in[c], nk);
+      out[c] = (uint8_t)(v < 0 ? 0 : v);
+    }
+  }
+}
+
+// Checks the output is RGB or CMYK (converted per row); returns the bytes per output pixel.
+int out_bytes_per_pixel(const jpeg_decompress_struct& ci) {
+  if (ci.out_color_space == JCS_CMYK && ci.output_components == 4) return 4;
+  if (ci.output_components == 3) return 3;
+  return -1;
 }
 
 }  // namespace
@@ -136,7 +211,8 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   if (dct & kDctNoFancy) ci.do_fancy_upsampling = FALSE;
   jpeg_start_decompress(&ci);
   const int SH = (int)ci.output_height, SW = (int)ci.output_width;
-  if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
+  const int bpp = out_bytes_per_pixel(ci);
+  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
   // The crop in scaled pixels: each 8x8 block decodes to M x M pixels, so scaled pixel k
   // covers source pixels [8k/M, 8(k+1)/M).
   const double inv = M / 8.0;
@@ -166,7 +242,10 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
     if ((int)skipped != rlo) return fail("bad JPEG: could not skip to row %d", rlo);
   }
   JSAMPROW ptrs[batch_rows];
-  for (int k = 0; k < batch_rows; ++k) ptrs[k] = &s.rows[(size_t)k * row_bytes];
+  const size_t in_row = (size_t)cw * bpp;  // what libjpeg writes per row (CMYK: 4 bytes/pixel)
+  if (bpp == 4 && s.cmyk.size() < (size_t)batch_rows * in_row) s.cmyk.resize((size_t)batch_rows * in_row);
+  for (int k = 0; k < batch_rows; ++k)
+    ptrs[k] = bpp == 4 ? &s.cmyk[(size_t)k * in_row] : &s.rows[(size_t)k * row_bytes];
   int r = 0;
   while (r < nrows) {
     int want = std::min(batch_rows, nrows - r);
@@ -174,7 +253,9 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
     if (got <= 0) return fail("bad JPEG: no data at row %d", rlo + r);
     for (int k = 0; k < got; ++k) {
       const int y = rlo + r + k;
-      resize_row_h(ptrs[k], (int)xoff, s.ax, flip, vs.slot(y), (int64_t)row_bytes + 16);
+      uint8_t* rgb = &s.rows[(size_t)k * row_bytes];
+      if (bpp == 4) cmyk_to_rgb(ptrs[k], rgb, (int)cw);
+      resize_row_h(rgb, (int)xoff, s.ax, flip, vs.slot(y), (int64_t)row_bytes + 16);
       vs.row_done(y);
     }
     r += got;
@@ -183,7 +264,8 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   return 0;
 }
 
-int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow) {
+int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
+                     int* ow) {
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
   if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
@@ -193,19 +275,73 @@ int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, S
   ci.scale_denom = (unsigned)denom;
   jpeg_start_decompress(&ci);
   const int SH = (int)ci.output_height, SW = (int)ci.output_width;
-  if (ci.output_components != 3) return fail("bad JPEG: %d output components", ci.output_components);
+  const int bpp = out_bytes_per_pixel(ci);
+  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
   const size_t row_bytes = (size_t)SW * 3;
+  if (out && (out_cap < 0 || (uint64_t)out_cap < (uint64_t)row_bytes * (uint64_t)SH))
+    return fail("bad JPEG: %dx%d output does not fit its %lld-byte buffer", SH, SW, (long long)out_cap);
   uint8_t* dst = out;
   if (dst == nullptr) {  // decode-only: one row buffer, overwritten
     if (s.rows.size() < row_bytes) s.rows.resize(row_bytes);
   }
+  if (bpp == 4 && s.cmyk.size() < (size_t)SW * 4) s.cmyk.resize((size_t)SW * 4);
   while ((int)ci.output_scanline < SH) {
-    JSAMPROW p = dst ? dst + (size_t)ci.output_scanline * row_bytes : s.rows.data();
-    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", (int)ci.output_scanline);
+    const int y = (int)ci.output_scanline;
+    uint8_t* rgb = dst ? dst + (size_t)y * row_bytes : s.rows.data();
+    JSAMPROW p = bpp == 4 ? s.cmyk.data() : rgb;
+    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
+    if (bpp == 4) cmyk_to_rgb(p, rgb, SW);
   }
   jpeg_finish_decompress(&ci);
   *oh = SH;
   *ow = SW;
+  return 0;
+}
+
+// Test hook: encode an h x w image of `components` channels (1 grayscale, 3 RGB, 4 CMYK) as
+// JPEG with libjpeg's own options (Pillow cannot write arithmetic coding) into out (cap
+// bytes); *out_len = its size. subsample: 1 = 4:2:0, 0 = 4:4:4.
+int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive, int arith,
+                     int subsample, uint8_t* out, int64_t cap, int64_t* out_len) {
+  if (!px || !out || !out_len || h < 1 || w < 1 || (components != 1 && components != 3 && components != 4))
+    return fail("jpeg_encode_test: bad arguments");
+  struct Enc {
+    jpeg_compress_struct c;
+    ErrMgr err;
+    unsigned char* buf = nullptr;
+    unsigned long size = 0;
+    volatile bool created = false;
+    ~Enc() {
+      if (created) jpeg_destroy_compress(&c);
+      free(buf);
+    }
+  } e;
+  e.c.err = jpeg_std_error(&e.err.pub);
+  e.err.pub.error_exit = on_error;
+  e.err.pub.output_message = on_output;
+  if (setjmp(e.err.jump)) return fail("jpeg_encode_test: %s", e.err.msg);
+  jpeg_create_compress(&e.c);
+  e.created = true;
+  jpeg_mem_dest(&e.c, &e.buf, &e.size);
+  e.c.image_width = (JDIMENSION)w;
+  e.c.image_height = (JDIMENSION)h;
+  e.c.input_components = components;
+  e.c.in_color_space = components == 1 ? JCS_GRAYSCALE : (components == 3 ? JCS_RGB : JCS_CMYK);
+  jpeg_set_defaults(&e.c);
+  jpeg_set_quality(&e.c, quality, TRUE);
+  if (components == 3 && !subsample)
+    for (int c = 0; c < 3; ++c) e.c.comp_info[c].h_samp_factor = e.c.comp_info[c].v_samp_factor = 1;
+  if (progressive) jpeg_simple_progression(&e.c);
+  e.c.arith_code = arith ? TRUE : FALSE;
+  jpeg_start_compress(&e.c, TRUE);
+  while (e.c.next_scanline < e.c.image_height) {
+    JSAMPROW row = const_cast<JSAMPROW>(px + (size_t)e.c.next_scanline * w * components);
+    jpeg_write_scanlines(&e.c, &row, 1);
+  }
+  jpeg_finish_compress(&e.c);
+  *out_len = (int64_t)e.size;
+  if ((int64_t)e.size > cap) return fail("jpeg_encode_test: %lu bytes do not fit %lld", e.size, (long long)cap);
+  std::memcpy(out, e.buf, e.size);
   return 0;
 }
 

@@ -636,10 +636,8 @@ FL_EXPORT int fl_randaugment_u8(uint8_t* img, int h, int w, const uint8_t* ops, 
   if (img == nullptr || (n > 0 && (ops == nullptr || mags == nullptr)))
     return fl::fail("fl_randaugment_u8: null pointer");
   if (h < 1 || w < 1) return fl::fail("fl_randaugment_u8: image size %dx%d must be positive", h, w);
-  try {
+  return fl::guard("fl_randaugment_u8", [&] {
     std::vector<uint8_t> scratch((size_t)h * (size_t)w * 3);
     return fl::randaugment_apply(img, h, w, ops, mags, n, num_bins, scratch.data());
-  } catch (const std::bad_alloc&) {
-    return fl::fail("fl_randaugment_u8: out of memory for a %dx%d scratch", h, w);
-  }
+  });
 }

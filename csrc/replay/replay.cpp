@@ -387,14 +387,10 @@ int run_batch(long n, int threads, int64_t* bad_index, F fn) {
   long bad = -1;
   std::string msg;
   if (threads <= 0) threads = fl::default_threads();
-  fl::parallel_for(n, threads, 1, [&](long b, long e, int) {
+  const int prc = fl::parallel_for(n, threads, 1, [&](long b, long e, int) {
     for (long i = b; i < e; ++i) {
-      int rc;
-      try {
-        rc = fn(i);
-      } catch (const std::exception& ex) {
-        rc = fl::fail("%s", ex.what());
-      }
+      // A C++ exception (bad_alloc of a scratch buffer) is this sample's error.
+      const int rc = fl::guard("render", [&] { return fn(i); });
       if (rc) {
         std::lock_guard<std::mutex> lk(mu);
         if (bad < 0 || i < bad) {
@@ -404,6 +400,7 @@ int run_batch(long n, int threads, int64_t* bad_index, F fn) {
       }
     }
   });
+  if (prc) return prc;  // the pool failed (not a sample): message already set
   if (bad_index) *bad_index = bad;
   if (bad >= 0) return fl::fail("sample %ld: %s", bad, msg.c_str());
   return 0;
@@ -423,36 +420,90 @@ FL_EXPORT int fl_replay_have_randaugment() { return &fl::randaugment_apply != nu
 
 FL_EXPORT int fl_replay_record_size() { return (int)sizeof(fl::Aug); }
 
+// JPEG decode limits (csrc/replay/jpeg.cpp, check_limits): max_pixels, max_bytes (values
+// <= 0 keep the current one), max_pixels_per_byte (0 = off), free_pixels (values < 0 keep).
+FL_EXPORT int fl_replay_set_limits(int64_t max_pixels, int64_t max_bytes, int64_t max_pixels_per_byte,
+                                   int64_t free_pixels) {
+#ifdef FASTLOAD_HAVE_JPEG
+  fl::set_jpeg_limits(max_pixels, max_bytes, max_pixels_per_byte, free_pixels);
+#else
+  (void)max_pixels; (void)max_bytes; (void)max_pixels_per_byte; (void)free_pixels;
+#endif
+  return 0;
+}
+
+// v: cap >= 4 int64 (the four limits, in set order).
+FL_EXPORT int fl_replay_get_limits(int64_t* v, int64_t cap) {
+  if (v == nullptr || cap < 4) return fl::fail("fl_replay_get_limits: need 4 values");
+#ifdef FASTLOAD_HAVE_JPEG
+  fl::get_jpeg_limits(v);
+  return 0;
+#else
+  return fl::fail("built without libjpeg");
+#endif
+}
+
+// Test hook (fastload/replay/testing.py): libjpeg's encoder with its own options.
+FL_EXPORT int fl_jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive,
+                                  int arith, int subsample, uint8_t* out, int64_t cap, int64_t* out_len) {
+  return fl::guard("fl_jpeg_encode_test", [&]() -> int {
+#ifdef FASTLOAD_HAVE_JPEG
+    return fl::jpeg_encode_test(px, h, w, components, quality, progressive, arith, subsample, out, cap, out_len);
+#else
+    (void)px; (void)h; (void)w; (void)components; (void)quality; (void)progressive; (void)arith;
+    (void)subsample; (void)out; (void)cap; (void)out_len;
+    return fl::fail("built without libjpeg");
+#endif
+  });
+}
+
 // The resize weights of one axis, for tests against a NumPy reference. sizes[0..2] = K (row
 // stride of w), taps (every output's count after padding; 0: counts differ), KP (int16
-// pairs per output; 0: no int16 tables). Buffers may be null (size query); otherwise
-// w: out*K floats, start/count: out ints, wpair: out*KP, wvec: (out/8)*4*KP*8 int32.
+// pairs per output; 0: no int16 tables). Buffers may be null (size query); otherwise caps[k]
+// is the capacity in elements of w, start, count, wpair, wvec (k = 0..4): w needs out*K
+// floats, start/count out ints, wpair out*KP, wvec (out/8)*4*KP*8 int32. A buffer too small
+// for what this axis needs fails without writing.
 FL_EXPORT int fl_replay_axis_weights(int out, double x0, double len, int lo, int hi, int bicubic, int int16,
                                      int* sizes, float* w, int* start, int* count, int32_t* wpair,
-                                     int32_t* wvec) {
+                                     int32_t* wvec, const int64_t* caps) {
+  return fl::guard("fl_replay_axis_weights", [&]() -> int {
   if (out <= 0 || hi <= lo || len <= 0) return fl::fail("axis weights: bad axis out=%d lo=%d hi=%d", out, lo, hi);
+  if (sizes == nullptr) return fl::fail("axis weights: null sizes");
   fl::AxisWeights aw;
   fl::compute_axis_weights(out, x0, len, lo, hi, bicubic != 0, aw, int16 != 0);
   sizes[0] = aw.K;
   sizes[1] = aw.taps;
   sizes[2] = aw.wpair.empty() ? 0 : aw.KP;
+  const void* bufs[5] = {w, start, count, wpair, wvec};
+  const size_t need[5] = {aw.w.size(), (size_t)out, (size_t)out, aw.wpair.size(), aw.wvec.size()};
+  for (int k = 0; k < 5; ++k)
+    if (bufs[k] && (caps == nullptr || caps[k] < 0 || (size_t)caps[k] < need[k]))
+      return fl::fail("axis weights: buffer %d holds %lld elements, %zu needed", k,
+                      caps ? (long long)caps[k] : -1LL, need[k]);
   if (w) std::memcpy(w, aw.w.data(), sizeof(float) * aw.w.size());
   if (start) std::memcpy(start, aw.start.data(), sizeof(int) * (size_t)out);
   if (count) std::memcpy(count, aw.count.data(), sizeof(int) * (size_t)out);
   if (wpair && !aw.wpair.empty()) std::memcpy(wpair, aw.wpair.data(), sizeof(int32_t) * aw.wpair.size());
   if (wvec && !aw.wvec.empty()) std::memcpy(wvec, aw.wvec.data(), sizeof(int32_t) * aw.wvec.size());
   return 0;
+  });
 }
 
 // srcs/partners: n Source descriptors (partners may be null); augs: n records; out: n x 3 x
-// oh x ow of dtype (0 float32, 1 float16, 2 uint8 = no normalization); mean/std: 3 floats.
+// oh x ow of dtype (0 float32, 1 float16, 2 uint8 = no normalization), out_bytes its
+// capacity; mean/std: 3 floats.
 FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const Aug* augs, int64_t n, void* out,
-                              int dtype, int oh, int ow, const float* mean, const float* std, int bicubic,
-                              int dct, int num_bins, int threads, int64_t* bad_index) {
+                              int64_t out_bytes, int dtype, int oh, int ow, const float* mean, const float* std,
+                              int bicubic, int dct, int num_bins, int threads, int64_t* bad_index) {
+  return fl::guard("fl_replay_batch", [&]() -> int {
   if (bad_index) *bad_index = -1;
-  if (n < 0 || (n > 0 && (!srcs || !augs || !out))) return fl::fail("null argument");
+  if (n < 0 || (n > 0 && (!srcs || !augs || !out || !mean || !std))) return fl::fail("null argument");
   if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
   if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
+  const int64_t esz = dtype == kF32 ? 4 : (dtype == kF16 ? 2 : 1);
+  if ((double)n * 3 * oh * ow * esz > (double)out_bytes)
+    return fl::fail("output buffer of %lld bytes is too small for %lld x 3 x %d x %d", (long long)out_bytes,
+                    (long long)n, oh, ow);
   Job J{srcs, partners, augs, out, dtype, oh, ow, bicubic, dct, num_bins, {}, {}, {}};
   for (int c = 0; c < 3; ++c) {
     if (!(std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
@@ -461,19 +512,25 @@ FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const 
     J.mean255[c] = mean[c] * 255.f;
   }
   return run_batch((long)n, threads, bad_index, [&](long i) { return render_one(J, i); });
+  });
 }
 
 // fl_replay_batch with schema-v2 extension records ext[n] (packed AugExt, any alignment);
 // grid_h/grid_w: the box grid float translations were sampled on (0: the output size).
 FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
-                                  int64_t n, void* out, int dtype, int oh, int ow, const float* mean,
-                                  const float* std, int bicubic, int dct, int num_bins, int grid_h, int grid_w,
-                                  int threads, int64_t* bad_index) {
+                                  int64_t n, void* out, int64_t out_bytes, int dtype, int oh, int ow,
+                                  const float* mean, const float* std, int bicubic, int dct, int num_bins,
+                                  int grid_h, int grid_w, int threads, int64_t* bad_index) {
+  return fl::guard("fl_replay_batch_ext", [&]() -> int {
   if (bad_index) *bad_index = -1;
-  if (n < 0 || (n > 0 && (!srcs || !augs || !out || !ext))) return fl::fail("null argument");
+  if (n < 0 || (n > 0 && (!srcs || !augs || !out || !ext || !mean || !std))) return fl::fail("null argument");
   if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
   if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
   if (grid_h < 0 || grid_w < 0) return fl::fail("box grid must be non-negative, got %dx%d", grid_h, grid_w);
+  const int64_t esz = dtype == kF32 ? 4 : (dtype == kF16 ? 2 : 1);
+  if ((double)n * 3 * oh * ow * esz > (double)out_bytes)
+    return fl::fail("output buffer of %lld bytes is too small for %lld x 3 x %d x %d", (long long)out_bytes,
+                    (long long)n, oh, ow);
   Job J{srcs, partners, augs, out, dtype, oh, ow, bicubic, dct, num_bins, {}, {}, {}};
   J.ext = ext;
   J.grid_h = grid_h > 0 ? grid_h : oh;
@@ -485,39 +542,53 @@ FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, co
     J.mean255[c] = mean[c] * 255.f;
   }
   return run_batch((long)n, threads, bad_index, [&](long i) { return render_one(J, i); });
+  });
 }
 
-// Source height/width of each JPEG (header only) into hw[2*i], hw[2*i+1], at scale 1/denom.
-FL_EXPORT int fl_jpeg_dims_batch(const Source* srcs, int64_t n, int denom, int32_t* hw, int threads,
+// Source height/width of each JPEG (header only) into hw[2*i], hw[2*i+1] (hw_cap int32),
+// at scale 1/denom.
+FL_EXPORT int fl_jpeg_dims_batch(const Source* srcs, int64_t n, int denom, int32_t* hw, int64_t hw_cap, int threads,
                                  int64_t* bad_index) {
+  return fl::guard("fl_jpeg_dims_batch", [&]() -> int {
+  if (bad_index) *bad_index = -1;
   if (denom != 1 && denom != 2 && denom != 4 && denom != 8) return fl::fail("scale denominator must be 1, 2, 4 or 8");
+  if (n < 0 || (n > 0 && (!srcs || !hw))) return fl::fail("null argument");
+  if (hw_cap < 2 * n) return fl::fail("dims buffer of %lld values is too small for %lld images", (long long)hw_cap,
+                                      (long long)n);
 #ifdef FASTLOAD_HAVE_JPEG
   return run_batch((long)n, threads, bad_index, [&](long i) {
-    int h, w;
+    int h = 0, w = 0;
     int rc = fl::jpeg_scaled_dims(srcs[i].data, (size_t)srcs[i].len, denom, &h, &w);
     hw[2 * i] = h;
     hw[2 * i + 1] = w;
     return rc;
   });
 #else
-  (void)srcs; (void)n; (void)hw; (void)threads; (void)bad_index;
+  (void)threads;
   return fl::fail("built without libjpeg");
 #endif
+  });
 }
 
-// Full decode at scale 1/denom: into outs[i] (sized by fl_jpeg_dims_batch) or, when outs is
+// Full decode at scale 1/denom: into outs[i], a buffer of out_caps[i] bytes (sized from
+// fl_jpeg_dims_batch; an image that needs more fails without writing), or, when outs is
 // null, into per-thread scratch that is discarded (the benchmark's decode-only limit).
-FL_EXPORT int fl_decode_batch(const Source* srcs, int64_t n, int denom, uint8_t* const* outs, int threads,
-                              int64_t* bad_index) {
+FL_EXPORT int fl_decode_batch(const Source* srcs, int64_t n, int denom, uint8_t* const* outs,
+                              const int64_t* out_caps, int threads, int64_t* bad_index) {
+  return fl::guard("fl_decode_batch", [&]() -> int {
+  if (bad_index) *bad_index = -1;
   if (denom != 1 && denom != 2 && denom != 4 && denom != 8) return fl::fail("scale denominator must be 1, 2, 4 or 8");
+  if (n < 0 || (n > 0 && !srcs)) return fl::fail("null argument");
+  if (outs && !out_caps) return fl::fail("output buffers given without their capacities");
 #ifdef FASTLOAD_HAVE_JPEG
   return run_batch((long)n, threads, bad_index, [&](long i) {
     int h, w;
-    return fl::jpeg_decode_full(srcs[i].data, (size_t)srcs[i].len, denom, outs ? outs[i] : nullptr, tls().s, &h,
-                                &w);
+    return fl::jpeg_decode_full(srcs[i].data, (size_t)srcs[i].len, denom, outs ? outs[i] : nullptr,
+                                outs ? out_caps[i] : 0, tls().s, &h, &w);
   });
 #else
-  (void)srcs; (void)n; (void)outs; (void)threads; (void)bad_index;
+  (void)threads;
   return fl::fail("built without libjpeg");
 #endif
+  });
 }

@@ -130,6 +130,7 @@ struct Source {
 struct Scratch {
   std::vector<float> tmp;       // ring of horizontally resized rows
   std::vector<uint8_t> rows;    // decoded JPEG scanlines
+  std::vector<uint8_t> cmyk;    // CMYK scanlines before their conversion to RGB
   AxisWeights ax, ay;
   const DirectOut* direct = nullptr;  // see DirectOut; set by the caller per render
   // Output row window of the next render (win_y1 > win_y0: only rows [win_y0, win_y1) are
@@ -156,7 +157,13 @@ int jpeg_dims(const uint8_t* data, size_t len, int* h, int* w);
 int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
                 bool bicubic, int dct, Scratch& s, uint8_t* out);
 // Full decode at scale 1/denom into out (or scratch when out is null); dims returned.
-int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, Scratch& s, int* oh, int* ow);
+int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
+                     int* ow);
+// Decode limits (jpeg.cpp): a value < 0 (<= 0 for the first two) keeps the current one.
+void set_jpeg_limits(int64_t max_pixels, int64_t max_bytes, int64_t max_pixels_per_byte, int64_t free_pixels);
+void get_jpeg_limits(int64_t* v);  // v[4]: max_pixels, max_bytes, max_pixels_per_byte, free_pixels
+int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive, int arith,
+                     int subsample, uint8_t* out, int64_t cap, int64_t* out_len);
 int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* ow);
 
 }  // namespace fl

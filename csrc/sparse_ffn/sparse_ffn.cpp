@@ -354,7 +354,7 @@ int down(const void* act, long B, long d_ff, const void* wt, long d_model, const
   const long ntiles = (d_model + tile - 1) / tile;
   const float* pv = vals.data();
   const int32_t* pi = idx.data();
-  fl::parallel_for(ntiles, nthreads, 1, [&](long t0, long t1, int) {
+  return fl::parallel_for(ntiles, nthreads, 1, [&](long t0, long t1, int) {
     Scratch& s = scratch();
     if ((long)s.acc.size() < B * tile) s.acc.resize((size_t)(B * tile));
     for (long t = t0; t < t1; ++t) {
@@ -362,7 +362,6 @@ int down(const void* act, long B, long d_ff, const void* wt, long d_model, const
       down_tile<DT>(pv, pi, n, B, wt, d_model, c0, c1, bias, out, s.acc.data());
     }
   });
-  return 0;
 }
 
 }  // namespace
@@ -374,6 +373,7 @@ int down(const void* act, long B, long d_ff, const void* wt, long d_model, const
 FL_EXPORT int fl_sffn_down(const void* act, long B, long d_ff, const void* wt, long d_model,
                            int dtype, const void* bias, void* out, long max_active, int nthreads,
                            long* n_active) {
+  return fl::guard("fl_sffn_down", [&]() -> int {
   if (!act || !wt || !out || !n_active) return fl::fail("fl_sffn_down: null pointer");
   if (B < 0 || d_ff < 0 || d_model <= 0)
     return fl::fail("fl_sffn_down: bad shape B=%ld d_ff=%ld d_model=%ld", B, d_ff, d_model);
@@ -384,11 +384,13 @@ FL_EXPORT int fl_sffn_down(const void* act, long B, long d_ff, const void* wt, l
     case F16: return down<F16>(act, B, d_ff, wt, d_model, bias, out, max_active, nthreads, n_active);
     default: return fl::fail("fl_sffn_down: unknown dtype code %d", dtype);
   }
+  });
 }
 
 // Indices (ascending) of the neurons non-zero for some batch row; returns the count in *n.
 FL_EXPORT int fl_sffn_active(const void* act, long B, long d_ff, int dtype, int32_t* idx_out,
                              long* n) {
+  return fl::guard("fl_sffn_active", [&]() -> int {
   if (!act || !idx_out || !n) return fl::fail("fl_sffn_active: null pointer");
   std::vector<uint8_t> mask;
   std::vector<int32_t> idx;
@@ -402,4 +404,5 @@ FL_EXPORT int fl_sffn_active(const void* act, long B, long d_ff, int dtype, int3
   if (c > 0) std::memcpy(idx_out, idx.data(), sizeof(int32_t) * (size_t)c);
   *n = c;
   return 0;
+  });
 }

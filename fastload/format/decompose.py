@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._native import check, load, ptr
+from .._native import load, ptr
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "fastload-decomposition"
@@ -117,7 +117,8 @@ def _lib():
     if not getattr(lib, "_fl_typed", False):
         i64, u64, vp, i32 = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int
         lib.fl_dd_count.argtypes = [vp, vp, i64, i32, i32, i32, u64, u64, i64, i64, vp, vp, i32]
-        lib.fl_dd_copy.argtypes = [vp, vp, i64, i32, i32, i32, u64, u64, ctypes.c_int32, i64, vp, vp, i32]
+        lib.fl_dd_copy.argtypes = [vp, i64, vp, i64, i32, i32, i32, u64, u64, ctypes.c_int32, i64, i64, vp, vp, i64,
+                                   vp, vp, i32]
         lib.fl_dd_gather.argtypes = [vp, i64, i64, vp, vp, i32, i32]
         lib.fl_dd_memcpy.argtypes = [vp, vp, i64, i32]
         lib.fl_dd_permute.argtypes = [i64, u64, i64, i64, vp]
@@ -425,10 +426,15 @@ def _decompose_sources(sources: List, file_indices: List[int], out_dir: str, p: 
         if counts.shape[0]:
             row_start[1:] = np.cumsum(counts, axis=0)[:-1]
         row_start += base
-        st = lib.fl_dd_copy(ptr(tokens), ptr(offsets), offsets.size - 1, min_k, max_k, int(p["randomize"]),
-                            p["seed"] & _M64, fi, eot, _BLOCK, ptr(row_start), ctypes.cast(ptrs, ctypes.c_void_p),
+        # The copy is checked against pass 1's counts and the buckets' capacities: a file
+        # that changed in between is an error naming it, never a write past the buckets.
+        st = lib.fl_dd_copy(ptr(tokens), tokens.size, ptr(offsets), offsets.size - 1, min_k, max_k,
+                            int(p["randomize"]), p["seed"] & _M64, fi, eot, vocab or 0, _BLOCK, ptr(counts),
+                            ptr(row_start), counts.shape[0], ctypes.cast(ptrs, ctypes.c_void_p), ptr(totals),
                             nthreads)
-        check(lib, st, "decompose copy")
+        if st != 0:
+            what = src if isinstance(src, str) else "input"
+            raise ValueError(f"{what}: {lib.fl_last_error().decode('utf-8', 'replace')}")
         base += counts.sum(axis=0)
         cached[j] = None
         bar.update()

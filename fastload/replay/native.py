@@ -34,22 +34,92 @@ def _lib():
     lib = _native.load("replay")
     if not getattr(lib, "_fl_typed", False):
         vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.fl_replay_batch.argtypes = [vp, vp, vp, i64, vp, i32, i32, i32, vp, vp, i32, i32, i32, i32, vp]
+        lib.fl_replay_batch.argtypes = [vp, vp, vp, i64, vp, i64, i32, i32, i32, vp, vp, i32, i32, i32, i32, vp]
         lib.fl_replay_batch.restype = i32
         if hasattr(lib, "fl_replay_batch_ext"):  # schema-v2 extension records
-            lib.fl_replay_batch_ext.argtypes = [vp, vp, vp, vp, i64, vp, i32, i32, i32, vp, vp, i32, i32, i32,
-                                                i32, i32, i32, vp]
+            lib.fl_replay_batch_ext.argtypes = [vp, vp, vp, vp, i64, vp, i64, i32, i32, i32, vp, vp, i32, i32,
+                                                i32, i32, i32, i32, vp]
             lib.fl_replay_batch_ext.restype = i32
-        lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, i32, vp]
+        lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, vp, i32, vp]
         lib.fl_decode_batch.restype = i32
-        lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i32, vp]
+        lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i64, i32, vp]
         lib.fl_jpeg_dims_batch.restype = i32
+        lib.fl_replay_set_limits.argtypes = [i64, i64, i64, i64]
+        lib.fl_replay_set_limits.restype = i32
+        lib.fl_replay_get_limits.argtypes = [vp, i64]
+        lib.fl_replay_get_limits.restype = i32
+        lib.fl_jpeg_encode_test.argtypes = [vp, i32, i32, i32, i32, i32, i32, i32, vp, i64, vp]
+        lib.fl_jpeg_encode_test.restype = i32
         lib.fl_replay_have_jpeg.restype = i32
         lib.fl_replay_have_randaugment.restype = i32
         if lib.fl_replay_record_size() != P.AUG_DTYPE.itemsize:
             raise ImportError("fastload._replay was built against another augmentation record layout")
+        _limits_from_env(lib)
         lib._fl_typed = True
     return lib
+
+
+# JPEG decode limits: environment variable -> set_decode_limits argument.
+_LIMIT_ENV = {"FASTLOAD_MAX_DECODE_PIXELS": "max_pixels", "FASTLOAD_MAX_DECODE_BYTES": "max_bytes",
+              "FASTLOAD_MAX_PIXELS_PER_BYTE": "max_pixels_per_byte"}
+
+
+def _limits_from_env(lib):
+    import os
+
+    args = {}
+    for var, name in _LIMIT_ENV.items():
+        v = os.environ.get(var)
+        if v is None or v == "":
+            continue
+        try:
+            args[name] = int(v)
+        except ValueError:
+            raise ValueError(f"{var} must be an integer, got {v!r}") from None
+        if args[name] < (0 if name == "max_pixels_per_byte" else 1):
+            raise ValueError(f"{var} must be {'>= 0' if name == 'max_pixels_per_byte' else '>= 1'}, got {v!r}")
+    if args:
+        lib.fl_replay_set_limits(args.get("max_pixels", 0), args.get("max_bytes", 0),
+                                 args.get("max_pixels_per_byte", -1), -1)
+
+
+def decode_limits() -> dict:
+    """The JPEG decode limits in force (see ``set_decode_limits``)."""
+    v = np.zeros(4, np.int64)
+    _native.check(_lib(), _lib().fl_replay_get_limits(v.ctypes.data, 4), "decode_limits")
+    return {"max_pixels": int(v[0]), "max_bytes": int(v[1]), "max_pixels_per_byte": int(v[2]),
+            "free_pixels": int(v[3])}
+
+
+def set_decode_limits(max_pixels: Optional[int] = None, max_bytes: Optional[int] = None,
+                      max_pixels_per_byte: Optional[int] = None, free_pixels: Optional[int] = None) -> dict:
+    """Bound the work and memory of one JPEG decode (process-wide); returns the old limits.
+
+    A header is cheap to forge: a few KB of arithmetic-coded or progressive data can declare
+    16384 x 16384 pixels, which the decoder then walks for seconds or buffers (~0.7 GB). Every
+    native decode (render_batch, decode_batch) checks, before any pixel work:
+
+    - ``max_pixels`` (default 2**26 = 8192 x 8192; env ``FASTLOAD_MAX_DECODE_PIXELS``):
+      declared width x height;
+    - ``max_pixels_per_byte`` (default 4096; env ``FASTLOAD_MAX_PIXELS_PER_BYTE``, 0 = off):
+      for images above ``free_pixels`` (default 2**22), declared pixels per byte of JPEG data.
+      Real images carry far more data (a flat colour in baseline Huffman coding needs a byte
+      per ~170 pixels), so only forged or truncated headers trip it;
+    - ``max_bytes`` (default 384 MiB; env ``FASTLOAD_MAX_DECODE_BYTES``): memory libjpeg may
+      hold for the coefficient buffers of a progressive or multi-scan image.
+
+    An image over a limit is a bad sample: ``render_batch`` raises ``ValueError`` naming it,
+    and the loaders apply their ``on_error`` rule (raise or skip and count) to it.
+    """
+    old = decode_limits()
+    for name, v, lo in (("max_pixels", max_pixels, 1), ("max_bytes", max_bytes, 1),
+                        ("max_pixels_per_byte", max_pixels_per_byte, 0), ("free_pixels", free_pixels, 0)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v < lo):
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    _lib().fl_replay_set_limits(int(max_pixels or 0), int(max_bytes or 0),
+                                -1 if max_pixels_per_byte is None else int(max_pixels_per_byte),
+                                -1 if free_pixels is None else int(free_pixels))
+    return old
 
 
 def have_jpeg() -> bool:
@@ -246,15 +316,16 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     bad = ctypes.c_int64(-1)
     # the semantics ride in num_bins' bit 8 (kRASemanticsV2, csrc/replay/randaugment.h)
     bins = int(ra_num_bins) | (_RA_V2 if ra_semantics == "v2" else 0)
+    cap = out.numel() * out.element_size()
     if ext is not None:
         status = lib.fl_replay_batch_ext(
             desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data,
-            ext.ctypes.data, n, out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
-            _INTERP[interpolation], dct, bins, gh, gw, int(threads or 0), ctypes.byref(bad))
+            ext.ctypes.data, n, out.data_ptr(), cap, _DTYPES[out.dtype], h, w, mean_a.ctypes.data,
+            std_a.ctypes.data, _INTERP[interpolation], dct, bins, gh, gw, int(threads or 0), ctypes.byref(bad))
     else:
         status = lib.fl_replay_batch(
             desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
-            out.data_ptr(), _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
+            out.data_ptr(), cap, _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
             _INTERP[interpolation], dct, bins, int(threads or 0), ctypes.byref(bad))
     if status != 0:
         msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
@@ -267,11 +338,13 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
 
 
 def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = None,
-                 keep: bool = True) -> Optional[list]:
+                 keep: bool = True, sample_ids: Optional[Sequence] = None) -> Optional[list]:
     """Decode JPEGs at DCT scale 1/``scale`` (1, 2, 4, 8) on the native thread pool.
 
     Returns a list of uint8 HWC arrays, or ``None`` when ``keep=False`` (decode into
-    per-thread scratch and discard: the benchmark's decode-only limit).
+    per-thread scratch and discard: the benchmark's decode-only limit). A bad JPEG (corrupt,
+    or over the limits of ``set_decode_limits``) raises ``ValueError`` naming
+    ``sample_ids[i]`` (or the position i).
 
     Example:
         >>> import io, numpy as np
@@ -299,17 +372,41 @@ def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = Non
     bad = ctypes.c_int64(-1)
     nt = int(threads or 0)
     if not keep:
-        st = lib.fl_decode_batch(desc.ctypes.data, n, scale, None, nt, ctypes.byref(bad))
-        if st != 0:
-            raise ValueError(f"decode_batch: {lib.fl_last_error().decode('utf-8', 'replace')}")
+        st = lib.fl_decode_batch(desc.ctypes.data, n, scale, None, None, nt, ctypes.byref(bad))
+        _decode_error(lib, st, bad.value, sample_ids)
         return None
     hw = np.zeros((n, 2), np.int32)
-    st = lib.fl_jpeg_dims_batch(desc.ctypes.data, n, scale, hw.ctypes.data, nt, ctypes.byref(bad))
-    if st != 0:
-        raise ValueError(f"decode_batch: {lib.fl_last_error().decode('utf-8', 'replace')}")
+    st = lib.fl_jpeg_dims_batch(desc.ctypes.data, n, scale, hw.ctypes.data, hw.size, nt, ctypes.byref(bad))
+    _decode_error(lib, st, bad.value, sample_ids)
     arrs = [np.empty((int(a), int(b), 3), np.uint8) for a, b in hw]
     ptrs = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs])
-    st = lib.fl_decode_batch(desc.ctypes.data, n, scale, ptrs, nt, ctypes.byref(bad))
-    if st != 0:
-        raise ValueError(f"decode_batch: {lib.fl_last_error().decode('utf-8', 'replace')}")
+    caps = np.array([a.nbytes for a in arrs], np.int64)
+    st = lib.fl_decode_batch(desc.ctypes.data, n, scale, ptrs, caps.ctypes.data, nt, ctypes.byref(bad))
+    _decode_error(lib, st, bad.value, sample_ids)
     return arrs
+
+
+def _decode_error(lib, status, i, sample_ids):
+    if status == 0:
+        return
+    msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
+    if i >= 0:
+        name = sample_ids[i] if sample_ids is not None else i
+        raise ValueError(f"decode_batch: sample {name} (position {i}): {msg.split(': ', 1)[-1]}")
+    raise ValueError(f"decode_batch: {msg}")
+
+
+def _encode_jpeg(pixels: np.ndarray, quality: int = 90, progressive: bool = False, arithmetic: bool = False,
+                 subsample: bool = True) -> bytes:
+    """Encode with the library's libjpeg (tests and fuzzing: Pillow cannot write arithmetic
+    coding). ``pixels``: uint8 HxW (grayscale), HxWx3 (RGB) or HxWx4 (CMYK)."""
+    a = np.ascontiguousarray(pixels, dtype=np.uint8)
+    comps = 1 if a.ndim == 2 else a.shape[2]
+    cap = a.size * 2 + 65536
+    out = np.empty(cap, np.uint8)
+    n = ctypes.c_int64(0)
+    lib = _lib()
+    _native.check(lib, lib.fl_jpeg_encode_test(a.ctypes.data, a.shape[0], a.shape[1], comps, int(quality),
+                                                int(progressive), int(arithmetic), int(subsample),
+                                                out.ctypes.data, cap, ctypes.byref(n)), "encode")
+    return out[:n.value].tobytes()
