@@ -29,7 +29,7 @@ def records(rng, n, hw, all_hw):
 
 
 def make_dataset(root: str, rows=(3, 2), n: int = 4, k: int = 3, classes: int = 10, seed: int = 0,
-                 image_bytes: int = 8) -> str:
+                 image_bytes: int = 8, label_classes: int = 0) -> str:
     """A complete classification dataset (tiny fake images: the reader never decodes them)."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
@@ -50,7 +50,7 @@ def make_dataset(root: str, rows=(3, 2), n: int = 4, k: int = 3, classes: int = 
             cols["orig_w"].append(w)
             cols["src_h"].append(h)
             cols["src_w"].append(w)
-            cols["label"].append(int(rng.integers(0, classes)))
+            cols["label"].append(int(rng.integers(0, label_classes or classes)))
             cols["image"].append(rng.bytes(image_bytes))
             cols["augs"].append(encode_augs(records(rng, n, (h, w), all_hw), (h, w), (32, 32), all_hw))
             cols["targets"].append(encode_targets(ids, probs))
