@@ -111,10 +111,13 @@ def mutate_manifest(rng, m: dict) -> dict:
     """One random corruption of a manifest dict: deleted field, wrong type, huge number."""
     m = json.loads(json.dumps(m))
     targets = [(m, key) for key in m]
-    for s in m["shards"]:
-        targets += [(s, key) for key in s]
-    for key in m.get("replay", {}):
+    for s in m.get("shards") if isinstance(m.get("shards"), list) else []:
+        if isinstance(s, dict):
+            targets += [(s, key) for key in s]
+    for key in m["replay"] if isinstance(m.get("replay"), dict) else []:
         targets.append((m["replay"], key))
+    if not targets:
+        return {"format": m.get("format")}
     d, key = targets[int(rng.integers(0, len(targets)))]
     op = rng.integers(0, 3)
     if op == 0:
