@@ -129,7 +129,7 @@ def mutate_manifest(rng, m: dict) -> dict:
         if isinstance(v, bool):
             d[key] = not v
         elif isinstance(v, int):
-            d[key] = int(v + rng.choice([-1, 1, 2**40, -(2**40), 7]))
+            d[key] = v + [-1, 1, 2**40, -(2**40), 7][int(rng.integers(0, 5))]
         elif isinstance(v, str) and v:
             d[key] = v[:-1]
         elif isinstance(v, list) and v:

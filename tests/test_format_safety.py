@@ -349,3 +349,20 @@ def test_decompose_text_overwrite_keeps_its_input(tmp_path):
     for _ in range(2):
         decompose(str(out / "in.npz"), str(out), 4, 7, vocab_size=257, eot_id=256, progress=False, overwrite=True)
     assert (out / "in.npz").exists() and sorted(os.listdir(texts)) == [f"{i}.txt" for i in range(5)]
+
+
+def test_stored_pixel_outside_its_image_is_an_error_not_a_wrapped_value():
+    """Found by the blob fuzzer: a pixel-mode box beyond its grid wrapped around in uint16
+    (vectorized decoders) or raised OverflowError (single record)."""
+    rng = np.random.default_rng(5)
+    from _corpus import records
+
+    a = records(rng, 8, (100, 100), np.array([[100, 100]]))
+    blob = S.encode_augs(a, (100, 100), (32, 32), np.array([[100, 100]]))
+    with pytest.raises(CorruptDataError, match="crop pixel outside"):
+        S.decode_augs(blob, (10, 10), (32, 32), np.array([[100, 100]]))
+    with pytest.raises(CorruptDataError, match="pixel outside"):
+        for j in range(8):
+            S.decode_aug_at(blob, j, (10, 10), (32, 32), np.array([[100, 100]]))
+    with pytest.raises(CorruptDataError, match="pixel outside"):
+        S.decode_augs_batch([blob] * 8, np.arange(8), np.full((8, 2), 10), (32, 32), np.array([[100, 100]]), 8)

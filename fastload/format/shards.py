@@ -308,7 +308,10 @@ def _unpixel(out: np.ndarray, mode: int, hw, render_hw, all_hw) -> np.ndarray:
             dims = _box_dims(name, out, hw, render_hw, all_hw)
             if dims is None or (dims < 1).any():
                 raise _corrupt("augs", "partner outside the dataset or of zero size")
-            out[name] = _rq(out[name].astype(np.int64), dims).astype(np.uint16)
+            v = out[name].astype(np.int64)
+            if (v > dims).any():  # a stored pixel beyond its grid (would wrap around in uint16)
+                raise _corrupt("augs", f"{name} pixel outside its image")
+            out[name] = _rq(v, dims).astype(np.uint16)
     return out
 
 
@@ -365,6 +368,8 @@ def decode_aug_at(blob, j: int, hw: Tuple[int, int], render_hw: Tuple[int, int],
             else:
                 h = w = Q
             v = [int(x) for x in r[name]]
+            if max(v[0], v[2]) > h or max(v[1], v[3]) > w:
+                raise _corrupt("augs", f"{name} pixel outside its image")
             r[name] = [(v[0] * Q + h // 2) // h, (v[1] * Q + w // 2) // w,
                        (v[2] * Q + h // 2) // h, (v[3] * Q + w // 2) // w]
     return out
@@ -556,6 +561,11 @@ def decode_augs_batch(blobs, js, hws: np.ndarray, render_hw: Tuple[int, int], al
                     raise _corrupt("augs", "partner of zero size")
                 d[has] = np.concatenate([phw, phw], 1)
         v = out[name].astype(np.int64)
+        over = sel & (v > d).any(1)
+        if over.any():
+            e = _corrupt("augs", f"{name} pixel outside its image")
+            e.batch_index = int(np.flatnonzero(over)[0])
+            raise e
         out[name] = np.where(sel[:, None], _rq(v, d), v).astype(np.uint16)
     return out
 
