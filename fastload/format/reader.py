@@ -153,10 +153,10 @@ class ReinforcedDataset:
         # shard position -> (size, mtime_ns, inode) when its sha256 matched
         self._verified: Dict[int, Tuple[int, int, int]] = {}
         self._vlock = threading.Lock()
+        self._shard_locks: Dict[int, threading.Lock] = {}
         self._load_columns()
         if self.verify_mode == "open":
-            for pos in range(len(self._shards_meta)):
-                self._check(pos)
+            self._check_many(range(len(self._shards_meta)))
 
     # -- metadata ------------------------------------------------------------------------
     def _load_columns(self) -> None:
@@ -239,16 +239,33 @@ class ReinforcedDataset:
         return sh
 
     def _check(self, pos: int) -> None:
-        """sha256 of shard ``pos`` against the manifest, once per mapping (thread-safe)."""
+        """sha256 of shard ``pos`` against the manifest, once per mapping (thread-safe: one
+        lock per shard, so threads hash different shards at the same time)."""
         sh = self._shard(pos)
         if self._verified.get(pos) == sh.stat:
             return
         with self._vlock:
+            lock = self._shard_locks.setdefault(pos, threading.Lock())
+        with lock:
             if self._verified.get(pos) == sh.stat:
                 return
             if sh.sha256() != self._shards_meta[pos]["sha256"]:
                 raise CorruptDataError(sh.path, "sha256 does not match the manifest (the shard is corrupt)")
             self._verified[pos] = sh.stat
+
+    def _check_many(self, positions) -> None:
+        """Hash the not yet verified shards among ``positions`` on all cores (hashlib
+        releases the GIL): a shuffled first batch touches many shards at once."""
+        todo = [int(p) for p in positions if self._verified.get(int(p)) != self._shard(int(p)).stat]
+        if len(todo) <= 1:
+            for p in todo:
+                self._check(p)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as ex:
+            for f in [ex.submit(self._check, p) for p in todo]:
+                f.result()  # the first corrupt shard's error
 
     def _checked(self, pos: int) -> _Shard:
         """The shard, its sha256 verified first unless ``verify="off"``: every path that
@@ -285,12 +302,13 @@ class ReinforcedDataset:
         st = dict(self.__dict__)
         st["_open"] = {}  # memory maps are reopened lazily in the worker
         st["_verified"] = dict(self._verified)
-        del st["_vlock"]
+        del st["_vlock"], st["_shard_locks"]
         return st
 
     def __setstate__(self, st):
         self.__dict__.update(st)
         self._vlock = threading.Lock()
+        self._shard_locks = {}
 
     def verify(self) -> List[str]:
         """Names of shards whose sha256 or size does not match the manifest (reads every
@@ -380,7 +398,10 @@ class ReinforcedDataset:
         cols = ("image", "augs", "targets") if cls else ("image", "augs")
         out: List[List[Optional[memoryview]]] = [[None] * B for _ in cols]
         touched = 0
-        for p in np.unique(pos).tolist():
+        upos = np.unique(pos).tolist()
+        if self.verify_mode != "off":
+            self._check_many(upos)
+        for p in upos:
             sel = np.flatnonzero(pos == p)
             r = local[sel]
             sh = self._checked(p)
