@@ -366,3 +366,26 @@ def test_stored_pixel_outside_its_image_is_an_error_not_a_wrapped_value():
             S.decode_aug_at(blob, j, (10, 10), (32, 32), np.array([[100, 100]]))
     with pytest.raises(CorruptDataError, match="pixel outside"):
         S.decode_augs_batch([blob] * 8, np.arange(8), np.full((8, 2), 10), (32, 32), np.array([[100, 100]]), 8)
+
+
+def test_loader_never_serves_a_sample_of_a_changed_shard(tmp_path):
+    """End to end: a flipped bit inside a stored JPEG (a valid image either way, often)
+    stops ReinforcedLoader with the error naming the shard, with on_error="skip" too: a
+    corrupt file is not a bad image to skip."""
+    import fastload
+    from fastload.bench.reinforce import make_images, make_teacher
+    from fastload.sample.policy import AugmentPolicy
+
+    imgs = str(tmp_path / "imgs")
+    make_images(imgs, 6)
+    out = str(tmp_path / "out")
+    fastload.reinforce(imgs, out=out, teacher=make_teacher(5), num_augmentations=2, topk=2, image_size=32,
+                       batch_size=8, shard_size=3, progress=False, policy=AugmentPolicy(size=(32, 32)))
+    shard = os.path.join(out, "shard-00001.arrow")
+    flip_bit(shard, os.path.getsize(shard) // 2, 2)
+    for on_error in ("raise", "skip"):
+        loader = fastload.ReinforcedLoader(fastload.ReinforcedDataset(out), batch_size=2, image_size=32,
+                                           on_error=on_error, shuffle=False)
+        with pytest.raises(CorruptDataError, match="shard-00001.arrow"):
+            for _ in loader:
+                pass
