@@ -201,6 +201,14 @@ def validate(m: Dict[str, Any], where: str = MANIFEST, strict: bool = False) -> 
             g = r.get(key)
             if not (isinstance(g, list) and len(g) == 2 and all(_is_int(x) and 1 <= x <= 1 << 16 for x in g)):
                 bad(f"replay.{key} must be [height, width] of positive integers, got {str(g)[:40]}")
+    if "interpolation" in r and not isinstance(r["interpolation"], str):
+        bad("replay.interpolation must be a string")
+    for key in ("mean", "std"):
+        if key in r and not (isinstance(r[key], list) and len(r[key]) == 3
+                             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in r[key])):
+            bad(f"replay.{key} must be three numbers")
+    if "std" in r and any(x == 0 for x in r["std"]):
+        bad("replay.std must not hold a zero")
     start = 0
     for s in sorted(m["shards"], key=lambda s: s["index"]):
         if s["first_row"] != start:

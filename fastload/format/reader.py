@@ -155,6 +155,7 @@ class ReinforcedDataset:
         self._vlock = threading.Lock()
         self._shard_locks: Dict[int, threading.Lock] = {}
         self._load_columns()
+        self.policy  # a manifest whose policy cannot be read is corrupt: say so at open
         if self.verify_mode == "open":
             self._check_many(range(len(self._shards_meta)))
 
