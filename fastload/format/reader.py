@@ -16,8 +16,7 @@ from fastload.format.shards import (decode_array, decode_augs, decode_augs_batch
 from fastload.sample.params import AUG_DTYPE
 
 
-# Columns read at open (validated in full) and the types every shard must have.
-_SMALL = ("id", "key", "hash", "orig_h", "orig_w", "src_h", "src_w", "label")
+# columns that may hold nulls (an image-text row without captions)
 _NULLABLE = ("captions", "syn_captions")
 
 
