@@ -49,11 +49,13 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._native import load, ptr
+from .._native import check, load, ptr
+from .manifest import CorruptDataError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "fastload-decomposition"
@@ -488,17 +490,92 @@ def _write_json(path: str, doc: dict) -> None:
 
 
 def load_manifest(path: str) -> dict:
-    """Read and validate ``<path>/manifest.json`` of a decomposed dataset."""
+    """Read and validate ``<path>/manifest.json`` of a decomposed dataset: every field a
+    loader reads is checked for type and range, so a corrupt manifest is a
+    :class:`CorruptDataError` naming it, never a KeyError/TypeError later."""
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isfile(mpath):
         raise ValueError(f"{path}: not a decomposed dataset (no manifest.json; run fastload.decompose first)")
-    with open(mpath) as f:
-        m = json.load(f)
-    if m.get("format") != FORMAT_NAME:
-        raise ValueError(f"{mpath}: not a {FORMAT_NAME} manifest")
+    try:
+        with open(mpath, "rb") as f:
+            m = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise CorruptDataError(mpath, f"cannot read ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptDataError(mpath, f"not valid JSON ({type(e).__name__})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise CorruptDataError(mpath, f"not a {FORMAT_NAME} manifest")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{mpath}: schema version {m.get('schema_version')} (this fastload reads {SCHEMA_VERSION})")
+    _validate_manifest(m, mpath)
     return m
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_manifest(m: dict, mpath: str) -> None:
+    def bad(detail):
+        raise CorruptDataError(mpath, detail)
+
+    for key in ("min_bucket", "max_bucket"):
+        if not _is_int(m.get(key)) or not 0 <= m[key] <= 30:
+            bad(f"{key} must be an integer in [0, 30]")
+    if m["min_bucket"] > m["max_bucket"]:
+        bad("min_bucket > max_bucket")
+    for key in ("vocab_size", "eot_id"):
+        if m.get(key) is not None and (not _is_int(m[key]) or not 0 <= m[key] < 2**31):
+            bad(f"{key} must be a non-negative integer")
+    b = m.get("buckets")
+    if not isinstance(b, dict):
+        bad("buckets must be an object")
+    for key, e in b.items():
+        if not key.isdigit() or not m["min_bucket"] <= int(key) <= m["max_bucket"]:
+            bad(f"bucket {key[:20]!r} outside [{m['min_bucket']}, {m['max_bucket']}]")
+        if not isinstance(e, dict) or not _is_int(e.get("rows")) or e["rows"] < 0 or not isinstance(e.get("files"), list):
+            bad(f"bucket {key}: needs integer rows >= 0 and a files list")
+        total = 0
+        for f in e["files"]:
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not _is_int(f.get("rows")) or f["rows"] < 0:
+                bad(f"bucket {key}: a file entry needs a path and integer rows >= 0")
+            p = os.path.normpath(f["path"])
+            if os.path.isabs(p) or p.split(os.sep)[0] == ".." or not p.endswith(".npy"):
+                bad(f"bucket {key}: file {f['path'][:80]!r} must be a .npy path inside the dataset")
+            total += f["rows"]
+        if total != e["rows"]:
+            bad(f"bucket {key}: files hold {total} rows, the bucket says {e['rows']}")
+
+
+def open_bucket(path: str, k: int, rows: int) -> np.ndarray:
+    """Map one bucket file read-only-on-disk (copy-on-write) after checking its header: int32,
+    C order, [rows, 2^k + 1] and a file size that holds exactly that (no pickles ever)."""
+    shape = (rows, (1 << k) + 1)
+    if not rows:
+        return np.zeros((0, shape[1]), np.int32)
+    try:
+        # "c" (copy-on-write) gives a writable view without ever writing the file, so
+        # torch.from_numpy shares it without a warning.
+        a = np.load(path, mmap_mode="c", allow_pickle=False)
+    except Exception as e:  # the .npy header is parsed from untrusted bytes: any failure is corruption
+        raise CorruptDataError(path, f"cannot map bucket file ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.shape != shape or not a.flags.c_contiguous:
+        raise CorruptDataError(path, f"expected int32 C-order {list(shape)}, got {getattr(a, 'dtype', '?')} "
+                                     f"{getattr(a, 'shape', '?')}")
+    if a.offset + a.nbytes != os.path.getsize(path):
+        raise CorruptDataError(path, f"{os.path.getsize(path)} bytes, the header announces {a.offset + a.nbytes}")
+    return a
+
+
+def _clear_output(out: str) -> None:
+    """Remove only what a decomposition writes (manifest first, then buckets and shards):
+    anything else in ``out`` (inputs included) is kept."""
+    mpath = os.path.join(out, "manifest.json")
+    if os.path.exists(mpath):
+        os.remove(mpath)
+    for f in glob.glob(os.path.join(out, "bucket_[0-9][0-9].npy")):
+        os.remove(f)
+    shutil.rmtree(os.path.join(out, "shards"), ignore_errors=True)
 
 
 def decompose(src, out: str, min_bucket: int = 8, max_bucket: int = 13, randomize: bool = True, seed: int = 0,
@@ -538,7 +615,12 @@ def decompose(src, out: str, min_bucket: int = 8, max_bucket: int = 13, randomiz
     if os.path.exists(mpath) and engine == "local":
         if not overwrite:
             raise ValueError(f"{out}: already holds a decomposed dataset (pass overwrite=True)")
-        shutil.rmtree(out)
+        mine = {os.path.abspath(p) for p in glob.glob(os.path.join(out, "bucket_[0-9][0-9].npy"))}
+        shards = os.path.abspath(os.path.join(out, "shards")) + os.sep
+        for s in sources:
+            if isinstance(s, str) and (os.path.abspath(s) in mine or os.path.abspath(s).startswith(shards)):
+                raise ValueError(f"{s}: this input is part of the output being overwritten in {out}")
+        _clear_output(out)
     if engine == "local":
         summary = _decompose_sources(sources, list(range(len(sources))), out, p, progress)
         m = _manifest(p, [("", summary)], "local")
@@ -657,10 +739,13 @@ def main(argv=None) -> int:
         a.out = a.out_positional
     if a.out is None:
         ap.error("the output folder is required: fastload decompose INPUT --out DIR")
-    src = a.input
+    src, tmp = a.input, None
     try:
         if a.text:
-            src = os.path.join(a.out, "_tokens")
+            # tokens go to a fresh folder removed afterwards: never one the output owns (an
+            # overwrite used to delete them before they were read), never stale files
+            os.makedirs(a.out, exist_ok=True)
+            tmp = src = tempfile.mkdtemp(prefix="_tokens-", dir=a.out)
             tokenize_folder(a.input, src, pattern=a.text)
         m = decompose(src, a.out, a.min_bucket, a.max_bucket, not a.no_randomize, a.seed, a.vocab_size,
                       a.eot_id, a.column, a.engine, a.threads, a.overwrite, fsync=a.fsync)
@@ -668,5 +753,8 @@ def main(argv=None) -> int:
         from fastload.cli import flag_error
 
         return flag_error("fastload decompose", e, ap)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(_summary_text(m))
     return 0

@@ -23,12 +23,18 @@ def _target_entropy(ids: np.ndarray, probs: np.ndarray, num_classes: int) -> np.
     return h
 
 
-def summarize(path: str, max_rows_for_entropy: int = 2000) -> Dict[str, Any]:
-    """Counts, measured bytes per augmentation, classes, target entropy and checksum status."""
-    import pyarrow as pa
+def summarize(path: str, max_rows_for_entropy: int = 2000, progress: bool = False) -> Dict[str, Any]:
+    """Counts, measured bytes per augmentation, classes, target entropy and checksum status.
+
+    Checks what a loader would meet: every shard's size and sha256, the manifest's fields,
+    each shard's structure, and every row's stored records and targets decoded (class ids
+    inside ``num_classes``). A corrupt file raises :class:`CorruptDataError`; a dataset a
+    loader cannot serve (incomplete, no rows) is listed in ``errors``.
+    """
+    from fastload.format.reader import ReinforcedDataset
 
     m = mf.read_manifest(path)
-    shards = sorted(m["shards"], key=lambda s: s["index"])
+    shards = sorted(m["shards"], key=lambda s: s.get("index", 0))
     bad = []
     for s in shards:
         p = os.path.join(path, s["file"])
@@ -38,30 +44,37 @@ def summarize(path: str, max_rows_for_entropy: int = 2000) -> Dict[str, Any]:
             bad.append({"file": s["file"], "problem": f"size {os.path.getsize(p)} != {s['bytes']}"})
         elif mf.sha256_file(p) != s["sha256"]:
             bad.append({"file": s["file"], "problem": "sha256 mismatch"})
+    teachers = m.get("teachers", [])
     out: Dict[str, Any] = {"path": path, "schema_version": m["schema_version"], "kind": m["kind"],
                            "complete": bool(m.get("complete")), "rows": m.get("num_rows"),
                            "num_augmentations": m["num_augmentations"], "topk": m.get("topk"),
                            "num_classes": m.get("num_classes"), "shards": len(shards),
                            "skipped": len(m.get("skipped", [])), "bad_shards": bad,
-                           "teachers": [t.get("name") for t in m.get("teachers", [])]}
+                           "teachers": [t.get("name") if isinstance(t, dict) else str(t) for t in teachers],
+                           "errors": []}
     if bad:
         return out
+    if not out["complete"]:
+        out["errors"].append(f"incomplete ({len(shards)}/{m.get('num_shards')} shards written): "
+                             "a loader refuses it; rerun the same `reinforce` call to resume it")
+        return out
+    ds = ReinforcedDataset(path, verify="off")  # hashed above; opening validates the rest
+    if len(ds) == 0:
+        out["errors"].append("no rows: a loader has nothing to serve")
     n_aug_total = 0
     aug_b = ext_b = tgt_b = emb_b = img_b = file_b = 0
-    for s in shards:
-        p = os.path.join(path, s["file"])
-        file_b += os.path.getsize(p)
-        with pa.memory_map(p, "r") as mm:
-            b = pa.ipc.open_file(mm).get_batch(0)
-            n_aug_total += b.num_rows * m["num_augmentations"]
-            aug_b += b.column("augs").nbytes
-            if "augs_ext" in b.schema.names:  # schema v2 extension records (imports)
-                ext_b += b.column("augs_ext").nbytes
-            img_b += b.column("image").nbytes
-            if m["kind"] == "classification":
-                tgt_b += b.column("targets").nbytes
-            else:
-                emb_b += b.column("image_emb").nbytes + b.column("text_emb").nbytes
+    for pos, s in enumerate(ds._shards_meta):
+        file_b += s["bytes"]
+        b = ds._shard(pos).batch
+        n_aug_total += b.num_rows * ds.num_augmentations
+        aug_b += b.column("augs").nbytes
+        if "augs_ext" in b.schema.names:  # schema v2 extension records (imports)
+            ext_b += b.column("augs_ext").nbytes
+        img_b += b.column("image").nbytes
+        if ds.kind == "classification":
+            tgt_b += b.column("targets").nbytes
+        else:
+            emb_b += b.column("image_emb").nbytes + b.column("text_emb").nbytes
     n = max(n_aug_total, 1)
     out["bytes"] = {"files": file_b, "images": img_b, "augs": aug_b, "augs_ext": ext_b, "targets": tgt_b,
                     "embeddings": emb_b}
@@ -73,34 +86,44 @@ def summarize(path: str, max_rows_for_entropy: int = 2000) -> Dict[str, Any]:
         "embeddings": emb_b / n,
         "all_but_images": (file_b - img_b) / n,
     }
-    if out["complete"] and m.get("num_rows"):
-        from fastload.format.reader import ReinforcedDataset
+    # every row decoded as a loader would (records, targets inside num_classes, embeddings)
+    from fastload._progress import Progress
 
-        ds = ReinforcedDataset(path)
-        labels = ds.labels
-        out["classes_in_labels"] = int(len(np.unique(labels[labels >= 0])))
-        out["class_names"] = (m.get("classes") or [])[:20]
+    bar = Progress(len(ds), desc="inspect", unit="row", enabled=progress)
+    for i in range(len(ds)):
+        ds.augs(i)
         if ds.kind == "classification":
-            rows = np.linspace(0, len(ds) - 1, min(len(ds), max_rows_for_entropy)).astype(np.int64)
-            hs = []
-            seen = set()
-            for r in np.unique(rows):
-                ids, probs = ds._targets_row(int(r))
-                hs.append(_target_entropy(ids, probs, int(ds.num_classes)))
-                seen.update(np.unique(ids).tolist())
-            h = np.concatenate(hs)
+            ds._targets_row(i)
+        else:
+            ds.text_embeddings(i)
+            ds.image_embedding(i, 0)
+        bar.update()
+    bar.close()
+    labels = ds.labels
+    out["classes_in_labels"] = int(len(np.unique(labels[labels >= 0])))
+    classes = m.get("classes")
+    out["class_names"] = [str(c) for c in classes[:20]] if isinstance(classes, list) else []
+    if ds.kind == "classification" and len(ds):
+        rows = np.unique(np.linspace(0, len(ds) - 1, min(len(ds), max_rows_for_entropy)).astype(np.int64))
+        hs, seen, agree = [], set(), []
+        for r in rows.tolist():
+            ids, probs = ds._targets_row(r)
+            hs.append(_target_entropy(ids, probs, int(ds.num_classes)))
+            seen.update(np.unique(ids).tolist())
+            if labels[r] >= 0 and ids.shape[1]:
+                agree.append(int(ids[0, 0] == labels[r]))
+        h = np.concatenate(hs)
+        if h.size:
             out["target_entropy_nats"] = {"mean": float(h.mean()), "min": float(h.min()), "max": float(h.max()),
-                                          "rows_sampled": int(len(np.unique(rows)))}
-            out["classes_in_targets"] = len(seen)
-            out["top1_agrees_with_label"] = None
-            if (labels >= 0).any():
-                agree = [int(ds._targets_row(int(r))[0][0, 0] == labels[r]) for r in np.unique(rows) if labels[r] >= 0]
-                out["top1_agrees_with_label"] = float(np.mean(agree)) if agree else None
+                                          "rows_sampled": int(len(rows))}
+        out["classes_in_targets"] = len(seen)
+        out["top1_agrees_with_label"] = float(np.mean(agree)) if agree else None
     return out
 
 
 def main(argv=None) -> int:
-    """``fastload inspect DIR [--json]``: exit 1 on a bad checksum, 2 on an unreadable dataset."""
+    """``fastload inspect DIR [--json]``: exit 0 when a loader can serve the dataset, 1 on a
+    bad checksum or size, 2 on a corrupt or unservable dataset (one line on stderr)."""
     ap = argparse.ArgumentParser(prog="fastload inspect", description=__doc__)
     ap.add_argument("path")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -118,9 +141,12 @@ def main(argv=None) -> int:
             return 2
         print(f"exported {rows} rows (sample x augmentation) to {a.export}", file=sys.stderr)
     try:
-        s = summarize(a.path)
-    except ValueError as e:
-        print(f"fastload inspect: error: {e}", file=sys.stderr)
+        s = summarize(a.path, progress=not a.json)
+    except ValueError as e:  # CorruptDataError included
+        print(f"fastload inspect: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a check this module lacks: still one line, never a traceback
+        print(f"fastload inspect: error: {a.path}: unreadable ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps(s, indent=1))
@@ -148,7 +174,16 @@ def main(argv=None) -> int:
                 print(f"  BAD SHARD {b['file']}: {b['problem']}")
         else:
             print(f"  checksums: all {s['shards']} shards OK")
-    return 1 if s["bad_shards"] else 0
+    if s["bad_shards"]:
+        return 1
+    if s["errors"]:
+        print(f"fastload inspect: error: {a.path}: {'; '.join(s['errors'])}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500]
 
 
 if __name__ == "__main__":

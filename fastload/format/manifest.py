@@ -29,6 +29,24 @@ MANIFEST = "manifest.json"
 KINDS = ("classification", "image_text")
 
 
+class CorruptDataError(ValueError):
+    """A manifest, shard or stored blob that cannot be what fastload wrote: a flipped bit, a
+    truncated or forged file, a field of the wrong type or out of range.
+
+    Every corruption the readers detect ends in this one type (a ``ValueError``, so older
+    ``except ValueError`` code keeps working). ``path`` is the file (``None`` for a blob
+    decoded outside any file), ``detail`` what is wrong with it; ``str(e)`` names both.
+    """
+
+    def __init__(self, path, detail: str):
+        self.path = None if path is None else os.fspath(path)
+        self.detail = str(detail)
+        super().__init__(f"{self.path}: {self.detail}" if self.path is not None else self.detail)
+
+    def __reduce__(self):  # picklable across processes with both fields
+        return (type(self), (self.path, self.detail))
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
@@ -61,42 +79,145 @@ def write_manifest(root: str, manifest: Dict[str, Any]) -> None:
     atomic_write_bytes(os.path.join(root, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def read_manifest(root: str) -> Dict[str, Any]:
-    """Load and validate ``root/manifest.json`` (clear errors for a foreign or newer file)."""
+def read_manifest(root: str, strict: bool = False) -> Dict[str, Any]:
+    """Load and validate ``root/manifest.json`` (clear errors for a foreign or newer file).
+
+    A missing manifest is a ``ValueError`` (not a dataset); a manifest that exists but cannot
+    be what fastload wrote is a :class:`CorruptDataError` naming it. ``strict``: every field
+    a reader needs must be present and in range (readers pass it; the writer's resume path
+    reads partial headers).
+    """
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         raise ValueError(f"{root!r} is not a reinforced dataset: no {MANIFEST}")
     try:
         with open(path, "rb") as f:
-            m = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    validate(m, path)
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CorruptDataError(path, f"larger than {MAX_MANIFEST_BYTES} bytes")
+        m = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise CorruptDataError(path, f"cannot read ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptDataError(path, f"not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    validate(m, path, strict=strict)
     return m
 
 
-def validate(m: Dict[str, Any], where: str = MANIFEST) -> None:
+MAX_MANIFEST_BYTES = 1 << 30
+# bounds on what a manifest may announce (the shard decoders allocate from them)
+MAX_AUGMENTATIONS = 1 << 16
+MAX_TARGET_ENTRIES = 1 << 24  # num_augmentations * topk
+MAX_EMBEDDING = 1 << 16
+MAX_ROWS = 1 << 40
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(m: Dict[str, Any], where: str = MANIFEST, strict: bool = False) -> None:
+    """Check a parsed manifest; every problem is a :class:`CorruptDataError` naming ``where``."""
+    def bad(detail):
+        raise CorruptDataError(where, detail)
+
+    def int_field(d, key, lo, hi, required=True, none_ok=False, ctx=""):
+        if key not in d:
+            if required:
+                bad(f"{ctx}missing field {key!r}")
+            return
+        v = d[key]
+        if v is None and none_ok:
+            return
+        if not _is_int(v) or not lo <= v <= hi:
+            bad(f"{ctx}field {key!r} must be an integer in [{lo}, {hi}], got {str(v)[:40]!r}")
+
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise ValueError(f"{where}: not a fastload reinforced-dataset manifest")
+        bad("not a fastload reinforced-dataset manifest")
     v = m.get("schema_version")
-    if not isinstance(v, int):
-        raise ValueError(f"{where}: schema_version missing or not an integer")
+    if not _is_int(v):
+        bad("schema_version missing or not an integer")
     if v > SCHEMA_VERSION:
+        # a newer file is not corrupt: a plain ValueError that says what to do
         raise ValueError(f"{where}: schema_version {v} is newer than this fastload supports "
                          f"({SCHEMA_VERSION}); upgrade fastload to read it")
     if v < 1:
-        raise ValueError(f"{where}: invalid schema_version {v}")
+        bad(f"invalid schema_version {v}")
     if m.get("kind") not in KINDS:
-        raise ValueError(f"{where}: kind must be one of {KINDS}, got {m.get('kind')!r}")
+        bad(f"kind must be one of {KINDS}, got {str(m.get('kind'))[:40]!r}")
     for key in ("num_augmentations", "shards", "replay"):
         if key not in m:
-            raise ValueError(f"{where}: missing field {key!r}")
-    for s in m["shards"]:
+            bad(f"missing field {key!r}")
+    if not isinstance(m["shards"], list):
+        bad("field 'shards' must be a list")
+    if not isinstance(m["replay"], dict):
+        bad("field 'replay' must be an object")
+    int_field(m, "num_augmentations", 1, MAX_AUGMENTATIONS)
+    int_field(m, "topk", 0, MAX_TARGET_ENTRIES, required=False)
+    int_field(m, "num_rows", 0, MAX_ROWS, required=strict)
+    int_field(m, "num_shards", 0, MAX_ROWS, required=False)
+    if "complete" in m and not isinstance(m["complete"], bool):
+        bad("field 'complete' must be true or false")
+    if m["num_augmentations"] * (m.get("topk") or 0) > MAX_TARGET_ENTRIES:
+        bad(f"num_augmentations * topk exceeds {MAX_TARGET_ENTRIES}")
+    for key in ("policy", "fingerprint"):
+        if key in m and not isinstance(m[key], dict):
+            bad(f"field {key!r} must be an object")
+    for key in ("skipped", "teachers", "seeds"):
+        if key in m and not isinstance(m[key], list):
+            bad(f"field {key!r} must be a list")
+    if "classes" in m and m["classes"] is not None and not isinstance(m["classes"], list):
+        bad("field 'classes' must be a list")
+    seen = set()
+    for i, s in enumerate(m["shards"]):
+        ctx = f"shard entry {i}: "
+        if not isinstance(s, dict):
+            bad(f"{ctx}not an object")
         for key in ("file", "rows", "sha256", "bytes"):
             if key not in s:
-                raise ValueError(f"{where}: shard {s.get('index')} lacks {key!r}")
-        if os.path.basename(s["file"]) != s["file"]:
-            raise ValueError(f"{where}: shard file {s['file']!r} must be a plain name")
+                bad(f"shard {s.get('index')} lacks {key!r}")
+        if not isinstance(s["file"], str) or os.path.basename(s["file"]) != s["file"] or s["file"] in ("", ".", ".."):
+            bad(f"{ctx}shard file {str(s['file'])[:80]!r} must be a plain name")
+        if not isinstance(s["sha256"], str) or len(s["sha256"]) != 64:
+            bad(f"{ctx}'sha256' must be 64 hex digits")
+        int_field(s, "rows", 0, MAX_ROWS, ctx=ctx)
+        int_field(s, "bytes", 0, 1 << 50, ctx=ctx)
+        int_field(s, "index", 0, MAX_ROWS, required=strict, ctx=ctx)
+        int_field(s, "first_row", 0, MAX_ROWS, required=strict, ctx=ctx)
+        if "index" in s:
+            if s["index"] in seen:
+                bad(f"{ctx}duplicate shard index {s['index']}")
+            seen.add(s["index"])
+    if not strict:
+        return
+    kind = m["kind"]
+    topk = m.get("topk") or 0
+    if kind == "classification":
+        int_field(m, "num_classes", max(topk, 1), 1 << 31)
+    else:
+        int_field(m, "embedding_dim", 1, MAX_EMBEDDING)
+        int_field(m, "num_captions", 1, MAX_AUGMENTATIONS)
+    r = m["replay"]
+    for key in ("image_size", "box_grid"):
+        if key in r or key == "image_size":
+            g = r.get(key)
+            if not (isinstance(g, list) and len(g) == 2 and all(_is_int(x) and 1 <= x <= 1 << 16 for x in g)):
+                bad(f"replay.{key} must be [height, width] of positive integers, got {str(g)[:40]}")
+    if "interpolation" in r and not isinstance(r["interpolation"], str):
+        bad("replay.interpolation must be a string")
+    for key in ("mean", "std"):
+        if key in r and not (isinstance(r[key], list) and len(r[key]) == 3
+                             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in r[key])):
+            bad(f"replay.{key} must be three numbers")
+    if "std" in r and any(x == 0 for x in r["std"]):
+        bad("replay.std must not hold a zero")
+    start = 0
+    for s in sorted(m["shards"], key=lambda s: s["index"]):
+        if s["first_row"] != start:
+            bad(f"shard {s['index']}: first_row {s['first_row']}, the shards before it hold {start} rows")
+        start += s["rows"]
+    if m.get("complete") and start != m["num_rows"]:
+        bad(f"shards hold {start} rows, num_rows says {m['num_rows']}")
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

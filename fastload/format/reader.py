@@ -1,16 +1,29 @@
 """``ReinforcedDataset``: O(1) random access to a reinforced dataset through memory maps."""
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from fastload.format import manifest as mf
+from fastload.format.manifest import CorruptDataError
 from fastload.format.shards import (decode_array, decode_augs, decode_augs_batch, decode_target_at,
                                     decode_targets, decode_targets_batch)
 from fastload.sample.params import AUG_DTYPE
+
+
+# columns that may hold nulls (an image-text row without captions)
+_NULLABLE = ("captions", "syn_captions")
+
+
+def open_shard(path: str, kind: str, expected_bytes: Optional[int] = None) -> "_Shard":
+    """Map and validate one shard file: the one place a shard is opened (a remote cache
+    hooks in here by handing over a local path)."""
+    return _Shard(path, kind, expected_bytes)
 
 
 class _Shard:
@@ -19,32 +32,60 @@ class _Shard:
     The map is Python's ``mmap`` (read-only, file-backed) handed to Arrow zero-copy, so its
     touched pages can be dropped from the process with ``release()``: they are clean file
     pages, re-read from the page cache on the next access, never lost.
+
+    Opening checks what can be checked without reading the big columns: the file size
+    against the manifest, the Arrow structure, the schema (names and types), and Arrow's
+    full validation (offsets monotonic and inside their buffers, UTF-8 keys, null counts),
+    so no later slice or conversion can read outside the file. Every failure is a
+    :class:`CorruptDataError` naming the file.
     """
 
-    def __init__(self, path: str, kind: str):
+    def __init__(self, path: str, kind: str, expected_bytes: Optional[int] = None):
         import pyarrow as pa
 
+        from fastload.format.shards import arrow_schema
+
+        self.path = path
         try:
             with open(path, "rb") as f:
                 self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                st = os.fstat(f.fileno())
         except (OSError, ValueError) as e:  # ValueError: empty file
-            raise ValueError(f"cannot open shard {path}: {e}") from e
+            raise CorruptDataError(path, f"cannot open shard ({e})") from e
+        self.stat = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if expected_bytes is not None and len(self.mmap) != expected_bytes:
+            raise CorruptDataError(path, f"{len(self.mmap)} bytes, manifest says {expected_bytes}")
         try:
             reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.mmap)))
             if reader.num_record_batches != 1:
-                raise ValueError(f"{path}: expected one record batch, found {reader.num_record_batches}")
-            self.batch = reader.get_batch(0)
-        except pa.ArrowInvalid as e:
-            raise ValueError(f"{path}: not a valid Arrow IPC shard ({e})") from e
+                raise CorruptDataError(path, f"expected one record batch, found {reader.num_record_batches}")
+            batch = reader.get_batch(0)
+            want = arrow_schema(kind)
+            for f in want:
+                got = batch.schema.field(f.name).type if f.name in batch.schema.names else None
+                if got != f.type:
+                    raise CorruptDataError(path, f"column {f.name!r} is {got}, expected {f.type}")
+            # offsets monotonic and in bounds, child arrays consistent, UTF-8 strings (costs
+            # O(rows + key bytes): the big binary columns' data is not read)
+            batch.validate(full=True)
+            for name in batch.schema.names:
+                if name not in _NULLABLE and batch.column(name).null_count:
+                    raise CorruptDataError(path, f"column {name!r} holds nulls")
+        except CorruptDataError:
+            raise
+        except (pa.ArrowException, OSError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise CorruptDataError(path, f"not a valid Arrow IPC shard ({type(e).__name__}: {e})") from e
+        self.batch = batch
         self._bin: Dict[str, Tuple[np.ndarray, memoryview]] = {}
-        self.path = path
 
     def binary(self, name: str) -> Tuple[np.ndarray, memoryview]:
         got = self._bin.get(name)
         if got is None:
             arr = self.batch.column(name)
             _, off_buf, data_buf = arr.buffers()
-            off = np.frombuffer(off_buf, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+            # by count: Arrow's validation guarantees at least this many offsets, in bounds
+            # and monotonic (the buffer itself may be longer than a multiple of 8)
+            off = np.frombuffer(off_buf, dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
             data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
             got = self._bin[name] = (off, data)
         return got
@@ -52,6 +93,13 @@ class _Shard:
     def blob(self, name: str, row: int) -> memoryview:
         off, data = self.binary(name)
         return data[off[row]:off[row + 1]]
+
+    def sha256(self) -> str:
+        """sha256 of the mapped bytes (GIL released while hashing); the pages it touched
+        are dropped afterwards so hashing does not grow RSS by the shard size."""
+        h = hashlib.sha256(self.mmap).hexdigest()
+        self.release()
+        return h
 
     def release(self) -> None:
         """Drop this shard's resident pages from the process (RSS), keeping the mapping."""
@@ -66,13 +114,28 @@ class ReinforcedDataset:
     pickle holds only the path and the small per-row arrays). ``ds[i]`` returns a dict;
     ``gather`` serves a loader's batch.
 
+    ``verify``: ``"lazy"`` (default) checks every shard's size and structure at open and its
+    sha256 the first time a row of it is served (``gather``, ``ds[i]``, per-sample
+    accessors), before anything of it is returned; ``"open"`` (or ``True``) hashes every
+    shard in the constructor; ``"off"`` (or ``False``) skips the sha256 (sizes and structure
+    are still checked) for data checked already. Any mismatch or corruption raises
+    :class:`fastload.format.CorruptDataError` (a ``ValueError``) naming the shard file. The
+    per-row arrays read at open (``labels``, ``source_hw``, ``keys``) are range-checked then;
+    their bytes are covered by the shard's sha256 once a row of that shard is served. A
+    shard verified in this process is trusted by pickled copies (DataLoader workers) while
+    its size, mtime and inode are unchanged.
+
     Example:
         >>> ds = ReinforcedDataset("imagenet_plus/")              # doctest: +SKIP
         >>> ids, probs = ds.target(0, ds.num_augmentations - 1)   # doctest: +SKIP
     """
 
-    def __init__(self, path: str, verify: bool = False, max_resident_mib: Optional[float] = 8):
+    def __init__(self, path: str, verify="lazy", max_resident_mib: Optional[float] = 8):
         self.path = os.fspath(path)
+        modes = {True: "open", False: "off", "lazy": "lazy", "open": "open", "off": "off"}
+        if not isinstance(verify, (bool, str)) or verify not in modes:
+            raise ValueError(f"verify must be 'lazy', 'open' or 'off' (or True/False), got {verify!r}")
+        self.verify_mode = modes[verify]
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
         self.max_resident_mib = max_resident_mib
@@ -81,23 +144,36 @@ class ReinforcedDataset:
         if not m.get("complete"):
             raise ValueError(f"{self.path!r} is incomplete ({len(m['shards'])}/{m.get('num_shards')} shards "
                              "written): rerun the same `reinforce` call to resume it")
+        mf.validate(m, os.path.join(self.path, mf.MANIFEST), strict=True)
         self.manifest = m
         self._shards_meta = sorted(m["shards"], key=lambda s: s["index"])
-        if verify:
-            bad = self.verify()
-            if bad:
-                raise ValueError(f"{self.path!r}: checksum mismatch in {bad}")
         self._starts = np.array([s["first_row"] for s in self._shards_meta] + [m["num_rows"]], np.int64)
         self._open: Dict[int, _Shard] = {}
+        # shard position -> (size, mtime_ns, inode) when its sha256 matched
+        self._verified: Dict[int, Tuple[int, int, int]] = {}
+        self._vlock = threading.Lock()
+        self._shard_locks: Dict[int, threading.Lock] = {}
         self._load_columns()
+        self.policy  # a manifest whose policy cannot be read is corrupt: say so at open
+        if self.verify_mode == "open":
+            self._check_many(range(len(self._shards_meta)))
 
     # -- metadata ------------------------------------------------------------------------
     def _load_columns(self) -> None:
         labels, hw, ohw, keys, hashes = [], [], [], [], []
+        nc = self.manifest.get("num_classes") if self.kind == "classification" else None
         for pos, s in enumerate(self._shards_meta):
-            b = self._shard(pos).batch
+            sh = self._shard(pos)
+            b = sh.batch
             if b.num_rows != s["rows"]:
-                raise ValueError(f"{s['file']}: {b.num_rows} rows, manifest says {s['rows']}")
+                raise CorruptDataError(sh.path, f"{b.num_rows} rows, manifest says {s['rows']}")
+            h, w = b.column("src_h").to_numpy(), b.column("src_w").to_numpy()
+            lab = b.column("label").to_numpy()
+            if b.num_rows and (min(h.min(), w.min()) < 1 or min(b.column("orig_h").to_numpy().min(),
+                                                                b.column("orig_w").to_numpy().min()) < 0):
+                raise CorruptDataError(sh.path, "an image size is not positive")
+            if b.num_rows and (lab.min() < -1 or (nc is not None and lab.max() >= nc)):
+                raise CorruptDataError(sh.path, f"label outside [-1, {nc}) (num_classes in the manifest)")
             labels.append(b.column("label").to_numpy())
             hw.append(np.stack([b.column("src_h").to_numpy(), b.column("src_w").to_numpy()], 1))
             ohw.append(np.stack([b.column("orig_h").to_numpy(), b.column("orig_w").to_numpy()], 1))
@@ -111,7 +187,8 @@ class ReinforcedDataset:
         self._keys: List[str] = keys
         self._hash = np.concatenate(hashes) if hashes else np.zeros((0, 16), np.uint8)
         if len(self.labels) != n:
-            raise ValueError(f"{self.path!r}: shards hold {len(self.labels)} rows, manifest says {n}")
+            raise CorruptDataError(os.path.join(self.path, mf.MANIFEST),
+                                   f"shards hold {len(self.labels)} rows, manifest says {n}")
         self._hw_tuples = [(int(a), int(b)) for a, b in self.source_hw.tolist()]
         # the grid erase/CutMix boxes were sampled on (pixel-exact storage of those boxes)
         self._box_grid = tuple(self.replay.get("box_grid", self.replay["image_size"]))
@@ -139,7 +216,10 @@ class ReinforcedDataset:
     def policy(self):
         from fastload.sample.policy import AugmentPolicy
 
-        return AugmentPolicy.from_dict(self.manifest["policy"])
+        try:
+            return AugmentPolicy.from_dict(self.manifest["policy"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptDataError(os.path.join(self.path, mf.MANIFEST), f"invalid policy ({e})") from e
 
     @property
     def replay(self) -> Dict[str, Any]:
@@ -151,10 +231,48 @@ class ReinforcedDataset:
 
     # -- shards --------------------------------------------------------------------------
     def _shard(self, pos: int) -> _Shard:
+        """The mapped shard (structure checked, sha256 not necessarily: see ``_checked``)."""
         sh = self._open.get(pos)
         if sh is None:
             meta = self._shards_meta[pos]
-            sh = self._open[pos] = _Shard(os.path.join(self.path, meta["file"]), self.kind)
+            sh = self._open[pos] = open_shard(os.path.join(self.path, meta["file"]), self.kind, meta["bytes"])
+        return sh
+
+    def _check(self, pos: int) -> None:
+        """sha256 of shard ``pos`` against the manifest, once per mapping (thread-safe: one
+        lock per shard, so threads hash different shards at the same time)."""
+        sh = self._shard(pos)
+        if self._verified.get(pos) == sh.stat:
+            return
+        with self._vlock:
+            lock = self._shard_locks.setdefault(pos, threading.Lock())
+        with lock:
+            if self._verified.get(pos) == sh.stat:
+                return
+            if sh.sha256() != self._shards_meta[pos]["sha256"]:
+                raise CorruptDataError(sh.path, "sha256 does not match the manifest (the shard is corrupt)")
+            self._verified[pos] = sh.stat
+
+    def _check_many(self, positions) -> None:
+        """Hash the not yet verified shards among ``positions`` on all cores (hashlib
+        releases the GIL): a shuffled first batch touches many shards at once."""
+        todo = [int(p) for p in positions if self._verified.get(int(p)) != self._shard(int(p)).stat]
+        if len(todo) <= 1:
+            for p in todo:
+                self._check(p)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as ex:
+            for f in [ex.submit(self._check, p) for p in todo]:
+                f.result()  # the first corrupt shard's error
+
+    def _checked(self, pos: int) -> _Shard:
+        """The shard, its sha256 verified first unless ``verify="off"``: every path that
+        returns data of a row goes through here."""
+        sh = self._shard(pos)
+        if self.verify_mode != "off" and self._verified.get(pos) != sh.stat:
+            self._check(pos)
         return sh
 
     def release_pages(self) -> None:
@@ -167,7 +285,7 @@ class ReinforcedDataset:
     def _shard_table(self, index: int):
         for pos, s in enumerate(self._shards_meta):
             if s["index"] == index:
-                return self._shard(pos).batch
+                return self._checked(pos).batch
         raise KeyError(index)
 
     def _locate(self, i: int) -> Tuple[_Shard, int]:
@@ -178,16 +296,24 @@ class ReinforcedDataset:
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} rows")
         pos = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self._shard(pos), i - int(self._starts[pos])
+        return self._checked(pos), i - int(self._starts[pos])
 
     def __getstate__(self):
         st = dict(self.__dict__)
         st["_open"] = {}  # memory maps are reopened lazily in the worker
         st["_item_renderer"] = None  # rebuilt in the worker from _item_options
+        st["_verified"] = dict(self._verified)
+        del st["_vlock"], st["_shard_locks"]
         return st
 
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self._vlock = threading.Lock()
+        self._shard_locks = {}
+
     def verify(self) -> List[str]:
-        """Names of shards whose sha256 or size does not match the manifest."""
+        """Names of shards whose sha256 or size does not match the manifest (reads every
+        shard; does not raise)."""
         bad = []
         for s in self._shards_meta:
             p = os.path.join(self.path, s["file"])
@@ -196,6 +322,18 @@ class ReinforcedDataset:
         return bad
 
     # -- per-sample access ---------------------------------------------------------------
+    def _row_error(self, e: CorruptDataError, sh: _Shard, r: int) -> CorruptDataError:
+        """A decoder's error (no file) re-raised naming the shard and row."""
+        if e.path is not None:
+            return e
+        return CorruptDataError(sh.path, f"row {r}: {e.detail}")
+
+    def _decode(self, sh: _Shard, r: int, fn, *args):
+        try:
+            return fn(*args)
+        except CorruptDataError as e:
+            raise self._row_error(e, sh, r) from e
+
     def image_bytes(self, i: int) -> memoryview:
         """The stored encoded image (zero-copy view into the memory map; empty if not stored)."""
         sh, r = self._locate(i)
@@ -205,8 +343,8 @@ class ReinforcedDataset:
         """The N stored augmentation records of row ``i`` (AUG_DTYPE[N])."""
         sh, r = self._locate(i)
         i = int(i) % len(self)
-        return decode_augs(sh.blob("augs", r), self._hw_tuples[i], self._box_grid, self.source_hw,
-                           expected_n=self.num_augmentations)
+        return self._decode(sh, r, decode_augs, sh.blob("augs", r), self._hw_tuples[i], self._box_grid,
+                            self.source_hw, self.num_augmentations)
 
     @property
     def has_ext(self) -> bool:
@@ -228,14 +366,33 @@ class ReinforcedDataset:
         if self.kind != "classification":
             raise ValueError("top-k targets exist only in classification datasets")
         sh, r = self._locate(i)
-        return decode_targets(sh.blob("targets", r), (self.num_augmentations, self.topk))
+        ids, probs = self._decode(sh, r, decode_targets, sh.blob("targets", r), (self.num_augmentations, self.topk))
+        self._check_targets(ids, probs, lambda b: (sh, r))
+        return ids, probs
 
     def target(self, i: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
         """Teacher top-k (ids int64[k], probs float32[k]) of augmentation ``j`` of row ``i``."""
         if self.kind != "classification":
             raise ValueError("top-k targets exist only in classification datasets")
         sh, r = self._locate(i)
-        return decode_target_at(sh.blob("targets", r), int(j), (self.num_augmentations, self.topk))
+        ids, probs = self._decode(sh, r, decode_target_at, sh.blob("targets", r), int(j),
+                                  (self.num_augmentations, self.topk))
+        self._check_targets(ids[None], probs[None], lambda b: (sh, r))
+        return ids, probs
+
+    def _check_targets(self, ids: np.ndarray, probs: np.ndarray, where) -> None:
+        """Class ids inside [0, num_classes) and probabilities in [0, 1] (one reduction each):
+        a corrupt target is an error, never a wrong distribution or a failure in the loss."""
+        if not ids.size:
+            return
+        nc = self.num_classes
+        bad = (ids < 0).any(1) | ((ids >= nc).any(1) if nc is not None else False)
+        bad |= ~((probs >= 0) & (probs <= 1)).all(1)  # NaN fails too
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            sh, r = where(b)
+            raise CorruptDataError(sh.path, f"row {r}: stored targets outside [0, {nc}) or probabilities "
+                                            "outside [0, 1]")
 
     def gather(self, indices: Sequence[int], aug_ids: Sequence[int]):
         """Batch access: (image buffers, AUG_DTYPE[B], ids int64[B, k], probs float32[B, k])."""
@@ -258,10 +415,13 @@ class ReinforcedDataset:
         cols = ("image", "augs", "targets") if cls else ("image", "augs")
         out: List[List[Optional[memoryview]]] = [[None] * B for _ in cols]
         touched = 0
-        for p in np.unique(pos).tolist():
+        upos = np.unique(pos).tolist()
+        if self.verify_mode != "off":
+            self._check_many(upos)
+        for p in upos:
             sel = np.flatnonzero(pos == p)
             r = local[sel]
-            sh = self._shard(p)
+            sh = self._checked(p)
             sel_l = sel.tolist()
             for c, name in enumerate(cols):
                 off, data = sh.binary(name)
@@ -277,9 +437,20 @@ class ReinforcedDataset:
             self._touched += touched
             if self._touched > self.max_resident_mib * 2**20:
                 self.release_pages()
-        recs = decode_augs_batch(ablobs, aug_ids, self.source_hw[rows], self._box_grid, self.source_hw, n)
+        def where(b):
+            return self._open[int(pos[b])], int(local[b])
+
+        try:
+            recs = decode_augs_batch(ablobs, aug_ids, self.source_hw[rows], self._box_grid, self.source_hw, n)
+            if cls:
+                ids, probs = decode_targets_batch(tblobs, aug_ids, n, k)
+        except CorruptDataError as e:
+            b = getattr(e, "batch_index", None)
+            if e.path is not None or b is None:
+                raise
+            raise self._row_error(e, *where(b)) from e
         if cls:
-            ids, probs = decode_targets_batch(tblobs, aug_ids, n, k)
+            self._check_targets(ids, probs, where)
         else:
             ids, probs = np.zeros((B, 0), np.int64), np.zeros((B, 0), np.float32)
         return images, recs, ids, probs
@@ -291,13 +462,13 @@ class ReinforcedDataset:
     def image_embedding(self, i: int, j: int) -> np.ndarray:
         """fp16 teacher image embedding of augmentation ``j`` of row ``i``."""
         sh, r = self._locate(i)
-        return decode_array(sh.blob("image_emb", r), (self.num_augmentations, self._emb_dim()))[j]
+        return self._decode(sh, r, decode_array, sh.blob("image_emb", r), (self.num_augmentations, self._emb_dim()))[j]
 
     def text_embeddings(self, i: int) -> np.ndarray:
         """fp16 [num_captions, D]: the real caption(s) first, then the synthetic ones."""
         sh, r = self._locate(i)
         n = int(self.manifest["num_captions"])
-        return decode_array(sh.blob("text_emb", r), (n, self._emb_dim()))
+        return self._decode(sh, r, decode_array, sh.blob("text_emb", r), (n, self._emb_dim()))
 
     def captions(self, i: int) -> Tuple[List[str], List[str]]:
         """(real captions, synthetic captions) of row ``i``."""
@@ -332,7 +503,8 @@ class ReinforcedDataset:
         if self.kind == "classification":
             d["target_ids"], d["target_probs"] = self._targets_row(i)
         else:
-            d["image_emb"] = decode_array(sh.blob("image_emb", r), (self.num_augmentations, self._emb_dim()))
+            d["image_emb"] = self._decode(sh, r, decode_array, sh.blob("image_emb", r),
+                                          (self.num_augmentations, self._emb_dim()))
             d["text_emb"] = self.text_embeddings(i)
             d["captions"], d["syn_captions"] = self.captions(i)
         return d

@@ -16,8 +16,13 @@ into the row's own sorted class vocabulary (the same few classes recur across au
 of one image), fp16 probabilities as bit patterns delta-coded along k (sorted descending, so
 the deltas are small), byte shuffled, zstandard where it pays.
 
-Every decompression is bounded by the row size that the header announces and checked
-against it, so a corrupt shard cannot make a reader allocate unbounded memory.
+Every decompression is bounded before it starts: a blob's header must announce the row
+shape the caller expects (the manifest's N and k), each part's raw size must be the one that
+shape implies, and a zstandard frame must declare exactly that content size in its own header
+(zstandard ignores ``max_output_size`` when a frame declares its size, so the declared size
+is read and compared first). Without an expected shape, a row holds at most
+``MAX_AUGMENTATIONS`` records and ``MAX_TARGET_ENTRIES`` top-k entries. Every corruption a
+decoder detects raises :class:`fastload.format.manifest.CorruptDataError` (a ``ValueError``).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from fastload.format.manifest import CorruptDataError
 from fastload.sample.params import AUG_DTYPE, Q
 
 BLOB_VERSION = 1
@@ -42,6 +48,16 @@ _TGT_HDR = struct.Struct("<BBBBIHII")
 _ARR_HDR = struct.Struct("<BBBBQ")
 
 _BOX_FIELDS = ("crop", "erase", "pcrop", "cutmix")
+
+# Bounds on what a blob may announce when the caller gives no expected shape (the reader
+# always does, from the manifest, whose validation enforces the same bounds).
+MAX_AUGMENTATIONS = 1 << 16
+MAX_TARGET_ENTRIES = 1 << 24  # n * k per row
+MAX_ARRAY_BYTES = 1 << 30
+
+
+def _corrupt(what: str, detail: str) -> CorruptDataError:
+    return CorruptDataError(None, f"corrupt {what} blob: {detail}")
 
 # zstandard (de)compressor objects are not thread-safe: the loader gathers in a background
 # thread while other threads may read the same dataset, so each thread gets its own pair.
@@ -72,15 +88,31 @@ def _decompress(codec: int, data, expected: int, what: str, zd=None) -> bytes:
         out = data  # a view: no copy
     elif codec == CODEC_ZSTD:
         zd = zd or _zstd()[1]
+        # zstandard allocates the size a frame declares (ignoring max_output_size): compare
+        # it with the size the format announces before anything is allocated.
+        declared = _frame_size(data)
+        if declared != expected:
+            raise _corrupt(what, f"zstd frame declares {'no size' if declared < 0 else f'{declared} bytes'}, "
+                                 f"expected {expected}")
         try:
             out = zd.decompress(data, max_output_size=expected)
         except Exception as e:  # zstandard.ZstdError, bounded output exceeded, ...
-            raise ValueError(f"corrupt {what} blob: {e}") from e
+            raise _corrupt(what, str(e)) from e
     else:
-        raise ValueError(f"corrupt {what} blob: unknown codec {codec}")
+        raise _corrupt(what, f"unknown codec {codec}")
     if len(out) != expected:
-        raise ValueError(f"corrupt {what} blob: {len(out)} bytes, expected {expected}")
+        raise _corrupt(what, f"{len(out)} bytes, expected {expected}")
     return out
+
+
+def _frame_size(data) -> int:
+    """The content size a zstd frame declares in its header (-1: none declared or no frame)."""
+    import zstandard
+
+    try:
+        return int(zstandard.frame_content_size(data))
+    except zstandard.ZstdError:
+        return -1
 
 
 def _shuffle(arr: np.ndarray) -> bytes:
@@ -147,18 +179,20 @@ def _unpack_parts(buf: memoryview, raw_sizes, what: str, zd=None):
     psize, unpack = _PART.size, _PART.unpack_from
     for expected in raw_sizes:
         if pos + psize > n:
-            raise ValueError(f"corrupt {what} blob: truncated")
+            raise _corrupt(what, "truncated")
         codec, raw, stored = unpack(buf, pos)
         pos += psize
         if raw != expected or pos + stored > n:
-            raise ValueError(f"corrupt {what} blob: part of {raw} bytes, expected {expected}")
+            raise _corrupt(what, f"part of {raw} bytes, expected {expected}")
+        if codec == CODEC_RAW and stored != expected:
+            raise _corrupt(what, f"raw part of {stored} bytes, expected {expected}")
         if codec == CODEC_ZSTD and zd is None:
             zd = _zstd()[1]
         got = _decompress(codec, buf[pos:pos + stored], expected, what, zd)
         out.append(np.frombuffer(got, np.uint8))
         pos += stored
     if pos != n:
-        raise ValueError(f"corrupt {what} blob: {n - pos} trailing bytes")
+        raise _corrupt(what, f"{n - pos} trailing bytes")
     return out
 
 
@@ -203,17 +237,43 @@ def encode_augs(augs: np.ndarray, hw: Tuple[int, int], render_hw: Tuple[int, int
     return _AUG_HDR.pack(BLOB_VERSION, 0, mode, 0, n, len(body)) + body
 
 
-def _raw_parts(blob, hdr: struct.Struct, what: str, sizes_fn, zd=None):
+def _raw_parts(blob, hdr: struct.Struct, what: str, sizes_fn, zd=None, check=None):
+    """Header + decompressed parts; ``check(head)`` vets the announced shape before any
+    part is decompressed (so a forged header cannot size an allocation)."""
     if not isinstance(blob, memoryview):
         blob = memoryview(blob)
     if len(blob) < hdr.size:
-        raise ValueError(f"corrupt {what} blob: truncated header")
+        raise _corrupt(what, "truncated header")
     head = hdr.unpack_from(blob)
     if head[0] != BLOB_VERSION:
-        raise ValueError(f"{what} blob version {head[0]} is not supported (this fastload reads {BLOB_VERSION})")
+        raise _corrupt(what, f"version {head[0]} (this fastload reads {BLOB_VERSION})")
     if head[-1] != len(blob) - hdr.size:
-        raise ValueError(f"corrupt {what} blob: length mismatch")
+        raise _corrupt(what, "length mismatch")
+    if check is not None:
+        check(head)
     return head, _unpack_parts(blob[hdr.size:], sizes_fn(head), what, zd)
+
+
+def _aug_check(expected_n):
+    def check(head):
+        n = head[4]
+        if expected_n is not None and n != expected_n:
+            raise _corrupt("augs", f"{n} records, manifest says {expected_n}")
+        if n > MAX_AUGMENTATIONS:
+            raise _corrupt("augs", f"{n} records (at most {MAX_AUGMENTATIONS})")
+        if head[2] >> len(_BOX_FIELDS):
+            raise _corrupt("augs", f"unknown pixel-mode bits {head[2]:#x}")
+    return check
+
+
+def _tgt_check(expected):
+    def check(head):
+        _, _, idx_w, id_w, n, k, nv, _ = head
+        if expected is not None and (n, k) != tuple(expected):
+            raise _corrupt("targets", f"shape {(n, k)}, manifest says {tuple(expected)}")
+        if n * k > MAX_TARGET_ENTRIES or nv > n * k:
+            raise _corrupt("targets", f"shape {(n, k)} with a vocabulary of {nv} is out of bounds")
+    return check
 
 
 @functools.lru_cache(maxsize=16)
@@ -246,35 +306,50 @@ def _unpixel(out: np.ndarray, mode: int, hw, render_hw, all_hw) -> np.ndarray:
     for name in _BOX_FIELDS:  # undo the pixel transform (pcrop needs ``partner`` decoded)
         if mode >> _BOX_FIELDS.index(name) & 1:
             dims = _box_dims(name, out, hw, render_hw, all_hw)
-            if dims is None:
-                raise ValueError("corrupt augs blob: partner outside the dataset")
-            out[name] = _rq(out[name].astype(np.int64), dims).astype(np.uint16)
+            if dims is None or (dims < 1).any():
+                raise _corrupt("augs", "partner outside the dataset or of zero size")
+            v = out[name].astype(np.int64)
+            if (v > dims).any():  # a stored pixel beyond its grid (would wrap around in uint16)
+                raise _corrupt("augs", f"{name} pixel outside its image")
+            out[name] = _rq(v, dims).astype(np.uint16)
     return out
+
+
+def _check_grid(*grids) -> None:
+    for g in grids:
+        if min(int(g[0]), int(g[1])) < 1:
+            raise ValueError(f"image sizes must be positive, got {tuple(int(v) for v in g)}")
+
+
+def _check_partners(out: np.ndarray, all_hw) -> None:
+    p = out["partner"]
+    if p.size and (p.min() < -1 or (all_hw is not None and p.max() >= len(all_hw))):
+        raise _corrupt("augs", "partner outside the dataset")
 
 
 def decode_augs(blob, hw: Tuple[int, int], render_hw: Tuple[int, int],
                 all_hw: Optional[np.ndarray] = None, expected_n: Optional[int] = None) -> np.ndarray:
     """Inverse of :func:`encode_augs`: all N records of a row."""
-    head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes)
+    _check_grid(hw, render_hw)
+    head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes, check=_aug_check(expected_n))
     n, mode = head[4], head[2]
-    if expected_n is not None and n != expected_n:
-        raise ValueError(f"corrupt augs blob: {n} records, manifest says {expected_n}")
     raw = np.concatenate(raws) if raws else np.zeros(0, np.uint8)
     out = raw[_aug_gather_index(n)].view(AUG_DTYPE).reshape(n).copy()
+    _check_partners(out, all_hw)
     return _unpixel(out, mode, hw, render_hw, all_hw)
 
 
 def decode_aug_at(blob, j: int, hw: Tuple[int, int], render_hw: Tuple[int, int],
                   all_hw: Optional[np.ndarray] = None, expected_n: Optional[int] = None) -> np.ndarray:
     """Record ``j`` only (AUG_DTYPE[1]): the row is decompressed, only one record assembled."""
-    head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes)
+    _check_grid(hw, render_hw)
+    head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes, check=_aug_check(expected_n))
     n, mode = head[4], head[2]
-    if expected_n is not None and n != expected_n:
-        raise ValueError(f"corrupt augs blob: {n} records, manifest says {expected_n}")
     if not 0 <= j < n:
         raise IndexError(f"augmentation {j} out of range [0, {n})")
     raw = np.concatenate(raws)
     out = raw[_aug_gather_index(n)[j]].view(AUG_DTYPE).copy()
+    _check_partners(out, all_hw)
     if mode:  # undo the pixel transform on one record with plain integers (no array overhead)
         r = out[0]
         for bit, name in enumerate(_BOX_FIELDS):
@@ -286,11 +361,15 @@ def decode_aug_at(blob, j: int, hw: Tuple[int, int], render_hw: Tuple[int, int],
                 h, w = render_hw
             elif r["partner"] >= 0:
                 if all_hw is None or r["partner"] >= len(all_hw):
-                    raise ValueError("corrupt augs blob: partner outside the dataset")
+                    raise _corrupt("augs", "partner outside the dataset")
                 h, w = (int(v) for v in all_hw[r["partner"]])
+                if min(h, w) < 1:
+                    raise _corrupt("augs", "partner of zero size")
             else:
                 h = w = Q
             v = [int(x) for x in r[name]]
+            if max(v[0], v[2]) > h or max(v[1], v[3]) > w:
+                raise _corrupt("augs", f"{name} pixel outside its image")
             r[name] = [(v[0] * Q + h // 2) // h, (v[1] * Q + w // 2) // w,
                        (v[2] * Q + h // 2) // h, (v[3] * Q + w // 2) // w]
     return out
@@ -325,16 +404,14 @@ def encode_targets(ids: np.ndarray, probs: np.ndarray) -> bytes:
 def _tgt_sizes(head):
     _, _, idx_w, id_w, n, k, nv, _ = head
     if idx_w not in _IDX_DT or id_w not in (2, 4):
-        raise ValueError("corrupt targets blob: inconsistent header")
+        raise _corrupt("targets", "inconsistent header")
     return [nv * id_w + n * k * idx_w, n * k * 2]
 
 
 def _targets_common(blob, expected):
-    head, (rvi, rp) = _raw_parts(blob, _TGT_HDR, "targets", _tgt_sizes)
+    head, (rvi, rp) = _raw_parts(blob, _TGT_HDR, "targets", _tgt_sizes, check=_tgt_check(expected))
     _, _, idx_w, id_w, n, k, nv, _ = head
     rv, ri = rvi[:nv * id_w], rvi[nv * id_w:]
-    if expected is not None and (n, k) != tuple(expected):
-        raise ValueError(f"corrupt targets blob: shape {(n, k)}, manifest says {tuple(expected)}")
     vocab = np.cumsum(rv.view(np.uint16 if id_w == 2 else np.uint32).astype(np.int64))
     return n, k, nv, idx_w, vocab, ri, rp
 
@@ -344,7 +421,7 @@ def _finish_targets(idx, d, vocab, nv):
     bits[:, 0] = d[:, 0]
     bits[:, 1:] = d[:, :1] - np.cumsum(d[:, 1:], axis=1)
     if idx.size and idx.max() >= max(nv, 1):
-        raise ValueError("corrupt targets blob: class index outside the vocabulary")
+        raise _corrupt("targets", "class index outside the vocabulary")
     ids = vocab[idx] if nv else np.zeros(idx.shape, np.int64)
     return ids, (bits & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -384,16 +461,18 @@ def encode_array(arr: np.ndarray) -> bytes:
 
 def decode_array(blob, shape: Tuple[int, ...]) -> np.ndarray:
     blob = memoryview(blob)
-    if len(blob) < _ARR_HDR.size:
-        raise ValueError("corrupt embedding blob: truncated header")
-    ver, codec, _, _, size = _ARR_HDR.unpack_from(blob)
     expected = int(np.prod(shape)) * 2
+    if expected > MAX_ARRAY_BYTES:
+        raise ValueError(f"embedding shape {tuple(shape)} exceeds {MAX_ARRAY_BYTES} bytes")
+    if len(blob) < _ARR_HDR.size:
+        raise _corrupt("embedding", "truncated header")
+    ver, codec, _, _, size = _ARR_HDR.unpack_from(blob)
     if ver != BLOB_VERSION or size != expected:
-        raise ValueError(f"corrupt embedding blob: {size} bytes for shape {shape}")
+        raise _corrupt("embedding", f"{size} bytes for shape {tuple(shape)}")
     body = blob[_ARR_HDR.size:]
     if codec == CODEC_RAW:
         if len(body) != expected:
-            raise ValueError("corrupt embedding blob: truncated")
+            raise _corrupt("embedding", "truncated")
         return np.frombuffer(body, np.float16).reshape(shape)
     raw = np.frombuffer(_decompress(codec, body, expected, "embedding"), np.uint8)
     return _unshuffle(raw, expected // 2, 1, np.float16).reshape(shape)
@@ -445,16 +524,26 @@ def decode_augs_batch(blobs, js, hws: np.ndarray, render_hw: Tuple[int, int], al
         raise IndexError(f"augmentation index out of range [0, {n})")
     parts, modes = [], np.empty(B, np.int64)
     zd = _zstd()[1]
+    check = _aug_check(n)
     for b, blob in enumerate(blobs):
-        head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes, zd)
-        if head[4] != n:
-            raise ValueError(f"corrupt augs blob: {head[4]} records, manifest says {n}")
+        try:
+            head, raws = _raw_parts(blob, _AUG_HDR, "augs", _aug_sizes, zd, check)
+        except CorruptDataError as e:
+            e.batch_index = b  # the reader names the shard and row
+            raise
         modes[b] = head[2]
         parts += raws
     raw = np.concatenate(parts).reshape(B, -1)
     rec = raw[np.arange(B)[:, None], _aug_gather_index(n)[js]]
     out = np.ascontiguousarray(rec).view(AUG_DTYPE).reshape(B).copy()
     hws = np.asarray(hws, np.int64).reshape(B, 2)
+    if hws.size and hws.min() < 1 or min(render_hw) < 1:
+        raise ValueError("image sizes must be positive")
+    p = out["partner"]
+    if p.min() < -1 or (all_hw is not None and p.max() >= len(all_hw)):
+        e = _corrupt("augs", "partner outside the dataset")
+        e.batch_index = int(np.flatnonzero((p < -1) | (p >= (len(all_hw) if all_hw is not None else 2**31)))[0])
+        raise e
     for bit, name in enumerate(_BOX_FIELDS):
         sel = (modes >> bit & 1).astype(bool)
         if not sel.any():
@@ -469,10 +558,17 @@ def decode_augs_batch(blobs, js, hws: np.ndarray, render_hw: Tuple[int, int], al
             has = p >= 0
             if has.any():
                 if all_hw is None or p[has].max() >= len(all_hw):
-                    raise ValueError("corrupt augs blob: partner outside the dataset")
+                    raise _corrupt("augs", "partner outside the dataset")
                 phw = np.asarray(all_hw, np.int64)[p[has]]
+                if phw.min() < 1:
+                    raise _corrupt("augs", "partner of zero size")
                 d[has] = np.concatenate([phw, phw], 1)
         v = out[name].astype(np.int64)
+        over = sel & (v > d).any(1)
+        if over.any():
+            e = _corrupt("augs", f"{name} pixel outside its image")
+            e.batch_index = int(np.flatnonzero(over)[0])
+            raise e
         out[name] = np.where(sel[:, None], _rq(v, d), v).astype(np.uint16)
     return out
 
@@ -489,11 +585,14 @@ def decode_targets_batch(blobs, js, n: int, k: int) -> Tuple[np.ndarray, np.ndar
         raise IndexError(f"augmentation index out of range [0, {n})")
     vparts, iparts, pparts, nvs, slow = [], [], [], np.zeros(B, np.int64), []
     zd = _zstd()[1]
+    check = _tgt_check((n, k))
     for b, blob in enumerate(blobs):
-        head, (rvi, rp) = _raw_parts(blob, _TGT_HDR, "targets", _tgt_sizes, zd)
+        try:
+            head, (rvi, rp) = _raw_parts(blob, _TGT_HDR, "targets", _tgt_sizes, zd, check)
+        except CorruptDataError as e:
+            e.batch_index = b
+            raise
         _, _, idx_w, id_w, hn, hk, nv, _ = head
-        if (hn, hk) != (n, k):
-            raise ValueError(f"corrupt targets blob: shape {(hn, hk)}, manifest says {(n, k)}")
         if idx_w != 1 or id_w != 2:  # rare layouts (vocabulary > 256 classes): per-row path
             slow.append(b)
             rv, ri = np.zeros(0, np.uint8), np.zeros(n * k, np.uint8)
@@ -514,13 +613,20 @@ def decode_targets_batch(blobs, js, n: int, k: int) -> Tuple[np.ndarray, np.ndar
     fast = np.ones(B, bool)
     fast[slow] = False
     if fast.any():
-        if (idx[fast] >= nvs[fast, None]).any():
-            raise ValueError("corrupt targets blob: class index outside the vocabulary")
+        bad = (idx >= nvs[:, None]).any(1) & fast
+        if bad.any():
+            e = _corrupt("targets", "class index outside the vocabulary")
+            e.batch_index = int(np.flatnonzero(bad)[0])
+            raise e
         ids[fast] = vocab_all[vstart[fast, None] + idx[fast]] - base[fast, None]
     bits = np.empty_like(d)
     bits[:, 0] = d[:, 0]
     bits[:, 1:] = d[:, :1] - np.cumsum(d[:, 1:], axis=1)
     probs[:] = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
     for b in slow:
-        ids[b], probs[b] = decode_target_at(blobs[b], int(js[b]), (n, k))
+        try:
+            ids[b], probs[b] = decode_target_at(blobs[b], int(js[b]), (n, k))
+        except CorruptDataError as e:
+            e.batch_index = b
+            raise
     return ids, probs

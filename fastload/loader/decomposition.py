@@ -9,7 +9,7 @@ import torch
 
 from .._native import check
 from ..batch.buckets import BucketBatchSampler, Odds
-from ..format.decompose import _lib, load_manifest
+from ..format.decompose import _lib, load_manifest, open_bucket
 
 __all__ = ["DecompositionLoader"]
 
@@ -93,16 +93,7 @@ class DecompositionLoader:
         for k in use:
             arrs = []
             for f in m["buckets"][str(k)]["files"]:
-                fp = os.path.join(path, f["path"])
-                try:
-                    # "c" (copy-on-write) gives a writable view without ever writing the file,
-                    # so torch.from_numpy shares it without a warning.
-                    a = np.load(fp, mmap_mode="c") if f["rows"] else np.zeros((0, (1 << k) + 1), np.int32)
-                except (OSError, ValueError) as e:
-                    raise ValueError(f"{fp}: cannot map bucket file ({e})") from e
-                if a.dtype != np.int32 or a.ndim != 2 or a.shape != (f["rows"], (1 << k) + 1):
-                    raise ValueError(f"{fp}: expected int32 [{f['rows']}, {(1 << k) + 1}], got {a.dtype} {a.shape}")
-                arrs.append(a)
+                arrs.append(open_bucket(os.path.join(path, f["path"]), k, f["rows"]))
             self._arrays[k] = arrs
             self._bases[k] = np.array([a.__array_interface__["data"][0] if a.size else 0 for a in arrs], np.uint64)
             self._cum[k] = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrs])]).astype(np.int64)
@@ -112,7 +103,7 @@ class DecompositionLoader:
                                           schedule=schedule, schedule_per_epoch=schedule_per_epoch)
         from ._args import check_nonempty, decomposition_why
 
-        check_nonempty(len(self.sampler), "DecompositionLoader", decomposition_why(self.sampler))
+        check_nonempty(len(self.sampler), f"DecompositionLoader({path!r})", decomposition_why(self.sampler))
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
