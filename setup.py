@@ -106,8 +106,11 @@ setup(
         "ray": ["ray>=2.9"],
         "bench": ["scikit-image>=0.21", "matplotlib>=3.7"],
         "peers": ["nvidia-dali-cuda120", "ffcv"],
+        "remote": ["obstore>=0.6"],
         "test": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "ray>=2.9",
-                 "scikit-image>=0.21", "matplotlib>=3.7"],
+                 "scikit-image>=0.21", "matplotlib>=3.7",
+                 # remote datasets: the client, and real S3 (moto_server) for the tests
+                 "obstore>=0.6", "moto[server]>=5", "boto3"],
     },
     entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
 )

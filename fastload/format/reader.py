@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fastload.format import manifest as mf
+from fastload.format import remote
 from fastload.format.shards import (decode_array, decode_augs, decode_augs_batch, decode_target_at,
                                     decode_targets, decode_targets_batch)
 from fastload.sample.params import AUG_DTYPE
@@ -71,19 +72,25 @@ class ReinforcedDataset:
         >>> ids, probs = ds.target(0, ds.num_augmentations - 1)   # doctest: +SKIP
     """
 
-    def __init__(self, path: str, verify: bool = False, max_resident_mib: Optional[float] = 8):
+    def __init__(self, path: str, verify: bool = False, max_resident_mib: Optional[float] = 8,
+                 cache_dir: Optional[str] = None, cache_limit: Optional[int] = None, predownload: int = 4):
         self.path = os.fspath(path)
+        # s3:// gs:// az:// http(s)://: shards come through a local cache (fastload/format/remote.py)
+        self.remote = None
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
         self.max_resident_mib = max_resident_mib
         self._touched = 0
-        m = mf.read_manifest(self.path)
+        if remote.is_remote(self.path):
+            self.remote, m = remote.open_reinforced(self.path, cache_dir, cache_limit, predownload)
+        else:
+            m = mf.read_manifest(self.path)
         if not m.get("complete"):
             raise ValueError(f"{self.path!r} is incomplete ({len(m['shards'])}/{m.get('num_shards')} shards "
                              "written): rerun the same `reinforce` call to resume it")
         self.manifest = m
         self._shards_meta = sorted(m["shards"], key=lambda s: s["index"])
-        if verify:
+        if verify and self.remote is None:  # remote shards are verified on download
             bad = self.verify()
             if bad:
                 raise ValueError(f"{self.path!r}: checksum mismatch in {bad}")
@@ -95,7 +102,7 @@ class ReinforcedDataset:
     def _load_columns(self) -> None:
         labels, hw, ohw, keys, hashes = [], [], [], [], []
         for pos, s in enumerate(self._shards_meta):
-            b = self._shard(pos).batch
+            b = self.remote.meta_batch(pos) if self.remote else self._shard(pos).batch
             if b.num_rows != s["rows"]:
                 raise ValueError(f"{s['file']}: {b.num_rows} rows, manifest says {s['rows']}")
             labels.append(b.column("label").to_numpy())
@@ -154,7 +161,8 @@ class ReinforcedDataset:
         sh = self._open.get(pos)
         if sh is None:
             meta = self._shards_meta[pos]
-            sh = self._open[pos] = _Shard(os.path.join(self.path, meta["file"]), self.kind)
+            path = self.remote.fetch(pos, self._open) if self.remote else os.path.join(self.path, meta["file"])
+            sh = self._open[pos] = _Shard(path, self.kind)
         return sh
 
     def release_pages(self) -> None:

@@ -10,6 +10,7 @@ import torch
 from .._native import check
 from ..batch.buckets import BucketBatchSampler, Odds
 from ..format.decompose import _lib, load_manifest
+from ..format.remote import is_remote, materialize_decomposed
 
 __all__ = ["DecompositionLoader"]
 
@@ -51,7 +52,10 @@ class DecompositionLoader:
                  seed: int = 0, shuffle: bool = True, dtype: torch.dtype = torch.int64,
                  pin_memory: Optional[bool] = None, rank: Optional[int] = None,
                  world_size: Optional[int] = None, check_every: int = 0,
-                 buckets: Optional[Sequence[int]] = None, num_threads: int = 1, reuse_buffers: int = 0):
+                 buckets: Optional[Sequence[int]] = None, num_threads: int = 1, reuse_buffers: int = 0,
+                 cache_dir: Optional[str] = None, cache_limit: Optional[int] = None):
+        if is_remote(path):  # s3:// gs:// http(s)://: bucket arrays are downloaded whole, then mapped
+            path = materialize_decomposed(path, cache_dir, cache_limit)
         self.manifest = m = load_manifest(path)
         if dtype not in (torch.int64, torch.int32):
             raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
