@@ -63,3 +63,35 @@ def test_bad_arguments():
         BlockShuffleSampler([])
     with pytest.raises(ValueError, match="slicing"):
         BlockShuffleSampler([3, 3]).shards_for_steps(0, 0, 1, 2, rank=0, world_size=2, slicing="x")
+
+
+@pytest.mark.parametrize("P,worlds", [(4, (1, 2, 4)), (6, (1, 2, 3, 6))])
+def test_partitions_give_ranks_disjoint_shards(P, worlds):
+    sizes = [25] * 47 + [11]
+    G = 24 * P // 4 if P == 4 else 36
+    s = BlockShuffleSampler(sizes, block_shards=2, seed=2, partitions=P, global_batch_size=G)
+    order = s.global_order(1)
+    assert len(order) == len(s) and len(np.unique(order)) == len(order)  # no duplicates
+    assert len(order) > 0.8 * sum(sizes)
+    for W in worlds:
+        seen = []
+        for r in range(W):
+            rows = np.concatenate([order[k * G:(k + 1) * G][r * (G // W):(r + 1) * (G // W)]
+                                   for k in range(len(order) // G)])
+            seen.append(set(s.shard_of(rows).tolist()))
+        for a in range(W):
+            for b in range(a + 1, W):
+                assert not (seen[a] & seen[b])  # a rank's shards are its own: no double download
+
+
+def test_rank_batches_cover_the_global_batches():
+    s = BlockShuffleSampler([30] * 10, block_shards=2, seed=0)
+    g = s.global_order(2)
+    parts = []
+    for r in range(3):
+        rb = s.batch_sampler(12, rank=r, world_size=3)
+        rb.set_epoch(2)
+        parts.append(list(rb))
+    assert len(parts[0]) == len(rb) == 300 // 12
+    for k in range(len(rb)):
+        assert sum((parts[r][k] for r in range(3)), []) == g[k * 12:(k + 1) * 12].tolist()

@@ -56,7 +56,8 @@ class BlockShuffleSampler:
     iterating the sampler yields ``global_order(epoch)`` for the epoch set by ``set_epoch``.
     """
 
-    def __init__(self, shard_sizes, block_shards: int = 8, seed: int = 0, shuffle: bool = True):
+    def __init__(self, shard_sizes, block_shards: int = 8, seed: int = 0, shuffle: bool = True,
+                 partitions: int = 1, global_batch_size: Optional[int] = None):
         if hasattr(shard_sizes, "_starts"):  # a ReinforcedDataset
             starts = np.asarray(shard_sizes._starts, np.int64)
             shard_sizes = np.diff(starts)
@@ -70,10 +71,22 @@ class BlockShuffleSampler:
         self.block_shards = int(block_shards)
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.epoch = 0
+        self.partitions = int(partitions)
+        if self.partitions < 1 or self.partitions > len(sizes):
+            raise ValueError(f"partitions must be in [1, {len(sizes)}] (the number of shards), got {partitions}")
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
+        if self.partitions > 1 and (self.global_batch_size is None or self.global_batch_size % self.partitions):
+            raise ValueError(f"partitions={self.partitions} needs global_batch_size, a multiple of it "
+                             f"(got {global_batch_size})")
 
     # -- the order ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        """Samples per epoch: all rows, or with partitions the whole steps all partitions fill."""
+        if self.partitions == 1:
+            return int(self.starts[-1])
+        q = self.global_batch_size // self.partitions
+        groups = [int(self.sizes[g::self.partitions].sum()) for g in range(self.partitions)]
+        return min(groups) // q * self.global_batch_size
 
     def shard_order(self, epoch: int) -> np.ndarray:
         """The permuted shard order of ``epoch`` (level 1)."""
@@ -81,17 +94,34 @@ class BlockShuffleSampler:
             return np.arange(len(self.sizes), dtype=np.int64)
         return _rng(self.seed, epoch, _TAG_SHARDS).permutation(len(self.sizes)).astype(np.int64)
 
-    def global_order(self, epoch: int) -> np.ndarray:
-        """All sample indices of ``epoch`` in order (int64), the same on every rank."""
-        order = self.shard_order(epoch)
+    def _blocks(self, epoch: int, shards: np.ndarray, tag: int) -> np.ndarray:
         out = []
-        for b in range(0, len(order), self.block_shards):
-            block = order[b:b + self.block_shards]
+        for b in range(0, len(shards), self.block_shards):
+            block = shards[b:b + self.block_shards]
             rows = np.concatenate([np.arange(self.starts[s], self.starts[s + 1], dtype=np.int64) for s in block])
             if self.shuffle:
-                rows = rows[_rng(self.seed, epoch, _TAG_BLOCK, b).permutation(len(rows))]
+                rows = rows[_rng(self.seed, epoch, _TAG_BLOCK, tag, b).permutation(len(rows))]
             out.append(rows)
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        """All sample indices of ``epoch`` in order (int64), the same on every rank.
+
+        With ``partitions=P`` the permuted shards are dealt round-robin into P groups, each
+        block-shuffled on its own, and every global batch is P equal slices, slice g from
+        group g: a rank whose slice covers whole partitions (``world_size`` dividing P, ranks
+        taking contiguous slices) reads only its groups' shards, disjoint from other ranks'.
+        The order depends on P (fixed by the run's configuration, like MosaicML's canonical
+        nodes), never on the world size. Each group is truncated to the whole steps the
+        smallest fills (< one slice plus one shard per group, a different set every epoch)."""
+        order = self.shard_order(epoch)
+        if self.partitions == 1:
+            return self._blocks(epoch, order, 0)
+        P, G = self.partitions, self.global_batch_size
+        q = G // P
+        steps = len(self) // G
+        streams = [self._blocks(epoch, order[g::P], g + 1)[: steps * q].reshape(steps, q) for g in range(P)]
+        return np.stack(streams, 1).reshape(-1)
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, np.asarray(rows, np.int64), side="right") - 1
@@ -141,6 +171,13 @@ class BlockShuffleSampler:
             seq = seq[keep]
         return seq
 
+    def batch_sampler(self, global_batch_size: int, rank: Optional[int] = None, world_size: Optional[int] = None,
+                      slicing: str = "contiguous", dataset=None, drop_last: bool = True) -> "RankBatches":
+        """This rank's batches (its slice of each global batch) as a ``batch_sampler`` for
+        :class:`~fastload.ReinforcedLoader` or a DataLoader; with a remote ``dataset``, each
+        epoch also hands the dataset's cache this rank's shard sequence (predownload)."""
+        return RankBatches(self, global_batch_size, rank, world_size, slicing, dataset, drop_last)
+
     # -- sampler protocol -------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -154,6 +191,44 @@ class BlockShuffleSampler:
         return {"shuffle": "block" if self.shuffle else "none", "seed": self.seed,
                 "block_shards": self.block_shards, "num_samples": len(self),
                 "num_shards": int(len(self.sizes))}
+
+
+class RankBatches:
+    """A rank's batches of a :class:`BlockShuffleSampler` (see ``batch_sampler``)."""
+
+    def __init__(self, sampler: BlockShuffleSampler, global_batch_size: int, rank: Optional[int],
+                 world_size: Optional[int], slicing: str, dataset, drop_last: bool):
+        from fastload._dist import rank_world
+
+        self.sampler, self.G = sampler, int(global_batch_size)
+        self.rank, self.world_size = rank_world(rank, world_size)
+        if self.G % self.world_size:
+            raise ValueError(f"global_batch_size {self.G} is not a multiple of the world size {self.world_size}")
+        if slicing not in ("contiguous", "strided"):
+            raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
+        self.slicing, self.dataset, self.drop_last = slicing, dataset, bool(drop_last)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.G if self.drop_last else -(-n // self.G)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = self.sampler.global_order(self.epoch)
+        if self.dataset is not None:
+            predownload_plan(self.sampler, self.dataset, self.epoch, self.G, self.rank, self.world_size,
+                             self.slicing)
+        W, r = self.world_size, self.rank
+        for step in range(len(self)):
+            batch = order[step * self.G:(step + 1) * self.G]
+            if self.slicing == "contiguous":
+                b = len(batch) // W
+                yield batch[r * b:(r + 1) * b].tolist()
+            else:
+                yield batch[r::W].tolist()
 
 
 def shuffle_quality(order: np.ndarray, shard_of_row: np.ndarray, labels: np.ndarray,
@@ -179,4 +254,4 @@ def predownload_plan(sampler: BlockShuffleSampler, dataset, epoch: int, global_b
         cache.plan(sampler.shard_sequence(epoch, global_batch_size, rank, world_size, slicing, start))
 
 
-__all__: Sequence[str] = ["BlockShuffleSampler", "shuffle_quality", "predownload_plan"]
+__all__: Sequence[str] = ["BlockShuffleSampler", "RankBatches", "shuffle_quality", "predownload_plan"]
