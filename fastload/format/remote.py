@@ -323,12 +323,12 @@ class ShardCache:
         path = os.path.join(self.dir, "meta", f"{s['sha256'][:16]}.arrow")
         full = self.local_name(pos)
         try:
-            if os.path.exists(path):
-                with pa.memory_map(path) as src:
-                    return pa.ipc.open_file(src).get_batch(0)
+            if os.path.exists(path):  # small: read into memory, no map outliving its file
+                with open(path, "rb") as f:
+                    return pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
             if os.path.exists(full):  # already downloaded (and verified): read it locally
-                with pa.memory_map(full) as src:
-                    return _open_selected(lambda: src, columns)
+                with open(full, "rb") as f:
+                    return _open_selected(lambda: pa.PythonFile(f, mode="r"), columns)
         except pa.ArrowInvalid:
             pass  # a damaged cache entry: read it again from the remote
         rf = _RangedFile(self.client, s["file"], s["bytes"])
@@ -424,7 +424,25 @@ class ShardCache:
                 os.unlink(tmp)
         self.stats["downloads"] += 1
         self.stats["bytes_downloaded"] += int(s["bytes"])
+        self._check_meta(s, path)
         log.debug("downloaded %s (%d bytes)", url, s["bytes"])
+
+    def _check_meta(self, s: Dict[str, Any], path: str) -> None:
+        """The metadata read earlier by ranged GETs must equal the verified shard's."""
+        import pyarrow as pa
+
+        meta = os.path.join(self.dir, "meta", f"{s['sha256'][:16]}.arrow")
+        if not os.path.exists(meta):
+            return
+        with open(meta, "rb") as f:
+            cached = pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
+        with open(path, "rb") as f:
+            full = _open_selected(lambda: pa.PythonFile(f, mode="r"), cached.schema.names)
+        if not full.equals(cached):
+            os.unlink(meta)
+            raise ChecksumError(f"{_join(self.url, s['file'])}: the metadata columns read earlier by ranged "
+                                "GETs differ from the verified shard (the object changed during the run?); "
+                                "reopen the dataset")
 
     # -- eviction --------------------------------------------------------------------------
     def _protected(self, keep: int) -> set:
