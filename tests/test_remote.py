@@ -311,3 +311,27 @@ def test_full_cache_disk_is_a_clear_error(http, tmp_path):
     d = [x for x in os.listdir(tmp_path / "c") if x != "locks"]
     leftovers = [f for f in os.listdir(tmp_path / "c" / d[0]) if ".tmp-" in f]
     assert leftovers == []  # no half shard left behind
+
+
+def test_stale_metadata_cache_is_caught_on_download(http, tmp_path):
+    """Metadata comes from ranged GETs before the shard is downloaded; once the shard is
+    downloaded and its sha256 verified, the two must agree (a damaged meta/ entry is named)."""
+    import pyarrow as pa
+
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    meta_dir = os.path.join(ds.remote.dir, "meta")
+    name = sorted(os.listdir(meta_dir))[0]
+    with open(os.path.join(meta_dir, name), "rb") as f:
+        b = pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
+    cols = [pa.array(np.asarray(b.column("label")) + 1) if n == "label" else b.column(n) for n in b.schema.names]
+    bad = pa.record_batch(cols, schema=b.schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, bad.schema) as w:
+        w.write_batch(bad)
+    with open(os.path.join(meta_dir, name), "wb") as f:
+        f.write(sink.getvalue().to_pybytes())
+    ds2 = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    pos = [i for i in range(4) if ds2.remote.shards[i]["sha256"].startswith(name.split(".")[0])][0]
+    with pytest.raises(remote.ChecksumError, match=r"metadata columns .* differ"):
+        ds2.gather(np.array([pos * 10]), np.zeros(1, np.int64))
+    assert not os.path.exists(os.path.join(meta_dir, name))  # dropped: the next open re-reads it
