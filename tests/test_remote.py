@@ -224,6 +224,7 @@ def test_http_server_killed_mid_epoch_then_restarted(http, local_ds, tmp_path):
     # a cache of 1.5 shards keeps downloading all epoch long, so some fall in the outage
     ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0,
                            cache_limit=int(1.5 * size))
+    ds.remote.client.retries = 8  # ~32 s of backoff: room for a slow restart on a loaded CI machine
     want = _batches(ReinforcedDataset(local_ds))
     loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=6, shuffle=True, prefetch_factor=1)
     got = []
@@ -335,3 +336,39 @@ def test_stale_metadata_cache_is_caught_on_download(http, tmp_path):
     with pytest.raises(remote.ChecksumError, match=r"metadata columns .* differ"):
         ds2.gather(np.array([pos * 10]), np.zeros(1, np.int64))
     assert not os.path.exists(os.path.join(meta_dir, name))  # dropped: the next open re-reads it
+
+
+@pytest.mark.slow
+def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypatch):
+    """moto_server dies after 2 batches; a new one comes up on the same port ~1 s later with
+    the same objects (storage outlives its front end): the epoch equals a local run."""
+    m = Moto()
+    for k, v in m.env.items():
+        monkeypatch.setenv(k, v)
+    box = {"m": m}
+    try:
+        url = m.upload(local_ds, "data", "ds")
+        size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+        ds = ReinforcedDataset(url, cache_dir=str(tmp_path / "c"), predownload=0, cache_limit=int(1.5 * size))
+        ds.remote.client.retries = 8  # ~32 s of backoff: room for a slow moto_server start in CI
+        want = _batches(ReinforcedDataset(local_ds))
+        loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=6, shuffle=True, prefetch_factor=1)
+        got, th = [], None
+        for i, b in enumerate(loader):
+            got.append(tuple(x.clone() for x in b))
+            if i == 1:
+                m.proc.kill()
+                m.proc.wait()
+
+                def restart():
+                    box["m"] = Moto(port=m.port)
+                    box["m"].upload(local_ds, "data", "ds")
+
+                th = threading.Thread(target=restart)
+                th.start()
+        th.join()
+        _same(got, want)
+        assert ds.remote.client.retried > 0 and ds.remote.stats["downloads"] > 4
+    finally:
+        box["m"].stop()
+        m.stop()
