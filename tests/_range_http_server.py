@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT, PORT, LOG = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 STATUS = int(sys.argv[sys.argv.index("--status") + 1]) if "--status" in sys.argv else 0
+DELAY = float(sys.argv[sys.argv.index("--delay") + 1]) if "--delay" in sys.argv else 0.0  # s per full GET
 _lock = threading.Lock()
 
 
@@ -73,6 +74,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         if body:
+            if DELAY and not m:
+                import time
+
+                time.sleep(DELAY)
             with open(p, "rb") as f:
                 f.seek(start)
                 left = end - start + 1

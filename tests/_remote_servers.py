@@ -85,13 +85,15 @@ class Moto:
 class RangeHTTP:
     """tests/_range_http_server.py serving ``root``; ``gets(path)`` counts full-object GETs."""
 
-    def __init__(self, root: str, log: str, port: int = 0, status: int = 0):
+    def __init__(self, root: str, log: str, port: int = 0, status: int = 0, delay: float = 0.0):
         self.root, self.log = root, log
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, os.path.join(HERE, "_range_http_server.py"), root, str(self.port), log]
         if status:
             args += ["--status", str(status)]
+        if delay:
+            args += ["--delay", str(delay)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_http(self.url + "/", self.proc, "range HTTP server")
 

@@ -372,3 +372,27 @@ def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypat
     finally:
         box["m"].stop()
         m.stop()
+
+
+_EXIT = """
+import sys, time, numpy as np
+from fastload.format.reader import ReinforcedDataset
+from fastload.format import remote
+ds = ReinforcedDataset(sys.argv[1], cache_dir=sys.argv[2], predownload=4)
+remote.predownload_rows(ds, np.arange(len(ds)))
+time.sleep(0.3)   # the predownload thread is now inside a (slow) GET
+print("exiting")
+"""
+
+
+def test_process_exits_cleanly_during_predownload(local_ds, tmp_path):
+    srv = RangeHTTP(local_ds, str(tmp_path / "log"), delay=1.0)
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-c", _EXIT, srv.url, str(tmp_path / "c")], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and "exiting" in out.stdout, out.stderr[-500:]
+            assert "terminate called" not in out.stderr
+    finally:
+        srv.kill()

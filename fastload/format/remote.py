@@ -37,6 +37,7 @@ naming the URL. Every request has a timeout, so nothing hangs.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -46,6 +47,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -327,8 +329,7 @@ class ShardCache:
                 with open(path, "rb") as f:
                     return pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
             if os.path.exists(full):  # already downloaded (and verified): read it locally
-                with open(full, "rb") as f:
-                    return _open_selected(lambda: pa.PythonFile(f, mode="r"), columns)
+                return _open_selected(lambda: pa.OSFile(full), columns)
         except pa.ArrowInvalid:
             pass  # a damaged cache entry: read it again from the remote
         rf = _RangedFile(self.client, s["file"], s["bytes"])
@@ -436,8 +437,9 @@ class ShardCache:
             return
         with open(meta, "rb") as f:
             cached = pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
-        with open(path, "rb") as f:
-            full = _open_selected(lambda: pa.PythonFile(f, mode="r"), cached.schema.names)
+        # pa.OSFile, not a Python file object: this runs on the predownload thread too, and Arrow
+        # calling back into Python from there can abort the process at interpreter exit
+        full = _open_selected(lambda: pa.OSFile(path), cached.schema.names)
         if not full.equals(cached):
             os.unlink(meta)
             raise ChecksumError(f"{_join(self.url, s['file'])}: the metadata columns read earlier by ranged "
@@ -514,11 +516,16 @@ class ShardCache:
                 self._stop = False
                 self._thread = threading.Thread(target=self._run, name="fastload-predownload", daemon=True)
                 self._thread.start()
+                _LIVE.add(self)
 
-    def close(self) -> None:
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop the predownload thread and wait for its download in flight (if any)."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+        th = self._thread
+        if th is not None and th.is_alive() and th is not threading.current_thread():
+            th.join(self.client.timeout + 5 if timeout is None else timeout)
 
     def _advance(self, pos: int) -> None:
         plan = self._plan
@@ -561,6 +568,22 @@ class ShardCache:
                 self._make_room(int(s["bytes"]), keep=pos)
                 self._download(s, path)
         return path
+
+
+# Caches whose predownload thread may be inside a download. At interpreter exit a daemon
+# thread returning from native code (obstore releases the GIL) is unwound by
+# pthread_exit, which aborts the process ("terminate called without an active exception")
+# when it crosses C++/Rust frames: stop and join them first.
+_LIVE: "weakref.WeakSet[ShardCache]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_predownloads() -> None:
+    for cache in list(_LIVE):
+        try:
+            cache.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
 
 
 def _open_selected(source_fn: Callable[[], Any], columns: Sequence[str]):
