@@ -158,7 +158,7 @@ def main():
             "note": "2 cores shared by 8 engineers and moto_server itself (Python) runs on them: noisy; "
                     "ratios are within one round (modes run back to back)",
             "build_seconds": t_build, "load_average": os.getloadavg(), "rounds": rounds, "summary": summary,
-            "mosaicml_streaming": "not done (needs a separate ~6.5 GB venv with torch 2.14.1; no time left)"})
+            "mosaicml_streaming": "see benchmarks/remote_peers.py (it needs its own venv)"})
         print(path)
     finally:
         moto.stop()
