@@ -110,3 +110,62 @@ class RangeHTTP:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class TcpProxy:
+    """127.0.0.1:port -> 127.0.0.1:target, byte for byte (threads). Lets a test replace the
+    server behind a fixed endpoint: the endpoint refuses connections until the new server is
+    up and holds its data, as a real storage front end coming back would."""
+
+    def __init__(self, target: int, port: int = 0):
+        import socketserver
+        import threading
+
+        self.target = target
+        conns = self._conns = []
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                up = socket.create_connection(("127.0.0.1", target))
+                conns.extend([self.request, up])
+
+                def pump(a, b):
+                    try:
+                        while True:
+                            d = a.recv(65536)
+                            if not d:
+                                break
+                            b.sendall(d)
+                    except OSError:
+                        pass
+                    finally:
+                        for s in (a, b):
+                            try:
+                                s.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+
+                t = threading.Thread(target=pump, args=(up, self.request), daemon=True)
+                t.start()
+                pump(self.request, up)
+                t.join()
+                up.close()
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass

@@ -340,14 +340,17 @@ def test_stale_metadata_cache_is_caught_on_download(http, tmp_path):
 
 @pytest.mark.slow
 def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypatch):
-    """moto_server dies after 2 batches; a new one comes up on the same port ~1 s later with
-    the same objects (storage outlives its front end): the epoch equals a local run."""
-    m = Moto()
-    for k, v in m.env.items():
+    """moto_server is killed after 2 batches; a new one (same objects: storage outlives its
+    front end) comes back behind the same endpoint ~2 s later: the epoch equals a local run."""
+    from _remote_servers import TcpProxy
+
+    box = {"m": Moto()}
+    proxy = {"p": TcpProxy(box["m"].port)}
+    env = dict(box["m"].env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy['p'].port}")
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
-    box = {"m": m}
     try:
-        url = m.upload(local_ds, "data", "ds")
+        url = box["m"].upload(local_ds, "data", "ds")
         size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
         ds = ReinforcedDataset(url, cache_dir=str(tmp_path / "c"), predownload=0, cache_limit=int(1.5 * size))
         ds.remote.client.retries = 8  # ~32 s of backoff: room for a slow moto_server start in CI
@@ -357,12 +360,14 @@ def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypat
         for i, b in enumerate(loader):
             got.append(tuple(x.clone() for x in b))
             if i == 1:
-                m.proc.kill()
-                m.proc.wait()
+                box["m"].proc.kill()  # the server dies...
+                box["m"].proc.wait()
+                proxy["p"].stop()     # ...and its endpoint refuses connections
 
                 def restart():
-                    box["m"] = Moto(port=m.port)
+                    box["m"] = Moto()
                     box["m"].upload(local_ds, "data", "ds")
+                    proxy["p"] = TcpProxy(box["m"].port, port=int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
 
                 th = threading.Thread(target=restart)
                 th.start()
@@ -370,9 +375,8 @@ def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypat
         _same(got, want)
         assert ds.remote.client.retried > 0 and ds.remote.stats["downloads"] > 4
     finally:
+        proxy["p"].stop()
         box["m"].stop()
-        m.stop()
-
 
 _EXIT = """
 import sys, time, numpy as np
