@@ -400,3 +400,17 @@ def test_process_exits_cleanly_during_predownload(local_ds, tmp_path):
             assert "terminate called" not in out.stderr
     finally:
         srv.kill()
+
+
+def test_remote_dataset_pickles_for_workers(http, local_ds, tmp_path):
+    import pickle
+
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    remote.predownload_rows(ds, np.arange(len(ds)))
+    copy = pickle.loads(pickle.dumps(ds))  # a DataLoader worker's copy: no thread, no open maps
+    assert copy.remote.url == ds.remote.url and copy.remote._thread is None
+    loc = ReinforcedDataset(local_ds)
+    a = copy.gather(np.arange(0, 40, 7), np.zeros(6, np.int64))
+    b = loc.gather(np.arange(0, 40, 7), np.zeros(6, np.int64))
+    assert [bytes(x) for x in a[0]] == [bytes(x) for x in b[0]]
+    ds.remote.close()
