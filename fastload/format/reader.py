@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fastload.format import manifest as mf
+from fastload.format import remote
 from fastload.format.manifest import CorruptDataError
 from fastload.format.shards import (decode_array, decode_augs, decode_augs_batch, decode_target_at,
                                     decode_targets, decode_targets_batch)
@@ -130,17 +131,24 @@ class ReinforcedDataset:
         >>> ids, probs = ds.target(0, ds.num_augmentations - 1)   # doctest: +SKIP
     """
 
-    def __init__(self, path: str, verify="lazy", max_resident_mib: Optional[float] = 8):
+    def __init__(self, path: str, verify="lazy", max_resident_mib: Optional[float] = 8,
+                 cache_dir: Optional[str] = None, cache_limit: Optional[int] = None, predownload: int = 4):
         self.path = os.fspath(path)
         modes = {True: "open", False: "off", "lazy": "lazy", "open": "open", "off": "off"}
         if not isinstance(verify, (bool, str)) or verify not in modes:
             raise ValueError(f"verify must be 'lazy', 'open' or 'off' (or True/False), got {verify!r}")
         self.verify_mode = modes[verify]
+        # s3:// gs:// az:// http(s)://: shards come through a local cache (fastload/format/remote.py)
+        # that checks each download's sha256; the mapped cache file is verified like a local one
+        self.remote = None
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
         self.max_resident_mib = max_resident_mib
         self._touched = 0
-        m = mf.read_manifest(self.path)
+        if remote.is_remote(self.path):
+            self.remote, m = remote.open_reinforced(self.path, cache_dir, cache_limit, predownload)
+        else:
+            m = mf.read_manifest(self.path)
         if not m.get("complete"):
             raise ValueError(f"{self.path!r} is incomplete ({len(m['shards'])}/{m.get('num_shards')} shards "
                              "written): rerun the same `reinforce` call to resume it")
@@ -163,17 +171,17 @@ class ReinforcedDataset:
         labels, hw, ohw, keys, hashes = [], [], [], [], []
         nc = self.manifest.get("num_classes") if self.kind == "classification" else None
         for pos, s in enumerate(self._shards_meta):
-            sh = self._shard(pos)
-            b = sh.batch
+            b = self.remote.meta_batch(pos) if self.remote else self._shard(pos).batch
+            where = f"{self.path.rstrip('/')}/{s['file']}"
             if b.num_rows != s["rows"]:
-                raise CorruptDataError(sh.path, f"{b.num_rows} rows, manifest says {s['rows']}")
+                raise CorruptDataError(where, f"{b.num_rows} rows, manifest says {s['rows']}")
             h, w = b.column("src_h").to_numpy(), b.column("src_w").to_numpy()
             lab = b.column("label").to_numpy()
             if b.num_rows and (min(h.min(), w.min()) < 1 or min(b.column("orig_h").to_numpy().min(),
                                                                 b.column("orig_w").to_numpy().min()) < 0):
-                raise CorruptDataError(sh.path, "an image size is not positive")
+                raise CorruptDataError(where, "an image size is not positive")
             if b.num_rows and (lab.min() < -1 or (nc is not None and lab.max() >= nc)):
-                raise CorruptDataError(sh.path, f"label outside [-1, {nc}) (num_classes in the manifest)")
+                raise CorruptDataError(where, f"label outside [-1, {nc}) (num_classes in the manifest)")
             labels.append(b.column("label").to_numpy())
             hw.append(np.stack([b.column("src_h").to_numpy(), b.column("src_w").to_numpy()], 1))
             ohw.append(np.stack([b.column("orig_h").to_numpy(), b.column("orig_w").to_numpy()], 1))
@@ -235,7 +243,8 @@ class ReinforcedDataset:
         sh = self._open.get(pos)
         if sh is None:
             meta = self._shards_meta[pos]
-            sh = self._open[pos] = open_shard(os.path.join(self.path, meta["file"]), self.kind, meta["bytes"])
+            path = self.remote.fetch(pos, self._open) if self.remote else os.path.join(self.path, meta["file"])
+            sh = self._open[pos] = open_shard(path, self.kind, meta["bytes"])
         return sh
 
     def _check(self, pos: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from .._native import check
 from ..batch.buckets import BucketBatchSampler, Odds
 from ..format.decompose import _lib, load_manifest, open_bucket
+from ..format.remote import is_remote, materialize_decomposed
 
 __all__ = ["DecompositionLoader"]
 
@@ -65,7 +66,10 @@ class DecompositionLoader:
                  pin_memory: Optional[bool] = None, rank: Optional[int] = None,
                  world_size: Optional[int] = None, check_every: int = 0,
                  buckets: Optional[Sequence[int]] = None, num_threads: int = 1, reuse_buffers: int = 0,
-                 schedule: str = "remaining", schedule_per_epoch: Optional[bool] = None):
+                 schedule: str = "remaining", schedule_per_epoch: Optional[bool] = None,
+                 cache_dir: Optional[str] = None, cache_limit: Optional[int] = None):
+        if is_remote(path):  # s3:// gs:// http(s)://: bucket arrays are downloaded whole, then mapped
+            path = materialize_decomposed(path, cache_dir, cache_limit)
         self.manifest = m = load_manifest(path)
         if dtype not in (torch.int64, torch.int32):
             raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")

@@ -1,0 +1,416 @@
+"""Remote datasets against REAL servers on 127.0.0.1: moto_server (the S3 REST API) and a
+ThreadingHTTPServer with Range support, both subprocesses started and stopped here.
+Faults: server killed mid-epoch, corrupt shard, bounded/full cache, two processes on one
+cache, unreachable URL, wrong credentials, missing objects, a different dataset."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("obstore")
+
+from fastload.format import remote
+from fastload.format.reader import ReinforcedDataset
+from fastload.loader.reinforced import ReinforcedLoader
+
+from _ddp_loader_worker import write_dataset
+from _remote_servers import HERE, Moto, RangeHTTP
+
+S = 16
+
+
+@pytest.fixture(scope="module")
+def local_ds(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("rl") / "d"), n=40, shard_size=10)
+
+
+@pytest.fixture(scope="module")
+def moto(local_ds):
+    m = Moto()
+    saved = {k: os.environ.get(k) for k in m.env}
+    os.environ.update(m.env)
+    try:
+        m.url = m.upload(local_ds, "data", "imagenet-tiny")
+        yield m
+    finally:
+        m.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def http(local_ds, tmp_path):
+    root = tmp_path / "srv"
+    shutil.copytree(local_ds, root / "ds")
+    srv = RangeHTTP(str(root), str(tmp_path / "get.log"))
+    srv.ds_url = srv.url + "/ds"
+    yield srv
+    srv.kill()
+
+
+def _batches(ds, epoch=0, **kw):
+    kw.setdefault("image_size", S)
+    kw.setdefault("batch_size", 6)
+    kw.setdefault("shuffle", True)
+    loader = ReinforcedLoader(ds, seed=3, **kw)
+    loader.set_epoch(epoch)
+    return [tuple(x.clone() for x in b) for b in loader]
+
+
+def _same(a, b):
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+def _shard_files(d):
+    return sorted(f for f in os.listdir(d) if f.endswith(".arrow") and ".tmp-" not in f)
+
+
+# ------------------------------------------------------------------------------ S3 (moto)
+def test_s3_epoch_equals_local(moto, local_ds, tmp_path):
+    ds = ReinforcedDataset(moto.url, cache_dir=str(tmp_path))
+    loc = ReinforcedDataset(local_ds)
+    assert ds.keys == loc.keys and np.array_equal(ds.labels, loc.labels)
+    assert np.array_equal(ds.source_hw, loc.source_hw)
+    assert ds.remote.stats["downloads"] == 0  # metadata came from ranged reads only
+    assert 0 < ds.remote.stats["meta_bytes"] < sum(s["bytes"] for s in ds.remote.shards) / 4
+    _same(_batches(ds), _batches(loc))
+    assert ds.remote.stats["downloads"] == 4
+    # warm: a new dataset object on the same cache downloads no shard again
+    ds2 = ReinforcedDataset(moto.url, cache_dir=str(tmp_path))
+    _same(_batches(ds2, epoch=1), _batches(loc, epoch=1))
+    assert ds2.remote.stats["downloads"] == 0 and ds2.remote.stats["meta_bytes"] == 0
+
+
+def test_s3_checksum_mismatch_names_url(moto, local_ds, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(local_ds, bad)
+    p = bad / "shard-00002.arrow"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF  # same size, one byte off: only the sha256 tells
+    p.write_bytes(bytes(b))
+    import json
+
+    m = json.loads((bad / "manifest.json").read_text())
+    json.dump(m, open(bad / "manifest.json", "w"))  # manifest keeps the good checksums
+    url = moto.upload(str(bad), "data", "corrupt")
+    ds = ReinforcedDataset(url, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(remote.ChecksumError, match=r"s3://data/corrupt/shard-00002\.arrow.*sha256"):
+        ds.gather(np.arange(20, 22), np.zeros(2, np.int64))
+    assert not any("shard-00002" in f for f in os.listdir(ds.remote.dir))  # nothing half cached
+    ds.gather(np.arange(0, 2), np.zeros(2, np.int64))  # the good shards still serve
+
+
+def test_s3_bad_inputs_fail_fast_naming_url(moto, tmp_path, local_ds):
+    t0 = time.time()
+    with pytest.raises(remote.RemoteError, match=r"s3://data/nothing-here.*no manifest.json"):
+        ReinforcedDataset("s3://data/nothing-here", cache_dir=str(tmp_path))
+    with pytest.raises(remote.RemoteError, match=r"s3://no-such-bucket/x"):
+        ReinforcedDataset("s3://no-such-bucket/x", cache_dir=str(tmp_path))
+    # a shard listed by the manifest but missing in the bucket
+    c = moto.client()
+    url = moto.upload(local_ds, "data", "holey")
+    c.delete_object(Bucket="data", Key="holey/shard-00001.arrow")
+    ds = ReinforcedDataset.__new__(ReinforcedDataset)
+    with pytest.raises(remote.RemoteError, match=r"s3://data/holey/shard-00001\.arrow: not found"):
+        ReinforcedDataset(url, cache_dir=str(tmp_path))
+    assert time.time() - t0 < 20
+
+
+def test_s3_different_dataset_is_a_clear_error(moto, tmp_path):
+    import fastload
+
+    d = tmp_path / "dec"
+    toks = np.random.default_rng(0).integers(0, 256, 6000).astype(np.int32)
+    fastload.decompose((toks, np.arange(0, 6001, 300)), str(d), min_bucket=4, max_bucket=6,
+                       vocab_size=257, eot_id=256, progress=False)
+    url = moto.upload(str(d), "data", "tokens")
+    with pytest.raises(ValueError, match=r"s3://data/tokens/manifest.json: not a fastload reinforced"):
+        ReinforcedDataset(url, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"s3://data/imagenet-tiny/manifest.json: not a fastload-decomposition manifest"):
+        fastload.DecompositionLoader(moto.url, tokens_per_step=64, cache_dir=str(tmp_path / "c"))
+
+
+def test_s3_decomposed_matches_local(moto, tmp_path):
+    import fastload
+
+    d = tmp_path / "dec"
+    toks = np.random.default_rng(1).integers(0, 256, 20000).astype(np.int32)
+    fastload.decompose((toks, np.arange(0, 20001, 400)), str(d), min_bucket=4, max_bucket=6,
+                       vocab_size=257, eot_id=256, progress=False)
+    url = moto.upload(str(d), "data", "dec")
+    a = fastload.DecompositionLoader(url, tokens_per_step=256, seed=0, cache_dir=str(tmp_path / "c"))
+    b = fastload.DecompositionLoader(str(d), tokens_per_step=256, seed=0)
+    got, want = list(a), list(b)
+    assert len(got) == len(want) > 0
+    for (x, y), (u, v) in zip(got, want):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    with pytest.raises(remote.CacheFullError, match="cache_limit"):
+        fastload.DecompositionLoader(url, tokens_per_step=256, cache_dir=str(tmp_path / "c2"), cache_limit=1000)
+
+
+@pytest.mark.slow
+def test_s3_wrong_credentials(local_ds, tmp_path):
+    m = Moto(auth=True)  # a second server that checks signatures against its IAM
+    env = dict(os.environ, **m.env)
+    env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = "AKIAWRONGWRONGWRONG", "not-the-secret"
+    code = textwrap.dedent(f"""
+        import time, sys
+        from fastload.format.reader import ReinforcedDataset
+        t0 = time.time()
+        try:
+            ReinforcedDataset("s3://data/x", cache_dir={str(tmp_path)!r})
+        except OSError as e:
+            print("ERR", time.time() - t0, e)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        m.stop()
+    assert "ERR" in out.stdout, out.stdout + out.stderr
+    assert "s3://data/x" in out.stdout and "access denied" in out.stdout
+    assert "not-the-secret" not in out.stdout + out.stderr  # credentials never logged
+    assert float(out.stdout.split()[1]) < 10
+
+
+# --------------------------------------------------------------------------- HTTP (range)
+def test_http_cache_limit_evicts_and_epoch_is_exact(http, local_ds, tmp_path):
+    size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), cache_limit=int(2.5 * size),
+                           predownload=1)
+    loc = ReinforcedDataset(local_ds)
+    for epoch in (0, 1):
+        _same(_batches(ds, epoch=epoch), _batches(loc, epoch=epoch))
+        held = sum(os.path.getsize(os.path.join(ds.remote.dir, f)) for f in _shard_files(ds.remote.dir))
+        assert held <= 2.5 * size
+    assert ds.remote.stats["evictions"] > 0
+    with pytest.raises(remote.CacheFullError, match=r"cache folder .*cache_limit=100 bytes"):
+        small = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c3"), cache_limit=100)
+        small.gather(np.arange(2), np.zeros(2, np.int64))
+
+
+def test_http_predownload_follows_plan(http, local_ds, tmp_path):
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    remote.predownload_rows(ds, [35, 36, 25, 5, 15])  # shards 3, 2, 0, 1
+    for _ in range(100):
+        if len(_shard_files(ds.remote.dir)) >= 3:
+            break
+        time.sleep(0.05)
+    names = _shard_files(ds.remote.dir)
+    assert any("shard-00003" in f for f in names) and any("shard-00002" in f for f in names)
+    assert any("shard-00000" in f for f in names)  # window of 2 ahead of the first shard
+    ds.remote.close()
+
+
+@pytest.mark.slow
+def test_http_server_killed_mid_epoch_then_restarted(http, local_ds, tmp_path):
+    """The server dies after 2 batches and comes back 1.5 s later: the loader's bounded
+    retries bridge the gap and the epoch is bit-identical to a local run."""
+    size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+    # a cache of 1.5 shards keeps downloading all epoch long, so some fall in the outage
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0,
+                           cache_limit=int(1.5 * size))
+    ds.remote.client.retries = 8  # ~32 s of backoff: room for a slow restart on a loaded CI machine
+    want = _batches(ReinforcedDataset(local_ds))
+    loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=6, shuffle=True, prefetch_factor=1)
+    got = []
+    for i, b in enumerate(loader):
+        got.append(tuple(x.clone() for x in b))
+        if i == 1:
+            http.kill()
+            port = http.port
+
+            def restart():
+                time.sleep(1.5)
+                http.__init__(http.root, http.log, port=port)
+
+            th = threading.Thread(target=restart)
+            th.start()
+    th.join()
+    _same(got, want)
+    assert ds.remote.client.retried > 0  # the outage was hit, and bridged
+    assert ds.remote.stats["downloads"] > 4
+
+
+def test_http_unreachable_is_quick_and_named(tmp_path):
+    from _remote_servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/ds"
+    t0 = time.time()
+    with pytest.raises(remote.RemoteError, match=rf"{url}/manifest.json: get failed after"):
+        ReinforcedDataset(url, cache_dir=str(tmp_path))
+    assert time.time() - t0 < 15
+
+
+def test_http_403_is_access_denied_without_retries(local_ds, tmp_path):
+    srv = RangeHTTP(local_ds, str(tmp_path / "log"), status=403)
+    try:
+        t0 = time.time()
+        with pytest.raises(remote.RemoteError, match=rf"{srv.url}/ds/manifest.json: access denied"):
+            ReinforcedDataset(srv.url + "/ds", cache_dir=str(tmp_path))
+        assert time.time() - t0 < 3
+    finally:
+        srv.kill()
+
+
+_TWO = """
+import sys, numpy as np
+from fastload.format.reader import ReinforcedDataset
+ds = ReinforcedDataset(sys.argv[1], cache_dir=sys.argv[2], predownload=0)
+for s in range(0, len(ds), 5):
+    ds.gather(np.arange(s, min(len(ds), s + 5)), np.zeros(min(5, len(ds) - s), np.int64))
+print(ds.remote.stats["downloads"])
+"""
+
+
+def test_two_processes_share_one_cache(http, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
+    cache = str(tmp_path / "shared")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO, http.ds_url, cache], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(int(o.strip().splitlines()[-1]) for o, _ in outs) == 4  # 4 shards, once in all
+    for k in range(4):
+        assert http.full_gets(f"shard-{k:05d}.arrow") == 1  # counted by the server
+
+
+_FULL = """
+import resource, signal, sys, numpy as np
+from fastload.format.reader import ReinforcedDataset
+from fastload.format.remote import CacheFullError
+ds = ReinforcedDataset(sys.argv[1], cache_dir=sys.argv[2], predownload=0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a full disk: writes past 20 KB fail (EFBIG)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+try:
+    ds.gather(np.arange(2), np.zeros(2, np.int64))
+except CacheFullError as e:
+    print("FULL", e)
+"""
+
+
+def test_full_cache_disk_is_a_clear_error(http, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
+    out = subprocess.run([sys.executable, "-c", _FULL, http.ds_url, str(tmp_path / "c")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert "FULL" in out.stdout, out.stdout + out.stderr
+    assert "is full" in out.stdout and http.ds_url + "/shard-00000.arrow" in out.stdout
+    d = [x for x in os.listdir(tmp_path / "c") if x != "locks"]
+    leftovers = [f for f in os.listdir(tmp_path / "c" / d[0]) if ".tmp-" in f]
+    assert leftovers == []  # no half shard left behind
+
+
+def test_stale_metadata_cache_is_caught_on_download(http, tmp_path):
+    """Metadata comes from ranged GETs before the shard is downloaded; once the shard is
+    downloaded and its sha256 verified, the two must agree (a damaged meta/ entry is named)."""
+    import pyarrow as pa
+
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    meta_dir = os.path.join(ds.remote.dir, "meta")
+    name = sorted(os.listdir(meta_dir))[0]
+    with open(os.path.join(meta_dir, name), "rb") as f:
+        b = pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
+    cols = [pa.array((np.asarray(b.column("label")) + 1) % ds.num_classes) if n == "label" else b.column(n) for n in b.schema.names]
+    bad = pa.record_batch(cols, schema=b.schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, bad.schema) as w:
+        w.write_batch(bad)
+    with open(os.path.join(meta_dir, name), "wb") as f:
+        f.write(sink.getvalue().to_pybytes())
+    ds2 = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    pos = [i for i in range(4) if ds2.remote.shards[i]["sha256"].startswith(name.split(".")[0])][0]
+    with pytest.raises(remote.ChecksumError, match=r"metadata columns .* differ"):
+        ds2.gather(np.array([pos * 10]), np.zeros(1, np.int64))
+    assert not os.path.exists(os.path.join(meta_dir, name))  # dropped: the next open re-reads it
+
+
+@pytest.mark.slow
+def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypatch):
+    """moto_server is killed after 2 batches; a new one (same objects: storage outlives its
+    front end) comes back behind the same endpoint ~2 s later: the epoch equals a local run."""
+    from _remote_servers import TcpProxy
+
+    box = {"m": Moto()}
+    proxy = {"p": TcpProxy(box["m"].port)}
+    env = dict(box["m"].env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy['p'].port}")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        url = box["m"].upload(local_ds, "data", "ds")
+        size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+        ds = ReinforcedDataset(url, cache_dir=str(tmp_path / "c"), predownload=0, cache_limit=int(1.5 * size))
+        ds.remote.client.retries = 8  # ~32 s of backoff: room for a slow moto_server start in CI
+        want = _batches(ReinforcedDataset(local_ds))
+        loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=6, shuffle=True, prefetch_factor=1)
+        got, th = [], None
+        for i, b in enumerate(loader):
+            got.append(tuple(x.clone() for x in b))
+            if i == 1:
+                box["m"].proc.kill()  # the server dies...
+                box["m"].proc.wait()
+                proxy["p"].stop()     # ...and its endpoint refuses connections
+
+                def restart():
+                    box["m"] = Moto()
+                    box["m"].upload(local_ds, "data", "ds")
+                    proxy["p"] = TcpProxy(box["m"].port, port=int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+
+                th = threading.Thread(target=restart)
+                th.start()
+        th.join()
+        _same(got, want)
+        assert ds.remote.client.retried > 0 and ds.remote.stats["downloads"] > 4
+    finally:
+        proxy["p"].stop()
+        box["m"].stop()
+
+_EXIT = """
+import sys, time, numpy as np
+from fastload.format.reader import ReinforcedDataset
+from fastload.format import remote
+ds = ReinforcedDataset(sys.argv[1], cache_dir=sys.argv[2], predownload=4)
+remote.predownload_rows(ds, np.arange(len(ds)))
+time.sleep(0.3)   # the predownload thread is now inside a (slow) GET
+print("exiting")
+"""
+
+
+def test_process_exits_cleanly_during_predownload(local_ds, tmp_path):
+    srv = RangeHTTP(local_ds, str(tmp_path / "log"), delay=1.0)
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-c", _EXIT, srv.url, str(tmp_path / "c")], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and "exiting" in out.stdout, out.stderr[-500:]
+            assert "terminate called" not in out.stderr
+    finally:
+        srv.kill()
+
+
+def test_remote_dataset_pickles_for_workers(http, local_ds, tmp_path):
+    import pickle
+
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    remote.predownload_rows(ds, np.arange(len(ds)))
+    copy = pickle.loads(pickle.dumps(ds))  # a DataLoader worker's copy: no thread, no open maps
+    assert copy.remote.url == ds.remote.url and copy.remote._thread is None
+    loc = ReinforcedDataset(local_ds)
+    a = copy.gather(np.arange(0, 40, 7), np.zeros(6, np.int64))
+    b = loc.gather(np.arange(0, 40, 7), np.zeros(6, np.int64))
+    assert [bytes(x) for x in a[0]] == [bytes(x) for x in b[0]]
+    ds.remote.close()
