@@ -3,7 +3,7 @@
 
 The interpreter tests never run Triton's compiler, so a kernel can pass them and still fail
 to compile, or compile into something that spills registers to local memory. Here each
-launcher (``sparse_down``, ``SparseDown``, ``replay_batch``, ``render_uint8``) runs on
+launcher (``sparse_down``, ``replay_batch``, ``render_uint8``) runs on
 ``meta`` tensors with the kernels replaced by recorders; every recorded launch is
 specialized exactly as the JIT would specialize it (``create_function_from_signature`` +
 ``JITFunction._pack_args``: constexprs, integer-1 specialization, 16-byte divisibility) and
@@ -75,9 +75,8 @@ def _ffn_launches():
                 w_t = torch.empty(D_FF, D_MODEL, dtype=dt, device="meta")
                 b = torch.empty(D_MODEL, dtype=dt, device="meta") if bias else None
                 with recording(S) as log:
-                    S.sparse_down(act, w_t, b)
-                    if hasattr(S, "SparseDown"):
-                        S.SparseDown(w_t, b, max_batch=B)(act)
+                    S.sparse_down(act, w_t, b, active_out=torch.empty(4096, dtype=torch.int32,
+                                                                     device="meta") if bias else None)
                 out += [(f"{dt}".replace("torch.", "") + f" B={B} bias={bias}", *x) for x in log]
     return out
 

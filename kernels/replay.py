@@ -604,7 +604,7 @@ def _render_ra(images, hw_t, rec, size, cubic, num_bins, block):
     mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
     grid = (B, triton.cdiv(h * w, block))
     _resize_u8_kernel[grid](images, hw_t, prm, mid, Hmax, Wmax, h, w,
-                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic)
+                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic, enable_fp_fusion=True)
     if rai.shape[0] == 0:
         return mid
     other = torch.empty_like(mid)
@@ -692,5 +692,5 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
                          float(mean[0]), float(mean[1]), float(mean[2]),
                          float(std[0]), float(std[1]), float(std[2]),
                          Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic,
-                         FROM_U8=has_ra)
+                         FROM_U8=has_ra, enable_fp_fusion=True)
     return out
