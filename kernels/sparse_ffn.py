@@ -119,15 +119,13 @@ def _num_sms(device) -> int:
 
 
 def _counters(device, n: int) -> torch.Tensor:
-    """Zeroed tile counters for this device and stream (the kernel leaves them zero).
-    Allocated outside CUDA graph capture: call once before capturing."""
+    """Zeroed tile counters for this device and stream (the kernel leaves them zero; one
+    buffer per stream, so that launches on concurrent streams never share a counter). First
+    made inside a CUDA graph capture, the zeroing is a node of that graph."""
     sid = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), sid)
     c = _COUNTERS.get(key)
     if c is None or c.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("sparse_down: run it once on this stream before CUDA graph capture "
-                               "(its zeroed counters are allocated on the first call)")
         c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = c
     return c
@@ -152,14 +150,17 @@ def plan(B: int, d_ff: int, d_model: int, dtype, device, split_k: Optional[int] 
 
 def sparse_down(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 split_k: Optional[int] = None, block_d: int = 128, out: Optional[torch.Tensor] = None,
-                active_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                active_out: Optional[torch.Tensor] = None,
+                counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act @ w_t + bias`` reading only active rows of ``w_t`` (see the module docstring).
 
     ``act`` [B, d_ff] and ``w_t`` [d_ff, d_model] contiguous, same dtype (fp32/fp16/bf16);
     output in that dtype (``out`` if given), fp32 accumulation. One launch, no host
     synchronization. ``split_k`` overrides the number of d_ff slices. ``active_out`` (int32,
     at least ``n_btiles * n_splits`` of :func:`plan`) receives each slice's count of rows
-    read per batch tile: their sum is the weight rows actually fetched.
+    read per batch tile: their sum is the weight rows actually fetched. ``counters``: the
+    caller's own zeroed int32 buffer (>= ``n_btiles * n_cols``; the kernel leaves it zero),
+    else one per device and stream is kept here.
     """
     if act.dim() != 2 or w_t.dim() != 2 or act.shape[1] != w_t.shape[0]:
         raise ValueError(f"act {tuple(act.shape)} and w_t {tuple(w_t.shape)} do not chain")
@@ -180,7 +181,12 @@ def sparse_down(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tenso
         return out
     g = plan(B, d_ff, d_model, act.dtype, act.device, split_k, block_d)
     n_tiles = g["n_btiles"] * g["n_cols"]
-    cnt = _counters(act.device, n_tiles)
+    if counters is not None:
+        if counters.dtype != torch.int32 or counters.numel() < n_tiles or counters.device != act.device:
+            raise ValueError(f"counters must be a zeroed int32 tensor of >= {n_tiles} entries on {act.device}")
+        cnt = counters
+    else:
+        cnt = _counters(act.device, n_tiles)
     part = _empty_partials((g["n_splits"], B, d_model), act.device)
     if active_out is not None and (active_out.dtype != torch.int32
                                    or active_out.numel() < g["n_btiles"] * g["n_splits"]):

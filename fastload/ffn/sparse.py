@@ -522,11 +522,18 @@ class SparseReLUFFN(nn.Module):
         from fastload.kernels.sparse_ffn import sparse_down
 
         act = act.contiguous()
-        if _capturing(act.device):  # no event, copy or query inside a capture
-            return sparse_down(act, self.down_t, self.down_bias)
         st = self._dev_state
+        g = kplan(act.shape[0], self.d_ff, self.d_model, act.dtype, act.device)
+        n_tiles = g["n_btiles"] * g["n_cols"]
+        cnt = None if st is None else st.get("cnt")
+        if _capturing(act.device):  # no event, copy or query inside a capture
+            ok = cnt is not None and cnt.numel() >= n_tiles and cnt.device == act.device
+            return sparse_down(act, self.down_t, self.down_bias, counters=cnt if ok else None)
         if st is None:
             st = self._dev_state = {"calls": 0, "frac": None, "pending": None}
+        if cnt is None or cnt.numel() < n_tiles or cnt.device != act.device:
+            # the module's own tile counters (zero between calls): no stream-keyed lookup
+            cnt = st["cnt"] = torch.zeros(max(n_tiles, 64), dtype=torch.int32, device=act.device)
         self._poll_activity()
         st["calls"] += 1
         frac = st["frac"]
@@ -535,15 +542,14 @@ class SparseReLUFFN(nn.Module):
             return None
         sample = st["pending"] is None and (frac is None or dense or st["calls"] % _SAMPLE_EVERY == 0)
         if not sample:
-            return sparse_down(act, self.down_t, self.down_bias)
-        g = kplan(act.shape[0], self.d_ff, self.d_model, act.dtype, act.device)
+            return sparse_down(act, self.down_t, self.down_bias, counters=cnt)
         n = g["n_btiles"] * g["n_splits"]
         buf = st.get("buf")
         if buf is None or buf.numel() < n or buf.device != act.device:
             buf = st["buf"] = torch.zeros(max(n, 64), dtype=torch.int32, device=act.device)
             st["host"] = torch.zeros(buf.numel(), dtype=torch.int32,
                                      pin_memory=act.device.type == "cuda")
-        out = sparse_down(act, self.down_t, self.down_bias, active_out=buf)
+        out = sparse_down(act, self.down_t, self.down_bias, active_out=buf, counters=cnt)
         st["host"][:n].copy_(buf[:n], non_blocking=True)
         ev = None
         if act.device.type == "cuda":
