@@ -96,19 +96,22 @@ def _box(prm, col, h, w):
 
 
 @triton.jit
-def _axis(o, in_size, out_size, CUBIC: tl.constexpr):
+def _axis(o, off, flen, n_in, out_size, CUBIC: tl.constexpr):
     """PyTorch's antialiased index/weight setup (``_compute_indices_min_size_weights_aa``)
-    for output indices o along one axis: returns (center, first tap, tap count, 1/scale or 1,
-    support). The support is interp_size/2 * max(scale, 1): interp_size 2 (bilinear) or 4
-    (bicubic)."""
-    scale = in_size.to(tl.float32) / out_size.to(tl.float32)
+    for output indices o along one axis of a crop of (float) length ``flen`` starting at
+    ``off`` inside a window of ``n_in`` pixels (an integer crop: off 0, flen = n_in; a crop
+    of a DCT-downscaled decode: fractional, as the C++ path's ``compute_axis_weights``):
+    returns (center, first tap, tap count, 1/scale or 1, support). The support is
+    interp_size/2 * max(scale, 1): interp_size 2 (bilinear) or 4 (bicubic). Divisions are
+    IEEE (``div_rn``), as on the CPU."""
+    scale = tl.div_rn(flen, out_size.to(tl.float32))
     support = tl.where(scale >= 1.0, scale, 1.0)
     if CUBIC:
         support = support * 2.0
-    invscale = tl.where(scale >= 1.0, 1.0 / scale, 1.0)
-    center = scale * (o.to(tl.float32) + 0.5)
+    invscale = tl.where(scale >= 1.0, tl.div_rn(1.0, scale), 1.0)
+    center = off + scale * (o.to(tl.float32) + 0.5)
     lo = tl.maximum((center - support + 0.5).to(tl.int32), 0)
-    hi = tl.minimum((center + support + 0.5).to(tl.int32), in_size)
+    hi = tl.minimum((center + support + 0.5).to(tl.int32), n_in)
     return center, lo, hi - lo, invscale, support
 
 
@@ -134,18 +137,19 @@ def _taps(support):
 
 
 @triton.jit
-def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, flip, mask,
-               CUBIC: tl.constexpr):
-    """Crop (top, left, bh, bw) of one image resized to out_h x out_w at output pixels
-    (oy, ox), flipped horizontally if flip: three float tensors holding uint8 levels.
+def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox, out_h, out_w,
+               flip, mask, CUBIC: tl.constexpr):
+    """Crop of one image resized to out_h x out_w at output pixels (oy, ox), flipped
+    horizontally if flip: three float tensors holding uint8 levels. Taps lie in the window
+    (top, left, bh, bw); the crop is (offy, offx) + (fh, fw) inside it (see _axis).
 
     Tap k of an axis has weight filt((k + lo - center + 0.5) * invscale) (PyTorch's
     ``_compute_indices_min_size_weights_aa``), normalized by the window's total. The sum is
     separable like PyTorch's two passes (a row sum over x, then weighted over y), with the x
     normalization applied once at the end."""
     ox_src = tl.where(flip != 0, out_w - 1 - ox, ox)
-    cy, ly, sy, iy, supy = _axis(oy, bh, out_h, CUBIC)
-    cx, lx, sx, ix, supx = _axis(ox_src, bw, out_w, CUBIC)
+    cy, ly, sy, iy, supy = _axis(oy, offy, fh, bh, out_h, CUBIC)
+    cx, lx, sx, ix, supx = _axis(ox_src, offx, fw, bw, out_w, CUBIC)
     KY = _taps(supy)  # scalars: one scale per image
     KX = _taps(supx)
     oyf = ly.to(tl.float32) - cy + 0.5  # tap k sits at (k + oyf) * iy
@@ -163,7 +167,7 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, fli
     acc2 = tl.zeros_like(cy)
     col = img_ptr + (left + lx).to(tl.int64) * 3
     for ky in range(0, KY):
-        wy = _filt((ky + oyf) * iy, CUBIC) / ty
+        wy = tl.div_rn(_filt((ky + oyf) * iy, CUBIC), ty)
         rp = col + (top + ly + ky).to(tl.int64) * row_stride
         my = mask & (ky < sy)
         r0 = tl.zeros_like(cy)
@@ -187,9 +191,9 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, fli
         acc1 += wy * r1
         acc2 += wy * r2
     # torchvision's uint8 resize: round, clamp
-    acc0 = tl.minimum(tl.maximum(tl.floor(acc0 / tx + 0.5), 0.0), 255.0)
-    acc1 = tl.minimum(tl.maximum(tl.floor(acc1 / tx + 0.5), 0.0), 255.0)
-    acc2 = tl.minimum(tl.maximum(tl.floor(acc2 / tx + 0.5), 0.0), 255.0)
+    acc0 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc0, tx) + 0.5), 0.0), 255.0)
+    acc1 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc1, tx) + 0.5), 0.0), 255.0)
+    acc2 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc2, tx) + 0.5), 0.0), 255.0)
     return acc0, acc1, acc2
 
 
@@ -203,12 +207,38 @@ def _tile(h, w, BLOCK: tl.constexpr):
     return b, npix, offs, offs < npix, offs // w, offs % w
 
 
+@triton.jit
+def _crop_geom(prm, hw_ptr, frac_ptr, row, col, fcol, FRAC: tl.constexpr):
+    """Tap window (top, left, h, w) and fractional crop (offy, fh, offx, fw) of image row
+    ``row`` for the record box at prm[col:col+4]: the integer box of the record, or, with
+    FRAC (regions of DCT-downscaled decodes), the whole stored region and the record's
+    fractional crop inside it at frac[fcol:fcol+4]."""
+    h = tl.load(hw_ptr + 2 * row)
+    w = tl.load(hw_ptr + 2 * row + 1)
+    if FRAC:
+        top = h * 0
+        left = h * 0
+        bh = h
+        bw = w
+        offy = tl.load(frac_ptr + fcol)
+        fh = tl.load(frac_ptr + fcol + 1)
+        offx = tl.load(frac_ptr + fcol + 2)
+        fw = tl.load(frac_ptr + fcol + 3)
+    else:
+        top, left, bh, bw = _box(prm, col, h, w)
+        offy = 0.0
+        offx = 0.0
+        fh = bh.to(tl.float32)
+        fw = bw.to(tl.float32)
+    return top, left, bh, bw, offy, fh, offx, fw
+
+
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
-def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
+def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr,
                    m0, m1, m2, s0, s1, s2,
                    Hmax, Wmax, out_h, out_w,
                    NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
-                   FROM_U8: tl.constexpr):
+                   FROM_U8: tl.constexpr, FRAC: tl.constexpr):
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
@@ -222,15 +252,14 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
         v1 = tl.load(mb + npix, mask=mask, other=0).to(tl.float32)
         v2 = tl.load(mb + 2 * npix, mask=mask, other=0).to(tl.float32)
     else:
-        h = tl.load(hw_ptr + 2 * b)
-        w = tl.load(hw_ptr + 2 * b + 1)
-        top, left, bh, bw = _box(prm, 0, h, w)
+        top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0,
+                                                           FRAC)
         base = img_ptr + b.to(tl.int64) * img_stride
-        v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
-                                flags & 1, mask, CUBIC)
-    x0 = (v0 / 255.0 - m0) / s0
-    x1 = (v1 / 255.0 - m1) / s1
-    x2 = (v2 / 255.0 - m2) / s2
+        v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
+                                out_h, out_w, flags & 1, mask, CUBIC)
+    x0 = tl.div_rn(tl.div_rn(v0, 255.0) - m0, s0)
+    x1 = tl.div_rn(tl.div_rn(v1, 255.0) - m1, s1)
+    x2 = tl.div_rn(tl.div_rn(v2, 255.0) - m2, s2)
 
     # RandomErasing(value=0) after Normalize
     if tl.load(prm + 8) != 0:
@@ -242,15 +271,14 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
 
     if (flags & 12) != 0:
         prow = tl.load(prm + 17)
-        ph = tl.load(hw_ptr + 2 * prow)
-        pw = tl.load(hw_ptr + 2 * prow + 1)
-        pt, pl, pbh, pbw = _box(prm, 9, ph, pw)
+        pt, pl, pbh, pbw, poy, pfh, pox, pfw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, prow, 9, 4,
+                                                          FRAC)
         pbase = img_ptr + prow.to(tl.int64) * img_stride
-        u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, oy, ox, out_h, out_w,
-                                (flags >> 1) & 1, mask, CUBIC)
-        p0 = (u0 / 255.0 - m0) / s0
-        p1 = (u1 / 255.0 - m1) / s1
-        p2 = (u2 / 255.0 - m2) / s2
+        u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, poy, pfh, pox, pfw, oy, ox,
+                                out_h, out_w, (flags >> 1) & 1, mask, CUBIC)
+        p0 = tl.div_rn(tl.div_rn(u0, 255.0) - m0, s0)
+        p1 = tl.div_rn(tl.div_rn(u1, 255.0) - m1, s1)
+        p2 = tl.div_rn(tl.div_rn(u2, 255.0) - m2, s2)
         if (flags & 4) != 0:
             lam = tl.load(lam_ptr + 2 * b)
             oml = tl.load(lam_ptr + 2 * b + 1)
@@ -272,19 +300,18 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
 
 
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
-def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
-                      NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr):
+def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
+                      NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
+                      FRAC: tl.constexpr):
     """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
     [B, 3, h, w] uint8 (the image RandAugment sees)."""
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
-    h = tl.load(hw_ptr + 2 * b)
-    w = tl.load(hw_ptr + 2 * b + 1)
-    top, left, bh, bw = _box(prm, 0, h, w)
+    top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0, FRAC)
     base = img_ptr + b.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
-    v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
-                            tl.load(prm + 4) & 1, mask, CUBIC)
+    v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
+                            out_h, out_w, tl.load(prm + 4) & 1, mask, CUBIC)
     mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
     tl.store(mb, v0.to(tl.uint8), mask=mask)
     tl.store(mb + npix, v1.to(tl.uint8), mask=mask)
@@ -482,8 +509,9 @@ def _as_records(params, B=None) -> np.ndarray:
     return rec
 
 
-def _partner_rows(rec, partner_rows) -> np.ndarray:
+def _partner_rows(rec, partner_rows, n_rows=None) -> np.ndarray:
     B = rec.shape[0]
+    n_rows = B if n_rows is None else n_rows
     mixes = (rec["flags"] & (P.FLAG_MIXUP | P.FLAG_CUTMIX)) != 0
     if not np.any(mixes):
         return np.zeros(B, dtype=np.int32)
@@ -493,15 +521,15 @@ def _partner_rows(rec, partner_rows) -> np.ndarray:
     pr = np.asarray(torch.as_tensor(partner_rows).cpu(), dtype=np.int64).reshape(-1)
     if pr.shape[0] != B:
         raise ValueError(f"partner_rows: expected {B} entries, got {pr.shape[0]}")
-    bad = mixes & ((pr < 0) | (pr >= B))
+    bad = mixes & ((pr < 0) | (pr >= n_rows))
     if np.any(bad):
         i = int(np.nonzero(bad)[0][0])
         raise ValueError(f"partner_rows: record {i} mixes but its partner row {int(pr[i])} "
-                         f"is outside [0, {B})")
+                         f"is outside [0, {n_rows})")
     return np.where(mixes, pr, 0).astype(np.int32)
 
 
-def _params_np(rec, partner_rows):
+def _params_np(rec, partner_rows, n_rows=None):
     B = rec.shape[0]
     prm = np.zeros((B, NPARAM), dtype=np.int32)
     prm[:, _CROP:_CROP + 4] = rec["crop"]
@@ -509,7 +537,7 @@ def _params_np(rec, partner_rows):
     prm[:, _ERASE:_ERASE + 4] = rec["erase"]
     prm[:, _PCROP:_PCROP + 4] = rec["pcrop"]
     prm[:, _CUTMIX:_CUTMIX + 4] = rec["cutmix"]
-    prm[:, _PROW] = _partner_rows(rec, partner_rows)
+    prm[:, _PROW] = _partner_rows(rec, partner_rows, n_rows)
     # (lam, 1 - lam) in double, rounded once, as the reference's Python floats
     lam = rec["mixup"].astype(np.float64) / P.Q
     lams = np.stack([lam.astype(np.float32), (1.0 - lam).astype(np.float32)], axis=1)
@@ -679,8 +707,9 @@ class ReplayPlan:
     buffer holding hw, the per-record parameters, the MixUp pair and the RandAugment slots
     (float sections reinterpreted), plus the host-side launch decisions."""
 
-    def __init__(self, B, size, cubic, num_bins, hw_np, rai_np, buf):
+    def __init__(self, B, size, cubic, num_bins, hw_np, rai_np, buf, frac: bool = False):
         S = rai_np.shape[0]
+        self.frac = bool(frac)
         self.B, self.size, self.cubic, self.num_bins, self.S = B, size, cubic, num_bins, S
         self.hw_np = hw_np
         self.has_ra = S > 0
@@ -688,8 +717,9 @@ class ReplayPlan:
                                  np.isin(rai_np[:, :, 0], (_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL)).any(axis=1))
         o = 0
         sec = {}
-        for name, n in (("hw", 2 * B), ("prm", NPARAM * B), ("lams", 2 * B), ("rai", 2 * S * B),
-                        ("raf", 8 * S * B)):
+        N = hw_np.shape[0]
+        for name, n in (("hw", 2 * N), ("prm", NPARAM * B), ("lams", 2 * B), ("rai", 2 * S * B),
+                        ("raf", 8 * S * B), ("frac", 8 * B if frac else 4)):
             sec[name] = (o, n)
             o += _pad4(n)
         self.words = o
@@ -700,23 +730,31 @@ class ReplayPlan:
             v = buf[a:a + n]
             return (v.view(torch.float32) if f32 else v).view(shape)
 
-        self.hw = view("hw", (B, 2))
+        self.hw = view("hw", (N, 2))
+        self.frac_t = view("frac", (-1,), f32=True)
         self.prm = view("prm", (B, NPARAM))
         self.lams = view("lams", (B, 2), f32=True)
         self.rai = view("rai", (S, B, 2))
         self.raf = view("raf", (S, B, 8), f32=True)
 
     @staticmethod
-    def layout(B, S):
-        return sum(_pad4(n) for n in (2 * B, NPARAM * B, 2 * B, 2 * S * B, 8 * S * B))
+    def layout(N, B, S, frac):
+        return sum(_pad4(n) for n in (2 * N, NPARAM * B, 2 * B, 2 * S * B, 8 * S * B,
+                                      8 * B if frac else 4))
 
 
 def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolation: str = "bilinear",
-                   ra_num_bins: int = 31) -> ReplayPlan:
+                   ra_num_bins: int = 31, frac=None) -> ReplayPlan:
     """Host side of :func:`replay_batch`: validate and pack the records for output ``size``
     into one int32 buffer, uploaded once (from pinned memory, asynchronously, on CUDA).
     RandAugment magnitudes come from tables made once per (bins, size). Typically well under
-    a millisecond for 256 records (``fastload bench --gpu`` measures it)."""
+    a millisecond for 256 records (``fastload bench --gpu`` measures it).
+
+    ``hw`` has one row per image row of the batch (>= the records: partner images may
+    follow the records' own). ``frac`` (float [B, 8], optional): each record's image and
+    partner are stored regions of DCT-downscaled decodes and the crops are fractional
+    inside them: (offy, fh, offx, fw) of the main crop, then of the partner crop, in
+    region pixels (the C++ path's geometry); the records' integer boxes are then unused."""
     rec = _as_records(params)
     B = rec.shape[0]
     h, w = (int(v) for v in size)
@@ -724,17 +762,24 @@ def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolat
         raise ValueError(f"size: output size must be positive, got {tuple(size)}")
     cubic = _cubic(interpolation)
     hw_np = np.ascontiguousarray(np.asarray(torch.as_tensor(hw).cpu(), dtype=np.int32))
-    if hw_np.shape != (B, 2):
+    if hw_np.ndim != 2 or hw_np.shape[1] != 2 or hw_np.shape[0] < B:
         raise ValueError(f"hw: expected shape [{B}, 2], got {tuple(hw_np.shape)}")
-    prm, lams = _params_np(rec, partner_rows)
+    prm, lams = _params_np(rec, partner_rows, hw_np.shape[0])
     rai, raf = _ra_np(rec, (h, w), ra_num_bins)
     S = rai.shape[0]
-    host = np.zeros(ReplayPlan.layout(B, S), dtype=np.int32)
+    parts = [hw_np, prm, lams.view(np.int32), rai, raf.view(np.int32)]
+    if frac is not None:
+        fr = np.ascontiguousarray(np.asarray(frac, dtype=np.float32))
+        if fr.shape != (B, 8):
+            raise ValueError(f"frac: expected shape [{B}, 8], got {fr.shape}")
+        parts.append(fr.view(np.int32))
+    host = np.zeros(ReplayPlan.layout(hw_np.shape[0], B, S, frac is not None), dtype=np.int32)
     o = 0
-    for arr in (hw_np, prm, lams.view(np.int32), rai, raf.view(np.int32)):
+    for arr in parts:
         host[o:o + arr.size] = arr.reshape(-1)
         o += _pad4(arr.size)
-    return ReplayPlan(B, (h, w), cubic, int(ra_num_bins), hw_np, rai, _upload(host, device))
+    return ReplayPlan(B, (h, w), cubic, int(ra_num_bins), hw_np, rai, _upload(host, device),
+                      frac=frac is not None)
 
 
 def _check_images(images, plan: ReplayPlan, block: int):
@@ -744,8 +789,8 @@ def _check_images(images, plan: ReplayPlan, block: int):
             or images.shape[3] != 3:
         raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
     B, Hmax, Wmax, _ = images.shape
-    if B != plan.B:
-        raise ValueError(f"images: {B} images for {plan.B} records")
+    if B != plan.hw_np.shape[0]:
+        raise ValueError(f"images: {B} images for {plan.hw_np.shape[0]} rows of hw")
     hw = plan.hw_np
     if B and ((hw[:, 0] < 1) | (hw[:, 0] > Hmax) | (hw[:, 1] < 1) | (hw[:, 1] > Wmax)).any():
         raise ValueError(f"hw: every (h, w) must lie in [1, {Hmax}] x [1, {Wmax}]")
@@ -768,13 +813,15 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
     image's op in that slot needs whole-image statistics) a parallel statistics launch over
     (image, pixel tile) and a per-image finalize launch, then the apply launch, ping-ponging
     two buffers. No host sync: every decision is made from the host-side records."""
-    B, Hmax, Wmax, _ = images.shape
+    _, Hmax, Wmax, _ = images.shape
+    B = plan.B
     h, w = plan.size
     dev = images.device
     mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
     grid = (B, triton.cdiv(h * w, block))
-    _resize_u8_kernel[grid](images, plan.hw, plan.prm, mid, Hmax, Wmax, h, w,
-                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=plan.cubic, enable_fp_fusion=True)
+    _resize_u8_kernel[grid](images, plan.hw, plan.prm, plan.frac_t, mid, Hmax, Wmax, h, w,
+                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=plan.cubic, FRAC=plan.frac,
+                            enable_fp_fusion=True)
     if plan.S == 0:
         return mid
     other = torch.empty_like(mid)
@@ -802,7 +849,8 @@ def launch_replay(images: torch.Tensor, plan: ReplayPlan, out: torch.Tensor,
     """Device side of :func:`replay_batch`: the launches for a prepared plan (no host work
     but argument checks, no sync). Capturable in a CUDA graph with the plan's buffers."""
     images = _check_images(images, plan, block)
-    B, Hmax, Wmax, _ = images.shape
+    _, Hmax, Wmax, _ = images.shape
+    B = plan.B
     if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != B or out.shape[1] != 3 \
             or out.dtype not in (torch.float32, torch.float16) or out.device != images.device:
         raise ValueError(f"out: expected a float32/float16 tensor [{B}, 3, h, w] on {images.device}")
@@ -815,11 +863,11 @@ def launch_replay(images: torch.Tensor, plan: ReplayPlan, out: torch.Tensor,
     out_h, out_w = plan.size
     mid = _launch_ra(images, plan, block) if plan.has_ra else out
     grid = (B, triton.cdiv(out_h * out_w, block))
-    _replay_kernel[grid](images, plan.hw, plan.prm, plan.lams, out, mid,
+    _replay_kernel[grid](images, plan.hw, plan.prm, plan.lams, plan.frac_t, out, mid,
                          float(mean[0]), float(mean[1]), float(mean[2]),
                          float(std[0]), float(std[1]), float(std[2]),
                          Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=block, CUBIC=plan.cubic,
-                         FROM_U8=plan.has_ra, enable_fp_fusion=True)
+                         FROM_U8=plan.has_ra, FRAC=plan.frac, enable_fp_fusion=True)
     return out
 
 

@@ -57,3 +57,5 @@ def test_loader_rows(dry_run):
     doc, _ = dry_run
     ld = doc["sections"]["loader"]
     assert ld["rows"]["cpu_replay"]["images"] > 0
+    assert ld["rows"]["device_replay"]["images"] > 0
+    assert ld["device_vs_cpu_first_batch_max_levels"] <= 1.01

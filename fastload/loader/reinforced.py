@@ -129,6 +129,9 @@ class ReinforcedLoader:
     - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 or float16 normalized output, or
       uint8 unnormalized pixels (normalize on the GPU).
     - ``device``: move every batch there (non-blocking from pinned memory).
+    - ``replay``: "cpu" (default: C++ render, then copy) or "device": the CPU threads only
+      decode the crop windows, the GPU renders them with the Triton kernel on a side stream
+      (``fastload.loader.device_replay``; needs ``device``, float output).
     - ``p_reinforced``: probability that a view replays a stored augmentation with its
       teacher target; otherwise a fresh augmentation from the dataset's policy (mixing
       removed) and a one-hot target.
@@ -183,7 +186,10 @@ class ReinforcedLoader:
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  tokenizer=None, aug_choice: str = "random", interpolation: Optional[str] = None,
                  on_error: str = "raise", reuse_buffers: bool = False, dct_scale: Optional[bool] = None,
-                 check_ranks: bool = False):
+                 check_ranks: bool = False, replay: str = "cpu"):
+        if replay not in ("cpu", "device"):
+            raise ValueError(f'replay must be "cpu" or "device", got {replay!r}')
+        self.replay = replay
         if isinstance(dataset, (str, os.PathLike)):
             from fastload.format.reader import ReinforcedDataset
 
@@ -270,6 +276,11 @@ class ReinforcedLoader:
         self._copy_events: dict = {}  # ring slot data_ptr -> CUDA event of its async copy
         self._active = None  # weakref to the live iterator
         self._pool: Optional[_Pool] = None  # caller-owned output buffers (see _Pool)
+        self._device_replay = None
+        if self.replay == "device":
+            from fastload.loader.device_replay import DeviceReplay
+
+            self._device_replay = DeviceReplay(self)
 
     # ------------------------------------------------------------------ epochs and state
     def set_epoch(self, epoch: int) -> None:
@@ -416,7 +427,12 @@ class ReinforcedLoader:
                     labels=labels, tgt=tgt)
 
     def _render_prepared(self, prep: dict, out_fn):
-        """Stage 2 (native, GIL released): render into an output buffer."""
+        """Stage 2: render (native, GIL released; or on the device with replay="device")."""
+        if self._device_replay is not None:
+            return self._device_replay.render(prep, lambda: self._render_prepared_host(prep, out_fn))
+        return self._render_prepared_host(prep, out_fn)
+
+    def _render_prepared_host(self, prep: dict, out_fn):
         rows, labels, tgt, hw = prep["rows"], prep["labels"], prep["tgt"], prep["hw"]
         out = out_fn((len(rows), 3, hw[0], hw[1]))
         bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows)
@@ -553,6 +569,8 @@ class ReinforcedLoader:
             self.skipped_ids.extend(culprits)
         if labels is not None:
             labels = torch.from_numpy(labels)
+        if self._device_replay is not None:
+            out = self._device_replay.finish(out)
         if self.device is not None:
             nb = self.pin_memory
             host_out = out
