@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -115,6 +116,18 @@ def _replay_launches():
                         R.render_uint8(images, hw, _records(B, ra, False), (224, 224),
                                        interpolation=interp)
                 out += [(f"{interp} {odt} ra={ra}".replace("torch.", ""), *x) for x in log]
+        # the loader's device replay: crop windows of DCT-scaled decodes, partners after the
+        # records (fractional crops, FRAC=True)
+        outt = torch.empty(B, 3, 224, 224, dtype=torch.float32, device="meta")
+        imgs = torch.empty(2 * B, 120, 160, 3, dtype=torch.uint8, device="meta")
+        frac = np.tile(np.array([0.25, 100.5, 0.5, 150.0] * 2, np.float32), (B, 1))
+        for ra in (False, True):
+            with recording(R) as log:
+                plan = R.prepare_replay(_records(B, ra, True), torch.tensor([[120, 160]] * (2 * B)),
+                                        (224, 224), partner_rows=torch.arange(B, 2 * B),
+                                        device="meta", interpolation=interp, frac=frac)
+                R.launch_replay(imgs, plan, outt)
+            out += [(f"{interp} device-replay ra={ra}", *x) for x in log]
     return out
 
 
