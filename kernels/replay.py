@@ -138,7 +138,7 @@ def _taps(support):
 
 @triton.jit
 def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox, out_h, out_w,
-               flip, mask, CUBIC: tl.constexpr):
+               flip, mask, CUBIC: tl.constexpr, KXC: tl.constexpr):
     """Crop of one image resized to out_h x out_w at output pixels (oy, ox), flipped
     horizontally if flip: three float tensors holding uint8 levels. Taps lie in the window
     (top, left, bh, bw); the crop is (offy, offx) + (fh, fw) inside it (see _axis).
@@ -146,7 +146,10 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, o
     Tap k of an axis has weight filt((k + lo - center + 0.5) * invscale) (PyTorch's
     ``_compute_indices_min_size_weights_aa``), normalized by the window's total. The sum is
     separable like PyTorch's two passes (a row sum over x, then weighted over y), with the x
-    normalization applied once at the end."""
+    normalization applied once at the end. The x taps are a [pixels, KXC] tile: their
+    weights are computed once per pixel (not once per y tap) and each y tap loads its row
+    segment as one 2-D gather; windows wider than KXC taps (strong downscales) loop over
+    further chunks of KXC, recomputing only those chunks' weights."""
     ox_src = tl.where(flip != 0, out_w - 1 - ox, ox)
     cy, ly, sy, iy, supy = _axis(oy, offy, fh, bh, out_h, CUBIC)
     cx, lx, sx, ix, supx = _axis(ox_src, offx, fw, bw, out_w, CUBIC)
@@ -157,9 +160,13 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, o
     ty = tl.zeros_like(cy)
     for k in range(0, KY):
         ty += tl.where(k < sy, _filt((k + oyf) * iy, CUBIC), 0.0)
-    tx = tl.zeros_like(cx)
-    for k in range(0, KX):
-        tx += tl.where(k < sx, _filt((k + oxf) * ix, CUBIC), 0.0)
+    kk = tl.arange(0, KXC)
+    xin = kk[None, :] < sx[:, None]
+    wx0 = tl.where(xin, _filt((kk[None, :] + oxf[:, None]) * ix, CUBIC), 0.0)
+    tx = tl.sum(wx0, axis=1)
+    for k0 in range(KXC, KX, KXC):
+        tx += tl.sum(tl.where((k0 + kk)[None, :] < sx[:, None],
+                              _filt(((k0 + kk)[None, :] + oxf[:, None]) * ix, CUBIC), 0.0), axis=1)
     ty = tl.where(ty != 0.0, ty, 1.0)
     tx = tl.where(tx != 0.0, tx, 1.0)
     acc0 = tl.zeros_like(cy)
@@ -170,23 +177,20 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, o
         wy = tl.div_rn(_filt((ky + oyf) * iy, CUBIC), ty)
         rp = col + (top + ly + ky).to(tl.int64) * row_stride
         my = mask & (ky < sy)
-        r0 = tl.zeros_like(cy)
-        r1 = tl.zeros_like(cy)
-        r2 = tl.zeros_like(cy)
-        for kx in range(0, KX):
-            # _filt inlined: this is the hot loop (and each nested call costs the interpreter)
-            xa = tl.abs((kx + oxf) * ix)
-            if CUBIC:
-                wx = tl.where(xa < 1.0, (1.5 * xa - 2.5) * xa * xa + 1.0,
-                              tl.where(xa < 2.0, ((-0.5 * xa + 2.5) * xa - 4.0) * xa + 2.0, 0.0))
-            else:
-                wx = tl.maximum(1.0 - xa, 0.0)
-            # (taps outside the window load 0)
-            m = my & (kx < sx)
-            p = rp + kx * 3
-            r0 += wx * tl.load(p, mask=m, other=0).to(tl.float32)
-            r1 += wx * tl.load(p + 1, mask=m, other=0).to(tl.float32)
-            r2 += wx * tl.load(p + 2, mask=m, other=0).to(tl.float32)
+        # (taps outside the window load 0 and weigh 0)
+        m = my[:, None] & xin
+        p = rp[:, None] + kk[None, :] * 3
+        r0 = tl.sum(wx0 * tl.load(p, mask=m, other=0).to(tl.float32), axis=1)
+        r1 = tl.sum(wx0 * tl.load(p + 1, mask=m, other=0).to(tl.float32), axis=1)
+        r2 = tl.sum(wx0 * tl.load(p + 2, mask=m, other=0).to(tl.float32), axis=1)
+        for k0 in range(KXC, KX, KXC):
+            xk = (k0 + kk)[None, :] < sx[:, None]
+            wx = tl.where(xk, _filt(((k0 + kk)[None, :] + oxf[:, None]) * ix, CUBIC), 0.0)
+            m = my[:, None] & xk
+            p = rp[:, None] + (k0 + kk)[None, :] * 3
+            r0 += tl.sum(wx * tl.load(p, mask=m, other=0).to(tl.float32), axis=1)
+            r1 += tl.sum(wx * tl.load(p + 1, mask=m, other=0).to(tl.float32), axis=1)
+            r2 += tl.sum(wx * tl.load(p + 2, mask=m, other=0).to(tl.float32), axis=1)
         acc0 += wy * r0
         acc1 += wy * r1
         acc2 += wy * r2
@@ -238,7 +242,7 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
                    m0, m1, m2, s0, s1, s2,
                    Hmax, Wmax, out_h, out_w,
                    NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
-                   FROM_U8: tl.constexpr, FRAC: tl.constexpr):
+                   FROM_U8: tl.constexpr, FRAC: tl.constexpr, KXC: tl.constexpr):
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
@@ -256,7 +260,7 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
                                                            FRAC)
         base = img_ptr + b.to(tl.int64) * img_stride
         v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
-                                out_h, out_w, flags & 1, mask, CUBIC)
+                                out_h, out_w, flags & 1, mask, CUBIC, KXC)
     x0 = tl.div_rn(tl.div_rn(v0, 255.0) - m0, s0)
     x1 = tl.div_rn(tl.div_rn(v1, 255.0) - m1, s1)
     x2 = tl.div_rn(tl.div_rn(v2, 255.0) - m2, s2)
@@ -275,7 +279,7 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
                                                           FRAC)
         pbase = img_ptr + prow.to(tl.int64) * img_stride
         u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, poy, pfh, pox, pfw, oy, ox,
-                                out_h, out_w, (flags >> 1) & 1, mask, CUBIC)
+                                out_h, out_w, (flags >> 1) & 1, mask, CUBIC, KXC)
         p0 = tl.div_rn(tl.div_rn(u0, 255.0) - m0, s0)
         p1 = tl.div_rn(tl.div_rn(u1, 255.0) - m1, s1)
         p2 = tl.div_rn(tl.div_rn(u2, 255.0) - m2, s2)
@@ -302,7 +306,7 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
 def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
                       NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
-                      FRAC: tl.constexpr):
+                      FRAC: tl.constexpr, KXC: tl.constexpr):
     """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
     [B, 3, h, w] uint8 (the image RandAugment sees)."""
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
@@ -311,7 +315,7 @@ def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, o
     top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0, FRAC)
     base = img_ptr + b.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
     v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
-                            out_h, out_w, tl.load(prm + 4) & 1, mask, CUBIC)
+                            out_h, out_w, tl.load(prm + 4) & 1, mask, CUBIC, KXC)
     mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
     tl.store(mb, v0.to(tl.uint8), mask=mask)
     tl.store(mb + npix, v1.to(tl.uint8), mask=mask)
@@ -808,6 +812,19 @@ def _cubic(interpolation: str) -> bool:
 _STATS_BLOCK = 1024
 
 
+def _resize_block(block: int, kxc: int) -> int:
+    """Output pixels per program of the resizing kernels: the [pixels, KXC] tap tile stays
+    at <= 512 values (4 per thread at 4 warps) so that nothing spills (compile check)."""
+    return max(16, min(block, 512 // kxc))
+
+
+def _kx_chunk(wmax: int, out_w: int, cubic: bool) -> int:
+    """x taps per chunk: enough for every crop of this batch's images (no crop is wider than
+    the widest image) up to 16; wider windows loop over chunks."""
+    support = max(wmax / max(out_w, 1), 1.0) * (2.0 if cubic else 1.0)
+    return min(16, triton.next_power_of_2(2 * math.ceil(support) + 1))
+
+
 def _launch_ra(images, plan: ReplayPlan, block: int):
     """Passes 1..: resize into a uint8 buffer, then per RandAugment slot (only when some
     image's op in that slot needs whole-image statistics) a parallel statistics launch over
@@ -818,10 +835,12 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
     h, w = plan.size
     dev = images.device
     mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
+    kxc = _kx_chunk(Wmax, w, plan.cubic)
+    rblock = _resize_block(block, kxc)
+    _resize_u8_kernel[(B, triton.cdiv(h * w, rblock))](
+        images, plan.hw, plan.prm, plan.frac_t, mid, Hmax, Wmax, h, w, NPARAM_C=NPARAM,
+        BLOCK=rblock, CUBIC=plan.cubic, FRAC=plan.frac, KXC=kxc, enable_fp_fusion=True)
     grid = (B, triton.cdiv(h * w, block))
-    _resize_u8_kernel[grid](images, plan.hw, plan.prm, plan.frac_t, mid, Hmax, Wmax, h, w,
-                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=plan.cubic, FRAC=plan.frac,
-                            enable_fp_fusion=True)
     if plan.S == 0:
         return mid
     other = torch.empty_like(mid)
@@ -862,12 +881,14 @@ def launch_replay(images: torch.Tensor, plan: ReplayPlan, out: torch.Tensor,
         raise ValueError("mean/std: expected three values each, std non-zero")
     out_h, out_w = plan.size
     mid = _launch_ra(images, plan, block) if plan.has_ra else out
-    grid = (B, triton.cdiv(out_h * out_w, block))
+    kxc = _kx_chunk(Wmax, out_w, plan.cubic)
+    rblock = _resize_block(block, kxc)
+    grid = (B, triton.cdiv(out_h * out_w, rblock))
     _replay_kernel[grid](images, plan.hw, plan.prm, plan.lams, plan.frac_t, out, mid,
                          float(mean[0]), float(mean[1]), float(mean[2]),
                          float(std[0]), float(std[1]), float(std[2]),
-                         Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=block, CUBIC=plan.cubic,
-                         FROM_U8=plan.has_ra, FRAC=plan.frac, enable_fp_fusion=True)
+                         Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=rblock, CUBIC=plan.cubic,
+                         FROM_U8=plan.has_ra, FRAC=plan.frac, KXC=kxc, enable_fp_fusion=True)
     return out
 
 

@@ -306,3 +306,15 @@ def test_prepare_then_launch_equals_replay_batch():
     assert torch.equal(a, b) and plan.needs_stats == (True,)
     with pytest.raises(ValueError, match="packed for"):
         launch_replay(imgs, plan, torch.empty(2, 3, 10, 12))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_window_wider_than_one_tap_chunk(interp):
+    # 120 -> 5 columns: 49 (bilinear) / 97 (bicubic) x taps, several chunks of 16
+    a = photo(30, 120, 9)
+    imgs, hw = padded([a], 30, 120)
+    recs = P.empty(1)
+    recs[0]["flags"] = P.FLAG_FLIP
+    out = torch.empty(1, 3, 6, 5)
+    replay_batch(imgs, hw, recs, out, interpolation=interp)
+    check(out, [render_reference(a, recs[0], size=(6, 5), interpolation=interp)])
