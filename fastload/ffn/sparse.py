@@ -485,7 +485,8 @@ class SparseReLUFFN(nn.Module):
     def down_proj(self, act: torch.Tensor, needs_grad: bool = False) -> torch.Tensor:
         """Down-projection of ``act`` ([N, d_ff], weight dtype): sparse kernel below the
         crossover, dense fallback above it (or when gradients are needed / weights non-finite).
-        Sets ``last_active`` (None when the dense path ran).
+        Sets ``last_active`` (None when the dense path ran; on CUDA, the rows read at the
+        last sampled call, read back asynchronously).
 
         >>> import torch, torch.nn as nn
         >>> ffn = SparseReLUFFN.from_dense(nn.Linear(4, 16), nn.Linear(16, 4), crossover=1.0)
@@ -517,7 +518,8 @@ class SparseReLUFFN(nn.Module):
         pinned copy and an event polled without waiting), so there is no host
         synchronization: every ``_SAMPLE_EVERY``-th call (every ``_RESAMPLE_DENSE``-th while
         the dense path is chosen) the kernel also writes its per-slice active counts. Inside
-        a CUDA graph capture the kernel runs without sampling (the graph replays it)."""
+        a CUDA graph capture nothing is sampled: the graph keeps the path of the last eager
+        measurement (the kernel when none was made yet)."""
         from fastload.kernels.sparse_ffn import plan as kplan
         from fastload.kernels.sparse_ffn import sparse_down
 
@@ -526,7 +528,11 @@ class SparseReLUFFN(nn.Module):
         g = kplan(act.shape[0], self.d_ff, self.d_model, act.dtype, act.device)
         n_tiles = g["n_btiles"] * g["n_cols"]
         cnt = None if st is None else st.get("cnt")
-        if _capturing(act.device):  # no event, copy or query inside a capture
+        if _capturing(act.device):
+            # no event, copy or query inside a capture: the graph keeps the path the last
+            # eager measurement chose
+            if st is not None and st["frac"] is not None and st["frac"] > crossover:
+                return None
             ok = cnt is not None and cnt.numel() >= n_tiles and cnt.device == act.device
             return sparse_down(act, self.down_t, self.down_bias, counters=cnt if ok else None)
         if st is None:
