@@ -202,11 +202,15 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, o
 
 
 @triton.jit
-def _tile(h, w, BLOCK: tl.constexpr):
-    """Program (sample b, tile t) of an [h, w] image: its pixels' flat offsets, mask, y, x."""
+def _tile(h, w, BLOCK: tl.constexpr, ALIGN: tl.constexpr = False):
+    """Program (sample b, tile t) of an [h, w] image: its pixels' flat offsets, mask, y, x.
+    ALIGN (the host checked h * w % 16 == 0): the planes of [B, 3, h, w] buffers start on
+    16-element boundaries, so contiguous loads and stores can be vectorized."""
     b = tl.program_id(0)
     t = tl.program_id(1)
     npix = h * w
+    if ALIGN:
+        npix = tl.multiple_of(npix, 16)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     return b, npix, offs, offs < npix, offs // w, offs % w
 
@@ -338,7 +342,7 @@ _NACC = 8 + 768  # int32 accumulators per image: [gray sum, 255-min x3, max x3, 
 
 
 @triton.jit(do_not_specialize=["npix"])
-def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr):
+def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Reduction pass of one RandAugment slot, one program per (image, tile of pixels):
     partial statistics of what that image's op needs, combined with integer atomics
     (order-independent: exact and deterministic) into zeroed accumulators. Contrast:
@@ -347,6 +351,8 @@ def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.program_id(1)
     op = tl.load(rai_ptr + 2 * b)
+    if ALIGN:
+        npix = tl.multiple_of(npix, 16)
     base = src_ptr + b.to(tl.int64) * 3 * npix
     offs = t * BLOCK + tl.arange(0, BLOCK)
     m = offs < npix
@@ -432,18 +438,19 @@ def _rint(v):
 
 @triton.jit(do_not_specialize=["h", "w"])
 def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Pointwise/gather pass of one RandAugment slot, src -> dst ([B, 3, h, w] uint8): each
     image applies its own op (id, int and float parameters per image)."""
-    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK)
+    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK, ALIGN)
     op = tl.load(rai_ptr + 2 * b)
     ip = tl.load(rai_ptr + 2 * b + 1)
     fp = raf_ptr + b * 8
     base = src_ptr + b.to(tl.int64) * 3 * npix
 
-    sy = oy
-    sx = ox
-    valid = mask
+    # the image itself: contiguous (vectorized loads when ALIGN); geometric ops reload below
+    x0 = tl.load(base + offs, mask=mask, other=0).to(tl.float32)
+    x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
+    x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
     if (op >= 1) & (op <= 5):
         # geometric: torchvision's affine grid (centre-origin pixel coordinates times the
         # inverse matrix pre-divided by (w/2, h/2)), grid_sample nearest, zeros outside
@@ -456,10 +463,10 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
         valid = mask & (ix >= 0.0) & (ix <= w - 1.0) & (iy >= 0.0) & (iy <= h - 1.0)
         sx = tl.where(valid, ix, 0.0).to(tl.int32)
         sy = tl.where(valid, iy, 0.0).to(tl.int32)
-    src = sy * w + sx
-    x0 = tl.load(base + src, mask=valid, other=0).to(tl.float32)
-    x1 = tl.load(base + npix + src, mask=valid, other=0).to(tl.float32)
-    x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
+        src = sy * w + sx
+        x0 = tl.load(base + src, mask=valid, other=0).to(tl.float32)
+        x1 = tl.load(base + npix + src, mask=valid, other=0).to(tl.float32)
+        x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
     r = tl.load(fp + 0)
     r1 = tl.load(fp + 1)
     if op == 6:  # Brightness: blend with black
@@ -852,12 +859,13 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
         if plan.needs_stats[s]:
             acc.zero_()
             _ra_stats_kernel[(B, triton.cdiv(h * w, _STATS_BLOCK))](
-                mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, enable_fp_fusion=False)
+                mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, ALIGN=(h * w) % 16 == 0,
+                enable_fp_fusion=False)
             _ra_final_kernel[(B,)](r_i, acc, st, lut, h * w, enable_fp_fusion=False)
         # no FMA contraction: torchvision rounds ratio * x and (1 - ratio) * d separately,
         # and the result is truncated, so one fused rounding could move it by a level
         _ra_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block,
-                               enable_fp_fusion=False)
+                               ALIGN=(h * w) % 16 == 0, enable_fp_fusion=False)
         mid, other = other, mid
     return mid
 
