@@ -4,7 +4,6 @@ C++ path (replay="cpu"): same records, labels and targets; pixels within 1 uint8
 without, on the embedded photos reinforced with RandAugment + MixUp/CutMix."""
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -76,4 +75,3 @@ def test_device_replay_arguments(dataset):
     with pytest.raises(ValueError, match="float32 or float16"):
         fastload.ReinforcedLoader(dataset, batch_size=2, replay="device", device="cpu",
                                   dtype=torch.uint8)
-    _ = np

@@ -342,7 +342,6 @@ def section_ffn(run: Run, res: dict, deadline: float) -> None:
 
 
 def section_replay(run: Run, res: dict, deadline: float) -> None:
-    import numpy as np
     import torch
 
     _ensure_kernels()
@@ -409,7 +408,6 @@ def section_replay(run: Run, res: dict, deadline: float) -> None:
               f"img/s; host packing {row['host_pack_ms']:.2f} ms", flush=True)
         run.save()
     del images, out
-    _ = np
 
 
 def _check_ra(run, R, images, rec_size, H, W):
@@ -437,8 +435,6 @@ def _check_ra(run, R, images, rec_size, H, W):
 
 
 def section_loader(run: Run, res: dict, deadline: float) -> None:
-    import torch
-
     import fastload
     from fastload.bench.data import build_all
 
@@ -496,7 +492,6 @@ def section_loader(run: Run, res: dict, deadline: float) -> None:
         level = 1 / 255 / min(IMAGENET_STD)
         res["device_vs_cpu_first_batch_max_levels"] = float(
             (first["device_replay"] - first["cpu_replay"]).abs().max()) / level
-    _ = torch
 
 
 def section_dali(run: Run, res: dict, deadline: float) -> None:
