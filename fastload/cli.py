@@ -9,7 +9,8 @@ COMMANDS = {
     "bench": ("fastload.bench.images:main",
               "benchmark the image loaders on embedded data; other benchmarks: --lm (sequence "
               "buckets), --ffn (sparse FFN), --variable (variable resolution), --kernel (fused "
-              "replay kernel alone), --reinforce (generation, format size), --triton (GPU replay)"),
+              "replay kernel alone), --reinforce (generation, format size), --triton (GPU replay), --gpu (every GPU figure "
+              "in one run; --dry-run on CPU)"),
     "reinforce": ("fastload.generate:main", "create a reinforced dataset from images and a teacher"),
     "inspect": ("fastload.format.inspect:main", "summarize and validate a reinforced dataset"),
     "import-datacomp": ("fastload.format.datacomp:main",
@@ -20,7 +21,7 @@ COMMANDS = {
 BENCH_MODES = {"--lm": "fastload.bench.lm:main", "--ffn": "fastload.bench.ffn:main",
                "--variable": "fastload.bench.variable:main", "--kernel": "fastload.bench.kernel:main",
                "--reinforce": "fastload.bench.reinforce:main",
-               "--triton": "fastload.bench.triton_replay:main"}
+               "--triton": "fastload.bench.triton_replay:main", "--gpu": "fastload.bench.gpu:main"}
 
 
 def flag_error(prog: str, exc: BaseException, parser, names=None) -> int:

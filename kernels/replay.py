@@ -59,6 +59,7 @@ torch.Size([2, 3, 16, 16])
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -95,19 +96,22 @@ def _box(prm, col, h, w):
 
 
 @triton.jit
-def _axis(o, in_size, out_size, CUBIC: tl.constexpr):
+def _axis(o, off, flen, n_in, out_size, CUBIC: tl.constexpr):
     """PyTorch's antialiased index/weight setup (``_compute_indices_min_size_weights_aa``)
-    for output indices o along one axis: returns (center, first tap, tap count, 1/scale or 1,
-    support). The support is interp_size/2 * max(scale, 1): interp_size 2 (bilinear) or 4
-    (bicubic)."""
-    scale = in_size.to(tl.float32) / out_size.to(tl.float32)
+    for output indices o along one axis of a crop of (float) length ``flen`` starting at
+    ``off`` inside a window of ``n_in`` pixels (an integer crop: off 0, flen = n_in; a crop
+    of a DCT-downscaled decode: fractional, as the C++ path's ``compute_axis_weights``):
+    returns (center, first tap, tap count, 1/scale or 1, support). The support is
+    interp_size/2 * max(scale, 1): interp_size 2 (bilinear) or 4 (bicubic). Divisions are
+    IEEE (``div_rn``), as on the CPU."""
+    scale = tl.div_rn(flen, out_size.to(tl.float32))
     support = tl.where(scale >= 1.0, scale, 1.0)
     if CUBIC:
         support = support * 2.0
-    invscale = tl.where(scale >= 1.0, 1.0 / scale, 1.0)
-    center = scale * (o.to(tl.float32) + 0.5)
+    invscale = tl.where(scale >= 1.0, tl.div_rn(1.0, scale), 1.0)
+    center = off + scale * (o.to(tl.float32) + 0.5)
     lo = tl.maximum((center - support + 0.5).to(tl.int32), 0)
-    hi = tl.minimum((center + support + 0.5).to(tl.int32), in_size)
+    hi = tl.minimum((center + support + 0.5).to(tl.int32), n_in)
     return center, lo, hi - lo, invscale, support
 
 
@@ -133,18 +137,22 @@ def _taps(support):
 
 
 @triton.jit
-def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, flip, mask,
-               CUBIC: tl.constexpr):
-    """Crop (top, left, bh, bw) of one image resized to out_h x out_w at output pixels
-    (oy, ox), flipped horizontally if flip: three float tensors holding uint8 levels.
+def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox, out_h, out_w,
+               flip, mask, CUBIC: tl.constexpr, KXC: tl.constexpr):
+    """Crop of one image resized to out_h x out_w at output pixels (oy, ox), flipped
+    horizontally if flip: three float tensors holding uint8 levels. Taps lie in the window
+    (top, left, bh, bw); the crop is (offy, offx) + (fh, fw) inside it (see _axis).
 
     Tap k of an axis has weight filt((k + lo - center + 0.5) * invscale) (PyTorch's
     ``_compute_indices_min_size_weights_aa``), normalized by the window's total. The sum is
     separable like PyTorch's two passes (a row sum over x, then weighted over y), with the x
-    normalization applied once at the end."""
+    normalization applied once at the end. The x taps are a [pixels, KXC] tile: their
+    weights are computed once per pixel (not once per y tap) and each y tap loads its row
+    segment as one 2-D gather; windows wider than KXC taps (strong downscales) loop over
+    further chunks of KXC, recomputing only those chunks' weights."""
     ox_src = tl.where(flip != 0, out_w - 1 - ox, ox)
-    cy, ly, sy, iy, supy = _axis(oy, bh, out_h, CUBIC)
-    cx, lx, sx, ix, supx = _axis(ox_src, bw, out_w, CUBIC)
+    cy, ly, sy, iy, supy = _axis(oy, offy, fh, bh, out_h, CUBIC)
+    cx, lx, sx, ix, supx = _axis(ox_src, offx, fw, bw, out_w, CUBIC)
     KY = _taps(supy)  # scalars: one scale per image
     KX = _taps(supx)
     oyf = ly.to(tl.float32) - cy + 0.5  # tap k sits at (k + oyf) * iy
@@ -152,9 +160,13 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, fli
     ty = tl.zeros_like(cy)
     for k in range(0, KY):
         ty += tl.where(k < sy, _filt((k + oyf) * iy, CUBIC), 0.0)
-    tx = tl.zeros_like(cx)
-    for k in range(0, KX):
-        tx += tl.where(k < sx, _filt((k + oxf) * ix, CUBIC), 0.0)
+    kk = tl.arange(0, KXC)
+    xin = kk[None, :] < sx[:, None]
+    wx0 = tl.where(xin, _filt((kk[None, :] + oxf[:, None]) * ix, CUBIC), 0.0)
+    tx = tl.sum(wx0, axis=1)
+    for k0 in range(KXC, KX, KXC):
+        tx += tl.sum(tl.where((k0 + kk)[None, :] < sx[:, None],
+                              _filt(((k0 + kk)[None, :] + oxf[:, None]) * ix, CUBIC), 0.0), axis=1)
     ty = tl.where(ty != 0.0, ty, 1.0)
     tx = tl.where(tx != 0.0, tx, 1.0)
     acc0 = tl.zeros_like(cy)
@@ -162,52 +174,79 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, oy, ox, out_h, out_w, fli
     acc2 = tl.zeros_like(cy)
     col = img_ptr + (left + lx).to(tl.int64) * 3
     for ky in range(0, KY):
-        wy = _filt((ky + oyf) * iy, CUBIC) / ty
+        wy = tl.div_rn(_filt((ky + oyf) * iy, CUBIC), ty)
         rp = col + (top + ly + ky).to(tl.int64) * row_stride
         my = mask & (ky < sy)
-        r0 = tl.zeros_like(cy)
-        r1 = tl.zeros_like(cy)
-        r2 = tl.zeros_like(cy)
-        for kx in range(0, KX):
-            # _filt inlined: this is the hot loop (and each nested call costs the interpreter)
-            xa = tl.abs((kx + oxf) * ix)
-            if CUBIC:
-                wx = tl.where(xa < 1.0, (1.5 * xa - 2.5) * xa * xa + 1.0,
-                              tl.where(xa < 2.0, ((-0.5 * xa + 2.5) * xa - 4.0) * xa + 2.0, 0.0))
-            else:
-                wx = tl.maximum(1.0 - xa, 0.0)
-            # (taps outside the window load 0)
-            m = my & (kx < sx)
-            p = rp + kx * 3
-            r0 += wx * tl.load(p, mask=m, other=0).to(tl.float32)
-            r1 += wx * tl.load(p + 1, mask=m, other=0).to(tl.float32)
-            r2 += wx * tl.load(p + 2, mask=m, other=0).to(tl.float32)
+        # (taps outside the window load 0 and weigh 0)
+        m = my[:, None] & xin
+        p = rp[:, None] + kk[None, :] * 3
+        r0 = tl.sum(wx0 * tl.load(p, mask=m, other=0).to(tl.float32), axis=1)
+        r1 = tl.sum(wx0 * tl.load(p + 1, mask=m, other=0).to(tl.float32), axis=1)
+        r2 = tl.sum(wx0 * tl.load(p + 2, mask=m, other=0).to(tl.float32), axis=1)
+        for k0 in range(KXC, KX, KXC):
+            xk = (k0 + kk)[None, :] < sx[:, None]
+            wx = tl.where(xk, _filt(((k0 + kk)[None, :] + oxf[:, None]) * ix, CUBIC), 0.0)
+            m = my[:, None] & xk
+            p = rp[:, None] + (k0 + kk)[None, :] * 3
+            r0 += tl.sum(wx * tl.load(p, mask=m, other=0).to(tl.float32), axis=1)
+            r1 += tl.sum(wx * tl.load(p + 1, mask=m, other=0).to(tl.float32), axis=1)
+            r2 += tl.sum(wx * tl.load(p + 2, mask=m, other=0).to(tl.float32), axis=1)
         acc0 += wy * r0
         acc1 += wy * r1
         acc2 += wy * r2
     # torchvision's uint8 resize: round, clamp
-    acc0 = tl.minimum(tl.maximum(tl.floor(acc0 / tx + 0.5), 0.0), 255.0)
-    acc1 = tl.minimum(tl.maximum(tl.floor(acc1 / tx + 0.5), 0.0), 255.0)
-    acc2 = tl.minimum(tl.maximum(tl.floor(acc2 / tx + 0.5), 0.0), 255.0)
+    acc0 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc0, tx) + 0.5), 0.0), 255.0)
+    acc1 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc1, tx) + 0.5), 0.0), 255.0)
+    acc2 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc2, tx) + 0.5), 0.0), 255.0)
     return acc0, acc1, acc2
 
 
 @triton.jit
-def _tile(h, w, BLOCK: tl.constexpr):
-    """Program (sample b, tile t) of an [h, w] image: its pixels' flat offsets, mask, y, x."""
+def _tile(h, w, BLOCK: tl.constexpr, ALIGN: tl.constexpr = False):
+    """Program (sample b, tile t) of an [h, w] image: its pixels' flat offsets, mask, y, x.
+    ALIGN (the host checked h * w % 16 == 0): the planes of [B, 3, h, w] buffers start on
+    16-element boundaries, so contiguous loads and stores can be vectorized."""
     b = tl.program_id(0)
     t = tl.program_id(1)
     npix = h * w
+    if ALIGN:
+        npix = tl.multiple_of(npix, 16)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     return b, npix, offs, offs < npix, offs // w, offs % w
 
 
+@triton.jit
+def _crop_geom(prm, hw_ptr, frac_ptr, row, col, fcol, FRAC: tl.constexpr):
+    """Tap window (top, left, h, w) and fractional crop (offy, fh, offx, fw) of image row
+    ``row`` for the record box at prm[col:col+4]: the integer box of the record, or, with
+    FRAC (regions of DCT-downscaled decodes), the whole stored region and the record's
+    fractional crop inside it at frac[fcol:fcol+4]."""
+    h = tl.load(hw_ptr + 2 * row)
+    w = tl.load(hw_ptr + 2 * row + 1)
+    if FRAC:
+        top = h * 0
+        left = h * 0
+        bh = h
+        bw = w
+        offy = tl.load(frac_ptr + fcol)
+        fh = tl.load(frac_ptr + fcol + 1)
+        offx = tl.load(frac_ptr + fcol + 2)
+        fw = tl.load(frac_ptr + fcol + 3)
+    else:
+        top, left, bh, bw = _box(prm, col, h, w)
+        offy = 0.0
+        offx = 0.0
+        fh = bh.to(tl.float32)
+        fw = bw.to(tl.float32)
+    return top, left, bh, bw, offy, fh, offx, fw
+
+
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
-def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
+def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr,
                    m0, m1, m2, s0, s1, s2,
                    Hmax, Wmax, out_h, out_w,
                    NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
-                   FROM_U8: tl.constexpr):
+                   FROM_U8: tl.constexpr, FRAC: tl.constexpr, KXC: tl.constexpr):
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
@@ -221,15 +260,14 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
         v1 = tl.load(mb + npix, mask=mask, other=0).to(tl.float32)
         v2 = tl.load(mb + 2 * npix, mask=mask, other=0).to(tl.float32)
     else:
-        h = tl.load(hw_ptr + 2 * b)
-        w = tl.load(hw_ptr + 2 * b + 1)
-        top, left, bh, bw = _box(prm, 0, h, w)
+        top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0,
+                                                           FRAC)
         base = img_ptr + b.to(tl.int64) * img_stride
-        v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
-                                flags & 1, mask, CUBIC)
-    x0 = (v0 / 255.0 - m0) / s0
-    x1 = (v1 / 255.0 - m1) / s1
-    x2 = (v2 / 255.0 - m2) / s2
+        v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
+                                out_h, out_w, flags & 1, mask, CUBIC, KXC)
+    x0 = tl.div_rn(tl.div_rn(v0, 255.0) - m0, s0)
+    x1 = tl.div_rn(tl.div_rn(v1, 255.0) - m1, s1)
+    x2 = tl.div_rn(tl.div_rn(v2, 255.0) - m2, s2)
 
     # RandomErasing(value=0) after Normalize
     if tl.load(prm + 8) != 0:
@@ -241,15 +279,14 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
 
     if (flags & 12) != 0:
         prow = tl.load(prm + 17)
-        ph = tl.load(hw_ptr + 2 * prow)
-        pw = tl.load(hw_ptr + 2 * prow + 1)
-        pt, pl, pbh, pbw = _box(prm, 9, ph, pw)
+        pt, pl, pbh, pbw, poy, pfh, pox, pfw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, prow, 9, 4,
+                                                          FRAC)
         pbase = img_ptr + prow.to(tl.int64) * img_stride
-        u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, oy, ox, out_h, out_w,
-                                (flags >> 1) & 1, mask, CUBIC)
-        p0 = (u0 / 255.0 - m0) / s0
-        p1 = (u1 / 255.0 - m1) / s1
-        p2 = (u2 / 255.0 - m2) / s2
+        u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, poy, pfh, pox, pfw, oy, ox,
+                                out_h, out_w, (flags >> 1) & 1, mask, CUBIC, KXC)
+        p0 = tl.div_rn(tl.div_rn(u0, 255.0) - m0, s0)
+        p1 = tl.div_rn(tl.div_rn(u1, 255.0) - m1, s1)
+        p2 = tl.div_rn(tl.div_rn(u2, 255.0) - m2, s2)
         if (flags & 4) != 0:
             lam = tl.load(lam_ptr + 2 * b)
             oml = tl.load(lam_ptr + 2 * b + 1)
@@ -271,19 +308,18 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, out_ptr, mid_ptr,
 
 
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
-def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
-                      NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr):
+def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
+                      NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
+                      FRAC: tl.constexpr, KXC: tl.constexpr):
     """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
     [B, 3, h, w] uint8 (the image RandAugment sees)."""
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
-    h = tl.load(hw_ptr + 2 * b)
-    w = tl.load(hw_ptr + 2 * b + 1)
-    top, left, bh, bw = _box(prm, 0, h, w)
+    top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0, FRAC)
     base = img_ptr + b.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
-    v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, oy, ox, out_h, out_w,
-                            tl.load(prm + 4) & 1, mask, CUBIC)
+    v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
+                            out_h, out_w, tl.load(prm + 4) & 1, mask, CUBIC, KXC)
     mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
     tl.store(mb, v0.to(tl.uint8), mask=mask)
     tl.store(mb + npix, v1.to(tl.uint8), mask=mask)
@@ -302,54 +338,67 @@ def _gray_u8(r, g, b):
     return (0.2989 * r + 0.587 * g + 0.114 * b).to(tl.int32).to(tl.float32)
 
 
+_NACC = 8 + 768  # int32 accumulators per image: [gray sum, 255-min x3, max x3, -, hist 3x256]
+
+
 @triton.jit(do_not_specialize=["npix"])
-def _ra_stats_kernel(src_ptr, rai_ptr, st_ptr, lut_ptr, npix, BLOCK: tl.constexpr):
-    """Reduction pass of one RandAugment slot: one program per image over the whole image,
-    computing only what that image's op needs (Contrast: grayscale mean; AutoContrast:
-    per-channel min/max -> offset/scale; Equalize: per-channel histogram -> LUT)."""
+def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Reduction pass of one RandAugment slot, one program per (image, tile of pixels):
+    partial statistics of what that image's op needs, combined with integer atomics
+    (order-independent: exact and deterministic) into zeroed accumulators. Contrast:
+    grayscale sum; AutoContrast: per-channel max of 255 - x (the minimum) and max;
+    Equalize: per-channel histograms."""
     b = tl.program_id(0)
+    t = tl.program_id(1)
     op = tl.load(rai_ptr + 2 * b)
+    if ALIGN:
+        npix = tl.multiple_of(npix, 16)
     base = src_ptr + b.to(tl.int64) * 3 * npix
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    m = offs < npix
+    acc = acc_ptr + b * 776
     if op == 8:  # Contrast: torch.mean of the float32 grayscale (integer sum: exact)
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, npix, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < npix
-            r = tl.load(base + offs, mask=m, other=0).to(tl.float32)
-            g = tl.load(base + npix + offs, mask=m, other=0).to(tl.float32)
-            bl = tl.load(base + 2 * npix + offs, mask=m, other=0).to(tl.float32)
-            acc += tl.where(m, _gray_u8(r, g, bl).to(tl.int32), 0)
-        tl.store(st_ptr + b * 8, tl.div_rn(tl.sum(acc, axis=0).to(tl.float32), npix * 1.0))
+        r = tl.load(base + offs, mask=m, other=0).to(tl.float32)
+        g = tl.load(base + npix + offs, mask=m, other=0).to(tl.float32)
+        bl = tl.load(base + 2 * npix + offs, mask=m, other=0).to(tl.float32)
+        tl.atomic_add(acc, tl.sum(tl.where(m, _gray_u8(r, g, bl).to(tl.int32), 0), axis=0))
     if op == 12:  # AutoContrast: per-channel min/max
         for c in tl.static_range(3):
-            lo = tl.full([BLOCK], 255, tl.int32)
-            hi = tl.zeros([BLOCK], dtype=tl.int32)
-            for start in range(0, npix, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                m = offs < npix
-                x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
-                lo = tl.minimum(lo, tl.where(m, x, 255))
-                hi = tl.maximum(hi, tl.where(m, x, 0))
-            lo_s = tl.min(lo, axis=0).to(tl.float32)
-            d = tl.max(hi, axis=0).to(tl.float32) - lo_s
+            x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
+            tl.atomic_max(acc + 1 + c, tl.max(tl.where(m, 255 - x, 0), axis=0))
+            tl.atomic_max(acc + 4 + c, tl.max(tl.where(m, x, 0), axis=0))
+    if op == 13:  # Equalize: per-channel histograms (non-zero bins only)
+        bins = tl.arange(0, 256)
+        for c in tl.static_range(3):
+            x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
+            h = tl.histogram(x, 256, mask=m)
+            tl.atomic_add(acc + 8 + c * 256 + bins, h, mask=h != 0)
+
+
+@triton.jit(do_not_specialize=["npix"])
+def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
+    """Statistics -> what the apply pass reads, one program per image: Contrast's mean,
+    AutoContrast's offset/scale, Equalize's LUT (torchvision's _scale_channel)."""
+    b = tl.program_id(0)
+    op = tl.load(rai_ptr + 2 * b)
+    acc = acc_ptr + b * 776
+    if op == 8:
+        tl.store(st_ptr + b * 8, tl.div_rn(tl.load(acc).to(tl.float32), npix * 1.0))
+    if op == 12:
+        for c in tl.static_range(3):
+            lo_s = (255 - tl.load(acc + 1 + c)).to(tl.float32)
+            d = tl.load(acc + 4 + c).to(tl.float32) - lo_s
             flat = d == 0.0
             # torch: 255 / t is t.reciprocal() * 255 (two float32 roundings); div_rn: IEEE
             # division on a GPU too (plain / compiles to the approximate div.full.f32)
             scale = tl.div_rn(1.0, tl.where(flat, 1.0, d)) * 255.0
             tl.store(st_ptr + b * 8 + 1 + c, tl.where(flat, 0.0, lo_s))
             tl.store(st_ptr + b * 8 + 4 + c, tl.where(flat, 1.0, scale))
-    if op == 13:  # Equalize: per-channel histogram -> LUT (torchvision's _scale_channel)
+    if op == 13:
         bins = tl.arange(0, 256)
         for c in tl.static_range(3):
-            hist = tl.zeros([256], dtype=tl.int32)
-            hi = tl.zeros([BLOCK], dtype=tl.int32)
-            for start in range(0, npix, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                m = offs < npix
-                x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
-                hist += tl.histogram(x, 256, mask=m)
-                hi = tl.maximum(hi, tl.where(m, x, 0))
-            top = tl.max(hi, axis=0)
+            hist = tl.load(acc + 8 + c * 256 + bins)
+            top = tl.max(tl.where(hist != 0, bins, 0), axis=0)
             # sum of the non-zero bins but the last = everything but the top value's count
             step = (npix - tl.sum(tl.where(bins == top, hist, 0), axis=0)) // 255
             excl = tl.cumsum(hist, axis=0) - hist
@@ -389,18 +438,19 @@ def _rint(v):
 
 @triton.jit(do_not_specialize=["h", "w"])
 def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Pointwise/gather pass of one RandAugment slot, src -> dst ([B, 3, h, w] uint8): each
     image applies its own op (id, int and float parameters per image)."""
-    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK)
+    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK, ALIGN)
     op = tl.load(rai_ptr + 2 * b)
     ip = tl.load(rai_ptr + 2 * b + 1)
     fp = raf_ptr + b * 8
     base = src_ptr + b.to(tl.int64) * 3 * npix
 
-    sy = oy
-    sx = ox
-    valid = mask
+    # the image itself: contiguous (vectorized loads when ALIGN); geometric ops reload below
+    x0 = tl.load(base + offs, mask=mask, other=0).to(tl.float32)
+    x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
+    x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
     if (op >= 1) & (op <= 5):
         # geometric: torchvision's affine grid (centre-origin pixel coordinates times the
         # inverse matrix pre-divided by (w/2, h/2)), grid_sample nearest, zeros outside
@@ -413,10 +463,10 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
         valid = mask & (ix >= 0.0) & (ix <= w - 1.0) & (iy >= 0.0) & (iy <= h - 1.0)
         sx = tl.where(valid, ix, 0.0).to(tl.int32)
         sy = tl.where(valid, iy, 0.0).to(tl.int32)
-    src = sy * w + sx
-    x0 = tl.load(base + src, mask=valid, other=0).to(tl.float32)
-    x1 = tl.load(base + npix + src, mask=valid, other=0).to(tl.float32)
-    x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
+        src = sy * w + sx
+        x0 = tl.load(base + src, mask=valid, other=0).to(tl.float32)
+        x1 = tl.load(base + npix + src, mask=valid, other=0).to(tl.float32)
+        x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
     r = tl.load(fp + 0)
     r1 = tl.load(fp + 1)
     if op == 6:  # Brightness: blend with black
@@ -461,17 +511,36 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
     tl.store(ob + 2 * npix, x2.to(tl.uint8), mask=mask)
 
 
-def pack_params(params, partner_rows=None, device="cpu"):
-    """AUG_DTYPE records [B] -> (int32 [B, 18] tensor, float32 [B, 2] MixUp (lam, 1 - lam)).
-
-    The float pair is computed on the host in double and rounded once, as the reference
-    (``lam * x + (1 - lam) * p`` with Python floats) does. RandAugment ops are packed
-    separately by :func:`pack_ra`.
-    """
+def _as_records(params, B=None) -> np.ndarray:
     rec = np.asarray(params)
-    if rec.dtype != P.AUG_DTYPE or rec.ndim != 1:
-        raise ValueError(f"params: expected a 1-D array of fastload AUG_DTYPE records, got {rec.dtype} "
+    if rec.dtype != P.AUG_DTYPE or rec.ndim != 1 or (B is not None and rec.shape[0] != B):
+        want = "a 1-D array" if B is None else f"{B}"
+        raise ValueError(f"params: expected {want} fastload AUG_DTYPE records, got {rec.dtype} "
                          f"with shape {rec.shape}")
+    return rec
+
+
+def _partner_rows(rec, partner_rows, n_rows=None) -> np.ndarray:
+    B = rec.shape[0]
+    n_rows = B if n_rows is None else n_rows
+    mixes = (rec["flags"] & (P.FLAG_MIXUP | P.FLAG_CUTMIX)) != 0
+    if not np.any(mixes):
+        return np.zeros(B, dtype=np.int32)
+    if partner_rows is None:
+        raise ValueError("partner_rows: required when a record applies MixUp/CutMix "
+                         "(the batch row of each record's partner image)")
+    pr = np.asarray(torch.as_tensor(partner_rows).cpu(), dtype=np.int64).reshape(-1)
+    if pr.shape[0] != B:
+        raise ValueError(f"partner_rows: expected {B} entries, got {pr.shape[0]}")
+    bad = mixes & ((pr < 0) | (pr >= n_rows))
+    if np.any(bad):
+        i = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"partner_rows: record {i} mixes but its partner row {int(pr[i])} "
+                         f"is outside [0, {n_rows})")
+    return np.where(mixes, pr, 0).astype(np.int32)
+
+
+def _params_np(rec, partner_rows, n_rows=None):
     B = rec.shape[0]
     prm = np.zeros((B, NPARAM), dtype=np.int32)
     prm[:, _CROP:_CROP + 4] = rec["crop"]
@@ -479,22 +548,22 @@ def pack_params(params, partner_rows=None, device="cpu"):
     prm[:, _ERASE:_ERASE + 4] = rec["erase"]
     prm[:, _PCROP:_PCROP + 4] = rec["pcrop"]
     prm[:, _CUTMIX:_CUTMIX + 4] = rec["cutmix"]
-    mixes = (rec["flags"] & (P.FLAG_MIXUP | P.FLAG_CUTMIX)) != 0
-    if np.any(mixes):
-        if partner_rows is None:
-            raise ValueError("partner_rows: required when a record applies MixUp/CutMix "
-                             "(the batch row of each record's partner image)")
-        pr = np.asarray(torch.as_tensor(partner_rows).cpu(), dtype=np.int64).reshape(-1)
-        if pr.shape[0] != B:
-            raise ValueError(f"partner_rows: expected {B} entries, got {pr.shape[0]}")
-        if np.any(mixes & ((pr < 0) | (pr >= B))):
-            bad = int(np.nonzero(mixes & ((pr < 0) | (pr >= B)))[0][0])
-            raise ValueError(f"partner_rows: record {bad} mixes but its partner row {int(pr[bad])} "
-                             f"is outside [0, {B})")
-        prm[:, _PROW] = np.where(mixes, pr, 0)
+    prm[:, _PROW] = _partner_rows(rec, partner_rows, n_rows)
+    # (lam, 1 - lam) in double, rounded once, as the reference's Python floats
     lam = rec["mixup"].astype(np.float64) / P.Q
     lams = np.stack([lam.astype(np.float32), (1.0 - lam).astype(np.float32)], axis=1)
-    return (torch.from_numpy(prm).to(device), torch.from_numpy(np.ascontiguousarray(lams)).to(device))
+    return prm, lams
+
+
+def pack_params(params, partner_rows=None, device="cpu"):
+    """AUG_DTYPE records [B] -> (int32 [B, 18] tensor, float32 [B, 2] MixUp (lam, 1 - lam)).
+
+    The float pair is computed on the host in double and rounded once, as the reference
+    (``lam * x + (1 - lam) * p`` with Python floats) does. RandAugment ops are packed
+    separately by :func:`pack_ra`; :func:`prepare_replay` packs everything in one upload.
+    """
+    prm, lams = _params_np(_as_records(params), partner_rows)
+    return torch.from_numpy(prm).to(device), torch.from_numpy(lams).to(device)
 
 
 def _op_params(name: str, mag: float, h: int, w: int):
@@ -529,59 +598,216 @@ def _op_params(name: str, mag: float, h: int, w: int):
     return ip, f.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _ra_tables(num_bins: int, h: int, w: int):
+    """Every (op, signed bin) -> kernel parameters, once per (bins, output size): int32
+    [ops, 256], float32 [ops, 256, 8] and an invalid-bin mask, indexed by bin + 128 (the
+    records store bins as int8). Per batch, packing is then a table lookup."""
+    from fastload.replay.reference_ra import RA_SIGNED, magnitude_table
+
+    n = len(P.RA_OPS)
+    ip = np.zeros((n, 256), dtype=np.int32)
+    fp = np.zeros((n, 256, 8), dtype=np.float32)
+    bad = np.zeros((n, 256), dtype=bool)
+    for op, name in enumerate(P.RA_OPS):
+        table = magnitude_table(name, num_bins, h, w)
+        vals = None if table is None else [float(v) for v in table.tolist()]
+        for b in range(-128, 128):
+            if vals is None:
+                mag = 0.0
+            elif abs(b) >= num_bins:
+                bad[op, b + 128] = True
+                continue
+            else:
+                mag = -vals[abs(b)] if (name in RA_SIGNED and b < 0) else vals[abs(b)]
+            ip[op, b + 128], fp[op, b + 128] = _op_params(name, mag, h, w)
+    return ip, fp, bad
+
+
+def _ra_np(rec, size, num_bins):
+    """(int32 [S, B, 2] (op id, int parameter), float32 [S, B, 8]); RA_NONE slots skipped
+    (as ``apply_ra`` does); an image with fewer ops gets Identity (op 0) in the last slots."""
+    if int(num_bins) < 2:
+        raise ValueError(f"ra_num_bins: must be >= 2, got {num_bins}")
+    B = rec.shape[0]
+    ops = rec["ra_ops"].astype(np.int64)
+    mags = rec["ra_mags"].astype(np.int64)
+    used = ops != P.RA_NONE
+    S = int(used.sum(axis=1).max()) if B else 0
+    rai = np.zeros((S, B, 2), dtype=np.int32)
+    raf = np.zeros((S, B, 8), dtype=np.float32)
+    if S == 0:
+        return rai, raf
+    unknown = used & (ops >= len(P.RA_OPS))
+    if unknown.any():
+        b, k = (int(v[0]) for v in np.nonzero(unknown))
+        raise ValueError(f"params: record {b} has unknown RandAugment op id {int(ops[b, k])} "
+                         f"(valid: 0..{len(P.RA_OPS) - 1}, {P.RA_NONE})")
+    order = np.argsort(~used, axis=1, kind="stable")[:, :S]  # used slots first, in order
+    o = np.take_along_axis(ops, order, 1)
+    m = np.take_along_axis(mags, order, 1) + 128
+    u = np.take_along_axis(used, order, 1)
+    o = np.where(u, o, 0)
+    m = np.where(u, m, 128)
+    ip_t, fp_t, bad_t = _ra_tables(int(num_bins), int(size[0]), int(size[1]))
+    if bad_t[o, m].any():
+        b, k = (int(v[0]) for v in np.nonzero(bad_t[o, m]))
+        raise ValueError(f"params: record {b}: mags: bin {int(m[b, k]) - 128} of op "
+                         f"{P.RA_OPS[int(o[b, k])]} is outside [-{num_bins - 1}, {num_bins - 1}]")
+    rai[:, :, 0] = o.T
+    rai[:, :, 1] = ip_t[o, m].T
+    raf[:] = fp_t[o, m].transpose(1, 0, 2)
+    return rai, raf
+
+
 def pack_ra(params, size, num_bins: int = 31, device="cpu"):
     """The records' RandAugment ops as per-slot kernel parameters: (int32 [S, B, 2] (op id,
     int parameter), float32 [S, B, 8]), S = the most ops any record carries (RA_NONE slots
     skipped, as ``apply_ra`` does; an image with fewer ops gets Identity). Magnitudes come
-    from each op's table for ``num_bins`` bins at the output ``size`` (reference_ra)."""
-    from fastload.replay.reference_ra import magnitude_value
-
-    if int(num_bins) < 2:
-        raise ValueError(f"ra_num_bins: must be >= 2, got {num_bins}")
-    rec = np.asarray(params)
-    h, w = size
-    ops = [[(int(o), int(m)) for o, m in zip(r["ra_ops"], r["ra_mags"]) if int(o) != P.RA_NONE]
-           for r in rec]
-    S = max((len(o) for o in ops), default=0)
-    rai = np.zeros((S, len(rec), 2), dtype=np.int32)
-    raf = np.zeros((S, len(rec), 8), dtype=np.float32)
-    cache = {}
-    for b, lst in enumerate(ops):
-        for s, (op, mag_bin) in enumerate(lst):
-            if not 0 <= op < len(P.RA_OPS):
-                raise ValueError(f"params: record {b} has unknown RandAugment op id {op} "
-                                 f"(valid: 0..{len(P.RA_OPS) - 1}, {P.RA_NONE})")
-            key = (op, mag_bin)
-            if key not in cache:
-                name = P.RA_OPS[op]
-                try:
-                    mag = magnitude_value(name, mag_bin, num_bins, h, w)
-                except ValueError as e:
-                    raise ValueError(f"params: record {b}: {e}") from None
-                cache[key] = _op_params(name, mag, h, w)
-            rai[s, b, 0] = op
-            rai[s, b, 1], raf[s, b] = cache[key]
+    from each op's table for ``num_bins`` bins at the output ``size`` (reference_ra),
+    tabulated once per (bins, size)."""
+    rai, raf = _ra_np(_as_records(params), size, num_bins)
     return torch.from_numpy(rai).to(device), torch.from_numpy(raf).to(device)
 
 
-def _check_inputs(images, hw, params, block):
+class _PinnedRing:
+    """A few pinned host staging buffers per device; a slot is reused once the copy that
+    read it has completed (its event), so one upload per batch never waits in practice."""
+
+    def __init__(self, slots: int = 4):
+        self.slots = [None] * slots
+        self.next = 0
+
+    def get(self, n: int, pin: bool):
+        i = self.next
+        self.next = (i + 1) % len(self.slots)
+        slot = self.slots[i]
+        if slot is not None and slot[1] is not None:
+            slot[1].synchronize()  # long done in practice: 4 batches ago
+        if slot is None or slot[0].numel() < n:
+            slot = [torch.empty(max(n, 1 << 14), dtype=torch.int32, pin_memory=pin), None]
+            self.slots[i] = slot
+        return slot
+
+
+_RINGS: dict = {}
+
+
+def _upload(host_np: np.ndarray, device) -> torch.Tensor:
+    """One host -> device copy of the packed int32 words (pinned and asynchronous on CUDA)."""
+    device = torch.device(device)
+    n = host_np.size
+    if device.type != "cuda":
+        return torch.from_numpy(host_np).to(device)
+    ring = _RINGS.setdefault(str(device), _PinnedRing())
+    slot = ring.get(n, pin=True)
+    slot[0][:n].numpy()[:] = host_np
+    dev = slot[0][:n].to(device, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    slot[1] = ev
+    return dev
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3  # sections start on 16 bytes (the JIT specializes on alignment)
+
+
+class ReplayPlan:
+    """A batch's records packed for the kernels (:func:`prepare_replay`): one int32 device
+    buffer holding hw, the per-record parameters, the MixUp pair and the RandAugment slots
+    (float sections reinterpreted), plus the host-side launch decisions."""
+
+    def __init__(self, B, size, cubic, num_bins, hw_np, rai_np, buf, frac: bool = False):
+        S = rai_np.shape[0]
+        self.frac = bool(frac)
+        self.B, self.size, self.cubic, self.num_bins, self.S = B, size, cubic, num_bins, S
+        self.hw_np = hw_np
+        self.has_ra = S > 0
+        self.needs_stats = tuple(bool(v) for v in
+                                 np.isin(rai_np[:, :, 0], (_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL)).any(axis=1))
+        o = 0
+        sec = {}
+        N = hw_np.shape[0]
+        for name, n in (("hw", 2 * N), ("prm", NPARAM * B), ("lams", 2 * B), ("rai", 2 * S * B),
+                        ("raf", 8 * S * B), ("frac", 8 * B if frac else 4)):
+            sec[name] = (o, n)
+            o += _pad4(n)
+        self.words = o
+        self.buf = buf
+
+        def view(name, shape, f32=False):
+            a, n = sec[name]
+            v = buf[a:a + n]
+            return (v.view(torch.float32) if f32 else v).view(shape)
+
+        self.hw = view("hw", (N, 2))
+        self.frac_t = view("frac", (-1,), f32=True)
+        self.prm = view("prm", (B, NPARAM))
+        self.lams = view("lams", (B, 2), f32=True)
+        self.rai = view("rai", (S, B, 2))
+        self.raf = view("raf", (S, B, 8), f32=True)
+
+    @staticmethod
+    def layout(N, B, S, frac):
+        return sum(_pad4(n) for n in (2 * N, NPARAM * B, 2 * B, 2 * S * B, 8 * S * B,
+                                      8 * B if frac else 4))
+
+
+def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolation: str = "bilinear",
+                   ra_num_bins: int = 31, frac=None) -> ReplayPlan:
+    """Host side of :func:`replay_batch`: validate and pack the records for output ``size``
+    into one int32 buffer, uploaded once (from pinned memory, asynchronously, on CUDA).
+    RandAugment magnitudes come from tables made once per (bins, size). Typically well under
+    a millisecond for 256 records (``fastload bench --gpu`` measures it).
+
+    ``hw`` has one row per image row of the batch (>= the records: partner images may
+    follow the records' own). ``frac`` (float [B, 8], optional): each record's image and
+    partner are stored regions of DCT-downscaled decodes and the crops are fractional
+    inside them: (offy, fh, offx, fw) of the main crop, then of the partner crop, in
+    region pixels (the C++ path's geometry); the records' integer boxes are then unused."""
+    rec = _as_records(params)
+    B = rec.shape[0]
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size: output size must be positive, got {tuple(size)}")
+    cubic = _cubic(interpolation)
+    hw_np = np.ascontiguousarray(np.asarray(torch.as_tensor(hw).cpu(), dtype=np.int32))
+    if hw_np.ndim != 2 or hw_np.shape[1] != 2 or hw_np.shape[0] < B:
+        raise ValueError(f"hw: expected shape [{B}, 2], got {tuple(hw_np.shape)}")
+    prm, lams = _params_np(rec, partner_rows, hw_np.shape[0])
+    rai, raf = _ra_np(rec, (h, w), ra_num_bins)
+    S = rai.shape[0]
+    parts = [hw_np, prm, lams.view(np.int32), rai, raf.view(np.int32)]
+    if frac is not None:
+        fr = np.ascontiguousarray(np.asarray(frac, dtype=np.float32))
+        if fr.shape != (B, 8):
+            raise ValueError(f"frac: expected shape [{B}, 8], got {fr.shape}")
+        parts.append(fr.view(np.int32))
+    host = np.zeros(ReplayPlan.layout(hw_np.shape[0], B, S, frac is not None), dtype=np.int32)
+    o = 0
+    for arr in parts:
+        host[o:o + arr.size] = arr.reshape(-1)
+        o += _pad4(arr.size)
+    return ReplayPlan(B, (h, w), cubic, int(ra_num_bins), hw_np, rai, _upload(host, device),
+                      frac=frac is not None)
+
+
+def _check_images(images, plan: ReplayPlan, block: int):
     if block < 16 or block & (block - 1):
         raise ValueError(f"block: must be a power of two >= 16, got {block}")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
             or images.shape[3] != 3:
         raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
     B, Hmax, Wmax, _ = images.shape
-    # validated on the host: pass hw as a host array/tensor to avoid a device sync here
-    hw_cpu = torch.as_tensor(hw).cpu().to(torch.int32)
-    if hw_cpu.shape != (B, 2):
-        raise ValueError(f"hw: expected shape [{B}, 2], got {tuple(hw_cpu.shape)}")
-    hw_t = hw_cpu.to(images.device).contiguous()
-    if bool(((hw_cpu[:, 0] < 1) | (hw_cpu[:, 0] > Hmax) | (hw_cpu[:, 1] < 1) | (hw_cpu[:, 1] > Wmax)).any()):
+    if B != plan.hw_np.shape[0]:
+        raise ValueError(f"images: {B} images for {plan.hw_np.shape[0]} rows of hw")
+    hw = plan.hw_np
+    if B and ((hw[:, 0] < 1) | (hw[:, 0] > Hmax) | (hw[:, 1] < 1) | (hw[:, 1] > Wmax)).any():
         raise ValueError(f"hw: every (h, w) must lie in [1, {Hmax}] x [1, {Wmax}]")
-    rec = np.asarray(params)
-    if rec.dtype != P.AUG_DTYPE or rec.shape != (B,):
-        raise ValueError(f"params: expected {B} AUG_DTYPE records, got {rec.dtype} with shape {rec.shape}")
-    return hw_t, rec
+    if images.device != plan.buf.device:
+        raise ValueError(f"images: on {images.device}, records packed for {plan.buf.device}")
+    return images.contiguous()
 
 
 def _cubic(interpolation: str) -> bool:
@@ -590,44 +816,88 @@ def _cubic(interpolation: str) -> bool:
     return interpolation == "bicubic"
 
 
-def _render_ra(images, hw_t, rec, size, cubic, num_bins, block):
-    """Passes 1..(1 + 2 S): resize into a uint8 buffer, then each RandAugment slot as a
-    reduction launch (only when some image's op in that slot needs whole-image statistics)
-    and an apply launch, ping-ponging two buffers. No host sync: every decision is made from
-    the host-side records."""
-    B, Hmax, Wmax, _ = images.shape
-    h, w = size
+_STATS_BLOCK = 1024
+
+
+def _resize_block(block: int, kxc: int) -> int:
+    """Output pixels per program of the resizing kernels: the [pixels, KXC] tap tile stays
+    at <= 512 values (4 per thread at 4 warps) so that nothing spills (compile check)."""
+    return max(16, min(block, 512 // kxc))
+
+
+def _kx_chunk(wmax: int, out_w: int, cubic: bool) -> int:
+    """x taps per chunk: enough for every crop of this batch's images (no crop is wider than
+    the widest image) up to 16; wider windows loop over chunks."""
+    support = max(wmax / max(out_w, 1), 1.0) * (2.0 if cubic else 1.0)
+    return min(16, triton.next_power_of_2(2 * math.ceil(support) + 1))
+
+
+def _launch_ra(images, plan: ReplayPlan, block: int):
+    """Passes 1..: resize into a uint8 buffer, then per RandAugment slot (only when some
+    image's op in that slot needs whole-image statistics) a parallel statistics launch over
+    (image, pixel tile) and a per-image finalize launch, then the apply launch, ping-ponging
+    two buffers. No host sync: every decision is made from the host-side records."""
+    _, Hmax, Wmax, _ = images.shape
+    B = plan.B
+    h, w = plan.size
     dev = images.device
-    rai_h, raf_h = pack_ra(rec, size, num_bins)
-    rai, raf = rai_h.to(dev), raf_h.to(dev)
-    prm = _pack_crop(rec, dev)
     mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
+    kxc = _kx_chunk(Wmax, w, plan.cubic)
+    rblock = _resize_block(block, kxc)
+    _resize_u8_kernel[(B, triton.cdiv(h * w, rblock))](
+        images, plan.hw, plan.prm, plan.frac_t, mid, Hmax, Wmax, h, w, NPARAM_C=NPARAM,
+        BLOCK=rblock, CUBIC=plan.cubic, FRAC=plan.frac, KXC=kxc, enable_fp_fusion=True)
     grid = (B, triton.cdiv(h * w, block))
-    _resize_u8_kernel[grid](images, hw_t, prm, mid, Hmax, Wmax, h, w,
-                            NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic)
-    if rai.shape[0] == 0:
+    if plan.S == 0:
         return mid
     other = torch.empty_like(mid)
-    st = torch.zeros(B, _NSTAT, dtype=torch.float32, device=dev)
-    lut = torch.zeros(B, 3, 256, dtype=torch.int32, device=dev)
-    needs_stats = np.isin(rai_h[:, :, 0].numpy(), (_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL)).any(axis=1)
-    for s in range(rai.shape[0]):
-        r_i, r_f = rai[s].contiguous(), raf[s].contiguous()
-        if needs_stats[s]:
-            _ra_stats_kernel[(B,)](mid, r_i, st, lut, h * w, BLOCK=block, enable_fp_fusion=False)
+    st = torch.empty(B, _NSTAT, dtype=torch.float32, device=dev)
+    lut = torch.empty(B, 3, 256, dtype=torch.int32, device=dev)
+    acc = torch.empty(B, _NACC, dtype=torch.int32, device=dev) if any(plan.needs_stats) else None
+    for s in range(plan.S):
+        r_i, r_f = plan.rai[s], plan.raf[s]
+        if plan.needs_stats[s]:
+            acc.zero_()
+            _ra_stats_kernel[(B, triton.cdiv(h * w, _STATS_BLOCK))](
+                mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, ALIGN=(h * w) % 16 == 0,
+                enable_fp_fusion=False)
+            _ra_final_kernel[(B,)](r_i, acc, st, lut, h * w, enable_fp_fusion=False)
         # no FMA contraction: torchvision rounds ratio * x and (1 - ratio) * d separately,
         # and the result is truncated, so one fused rounding could move it by a level
         _ra_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block,
-                               enable_fp_fusion=False)
+                               ALIGN=(h * w) % 16 == 0, enable_fp_fusion=False)
         mid, other = other, mid
     return mid
 
 
-def _pack_crop(rec, device):
-    prm = np.zeros((rec.shape[0], NPARAM), dtype=np.int32)
-    prm[:, _CROP:_CROP + 4] = rec["crop"]
-    prm[:, _FLAGS] = rec["flags"]
-    return torch.from_numpy(prm).to(device)
+def launch_replay(images: torch.Tensor, plan: ReplayPlan, out: torch.Tensor,
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  block: int = 256) -> torch.Tensor:
+    """Device side of :func:`replay_batch`: the launches for a prepared plan (no host work
+    but argument checks, no sync). Capturable in a CUDA graph with the plan's buffers."""
+    images = _check_images(images, plan, block)
+    _, Hmax, Wmax, _ = images.shape
+    B = plan.B
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != B or out.shape[1] != 3 \
+            or out.dtype not in (torch.float32, torch.float16) or out.device != images.device:
+        raise ValueError(f"out: expected a float32/float16 tensor [{B}, 3, h, w] on {images.device}")
+    if not out.is_contiguous():
+        raise ValueError("out: must be contiguous")
+    if tuple(out.shape[2:]) != plan.size:
+        raise ValueError(f"out: size {tuple(out.shape[2:])} but the records were packed for {plan.size}")
+    if len(mean) != 3 or len(std) != 3 or any(float(s) == 0.0 for s in std):
+        raise ValueError("mean/std: expected three values each, std non-zero")
+    out_h, out_w = plan.size
+    mid = _launch_ra(images, plan, block) if plan.has_ra else out
+    kxc = _kx_chunk(Wmax, out_w, plan.cubic)
+    rblock = _resize_block(block, kxc)
+    grid = (B, triton.cdiv(out_h * out_w, rblock))
+    _replay_kernel[grid](images, plan.hw, plan.prm, plan.lams, plan.frac_t, out, mid,
+                         float(mean[0]), float(mean[1]), float(mean[2]),
+                         float(std[0]), float(std[1]), float(std[2]),
+                         Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=rblock, CUBIC=plan.cubic,
+                         FROM_U8=plan.has_ra, FRAC=plan.frac, KXC=kxc, enable_fp_fusion=True)
+    return out
 
 
 def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpolation: str = "bilinear",
@@ -642,11 +912,18 @@ def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpola
     >>> render_uint8(imgs, torch.tensor([[8, 8]]), P.empty(1), (4, 4)).shape
     torch.Size([1, 3, 4, 4])
     """
-    hw_t, rec = _check_inputs(images, hw, params, block)
-    h, w = (int(v) for v in size)
-    if h < 1 or w < 1:
-        raise ValueError(f"size: output size must be positive, got {tuple(size)}")
-    return _render_ra(images.contiguous(), hw_t, rec, (h, w), _cubic(interpolation), ra_num_bins, block)
+    if not isinstance(images, torch.Tensor):
+        raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
+    plan = prepare_replay(params, hw, size, None if not _mixes(params) else
+                          np.zeros(len(np.asarray(params)), np.int64),
+                          images.device, interpolation, ra_num_bins)
+    images = _check_images(images, plan, block)
+    return _launch_ra(images, plan, block)
+
+
+def _mixes(params) -> bool:
+    rec = np.asarray(params)
+    return rec.dtype == P.AUG_DTYPE and bool(np.any(rec["flags"] & (P.FLAG_MIXUP | P.FLAG_CUTMIX)))
 
 
 def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tensor,
@@ -655,7 +932,8 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
                  interpolation: str = "bilinear", ra_num_bins: int = 31) -> torch.Tensor:
     """Render ``params`` (AUG_DTYPE records, one per image) from ``images`` [B, Hmax, Wmax, 3]
     uint8 with true sizes ``hw`` [B, 2] into ``out`` [B, 3, h, w] (float32 or float16,
-    same device) and return ``out``. See the module docstring for the semantics.
+    same device) and return ``out``. See the module docstring for the semantics;
+    :func:`prepare_replay` + :func:`launch_replay` split the host and device sides.
 
     ``interpolation``: "bilinear" or "bicubic" (both antialiased, as the reference);
     ``ra_num_bins``: RandAugment's ``num_magnitude_bins`` the records' bins refer to;
@@ -670,27 +948,13 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
     >>> replay_batch(imgs, torch.tensor([[8, 8]]), P.empty(1), out)[0, 0, 0, 0].item()
     -2.1179039478302
     """
-    hw_t, rec = _check_inputs(images, hw, params, block)
-    B, Hmax, Wmax, _ = images.shape
-    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != B or out.shape[1] != 3 \
-            or out.dtype not in (torch.float32, torch.float16) or out.device != images.device:
-        raise ValueError(f"out: expected a float32/float16 tensor [{B}, 3, h, w] on {images.device}")
-    if not out.is_contiguous():
-        raise ValueError("out: must be contiguous")
-    if len(mean) != 3 or len(std) != 3 or any(float(s) == 0.0 for s in std):
-        raise ValueError("mean/std: expected three values each, std non-zero")
-    cubic = _cubic(interpolation)
-    prm, lams = pack_params(rec, partner_rows, images.device)
-    out_h, out_w = int(out.shape[2]), int(out.shape[3])
-    if out_h < 1 or out_w < 1:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+            or images.shape[3] != 3:
+        raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        raise ValueError(f"out: expected a float32/float16 tensor [B, 3, h, w] on {images.device}")
+    if out.shape[2] < 1 or out.shape[3] < 1:
         raise ValueError("out: output size must be positive")
-    images = images.contiguous()
-    has_ra = bool(np.any(rec["ra_ops"] != P.RA_NONE))
-    mid = _render_ra(images, hw_t, rec, (out_h, out_w), cubic, ra_num_bins, block) if has_ra else out
-    grid = (B, triton.cdiv(out_h * out_w, block))
-    _replay_kernel[grid](images, hw_t, prm, lams, out, mid,
-                         float(mean[0]), float(mean[1]), float(mean[2]),
-                         float(std[0]), float(std[1]), float(std[2]),
-                         Hmax, Wmax, out_h, out_w, NPARAM_C=NPARAM, BLOCK=block, CUBIC=cubic,
-                         FROM_U8=has_ra)
-    return out
+    plan = prepare_replay(params, hw, tuple(out.shape[2:]), partner_rows, images.device,
+                          interpolation, ra_num_bins)
+    return launch_replay(images, plan, out, mean, std, block)

@@ -2,28 +2,33 @@
 reading only the rows of ``W_down^T`` ([d_ff, d_model], row-major) whose neuron is non-zero
 in some batch row (NaN counts as active).
 
-Three launches, no host synchronization (the active count never leaves the device):
+One launch, no host synchronization, no allocation that depends on the data, so the decode
+step can be captured in a CUDA graph:
 
-1. ``_count_kernel``: one program per block of neurons writes how many of its neurons are
-   active (union over the batch).
-2. ``_compact_kernel``: one program per block computes its offset as the sum of the counts of
-   the blocks before it, then writes its active indices in ascending order (``tl.cumsum``
-   inside the block). The active list is therefore sorted and identical run to run; the
-   total count goes to ``count[0]``.
-3. ``_gather_gemv_kernel``: grid (column blocks, SPLIT_K). Program (c, s) owns columns
-   ``c*BLOCK_D...`` and the s-th slice of the active list; it loads BLOCK_K active indices,
-   gathers ``act[:, idx]`` and the rows ``W_down^T[idx, cols]`` and accumulates in fp32.
-   Programs whose slice starts past the active count exit at once without writing
-   (masked early exit: at 90% sparsity 9 of 10 split-K programs touch no memory). Slices
-   are short (64 active rows by default) so that the few programs with work are many
-   enough to keep the memory system busy at batch 1.
-4. ``_reduce_kernel``: sums, in a fixed order, the fp32 partials of the slices that had
-   work (``cdiv(count, rows_per_split)``; the others are masked off, never read) and adds
-   the bias. This is the deterministic two-pass split-K (no atomics): results are bitwise
-   identical between runs, and the partial traffic scales with the active count.
+- grid (batch tiles of 16 rows, column blocks of ``BLOCK_D``, ``n_splits`` slices of d_ff);
+  program (b, c, s) owns a fixed range of ``chunks_per_split * BLOCK_K`` neurons. Per chunk
+  it loads its batch tile's activations ``[16, BLOCK_K]`` (one load), derives which neurons
+  are active (union over the tile's rows), and loads the ``[BLOCK_K, BLOCK_D]`` tile of
+  ``W^T`` with the inactive rows masked off: a masked-off row issues no memory request, so
+  the traffic is the active rows only, without any compaction pass. The product runs on
+  the tensor cores (``tl.dot``, fp32 accumulation; IEEE fp32 products for fp32 weights);
+  the 16-row tile is padded with masked rows at batch < 16 (the arithmetic is free, the
+  loads of padded rows are masked).
+- each program writes its fp32 partial ``[rows, BLOCK_D]``, then takes a ticket on the
+  tile's counter; the last of the ``n_splits`` programs of a tile sums the partials in a
+  fixed order, adds the bias, writes the output and resets the counter to 0 (so the counter
+  buffer, zeroed once, stays zero between calls and graph replays). Results are bitwise
+  identical between runs: the split ranges, the tile shapes and the summation order do not
+  depend on scheduling.
+- ``n_splits`` aims at ~8 programs per multiprocessor (at batch 1 every multiprocessor has
+  several chunks of loads in flight) and bounds the partials to ``_PARTIAL_CAP`` floats.
 
-Tested on CPU with ``TRITON_INTERPRET=1`` (fp32, fp16; the interpreter has no bf16). GPU
-speed has not been measured here (no GPU in the session that wrote it).
+Why not a compacted active list: compaction costs two launches and a pass over the
+activations before the first weight byte moves, and leaves most split programs idle at high
+sparsity; masking rows of a statically split range gives the same weight traffic.
+
+Tested on CPU with ``TRITON_INTERPRET=1`` (fp32, fp16; the interpreter has no bf16) and
+compiled for sm_80/sm_90 by ``fastload.kernels.aot_check``. GPU speed: ``fastload bench --gpu``.
 
 >>> import torch                                                   # doctest: +SKIP
 >>> act = torch.relu(torch.randn(2, 300, device="cuda"))
@@ -40,141 +45,159 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _active_block(act_ptr, B, d_ff, offs, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """1 where neuron offs[k] is non-zero in some batch row (NaN != 0: active), else 0."""
-    rows = tl.arange(0, BLOCK_B)
-    active = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for b0 in range(0, B, BLOCK_B):
-        r = b0 + rows
-        m = (r[:, None] < B) & (offs[None, :] < d_ff)
-        a = tl.load(act_ptr + r[:, None] * d_ff + offs[None, :], mask=m, other=0.0)
-        active = tl.maximum(active, tl.max(((a != 0.0) & m).to(tl.int32), axis=0))
-    return active
+_PARTIAL_CAP = 1 << 23  # fp32 partial values at most (32 MiB)
+_BLOCK_B = 16          # batch rows per tile (tl.dot needs >= 16)
+_PROGRAMS_PER_SM = 8
+_COUNTERS: dict = {}   # (device, stream) -> int32 tile counters, zero between calls
 
 
 @triton.jit
-def _count_kernel(act_ptr, counts_ptr, B, d_ff, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    active = _active_block(act_ptr, B, d_ff, offs, BLOCK_N, BLOCK_B)
-    tl.store(counts_ptr + pid, tl.sum(active, axis=0))
-
-
-@triton.jit
-def _compact_kernel(act_ptr, counts_ptr, idx_ptr, count_ptr, B, d_ff, n_blocks,
-                    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCKS_P2: tl.constexpr):
-    pid = tl.program_id(0)
-    blocks = tl.arange(0, BLOCKS_P2)
-    cnt = tl.load(counts_ptr + blocks, mask=blocks < n_blocks, other=0)
-    base = tl.sum(tl.where(blocks < pid, cnt, 0), axis=0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    active = _active_block(act_ptr, B, d_ff, offs, BLOCK_N, BLOCK_B)
-    pos = base + tl.cumsum(active, axis=0) - 1
-    tl.store(idx_ptr + pos, offs, mask=active != 0)
-    if pid == 0:
-        tl.store(count_ptr, tl.sum(cnt, axis=0))
-
-
-@triton.jit
-def _gather_gemv_kernel(act_ptr, wt_ptr, idx_ptr, count_ptr, part_ptr, B, d_ff, d_model,
-                        k_per_split, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_active = tl.load(count_ptr)
-    k_start = pid_s * k_per_split
+def _sparse_down_kernel(act_ptr, wt_ptr, bias_ptr, part_ptr, cnt_ptr, nact_ptr, out_ptr,
+                        B, d_ff, d_model, chunks_per_split, n_splits,
+                        HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SPLITS_P2: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = tl.arange(0, BLOCK_B)
+    cmask = cols < d_model
+    arow = act_ptr + rows[:, None].to(tl.int64) * d_ff
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    if k_start < n_active:  # masked early exit past the active count: no load, no store
-        k_end = tl.minimum(k_start + k_per_split, n_active)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            km = ks < k_end
-            idx = tl.load(idx_ptr + ks, mask=km, other=0)
-            a = tl.load(act_ptr + rows[:, None] * d_ff + idx[None, :],
-                        mask=(rows[:, None] < B) & km[None, :], other=0.0).to(tl.float32)
-            w = tl.load(wt_ptr + idx[:, None].to(tl.int64) * d_model + cols[None, :],
-                        mask=km[:, None] & (cols[None, :] < d_model), other=0.0).to(tl.float32)
-            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-        out_m = (rows[:, None] < B) & (cols[None, :] < d_model)
-        tl.store(part_ptr + (pid_s * B + rows[:, None]) * d_model + cols[None, :], acc, mask=out_m)
-
-
-@triton.jit
-def _reduce_kernel(part_ptr, bias_ptr, out_ptr, count_ptr, B, d_model, split_k, k_per_split,
-                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    n = B * d_model
-    m = offs < n
-    n_used = (tl.load(count_ptr) + k_per_split - 1) // k_per_split  # slices that had work
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, split_k):  # fixed order: deterministic; idle slices masked, not read
-        lim = tl.where(s < n_used, n, 0)
-        acc += tl.load(part_ptr + s * n + offs, mask=offs < lim, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % d_model, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
-
-
-def active_compact(act: torch.Tensor, block_n: int = 128):
-    """Device-side compaction: ``(idx int32 [d_ff], count int32 [1])``, the first ``count``
-    entries of ``idx`` being the ascending active neurons (union over the batch)."""
-    B, d_ff = act.shape
-    n_blocks = triton.cdiv(d_ff, block_n)
-    block_b = min(16, triton.next_power_of_2(max(B, 1)))
-    counts = torch.empty(n_blocks, dtype=torch.int32, device=act.device)
-    idx = torch.zeros(d_ff, dtype=torch.int32, device=act.device)
-    count = torch.zeros(1, dtype=torch.int32, device=act.device)
-    _count_kernel[(n_blocks,)](act, counts, B, d_ff, BLOCK_N=block_n, BLOCK_B=block_b)
-    _compact_kernel[(n_blocks,)](act, counts, idx, count, B, d_ff, n_blocks, BLOCK_N=block_n,
-                                 BLOCK_B=block_b, BLOCKS_P2=triton.next_power_of_2(n_blocks))
-    return idx, count
+    n_act = 0
+    k0 = pid_s * chunks_per_split * BLOCK_K
+    for c in range(0, chunks_per_split):
+        ks = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(arow + ks[None, :], mask=rmask[:, None] & (ks[None, :] < d_ff), other=0.0)
+        active = tl.max((a != 0.0).to(tl.int32), axis=0) != 0  # NaN != 0: active
+        # inactive rows are masked off: no memory request for them
+        w = tl.load(wt_ptr + ks[:, None].to(tl.int64) * d_model + cols[None, :],
+                    mask=active[:, None] & cmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        if COUNT:
+            n_act += tl.sum(active.to(tl.int32), axis=0)
+    if COUNT:
+        if pid_d == 0:
+            tl.store(nact_ptr + pid_b * n_splits + pid_s, n_act)
+    out_m = rmask[:, None] & cmask[None, :]
+    tl.store(part_ptr + (pid_s * B + rows[:, None]).to(tl.int64) * d_model + cols[None, :], acc,
+             mask=out_m)
+    tl.debug_barrier()
+    tile = pid_b * tl.num_programs(1) + pid_d
+    ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    if ticket == n_splits - 1:
+        # the last split of this tile: fixed-order sum of every split's partial
+        sp = tl.arange(0, SPLITS_P2)
+        pm = (sp[:, None] < n_splits) & cmask[None, :]
+        n_rows = tl.minimum(B - pid_b * BLOCK_B, BLOCK_B)
+        for r in range(0, n_rows):
+            row = pid_b * BLOCK_B + r
+            p = tl.load(part_ptr + (sp[:, None] * B + row).to(tl.int64) * d_model + cols[None, :],
+                        mask=pm, other=0.0, cache_modifier=".cg")
+            y = tl.sum(p, axis=0)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row.to(tl.int64) * d_model + cols, y.to(out_ptr.dtype.element_ty),
+                     mask=cmask)
+        tl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next call / graph replay
 
 
 def _empty_partials(shape, device):
-    # Only the slices that had work are written and read (tests fill this with NaN).
+    # Every split writes its partial before the last one reads them all (tests fill NaN).
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100/H200 (what the interpreter and the compile check plan for)
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Zeroed tile counters for this device and stream (the kernel leaves them zero; one
+    buffer per stream, so that launches on concurrent streams never share a counter). First
+    made inside a CUDA graph capture, the zeroing is a node of that graph."""
+    sid = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), sid)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
+
+
+def plan(B: int, d_ff: int, d_model: int, dtype, device, split_k: Optional[int] = None,
+         block_d: int = 128) -> dict:
+    """Launch geometry of :func:`sparse_down` (pure function of the shapes)."""
+    block_k = 32 if dtype == torch.float32 else 128  # fp32: IEEE dot on FMAs (no spills on sm_80)
+    block_d = max(16, min(int(block_d), triton.next_power_of_2(d_model)))
+    n_btiles = triton.cdiv(B, _BLOCK_B)
+    n_cols = triton.cdiv(d_model, block_d)
+    n_chunks = triton.cdiv(d_ff, block_k)
+    if split_k is None:
+        split_k = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), n_btiles * n_cols)
+    split_k = max(1, min(int(split_k), 32, n_chunks, max(1, _PARTIAL_CAP // max(1, B * d_model))))
+    cps = triton.cdiv(n_chunks, split_k)
+    n_splits = triton.cdiv(n_chunks, cps)
+    return {"BLOCK_K": block_k, "BLOCK_D": block_d, "n_btiles": n_btiles, "n_cols": n_cols,
+            "chunks_per_split": cps, "n_splits": n_splits}
+
+
 def sparse_down(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                split_k: Optional[int] = None, block_d: int = 128, block_k: int = 16,
-                rows_per_split: int = 64) -> torch.Tensor:
+                split_k: Optional[int] = None, block_d: int = 128, out: Optional[torch.Tensor] = None,
+                active_out: Optional[torch.Tensor] = None,
+                counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act @ w_t + bias`` reading only active rows of ``w_t`` (see the module docstring).
 
     ``act`` [B, d_ff] and ``w_t`` [d_ff, d_model] contiguous, same dtype (fp32/fp16/bf16);
-    output in that dtype, fp32 accumulation. No host synchronization. Each split-K program
-    takes ``rows_per_split`` consecutive active rows (rounded up to ``block_k``), or
-    ``split_k`` slices cover ``d_ff`` when given.
+    output in that dtype (``out`` if given), fp32 accumulation. One launch, no host
+    synchronization. ``split_k`` overrides the number of d_ff slices. ``active_out`` (int32,
+    at least ``n_btiles * n_splits`` of :func:`plan`) receives each slice's count of rows
+    read per batch tile: their sum is the weight rows actually fetched. ``counters``: the
+    caller's own zeroed int32 buffer (>= ``n_btiles * n_cols``; the kernel leaves it zero),
+    else one per device and stream is kept here.
     """
     if act.dim() != 2 or w_t.dim() != 2 or act.shape[1] != w_t.shape[0]:
         raise ValueError(f"act {tuple(act.shape)} and w_t {tuple(w_t.shape)} do not chain")
     if act.dtype != w_t.dtype:
         raise ValueError(f"act dtype {act.dtype} != w_t dtype {w_t.dtype}")
+    if act.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {act.dtype}")
     act, w_t = act.contiguous(), w_t.contiguous()
     B, d_ff = act.shape
     d_model = w_t.shape[1]
-    out = torch.empty(B, d_model, dtype=act.dtype, device=act.device)
+    if bias is not None and bias.shape != (d_model,):
+        raise ValueError(f"bias must have shape ({d_model},), got {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty(B, d_model, dtype=act.dtype, device=act.device)
+    elif out.shape != (B, d_model) or out.dtype != act.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {act.dtype} tensor of shape ({B}, {d_model})")
     if B == 0:
         return out
-    idx, count = active_compact(act)
-    if split_k is None:
-        if rows_per_split < 1:
-            raise ValueError(f"rows_per_split must be >= 1, got {rows_per_split}")
-        split_k = triton.cdiv(d_ff, rows_per_split)
-    k_per_split = triton.cdiv(triton.cdiv(d_ff, split_k), block_k) * block_k
-    split_k = triton.cdiv(d_ff, k_per_split)
-    block_b = triton.next_power_of_2(B)
-    if block_b > 16:  # keep the [B, K, D] product tile small
-        block_d = min(block_d, 32)
-    part = _empty_partials((split_k, B, d_model), act.device)
-    grid = (triton.cdiv(d_model, block_d), split_k)
-    _gather_gemv_kernel[grid](act, w_t, idx, count, part, B, d_ff, d_model, k_per_split,
-                              BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d)
-    rblock = 1024
-    _reduce_kernel[(triton.cdiv(B * d_model, rblock),)](
-        part, bias if bias is not None else part, out, count, B, d_model, split_k, k_per_split,
-        HAS_BIAS=bias is not None, BLOCK=rblock)
+    g = plan(B, d_ff, d_model, act.dtype, act.device, split_k, block_d)
+    n_tiles = g["n_btiles"] * g["n_cols"]
+    if counters is not None:
+        if counters.dtype != torch.int32 or counters.numel() < n_tiles or counters.device != act.device:
+            raise ValueError(f"counters must be a zeroed int32 tensor of >= {n_tiles} entries on {act.device}")
+        cnt = counters
+    else:
+        cnt = _counters(act.device, n_tiles)
+    part = _empty_partials((g["n_splits"], B, d_model), act.device)
+    if active_out is not None and (active_out.dtype != torch.int32
+                                   or active_out.numel() < g["n_btiles"] * g["n_splits"]):
+        raise ValueError(f"active_out must be int32 with >= {g['n_btiles'] * g['n_splits']} entries")
+    grid = (g["n_btiles"], g["n_cols"], g["n_splits"])
+    _sparse_down_kernel[grid](
+        act, w_t, bias if bias is not None else act, part, cnt,
+        active_out if active_out is not None else cnt, out,
+        B, d_ff, d_model, g["chunks_per_split"], g["n_splits"],
+        HAS_BIAS=bias is not None, COUNT=active_out is not None, IEEE=act.dtype == torch.float32,
+        BLOCK_B=_BLOCK_B, BLOCK_K=g["BLOCK_K"], BLOCK_D=g["BLOCK_D"],
+        SPLITS_P2=max(2, triton.next_power_of_2(g["n_splits"])),
+        num_warps=4, num_stages=3, enable_fp_fusion=True)
     return out

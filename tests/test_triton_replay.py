@@ -264,3 +264,57 @@ def test_bench_check_only():
     from fastload.bench.triton_replay import main
 
     assert main(["--check-only", "--batch", "2", "--size", "6", "--src", "13", "15"]) == 0
+
+
+def test_pack_ra_tables_match_per_record_magnitudes():
+    # the cached (op, bin) tables give what magnitude_value + _op_params give per record,
+    # RA_NONE slots skipped wherever they sit
+    from fastload.kernels.replay import _op_params, pack_ra
+    from fastload.replay.reference_ra import magnitude_value
+
+    g = np.random.default_rng(5)
+    rec = P.empty(64)
+    rec["ra_ops"] = g.integers(0, 14, (64, P.MAX_RA))
+    rec["ra_mags"] = g.integers(-30, 31, (64, P.MAX_RA))
+    rec["ra_ops"][g.random((64, P.MAX_RA)) < 0.3] = P.RA_NONE
+    rai, raf = pack_ra(rec, (24, 40), num_bins=31)
+    for b in range(64):
+        ops = [(int(o), int(m)) for o, m in zip(rec[b]["ra_ops"], rec[b]["ra_mags"]) if o != P.RA_NONE]
+        for s in range(rai.shape[0]):
+            if s < len(ops):
+                op, mb = ops[s]
+                ip, f = _op_params(P.RA_OPS[op], magnitude_value(P.RA_OPS[op], mb, 31, 24, 40), 24, 40)
+                assert int(rai[s, b, 0]) == op and int(rai[s, b, 1]) == ip
+                assert np.array_equal(raf[s, b].numpy(), f)
+            else:
+                assert int(rai[s, b, 0]) == 0 and not raf[s, b].any()
+
+
+def test_prepare_then_launch_equals_replay_batch():
+    from fastload.kernels.replay import launch_replay, prepare_replay
+
+    imgs, hw = padded([photo(20, 18, 0), photo(15, 22, 1)], 20, 22)
+    recs = np.stack([record(20, 18, (2, 1, 15, 14), flags=P.FLAG_FLIP | P.FLAG_MIXUP, lam=0.3,
+                            pcrop=(0, 0, 15, 22), ph=15, pw=22),
+                     record(15, 22, (0, 3, 12, 16))])
+    recs["ra_ops"][:, 0] = (8, 13)  # Contrast, Equalize: the statistics passes
+    recs["ra_mags"][:, 0] = (9, 0)
+    a = torch.empty(2, 3, 12, 12)
+    replay_batch(imgs, hw, recs, a, partner_rows=torch.tensor([1, 0]))
+    plan = prepare_replay(recs, hw, (12, 12), partner_rows=torch.tensor([1, 0]))
+    b = launch_replay(imgs, plan, torch.empty(2, 3, 12, 12))
+    assert torch.equal(a, b) and plan.needs_stats == (True,)
+    with pytest.raises(ValueError, match="packed for"):
+        launch_replay(imgs, plan, torch.empty(2, 3, 10, 12))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_window_wider_than_one_tap_chunk(interp):
+    # 120 -> 5 columns: 49 (bilinear) / 97 (bicubic) x taps, several chunks of 16
+    a = photo(30, 120, 9)
+    imgs, hw = padded([a], 30, 120)
+    recs = P.empty(1)
+    recs[0]["flags"] = P.FLAG_FLIP
+    out = torch.empty(1, 3, 6, 5)
+    replay_batch(imgs, hw, recs, out, interpolation=interp)
+    check(out, [render_reference(a, recs[0], size=(6, 5), interpolation=interp)])

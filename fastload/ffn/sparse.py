@@ -245,6 +245,45 @@ def measure_crossover(w_t: torch.Tensor, batch: int, threads: Optional[int] = No
     return measure_plan(w_t, batch, threads, reps)["crossover"]
 
 
+_SAMPLE_EVERY = 8      # device path: measure the active count every 8th call ...
+_RESAMPLE_DENSE = 32   # ... and run the kernel every 32nd call while dense is chosen
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def measure_plan_device(w_t: torch.Tensor, batch: int, reps: int = 5,
+                        w_dense: Optional[torch.Tensor] = None) -> dict:
+    """Crossover of the device kernel (``fastload.kernels.sparse_ffn``) at this shape and
+    batch bucket: its time with every row active against torch's dense product (CUDA events,
+    fastest of ``reps`` interleaved runs after a warm-up; a few ms in all). The kernel's
+    time is linear in the rows read, so ``0.95 * t_dense / t_kernel_full`` (capped at 1) is
+    the active fraction below which it wins."""
+    from fastload.kernels.sparse_ffn import sparse_down
+
+    d_ff = w_t.shape[0]
+    g = torch.Generator(device=w_t.device).manual_seed(1234)
+    act = (torch.rand(batch, d_ff, generator=g, device=w_t.device) + 0.5).to(w_t.dtype)
+    wd = w_t.t() if w_dense is None else w_dense
+    fns = {"kernel": lambda: sparse_down(act, w_t), "torch": lambda: F.linear(act, wd)}
+    ts = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+        f()
+    for _ in range(reps):
+        for name, f in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            f()
+            b.record()
+            b.synchronize()
+            ts[name].append(a.elapsed_time(b) * 1e-3)
+    t_k, t_t = min(ts["kernel"]), min(ts["torch"])
+    return {"crossover": min(1.0, 0.95 * t_t / t_k), "threads": None, "t_kernel_full_s": t_k,
+            "t_torch_s": t_t, "full_size_timed": True}
+
+
 def _dense_down(act, w_t, bias):
     # The transposed view of W_down^T is W_down: F.linear with it is torch's fast layout in
     # fp32 (as fast as F.linear with the original weight, measured).
@@ -304,6 +343,7 @@ class SparseReLUFFN(nn.Module):
         self.last_active = None  # active count of the last sparse call (None: dense ran)
         self._probe = None  # set by activation_sparsity
         self._approx_state = None
+        self._dev_state = None  # device path: sampled active fraction (see _device_down)
 
     @classmethod
     def from_dense(cls, up: nn.Linear, down: nn.Linear, gate: Optional[nn.Linear] = None,
@@ -354,6 +394,7 @@ class SparseReLUFFN(nn.Module):
             raise ValueError(f"unknown arguments {sorted(kwargs)}")
         self._finite_checked, self._finite = None, True
         self.last_active, self._probe, self._approx_state = None, None, None
+        self._dev_state = None
         return self
 
     def _set_down(self, weight: torch.Tensor, keep: bool) -> None:
@@ -417,8 +458,14 @@ class SparseReLUFFN(nn.Module):
                         plan = measure_plan(self.down_t.detach(), batch_bucket(batch),
                                             w_dense=None if self.down_weight is None
                                             else self.down_weight.detach())
-                    else:  # the device kernel's launch cost is small: trust the ceiling
-                        plan = {"crossover": 0.85, "threads": None}
+                    elif _capturing(self.down_t.device):
+                        # no timing (it synchronizes) inside a CUDA graph capture: the
+                        # captured step runs the kernel; measured on the next eager call
+                        return {"crossover": 1.0, "threads": None}
+                    else:
+                        plan = measure_plan_device(self.down_t.detach(), batch_bucket(batch),
+                                                   w_dense=None if self.down_weight is None
+                                                   else self.down_weight.detach())
                     _CROSSOVER[key] = plan
         return plan
 
@@ -438,7 +485,8 @@ class SparseReLUFFN(nn.Module):
     def down_proj(self, act: torch.Tensor, needs_grad: bool = False) -> torch.Tensor:
         """Down-projection of ``act`` ([N, d_ff], weight dtype): sparse kernel below the
         crossover, dense fallback above it (or when gradients are needed / weights non-finite).
-        Sets ``last_active`` (None when the dense path ran).
+        Sets ``last_active`` (None when the dense path ran; on CUDA, the rows read at the
+        last sampled call, read back asynchronously).
 
         >>> import torch, torch.nn as nn
         >>> ffn = SparseReLUFFN.from_dense(nn.Linear(4, 16), nn.Linear(16, 4), crossover=1.0)
@@ -448,7 +496,8 @@ class SparseReLUFFN(nn.Module):
         True
         """
         out = None
-        self.last_active = None
+        if act.device.type != "cuda":
+            self.last_active = None
         if not needs_grad and act.shape[0] > 0 and self._weights_finite():
             plan = self._plan(act.shape[0])
             max_active = int(math.floor(plan["crossover"] * self.d_ff))
@@ -458,12 +507,75 @@ class SparseReLUFFN(nn.Module):
                                              plan["threads"])
                     self.last_active = n if out is not None else None
                 elif act.device.type == "cuda":
-                    from fastload.kernels.sparse_ffn import sparse_down
-
-                    out = sparse_down(act.contiguous(), self.down_t, self.down_bias)
+                    out = self._device_down(act, plan["crossover"])
         if out is None:
             out = self._down_dense(act)
         return out
+
+    def _device_down(self, act: torch.Tensor, crossover: float):
+        """The Triton kernel on the device, or None for the dense path. The decision uses
+        the union active fraction measured on earlier calls, read back asynchronously (a
+        pinned copy and an event polled without waiting), so there is no host
+        synchronization: every ``_SAMPLE_EVERY``-th call (every ``_RESAMPLE_DENSE``-th while
+        the dense path is chosen) the kernel also writes its per-slice active counts. Inside
+        a CUDA graph capture nothing is sampled: the graph keeps the path of the last eager
+        measurement (the kernel when none was made yet)."""
+        from fastload.kernels.sparse_ffn import plan as kplan
+        from fastload.kernels.sparse_ffn import sparse_down
+
+        act = act.contiguous()
+        st = self._dev_state
+        g = kplan(act.shape[0], self.d_ff, self.d_model, act.dtype, act.device)
+        n_tiles = g["n_btiles"] * g["n_cols"]
+        cnt = None if st is None else st.get("cnt")
+        if _capturing(act.device):
+            # no event, copy or query inside a capture: the graph keeps the path the last
+            # eager measurement chose
+            if st is not None and st["frac"] is not None and st["frac"] > crossover:
+                return None
+            ok = cnt is not None and cnt.numel() >= n_tiles and cnt.device == act.device
+            return sparse_down(act, self.down_t, self.down_bias, counters=cnt if ok else None)
+        if st is None:
+            st = self._dev_state = {"calls": 0, "frac": None, "pending": None}
+        if cnt is None or cnt.numel() < n_tiles or cnt.device != act.device:
+            # the module's own tile counters (zero between calls): no stream-keyed lookup
+            cnt = st["cnt"] = torch.zeros(max(n_tiles, 64), dtype=torch.int32, device=act.device)
+        self._poll_activity()
+        st["calls"] += 1
+        frac = st["frac"]
+        dense = frac is not None and frac > crossover
+        if dense and st["calls"] % _RESAMPLE_DENSE != 0:
+            return None
+        sample = st["pending"] is None and (frac is None or dense or st["calls"] % _SAMPLE_EVERY == 0)
+        if not sample:
+            return sparse_down(act, self.down_t, self.down_bias, counters=cnt)
+        n = g["n_btiles"] * g["n_splits"]
+        buf = st.get("buf")
+        if buf is None or buf.numel() < n or buf.device != act.device:
+            buf = st["buf"] = torch.zeros(max(n, 64), dtype=torch.int32, device=act.device)
+            st["host"] = torch.zeros(buf.numel(), dtype=torch.int32,
+                                     pin_memory=act.device.type == "cuda")
+        out = sparse_down(act, self.down_t, self.down_bias, active_out=buf, counters=cnt)
+        st["host"][:n].copy_(buf[:n], non_blocking=True)
+        ev = None
+        if act.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+        st["pending"] = (ev, n, self.d_ff * g["n_btiles"])
+        self._poll_activity()
+        return out
+
+    def _poll_activity(self) -> None:
+        st = self._dev_state
+        if st is None or st["pending"] is None:
+            return
+        ev, n, rows = st["pending"]
+        if ev is not None and not ev.query():
+            return  # not landed yet: decide with the previous measurement
+        read = int(st["host"][:n].sum())
+        st["frac"] = read / max(1, rows)
+        st["pending"] = None
+        self.last_active = read
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,9 @@ class ReinforcedLoader:
     - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 or float16 normalized output, or
       uint8 unnormalized pixels (normalize on the GPU).
     - ``device``: move every batch there (non-blocking from pinned memory).
+    - ``replay``: "cpu" (default: C++ render, then copy) or "device": the CPU threads only
+      decode the crop windows, the GPU renders them with the Triton kernel on a side stream
+      (``fastload.loader.device_replay``; needs ``device``, float output).
     - ``p_reinforced``: probability that a view replays a stored augmentation with its
       teacher target; otherwise a fresh augmentation from the dataset's policy (mixing
       removed) and a one-hot target.
@@ -225,7 +228,10 @@ class ReinforcedLoader:
                  on_error: str = "raise", reuse_buffers: bool = False, dct_scale: Optional[bool] = None,
                  check_ranks: bool = False, collate_fn=None, worker_init_fn=None,
                  timeout: float = 0, multiprocessing_context=None, pin_memory_device: str = "",
-                 in_order: bool = True, num_classes: Optional[int] = None):
+                 in_order: bool = True, num_classes: Optional[int] = None, replay: str = "cpu"):
+        if replay not in ("cpu", "device"):
+            raise ValueError(f'replay must be "cpu" or "device", got {replay!r}')
+        self.replay = replay
         if isinstance(dataset, (str, os.PathLike)):
             from fastload.format.reader import ReinforcedDataset
 
@@ -322,6 +328,11 @@ class ReinforcedLoader:
                 f"the global batch (batch_size={self.batch_size} x world_size={self.world_size}) "
                 f"with drop_last=True exceeds the {self._order_len()} samples of an epoch; lower "
                 f"batch_size or pass drop_last=False"))
+        self._device_replay = None
+        if self.replay == "device":
+            from fastload.loader.device_replay import DeviceReplay
+
+            self._device_replay = DeviceReplay(self)
 
     # ------------------------------------------------------------------ epochs and state
     def set_epoch(self, epoch: int) -> None:
@@ -577,7 +588,16 @@ class ReinforcedLoader:
                     labels=labels, tgt=tgt, ext=ext, epoch=epoch, step=step)
 
     def _render_prepared(self, prep: dict, out_fn):
-        """Stage 2 (native, GIL released): render into an output buffer."""
+        """Stage 2: render (native, GIL released; or on the device with replay="device")."""
+        # the Triton replay knows neither schema-v2 extension records (imports) nor torchvision
+        # v2 RandAugment semantics: such batches render on the CPU path (then are uploaded)
+        pol = getattr(self.dataset, "policy", None)
+        if (self._device_replay is not None and prep.get("ext") is None
+                and getattr(pol, "randaugment_semantics", "v1") == "v1"):
+            return self._device_replay.render(prep, lambda: self._render_prepared_host(prep, out_fn))
+        return self._render_prepared_host(prep, out_fn)
+
+    def _render_prepared_host(self, prep: dict, out_fn):
         rows, labels, tgt, hw = prep["rows"], prep["labels"], prep["tgt"], prep["hw"]
         out = out_fn((len(rows), 3, hw[0], hw[1]))
         bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows, prep.get("ext"))
@@ -743,6 +763,8 @@ class ReinforcedLoader:
                     self.skipped_ids.append(c)
         if labels is not None:
             labels = torch.from_numpy(labels)
+        if self._device_replay is not None:
+            out = self._device_replay.finish(out)
         if self.device is not None:
             nb = self.pin_memory
             host_out = out
