@@ -283,3 +283,39 @@ def test_libraries_register_no_static_destructors(name):
     path = _native.load(name)._name
     syms = subprocess.run(["nm", "-D", path], capture_output=True, text=True, check=True).stdout
     assert "__cxa_atexit" not in syms, f"{path} registers static destructors"
+
+
+def test_gather_count_and_sparse_ffn_refuse_small_outputs():
+    """The remaining entry points with outputs take their capacity too: one value short of
+    what the shape needs is an error, never a write past the buffer."""
+    from fastload.ffn import sparse
+    from fastload.format.decompose import _lib as dd_lib
+
+    lib = dd_lib()
+    rows = np.arange(2 * 9, dtype=np.int32).reshape(2, 9)
+    addrs = np.array([rows[0].ctypes.data, rows[1].ctypes.data], np.uint64)
+    x = np.zeros(16, np.int32)
+    y = np.zeros(16, np.int32)
+    assert lib.fl_dd_gather(addrs.ctypes.data, 2, 9, x.ctypes.data, y.ctypes.data, 16, 4, 1) == 0
+    assert (x.reshape(2, 8) == rows[:, :-1]).all() and (y.reshape(2, 8) == rows[:, 1:]).all()
+    assert lib.fl_dd_gather(addrs.ctypes.data, 2, 9, x.ctypes.data, y.ctypes.data, 15, 4, 1) != 0
+    assert b"too small" in lib.fl_last_error()
+    tokens = np.arange(40, dtype=np.int32) % 7
+    offsets = np.array([0, 20, 40], np.int64)
+    counts, dropped = np.zeros(3, np.int64), np.zeros(1, np.int64)  # 1 block x 3 buckets
+    args = (tokens.ctypes.data, offsets.ctypes.data, 2, 2, 4, 0, 0, 0, 0, 64)
+    assert lib.fl_dd_count(*args, counts.ctypes.data, 3, dropped.ctypes.data, 1, 1) == 0
+    assert lib.fl_dd_count(*args, counts.ctypes.data, 2, dropped.ctypes.data, 1, 1) != 0
+    src = np.ones(64, np.uint8)
+    dst = np.zeros(64, np.uint8)
+    assert lib.fl_dd_memcpy(dst.ctypes.data, 63, src.ctypes.data, 64, 1) != 0 and not dst.any()
+    slib = sparse._lib()
+    act = torch.ones(2, 8)
+    wt = torch.ones(8, 4)
+    out = torch.zeros(2, 4)
+    n = ctypes.c_long(0)
+    assert slib.fl_sffn_down(act.data_ptr(), 2, 8, wt.data_ptr(), 4, 0, None, out.data_ptr(), 7, 8, 1,
+                             ctypes.byref(n)) != 0 and not out.any()
+    idx = torch.zeros(8, dtype=torch.int32)
+    assert slib.fl_sffn_active(act.data_ptr(), 2, 8, 0, idx.data_ptr(), 7, ctypes.byref(n)) != 0
+    assert slib.fl_sffn_active(act.data_ptr(), 2, 8, 0, idx.data_ptr(), 8, ctypes.byref(n)) == 0 and n.value == 8

@@ -102,18 +102,24 @@ int make_rule(Rule& r, int min_k, int max_k, int randomize, uint64_t seed, uint6
 
 // Pass 1. offsets: n_docs + 1 non-decreasing indices into tokens (tokens[offsets[d]:
 // offsets[d+1]] is document d, without EOT). counts: [n_blocks, n_buckets] int64 (written),
-// dropped: [n_blocks] int64 (written), n_blocks = ceil(n_docs / block). Tokens outside
-// [0, vocab) fail (vocab <= 0: not checked), naming the first bad document and position.
+// dropped: [n_blocks] int64 (written), n_blocks = ceil(n_docs / block); counts_cap and
+// dropped_cap are their capacities in values. Tokens outside [0, vocab) fail (vocab <= 0:
+// not checked), naming the first bad document and position.
 FL_EXPORT int fl_dd_count(const int32_t* tokens, const int64_t* offsets, int64_t n_docs,
                           int min_k, int max_k, int randomize, uint64_t seed, uint64_t file,
-                          int64_t vocab, int64_t block, int64_t* counts, int64_t* dropped,
-                          int nthreads) {
+                          int64_t vocab, int64_t block, int64_t* counts, int64_t counts_cap,
+                          int64_t* dropped, int64_t dropped_cap, int nthreads) {
   return fl::guard("fl_dd_count", [&]() -> int {
   Rule rule;
   if (make_rule(rule, min_k, max_k, randomize, seed, file)) return -1;
   if (block < 1) return fl::fail("block must be >= 1");
+  if (n_docs < 0) return fl::fail("negative document count %lld", (long long)n_docs);
   const int nb = max_k - min_k + 1;
   const int64_t n_blocks = (n_docs + block - 1) / block;
+  if (n_blocks > 0 && (!counts || !dropped)) return fl::fail("fl_dd_count: null output");
+  if (counts_cap < n_blocks * nb || dropped_cap < n_blocks)
+    return fl::fail("fl_dd_count: outputs of %lld / %lld values are too small for %lld blocks x %d buckets",
+                    (long long)counts_cap, (long long)dropped_cap, (long long)n_blocks, nb);
   std::atomic<int64_t> bad_doc{std::numeric_limits<int64_t>::max()};
   std::atomic<int64_t> bad_order{std::numeric_limits<int64_t>::max()};
   if (fl::parallel_for(n_blocks, nthreads, 1, [&](long b0, long b1, int) {
@@ -261,13 +267,18 @@ inline void shift_copy(const int32_t* src, T* in, T* tg, int64_t n) {
 
 // Loader copy. addrs: n_rows addresses of int32 rows of row_len tokens; writes
 // inputs[r, :] = row[:-1] and targets[r, :] = row[1:] (both [n_rows, row_len - 1],
-// contiguous) as int32 (out_bytes 4) or int64 (out_bytes 8).
+// contiguous) as int32 (out_bytes 4) or int64 (out_bytes 8); out_cap: the values each of
+// inputs and targets holds.
 FL_EXPORT int fl_dd_gather(const uint64_t* addrs, int64_t n_rows, int64_t row_len, void* inputs,
-                           void* targets, int out_bytes, int nthreads) {
+                           void* targets, int64_t out_cap, int out_bytes, int nthreads) {
   return fl::guard("fl_dd_gather", [&]() -> int {
   if (row_len < 2) return fl::fail("row_len must be >= 2, got %lld", (long long)row_len);
   if (out_bytes != 4 && out_bytes != 8) return fl::fail("out_bytes must be 4 or 8");
   const int64_t n = row_len - 1;
+  if (n_rows < 0 || (double)n_rows * (double)n > (double)out_cap)
+    return fl::fail("fl_dd_gather: outputs of %lld values are too small for %lld rows of %lld",
+                    (long long)out_cap, (long long)n_rows, (long long)n);
+  if (n_rows > 0 && (!addrs || !inputs || !targets)) return fl::fail("fl_dd_gather: null argument");
   // Each row is >= 1 KiB for the usual buckets; group rows so one task moves >= ~256 KiB.
   long grain = (long)(65536 / (n + 1)) + 1;
   return fl::parallel_for(n_rows, nthreads, grain, [&](long r0, long r1, int) {
@@ -282,9 +293,10 @@ FL_EXPORT int fl_dd_gather(const uint64_t* addrs, int64_t n_rows, int64_t row_le
   });
 }
 
-// memcpy of n bytes on nthreads threads (the benchmark's bandwidth yardstick).
-FL_EXPORT int fl_dd_memcpy(void* dst, const void* src, int64_t n, int nthreads) {
+// memcpy of n bytes on nthreads threads (the benchmark's bandwidth yardstick); dst holds dst_cap.
+FL_EXPORT int fl_dd_memcpy(void* dst, int64_t dst_cap, const void* src, int64_t n, int nthreads) {
   return fl::guard("fl_dd_memcpy", [&]() -> int {
+  if (n < 0 || n > dst_cap) return fl::fail("fl_dd_memcpy: %lld bytes do not fit %lld", (long long)n, (long long)dst_cap);
   const long grain = 1 << 20;
   return fl::parallel_for((n + grain - 1) / grain, nthreads, 1, [&](long b0, long b1, int) {
     for (long b = b0; b < b1; ++b) {

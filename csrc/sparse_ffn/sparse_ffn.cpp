@@ -370,13 +370,16 @@ int down(const void* act, long B, long d_ff, const void* wt, long d_model, const
 // whose neuron is non-zero for some batch row. act, wt, bias and out share `dtype`
 // (0 fp32, 1 bf16, 2 fp16); accumulation is fp32. If more than max_active neurons are
 // active, nothing is computed, *n_active = max_active + 1, and the caller runs dense.
+// out_cap: the values `out` holds (>= B * d_model).
 FL_EXPORT int fl_sffn_down(const void* act, long B, long d_ff, const void* wt, long d_model,
-                           int dtype, const void* bias, void* out, long max_active, int nthreads,
-                           long* n_active) {
+                           int dtype, const void* bias, void* out, long out_cap, long max_active,
+                           int nthreads, long* n_active) {
   return fl::guard("fl_sffn_down", [&]() -> int {
   if (!act || !wt || !out || !n_active) return fl::fail("fl_sffn_down: null pointer");
   if (B < 0 || d_ff < 0 || d_model <= 0)
     return fl::fail("fl_sffn_down: bad shape B=%ld d_ff=%ld d_model=%ld", B, d_ff, d_model);
+  if ((double)B * (double)d_model > (double)out_cap)
+    return fl::fail("fl_sffn_down: output of %ld values is too small for %ld x %ld", out_cap, B, d_model);
   if (B == 0) { *n_active = 0; return 0; }
   switch (dtype) {
     case F32: return down<F32>(act, B, d_ff, wt, d_model, bias, out, max_active, nthreads, n_active);
@@ -388,10 +391,13 @@ FL_EXPORT int fl_sffn_down(const void* act, long B, long d_ff, const void* wt, l
 }
 
 // Indices (ascending) of the neurons non-zero for some batch row; returns the count in *n.
+// idx_cap: the values idx_out holds (>= d_ff: every neuron may be active).
 FL_EXPORT int fl_sffn_active(const void* act, long B, long d_ff, int dtype, int32_t* idx_out,
-                             long* n) {
+                             long idx_cap, long* n) {
   return fl::guard("fl_sffn_active", [&]() -> int {
   if (!act || !idx_out || !n) return fl::fail("fl_sffn_active: null pointer");
+  if (B < 0 || d_ff < 0 || idx_cap < d_ff)
+    return fl::fail("fl_sffn_active: index output of %ld values for d_ff=%ld (B=%ld)", idx_cap, d_ff, B);
   std::vector<uint8_t> mask;
   std::vector<int32_t> idx;
   long c;

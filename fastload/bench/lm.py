@@ -49,12 +49,12 @@ def memcpy_bandwidth(lib, nbytes=256 << 20, reps=5, cpu=False):
     (on a shared, loaded machine the wall clock also counts time spent waiting for a core)."""
     src = np.ones(nbytes, np.uint8)
     dst = np.empty_like(src)
-    lib.fl_dd_memcpy(dst.ctypes.data, src.ctypes.data, nbytes, 1)  # fault the pages in
+    lib.fl_dd_memcpy(dst.ctypes.data, dst.nbytes, src.ctypes.data, nbytes, 1)  # fault the pages in
     clock = time.process_time if cpu else time.perf_counter
     best = 1e9
     for _ in range(reps):
         t = clock()
-        lib.fl_dd_memcpy(dst.ctypes.data, src.ctypes.data, nbytes, 1)
+        lib.fl_dd_memcpy(dst.ctypes.data, dst.nbytes, src.ctypes.data, nbytes, 1)
         best = max(min(best, clock() - t), 1e-9)
     return nbytes / best  # bytes/s, one thread
 

@@ -59,10 +59,10 @@ def _lib():
         lib.fl_sffn_down.restype = ctypes.c_int
         lib.fl_sffn_down.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_long, ctypes.c_int, ctypes.POINTER(ctypes.c_long)]
+                                     ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.POINTER(ctypes.c_long)]
         lib.fl_sffn_active.restype = ctypes.c_int
         lib.fl_sffn_active.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int,
-                                       ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+                                       ctypes.c_void_p, ctypes.c_long, ctypes.POINTER(ctypes.c_long)]
         lib._fl_sffn_typed = True
     return lib
 
@@ -110,7 +110,7 @@ def sparse_down_cpu(act: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.T
     n = ctypes.c_long(0)
     lib = _lib()
     st = lib.fl_sffn_down(act.data_ptr(), B, d_ff, w_t.data_ptr(), d_model, _DTYPE_CODE[act.dtype],
-                          bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, out.data_ptr(), out.numel(),
                           int(max_active), int(threads or torch.get_num_threads()), ctypes.byref(n))
     _native.check(lib, st, "sparse_down_cpu")
     return (out if n.value <= max_active else None), n.value
@@ -133,7 +133,7 @@ def active_indices(act: torch.Tensor) -> torch.Tensor:
     n = ctypes.c_long(0)
     lib = _lib()
     _native.check(lib, lib.fl_sffn_active(act.data_ptr(), act.shape[0], act.shape[1],
-                                          _DTYPE_CODE[act.dtype], idx.data_ptr(), ctypes.byref(n)),
+                                          _DTYPE_CODE[act.dtype], idx.data_ptr(), idx.numel(), ctypes.byref(n)),
                   "active_indices")
     return idx[: n.value].long()
 

@@ -118,11 +118,11 @@ def _lib():
     lib = load("decompose")
     if not getattr(lib, "_fl_typed", False):
         i64, u64, vp, i32 = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int
-        lib.fl_dd_count.argtypes = [vp, vp, i64, i32, i32, i32, u64, u64, i64, i64, vp, vp, i32]
+        lib.fl_dd_count.argtypes = [vp, vp, i64, i32, i32, i32, u64, u64, i64, i64, vp, i64, vp, i64, i32]
         lib.fl_dd_copy.argtypes = [vp, i64, vp, i64, i32, i32, i32, u64, u64, ctypes.c_int32, i64, i64, vp, vp, i64,
                                    vp, vp, i32]
-        lib.fl_dd_gather.argtypes = [vp, i64, i64, vp, vp, i32, i32]
-        lib.fl_dd_memcpy.argtypes = [vp, vp, i64, i32]
+        lib.fl_dd_gather.argtypes = [vp, i64, i64, vp, vp, i64, i32, i32]
+        lib.fl_dd_memcpy.argtypes = [vp, i64, vp, i64, i32]
         lib.fl_dd_permute.argtypes = [i64, u64, i64, i64, vp]
         for f in (lib.fl_dd_count, lib.fl_dd_copy, lib.fl_dd_gather, lib.fl_dd_memcpy, lib.fl_dd_permute):
             f.restype = ctypes.c_int
@@ -353,7 +353,8 @@ def _count(lib, tokens, offsets, n_docs, p, file_index, nthreads):
     dropped = np.zeros(max(n_blocks, 1), np.int64)
     st = lib.fl_dd_count(ptr(tokens), ptr(offsets), n_docs, p["min_bucket"], p["max_bucket"],
                          int(p["randomize"]), p["seed"] & _M64, file_index,
-                         p["vocab_size"] or 0, _BLOCK, ptr(counts), ptr(dropped), nthreads)
+                         p["vocab_size"] or 0, _BLOCK, ptr(counts), counts.size, ptr(dropped), dropped.size,
+                         nthreads)
     if st != 0:
         raise ValueError(f"{p['_what']}: {lib.fl_last_error().decode()}")
     return counts[:n_blocks], dropped[:n_blocks]

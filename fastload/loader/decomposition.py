@@ -147,7 +147,7 @@ class DecompositionLoader:
             x = torch.empty((n, L), dtype=self.dtype, pin_memory=self.pin_memory)
             y = torch.empty((n, L), dtype=self.dtype, pin_memory=self.pin_memory)
         st = self._lib.fl_dd_gather(addrs.__array_interface__["data"][0], n, L + 1, x.data_ptr(), y.data_ptr(),
-                                    x.element_size(), self.num_threads)
+                                    min(x.numel(), y.numel()), x.element_size(), self.num_threads)
         check(self._lib, st, "decomposition gather")
         return x, y
 
