@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import struct
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _corpus import make_dataset, mutate_blob, mutate_manifest, records  # noqa: E402
+from _rss import vm_hwm_mib  # noqa: E402
 
 from fastload.format import shards as S  # noqa: E402
 from fastload.format.manifest import MANIFEST, CorruptDataError  # noqa: E402
@@ -272,16 +272,6 @@ class _Buckets:
 
 
 
-def _vm_hwm_mib() -> float:
-    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries the
-    forking parent's high-water mark into ru_maxrss across exec, so a child started from a
-    big test process would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 # ----------------------------------------------------------------------------- driver
 def run(kind: str, start: int, count: int) -> dict:
     warnings.simplefilter("error", RuntimeWarning)
@@ -304,7 +294,7 @@ def run(kind: str, start: int, count: int) -> dict:
                 tb = traceback.format_exc(limit=6)
                 return {"kind": kind, "failed_case": i, "error": f"{type(e).__name__}: {e}"[:500], "traceback": tb,
                         "counts": dict(counts)}
-        peak = _vm_hwm_mib()
+        peak = vm_hwm_mib()
         return {"kind": kind, "start": start, "count": count, "counts": dict(counts), "peak_rss_mib": peak,
                 "rss_bound_mib": RSS_BOUND_MIB}
     finally:

@@ -10,31 +10,23 @@ on raw and JPEG sources with and without partners.
 """
 import json
 import os
-import resource
 import sys
 import time
 
 import numpy as np
 import torch
 
-from fastload.replay import native
-from fastload.sample import params as P
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _rss import vm_hwm_mib  # noqa: E402
+
+from fastload.replay import native  # noqa: E402
+from fastload.sample import params as P  # noqa: E402
 
 # libjpeg's own SOF markers: baseline, extended, progressive, lossless are refused by the
 # decoder; 9/10 = arithmetic sequential/progressive.
 SOF = (0xC0, 0xC1, 0xC2, 0xC9, 0xCA)
 
 
-
-def _vm_hwm_mib() -> float:
-    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries the
-    forking parent's high-water mark into ru_maxrss across exec, so a child started from a
-    big test process would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def bases():
     """A small corpus of valid JPEGs: 4:2:0 / 4:4:4 RGB, grayscale, CMYK, progressive,
@@ -123,7 +115,7 @@ def record(rng):
 def main(seed, n, progress):
     corpus = bases()
     rng = np.random.default_rng(seed)
-    rss0 = _vm_hwm_mib()
+    rss0 = vm_hwm_mib()
     stats = {"cases": 0, "ok": 0, "errors": 0, "wrong": [], "slowest_s": 0.0, "slowest": ""}
     outs = {s: torch.empty(1, 3, s[0], s[1]) for s in ((16, 16), (24, 40), (64, 64))}
     with open(progress, "w") as prog:
@@ -155,7 +147,7 @@ def main(seed, n, progress):
             if dt > stats["slowest_s"]:
                 stats["slowest_s"], stats["slowest"] = dt, desc
             stats["cases"] += 1
-    stats["max_rss_growth_mb"] = _vm_hwm_mib() - rss0
+    stats["max_rss_growth_mb"] = vm_hwm_mib() - rss0
     stats["limits"] = native.decode_limits()
     print(json.dumps(stats))
 
@@ -166,7 +158,7 @@ def main_records(seed, n, progress):
     jpg = native._encode_jpeg(imgs[3], 90)
     srcs = imgs + [jpg]
     stats = {"cases": 0, "ok": 0, "errors": 0, "wrong": [], "slowest_s": 0.0, "slowest": ""}
-    rss0 = _vm_hwm_mib()
+    rss0 = vm_hwm_mib()
     with open(progress, "w") as prog:
         for i in range(n):
             raw = rng.integers(0, 256, P.AUG_DTYPE.itemsize, dtype=np.uint8)
@@ -199,7 +191,7 @@ def main_records(seed, n, progress):
             if dt > stats["slowest_s"]:
                 stats["slowest_s"], stats["slowest"] = dt, sid
             stats["cases"] += 1
-    stats["max_rss_growth_mb"] = _vm_hwm_mib() - rss0
+    stats["max_rss_growth_mb"] = vm_hwm_mib() - rss0
     stats["limits"] = native.decode_limits()
     print(json.dumps(stats))
 

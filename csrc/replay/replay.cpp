@@ -489,41 +489,16 @@ FL_EXPORT int fl_replay_axis_weights(int out, double x0, double len, int lo, int
   });
 }
 
-// srcs/partners: n Source descriptors (partners may be null); augs: n records; out: n x 3 x
-// oh x ow of dtype (0 float32, 1 float16, 2 uint8 = no normalization), out_bytes its
-// capacity; mean/std: 3 floats.
-FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const Aug* augs, int64_t n, void* out,
-                              int64_t out_bytes, int dtype, int oh, int ow, const float* mean, const float* std,
-                              int bicubic, int dct, int num_bins, int threads, int64_t* bad_index) {
-  return fl::guard("fl_replay_batch", [&]() -> int {
+namespace {
+// One batch render for both entry points: argument checks, the normalization constants, the
+// parallel loop. ext may be null (no extension records).
+int replay_batch(const char* name, const Source* srcs, const Source* partners, const Aug* augs,
+                 const fl::AugExt* ext, int64_t n, void* out, int64_t out_bytes, int dtype, int oh, int ow,
+                 const float* mean, const float* std, int bicubic, int dct, int num_bins, int grid_h,
+                 int grid_w, int threads, int64_t* bad_index) {
+  return fl::guard(name, [&]() -> int {
   if (bad_index) *bad_index = -1;
   if (n < 0 || (n > 0 && (!srcs || !augs || !out || !mean || !std))) return fl::fail("null argument");
-  if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
-  if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
-  const int64_t esz = dtype == kF32 ? 4 : (dtype == kF16 ? 2 : 1);
-  if ((double)n * 3 * oh * ow * esz > (double)out_bytes)
-    return fl::fail("output buffer of %lld bytes is too small for %lld x 3 x %d x %d", (long long)out_bytes,
-                    (long long)n, oh, ow);
-  Job J{srcs, partners, augs, out, dtype, oh, ow, bicubic, dct, num_bins, {}, {}, {}};
-  for (int c = 0; c < 3; ++c) {
-    if (!(std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
-    J.scale[c] = 1.f / (255.f * std[c]);
-    J.bias[c] = -mean[c] / std[c];
-    J.mean255[c] = mean[c] * 255.f;
-  }
-  return run_batch((long)n, threads, bad_index, [&](long i) { return render_one(J, i); });
-  });
-}
-
-// fl_replay_batch with schema-v2 extension records ext[n] (packed AugExt, any alignment);
-// grid_h/grid_w: the box grid float translations were sampled on (0: the output size).
-FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
-                                  int64_t n, void* out, int64_t out_bytes, int dtype, int oh, int ow,
-                                  const float* mean, const float* std, int bicubic, int dct, int num_bins,
-                                  int grid_h, int grid_w, int threads, int64_t* bad_index) {
-  return fl::guard("fl_replay_batch_ext", [&]() -> int {
-  if (bad_index) *bad_index = -1;
-  if (n < 0 || (n > 0 && (!srcs || !augs || !out || !ext || !mean || !std))) return fl::fail("null argument");
   if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
   if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
   if (grid_h < 0 || grid_w < 0) return fl::fail("box grid must be non-negative, got %dx%d", grid_h, grid_w);
@@ -543,6 +518,28 @@ FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, co
   }
   return run_batch((long)n, threads, bad_index, [&](long i) { return render_one(J, i); });
   });
+}
+}  // namespace
+
+// srcs/partners: n Source descriptors (partners may be null); augs: n records; out: n x 3 x
+// oh x ow of dtype (0 float32, 1 float16, 2 uint8 = no normalization), out_bytes its
+// capacity; mean/std: 3 floats.
+FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const Aug* augs, int64_t n, void* out,
+                              int64_t out_bytes, int dtype, int oh, int ow, const float* mean, const float* std,
+                              int bicubic, int dct, int num_bins, int threads, int64_t* bad_index) {
+  return replay_batch("fl_replay_batch", srcs, partners, augs, nullptr, n, out, out_bytes, dtype, oh, ow, mean,
+                      std, bicubic, dct, num_bins, 0, 0, threads, bad_index);
+}
+
+// fl_replay_batch with schema-v2 extension records ext[n] (packed AugExt, any alignment);
+// grid_h/grid_w: the box grid float translations were sampled on (0: the output size).
+FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
+                                  int64_t n, void* out, int64_t out_bytes, int dtype, int oh, int ow,
+                                  const float* mean, const float* std, int bicubic, int dct, int num_bins,
+                                  int grid_h, int grid_w, int threads, int64_t* bad_index) {
+  if (n > 0 && !ext) return fl::fail("null argument");
+  return replay_batch("fl_replay_batch_ext", srcs, partners, augs, ext, n, out, out_bytes, dtype, oh, ow, mean,
+                      std, bicubic, dct, num_bins, grid_h, grid_w, threads, bad_index);
 }
 
 // Source height/width of each JPEG (header only) into hw[2*i], hw[2*i+1] (hw_cap int32),

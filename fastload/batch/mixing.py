@@ -87,7 +87,39 @@ def _slice(batch: np.ndarray, rank: int, world: int, slicing: str) -> np.ndarray
     return batch[rank::world]
 
 
-class StreamMixer:
+class _GlobalBatches:
+    """Iteration under the state contract for samplers whose epoch is a global order
+    (``global_order(epoch)``) cut into global batches of ``global_batch_size``, each rank
+    taking its slice (StreamMixer, TiCSampler)."""
+
+    @property
+    def epoch(self) -> int:
+        return self._pos.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._pos.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        # begin() now, not at the first next(): a new iter() supersedes the old one at once
+        token = self._pos.begin()
+        return self._run(token, self._pos.epoch, self._pos.step)
+
+    def _run(self, token: int, epoch: int, start: int) -> Iterator[np.ndarray]:
+        order = self.global_order(epoch)
+        G = self.global_batch_size
+        n = len(self)
+        for step in range(start, n):
+            self._pos.check(token)
+            batch = _slice(order[step * G:(step + 1) * G], self.rank, self.world_size, self.slicing)
+            self._pos.advance(token)  # a batch handed to the caller is consumed (the contract's step)
+            if step == n - 1:  # the pass is complete once its last batch is out (Position.finish)
+                self._pos.finish(token)
+            yield batch
+        if self._pos.is_live(token):  # nothing was yielded (resumed at the end)
+            self._pos.finish(token)
+
+
+class StreamMixer(_GlobalBatches):
     """Batches of ConcatDataset indices mixing several streams in fixed proportions.
 
     Args:
@@ -169,27 +201,6 @@ class StreamMixer:
         G = self.global_batch_size
         return self.epoch_size // G if self.drop_last else -(-self.epoch_size // G)
 
-    @property
-    def epoch(self) -> int:
-        return self._pos.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self._pos.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        # begin() now, not at the first next(): a new iter() supersedes the old one at once
-        token = self._pos.begin()
-        return self._run(token, self._pos.epoch, self._pos.step)
-
-    def _run(self, token: int, epoch: int, start: int) -> Iterator[np.ndarray]:
-        order = self.global_order(epoch)
-        G = self.global_batch_size
-        for step in range(start, len(self)):
-            self._pos.check(token)
-            batch = _slice(order[step * G:(step + 1) * G], self.rank, self.world_size, self.slicing)
-            self._pos.advance(token)  # a batch handed to the caller is consumed (the contract's step)
-            yield batch
-        self._pos.finish(token)
 
     @property
     def fingerprint(self) -> Dict[str, Any]:

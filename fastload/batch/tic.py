@@ -52,14 +52,14 @@ import numpy as np
 
 from fastload._dist import rank_world
 from fastload._state import Position
-from fastload.batch.mixing import _rng, _slice, chain, largest_remainder
+from fastload.batch.mixing import _GlobalBatches, _rng, chain, largest_remainder
 
 POLICIES = ("cumulative-all", "cumulative-equal", "cumulative-exp", "restricted")
 _TAG_KEY = 0x5449_4331
 _TAG_ORDER = 0x5449_4332
 
 
-class TiCSampler:
+class TiCSampler(_GlobalBatches):
     """Batches of ConcatDataset indices over timestamped splits under a TiC replay policy.
 
     Args:
@@ -172,27 +172,6 @@ class TiCSampler:
         G = self.global_batch_size
         return self.budget // G if self.drop_last else -(-self.budget // G)
 
-    @property
-    def epoch(self) -> int:
-        return self._pos.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self._pos.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        # begin() now, not at the first next(): a new iter() supersedes the old one at once
-        token = self._pos.begin()
-        return self._run(token, self._pos.epoch, self._pos.step)
-
-    def _run(self, token: int, epoch: int, start: int) -> Iterator[np.ndarray]:
-        order = self.global_order(epoch)
-        G = self.global_batch_size
-        for step in range(start, len(self)):
-            self._pos.check(token)
-            batch = _slice(order[step * G:(step + 1) * G], self.rank, self.world_size, self.slicing)
-            self._pos.advance(token)  # a batch handed to the caller is consumed (the contract's step)
-            yield batch
-        self._pos.finish(token)
 
     def consumed(self, epoch: int, step: int) -> Dict[str, int]:
         """Samples of each split consumed at (epoch, step), all ranks together."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Dict
 
 # v2: shards may hold the ``augs_ext`` column (fastload.sample.params.AUG_EXT_DTYPE); v1
@@ -65,8 +66,9 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to ``path.tmp-<pid>``, fsync, rename into place, fsync the directory."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write to ``path.tmp-<pid>-<thread>``, fsync, rename into place, fsync the directory
+    (threads of one process, e.g. the remote cache's downloaders, never share a temp name)."""
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -52,6 +52,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from fastload.format import manifest as mf
+
 log = logging.getLogger("fastload.remote")
 
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://")
@@ -345,7 +347,7 @@ class ShardCache:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, batch.schema) as w:
             w.write_batch(batch)
-        _atomic_write(path, sink.getvalue().to_pybytes())
+        mf.atomic_write_bytes(path, sink.getvalue().to_pybytes())
         return batch
 
     # -- shards ----------------------------------------------------------------------------
@@ -414,7 +416,7 @@ class ShardCache:
             os.fsync(f.fileno())
             f.close()
             os.replace(tmp, path)
-            _fsync_dir(self.dir)
+            mf.fsync_dir(self.dir)
         finally:
             if "f" in state and not state["f"].closed:
                 try:
@@ -606,28 +608,6 @@ def _touch(path: str) -> None:
         pass
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------- entry points
 def open_reinforced(url: str, cache_dir: Optional[str] = None, cache_limit: Optional[int] = None,
                     predownload: int = 4, **client):
@@ -645,7 +625,7 @@ def open_reinforced(url: str, cache_dir: Optional[str] = None, cache_limit: Opti
     mf.validate(m, _join(cache.url, mf.MANIFEST))
     cache.set_shards(sorted(m["shards"], key=lambda s: s["index"]))
     # the manifest is kept beside the shards (for `fastload inspect` and post-mortems)
-    _atomic_write(os.path.join(cache.dir, mf.MANIFEST), json.dumps(m).encode())
+    mf.atomic_write_bytes(os.path.join(cache.dir, mf.MANIFEST), json.dumps(m).encode())
     return cache, m
 
 
@@ -725,5 +705,5 @@ def materialize_decomposed(url: str, cache_dir: Optional[str] = None, cache_limi
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-    _atomic_write(os.path.join(root, "manifest.json"), raw)
+    mf.atomic_write_bytes(os.path.join(root, "manifest.json"), raw)
     return root
