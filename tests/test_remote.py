@@ -216,21 +216,6 @@ def test_http_predownload_follows_plan(http, local_ds, tmp_path):
     ds.remote.close()
 
 
-def test_loader_plans_the_predownload_of_its_epoch(http, local_ds, tmp_path, monkeypatch):
-    """ReinforcedLoader hands a remote dataset's cache the shards of this rank's rows in the
-    order the epoch reads them (resumed: from the resume step on), with no sampler to add."""
-    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
-    planned = []
-    monkeypatch.setattr(type(ds.remote), "plan", lambda self, order: planned.append(np.asarray(list(order))))
-    L = ReinforcedLoader(ds, batch_size=3, shuffle=True, seed=5, image_size=S, rank=1, world_size=2)
-    rows = np.concatenate([idx for _, idx, _ in L._plan(0, 0)])
-    want = np.searchsorted(ds._starts, rows, side="right") - 1
-    assert len(planned) == 1 and np.array_equal(planned[0], want)
-    L._plan(0, 2)  # a resumed epoch plans from its position
-    assert np.array_equal(planned[1], want[2 * 3:])
-    ds.remote.close()
-
-
 @pytest.mark.slow
 def test_http_server_killed_mid_epoch_then_restarted(http, local_ds, tmp_path):
     """The server dies after 2 batches and comes back 1.5 s later: the loader's bounded

@@ -480,22 +480,9 @@ class ReinforcedLoader:
             self._check_range(idx, "sampler")
             b = self.batch_size
             nb = len(idx) // b if self.drop_last else -(-len(idx) // b)
-            self._predownload(lambda: idx[start * b:nb * b])
             return ((step, idx[step * b:(step + 1) * b], size) for step in range(start, nb))
         steps = self._global_steps(len(self._global_order(epoch)))[0]
-        self._predownload(lambda: np.concatenate(
-            [g[o:o + len(g) // self.world_size] for g, o in
-             (self._global_batch(epoch, s) for s in range(start, steps))] or [np.zeros(0, np.int64)]))
         return self._elastic_plan(epoch, start, steps, size)
-
-    def _predownload(self, rows_fn) -> None:
-        """A remote dataset's cache downloads this rank's shards ahead of use, in the order
-        the epoch reads them, and evicts by next use (fastload.format.remote). ``rows_fn``
-        gives the rows; it runs only for remote datasets."""
-        if getattr(self.dataset, "remote", None) is not None:
-            from fastload.format.remote import predownload_rows
-
-            predownload_rows(self.dataset, rows_fn())
 
     def _elastic_plan(self, epoch, start, steps, size):
         for step in range(start, steps):
