@@ -63,9 +63,9 @@ class HFBatches:
 
     def set_epoch(self, epoch):
         # Trainer calls set_epoch(epoch) at every epoch start, also right after a mid-epoch
-        # resume: the current epoch must keep the loaded position (fastload's state contract)
-        if epoch != self.loader.state_dict()["sampler"]["epoch"]:
-            self.loader.set_epoch(epoch)
+        # resume: set_epoch of the current epoch keeps the loaded position (fastload's state
+        # contract), so it is passed on as it is
+        self.loader.set_epoch(epoch)
 
     def state_dict(self):
         return self.loader.state_dict()

@@ -139,7 +139,7 @@ class ReinforcedDataset:
             raise ValueError(f"verify must be 'lazy', 'open' or 'off' (or True/False), got {verify!r}")
         self.verify_mode = modes[verify]
         # s3:// gs:// az:// http(s)://: shards come through a local cache (fastload/format/remote.py)
-        # that checks each download's sha256; the mapped cache file is verified like a local one
+        # that hashes each download against the manifest's sha256 before renaming it into place
         self.remote = None
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
@@ -147,6 +147,8 @@ class ReinforcedDataset:
         self._touched = 0
         if remote.is_remote(self.path):
             self.remote, m = remote.open_reinforced(self.path, cache_dir, cache_limit, predownload)
+            if self.verify_mode == "lazy":  # verified on download already: no second hash
+                self.verify_mode = "off"
         else:
             m = mf.read_manifest(self.path)
         if not m.get("complete"):
@@ -266,7 +268,7 @@ class ReinforcedDataset:
         """Hash the not yet verified shards among ``positions`` on all cores (hashlib
         releases the GIL): a shuffled first batch touches many shards at once."""
         todo = [int(p) for p in positions if self._verified.get(int(p)) != self._shard(int(p)).stat]
-        if len(todo) <= 1:
+        if len(todo) <= 1 or self.remote is not None:  # cache fetches: one at a time
             for p in todo:
                 self._check(p)
             return
