@@ -403,11 +403,11 @@ def test_process_exits_cleanly_during_predownload(local_ds, tmp_path):
 
 
 def test_remote_dataset_pickles_for_workers(http, local_ds, tmp_path):
-    import pickle
+    from copy import deepcopy
 
     ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
     remote.predownload_rows(ds, np.arange(len(ds)))
-    copy = pickle.loads(pickle.dumps(ds))  # a DataLoader worker's copy: no thread, no open maps
+    copy = deepcopy(ds)  # a DataLoader worker's copy (same __getstate__): no thread, no open maps
     assert copy.remote.url == ds.remote.url and copy.remote._thread is None
     loc = ReinforcedDataset(local_ds)
     a = copy.gather(np.arange(0, 40, 7), np.zeros(6, np.int64))
