@@ -124,7 +124,7 @@ setup(
         "trainers": ["lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0"],
         "remote": ["obstore>=0.6"],
         "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.9.0", "ray>=2.9",
-                 "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2",  # joblib: ml-dr .jb files in tests
+                 "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2", "pandas",  # joblib: ml-dr .jb files; pandas: reads the exported parquet
                  "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0",
                  # remote datasets: the client, and real S3 (moto_server) for the tests
                  "obstore>=0.6", "moto[server]>=5", "boto3"],
