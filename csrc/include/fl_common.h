@@ -193,12 +193,14 @@ class ThreadPool {
 
   void loop() {
     for (;;) {
-      Job* job;
+      Job* job = nullptr;
       int wid;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return pick_locked() != nullptr; });
-        job = pick_locked();
+        // Keep the job the predicate found: a second pick_locked() could see null, since
+        // the caller claims chunks (job->next) without the lock. The job stays linked (and
+        // alive) while we hold mu_, and the caller waits for helpers_running to drop.
+        cv_.wait(lk, [&] { return (job = pick_locked()) != nullptr; });
         wid = ++job->helpers_joined;
         ++job->helpers_running;
       }
