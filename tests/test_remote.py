@@ -216,6 +216,93 @@ def test_http_predownload_follows_plan(http, local_ds, tmp_path):
     ds.remote.close()
 
 
+def _wait_files(d, n, timeout=20.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout and len(_shard_files(d)) < n:
+        time.sleep(0.05)
+    return _shard_files(d)
+
+
+def test_loader_drives_predownload_from_its_own_order(http, local_ds, tmp_path):
+    """A plain ReinforcedLoader (no BlockShuffleSampler) hands the cache its order: while the
+    first batch is out, the next shards arrive without being asked for, and the server sees
+    one GET per shard."""
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=10, shuffle=False)
+    it = iter(loader)
+    first = next(it)  # reads shard 0 only (one shard per batch, in order)
+    names = _wait_files(ds.remote.dir, 3)
+    assert [any(f"shard-{k:05d}" in f for f in names) for k in range(3)] == [True, True, True]
+    rest = [first] + list(it)
+    _same([tuple(x.clone() for x in b) for b in rest], _batches(ReinforcedDataset(local_ds), batch_size=10,
+                                                               shuffle=False))
+    for k in range(4):
+        assert http.full_gets(f"shard-{k:05d}.arrow") == 1
+    ds.remote.close()
+
+
+def test_loader_predownload_resumes_mid_epoch(http, local_ds, tmp_path):
+    """Resumed at step 2 of 4, the plan starts at the resumed step: the shards of the steps
+    already done are not predownloaded (the test data's MixUp/CutMix partners, read from
+    any shard, are fetched when their batch needs them)."""
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=10, shuffle=False)
+    loader.load_state_dict({**loader.state_dict(), "step": 2})
+    it = iter(loader)
+    assert ds.remote._plan.tolist() == [2, 3] and ds.remote._step_starts.tolist() == [0, 1]
+    assert _shard_files(ds.remote.dir) == []  # nothing fetched before the first batch is asked for
+    assert len(list(it)) == 2
+
+
+def test_predownload_evicts_only_later_shards(http, local_ds, tmp_path):
+    """The rule itself: ahead of the reader, a shard read before is evicted (never used
+    again), a shard needed sooner than the one being fetched is not: the fetch waits."""
+    size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0,
+                           cache_limit=int(2.2 * size))
+    c = ds.remote
+    c.plan_steps([np.array([0]), np.array([1]), np.array([2]), np.array([3])])
+    c.fetch(0)
+    c.at_step(1)
+    c.fetch(1)
+    assert c.fetch_ahead(2) is True  # evicts shard 0 (done) to make room
+    held = [f.split("-", 1)[1] for f in _shard_files(c.dir)]
+    assert sorted(held) == ["shard-00001.arrow", "shard-00002.arrow"]
+    assert c.fetch_ahead(3) is False  # 1 and 2 are needed before 3: nothing is evicted
+    assert sorted(f.split("-", 1)[1] for f in _shard_files(c.dir)) == sorted(held)
+    c.at_step(3)
+    c.fetch(3)  # the reader needs 3 now: it may evict (1 and 2 are behind it)
+    assert "shard-00003.arrow" in [f.split("-", 1)[1] for f in _shard_files(c.dir)]
+
+
+def test_predownload_stays_within_a_small_cache(http, local_ds, tmp_path):
+    """cache_limit of 1.5 shards with a window of 3: the predownload waits instead of
+    evicting a shard needed sooner (it never raises CacheFullError) and the cache never holds
+    more than the limit; the shuffled epoch is exact."""
+    size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=3,
+                           cache_limit=int(1.5 * size))
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(sum(os.path.getsize(os.path.join(ds.remote.dir, f))
+                            for f in _shard_files(ds.remote.dir) if os.path.exists(os.path.join(ds.remote.dir, f))))
+            time.sleep(0.01)
+
+    th = threading.Thread(target=watch)
+    th.start()
+    try:
+        for epoch in (0, 1):
+            _same(_batches(ds, epoch=epoch), _batches(ReinforcedDataset(local_ds), epoch=epoch))
+    finally:
+        stop.set()
+        th.join()
+    assert max(seen) <= 1.5 * size
+    ds.remote.close()
+
+
 @pytest.mark.slow
 def test_http_server_killed_mid_epoch_then_restarted(http, local_ds, tmp_path):
     """The server dies after 2 batches and comes back 1.5 s later: the loader's bounded

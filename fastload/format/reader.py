@@ -249,10 +249,10 @@ class ReinforcedDataset:
             sh = self._open[pos] = open_shard(path, self.kind, meta["bytes"])
         return sh
 
-    def _check(self, pos: int) -> None:
+    def _check(self, pos: int, sh: Optional[_Shard] = None) -> None:
         """sha256 of shard ``pos`` against the manifest, once per mapping (thread-safe: one
         lock per shard, so threads hash different shards at the same time)."""
-        sh = self._shard(pos)
+        sh = self._shard(pos) if sh is None else sh
         if self._verified.get(pos) == sh.stat:
             return
         with self._vlock:
@@ -264,19 +264,23 @@ class ReinforcedDataset:
                 raise CorruptDataError(sh.path, "sha256 does not match the manifest (the shard is corrupt)")
             self._verified[pos] = sh.stat
 
-    def _check_many(self, positions) -> None:
+    def _check_many(self, positions) -> Dict[int, _Shard]:
         """Hash the not yet verified shards among ``positions`` on all cores (hashlib
-        releases the GIL): a shuffled first batch touches many shards at once."""
-        todo = [int(p) for p in positions if self._verified.get(int(p)) != self._shard(int(p)).stat]
+        releases the GIL): a shuffled first batch touches many shards at once. Returns the
+        shards it mapped: held by the caller, a shard the remote cache evicts meanwhile
+        (to make room for the next one) stays mapped and is not fetched twice."""
+        held = {int(p): self._shard(int(p)) for p in positions}
+        todo = [p for p, sh in held.items() if self._verified.get(p) != sh.stat]
         if len(todo) <= 1 or self.remote is not None:  # cache fetches: one at a time
             for p in todo:
-                self._check(p)
-            return
+                self._check(p, held[p])
+            return held
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as ex:
-            for f in [ex.submit(self._check, p) for p in todo]:
+            for f in [ex.submit(self._check, p, held[p]) for p in todo]:
                 f.result()  # the first corrupt shard's error
+        return held
 
     def _checked(self, pos: int) -> _Shard:
         """The shard, its sha256 verified first unless ``verify="off"``: every path that
@@ -360,7 +364,11 @@ class ReinforcedDataset:
     @property
     def has_ext(self) -> bool:
         """Whether the shards hold extension records (schema v2 ``augs_ext``)."""
-        return bool(self._shards_meta) and "augs_ext" in self._shard(0).batch.schema.names
+        if not self._shards_meta:
+            return False
+        if self.remote is not None and 0 not in self._open:  # the footer only, not the shard
+            return "augs_ext" in self.remote.schema_names(0)
+        return "augs_ext" in self._shard(0).batch.schema.names
 
     def augs_ext(self, i: int) -> np.ndarray:
         """The N extension records of row ``i`` (AUG_EXT_DTYPE[N]); empty ones when the
@@ -427,12 +435,11 @@ class ReinforcedDataset:
         out: List[List[Optional[memoryview]]] = [[None] * B for _ in cols]
         touched = 0
         upos = np.unique(pos).tolist()
-        if self.verify_mode != "off":
-            self._check_many(upos)
+        held = self._check_many(upos) if self.verify_mode != "off" else {}
         for p in upos:
             sel = np.flatnonzero(pos == p)
             r = local[sel]
-            sh = self._checked(p)
+            sh = held[p] if p in held else self._checked(p)
             sel_l = sel.tolist()
             for c, name in enumerate(cols):
                 off, data = sh.binary(name)

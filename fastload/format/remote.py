@@ -20,12 +20,18 @@ folder per dataset URL; inside it:
   download and the others wait and reuse the file (each shard is downloaded once per node);
 - ``cache_limit`` (bytes, None = unbounded) bounds the folder: before a download, shards are
   evicted, first those no longer in the manifest, then those whose next use in the planned
-  order is farthest (never used again first), then the least recently used; shards in the
-  predownload window of this process are never evicted. An evicted shard that a process
-  still has memory-mapped stays valid for it (Linux keeps the pages until unmapped). When
-  the window alone does not fit, :class:`CacheFullError` names the folder and the sizes.
-  A disk that fills up (ENOSPC, EDQUOT, EFBIG) triggers eviction and one retry, then the
-  same error;
+  order is farthest (never used again first), then the least recently used. The predownload
+  never evicts a shard needed before the one it fetches: when the cache is full of sooner
+  shards it waits for the reader to move on (the window shrinks to what the limit holds).
+  A read that needs a shard now may evict anything but that shard, the window last. An
+  evicted shard that a process still has memory-mapped stays valid for it (Linux keeps the
+  pages until unmapped). Only a shard larger than the limit (beside files being written)
+  is a :class:`CacheFullError`, naming the folder and the sizes. A disk that fills up
+  (ENOSPC, EDQUOT, EFBIG) triggers eviction and one retry, then the same error;
+- the planned order comes from the reader: :class:`~fastload.ReinforcedLoader` hands the cache
+  this rank's shards for the rest of the epoch, step by step, whenever an epoch starts or
+  resumes (its built-in order or a ``sampler``; a ``batch_sampler`` cannot be read ahead,
+  except ``BlockShuffleSampler.batch_sampler(dataset=...)``, which plans by itself);
 - per-row metadata (labels, sizes, keys) is read with ranged GETs of the Arrow footer and
   the small columns only (a few KiB per shard), cached under ``meta/``, and checked against
   the full shard once that is downloaded.
@@ -284,6 +290,7 @@ class ShardCache:
         self.stats = {"downloads": 0, "bytes_downloaded": 0, "evictions": 0, "meta_bytes": 0}
         self._plan: Optional[np.ndarray] = None  # shard positions in consumption order
         self._cursor = 0
+        self._step_starts: Optional[np.ndarray] = None  # plan index where each step begins
         self._cv = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stop = False
@@ -292,7 +299,7 @@ class ShardCache:
 
     def __getstate__(self):
         st = dict(self.__dict__)
-        st.update(_cv=None, _thread=None, _plan=None, _cursor=0, _opened=None)
+        st.update(_cv=None, _thread=None, _plan=None, _cursor=0, _opened=None, _step_starts=None)
         return st
 
     def __setstate__(self, st):
@@ -349,6 +356,22 @@ class ShardCache:
             w.write_batch(batch)
         mf.atomic_write_bytes(path, sink.getvalue().to_pybytes())
         return batch
+
+    def schema_names(self, pos: int) -> List[str]:
+        """Column names of shard ``pos`` (from its footer by a ranged GET; kept in memory)."""
+        import pyarrow as pa
+
+        names = self._schemas.get(pos) if hasattr(self, "_schemas") else None
+        if names is None:
+            s, full = self.shards[pos], self.local_name(pos)
+            src = (lambda: pa.OSFile(full)) if os.path.exists(full) else \
+                (lambda: pa.PythonFile(_RangedFile(self.client, s["file"], s["bytes"]), mode="r"))
+            try:
+                names = list(pa.ipc.open_file(src()).schema.names)
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"{_join(self.url, s['file'])}: not a valid Arrow IPC shard ({e})") from e
+            self.__dict__.setdefault("_schemas", {})[pos] = names
+        return names
 
     # -- shards ----------------------------------------------------------------------------
     def fetch(self, pos: int, opened: Optional[Dict[int, Any]] = None) -> str:
@@ -449,36 +472,49 @@ class ShardCache:
                                 "reopen the dataset")
 
     # -- eviction --------------------------------------------------------------------------
-    def _protected(self, keep: int) -> set:
-        names = {os.path.basename(self.local_name(keep))}
+    def _next_use(self) -> Dict[int, int]:
+        """{shard: distance of its next use from the cursor} within a horizon of the plan
+        (vectorized: a global shuffle's plan is as long as the epoch has rows)."""
         plan = self._plan
-        if plan is not None:
-            for p in plan[self._cursor:self._cursor + self.predownload + 1].tolist():
-                names.add(os.path.basename(self.local_name(p)))
-        return names
+        if plan is None:
+            return {}
+        ahead = plan[self._cursor:self._cursor + 8 * len(self.shards) + 64]
+        uniq, first = np.unique(ahead, return_index=True)
+        return dict(zip(uniq.tolist(), first.tolist()))
 
-    def _make_room(self, need: int, keep: int, disk_full: bool = False) -> None:
+    def _make_room(self, need: int, keep: int, disk_full: bool = False, ahead: bool = False) -> bool:
+        """Evict until ``need`` more bytes fit. The reader (``ahead=False``) may evict
+        anything but ``keep``, shards needed soonest last, and raises CacheFullError only
+        when ``keep`` alone cannot fit; the predownload (``ahead=True``) never evicts a shard
+        needed before ``keep`` and returns False instead of evicting one."""
         if self.cache_limit is None and not disk_full:
-            return
+            return True
         with _FileLock(os.path.join(self.dir, "locks", "cache.lock")):
             entries = []
             for e in os.scandir(self.dir):
                 if e.is_file() and "-" in e.name and not e.name.endswith(".lock"):
-                    st = e.stat()
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:  # evicted by another process meanwhile
+                        continue
                     entries.append((e.name, st.st_size, st.st_mtime))
             used = sum(sz for _, sz, _ in entries)
             limit = self.cache_limit if self.cache_limit is not None else float("inf")
             if not disk_full and used + need <= limit:
-                return
-            protect = self._protected(keep)
+                return True
             live = {os.path.basename(self.local_name(p)): p for p in range(len(self.shards))}
             next_use = self._next_use()
-            cands = [(n, sz, mt) for n, sz, mt in entries if n not in protect and ".tmp-" not in n]
+            far = 1 << 62
+            keep_name = os.path.basename(self.local_name(keep))
+            keep_use = next_use.get(keep, far)
+            cands = [(n, sz, mt) for n, sz, mt in entries if n != keep_name and ".tmp-" not in n]
             # evict first what the manifest no longer lists, then the farthest next use, then LRU
-            cands.sort(key=lambda c: (c[0] in live, -next_use.get(live.get(c[0], -1), 1 << 62), c[2]))
+            cands.sort(key=lambda c: (c[0] in live, -next_use.get(live.get(c[0], -1), far), c[2]))
             for name, sz, _ in cands:
                 if not disk_full and used + need <= limit:
                     break
+                if ahead and name in live and next_use.get(live[name], far) <= keep_use:
+                    return False  # the rest are needed no later than keep: wait for the reader
                 try:
                     os.unlink(os.path.join(self.dir, name))
                 except FileNotFoundError:
@@ -488,37 +524,52 @@ class ShardCache:
                 if name in live and self._opened is not None:
                     self._opened.pop(live[name], None)
             if not disk_full and used + need > limit:
+                if ahead:
+                    return False
                 raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} bytes "
                                      f"cannot hold shard {self.shards[keep]['file']} ({need} bytes) beside the "
-                                     f"{used} bytes this process needs now (predownload window of "
-                                     f"{self.predownload} shards): raise cache_limit or lower predownload")
-
-    def _next_use(self) -> Dict[int, int]:
-        plan = self._plan
-        if plan is None:
-            return {}
-        out: Dict[int, int] = {}
-        for i, p in enumerate(plan[self._cursor:].tolist()):
-            out.setdefault(p, i)
-        return out
+                                     f"{used} bytes of files being written or read there now: raise cache_limit")
+            return True
 
     # -- predownload -------------------------------------------------------------------------
-    def plan(self, shard_order: Iterable[int]) -> None:
+    def plan(self, shard_order: Iterable[int], step_starts: Optional[Sequence[int]] = None) -> None:
         """Shards in the order this process will read them; a thread keeps ``predownload``
-        shards ahead of the one being read. A new plan replaces the old one."""
-        order = np.asarray(list(shard_order), np.int64)
+        shards ahead of the one being read. A new plan replaces the old one.
+        ``step_starts[k]``: where step k's shards begin in ``shard_order``, for :meth:`at_step`."""
+        order = np.asarray(list(shard_order) if not isinstance(shard_order, np.ndarray) else shard_order,
+                           np.int64)
+        starts = None if step_starts is None else np.asarray(step_starts, np.int64)
         if len(order):
             keep = np.ones(len(order), bool)
             keep[1:] = order[1:] != order[:-1]
+            if starts is not None:  # positions after dropping consecutive repeats
+                starts = np.maximum(np.cumsum(keep)[np.minimum(starts, len(order) - 1)] - 1, 0)
             order = order[keep]
         with self._cv:
-            self._plan, self._cursor = order, 0
+            self._plan, self._cursor, self._step_starts = order, 0, starts
             self._cv.notify_all()
             if self.predownload and (self._thread is None or not self._thread.is_alive()):
                 self._stop = False
                 self._thread = threading.Thread(target=self._run, name="fastload-predownload", daemon=True)
                 self._thread.start()
                 _LIVE.add(self)
+
+    def plan_steps(self, per_step: Sequence[np.ndarray]) -> None:
+        """:meth:`plan` from the shards each step reads (each read in ascending order, as
+        the dataset's ``gather`` does); step 0 is the first one in ``per_step``."""
+        lens = np.fromiter((len(x) for x in per_step), np.int64, len(per_step))
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else lens
+        self.plan(np.concatenate(per_step) if len(per_step) else np.zeros(0, np.int64), starts)
+
+    def at_step(self, step: int) -> None:
+        """The reader starts step ``step`` of the last :meth:`plan_steps`: the window moves there."""
+        starts = getattr(self, "_step_starts", None)
+        if starts is None or not 0 <= step < len(starts):
+            return
+        with self._cv:
+            if self._step_starts is starts:
+                self._cursor = max(self._cursor, int(starts[step]))
+                self._cv.notify_all()
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Stop the predownload thread and wait for its download in flight (if any)."""
@@ -555,21 +606,28 @@ class ShardCache:
                     return
             p = todo[0]
             try:
-                if not os.path.exists(self.local_name(p)):
-                    self.fetch_ahead(p)
+                fetched = os.path.exists(self.local_name(p)) or self.fetch_ahead(p)
             except Exception as e:  # noqa: BLE001 - the reader's own fetch raises it in the main path
                 log.warning("predownload of %s failed: %s", self.shards[p]["file"], _first_line(e))
-            done.add(p)
+                fetched = True
+            if fetched:
+                done.add(p)
+                continue
+            with self._cv:  # no room without evicting sooner shards: wait for the reader
+                while not self._stop and self._plan is plan and self._cursor == cur:
+                    self._cv.wait(1.0)
 
-    def fetch_ahead(self, pos: int) -> str:
-        """fetch() without moving the consumption cursor (used by the predownload thread)."""
+    def fetch_ahead(self, pos: int) -> bool:
+        """Download shard ``pos`` if there is room for it without evicting a shard needed
+        sooner (the predownload thread; the consumption cursor stays). False: no room now."""
         path = self.local_name(pos)
         s = self.shards[pos]
         with _FileLock(os.path.join(self.dir, "locks", os.path.basename(path) + ".lock")):
             if not os.path.exists(path):
-                self._make_room(int(s["bytes"]), keep=pos)
+                if not self._make_room(int(s["bytes"]), keep=pos, ahead=True):
+                    return False
                 self._download(s, path)
-        return path
+        return True
 
 
 # Caches whose predownload thread may be inside a download. At interpreter exit a daemon
