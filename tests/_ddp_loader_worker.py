@@ -4,6 +4,7 @@ spawned gloo processes of the DDP test."""
 from __future__ import annotations
 
 import io
+import hashlib
 import os
 
 import numpy as np
@@ -41,10 +42,12 @@ def make_jpegs(n: int, seed: int = 0):
 
 def write_dataset(root: str, n: int = 24, n_aug: int = 6, num_classes: int = 10, k: int = 3,
                   kind: str = "classification", policy: AugmentPolicy = None, corrupt=(),
-                  shard_size: int = 10, seed: int = 0, emb_dim: int = 8, n_syn: int = 3) -> str:
+                  shard_size: int = 10, seed: int = 0, emb_dim: int = 8, n_syn: int = 3,
+                  content_hash: bool = False) -> str:
     """Write a reinforced dataset with the format's writer. Targets come from a tiny fixed
     'teacher' (a seeded random top-k per augmentation); rows in ``corrupt`` get bytes that
-    are not a JPEG."""
+    are not a JPEG. ``content_hash``: the ``hash`` column is the blake2b-128 of the stored
+    image (as ``reinforce`` writes for JPEG sources kept as they are), else the row index."""
     rng = np.random.default_rng(seed)
     policy = policy or AugmentPolicy(randaugment=(2, 9), erase=0.25, mixup=1.0, cutmix=1.0,
                                      size=(32, 32))
@@ -73,7 +76,8 @@ def write_dataset(root: str, n: int = 24, n_aug: int = 6, num_classes: int = 10,
         for i in rows:
             cols["id"].append(i)
             cols["key"].append(f"img{i:05d}")
-            cols["hash"].append(int(i).to_bytes(16, "little"))
+            cols["hash"].append(hashlib.blake2b(jpegs[i], digest_size=16).digest() if content_hash
+                                else int(i).to_bytes(16, "little"))
             for a in ("orig", "src"):
                 cols[f"{a}_h"].append(int(hw[i, 0]))
                 cols[f"{a}_w"].append(int(hw[i, 1]))

@@ -501,3 +501,95 @@ def test_remote_dataset_pickles_for_workers(http, local_ds, tmp_path):
     b = loc.gather(np.arange(0, 40, 7), np.zeros(6, np.int64))
     assert [bytes(x) for x in a[0]] == [bytes(x) for x in b[0]]
     ds.remote.close()
+
+
+# ------------------------------------------------------------------ partners by ranged GET
+@pytest.fixture
+def hashed(tmp_path):
+    """A dataset whose ``hash`` column is the blake2b of the stored image (MixUp and CutMix
+    on every sample), served by the Range HTTP server."""
+    root = tmp_path / "srv"
+    write_dataset(str(root / "ds"), n=40, shard_size=10, content_hash=True)
+    srv = RangeHTTP(str(root), str(tmp_path / "get.log"))
+    srv.ds_url, srv.local = srv.url + "/ds", str(root / "ds")
+    yield srv
+    srv.kill()
+
+
+def test_partners_are_read_by_range_not_whole_shards(hashed, tmp_path):
+    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=10, shuffle=False)
+    it = iter(loader)
+    first = tuple(x.clone() for x in next(it))  # rows 0-9 (shard 0); partners from all shards
+    assert hashed.full_gets("shard-00000.arrow") == 1
+    assert [hashed.full_gets(f"shard-{k:05d}.arrow") for k in (1, 2, 3)] == [0, 0, 0]
+    assert ds.remote.stats["row_reads"] > 0 and ds.remote._locators
+    got = [first] + [tuple(x.clone() for x in b) for b in it]
+    _same(got, _batches(ReinforcedDataset(hashed.local), batch_size=10, shuffle=False))
+    assert ds._ranged_partners
+    for k in range(4):
+        assert hashed.full_gets(f"shard-{k:05d}.arrow") == 1
+
+
+def test_a_corrupt_partner_range_is_never_served(hashed, tmp_path):
+    """One byte of row 35's image flipped on the server (the manifest keeps the good sha256):
+    the ranged bytes fail the row hash, the whole shard is fetched to decide, and its sha256
+    fails: a ChecksumError naming the shard, no image served."""
+    import pyarrow as pa
+
+    from fastload.format import ipc_layout
+
+    p = os.path.join(hashed.local, "shard-00003.arrow")
+    raw = bytearray(open(p, "rb").read())
+    loc = ipc_layout.row_locator(lambda a, b: bytes(raw[a:b]), len(raw), pa.ipc.open_file(p).schema, "image")
+    a, b = loc.span(5)
+    raw[(a + b) // 2] ^= 0xFF
+    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    open(p, "wb").write(bytes(raw))  # after the open: the metadata columns were read intact
+    with pytest.raises(remote.ChecksumError, match=r"/ds/shard-00003\.arrow.*sha256"):
+        ds.partner_images([35])
+    good = ds.partner_images([5, 15])  # other rows still serve, by range
+    assert [bytes(x) for x in good] == [bytes(x) for x in ReinforcedDataset(hashed.local).partner_images([5, 15])]
+
+
+def test_reencoded_images_fall_back_to_whole_shards(http, local_ds, tmp_path):
+    """The test data's hash column is not of the stored bytes (as for re-encoded sources): the
+    first partner is decided by its verified shard, then partners come from whole shards."""
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    loc = ReinforcedDataset(local_ds)
+    assert bytes(ds.partner_images([35])[0]) == bytes(loc.image_bytes(35))
+    assert not ds._ranged_partners and ds.remote.stats["row_reads"] == 1
+    assert [bytes(x) for x in ds.partner_images([5, 25])] == [bytes(loc.image_bytes(i)) for i in (5, 25)]
+    assert ds.remote.stats["row_reads"] == 1 and http.full_gets("shard-00000.arrow") == 1
+
+
+def test_ipc_layout_survives_damaged_footers(local_ds):
+    """Bytes flipped anywhere in the footer and batch header: a ValueError, or spans that
+    still lie inside the file (never a crash or a read outside it)."""
+    import pyarrow as pa
+
+    from fastload.format import ipc_layout
+
+    p = os.path.join(local_ds, "shard-00001.arrow")
+    good = open(p, "rb").read()
+    schema = pa.ipc.open_file(p).schema
+    ref = ipc_layout.row_locator(lambda a, b: good[a:b], len(good), schema, "image")
+    b = pa.ipc.open_file(p).get_batch(0)
+    assert [good[slice(*ref.span(r))] for r in range(b.num_rows)] == b.column("image").to_pylist()
+    body_start = ref.data_pos  # header and footer lie outside the image data
+    hot = list(range(0, 512)) + list(range(len(good) - 2048, len(good)))
+    rng = np.random.default_rng(0)
+    raised = 0
+    for _ in range(400):
+        raw = bytearray(good)
+        for i in rng.choice(hot, size=int(rng.integers(1, 4)), replace=False):
+            raw[i] = int(rng.integers(0, 256))
+        try:
+            loc = ipc_layout.row_locator(lambda a, b: bytes(raw[a:b]), len(raw), schema, "image")
+        except ValueError:
+            raised += 1
+            continue
+        for r in range(loc.num_rows):
+            a, e = loc.span(r)
+            assert 0 <= a <= e <= len(raw)
+    assert raised > 0 and body_start > 0

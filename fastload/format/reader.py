@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 import threading
@@ -15,6 +16,8 @@ from fastload.format.manifest import CorruptDataError
 from fastload.format.shards import (decode_array, decode_augs, decode_augs_batch, decode_target_at,
                                     decode_targets, decode_targets_batch)
 from fastload.sample.params import AUG_DTYPE
+
+log = logging.getLogger("fastload.format")
 
 
 # columns that may hold nulls (an image-text row without captions)
@@ -141,6 +144,7 @@ class ReinforcedDataset:
         # s3:// gs:// az:// http(s)://: shards come through a local cache (fastload/format/remote.py)
         # that hashes each download against the manifest's sha256 before renaming it into place
         self.remote = None
+        self._ranged_partners = True  # partner rows by ranged GET (remote; see partner_images)
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
         self.max_resident_mib = max_resident_mib
@@ -353,6 +357,43 @@ class ReinforcedDataset:
         """The stored encoded image (zero-copy view into the memory map; empty if not stored)."""
         sh, r = self._locate(i)
         return sh.blob("image", r)
+
+    def partner_images(self, indices: Sequence[int]) -> List[Any]:
+        """Encoded images of MixUp/CutMix partners (any rows of the dataset). Remote: a row
+        whose shard is not local is read by a ranged GET of its bytes, not its whole shard, and
+        served only if its blake2b-128 equals the row's stored ``hash`` (true wherever the
+        stored bytes are the hashed source: JPEG sources kept as they were, ml-dr and DataComp
+        imports). On a mismatch the row comes from its downloaded, sha256-verified shard; if
+        that equals the ranged bytes, the images were re-encoded when stored (their hash is of
+        the source), and partners come from whole shards from then on (logged once)."""
+        idx = [int(i) for i in indices]
+        if self.remote is None or not self._ranged_partners:
+            return [self.image_bytes(i) for i in idx]
+        N = len(self)
+        rows = [i + N if i < 0 else i for i in idx]
+        pos = (np.searchsorted(self._starts, np.asarray(rows, np.int64), side="right") - 1).tolist()
+        out: List[Any] = [None] * len(idx)
+        far = []
+        for k, (r, p) in enumerate(zip(rows, pos)):
+            if p in self._open or os.path.exists(self.remote.local_name(p)):
+                out[k] = self.image_bytes(r)
+            else:
+                far.append(k)
+        if not far:
+            return out
+        got = self.remote.read_rows([(pos[k], rows[k] - int(self._starts[pos[k]])) for k in far])
+        for k, b in zip(far, got):
+            if not self._ranged_partners:
+                out[k] = self.image_bytes(rows[k])
+            elif hashlib.blake2b(b, digest_size=16).digest() == self._hash[rows[k]].tobytes():
+                out[k] = b
+            else:
+                out[k] = whole = self.image_bytes(rows[k])  # the verified shard decides
+                if bytes(whole) == b:
+                    self._ranged_partners = False
+                    log.info("%s: stored images are not the bytes their hash covers (re-encoded): "
+                             "MixUp/CutMix partners are read from whole shards", self.path)
+        return out
 
     def augs(self, i: int) -> np.ndarray:
         """The N stored augmentation records of row ``i`` (AUG_DTYPE[N])."""

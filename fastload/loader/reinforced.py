@@ -597,7 +597,12 @@ class ReinforcedLoader:
                 ext[fresh] = P.empty_ext(int(fresh.sum()))
         partners = None
         if (recs["partner"] >= 0).any():
-            partners = [ds.image_bytes(int(p)) if p >= 0 else None for p in recs["partner"]]
+            has = np.flatnonzero(recs["partner"] >= 0)
+            read = ds.partner_images(recs["partner"][has]) if hasattr(ds, "partner_images") else \
+                [ds.image_bytes(int(p)) for p in recs["partner"][has]]
+            partners = [None] * len(recs)
+            for k, b in zip(has.tolist(), read):
+                partners[k] = b
         if self.kind == "classification":
             labels = self._labels[rows].astype(np.int64)
             tgt = self._targets(ids, probs, labels, fresh)
