@@ -9,6 +9,8 @@ source differs. Bytes downloaded per rank per epoch are reported beside the rank
 the dataset. Real JPEGs (fastload.bench.data), 2 shared cores: noisy, compare within a round.
 
     python benchmarks/remote.py [--images 1536] [--rounds 3]   # -> benchmarks/results/remote.json
+    python benchmarks/remote.py --policy ra_mix                  # -> remote_ra_mix.json (MixUp/CutMix:
+                                                                 #    partners read by ranged GETs)
 """
 import argparse
 import json
@@ -28,16 +30,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 G, SHARD, BLOCK, IMAGE = 128, 64, 4, 160
 
 
-def build(n: int, work: str) -> str:
+def build(n: int, work: str, kind: str = "crop") -> str:
     import fastload
     from fastload.bench.data import build_images, list_images, policy, tiny_teacher
 
-    out = os.path.join(work, f"reinforced-{n}-shard{SHARD}")
+    out = os.path.join(work, f"reinforced-{n}-shard{SHARD}" + ("" if kind == "crop" else f"-{kind}"))
     if os.path.exists(os.path.join(out, "manifest.json")):
         return out
     images = build_images(os.path.join(work, f"jpeg-{n}"), n=n, progress=False)
     _, _, classes = list_images(images)
-    fastload.reinforce(images, tiny_teacher(len(classes)), out, num_augmentations=4, topk=5, policy=policy("crop"),
+    fastload.reinforce(images, tiny_teacher(len(classes)), out, num_augmentations=4, topk=5, policy=policy(kind),
                        image_size=224, shard_size=SHARD, progress=False)
     return out
 
@@ -65,12 +67,14 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
     for batch in loader:
         n += batch[0].shape[0]
     t_epoch, c_epoch = time.perf_counter() - t0, cpu() - c0
-    st = ds.remote.stats if ds.remote is not None else {"bytes_downloaded": 0, "meta_bytes": 0, "downloads": 0}
+    st = ds.remote.stats if ds.remote is not None else {"bytes_downloaded": 0, "meta_bytes": 0, "downloads": 0,
+                                                        "row_bytes": 0, "row_reads": 0}
     dataset_bytes = sum(s["bytes"] for s in ds.manifest["shards"])
     if ds.remote is not None:
         ds.remote.close()
     return {"images": n, "epoch_s": t_epoch, "cpu_s": c_epoch, "open_s": t_open, "bytes_downloaded": st["bytes_downloaded"],
-            "meta_bytes": st["meta_bytes"], "shard_downloads": st["downloads"], "dataset_bytes": dataset_bytes}
+            "meta_bytes": st["meta_bytes"], "shard_downloads": st["downloads"], "dataset_bytes": dataset_bytes,
+            "row_bytes": st["row_bytes"], "row_reads": st["row_reads"]}
 
 
 def run_mode(source: str, caches, env) -> dict:
@@ -92,6 +96,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1536)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--policy", choices=("crop", "ra_mix"), default="crop")
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fastload_remote_bench"))
     ap.add_argument("--worker", nargs=4, metavar=("SOURCE", "CACHE", "RANK", "WORLD"))
     a = ap.parse_args()
@@ -108,7 +114,7 @@ def main():
 
     os.makedirs(a.work, exist_ok=True)
     t_build = time.time()
-    local = build(a.images, a.work)
+    local = build(a.images, a.work, a.policy)
     t_build = time.time() - t_build
     moto = Moto()
     try:
@@ -134,7 +140,7 @@ def main():
                   flush=True)
         ds_bytes = rounds[0]["local"]["ranks"][0]["dataset_bytes"]
         cold = [r["s3_cold"]["ranks"] for r in rounds]
-        per_rank = [x["bytes_downloaded"] + x["meta_bytes"] for rr in cold for x in rr]
+        per_rank = [x["bytes_downloaded"] + x["meta_bytes"] + x["row_bytes"] for rr in cold for x in rr]
         summary = {
             "warm_vs_local_median": statistics.median(r["warm_vs_local"] for r in rounds),
             "cold_vs_local_median": statistics.median(r["cold_vs_local"] for r in rounds),
@@ -149,16 +155,17 @@ def main():
             "warm_bytes_downloaded": sum(x["bytes_downloaded"] for r in rounds for x in r["s3_warm"]["ranks"]),
         }
         print(json.dumps(summary, indent=1))
-        path = write_result("remote", {
+        path = write_result("remote" if a.policy == "crop" else f"remote_{a.policy}", {
             "setup": {"images": a.images, "rows_per_shard": SHARD, "shards": -(-a.images // SHARD),
-                      "global_batch": G, "ranks": 2, "image_size": IMAGE, "policy": "crop (RRC+flip), 4 stored augs",
+                      "global_batch": G, "ranks": 2, "image_size": IMAGE, "policy": {"crop": "crop (RRC+flip)", "ra_mix": "RRC+flip+RandAugment(2,9)+MixUp/CutMix "
+                                 "(p=0.5 each; a partner is any row, read by ranged GET)"}[a.policy] + ", 4 stored augs",
                       "order": f"BlockShuffleSampler(block_shards={BLOCK}, partitions=2)",
                       "server": "moto_server on 127.0.0.1 (S3 REST over HTTP), same machine",
                       "caches": "one per rank (separate folders), predownload=4 shards"},
-            "note": "2 cores shared by 8 engineers and moto_server itself (Python) runs on them: noisy; "
-                    "ratios are within one round (modes run back to back)",
+            "note": "2 shared cores, and moto_server itself (Python) runs on them: noisy; ratios are within "
+                    "one round (modes run back to back); bytes per rank count shards, metadata and partner rows",
             "build_seconds": t_build, "load_average": os.getloadavg(), "rounds": rounds, "summary": summary,
-            "mosaicml_streaming": "see benchmarks/remote_peers.py (it needs its own venv)"})
+            "mosaicml_streaming": "see benchmarks/remote_peers.py (it needs its own venv)"}, a.out_dir)
         print(path)
     finally:
         moto.stop()
