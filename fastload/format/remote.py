@@ -113,7 +113,11 @@ class _Client:
             except ImportError as e:
                 raise ImportError("remote datasets need obstore: pip install obstore") from e
             opts = {"timeout": f"{max(1, int(self.timeout))}s", "connect_timeout": "5s"}
-            if self.url.lower().startswith("http://") or os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true":
+            # passing client_options drops the ones obstore reads from the environment: carry
+            # allow_http over (GOOGLE_ALLOW_HTTP: a GCS emulator's http:// gcs_base_url)
+            if self.url.lower().startswith("http://") or any(
+                    os.environ.get(k, "").lower() == "true"
+                    for k in ("AWS_ALLOW_HTTP", "GOOGLE_ALLOW_HTTP", "AZURE_ALLOW_HTTP")):
                 opts["allow_http"] = True
             # obstore's own retries are off: ours below are bounded and name the URL
             self._store = from_url(self.url, client_options=opts, retry_config={"max_retries": 0})
