@@ -147,6 +147,57 @@ def test_tic_pools():
     assert _tic("cumulative-equal", t=0).pool_counts() == [400]
 
 
+# Hand-computed shares of a buffer of D = 160 old samples, oldest split first, for m = 1..5
+# old splits (TiC-CLIP steps 2..6; ``time_step`` = m). -Exp: every new step halves each old
+# split's share and gives the most recent old split D/2 (the two oldest hold the same share);
+# -Equal: D/m each (a remainder sample to the oldest splits first). Splits of 1000 samples, so no share is capped by its split's size.
+_D = 160
+_EXP = {1: [160], 2: [80, 80], 3: [40, 40, 80], 4: [20, 20, 40, 80], 5: [10, 10, 20, 40, 80]}
+_EQUAL = {1: [160], 2: [80, 80], 3: [54, 53, 53], 4: [40, 40, 40, 40], 5: [32, 32, 32, 32, 32]}
+
+
+def _shares(policy, m):
+    s = TiCSampler([1000] * 6, time_step=m, policy=policy, buffer_size=_D, budget=64,
+                   global_batch_size=32, seed=5)
+    return s, s.pool_counts()
+
+
+@pytest.mark.parametrize("m", sorted(_EXP))
+def test_tic_exp_shares_match_the_halving_rule(m):
+    s, counts = _shares("cumulative-exp", m)
+    assert counts == _EXP[m] + [1000] and s.shares() == _EXP[m]
+    assert sum(counts[:m]) == _D
+    if m > 1:  # each step halves what every old split had and gives the newest old one D/2
+        prev = _EXP[m - 1]
+        assert counts[:m - 1] == [x // 2 for x in prev] and counts[m - 1] == _D // 2
+
+
+@pytest.mark.parametrize("m", sorted(_EQUAL))
+def test_tic_equal_shares_split_the_buffer_evenly(m):
+    s, counts = _shares("cumulative-equal", m)
+    assert counts == _EQUAL[m] + [1000] and sum(counts[:m]) == _D
+    assert max(counts[:m]) - min(counts[:m]) <= 1
+
+
+def test_tic_all_and_sequential_pools():
+    for m in range(6):
+        assert _shares("cumulative-all", m)[1] == [1000] * (m + 1)  # every old split whole
+        assert _shares("sequential", m)[1] == [0] * m + [1000]  # the new split only
+    # sequential needs no buffer_size; the buffered policies do
+    TiCSampler(SIZES, 3, "sequential", 10, 2)
+    for policy in ("cumulative-equal", "cumulative-exp", "restricted"):
+        with pytest.raises(ValueError, match="needs buffer_size"):
+            TiCSampler(SIZES, 3, policy, 10, 2)
+
+
+def test_tic_oracle_budget_is_one_budget_per_step():
+    # the Oracle / Restart are "cumulative-all" from scratch; the Oracle's budget is one
+    # per-step budget C per time step (7 x C over the 7 steps of TiC-DataComp)
+    C, t = 64, 4
+    s = TiCSampler(SIZES, time_step=t, policy="cumulative-all", budget=(t + 1) * C, global_batch_size=32)
+    assert len(s) == (t + 1) * C // 32 and len(s.global_order(0)) == (t + 1) * C
+
+
 @pytest.mark.parametrize("policy", ["cumulative-equal", "cumulative-exp", "restricted"])
 def test_tic_buffer_never_regains_dropped_samples(policy):
     prev = None

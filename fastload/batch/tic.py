@@ -1,26 +1,61 @@
 """Time-continual rehearsal (TiC): replay policies over timestamped splits as a batch sampler.
 
-TiC-CLIP (Garg et al., "TiC-CLIP: Continual Training of CLIP Models", ICLR 2024) trains on
-timestamped splits D_1, D_2, ... (years or months of web data). At time step t the model
-warm-starts from the checkpoint of step t-1 and trains on a fixed compute budget (a fixed
-number of samples seen) drawn from the new split D_t plus replayed old data; the paper's
-finding is that this cuts compute about 2.5x against retraining from scratch on all data.
-The replay policies differ in which old data the pool keeps (D = the replay buffer size, in
-samples; m = t-1 old splits):
+TiC-CLIP (Garg et al., "TiC-CLIP: Continual Training of CLIP Models", ICLR 2024, arXiv
+2310.16226; code: github.com/apple/ml-tic-clip) trains on timestamped splits D_1, D_2, ...
+(years of web data). At time step t the model starts from the checkpoint of step t-1 and
+trains for a fixed compute budget (a fixed number of samples seen) on a pool made of the new
+split plus whatever old data the policy keeps. Below, D is the replay buffer size in samples
+and m = t-1 is the number of old splits (``time_step`` here is 0-based, so m = ``time_step``).
 
-- ``"cumulative-all"``: all old data, D_1 ∪ ... ∪ D_{t-1}, is replayed (no buffer limit);
-- ``"cumulative-equal"``: a buffer of D old samples split equally among the old splits
-  (D/m from each);
-- ``"cumulative-exp"``: a buffer of D old samples with exponentially decaying shares: half
-  from the most recent old split, a quarter from the one before, and so on, the oldest two
-  splits sharing equally (step 3: D/2, D/2; step 4: D/2, D/4, D/4);
-- ``"restricted"``: a fixed-size buffer of D old samples drawn uniformly from all old data
-  (every old sample equally likely, whatever split it came from).
+What the official code fixes (apple/ml-tic-clip, snapshot 886f8c9, read for this module):
 
-In every policy the new split D_t enters the pool whole. Note: the names and the first
-three definitions follow the paper's Section 4 as summarized in its public reviews; the
-paper's own text was not retrievable here, so check the exact "-Exp" halving rule against
-it before relying on a figure comparison.
+- The budget per step is the same at every step and for every continual method: the xlarge
+  runs all stop at 20,500 iterations of a ~90k global batch (``max_iterations`` in every
+  ``params/*/20XX.yaml``), the medium scale at 4096 x 4500 samples (``tic_medium`` in
+  ``datacomp.patch``). The Oracle, trained from scratch on every year at once, gets 7 times
+  that (``params/basic-oracle/2022.yaml``: 143,500 iterations;
+  ``scripts/run_medium_basic_oracle.sh``: 4096*4500*7), one budget per time step: the first
+  time step trains on 2014-2016 together (the first run of
+  ``scripts/run_medium_basic_cumulative.sh`` and ``..._sequential.sh``;
+  ``params/basic-cumulative/2016.yaml``), so seven steps cover 2014-2022. Here, pass the
+  merged size as split 0 to do the same.
+- Cumulative training lists every year up to the new one as its data and resumes from the
+  previous step's checkpoint (``scripts/run_medium_basic_cumulative.sh``,
+  ``params/*-cumulative/``); Sequential lists the new year only
+  (``scripts/run_medium_basic_sequential.sh``, ``params/*-sequential/``).
+- Both draw webdataset shards with replacement, uniformly (``--dataset_resampled``, no
+  upsampling factors), so each split is seen in proportion to its share of the pool and the
+  new split gets no extra weight.
+
+The policies (which old data the pool keeps; the new split D_t always enters whole):
+
+- ``"cumulative-all"``: every old split whole, D_1 ... D_{t-1} (no buffer limit). Verified
+  in the official code (above).
+- ``"sequential"``: no old data; the pool is D_t alone. Verified in the official code.
+- ``"cumulative-equal"``: a buffer of D old samples split equally among the old splits, D/m
+  each (step 4: D/3, D/3, D/3).
+- ``"cumulative-exp"``: a buffer of D old samples in which each new step halves every old
+  split's share and gives the most recent old split D/2; the two oldest therefore hold the
+  same share. Oldest first: step 2: D; step 3: D/2, D/2; step 4: D/4, D/4, D/2; step 5:
+  D/8, D/8, D/4, D/2.
+- ``"restricted"``: not a TiC-CLIP method but fastload's own: a buffer of D old samples drawn
+  uniformly from all old data (every old sample equally likely, whatever its split). In
+  apple/ml-tic-clip "restricted" only names an evaluation (zero-shot accuracy restricted to
+  groups of ImageNet classes, ``dataset_creation/tic-datacomp/imagenet_restricted_classes.py``);
+  the name stays for compatibility.
+
+The Oracle (in the official code) and the paper's Restart baseline (not in the official code)
+use the pool of ``"cumulative-all"``; they differ only outside the sampler: the model starts
+from scratch, and the Oracle's budget is one per time step, ``budget=(time_step + 1) * C`` for
+a per-step budget C (one run at the last step in the official code).
+
+What is not verified: the "-Equal" and "-Exp" rules. The official repository has no code for
+them (it ships the Cumulative-All, Sequential and Oracle runs only), and the paper's own text
+(the section defining the Cumulative variants) could not be retrieved when this was written:
+the rules above are its worked example (step 3: D/2, D/2; step 4: D/4, D/4, D/2) as relayed
+by secondary summaries. Check them against the paper before relying on a figure comparison.
+Also unverified: what the paper does when an old split is smaller than its share (here the
+split is kept whole and the rest of its share stays unused, see below).
 
 How fastload draws them (deterministic, resumable):
 
@@ -32,7 +67,8 @@ How fastload draws them (deterministic, resumable):
 - The round's order passes through the pool without replacement, pass after pass (each a
   seeded permutation), ``budget`` samples per epoch: the per-step budget is
   ``global_batch_size`` and the number of steps per epoch is ``budget // global_batch_size``,
-  whatever the policy or the pool size.
+  whatever the policy or the pool size. Each split is seen in proportion to its count in the
+  pool, as with the official code's draws with replacement, with less variance.
 - Indices are into the concatenation of the splits (``ConcatDataset(splits)``); a rank takes
   its slice of each global batch; the state follows :mod:`fastload._state` with per-split
   counters (samples of each split consumed up to the position).
@@ -43,6 +79,9 @@ How fastload draws them (deterministic, resumable):
 [10, 10, 20, 50]
 >>> len(list(s))
 4
+>>> TiCSampler([100, 100, 100, 50], time_step=3, policy="sequential", budget=64,
+...            global_batch_size=16).pool_counts()
+[0, 0, 0, 50]
 """
 from __future__ import annotations
 
@@ -54,7 +93,8 @@ from fastload._dist import rank_world
 from fastload._state import Position
 from fastload.batch.mixing import _GlobalBatches, _rng, chain, largest_remainder
 
-POLICIES = ("cumulative-all", "cumulative-equal", "cumulative-exp", "restricted")
+POLICIES = ("cumulative-all", "cumulative-equal", "cumulative-exp", "restricted", "sequential")
+_BUFFERED = ("cumulative-equal", "cumulative-exp", "restricted")  # the policies that need buffer_size
 _TAG_KEY = 0x5449_4331
 _TAG_ORDER = 0x5449_4332
 
@@ -68,7 +108,8 @@ class TiCSampler(_GlobalBatches):
         policy: one of ``POLICIES`` (see the module docstring for the definitions).
         budget: samples per epoch (the round's compute budget; fixed whatever the policy).
         global_batch_size: samples per step over all ranks.
-        buffer_size: D, the replay buffer size in samples (required except for "cumulative-all").
+        buffer_size: D, the replay buffer size in samples (required by "cumulative-equal",
+            "cumulative-exp" and "restricted"; unused by "cumulative-all" and "sequential").
         seed, drop_last, rank, world_size, slicing: as :class:`fastload.batch.mixing.StreamMixer`.
     """
 
@@ -85,7 +126,7 @@ class TiCSampler(_GlobalBatches):
             raise ValueError(f"time_step must be in [0, {len(self.sizes)}), got {time_step}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if policy != "cumulative-all" and int(time_step) > 0 and (buffer_size is None or int(buffer_size) < 0):
+        if policy in _BUFFERED and int(time_step) > 0 and (buffer_size is None or int(buffer_size) < 0):
             raise ValueError(f"policy {policy!r} needs buffer_size (the replay buffer D, in samples, >= 0)")
         self.time_step, self.policy = int(time_step), policy
         self.buffer_size = None if buffer_size is None else int(buffer_size)
@@ -123,13 +164,14 @@ class TiCSampler(_GlobalBatches):
             return []
         if self.policy == "cumulative-all":
             return [int(x) for x in self.sizes[:m]]
+        if self.policy == "sequential":
+            return [0] * m
         if self.policy == "cumulative-equal":
             return largest_remainder(D, [1.0] * m).tolist() if D else [0] * m
         if self.policy == "cumulative-exp":
-            ages = np.arange(m, 0, -1)  # split i has age m - i (1 = most recent old split)
-            w = 2.0 ** -np.minimum(ages, m - 1 if m > 1 else 1).astype(np.float64)
-            if m == 1:
-                w = np.ones(1)
+            # most recent old split 1/2, the one before 1/4, ...; the oldest repeats the
+            # second-oldest's share so that the shares sum to 1 (m = 1: the whole buffer)
+            w = [1.0] if m == 1 else [2.0 ** -(m - 1)] + [2.0 ** -(m - i) for i in range(1, m)]
             return largest_remainder(D, w).tolist() if D else [0] * m
         # restricted: uniform over all old data: the union's bottom-D keys
         keys = np.concatenate([self._keys(i) for i in range(m)]) if m else np.zeros(0)
