@@ -50,7 +50,8 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
     from fastload.loader.reinforced import ReinforcedLoader
 
     t0 = time.perf_counter()
-    ds = ReinforcedDataset(source, cache_dir=cache, cache_limit=None, predownload=4) if "://" in source \
+    ds = ReinforcedDataset(source, cache_dir=cache, cache_limit=None, predownload=4,
+                           partner_reads=os.environ.get("FASTLOAD_BENCH_PARTNER_READS", "auto")) if "://" in source \
         else ReinforcedDataset(source)
     t_open = time.perf_counter() - t0
     sampler = BlockShuffleSampler(ds, block_shards=BLOCK, seed=0, partitions=world, global_batch_size=G)
@@ -62,22 +63,87 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
         u = resource.getrusage(resource.RUSAGE_SELF)
         return u.ru_utime + u.ru_stime
 
-    n = 0
+    n, t_first, n_first = 0, None, 0
     c0, t0 = cpu(), time.perf_counter()
     for batch in loader:
         n += batch[0].shape[0]
+        if t_first is None:  # a cold cache first waits for the shards of the first batch
+            t_first, n_first = time.perf_counter() - t0, n
     t_epoch, c_epoch = time.perf_counter() - t0, cpu() - c0
     st = ds.remote.stats if ds.remote is not None else {"bytes_downloaded": 0, "meta_bytes": 0, "downloads": 0,
                                                         "row_bytes": 0, "row_reads": 0}
     dataset_bytes = sum(s["bytes"] for s in ds.manifest["shards"])
     if ds.remote is not None:
         ds.remote.close()
-    return {"images": n, "epoch_s": t_epoch, "cpu_s": c_epoch, "open_s": t_open, "bytes_downloaded": st["bytes_downloaded"],
+    return {"images": n, "epoch_s": t_epoch, "first_batch_s": t_first,
+            "after_first_images_per_s": (n - n_first) / max(t_epoch - (t_first or 0.0), 1e-9), "cpu_s": c_epoch, "open_s": t_open, "bytes_downloaded": st["bytes_downloaded"],
             "meta_bytes": st["meta_bytes"], "shard_downloads": st["downloads"], "dataset_bytes": dataset_bytes,
             "row_bytes": st["row_bytes"], "row_reads": st["row_reads"]}
 
 
-def run_mode(source: str, caches, env) -> dict:
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process and its live children (nginx's worker) have used
+    so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    return total + sum(proc_cpu_s(k) for k in kids)
+
+
+class Nginx:
+    """nginx serving ``root`` as ``/<bucket>/<prefix>/...`` on 127.0.0.1: the GETs, HEADs and
+    ranged GETs of the S3 REST API that the loader sends (path-style, signature ignored),
+    answered by sendfile with little CPU. moto_server (Python) spends about a core on a cold
+    epoch, and the 2 cores are the loaders' own; this server shows the client side alone."""
+
+    def __init__(self, root: str, bucket: str, prefix: str, work: str):
+        import shutil as sh
+
+        from _remote_servers import _wait_http, free_port
+
+        exe = sh.which("nginx")
+        if exe is None:
+            raise RuntimeError("nginx not found (Debian: apt-get install nginx-light)")
+        self.dir = tempfile.mkdtemp(prefix="nginx-", dir=work)
+        os.makedirs(os.path.join(self.dir, "root", bucket))
+        os.symlink(os.path.abspath(root), os.path.join(self.dir, "root", bucket, prefix))
+        self.port = free_port()
+        d = self.dir
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""{'user root;' if os.geteuid() == 0 else ''}
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  sendfile on;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  types {{ application/octet-stream arrow; application/json json; }}
+  server {{ listen 127.0.0.1:{self.port}; root {d}/root; }}
+}}
+""")
+        self.proc = subprocess.Popen([exe, "-c", conf, "-p", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        _wait_http(self.endpoint + "/", self.proc, "nginx")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_mode(source: str, caches, env, server_pid: int = 0) -> dict:
+    s0 = proc_cpu_s(server_pid) if server_pid else 0.0
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", source, caches[r], str(r), "2"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = []
@@ -88,7 +154,9 @@ def run_mode(source: str, caches, env) -> dict:
         outs.append(json.loads(o.strip().splitlines()[-1]))
     images = sum(o["images"] for o in outs)
     wall = max(o["epoch_s"] for o in outs)
-    return {"images_per_s": images / wall, "images_per_cpu_s": images / sum(o["cpu_s"] for o in outs),
+    after = sum(o["after_first_images_per_s"] for o in outs)
+    return {"server_cpu_s": (proc_cpu_s(server_pid) - s0) if server_pid else 0.0,"images_per_s": images / wall, "images_per_cpu_s": images / sum(o["cpu_s"] for o in outs),
+            "after_first_batch_images_per_s": after, "first_batch_s_max": max(o["first_batch_s"] for o in outs),
             "ranks": outs}
 
 
@@ -98,6 +166,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--policy", choices=("crop", "ra_mix"), default="crop")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--partner-reads", choices=("auto", "range", "shard"), default="auto",
+                    help="ReinforcedDataset(partner_reads=...) of the remote modes (ra_mix only)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fastload_remote_bench"))
     ap.add_argument("--worker", nargs=4, metavar=("SOURCE", "CACHE", "RANK", "WORLD"))
     a = ap.parse_args()
@@ -113,6 +183,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop moto_server on the way out
 
     os.makedirs(a.work, exist_ok=True)
+    os.environ["FASTLOAD_BENCH_PARTNER_READS"] = a.partner_reads  # the workers inherit it
     t_build = time.time()
     local = build(a.images, a.work, a.policy)
     t_build = time.time() - t_build
@@ -120,24 +191,40 @@ def main():
     try:
         url = moto.upload(local, "bench", "imagenet-like")
         env = dict(os.environ, **moto.env)
+        ngx = Nginx(local, "bench", "imagenet-like", a.work) if shutil.which("nginx") else None
+        env_ngx = dict(env, AWS_ENDPOINT_URL=ngx.endpoint) if ngx else None
         warm_up = tempfile.mkdtemp(dir=a.work)
         run_mode(local, [warm_up, warm_up], env)  # page cache and imports warm for every mode alike
         rounds = []
         for k in range(a.rounds):
             caches = [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(2)]
-            row = {"local": run_mode(local, caches, env),
-                   "s3_cold": run_mode(url, caches, env),
-                   "s3_warm": run_mode(url, caches, env)}
+            pid = moto.proc.pid  # moto_server's CPU: it shares the 2 cores with the loaders
+            row = {"local": run_mode(local, caches, env, pid),
+                   "s3_cold": run_mode(url, caches, env, pid),
+                   "s3_warm": run_mode(url, caches, env, pid)}
+            if ngx is not None:  # the same URL and client, the S3 GETs answered by nginx
+                caches2 = [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(2)]
+                row["s3nginx_cold"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
+                row["s3nginx_warm"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
+                for c in caches2:
+                    shutil.rmtree(c, ignore_errors=True)
+                for m in ("cold", "warm"):
+                    row[f"nginx_{m}_vs_local"] = row[f"s3nginx_{m}"]["images_per_s"] / row["local"]["images_per_s"]
             for c in caches:
                 shutil.rmtree(c, ignore_errors=True)
             row["warm_vs_local"] = row["s3_warm"]["images_per_s"] / row["local"]["images_per_s"]
             row["cold_vs_local"] = row["s3_cold"]["images_per_s"] / row["local"]["images_per_s"]
             for m in ("warm", "cold"):  # per CPU-second of the loader processes: robust to outside load
                 row[f"{m}_vs_local_cpu"] = row[f"s3_{m}"]["images_per_cpu_s"] / row["local"]["images_per_cpu_s"]
+                # the epoch without its first batch (a cold cache's fixed start, waiting for the
+                # first block's shards, weighs more the shorter the epoch)
+                row[f"{m}_vs_local_after_first_batch"] = (row[f"s3_{m}"]["after_first_batch_images_per_s"]
+                                                         / row["local"]["after_first_batch_images_per_s"])
             rounds.append(row)
             print(f"round {k}: local {row['local']['images_per_s']:.0f} img/s, cold {row['s3_cold']['images_per_s']:.0f} "
-                  f"({row['cold_vs_local']:.2f}x), warm {row['s3_warm']['images_per_s']:.0f} ({row['warm_vs_local']:.2f}x)",
-                  flush=True)
+                  f"({row['cold_vs_local']:.2f}x), warm {row['s3_warm']['images_per_s']:.0f} ({row['warm_vs_local']:.2f}x)"
+                  + (f"; nginx cold {row['nginx_cold_vs_local']:.2f}x, warm {row['nginx_warm_vs_local']:.2f}x"
+                     if ngx is not None else ""), flush=True)
         ds_bytes = rounds[0]["local"]["ranks"][0]["dataset_bytes"]
         cold = [r["s3_cold"]["ranks"] for r in rounds]
         per_rank = [x["bytes_downloaded"] + x["meta_bytes"] + x["row_bytes"] for rr in cold for x in rr]
@@ -146,6 +233,19 @@ def main():
             "cold_vs_local_median": statistics.median(r["cold_vs_local"] for r in rounds),
             "warm_vs_local_cpu_median": statistics.median(r["warm_vs_local_cpu"] for r in rounds),
             "cold_vs_local_cpu_median": statistics.median(r["cold_vs_local_cpu"] for r in rounds),
+            "cold_vs_local_after_first_batch_median": statistics.median(
+                r["cold_vs_local_after_first_batch"] for r in rounds),
+            "cold_first_batch_s_median": statistics.median(r["s3_cold"]["first_batch_s_max"] for r in rounds),
+            "local_first_batch_s_median": statistics.median(r["local"]["first_batch_s_max"] for r in rounds),
+            "nginx_cold_vs_local_median": statistics.median(r["nginx_cold_vs_local"] for r in rounds) if ngx else None,
+            "nginx_warm_vs_local_median": statistics.median(r["nginx_warm_vs_local"] for r in rounds) if ngx else None,
+            "nginx_cold_vs_local_range": [min(r["nginx_cold_vs_local"] for r in rounds),
+                                          max(r["nginx_cold_vs_local"] for r in rounds)] if ngx else None,
+            "server_cpu_s_cold_median": {"moto_server": statistics.median(r["s3_cold"]["server_cpu_s"] for r in rounds),
+                                         "nginx": statistics.median(r["s3nginx_cold"]["server_cpu_s"] for r in rounds)
+                                         if ngx else None},
+            "cold_vs_local_range": [min(r["cold_vs_local"] for r in rounds), max(r["cold_vs_local"] for r in rounds)],
+            "warm_vs_local_range": [min(r["warm_vs_local"] for r in rounds), max(r["warm_vs_local"] for r in rounds)],
             "note": "wall-clock ratios (images/s, both ranks) are the targets' figure; per-CPU-second ratios "
                     "exclude the outside load but also moto_server's CPU and the time spent waiting on it",
             "targets": {"warm_vs_local": 0.95, "cold_vs_local": 0.80, "bytes_per_rank_vs_share": 1.1},
@@ -155,13 +255,17 @@ def main():
             "warm_bytes_downloaded": sum(x["bytes_downloaded"] for r in rounds for x in r["s3_warm"]["ranks"]),
         }
         print(json.dumps(summary, indent=1))
-        path = write_result("remote" if a.policy == "crop" else f"remote_{a.policy}", {
+        name = "remote" + ("" if a.policy == "crop" else f"_{a.policy}") + ("" if a.images == 1536 else f"_{a.images}") \
+            + ("" if a.partner_reads == "auto" else f"_{a.partner_reads}")
+        path = write_result(name, {
             "setup": {"images": a.images, "rows_per_shard": SHARD, "shards": -(-a.images // SHARD),
                       "global_batch": G, "ranks": 2, "image_size": IMAGE, "policy": {"crop": "crop (RRC+flip)", "ra_mix": "RRC+flip+RandAugment(2,9)+MixUp/CutMix "
                                  "(p=0.5 each; a partner is any row, read by ranged GET)"}[a.policy] + ", 4 stored augs",
                       "order": f"BlockShuffleSampler(block_shards={BLOCK}, partitions=2)",
-                      "server": "moto_server on 127.0.0.1 (S3 REST over HTTP), same machine",
-                      "caches": "one per rank (separate folders), predownload=4 shards"},
+                      "server": "moto_server on 127.0.0.1 (S3 REST over HTTP), same machine; the s3nginx_* modes: the same "
+                                "s3:// URL and client, its GETs answered by nginx (static files, path-style; see Nginx)",
+                      "caches": "one per rank (separate folders), predownload=4 shards, cache_limit=None",
+                      "partner_reads": a.partner_reads},
             "note": "2 shared cores, and moto_server itself (Python) runs on them: noisy; ratios are within "
                     "one round (modes run back to back); bytes per rank count shards, metadata and partner rows",
             "build_seconds": t_build, "load_average": os.getloadavg(), "rounds": rounds, "summary": summary,
@@ -169,6 +273,8 @@ def main():
         print(path)
     finally:
         moto.stop()
+        if "ngx" in locals() and ngx is not None:
+            ngx.stop()
 
 
 if __name__ == "__main__":

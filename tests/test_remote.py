@@ -517,7 +517,7 @@ def hashed(tmp_path):
 
 
 def test_partners_are_read_by_range_not_whole_shards(hashed, tmp_path):
-    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0, partner_reads="range")
     loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=10, shuffle=False)
     it = iter(loader)
     first = tuple(x.clone() for x in next(it))  # rows 0-9 (shard 0); partners from all shards
@@ -544,7 +544,7 @@ def test_a_corrupt_partner_range_is_never_served(hashed, tmp_path):
     loc = ipc_layout.row_locator(lambda a, b: bytes(raw[a:b]), len(raw), pa.ipc.open_file(p).schema, "image")
     a, b = loc.span(5)
     raw[(a + b) // 2] ^= 0xFF
-    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0, partner_reads="range")
     open(p, "wb").write(bytes(raw))  # after the open: the metadata columns were read intact
     with pytest.raises(remote.ChecksumError, match=r"/ds/shard-00003\.arrow.*sha256"):
         ds.partner_images([35])
@@ -555,7 +555,7 @@ def test_a_corrupt_partner_range_is_never_served(hashed, tmp_path):
 def test_reencoded_images_fall_back_to_whole_shards(http, local_ds, tmp_path):
     """The test data's hash column is not of the stored bytes (as for re-encoded sources): the
     first partner is decided by its verified shard, then partners come from whole shards."""
-    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0, partner_reads="range")
     loc = ReinforcedDataset(local_ds)
     assert bytes(ds.partner_images([35])[0]) == bytes(loc.image_bytes(35))
     assert not ds._ranged_partners and ds.remote.stats["row_reads"] == 1
@@ -593,3 +593,21 @@ def test_ipc_layout_survives_damaged_footers(local_ds):
             a, e = loc.span(r)
             assert 0 <= a <= e <= len(raw)
     assert raised > 0 and body_start > 0
+
+
+def test_partner_reads_auto_follows_the_cache_size(hashed, tmp_path):
+    """"auto": whole shards when the cache holds the dataset (later epochs read locally),
+    ranged rows when it cannot; a bad value names the argument."""
+    size = sum(os.path.getsize(os.path.join(hashed.local, f)) for f in _shard_files(hashed.local))
+    c = str(tmp_path / "c")
+    assert not ReinforcedDataset(hashed.ds_url, cache_dir=c)._ranged_partners
+    assert not ReinforcedDataset(hashed.ds_url, cache_dir=c, cache_limit=size)._ranged_partners
+    small = ReinforcedDataset(hashed.ds_url, cache_dir=c, cache_limit=size // 2, predownload=0)
+    assert small._ranged_partners
+    small.partner_images([35])
+    assert small.remote.stats["row_reads"] == 1 and hashed.full_gets("shard-00003.arrow") == 0
+    whole = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c2"), predownload=0)
+    whole.partner_images([35])
+    assert whole.remote.stats["row_reads"] == 0 and hashed.full_gets("shard-00003.arrow") == 1
+    with pytest.raises(ValueError, match="partner_reads"):
+        ReinforcedDataset(hashed.ds_url, cache_dir=c, partner_reads="rows")

@@ -129,14 +129,25 @@ class ReinforcedDataset:
     shard verified in this process is trusted by pickled copies (DataLoader workers) while
     its size, mtime and inode are unchanged.
 
+    Remote (``s3://``, ``gs://``, ``az://``, ``http(s)://``; ``cache_dir``, ``cache_limit``,
+    ``predownload``: see :mod:`fastload.format.remote`). ``partner_reads``: how a MixUp/CutMix
+    partner whose shard is not cached is read: ``"shard"`` downloads its whole shard (cached:
+    the best choice when the cache holds the dataset, later epochs read locally), ``"range"``
+    reads the row alone by a ranged GET (bytes per epoch stay near the rank's share, each
+    epoch pays a request per partner), ``"auto"`` (default) is ``"shard"`` when
+    ``cache_limit`` is None or holds every shard, else ``"range"``.
+
     Example:
         >>> ds = ReinforcedDataset("imagenet_plus/")              # doctest: +SKIP
         >>> ids, probs = ds.target(0, ds.num_augmentations - 1)   # doctest: +SKIP
     """
 
     def __init__(self, path: str, verify="lazy", max_resident_mib: Optional[float] = 8,
-                 cache_dir: Optional[str] = None, cache_limit: Optional[int] = None, predownload: int = 4):
+                 cache_dir: Optional[str] = None, cache_limit: Optional[int] = None, predownload: int = 4,
+                 partner_reads: str = "auto"):
         self.path = os.fspath(path)
+        if partner_reads not in ("auto", "range", "shard"):
+            raise ValueError(f"partner_reads must be 'auto', 'range' or 'shard', got {partner_reads!r}")
         modes = {True: "open", False: "off", "lazy": "lazy", "open": "open", "off": "off"}
         if not isinstance(verify, (bool, str)) or verify not in modes:
             raise ValueError(f"verify must be 'lazy', 'open' or 'off' (or True/False), got {verify!r}")
@@ -144,13 +155,17 @@ class ReinforcedDataset:
         # s3:// gs:// az:// http(s)://: shards come through a local cache (fastload/format/remote.py)
         # that hashes each download against the manifest's sha256 before renaming it into place
         self.remote = None
-        self._ranged_partners = True  # partner rows by ranged GET (remote; see partner_images)
+        self._ranged_partners = False  # partner rows by ranged GET (remote; see partner_images)
         # Mapped pages a loader touched count in RSS and would grow with the dataset; after
         # about this many MiB read through `gather`, they are dropped (None: never).
         self.max_resident_mib = max_resident_mib
         self._touched = 0
         if remote.is_remote(self.path):
             self.remote, m = remote.open_reinforced(self.path, cache_dir, cache_limit, predownload)
+            if partner_reads == "auto":
+                whole = sum(int(x["bytes"]) for x in self.remote.shards)
+                partner_reads = "shard" if cache_limit is None or int(cache_limit) >= whole else "range"
+            self._ranged_partners = partner_reads == "range"
             if self.verify_mode == "lazy":  # verified on download already: no second hash
                 self.verify_mode = "off"
         else:
@@ -359,8 +374,9 @@ class ReinforcedDataset:
         return sh.blob("image", r)
 
     def partner_images(self, indices: Sequence[int]) -> List[Any]:
-        """Encoded images of MixUp/CutMix partners (any rows of the dataset). Remote: a row
-        whose shard is not local is read by a ranged GET of its bytes, not its whole shard, and
+        """Encoded images of MixUp/CutMix partners (any rows of the dataset). Remote with
+        ``partner_reads="range"``: a row whose shard is not local is read by a ranged GET of
+        its bytes, not its whole shard, and
         served only if its blake2b-128 equals the row's stored ``hash`` (true wherever the
         stored bytes are the hashed source: JPEG sources kept as they were, ml-dr and DataComp
         imports). On a mismatch the row comes from its downloaded, sha256-verified shard; if
