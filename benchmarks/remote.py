@@ -1,14 +1,17 @@
 """Images loader from S3 (moto_server on 127.0.0.1) beside the same loader on local disk.
 
-2 ranks as separate processes, each with its own cache; per round, side by side:
-``local`` (the dataset folder), ``s3_cold`` (empty caches: shards download during the epoch,
-predownload driven by the sampler's known order), ``s3_warm`` (the caches the cold run
-filled, new processes). Every mode uses the same order (BlockShuffleSampler, 2 partitions,
-so each rank reads its own shards) and the same ReinforcedLoader settings, so only the
-source differs. Bytes downloaded per rank per epoch are reported beside the rank's share of
+2 ranks (``--ranks``) as separate processes, each with its own cache; per round, side by
+side: ``local`` (the dataset folder), ``s3_cold`` (empty caches: shards download during the
+epoch, predownload driven by the sampler's known order), ``s3_warm`` (the caches the cold
+run filled, new processes), and, where nginx is installed, ``s3nginx_cold``/``s3nginx_warm``:
+the same s3:// URL and client with its GETs answered by nginx instead of moto_server, whose
+Python spends about a core on a cold epoch (``server_cpu_s``). Every mode uses the same
+order (BlockShuffleSampler, one partition per rank, so each rank reads its own shards) and
+the same ReinforcedLoader settings, so only the source differs. Bytes downloaded per rank per epoch are reported beside the rank's share of
 the dataset. Real JPEGs (fastload.bench.data), 2 shared cores: noisy, compare within a round.
 
     python benchmarks/remote.py [--images 1536] [--rounds 3]   # -> benchmarks/results/remote.json
+    python benchmarks/remote.py --ranks 1                        # -> remote_1rank.json (a core left free)
     python benchmarks/remote.py --policy ra_mix                  # -> remote_ra_mix.json (MixUp/CutMix:
                                                                  #    partners read by ranged GETs)
 """
@@ -144,8 +147,9 @@ http {{
 
 def run_mode(source: str, caches, env, server_pid: int = 0) -> dict:
     s0 = proc_cpu_s(server_pid) if server_pid else 0.0
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", source, caches[r], str(r), "2"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    W = len(caches)
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", source, caches[r], str(r), str(W)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(W)]
     outs = []
     for p in procs:
         o, e = p.communicate(timeout=900)
@@ -166,6 +170,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--policy", choices=("crop", "ra_mix"), default="crop")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--ranks", type=int, default=2, help="loader processes (each its own cache)")
     ap.add_argument("--partner-reads", choices=("auto", "range", "shard"), default="auto",
                     help="ReinforcedDataset(partner_reads=...) of the remote modes (ra_mix only)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fastload_remote_bench"))
@@ -194,16 +199,16 @@ def main():
         ngx = Nginx(local, "bench", "imagenet-like", a.work) if shutil.which("nginx") else None
         env_ngx = dict(env, AWS_ENDPOINT_URL=ngx.endpoint) if ngx else None
         warm_up = tempfile.mkdtemp(dir=a.work)
-        run_mode(local, [warm_up, warm_up], env)  # page cache and imports warm for every mode alike
+        run_mode(local, [warm_up] * a.ranks, env)  # page cache and imports warm for every mode alike
         rounds = []
         for k in range(a.rounds):
-            caches = [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(2)]
+            caches = [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(a.ranks)]
             pid = moto.proc.pid  # moto_server's CPU: it shares the 2 cores with the loaders
             row = {"local": run_mode(local, caches, env, pid),
                    "s3_cold": run_mode(url, caches, env, pid),
                    "s3_warm": run_mode(url, caches, env, pid)}
             if ngx is not None:  # the same URL and client, the S3 GETs answered by nginx
-                caches2 = [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(2)]
+                caches2 = [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(a.ranks)]
                 row["s3nginx_cold"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
                 row["s3nginx_warm"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
                 for c in caches2:
@@ -249,17 +254,17 @@ def main():
             "note": "wall-clock ratios (images/s, both ranks) are the targets' figure; per-CPU-second ratios "
                     "exclude the outside load but also moto_server's CPU and the time spent waiting on it",
             "targets": {"warm_vs_local": 0.95, "cold_vs_local": 0.80, "bytes_per_rank_vs_share": 1.1},
-            "dataset_bytes": ds_bytes, "rank_share_bytes": ds_bytes / 2,
+            "dataset_bytes": ds_bytes, "rank_share_bytes": ds_bytes / a.ranks,
             "cold_bytes_per_rank_per_epoch_max": max(per_rank),
-            "cold_bytes_per_rank_vs_share_max": max(per_rank) / (ds_bytes / 2),
+            "cold_bytes_per_rank_vs_share_max": max(per_rank) / (ds_bytes / a.ranks),
             "warm_bytes_downloaded": sum(x["bytes_downloaded"] for r in rounds for x in r["s3_warm"]["ranks"]),
         }
         print(json.dumps(summary, indent=1))
         name = "remote" + ("" if a.policy == "crop" else f"_{a.policy}") + ("" if a.images == 1536 else f"_{a.images}") \
-            + ("" if a.partner_reads == "auto" else f"_{a.partner_reads}")
+            + ("" if a.partner_reads == "auto" else f"_{a.partner_reads}") + ("" if a.ranks == 2 else f"_{a.ranks}rank")
         path = write_result(name, {
             "setup": {"images": a.images, "rows_per_shard": SHARD, "shards": -(-a.images // SHARD),
-                      "global_batch": G, "ranks": 2, "image_size": IMAGE, "policy": {"crop": "crop (RRC+flip)", "ra_mix": "RRC+flip+RandAugment(2,9)+MixUp/CutMix "
+                      "global_batch": G, "ranks": a.ranks, "image_size": IMAGE, "policy": {"crop": "crop (RRC+flip)", "ra_mix": "RRC+flip+RandAugment(2,9)+MixUp/CutMix "
                                  "(p=0.5 each; a partner is any row, read by ranged GET)"}[a.policy] + ", 4 stored augs",
                       "order": f"BlockShuffleSampler(block_shards={BLOCK}, partitions=2)",
                       "server": "moto_server on 127.0.0.1 (S3 REST over HTTP), same machine; the s3nginx_* modes: the same "

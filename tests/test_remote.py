@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("obstore")
 
@@ -23,7 +22,8 @@ from fastload.format.reader import ReinforcedDataset
 from fastload.loader.reinforced import ReinforcedLoader
 
 from _ddp_loader_worker import write_dataset
-from _remote_servers import HERE, Moto, RangeHTTP
+from _remote_servers import (HERE, Moto, RangeHTTP, assert_same_batches, check_epoch_equals_local,
+                             decomposed_roundtrip, environment, epoch_batches)
 
 S = 16
 
@@ -36,18 +36,12 @@ def local_ds(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moto(local_ds):
     m = Moto()
-    saved = {k: os.environ.get(k) for k in m.env}
-    os.environ.update(m.env)
     try:
-        m.url = m.upload(local_ds, "data", "imagenet-tiny")
-        yield m
+        with environment(m.env):
+            m.url = m.upload(local_ds, "data", "imagenet-tiny")
+            yield m
     finally:
         m.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
@@ -60,20 +54,7 @@ def http(local_ds, tmp_path):
     srv.kill()
 
 
-def _batches(ds, epoch=0, **kw):
-    kw.setdefault("image_size", S)
-    kw.setdefault("batch_size", 6)
-    kw.setdefault("shuffle", True)
-    loader = ReinforcedLoader(ds, seed=3, **kw)
-    loader.set_epoch(epoch)
-    return [tuple(x.clone() for x in b) for b in loader]
-
-
-def _same(a, b):
-    assert len(a) == len(b) and len(a) > 0
-    for x, y in zip(a, b):
-        for u, v in zip(x, y):
-            assert u.dtype == v.dtype and torch.equal(u, v)
+_batches, _same = epoch_batches, assert_same_batches
 
 
 def _shard_files(d):
@@ -82,18 +63,7 @@ def _shard_files(d):
 
 # ------------------------------------------------------------------------------ S3 (moto)
 def test_s3_epoch_equals_local(moto, local_ds, tmp_path):
-    ds = ReinforcedDataset(moto.url, cache_dir=str(tmp_path))
-    loc = ReinforcedDataset(local_ds)
-    assert ds.keys == loc.keys and np.array_equal(ds.labels, loc.labels)
-    assert np.array_equal(ds.source_hw, loc.source_hw)
-    assert ds.remote.stats["downloads"] == 0  # metadata came from ranged reads only
-    assert 0 < ds.remote.stats["meta_bytes"] < sum(s["bytes"] for s in ds.remote.shards) / 4
-    _same(_batches(ds), _batches(loc))
-    assert ds.remote.stats["downloads"] == 4
-    # warm: a new dataset object on the same cache downloads no shard again
-    ds2 = ReinforcedDataset(moto.url, cache_dir=str(tmp_path))
-    _same(_batches(ds2, epoch=1), _batches(loc, epoch=1))
-    assert ds2.remote.stats["downloads"] == 0 and ds2.remote.stats["meta_bytes"] == 0
+    check_epoch_equals_local(moto.url, local_ds, tmp_path)
 
 
 def test_s3_checksum_mismatch_names_url(moto, local_ds, tmp_path):
@@ -125,7 +95,6 @@ def test_s3_bad_inputs_fail_fast_naming_url(moto, tmp_path, local_ds):
     c = moto.client()
     url = moto.upload(local_ds, "data", "holey")
     c.delete_object(Bucket="data", Key="holey/shard-00001.arrow")
-    ds = ReinforcedDataset.__new__(ReinforcedDataset)
     with pytest.raises(remote.RemoteError, match=r"s3://data/holey/shard-00001\.arrow: not found"):
         ReinforcedDataset(url, cache_dir=str(tmp_path))
     assert time.time() - t0 < 20
@@ -148,17 +117,7 @@ def test_s3_different_dataset_is_a_clear_error(moto, tmp_path):
 def test_s3_decomposed_matches_local(moto, tmp_path):
     import fastload
 
-    d = tmp_path / "dec"
-    toks = np.random.default_rng(1).integers(0, 256, 20000).astype(np.int32)
-    fastload.decompose((toks, np.arange(0, 20001, 400)), str(d), min_bucket=4, max_bucket=6,
-                       vocab_size=257, eot_id=256, progress=False)
-    url = moto.upload(str(d), "data", "dec")
-    a = fastload.DecompositionLoader(url, tokens_per_step=256, seed=0, cache_dir=str(tmp_path / "c"))
-    b = fastload.DecompositionLoader(str(d), tokens_per_step=256, seed=0)
-    got, want = list(a), list(b)
-    assert len(got) == len(want) > 0
-    for (x, y), (u, v) in zip(got, want):
-        assert torch.equal(x, u) and torch.equal(y, v)
+    url = decomposed_roundtrip(moto.upload, tmp_path)
     with pytest.raises(remote.CacheFullError, match="cache_limit"):
         fastload.DecompositionLoader(url, tokens_per_step=256, cache_dir=str(tmp_path / "c2"), cache_limit=1000)
 

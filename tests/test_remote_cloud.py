@@ -19,16 +19,15 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("obstore")
 
 from fastload.format import remote
 from fastload.format.reader import ReinforcedDataset
-from fastload.loader.reinforced import ReinforcedLoader
 
 from _ddp_loader_worker import write_dataset
-from _remote_servers import Azurite, FakeGCS, Unavailable
+from _remote_servers import (Azurite, FakeGCS, Unavailable, assert_same_batches, check_epoch_equals_local,
+                             decomposed_roundtrip, environment, epoch_batches)
 
 S = 16
 SERVERS = {"gcs": FakeGCS, "azure": Azurite}
@@ -53,51 +52,21 @@ def _start(kind: str, workdir: str):
 def cloud(request, local_ds, tmp_path_factory):
     """One emulator, its environment set for obstore, ``local_ds`` uploaded as ``.url``."""
     srv = _start(request.param, str(tmp_path_factory.mktemp(request.param)))
-    saved = {k: os.environ.get(k) for k in srv.env}
-    os.environ.update(srv.env)
     try:
-        srv.kind, srv.scheme = request.param, SCHEME[request.param]
-        srv.url = srv.upload(local_ds, "data", "imagenet-tiny")
-        yield srv
+        with environment(srv.env):
+            srv.kind, srv.scheme = request.param, SCHEME[request.param]
+            srv.url = srv.upload(local_ds, "data", "imagenet-tiny")
+            yield srv
     finally:
         srv.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
-def _batches(ds, epoch=0, **kw):
-    kw.setdefault("image_size", S)
-    kw.setdefault("batch_size", 6)
-    kw.setdefault("shuffle", True)
-    loader = ReinforcedLoader(ds, seed=3, **kw)
-    loader.set_epoch(epoch)
-    return [tuple(x.clone() for x in b) for b in loader]
-
-
-def _same(a, b):
-    assert len(a) == len(b) and len(a) > 0
-    for x, y in zip(a, b):
-        for u, v in zip(x, y):
-            assert u.dtype == v.dtype and torch.equal(u, v)
+_batches, _same = epoch_batches, assert_same_batches
 
 
 def test_epoch_equals_local(cloud, local_ds, tmp_path):
     assert cloud.url == f"{cloud.scheme}://data/imagenet-tiny"
-    ds = ReinforcedDataset(cloud.url, cache_dir=str(tmp_path))
-    loc = ReinforcedDataset(local_ds)
-    assert ds.keys == loc.keys and np.array_equal(ds.labels, loc.labels)
-    assert np.array_equal(ds.source_hw, loc.source_hw)
-    assert ds.remote.stats["downloads"] == 0  # metadata came from ranged reads only
-    assert 0 < ds.remote.stats["meta_bytes"] < sum(s["bytes"] for s in ds.remote.shards) / 4
-    _same(_batches(ds), _batches(loc))
-    assert ds.remote.stats["downloads"] == 4
-    # warm: a new dataset object on the same cache downloads no shard again
-    ds2 = ReinforcedDataset(cloud.url, cache_dir=str(tmp_path))
-    _same(_batches(ds2, epoch=1), _batches(loc, epoch=1))
-    assert ds2.remote.stats["downloads"] == 0 and ds2.remote.stats["meta_bytes"] == 0
+    check_epoch_equals_local(cloud.url, local_ds, tmp_path)
 
 
 def test_client_ranged_streaming_and_head(cloud):
@@ -137,19 +106,7 @@ def test_missing_prefix_and_objects_fail_fast_naming_url(cloud, local_ds, tmp_pa
 
 def test_decomposed_matches_local(cloud, tmp_path):
     """DecompositionLoader: HEAD per bucket array, then streamed whole."""
-    import fastload
-
-    d = tmp_path / "dec"
-    toks = np.random.default_rng(1).integers(0, 256, 20000).astype(np.int32)
-    fastload.decompose((toks, np.arange(0, 20001, 400)), str(d), min_bucket=4, max_bucket=6,
-                       vocab_size=257, eot_id=256, progress=False)
-    url = cloud.upload(str(d), "data", "dec")
-    a = fastload.DecompositionLoader(url, tokens_per_step=256, seed=0, cache_dir=str(tmp_path / "c"))
-    b = fastload.DecompositionLoader(str(d), tokens_per_step=256, seed=0)
-    got, want = list(a), list(b)
-    assert len(got) == len(want) > 0
-    for (x, y), (u, v) in zip(got, want):
-        assert torch.equal(x, u) and torch.equal(y, v)
+    decomposed_roundtrip(cloud.upload, tmp_path)
 
 
 @pytest.mark.parametrize("cloud", ["azure"], indirect=True)  # fake-gcs-server checks no credentials
