@@ -188,7 +188,9 @@ class _Client:
 
         def run(s):
             f = dst_open()
-            for chunk in obs.get(s, key).stream(min_chunk_size=4 << 20):
+            # 256 KiB: coalescing the network reads into bigger chunks costs a copy (measured: 4 MiB
+            # chunks took 1.6x the CPU of 256 KiB ones for download + sha256 + write)
+            for chunk in obs.get(s, key).stream(min_chunk_size=256 << 10):
                 on_chunk(f, chunk)
             return f
 
