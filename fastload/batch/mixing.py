@@ -92,6 +92,17 @@ class _GlobalBatches:
     (``global_order(epoch)``) cut into global batches of ``global_batch_size``, each rank
     taking its slice (StreamMixer, TiCSampler)."""
 
+    def _setup(self, seed, drop_last, rank, world_size, slicing) -> None:
+        """Seed, rank slicing and the position (after ``global_batch_size`` and ``kind``)."""
+        self.seed, self.drop_last = int(seed), bool(drop_last)
+        r, w = rank_world(rank, world_size)
+        if self.global_batch_size % w:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
+        if slicing not in ("contiguous", "strided"):
+            raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
+        self.rank, self.world_size, self.slicing = r, w, slicing
+        self._pos = Position(self.kind)
+
     @property
     def epoch(self) -> int:
         return self._pos.epoch
@@ -155,14 +166,7 @@ class StreamMixer(_GlobalBatches):
             raise ValueError("epoch_size and global_batch_size must be >= 1")
         self.counts = largest_remainder(self.epoch_size, self.proportions)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        self.seed, self.drop_last = int(seed), bool(drop_last)
-        r, w = rank_world(rank, world_size)
-        if self.global_batch_size % w:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
-        if slicing not in ("contiguous", "strided"):
-            raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
-        self.rank, self.world_size, self.slicing = r, w, slicing
-        self._pos = Position(self.kind)
+        self._setup(seed, drop_last, rank, world_size, slicing)
         self._base_epoch = 0
         self._base = np.zeros(len(items), np.int64)  # samples consumed per stream before _base_epoch
 

@@ -85,12 +85,10 @@ How fastload draws them (deterministic, resumable):
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fastload._dist import rank_world
-from fastload._state import Position
 from fastload.batch.mixing import _GlobalBatches, _rng, chain, largest_remainder
 
 POLICIES = ("cumulative-all", "cumulative-equal", "cumulative-exp", "restricted", "sequential")
@@ -133,15 +131,8 @@ class TiCSampler(_GlobalBatches):
         self.budget, self.global_batch_size = int(budget), int(global_batch_size)
         if self.budget < 1 or self.global_batch_size < 1:
             raise ValueError("budget and global_batch_size must be >= 1")
-        self.seed, self.drop_last = int(seed), bool(drop_last)
-        r, w = rank_world(rank, world_size)
-        if self.global_batch_size % w:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
-        if slicing not in ("contiguous", "strided"):
-            raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
-        self.rank, self.world_size, self.slicing = r, w, slicing
+        self._setup(seed, drop_last, rank, world_size, slicing)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        self._pos = Position(self.kind)
         self._pool = self._make_pool()
         if len(self._pool) == 0:
             raise ValueError(f"the pool at time step {self.time_step} is empty (split sizes {self.sizes.tolist()})")
