@@ -480,19 +480,18 @@ class ReinforcedLoader:
             self._check_range(idx, "sampler")
             b = self.batch_size
             nb = len(idx) // b if self.drop_last else -(-len(idx) // b)
-            return self._predownload([(step, idx[step * b:(step + 1) * b], size) for step in range(start, nb)])
+            return self._predownload((step, idx[step * b:(step + 1) * b], size) for step in range(start, nb))
         steps = self._global_steps(len(self._global_order(epoch)))[0]
-        if getattr(self.dataset, "remote", None) is not None:
-            return self._predownload(list(self._elastic_plan(epoch, start, steps, size)))
-        return self._elastic_plan(epoch, start, steps, size)
+        return self._predownload(self._elastic_plan(epoch, start, steps, size))
 
-    def _predownload(self, plan: List[Tuple[int, np.ndarray, Tuple[int, int]]]):
+    def _predownload(self, plan: Iterator[Tuple[int, np.ndarray, Tuple[int, int]]]):
         """A remote dataset's cache gets this rank's shards for the rest of the epoch, step
         by step (predownload ahead, eviction by next use); the plan then tells it each step
-        as the step is read."""
+        as the step is read. A local dataset's plan stays a lazy generator."""
         cache = getattr(self.dataset, "remote", None)
         if cache is None:
-            return iter(plan)
+            return plan
+        plan = list(plan)
         starts = self.dataset._starts
         cache.plan_steps([np.unique(np.searchsorted(starts, idx, side="right") - 1) for _, idx, _ in plan])
 
