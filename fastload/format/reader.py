@@ -376,10 +376,9 @@ class ReinforcedDataset:
     def partner_images(self, indices: Sequence[int]) -> List[Any]:
         """Encoded images of MixUp/CutMix partners (any rows of the dataset). Remote with
         ``partner_reads="range"``: a row whose shard is not local is read by a ranged GET of
-        its bytes, not its whole shard, and
-        served only if its blake2b-128 equals the row's stored ``hash`` (true wherever the
-        stored bytes are the hashed source: JPEG sources kept as they were, ml-dr and DataComp
-        imports). On a mismatch the row comes from its downloaded, sha256-verified shard; if
+        its bytes, not its whole shard, and served only if its blake2b-128 equals the row's
+        stored ``hash`` (true wherever the stored bytes are the hashed source: JPEG sources
+        kept as they were, ml-dr and DataComp imports). On a mismatch the row comes from its downloaded, sha256-verified shard; if
         that equals the ranged bytes, the images were re-encoded when stored (their hash is of
         the source), and partners come from whole shards from then on (logged once)."""
         idx = [int(i) for i in indices]
