@@ -242,14 +242,19 @@ def _decompress_joblib(data: bytes, where: str) -> bytes:
 
 def load_jb(data: bytes, where: str = ".jb") -> Any:
     """Load a joblib file's bytes with :class:`SafeUnpickler`."""
-    raw = _decompress_joblib(bytes(data), where)
+    return _unpickle(SafeUnpickler, _decompress_joblib(bytes(data), where), where, "joblib pickle")
+
+
+def _unpickle(cls, raw: bytes, where: str, what: str) -> Any:
+    """``cls(raw).load()`` (an allow-list unpickler); a malformed pickle is a ValueError naming
+    ``where``, a refused global stays an UnsafePickleError."""
     try:
-        return SafeUnpickler(io.BytesIO(raw), where).load()
+        return cls(io.BytesIO(raw), where).load()
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
             AttributeError, struct.error) as e:
-        raise ValueError(f"{where}: corrupt joblib pickle ({e})") from e
+        raise ValueError(f"{where}: corrupt {what} ({e})") from e
 
 
 def _torch_numpy_globals() -> list:
@@ -286,13 +291,7 @@ def load_pth(data: bytes, where: str = ".pth.tar") -> Any:
         except zipfile.BadZipFile as e:
             raise ValueError(f"{where}: corrupt torch zip file ({e})") from e
     if pkl is not None and pkl[:2] in (b"\x80\x04", b"\x80\x05"):
-        try:
-            return _FastSafeUnpickler(io.BytesIO(pkl), where).load()
-        except UnsafePickleError:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-                AttributeError, struct.error) as e:
-            raise ValueError(f"{where}: corrupt pickle ({e})") from e
+        return _unpickle(_FastSafeUnpickler, pkl, where, "pickle")
     bio.seek(0)
     try:
         with torch.serialization.safe_globals(_torch_numpy_globals()):
