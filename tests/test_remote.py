@@ -234,6 +234,56 @@ def test_predownload_evicts_only_later_shards(http, local_ds, tmp_path):
     assert "shard-00003.arrow" in [f.split("-", 1)[1] for f in _shard_files(c.dir)]
 
 
+def test_downloads_side_by_side_reserve_their_full_size(http, local_ds, tmp_path):
+    """A download in flight counts at its shard's full size, not at the part written so far:
+    with room for 1.5 shards, the reader's shard 0 waits while the predownload's shard 1 is
+    being written, then evicts it, so the two never sit in the cache together (they did when
+    the reader measured shard 1 half written). A leftover from a killed process is removed."""
+    size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0,
+                           cache_limit=int(1.5 * size))
+    c = ds.remote
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(os.path.join(c.dir, f"0123456789abcdef-x.arrow.tmp-{dead.pid}-1"), "wb") as f:
+        f.truncate(size)  # a killed rank's reservation: it would leave no room at all
+    c.plan_steps([np.array([0]), np.array([1])])
+    gate, started, errors = threading.Event(), threading.Event(), []
+    real = c.client.stream_to
+
+    def slow(key, dst_open, on_chunk):
+        if not key.endswith("shard-00001.arrow"):
+            return real(key, dst_open, on_chunk)
+
+        def held(f, b):
+            started.set()
+            assert gate.wait(20)
+            on_chunk(f, b)
+        return real(key, dst_open, held)
+
+    def run(fn, *a):
+        try:
+            fn(*a)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    c.client.stream_to = slow
+    ahead = threading.Thread(target=run, args=(c.fetch_ahead, 1))
+    ahead.start()
+    assert started.wait(20)
+    reader = threading.Thread(target=run, args=(c.fetch, 0))
+    reader.start()
+    time.sleep(0.5)
+    assert reader.is_alive() and _shard_files(c.dir) == []  # shard 0 waits for shard 1's bytes
+    gate.set()
+    ahead.join(20)
+    reader.join(20)
+    assert not errors, errors
+    assert [f.split("-", 1)[1] for f in _shard_files(c.dir)] == ["shard-00000.arrow"]
+    assert not [f for f in os.listdir(c.dir) if ".tmp-" in f]
+    assert c.stats["downloads"] == 2 and c.stats["evictions"] == 1
+
+
 def test_predownload_stays_within_a_small_cache(http, local_ds, tmp_path):
     """cache_limit of 1.5 shards with a window of 3: the predownload waits instead of
     evicting a shard needed sooner (it never raises CacheFullError) and the cache never holds

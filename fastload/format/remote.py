@@ -25,8 +25,11 @@ folder per dataset URL; inside it:
   shards it waits for the reader to move on (the window shrinks to what the limit holds).
   A read that needs a shard now may evict anything but that shard, the window last. An
   evicted shard that a process still has memory-mapped stays valid for it (Linux keeps the
-  pages until unmapped). Only a shard larger than the limit (beside files being written)
-  is a :class:`CacheFullError`, naming the folder and the sizes. A disk that fills up
+  pages until unmapped). A download reserves its shard's full size (its temporary file,
+  created sparse at that size under the cache lock), so downloads side by side (reader,
+  predownload thread, other ranks) never overshoot the limit together; a read that finds
+  only downloads in flight in its way waits for them to land. Only a shard larger than the
+  limit is a :class:`CacheFullError`, naming the folder and the sizes. A disk that fills up
   (ENOSPC, EDQUOT, EFBIG) triggers eviction and one retry, then the same error;
 - the planned order comes from the reader: :class:`~fastload.ReinforcedLoader` hands the cache
   this rank's shards for the rest of the epoch, step by step, whenever an epoch starts or
@@ -209,6 +212,29 @@ def _auth_like(msg: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- file locks
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _writer_is_gone(name: str) -> bool:
+    """``<shard>.tmp-<pid>-<thread>``: True if that process no longer exists on this host
+    (killed mid-download). A cache folder is per node, so the pid is this host's."""
+    try:
+        pid = int(name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class _FileLock:
     """An exclusive ``fcntl.flock`` on ``path`` (shared by processes and threads alike)."""
 
@@ -436,15 +462,16 @@ class ShardCache:
             if os.path.exists(path):  # another rank (or our predownload) got it meanwhile
                 _touch(path)
                 return path
-            self._make_room(int(s["bytes"]), keep=pos)
+            tmp = self._tmp_name(path)
+            self._wait_for_room(int(s["bytes"]), pos, tmp)
             try:
-                self._download(s, path)
+                self._download(s, path, tmp)
             except OSError as e:
                 if e.errno not in _FULL_DISK or isinstance(e, RemoteError):
                     raise
-                self._make_room(int(s["bytes"]), keep=pos, disk_full=True)
+                self._wait_for_room(int(s["bytes"]), pos, tmp, disk_full=True)
                 try:
-                    self._download(s, path)
+                    self._download(s, path, tmp)
                 except OSError as e2:
                     if e2.errno in _FULL_DISK:
                         raise CacheFullError(e2.errno, f"cache folder {self.dir} is full (disk or quota) while "
@@ -454,15 +481,20 @@ class ShardCache:
                     raise
         return path
 
-    def _download(self, s: Dict[str, Any], path: str) -> None:
+    @staticmethod
+    def _tmp_name(path: str) -> str:
+        return f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+
+    def _download(self, s: Dict[str, Any], path: str, tmp: str) -> None:
+        """Stream shard ``s`` into ``tmp`` (the reservation :meth:`_make_room` made, if any:
+        opened without truncating, so it keeps counting at its full size) and verify it."""
         url = _join(self.url, s["file"])
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         state = {}
 
         def open_dst():
             if "f" in state:
                 state["f"].close()
-            state["f"] = open(tmp, "wb")
+            state["f"] = open(tmp, "r+b" if os.path.exists(tmp) else "wb")
             state["h"], state["n"] = hashlib.sha256(), 0
             return state["f"]
 
@@ -480,6 +512,7 @@ class ShardCache:
                 raise ChecksumError(f"{url}: downloaded {state['n']} bytes with sha256 {state['h'].hexdigest()}, "
                                     f"the manifest lists {s['bytes']} bytes with sha256 {s['sha256']} "
                                     "(corrupt or replaced object; the shard was not cached)")
+            f.truncate(state["n"])
             f.flush()
             os.fsync(f.fileno())
             f.close()
@@ -527,53 +560,88 @@ class ShardCache:
         uniq, first = np.unique(ahead, return_index=True)
         return dict(zip(uniq.tolist(), first.tolist()))
 
-    def _make_room(self, need: int, keep: int, disk_full: bool = False, ahead: bool = False) -> bool:
-        """Evict until ``need`` more bytes fit. The reader (``ahead=False``) may evict
-        anything but ``keep``, shards needed soonest last, and raises CacheFullError only
-        when ``keep`` alone cannot fit; the predownload (``ahead=True``) never evicts a shard
+    def _wait_for_room(self, need: int, keep: int, tmp: str, disk_full: bool = False) -> None:
+        """The reader's :meth:`_make_room`: when the only bytes left to free are downloads
+        in flight (their reservations), wait for them to land, then evict them. Those
+        downloads need nothing we hold, so they end; one that stops writing for longer than
+        a request may take (timeout plus the longest backoff) is a CacheFullError."""
+        stall = self.client.timeout + 13.0
+        while True:
+            busy = self._make_room(need, keep, disk_full, reserve=tmp)
+            if busy is True:
+                return
+            newest = max(m for _, m in busy)
+            if time.time() - newest > stall:
+                raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} "
+                                     f"bytes cannot hold shard {self.shards[keep]['file']} ({need} bytes) beside "
+                                     f"downloads that stopped writing {stall:.0f} s ago: "
+                                     f"{', '.join(n for n, _ in busy)}")
+            time.sleep(0.02)
+
+    def _make_room(self, need: int, keep: int, disk_full: bool = False, ahead: bool = False,
+                   reserve: Optional[str] = None):
+        """Evict until ``need`` more bytes fit, then reserve them: create ``reserve`` (the
+        download's temporary file) at its full size inside the cache lock, so that downloads
+        running side by side (the reader, the predownload thread, other ranks) each count
+        the others' whole shards, not the part written so far.
+
+        The reader (``ahead=False``) may evict anything but ``keep`` and downloads in flight,
+        shards needed soonest last. It raises CacheFullError when ``keep`` alone cannot fit;
+        when only in-flight downloads stand in the way it returns them as [(name, mtime)]
+        (see :meth:`_wait_for_room`). The predownload (``ahead=True``) never evicts a shard
         needed before ``keep`` and returns False instead of evicting one."""
         if self.cache_limit is None and not disk_full:
             return True
+        if self.cache_limit is not None and need > self.cache_limit:
+            raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} bytes "
+                                 f"cannot hold shard {self.shards[keep]['file']} ({need} bytes): raise cache_limit")
         with _FileLock(os.path.join(self.dir, "locks", "cache.lock")):
-            entries = []
+            entries, flight = [], []
             for e in os.scandir(self.dir):
                 if e.is_file() and "-" in e.name and not e.name.endswith(".lock"):
                     try:
                         st = e.stat()
-                    except FileNotFoundError:  # evicted by another process meanwhile
+                    except FileNotFoundError:  # evicted or renamed by another process meanwhile
                         continue
+                    if ".tmp-" in e.name:
+                        if e.path == reserve:
+                            continue  # our own, from an attempt that failed: replaced below
+                        if _writer_is_gone(e.name):  # a process killed mid-download left it
+                            _unlink(e.path)
+                            continue
+                        flight.append((e.name, st.st_mtime))
                     entries.append((e.name, st.st_size, st.st_mtime))
             used = sum(sz for _, sz, _ in entries)
             limit = self.cache_limit if self.cache_limit is not None else float("inf")
-            if not disk_full and used + need <= limit:
-                return True
-            live = {os.path.basename(self.local_name(p)): p for p in range(len(self.shards))}
-            next_use = self._next_use()
-            far = 1 << 62
-            keep_name = os.path.basename(self.local_name(keep))
-            keep_use = next_use.get(keep, far)
-            cands = [(n, sz, mt) for n, sz, mt in entries if n != keep_name and ".tmp-" not in n]
-            # evict first what the manifest no longer lists, then the farthest next use, then LRU
-            cands.sort(key=lambda c: (c[0] in live, -next_use.get(live.get(c[0], -1), far), c[2]))
-            for name, sz, _ in cands:
-                if not disk_full and used + need <= limit:
-                    break
-                if ahead and name in live and next_use.get(live[name], far) <= keep_use:
-                    return False  # the rest are needed no later than keep: wait for the reader
+            if disk_full or used + need > limit:
+                live = {os.path.basename(self.local_name(p)): p for p in range(len(self.shards))}
+                next_use = self._next_use()
+                far = 1 << 62
+                keep_name = os.path.basename(self.local_name(keep))
+                keep_use = next_use.get(keep, far)
+                cands = [(n, sz, mt) for n, sz, mt in entries if n != keep_name and ".tmp-" not in n]
+                # evict first what the manifest no longer lists, then the farthest next use, then LRU
+                cands.sort(key=lambda c: (c[0] in live, -next_use.get(live.get(c[0], -1), far), c[2]))
+                for name, sz, _ in cands:
+                    if not disk_full and used + need <= limit:
+                        break
+                    if ahead and name in live and next_use.get(live[name], far) <= keep_use:
+                        return False  # the rest are needed no later than keep: wait for the reader
+                    _unlink(os.path.join(self.dir, name))
+                    used -= sz
+                    self.stats["evictions"] += 1
+                    if name in live and self._opened is not None:
+                        self._opened.pop(live[name], None)
+                if not disk_full and used + need > limit:
+                    return False if ahead else flight  # flight is non-empty: need <= limit
+            if reserve is not None and self.cache_limit is not None:
                 try:
-                    os.unlink(os.path.join(self.dir, name))
-                except FileNotFoundError:
-                    pass
-                used -= sz
-                self.stats["evictions"] += 1
-                if name in live and self._opened is not None:
-                    self._opened.pop(live[name], None)
-            if not disk_full and used + need > limit:
-                if ahead:
-                    return False
-                raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} bytes "
-                                     f"cannot hold shard {self.shards[keep]['file']} ({need} bytes) beside the "
-                                     f"{used} bytes of files being written or read there now: raise cache_limit")
+                    with open(reserve, "wb") as f:
+                        f.truncate(need)  # sparse: counts at its full size, allocates nothing yet
+                except OSError as e:
+                    _unlink(reserve)  # a file-size limit: the download meets it and says so
+                    if e.errno not in _FULL_DISK:
+                        raise
             return True
 
     # -- predownload -------------------------------------------------------------------------
@@ -669,9 +737,10 @@ class ShardCache:
         s = self.shards[pos]
         with _FileLock(os.path.join(self.dir, "locks", os.path.basename(path) + ".lock")):
             if not os.path.exists(path):
-                if not self._make_room(int(s["bytes"]), keep=pos, ahead=True):
+                tmp = self._tmp_name(path)
+                if not self._make_room(int(s["bytes"]), keep=pos, ahead=True, reserve=tmp):
                     return False
-                self._download(s, path)
+                self._download(s, path, tmp)
         return True
 
 
