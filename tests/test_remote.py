@@ -213,6 +213,108 @@ def test_loader_predownload_resumes_mid_epoch(http, local_ds, tmp_path):
     assert len(list(it)) == 2
 
 
+def test_predownload_window_counts_distinct_shards_beyond_the_step(http, tmp_path):
+    """Blocks of shards (BlockShuffleSampler): each step reads its whole block and the next
+    steps read it again. The window is the step's shards plus ``predownload`` distinct shards
+    after them, so the next block downloads while this one is read (counting plan entries,
+    the window never left the block and the reader waited at every block start)."""
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    c = ds.remote
+    c.predownload = 2
+    blocks = [np.array([0, 1])] * 3 + [np.array([2, 3])] * 3
+    c.plan_steps(blocks)
+    assert c._window(c._plan, c._cursor) == [0, 1, 2, 3]
+    c.at_step(3)
+    assert c._window(c._plan, c._cursor) == [2, 3]  # the end of the plan
+    c.plan_steps([np.array([3, 1, 0])] + [np.array([2])])
+    c.predownload = 0
+    assert c._window(c._plan, c._cursor) == [3, 1, 0]  # the step itself, always
+    c.plan(np.array([1, 0, 1, 2, 3]))  # no steps: one shard is the step
+    c.predownload = 2
+    assert c._window(c._plan, c._cursor) == [1, 0, 2]
+    c.close()
+
+
+def test_predownload_skips_a_shard_someone_else_is_downloading(http, local_ds, tmp_path):
+    """fetch_ahead(wait=False) leaves a shard whose lock another process holds (None) and the
+    predownload thread goes on with the next one in its window: two downloads side by side."""
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    c = ds.remote
+    lock = remote._FileLock(os.path.join(c.dir, "locks", os.path.basename(c.local_name(0)) + ".lock"))
+    held = threading.Event()
+    release = threading.Event()
+
+    def other():  # stands for the reader downloading shard 0
+        with lock:
+            held.set()
+            release.wait(20)
+
+    th = threading.Thread(target=other)
+    th.start()
+    try:
+        assert held.wait(20)
+        assert c.fetch_ahead(0, wait=False) is None and not os.path.exists(c.local_name(0))
+        c.predownload = 1
+        c.plan_steps([np.array([0]), np.array([1])])
+        files = _wait_files(c.dir, 1)
+        assert [f.split("-", 1)[1] for f in files] == ["shard-00001.arrow"]  # 1 went ahead of the busy 0
+    finally:
+        release.set()
+        th.join()
+    assert sorted(f.split("-", 1)[1] for f in _wait_files(c.dir, 2)) == ["shard-00000.arrow", "shard-00001.arrow"]
+    c.close()
+
+
+def test_rank_batches_move_the_predownload_window(http, local_ds, tmp_path):
+    """BlockShuffleSampler.batch_sampler(dataset=remote) plans the cache step by step and
+    moves its window as each batch is drawn, like the loader's own order."""
+    from fastload.batch.shuffle import BlockShuffleSampler
+
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)
+    sampler = BlockShuffleSampler(ds, block_shards=2, seed=0, partitions=2, global_batch_size=8)
+    bs = sampler.batch_sampler(8, rank=1, world_size=2, dataset=ds)
+    it = iter(bs)
+    per = sampler.shards_for_steps(0, 0, len(bs), 8, 1, 2)
+    assert ds.remote._step_starts is None  # planned when iteration starts
+    next(it)
+    starts = ds.remote._step_starts
+    assert len(starts) == len(per) and ds.remote._plan.tolist()[:len(per[0])] == per[0].tolist()
+    for k, _ in enumerate(it, 1):
+        assert ds.remote._cursor >= starts[k]
+
+
+def test_ranged_file_reads_exactly_the_bytes_asked(tmp_path):
+    """The metadata reader's readahead (one GET at the end, one at the batch header) returns
+    the object's own bytes for any seek/read sequence, and a short object is an error."""
+    rng = np.random.default_rng(0)
+    blob = rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+
+    class Client:
+        url, n = "http://127.0.0.1:1/x", 0
+
+        def get_range(self, key, a, b):
+            Client.n += 1
+            assert 0 <= a <= b  # a real server answers a range past the end with what it has
+            return blob[a:b]
+
+    f = remote._RangedFile(Client(), "k", len(blob))
+    for _ in range(300):
+        a = int(rng.integers(0, len(blob)))
+        n = int(rng.integers(0, 20_000))
+        f.seek(a)
+        assert f.read(n) == blob[a:a + n]
+    f.seek(-10, 2)
+    assert f.read(10) == blob[-10:]
+    g = remote._RangedFile(Client(), "k", len(blob))
+    Client.n = 0
+    g.seek(-10, 2), g.read(10), g.seek(-600, 2), g.read(590)  # the tail, then the footer
+    assert Client.n == 1
+    short = remote._RangedFile(Client(), "k", len(blob) + 50)
+    short.seek(0)
+    with pytest.raises(remote.RemoteError, match=r"http://127.0.0.1:1/x/k: .* shorter"):
+        short.read(len(blob) + 50)
+
+
 def test_predownload_evicts_only_later_shards(http, local_ds, tmp_path):
     """The rule itself: ahead of the reader, a shard read before is evicted (never used
     again), a shard needed sooner than the one being fetched is not: the fetch waits."""

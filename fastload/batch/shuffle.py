@@ -218,11 +218,14 @@ class RankBatches:
 
     def __iter__(self) -> Iterator[List[int]]:
         order = self.sampler.global_order(self.epoch)
-        if self.dataset is not None:
+        cache = getattr(self.dataset, "remote", None)
+        if cache is not None:
             predownload_plan(self.sampler, self.dataset, self.epoch, self.G, self.rank, self.world_size,
                              self.slicing)
         W, r = self.world_size, self.rank
         for step in range(len(self)):
+            if cache is not None:
+                cache.at_step(step)  # the predownload window moves to this batch's shards
             batch = order[step * self.G:(step + 1) * self.G]
             if self.slicing == "contiguous":
                 b = len(batch) // W
@@ -248,10 +251,12 @@ def shuffle_quality(order: np.ndarray, shard_of_row: np.ndarray, labels: np.ndar
 def predownload_plan(sampler: BlockShuffleSampler, dataset, epoch: int, global_batch_size: int,
                      rank: Optional[int] = None, world_size: Optional[int] = None,
                      slicing: str = "contiguous", start: int = 0) -> None:
-    """Hand a remote dataset's cache the shards this rank will read this epoch, in order."""
+    """Hand a remote dataset's cache the shards this rank will read this epoch, step by step
+    from step ``start`` (the cache's step 0); ``cache.at_step(k)`` then moves its window."""
     cache = getattr(dataset, "remote", None)
     if cache is not None:
-        cache.plan(sampler.shard_sequence(epoch, global_batch_size, rank, world_size, slicing, start))
+        steps = -(-len(sampler) // int(global_batch_size))
+        cache.plan_steps(sampler.shards_for_steps(epoch, start, steps, global_batch_size, rank, world_size, slicing))
 
 
 __all__: Sequence[str] = ["BlockShuffleSampler", "RankBatches", "shuffle_quality", "predownload_plan"]

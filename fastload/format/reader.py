@@ -188,11 +188,24 @@ class ReinforcedDataset:
             self._check_many(range(len(self._shards_meta)))
 
     # -- metadata ------------------------------------------------------------------------
+    def _meta_batches(self):
+        """(position, manifest entry, Arrow batch of the small columns) per shard, in order.
+        Remote: a few ranged GETs per shard, 16 shards at a time (thousands of shards
+        one after the other would take minutes to open)."""
+        metas = self._shards_meta
+        if not self.remote or len(metas) < 2:
+            for pos, s in enumerate(metas):
+                yield pos, s, (self.remote.meta_batch(pos) if self.remote else self._shard(pos).batch)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(16, len(metas)), thread_name_prefix="fastload-meta") as ex:
+            yield from zip(range(len(metas)), metas, ex.map(self.remote.meta_batch, range(len(metas))))
+
     def _load_columns(self) -> None:
         labels, hw, ohw, keys, hashes = [], [], [], [], []
         nc = self.manifest.get("num_classes") if self.kind == "classification" else None
-        for pos, s in enumerate(self._shards_meta):
-            b = self.remote.meta_batch(pos) if self.remote else self._shard(pos).batch
+        for pos, s, b in self._meta_batches():
             where = f"{self.path.rstrip('/')}/{s['file']}"
             if b.num_rows != s["rows"]:
                 raise CorruptDataError(where, f"{b.num_rows} rows, manifest says {s['rows']}")

@@ -247,14 +247,25 @@ class _FileLock:
             self._t = _FileLock._tlocks.setdefault(path, threading.Lock())
 
     def __enter__(self):
-        self._t.acquire()  # flock is per open file description: threads need their own lock
+        self.acquire(True)
+        return self
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; ``blocking=False``: False at once if another thread or process holds it."""
+        if not self._t.acquire(blocking):  # flock is per open file description: threads need their own lock
+            return False
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                self._t.release()
+                return False
         except BaseException:
             self._t.release()
             raise
-        return self
+        return True
 
     def __exit__(self, *exc):
         try:
@@ -268,10 +279,12 @@ class _FileLock:
 class _RangedFile(io.RawIOBase):
     """A seekable read-only file over ranged GETs (for Arrow's footer + selected columns)."""
 
-    def __init__(self, client: _Client, key: str, size: int):
+    def __init__(self, client: _Client, key: str, size: int, readahead: int = 8192):
         self.client, self.key, self.size, self.pos = client, key, int(size), 0
         self.bytes_read = 0
-        self._seen: Dict[tuple, bytes] = {}
+        # never a sizable part of a small shard: metadata reads stay a few % of the bytes
+        self.readahead = min(int(readahead), max(512, self.size // 32))
+        self._blocks: List[tuple] = []  # (start, bytes) fetched so far
 
     def readable(self):
         return True
@@ -290,13 +303,27 @@ class _RangedFile(io.RawIOBase):
         n = min(len(b), self.size - self.pos)
         if n <= 0:
             return 0
-        data = self._seen.get((self.pos, n))
-        if data is None:
-            data = self._seen[(self.pos, n)] = self.client.get_range(self.key, self.pos, self.pos + n)
+        a = self.pos
+        for start, data in self._blocks:
+            if start <= a and a + n <= start + len(data):
+                break
+        else:
+            # Arrow reads the 10-byte tail, then the footer before it, then a batch header and
+            # the selected buffers after that: one GET of ``readahead`` bytes each at the end
+            # and at the header serves what took 4 (the server's cost is per request)
+            if a + n > self.size - self.readahead:
+                start, end = max(0, min(a, self.size - self.readahead)), self.size
+            else:
+                start, end = a, min(self.size, a + max(n, self.readahead))
+            data = self.client.get_range(self.key, start, end)
+            if len(data) != end - start:
+                raise RemoteError(errno.EIO, f"{_join(self.client.url, self.key)}: {len(data)} bytes for the "
+                                  f"range [{start}, {end}) (the object is shorter than the manifest says?)")
             self.bytes_read += len(data)
-        b[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
+            self._blocks.append((start, data))
+        b[:n] = data[a - start:a - start + n]
+        self.pos += n
+        return n
 
 
 # ------------------------------------------------------------------------------- cache
@@ -383,7 +410,8 @@ class ShardCache:
             if isinstance(e, RemoteError):
                 raise
             raise RemoteError(errno.EIO, f"{_join(self.url, s['file'])}: {e}") from e
-        self.stats["meta_bytes"] += rf.bytes_read
+        with self._cv:  # meta_batch runs on several threads at open
+            self.stats["meta_bytes"] += rf.bytes_read
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, batch.schema) as w:
             w.write_batch(batch)
@@ -703,44 +731,83 @@ class ShardCache:
                 self._cursor += int(hits[0])
                 self._cv.notify_all()
 
+    def _window(self, plan: np.ndarray, cur: int) -> List[int]:
+        """The shards the step at ``cur`` reads, then the next ``predownload`` distinct shards
+        of the plan. Distinct shards, not plan entries: with blocks of shards, each step
+        reads the whole block and the next steps read it again, so counting entries would
+        never reach the next block and the reader would wait for it at every block start."""
+        starts = self._step_starts
+        end = cur + 1
+        if starts is not None and len(starts):
+            k = int(np.searchsorted(starts, cur, side="right"))
+            end = int(starts[k]) if k < len(starts) else len(plan)
+        out = list(dict.fromkeys(plan[cur:max(end, cur + 1)].tolist()))
+        seen, want = set(out), len(out) + self.predownload
+        i, span = end, 4 * self.predownload + 8
+        while len(out) < want and i < len(plan):
+            for p in plan[i:i + span].tolist():
+                if p not in seen:
+                    seen.add(p)
+                    out.append(p)
+                    if len(out) == want:
+                        break
+            i, span = i + span, span * 2
+        return out
+
     def _run(self) -> None:
-        done_plan, done = None, set()
+        failed_plan, failed = None, set()
         while True:
             with self._cv:
                 while not self._stop:
                     plan, cur = self._plan, self._cursor
-                    if plan is not done_plan:
-                        done_plan, done = plan, set()
-                    todo = [p for p in plan[cur:cur + self.predownload + 1].tolist() if p not in done]
+                    if plan is not failed_plan:
+                        failed_plan, failed = plan, set()
+                    todo = [p for p in self._window(plan, cur)
+                            if p not in failed and not os.path.exists(self.local_name(p))]
                     if todo:
                         break
                     self._cv.wait(1.0)
                 if self._stop:
                     return
-            p = todo[0]
-            try:
-                fetched = os.path.exists(self.local_name(p)) or self.fetch_ahead(p)
-            except Exception as e:  # noqa: BLE001 - the reader's own fetch raises it in the main path
-                log.warning("predownload of %s failed: %s", self.shards[p]["file"], _first_line(e))
-                fetched = True
-            if fetched:
-                done.add(p)
-                continue
-            with self._cv:  # no room without evicting sooner shards: wait for the reader
-                while not self._stop and self._plan is plan and self._cursor == cur:
-                    self._cv.wait(1.0)
+            outcome = "busy"
+            for p in todo:  # the first one that is not being downloaded by someone else
+                try:
+                    got = self.fetch_ahead(p, wait=False)
+                except Exception as e:  # noqa: BLE001 - the reader's own fetch raises it in the main path
+                    log.warning("predownload of %s failed: %s", self.shards[p]["file"], _first_line(e))
+                    failed.add(p)
+                    got = True
+                if got is not None:
+                    outcome = "done" if got else "full"
+                    break
+            if outcome == "done":
+                continue  # the window is recomputed: the reader may have moved meanwhile
+            with self._cv:  # no room without evicting sooner shards: wait for the reader to move;
+                # all in flight elsewhere (the reader, another rank): look again shortly
+                t_end = time.monotonic() + (1.0 if outcome == "full" else 0.02)
+                while not self._stop and self._plan is plan and self._cursor == cur and time.monotonic() < t_end:
+                    self._cv.wait(t_end - time.monotonic())
+                if outcome == "full":
+                    while not self._stop and self._plan is plan and self._cursor == cur:
+                        self._cv.wait(1.0)
 
-    def fetch_ahead(self, pos: int) -> bool:
+    def fetch_ahead(self, pos: int, wait: bool = True) -> Optional[bool]:
         """Download shard ``pos`` if there is room for it without evicting a shard needed
-        sooner (the predownload thread; the consumption cursor stays). False: no room now."""
+        sooner (the predownload thread; the consumption cursor stays). False: no room now;
+        None (``wait=False``): someone else is downloading it now."""
         path = self.local_name(pos)
         s = self.shards[pos]
-        with _FileLock(os.path.join(self.dir, "locks", os.path.basename(path) + ".lock")):
+        lock = _FileLock(os.path.join(self.dir, "locks", os.path.basename(path) + ".lock"))
+        if not lock.acquire(wait):
+            return None
+        try:
             if not os.path.exists(path):
                 tmp = self._tmp_name(path)
                 if not self._make_room(int(s["bytes"]), keep=pos, ahead=True, reserve=tmp):
                     return False
                 self._download(s, path, tmp)
+        finally:
+            lock.__exit__(None, None, None)
         return True
 
 
