@@ -68,6 +68,9 @@ log = logging.getLogger("fastload.remote")
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://")
 META_COLUMNS = ("key", "hash", "orig_h", "orig_w", "src_h", "src_w", "label")
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_SPANS_KEY = b"fastload.source_spans"  # meta/ entries: [[offset, length, blake2b-128], ...]
+# predownload threads per cache (each one download at a time, besides the reader's own)
+PREDOWNLOAD_STREAMS = int(os.environ.get("FASTLOAD_PREDOWNLOAD_STREAMS", "2"))
 
 
 class RemoteError(OSError):
@@ -352,14 +355,14 @@ class ShardCache:
         self._cursor = 0
         self._step_starts: Optional[np.ndarray] = None  # plan index where each step begins
         self._cv = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
+        self._threads: List[threading.Thread] = []
         self._stop = False
         self.shards: List[Dict[str, Any]] = []
         self._opened: Optional[Dict[int, Any]] = None
 
     def __getstate__(self):
         st = dict(self.__dict__)
-        st.update(_cv=None, _thread=None, _plan=None, _cursor=0, _opened=None, _step_starts=None)
+        st.update(_cv=None, _threads=[], _plan=None, _cursor=0, _opened=None, _step_starts=None)
         return st
 
     def __setstate__(self, st):
@@ -412,9 +415,13 @@ class ShardCache:
             raise RemoteError(errno.EIO, f"{_join(self.url, s['file'])}: {e}") from e
         with self._cv:  # meta_batch runs on several threads at open
             self.stats["meta_bytes"] += rf.bytes_read
+        # the byte spans it came from, hashed: once the shard is downloaded and verified,
+        # comparing them (a few KiB) proves the metadata equal without decoding (_check_meta)
+        spans = [[a, len(d), hashlib.blake2b(d, digest_size=16).hexdigest()] for a, d in rf._blocks]
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, batch.schema) as w:
-            w.write_batch(batch)
+        schema = batch.schema.with_metadata({_SPANS_KEY: json.dumps(spans)})
+        with pa.ipc.new_file(sink, schema) as w:
+            w.write_batch(batch.replace_schema_metadata(schema.metadata))
         mf.atomic_write_bytes(path, sink.getvalue().to_pybytes())
         return batch
 
@@ -568,10 +575,19 @@ class ShardCache:
             return
         with open(meta, "rb") as f:
             cached = pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
-        # pa.OSFile, not a Python file object: this runs on the predownload thread too, and Arrow
-        # calling back into Python from there can abort the process at interpreter exit
-        full = _open_selected(lambda: pa.OSFile(path), cached.schema.names)
-        if not full.equals(cached):
+        spans = json.loads((cached.schema.metadata or {}).get(_SPANS_KEY, b"null"))
+        if spans:  # the same bytes at the same offsets decode to the same columns
+            with open(path, "rb") as f:
+                same = True
+                for a, n, digest in spans:
+                    f.seek(a)
+                    same &= hashlib.blake2b(f.read(n), digest_size=16).hexdigest() == digest
+        else:  # a meta/ entry without spans: decode and compare
+            # pa.OSFile, not a Python file object: this runs on the predownload thread too, and
+            # Arrow calling back into Python from there can abort the process at interpreter exit
+            full = _open_selected(lambda: pa.OSFile(path), cached.schema.names)
+            same = full.equals(cached.replace_schema_metadata(None))
+        if not same:
             os.unlink(meta)
             raise ChecksumError(f"{_join(self.url, s['file'])}: the metadata columns read earlier by ranged "
                                 "GETs differ from the verified shard (the object changed during the run?); "
@@ -689,10 +705,13 @@ class ShardCache:
         with self._cv:
             self._plan, self._cursor, self._step_starts = order, 0, starts
             self._cv.notify_all()
-            if self.predownload and (self._thread is None or not self._thread.is_alive()):
+            if self.predownload and not any(t.is_alive() for t in self._threads):
                 self._stop = False
-                self._thread = threading.Thread(target=self._run, name="fastload-predownload", daemon=True)
-                self._thread.start()
+                # a few streams: the first step's shards (a block) arrive side by side
+                self._threads = [threading.Thread(target=self._run, name=f"fastload-predownload-{k}", daemon=True)
+                                 for k in range(min(self.predownload, PREDOWNLOAD_STREAMS))]
+                for t in self._threads:
+                    t.start()
                 _LIVE.add(self)
 
     def plan_steps(self, per_step: Sequence[np.ndarray]) -> None:
@@ -713,13 +732,14 @@ class ShardCache:
                 self._cv.notify_all()
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """Stop the predownload thread and wait for its download in flight (if any)."""
+        """Stop the predownload threads and wait for their downloads in flight (if any)."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        th = self._thread
-        if th is not None and th.is_alive() and th is not threading.current_thread():
-            th.join(self.client.timeout + 5 if timeout is None else timeout)
+        end = time.monotonic() + (self.client.timeout + 5 if timeout is None else timeout)
+        for th in self._threads:
+            if th.is_alive() and th is not threading.current_thread():
+                th.join(max(0.0, end - time.monotonic()))
 
     def _advance(self, pos: int) -> None:
         plan = self._plan
