@@ -7,8 +7,12 @@ run filled, new processes), and, where nginx is installed, ``s3nginx_cold``/``s3
 the same s3:// URL and client with its GETs answered by nginx instead of moto_server, whose
 Python spends about a core on a cold epoch (``server_cpu_s``). Every mode uses the same
 order (BlockShuffleSampler, one partition per rank, so each rank reads its own shards) and
-the same ReinforcedLoader settings, so only the source differs. Bytes downloaded per rank per epoch are reported beside the rank's share of
-the dataset. Real JPEGs (fastload.bench.data), 2 shared cores: noisy, compare within a round.
+the same ReinforcedLoader settings, so only the source differs. The ranks open their
+datasets (a remote one reads its metadata: ``open_s``), then start the epoch together, as DDP
+ranks do at their first collective; the epoch clock starts there (the predownload plan is
+made when the epoch's iteration starts, so it gets no head start). Bytes downloaded per rank
+per epoch are reported beside the rank's share of the dataset. Real JPEGs
+(fastload.bench.data), 2 shared cores: noisy, compare within a round.
 
     python benchmarks/remote.py [--images 1536] [--rounds 3]   # -> benchmarks/results/remote.json
     python benchmarks/remote.py --ranks 1                        # -> remote_1rank.json (a core left free)
@@ -60,6 +64,9 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
     sampler = BlockShuffleSampler(ds, block_shards=BLOCK, seed=0, partitions=world, global_batch_size=G)
     bs = sampler.batch_sampler(G, rank=rank, world_size=world, dataset=ds)
     loader = ReinforcedLoader(ds, batch_sampler=bs, image_size=IMAGE, seed=0)
+    if os.environ.get("FASTLOAD_BENCH_BARRIER"):  # start together, as DDP ranks do at their first collective
+        print("READY", flush=True)
+        sys.stdin.readline()
     import resource
 
     def cpu():
@@ -148,13 +155,30 @@ http {{
 def run_mode(source: str, caches, env, server_pid: int = 0) -> dict:
     s0 = proc_cpu_s(server_pid) if server_pid else 0.0
     W = len(caches)
+    env = dict(env, FASTLOAD_BENCH_BARRIER="1")
+    errs = [tempfile.TemporaryFile("w+") for _ in range(W)]
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", source, caches[r], str(r), str(W)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(W)]
-    outs = []
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[r], text=True)
+             for r in range(W)]
+    # every rank opens its dataset (a remote one reads its metadata) and builds its loader, then
+    # all start the epoch together: a rank still opening would otherwise share the cores with
+    # another's epoch (in a DDP job the first collective lines them up the same way)
+    for p, e in zip(procs, errs):
+        line = p.stdout.readline()
+        if line.strip() != "READY":
+            p.wait(60)
+            e.seek(0)
+            raise RuntimeError(line + e.read()[-3000:])
     for p in procs:
-        o, e = p.communicate(timeout=900)
+        p.stdin.write("go\n")
+        p.stdin.close()
+    outs = []
+    for p, e in zip(procs, errs):
+        o = p.stdout.read()
+        p.wait(900)
         if p.returncode:
-            raise RuntimeError(e[-3000:])
+            e.seek(0)
+            raise RuntimeError(e.read()[-3000:])
         outs.append(json.loads(o.strip().splitlines()[-1]))
     images = sum(o["images"] for o in outs)
     wall = max(o["epoch_s"] for o in outs)
