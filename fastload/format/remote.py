@@ -34,10 +34,14 @@ folder per dataset URL; inside it:
 - the planned order comes from the reader: :class:`~fastload.ReinforcedLoader` hands the cache
   this rank's shards for the rest of the epoch, step by step, whenever an epoch starts or
   resumes (its built-in order or a ``sampler``; a ``batch_sampler`` cannot be read ahead,
-  except ``BlockShuffleSampler.batch_sampler(dataset=...)``, which plans by itself);
+  except ``BlockShuffleSampler.batch_sampler(dataset=...)``, which plans by itself, step by
+  step too); ``PREDOWNLOAD_STREAMS`` threads keep the shards of the step being read and the
+  next ``predownload`` distinct shards on disk, each skipping a shard someone else is
+  fetching;
 - per-row metadata (labels, sizes, keys) is read with ranged GETs of the Arrow footer and
-  the small columns only (a few KiB per shard), cached under ``meta/``, and checked against
-  the full shard once that is downloaded.
+  the small columns only (two GETs of at most 8 KiB per shard, 16 shards at a time), cached
+  under ``meta/`` with the hashes of the byte spans it came from, which are compared with the
+  full shard once that is downloaded and verified.
 
 Network errors (refused connection, reset, timeout, 5xx) are retried ``retries`` times with
 exponential backoff (``backoff`` s doubling, capped at 8 s); a missing object, wrong
@@ -690,8 +694,8 @@ class ShardCache:
 
     # -- predownload -------------------------------------------------------------------------
     def plan(self, shard_order: Iterable[int], step_starts: Optional[Sequence[int]] = None) -> None:
-        """Shards in the order this process will read them; a thread keeps ``predownload``
-        shards ahead of the one being read. A new plan replaces the old one.
+        """Shards in the order this process will read them; threads keep the current step's
+        shards and ``predownload`` more on disk (:meth:`_window`). A new plan replaces the old one.
         ``step_starts[k]``: where step k's shards begin in ``shard_order``, for :meth:`at_step`."""
         order = np.asarray(list(shard_order) if not isinstance(shard_order, np.ndarray) else shard_order,
                            np.int64)
