@@ -806,14 +806,15 @@ class ShardCache:
                     break
             if outcome == "done":
                 continue  # the window is recomputed: the reader may have moved meanwhile
-            with self._cv:  # no room without evicting sooner shards: wait for the reader to move;
-                # all in flight elsewhere (the reader, another rank): look again shortly
-                t_end = time.monotonic() + (1.0 if outcome == "full" else 0.02)
-                while not self._stop and self._plan is plan and self._cursor == cur and time.monotonic() < t_end:
-                    self._cv.wait(t_end - time.monotonic())
-                if outcome == "full":
-                    while not self._stop and self._plan is plan and self._cursor == cur:
-                        self._cv.wait(1.0)
+            # "full": no room without evicting sooner shards: wait for the reader to move on.
+            # "busy": all in flight elsewhere (the reader, another rank): look again shortly
+            deadline = None if outcome == "full" else time.monotonic() + 0.02
+            with self._cv:
+                while not self._stop and self._plan is plan and self._cursor == cur:
+                    left = 1.0 if deadline is None else deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
 
     def fetch_ahead(self, pos: int, wait: bool = True) -> Optional[bool]:
         """Download shard ``pos`` if there is room for it without evicting a shard needed
