@@ -105,6 +105,7 @@ setup(
     python_requires=">=3.9",
     packages=["fastload", "fastload.format", "fastload.sample", "fastload.replay",
               "fastload.batch", "fastload.loader", "fastload.ffn", "fastload.bench",
+              "fastload.select", "fastload.curate",
               "fastload.kernels"],
     package_dir={"fastload.kernels": "kernels"},
     ext_modules=_extensions(),
