@@ -35,9 +35,15 @@ def _have_header(name):
 
 
 HAVE_JPEG = _have_header("jpeglib.h")
+HAVE_ZLIB = _have_header("zlib.h")
 # Per-library link flags and defines; a library not listed needs none.
-LIBS = {"replay": (["jpeg"] if HAVE_JPEG else [])}
-DEFINES = {"replay": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else [])}
+LIBS = {"replay": (["jpeg"] if HAVE_JPEG else []),
+        # encode (ByteFormer file bytes): JPEG via libjpeg, PNG deflate via zlib (stored
+        # deflate blocks without it)
+        "encode": (["jpeg"] if HAVE_JPEG else []) + (["z"] if HAVE_ZLIB else [])}
+DEFINES = {"replay": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else []),
+           "encode": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else [])
+           + ([("FASTLOAD_HAVE_ZLIB", "1")] if HAVE_ZLIB else [])}
 
 
 def _extensions():
@@ -105,7 +111,7 @@ setup(
     python_requires=">=3.9",
     packages=["fastload", "fastload.format", "fastload.sample", "fastload.replay",
               "fastload.batch", "fastload.loader", "fastload.ffn", "fastload.bench",
-              "fastload.select", "fastload.curate",
+              "fastload.select", "fastload.curate", "fastload.bytes",
               "fastload.kernels"],
     package_dir={"fastload.kernels": "kernels"},
     ext_modules=_extensions(),
