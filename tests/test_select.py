@@ -299,3 +299,36 @@ def test_global_selection_two_gloo_ranks(ds, tmp_path):
         for r in range(2):
             assert res[r][t]["labels"] == labels[res[r][t]["idx"]].tolist()
             assert res[r][t]["shape"][-2:] == [16, 16]
+
+
+def test_datacompdr_import_is_a_reference_as_is(tmp_path):
+    """A DataCompDR import (the layout of tests/test_datacomp.py): its stored teacher
+    embeddings are the reference of the joint rule, and the pool of fastload.curate."""
+    pytest.importorskip("skimage")
+    from fastload.format.datacomp import main
+    from test_datacomp import _build
+
+    dr, im, _ = _build(tmp_path, n=6)
+    out = str(tmp_path / "out")
+    assert main([dr, "--images", im, "--out", out, "--shard-size", "4", "--quiet"]) == 0
+    ds = ReinforcedDataset(out)
+    L = ReinforcedLoader(ds, batch_size=6, image_size=S)
+    proj = torch.randn(3, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    student = lambda b: (b.images.double().mean(dim=(2, 3)) @ proj, b.text_emb.double())
+    sel = OnlineBatchSelector(L, student, keep=0.5, method="joint", chunks=2, seed=4)
+    out_b = next(iter(sel))
+    full = next(iter(ReinforcedLoader(ds, batch_size=6, image_size=S)))
+    rows = batch_rows(L, 0, 0)
+    # the stored embeddings of each row's replayed augmentation, read from the dataset
+    aug = L._aug_ids(0, rows, np.zeros(len(rows), dtype=np.int64))
+    ref_ie = torch.stack([torch.from_numpy(np.float32(ds.image_embedding(int(r), int(a)))) for r, a in zip(rows, aug)])
+    assert torch.equal(full.image_emb.float(), ref_ie)
+    ie, te = student(full)
+    A = R.reference_sigmoid_pairs(ie, te, 10.0, -10.0) - R.reference_sigmoid_pairs(ref_ie, full.text_emb, 10.0, -10.0)
+    assert out_b.positions.tolist() == R.reference_joint(A, 3, sel._generator(0, 0, 0), 2, 1.0)
+    pytest.importorskip("faiss")
+    from fastload.curate import curate, pool_embeddings
+
+    emb = pool_embeddings(ds)
+    ts = curate(out, emb[:2], k=2)
+    assert emb.shape == (6, 24) and {0, 1} <= set(ts.indices.tolist())

@@ -8,7 +8,8 @@ first neighbours, then all second ones, ...; the higher similarity first within 
 every query is represented before any query's far neighbours.
 
 The search is faiss's (``index="exact"``: a flat index, the brute force; ``"ivf"``: an
-inverted-file index, ``nlist`` lists of which ``nprobe`` are searched; ``"hnsw"``: a
+inverted-file index, ``nlist`` lists (default ``4 sqrt(N)``) of which ``nprobe`` (default
+``nlist / 16``, at least 16) are searched; ``"hnsw"``: a
 graph index). For an approximate index, the recall@k against the exact search is measured
 on ``recall_queries`` of the queries and reported (``TransferSet.recall``).
 
@@ -180,7 +181,7 @@ class SubsetSampler:
 
 
 def curate(pool, queries, k: int = 50, budget: Optional[int] = None, index: str = "exact",
-           metric: str = "cosine", nlist: Optional[int] = None, nprobe: int = 16, hnsw_m: int = 32,
+           metric: str = "cosine", nlist: Optional[int] = None, nprobe: Optional[int] = None, hnsw_m: int = 32,
            ef_search: int = 128, min_score: Optional[float] = None, recall_queries: int = 1000,
            threads: Optional[int] = None, seed: int = 0, out: Optional[str] = None) -> TransferSet:
     """The transfer set of ``queries`` [Q, D] in ``pool`` ([N, D] array, .npy path, or an
@@ -211,7 +212,8 @@ def curate(pool, queries, k: int = 50, budget: Optional[int] = None, index: str 
     idx = _build(index, P, metric, nlist, hnsw_m, seed)
     build_s = time.perf_counter() - t0
     if index == "ivf":
-        idx.nprobe = min(int(nprobe), nlist)
+        # default: a 16th of the lists (at least 16), recall ~0.9+ on clustered embeddings
+        idx.nprobe = min(int(nprobe) if nprobe is not None else max(16, nlist // 16), nlist)
     elif index == "hnsw":
         idx.hnsw.efSearch = max(int(ef_search), k)
     t0 = time.perf_counter()
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--index", choices=INDEXES, default="exact")
     p.add_argument("--metric", choices=METRICS, default="cosine")
     p.add_argument("--nlist", type=int, default=None)
-    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default nlist/16, at least 16)")
     p.add_argument("--ef-search", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="output .npz (default: beside the pool, POOL.transfer.npz)")
