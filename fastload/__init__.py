@@ -33,6 +33,10 @@ _EXPORTS = {
     "relufy": "fastload.ffn.relufy:relufy",
     "sparsify_ffn": "fastload.ffn.relufy:sparsify_ffn",
     "activation_sparsity": "fastload.ffn.relufy:activation_sparsity",
+    # 5. Recipes: online batch selection, retrieval-curated transfer sets, file-bytes input
+    "OnlineBatchSelector": "fastload.select.selector:OnlineBatchSelector",
+    "curate": "fastload.curate.core:curate",
+    "BytesBatches": "fastload.bytes:BytesBatches",
     # The state contract's error: next() on an iterator a newer one replaced
     "SupersededError": "fastload._state:SupersededError",
 }

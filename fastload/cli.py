@@ -17,6 +17,7 @@ COMMANDS = {
                         "import DataCompDR-style WebDataset shards into the reinforced format"),
     "decompose": ("fastload.format.decompose:main", "decompose tokenized documents into length buckets"),
     "import-mldr": ("fastload.format.mldr:main", "import an apple/ml-dr reinforcement archive (ImageNet+) for your image folder"),
+    "curate": ("fastload.curate:main", "retrieve a transfer set: the pool rows nearest to query embeddings (faiss)"),
 }
 BENCH_MODES = {"--lm": "fastload.bench.lm:main", "--ffn": "fastload.bench.ffn:main",
                "--variable": "fastload.bench.variable:main", "--kernel": "fastload.bench.kernel:main",

@@ -18,7 +18,7 @@ from fastload.replay import native
 from fastload.sample import params as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBS = ["replay", "decompose", "sparse_ffn"]
+LIBS = ["replay", "decompose", "sparse_ffn", "encode"]
 
 
 def _run(code, timeout=120, env=None):
