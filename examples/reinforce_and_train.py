@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastload
-from fastload.bench.data import build_images  # real photos from scikit-image -> JPEG folder
+from fastload.datasets import build_images  # real photos from scikit-image -> JPEG folder
 
 
 def main(workdir: str, n_images: int = 64) -> float:

@@ -30,7 +30,7 @@ def train_one_epoch(url: str, cache_dir: str) -> int:
 
 def _local_s3(work: str) -> tuple:
     import boto3
-    from fastload.bench.data import build_images, list_images, policy, tiny_teacher
+    from fastload.datasets import build_images, list_images, policy, tiny_teacher
 
     images = build_images(os.path.join(work, "jpeg"), n=24, progress=False)
     ds_dir = os.path.join(work, "ds")

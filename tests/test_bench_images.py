@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastload.bench import data as bench_data
+from fastload import datasets as bench_data
 from fastload.bench import peers
 
 pytest.importorskip("skimage")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastload.bench.reinforce import make_images, make_teacher
+from fastload.datasets import make_images, make_teacher
 
 SIZE = 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,8 +3,8 @@ Arrow IPC vs Parquet random access through a memory map.
 
 Run: ``python benchmarks/reinforce.py`` (a few seconds; writes benchmarks/results/reinforce.json).
 
-Also holds the small embedded test data (photos from scikit-image, a tiny deterministic
-teacher) that the tests use.
+The small embedded test data (photos from scikit-image, a tiny deterministic teacher) is in
+:mod:`fastload.datasets`.
 """
 from __future__ import annotations
 
@@ -13,46 +13,11 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
-
-def make_images(root: str, n: int = 12, classes: int = 3, seed: int = 0, quality: int = 90) -> List[str]:
-    """Write ``n`` JPEG crops of scikit-image photos as an ImageFolder (``c<k>/<i>.jpg``)."""
-    import skimage.data as sd
-    from PIL import Image
-
-    photos = [sd.astronaut(), sd.chelsea(), sd.coffee(), sd.rocket()]
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = photos[i % len(photos)]
-        h, w = p.shape[:2]
-        f = rng.uniform(0.5, 0.9)
-        ch, cw = int(h * f), int(w * rng.uniform(0.5, 0.9))
-        t, l = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        d = os.path.join(root, f"c{i % classes}")
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{i:04d}.jpg")
-        Image.fromarray(np.ascontiguousarray(p[t:t + ch, l:l + cw])).save(path, quality=quality)
-        paths.append(path)
-    return paths
-
-
-def make_teacher(num_classes: int = 20, seed: int = 0, sharpness: float = 8.0):
-    """A tiny deterministic conv net (fixed seed), logits scaled so the softmax is peaked."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32, num_classes))
-    with torch.no_grad():
-        for prm in net.parameters():
-            prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
-        net[-1].weight.mul_(sharpness)
-    return net.eval()
+from fastload.datasets import make_images, make_teacher  # noqa: F401 - old import path
 
 
 def _synthetic_targets(rng, rows: int, n: int, k: int, classes: int = 1000):
