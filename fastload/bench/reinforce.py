@@ -9,6 +9,8 @@ The small embedded test data (photos from scikit-image, a tiny deterministic tea
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import os
 import shutil
 import tempfile
@@ -166,7 +168,7 @@ def generation(tmp: str, images: int = 24, n: int = 16, image_size: int = 224, b
 def main(argv=None) -> int:
     from fastload.bench._common import write_result
 
-    ap = argparse.ArgumentParser(prog="fastload bench reinforce")
+    ap = argparse.ArgumentParser(prog="fastload bench --reinforce", description=describe(__doc__))
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     a = ap.parse_args(argv)
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     payload = {
         "format_size": size, "format_size_target_bytes_per_aug_k10": 40,
-        "format_size_reference_ml_dr": "65-104 B per augmentation (derived, RECIPES.md section 1)",
+        "format_size_reference_ml_dr": "65-104 B per augmentation (derived from the ml-dr format description)",
         "format_size_note": ("params from fastload.sample.policy.sample_params on ImageNet-like source sizes; "
                              "targets from a synthetic 1000-class teacher (per-image class affinity + "
                              "per-augmentation noise); see generation.*.bytes_per_aug_tiny_teacher_k10 for "
