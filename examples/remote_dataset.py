@@ -58,19 +58,18 @@ def _local_s3(work: str) -> tuple:
 
 
 def main(argv) -> int:
-    work = tempfile.mkdtemp(prefix="fastload_remote_example_")
     srv = None
-    try:
-        if argv:
-            url = argv[0]
-        else:
-            url, srv = _local_s3(work)
-        return train_one_epoch(url, argv[1] if len(argv) > 1 else os.path.join(work, "cache"))
-    finally:
-        if srv is not None:
-            srv.terminate()
-            srv.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="fastload_remote_example_") as work:  # removed afterwards
+        try:
+            if argv:
+                url = argv[0]
+            else:
+                url, srv = _local_s3(work)
+            return train_one_epoch(url, argv[1] if len(argv) > 1 else os.path.join(work, "cache"))
+        finally:
+            if srv is not None:
+                srv.terminate()
+                srv.wait(10)
 
 
 if __name__ == "__main__":
