@@ -2,14 +2,14 @@
 
 Examples, tests and ``fastload bench`` build their data here:
 
-- :func:`build_images`: an ImageFolder of ``n`` distinct JPEGs of about 500x375 (a quarter
+- ``build_images``: an ImageFolder of ``n`` distinct JPEGs of about 500x375 (a quarter
   portrait), quality 90, one class per source photo. Image ``i`` depends only on
   ``(seed, i)``, so the first 200 images of a 2000-image set are the 200-image set.
-- :func:`make_images`: a handful of smaller JPEG crops (``c<k>/<i>.jpg``) for unit tests.
-- :func:`tiny_teacher` / :func:`make_teacher`: small conv nets with fixed weights that stand
+- ``make_images``: a handful of smaller JPEG crops (``c<k>/<i>.jpg``) for unit tests.
+- ``tiny_teacher`` / ``make_teacher``: small conv nets with fixed weights that stand
   in for a real teacher (their predictions are meaningless; the loader's work does not
   depend on them).
-- :func:`build_reinforced` / :func:`build_all`: the reinforced versions, cached.
+- ``build_reinforced`` / ``build_all``: the reinforced versions, cached.
 
 The source photos are scikit-image's offline samples (``skimage.data``: astronaut, chelsea,
 coffee, rocket, ...; scikit-learn's two sample photos too when it is installed), cropped,

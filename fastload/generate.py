@@ -2,7 +2,7 @@
 store the parameters with the teacher's top-k probabilities (Dataset Reinforcement).
 
 The teacher sees exactly the pixels the loader will later produce: every augmented image is
-rendered by :func:`fastload.replay.native.render_batch` (the C++ kernel the loader uses) from
+rendered by ``fastload.replay.native.render_batch`` (the C++ kernel the loader uses) from
 the same encoded bytes that are stored in the dataset.
 """
 from __future__ import annotations
@@ -219,7 +219,7 @@ _HOW_TO_EXPORT = ("export it with fastload.export_teacher(model, image_size, 'te
 
 def export_teacher(model, image_size, path: str, device: str = "cpu") -> str:
     """Save ``model`` as a ``torch.export`` program with a dynamic batch dimension, the teacher
-    file ``fastload reinforce --teacher`` and :func:`fastload.reinforce` read.
+    file ``fastload reinforce --teacher`` and ``fastload.reinforce`` read.
 
     ``image_size`` is the side (or ``(h, w)``) of the crops the teacher will score: the
     program is specialized to it, but not to the batch size, so it accepts the last, smaller

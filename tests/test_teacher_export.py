@@ -38,6 +38,7 @@ def test_static_batch_program_is_rejected_in_one_line(tmp_path):
     assert "\n" not in msg and "static batch of 2" in msg and "fastload.export_teacher" in msg
 
 
+@pytest.mark.slow  # ~20 s: a subprocess that imports torch and loads an exported program
 def test_static_batch_program_through_the_cli(tmp_path):
     make_images(str(tmp_path / "img"), n=4, classes=2)
     path = str(tmp_path / "static.pt2")

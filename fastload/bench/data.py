@@ -1,5 +1,5 @@
 """The embedded default dataset of ``fastload bench``: its builder is the public module
-:mod:`fastload.datasets` (examples and tests import it from there); this name stays for the
+``fastload.datasets`` (examples and tests import it from there); this name stays for the
 harness and the scripts in benchmarks/."""
 from fastload.datasets import (FORMAT_VERSION, HEIGHT, QUALITY, SKIMAGE_PHOTOS, WIDTH,  # noqa: F401
                                build_all, build_images, build_reinforced, default_cache_dir,

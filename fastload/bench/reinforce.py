@@ -4,7 +4,7 @@ Arrow IPC vs Parquet random access through a memory map.
 Run: ``python benchmarks/reinforce.py`` (a few seconds; writes benchmarks/results/reinforce.json).
 
 The small embedded test data (photos from scikit-image, a tiny deterministic teacher) is in
-:mod:`fastload.datasets`.
+``fastload.datasets``.
 """
 from __future__ import annotations
 
