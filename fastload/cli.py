@@ -89,9 +89,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line_error(self, message):
+    """argparse's usage error as one line (its default prints the whole usage first)."""
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _call(target: str, argv: list) -> int:
     module, func = target.split(":")
-    return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    # for this call only: tests and other callers in the same process keep argparse's own
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _one_line_error
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    finally:
+        argparse.ArgumentParser.error = saved
 
 
 def main(argv=None) -> int:

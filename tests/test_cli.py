@@ -206,6 +206,8 @@ def test_bench_help_lists_its_modes(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--pipelines", "foo"], "--pipelines: unknown foo"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--lm", "--quick"], "unrecognized arguments: --quick"),
     (["--python-peers", "/nonexistent/python"], "--python-peers '/nonexistent/python': no such executable"),
     (["--num-images", "0"], "--num-images must be positive"),
 ])
@@ -215,7 +217,7 @@ def test_bench_argument_errors_are_one_line(argv, needle, tmp_path):
                        text=True, timeout=300, cwd=ROOT, env=env)
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
-    assert lines[0].startswith("fastload bench: error: ") and needle in lines[0], lines
+    assert lines[0].startswith("fastload bench") and ": error: " in lines[0] and needle in lines[0], lines
     assert not (tmp_path / "fastload").exists()  # nothing built before the arguments were checked
 
 
@@ -232,3 +234,18 @@ def test_decompose_that_keeps_nothing_is_an_error(tmp_path, capsys):
     err = [l for l in raw.splitlines() if l.startswith("fastload decompose")]  # the rest: progress bars
     assert "Traceback" not in raw and len(err) == 1 and "every one of the 20 documents was dropped" in err[0] and "--min-bucket" in err[0]
     assert not out.exists()
+
+
+def test_usage_errors_are_one_line_for_every_command(capsys):
+    import argparse
+
+    from fastload import cli
+
+    before = argparse.ArgumentParser.error
+    for argv in (["reinforce"], ["inspect"], ["decompose", "x"], ["import-mldr"], ["import-datacomp"],
+                 ["bench", "--workers", "many"], ["bench", "--ffn", "--bogus"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert e.value.code == 2 and len(err) == 1 and ": error: " in err[0], (argv, err)
+    assert argparse.ArgumentParser.error is before  # restored for everyone else in the process

@@ -59,7 +59,7 @@ def _parser():
                      "DALI when they import, fastload.ReinforcedLoader and the JPEG decode limit.", 79),
         epilog="other benchmarks (one mode flag, then that mode's options; fastload bench MODE --help):\n"
                + modes + "\n\nexamples:\n  fastload bench --quick\n  fastload bench --peers auto\n"
-               "  fastload bench --lm --quick")
+               "  fastload bench --variable --quick")
     ap.add_argument("--data-dir", default=None,
                     help="dataset cache (default $XDG_CACHE_HOME/fastload/bench, ~/.cache/... when unset)")
     ap.add_argument("--num-images", type=int, default=None, help="images in the dataset (default 2000)")
