@@ -244,6 +244,9 @@ def test_loaded_machine_reports_per_cpu_ratios_and_no_target():
     assert "fastload_vs_torchvision: 3.00x images/s, 2.50x images per CPU-second" in text
     assert "per-CPU-second ratios are the stable figure" in text and "7.3 on 2 cores" in text
     assert "target" not in text.replace("No target is shown", "")
+    # too short to measure CPU time: no per-CPU ratio, and the run says so instead
+    short = "\n".join(images.ratio_lines(ratios, {k: None for k in per_cpu}, max_load=7.3, cores=2))
+    assert "too short to measure CPU time" in short and "stable figure of this run" not in short
 
 
 def test_data_dir_only_where_told(tmp_path, capsys):

@@ -202,7 +202,7 @@ def _speed_rows(results, names, base):
 def _print_speed(title, rows, base):
     if not rows:
         return
-    print(f"\n## {title} (vs baseline: against {base}, {_label(base)})")
+    print(f"\n## {title} (vs baseline: against {SHORT.get(base, base)})")
     print(_fmt_table(rows, [
         ("pipeline", lambda r: r["label"] + (f" [FAILED: {r['error'].splitlines()[-1][:120]}]" if r["error"] else "")),
         ("images/s", lambda r: _num(r["images_per_s"])),
@@ -302,10 +302,15 @@ def ratio_lines(ratios: dict, per_cpu: dict, max_load, cores: int) -> list:
         if not loaded and k in TARGETS:
             text += f" (design target >= {TARGETS[k]:g}x, information only)"
         lines.append(text)
-    if loaded:
+    if loaded and any(per_cpu.get(k) for k in names):
         lines += [f"load average reached {max_load:.1f} on {cores} cores (other processes): the "
                   "images/s ratios swing with outside load; the per-CPU-second ratios are the stable "
                   "figure of this run. No target is shown for a run on a loaded machine."]
+    elif loaded:
+        lines += [f"load average reached {max_load:.1f} on {cores} cores (other processes): the "
+                  "images/s ratios swing with outside load, and this run was too short to measure CPU "
+                  "time per image; rerun longer (or on a quiet machine) for a stable figure. No target "
+                  "is shown for a run on a loaded machine."]
     elif max_load is not None:
         lines.append(f"load average stayed at or below {max_load:.1f} on {cores} cores: both ratios are usable.")
     return lines
