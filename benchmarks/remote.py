@@ -39,7 +39,7 @@ G, SHARD, BLOCK, IMAGE = 128, 64, 4, 160
 
 def build(n: int, work: str, kind: str = "crop") -> str:
     import fastload
-    from fastload.bench.data import build_images, list_images, policy, tiny_teacher
+    from fastload.datasets import build_images, list_images, policy, tiny_teacher
 
     out = os.path.join(work, f"reinforced-{n}-shard{SHARD}" + ("" if kind == "crop" else f"-{kind}"))
     if os.path.exists(os.path.join(out, "manifest.json")):

@@ -27,4 +27,8 @@ def main(workdir: str) -> int:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="fastload_example_"))
+    if len(sys.argv) > 1:
+        main(sys.argv[1])
+    else:  # a temporary folder, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="fastload_example_") as tmp:
+            main(tmp)

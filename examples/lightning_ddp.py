@@ -31,7 +31,7 @@ def prepare(workdir: str, n_images: int = 48) -> str:
     out = os.path.join(workdir, "data_plus")
     if os.path.exists(os.path.join(out, "manifest.json")):
         return out
-    from fastload.bench.data import build_images
+    from fastload.datasets import build_images
 
     images = build_images(os.path.join(workdir, "images"), n=n_images, progress=False)
     classes = len([d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d))])

@@ -83,7 +83,10 @@ def main(argv=None) -> float:
     ap.add_argument("workdir", nargs="?", default=None)
     ap.add_argument("--steps", type=int, default=4)
     a = ap.parse_args(argv)
-    workdir = a.workdir or tempfile.mkdtemp(prefix="fastload_clip_")
+    if a.workdir is None:  # a temporary folder, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="fastload_clip_") as tmp:
+            return main([tmp] + list(sys.argv[1:] if argv is None else argv))
+    workdir = a.workdir
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=32,
                            vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=16, image_size=64),

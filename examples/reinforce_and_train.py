@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastload
-from fastload.bench.data import build_images  # real photos from scikit-image -> JPEG folder
+from fastload.datasets import build_images  # real photos from scikit-image -> JPEG folder
 
 
 def main(workdir: str, n_images: int = 64) -> float:
@@ -44,4 +44,8 @@ def main(workdir: str, n_images: int = 64) -> float:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="fastload_example_"))
+    if len(sys.argv) > 1:
+        main(sys.argv[1])
+    else:  # a temporary folder, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="fastload_example_") as tmp:
+            main(tmp)

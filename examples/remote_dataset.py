@@ -30,7 +30,7 @@ def train_one_epoch(url: str, cache_dir: str) -> int:
 
 def _local_s3(work: str) -> tuple:
     import boto3
-    from fastload.bench.data import build_images, list_images, policy, tiny_teacher
+    from fastload.datasets import build_images, list_images, policy, tiny_teacher
 
     images = build_images(os.path.join(work, "jpeg"), n=24, progress=False)
     ds_dir = os.path.join(work, "ds")
@@ -58,19 +58,18 @@ def _local_s3(work: str) -> tuple:
 
 
 def main(argv) -> int:
-    work = tempfile.mkdtemp(prefix="fastload_remote_example_")
     srv = None
-    try:
-        if argv:
-            url = argv[0]
-        else:
-            url, srv = _local_s3(work)
-        return train_one_epoch(url, argv[1] if len(argv) > 1 else os.path.join(work, "cache"))
-    finally:
-        if srv is not None:
-            srv.terminate()
-            srv.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="fastload_remote_example_") as work:  # removed afterwards
+        try:
+            if argv:
+                url = argv[0]
+            else:
+                url, srv = _local_s3(work)
+            return train_one_epoch(url, argv[1] if len(argv) > 1 else os.path.join(work, "cache"))
+        finally:
+            if srv is not None:
+                srv.terminate()
+                srv.wait(10)
 
 
 if __name__ == "__main__":

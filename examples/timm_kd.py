@@ -22,7 +22,7 @@ def prepare(workdir: str, n_images: int = 32) -> str:
     out = os.path.join(workdir, "data_plus")
     if os.path.exists(os.path.join(out, "manifest.json")):
         return out
-    from fastload.bench.data import build_images
+    from fastload.datasets import build_images
 
     images = build_images(os.path.join(workdir, "images"), n=n_images, progress=False)
     classes = len([d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d))])
@@ -43,7 +43,10 @@ def main(argv=None) -> float:
     ap.add_argument("--model", default="resnet10t")
     ap.add_argument("--steps", type=int, default=4)
     a = ap.parse_args(argv)
-    workdir = a.workdir or tempfile.mkdtemp(prefix="fastload_timm_")
+    if a.workdir is None:  # a temporary folder, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="fastload_timm_") as tmp:
+            return main([tmp] + list(sys.argv[1:] if argv is None else argv))
+    workdir = a.workdir
     ds = fastload.ReinforcedDataset(prepare(workdir))
     # fastload: replaces timm's create_loader / a DataLoader over ImageFolder with its own
     # augmentation, mixup and teacher (all stored in the dataset)

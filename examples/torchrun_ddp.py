@@ -26,7 +26,7 @@ def prepare(workdir: str, n_images: int = 40) -> str:
     out = os.path.join(workdir, "data_plus")
     if os.path.exists(os.path.join(out, "manifest.json")):
         return out
-    from fastload.bench.data import build_images
+    from fastload.datasets import build_images
 
     images = build_images(os.path.join(workdir, "images"), n=n_images, progress=False)
     classes = len([d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d))])
@@ -81,12 +81,14 @@ def main(argv=None):
 
         graphs.append(counters["frames"]["ok"])
     log = open(os.path.join(a.workdir, f"steps_rank{rank}.txt"), "w")
+    steps = 0
     for epoch in range(a.epochs):
         loader.set_epoch(epoch)  # as with DistributedSampler
         for s, (images, labels, targets) in enumerate(loader):
             step(images, targets)
             digest = hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()[:16]
             log.write(f"{epoch} {s} {images.shape[0]} {images.shape[2]} {images.shape[3]} {digest}\n")
+            steps += 1
     log.close()
     if not a.no_compile:
         graphs.append(counters["frames"]["ok"])
@@ -94,6 +96,10 @@ def main(argv=None):
         with open(os.path.join(a.workdir, "compile.txt"), "w") as f:
             f.write(" ".join(map(str, graphs)) + "\n")
             f.write(" ".join(f"{b}x{h}x{w}" for b, h, w in sampler.shapes(epochs=range(a.epochs))) + "\n")
+        compiled = f", {graphs[-1]} graphs compiled (none after warm-up)" if len(graphs) == 2 and graphs[0] == graphs[1] \
+            else (f", graphs compiled {graphs[0]} -> {graphs[1]}" if len(graphs) == 2 else "")
+        print(f"torchrun_ddp: OK, {dist.get_world_size()} ranks x {steps} steps over {a.epochs} epochs{compiled}; "
+              f"logs in {a.workdir}", flush=True)
     dist.destroy_process_group()
 
 

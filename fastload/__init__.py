@@ -17,6 +17,7 @@ _EXPORTS = {
     # 1. Reinforced datasets and their replay
     "AugmentPolicy": "fastload.sample.policy:AugmentPolicy",
     "reinforce": "fastload.generate:reinforce",
+    "export_teacher": "fastload.generate:export_teacher",
     "ReinforcedDataset": "fastload.format.reader:ReinforcedDataset",
     "ReinforcedLoader": "fastload.loader.reinforced:ReinforcedLoader",
     "densify": "fastload.losses:densify",

@@ -2,15 +2,26 @@
 ``main(argv) -> int`` with its own argparse, so this file only dispatches."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
+# bench modes: flag -> (entry point, what it measures); `fastload bench --help` lists them
+BENCH_MODE_HELP = {
+    "--lm": ("fastload.bench.lm:main", "Dataset Decomposition vs concat-and-chunk vs packing on real text"),
+    "--ffn": ("fastload.bench.ffn:main", "sparse ReLU FFN vs dense linear layers on the CPU"),
+    "--variable": ("fastload.bench.variable:main", "variable-resolution batching vs a fixed 224 loader"),
+    "--kernel": ("fastload.bench.kernel:main", "the fused replay kernel alone vs the torch ops it replaces"),
+    "--reinforce": ("fastload.bench.reinforce:main", "dataset generation speed and bytes per stored augmentation"),
+    "--triton": ("fastload.bench.triton_replay:main", "the Triton replay kernel on a GPU vs per-image torch ops"),
+    "--gpu": ("fastload.bench.gpu:main", "every GPU figure in one short run (--dry-run checks the script on a CPU)"),
+}
+BENCH_MODES = {flag: target for flag, (target, _) in BENCH_MODE_HELP.items()}
+
 COMMANDS = {
     "bench": ("fastload.bench.images:main",
-              "benchmark the image loaders on embedded data; other benchmarks: --lm (sequence "
-              "buckets), --ffn (sparse FFN), --variable (variable resolution), --kernel (fused "
-              "replay kernel alone), --reinforce (generation, format size), --triton (GPU replay), --gpu (every GPU figure "
-              "in one run; --dry-run on CPU)"),
+              "benchmark the image loaders on the embedded photos (other benchmarks: "
+              + ", ".join(BENCH_MODE_HELP) + "; see fastload bench --help)"),
     "reinforce": ("fastload.generate:main", "create a reinforced dataset from images and a teacher"),
     "inspect": ("fastload.format.inspect:main", "summarize and validate a reinforced dataset"),
     "import-datacomp": ("fastload.format.datacomp:main",
@@ -19,10 +30,25 @@ COMMANDS = {
     "import-mldr": ("fastload.format.mldr:main", "import an apple/ml-dr reinforcement archive (ImageNet+) for your image folder"),
     "curate": ("fastload.curate:main", "retrieve a transfer set: the pool rows nearest to query embeddings (faiss)"),
 }
-BENCH_MODES = {"--lm": "fastload.bench.lm:main", "--ffn": "fastload.bench.ffn:main",
-               "--variable": "fastload.bench.variable:main", "--kernel": "fastload.bench.kernel:main",
-               "--reinforce": "fastload.bench.reinforce:main",
-               "--triton": "fastload.bench.triton_replay:main", "--gpu": "fastload.bench.gpu:main"}
+
+
+def describe(doc: str) -> str:
+    """A command's help description from its module docstring: the whole first paragraph,
+    unwrapped (a first line alone cut sentences in half)."""
+    para = (doc or "").strip().split("\n\n")[0]
+    return " ".join(para.split())
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where the help text does not already say its default and
+    there is one to show (never "(default: ...) (default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) \
+                or isinstance(action, argparse._HelpAction):
+            return text
+        return super()._get_help_string(action)
 
 
 def flag_error(prog: str, exc: BaseException, parser, names=None) -> int:
@@ -34,6 +60,7 @@ def flag_error(prog: str, exc: BaseException, parser, names=None) -> int:
     msg = str(exc)
     for name, flag in (names or {}).items():  # e.g. a positional: dataset_or_folder -> IMAGES
         msg = re.sub(rf"(?<![\w-]){re.escape(name)}\b", flag, msg)
+    msg = " ".join(msg.split())  # one line, whatever the library's message looked like
     for action in parser._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if not flags or action.dest in ("help",):
@@ -63,9 +90,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line_error(self, message):
+    """argparse's usage error as one line (its default prints the whole usage first)."""
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _call(target: str, argv: list) -> int:
     module, func = target.split(":")
-    return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    # for this call only: tests and other callers in the same process keep argparse's own
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _one_line_error
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    finally:
+        argparse.ArgumentParser.error = saved
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 store the parameters with the teacher's top-k probabilities (Dataset Reinforcement).
 
 The teacher sees exactly the pixels the loader will later produce: every augmented image is
-rendered by :func:`fastload.replay.native.render_batch` (the C++ kernel the loader uses) from
+rendered by ``fastload.replay.native.render_batch`` (the C++ kernel the loader uses) from
 the same encoded bytes that are stored in the dataset.
 """
 from __future__ import annotations
@@ -213,6 +213,57 @@ def _teacher_list(teacher) -> list:
 
 _JIT_NOTED = False
 
+_HOW_TO_EXPORT = ("export it with fastload.export_teacher(model, image_size, 'teacher.pt2'), "
+                  "which gives the program a dynamic batch dimension")
+
+
+def export_teacher(model, image_size, path: str, device: str = "cpu") -> str:
+    """Save ``model`` as a ``torch.export`` program with a dynamic batch dimension, the teacher
+    file ``fastload reinforce --teacher`` and ``fastload.reinforce`` read.
+
+    ``image_size`` is the side (or ``(h, w)``) of the crops the teacher will score: the
+    program is specialized to it, but not to the batch size, so it accepts the last, smaller
+    batch of a shard as well as a full one. The model is put in eval mode first. Returns
+    ``path``.
+
+    Example:
+        >>> import torch, fastload
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+        ...                           torch.nn.Flatten(), torch.nn.Linear(4, 10))
+        >>> fastload.export_teacher(net, 64, "teacher.pt2")  # doctest: +SKIP
+        'teacher.pt2'
+    """
+    import torch
+
+    size = (int(image_size), int(image_size)) if np.isscalar(image_size) else tuple(int(v) for v in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be an int or (h, w), got {image_size!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = model.eval()
+    # an example batch of 2: torch.export specializes sizes 0 and 1, so a dynamic batch needs
+    # an example of at least 2
+    example = torch.zeros((2, 3) + size, device=device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with torch.no_grad():
+        ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.export.save(ep, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _static_batch(ep):
+    """The fixed batch size of an exported program's first input, or None if it is dynamic."""
+    try:
+        name = ep.graph_signature.user_inputs[0]
+        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name)
+        b = node.meta["val"].shape[0]
+    except (AttributeError, IndexError, KeyError, StopIteration):
+        return None  # not a shape we can read: let the probe decide
+    return b if isinstance(b, int) else None
+
 
 def load_teacher(path: str):
     """Load a ``torch.export`` program (``torch.export.save``, ``.pt2``: the recommended
@@ -228,8 +279,7 @@ def load_teacher(path: str):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"teacher file {path!r} does not exist")
-    how_to = ("save the teacher with torch.export.save(torch.export.export(model.eval(), "
-              "(example_batch,)), 'teacher.pt2')")
+    how_to = _HOW_TO_EXPORT
     if not zipfile.is_zipfile(path):
         raise ValueError(f"teacher file {path!r} is not a model program (torch.export and TorchScript "
                          f"files are zip archives; this is not one): {how_to}")
@@ -239,6 +289,7 @@ def load_teacher(path: str):
         raise ValueError(f"teacher file {path!r} looks like a torch.save() pickle, which is never "
                          f"loaded (it can run arbitrary code): {how_to}")
     errors = []
+    fixed = None
     loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch.export.pt2_archive")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -249,7 +300,10 @@ def load_teacher(path: str):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if how == "export":
-                        return torch.export.load(path).module()
+                        ep = torch.export.load(path)
+                        fixed = _static_batch(ep)
+                        if fixed is None:
+                            return ep.module()
                     t = torch.jit.load(path, map_location="cpu")
                 global _JIT_NOTED
                 if not _JIT_NOTED:
@@ -263,6 +317,9 @@ def load_teacher(path: str):
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+    if fixed is not None:
+        raise ValueError(f"teacher file {path!r} was exported with a static batch of {fixed} images, "
+                         f"but reinforce scores batches of several sizes: {how_to}")
     raise ValueError(f"teacher file {path!r} is neither a torch.export nor a TorchScript program "
                      f"({'; '.join(errors)}): {how_to}")
 
@@ -512,17 +569,20 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
     teachers = [_eval(t) for t in _teacher_list(teacher)]
     threads = int(threads or min(8, os.cpu_count() or 1))
 
-    # output width: probe once so a wrong teacher fails before any work
+    # output width: probe once so a wrong teacher fails before any work. The probe's batch
+    # (batch_size + 1) is one the run never uses (its batches hold at most batch_size images),
+    # so a program that only accepts the run's batch size fails here, not in the first shard.
+    probe = int(batch_size) + 1
     with torch.no_grad():
         widths = []
         for i, t in enumerate(teachers):
             try:
-                y = t(torch.zeros((2, 3) + size, device=_device(t)))
+                y = t(torch.zeros((probe, 3) + size, device=_device(t)))
             except Exception as e:  # an exported program's guard, a shape error, ...
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise ValueError(f"teacher {i} fails on a [2, 3, {size[0]}, {size[1]}] batch "
-                                 f"(image_size={size[0]}): {first}; export it with a dynamic batch "
-                                 "dimension, at the image_size it will score") from None
+                raise ValueError(f"teacher {i} fails on a [{probe}, 3, {size[0]}, {size[1]}] batch "
+                                 f"(image_size={size[0]}): {first}; the teacher must take any batch "
+                                 f"size at image_size={size[0]}: {_HOW_TO_EXPORT}") from None
             y = y[0] if isinstance(y, (tuple, list)) else y
             widths.append(int(y.shape[-1]))
     if len(set(widths)) != 1:
@@ -571,6 +631,7 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
               "classes": src.classes or None, "images_stored": bool(store_images),
               "image_encoding": {"kept_if_jpeg": True, "reencode_max_side": reencode_max_side,
                                  "jpeg_quality": JPEG_QUALITY}, "skipped": skipped}
+    fresh = not os.path.exists(out) or not os.listdir(out)
     writer = DatasetWriter(out, header, fingerprint, num_shards)
     job = _Job(src, rows, all_hw, teachers, policy, out, int(num_augmentations), int(topk), num_classes,
                int(seed), int(shard_size), int(batch_size), size, tuple(mean), tuple(std), bool(store_images),
@@ -579,13 +640,32 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
     from fastload._progress import Progress
 
     total = sum(len(job.shard_rows(s)) for s in todo) * num_augmentations
-    if engine == "local":
-        with Progress(total, "reinforce", "aug", enabled=progress) as bar:
-            for s in todo:
-                writer.add_shard(_make_shard(job, s, bar))
-    else:
-        _run_ray(job, todo, writer, progress)
+    try:
+        if engine == "local":
+            with Progress(total, "reinforce", "aug", enabled=progress) as bar:
+                for s in todo:
+                    writer.add_shard(_make_shard(job, s, bar))
+        else:
+            _run_ray(job, todo, writer, progress)
+    except BaseException as e:
+        _after_failure(out, writer, fresh, num_shards, e)
+        raise
     return writer.finish(skipped=skipped)
+
+
+def _after_failure(out: str, writer: DatasetWriter, fresh: bool, num_shards: int, exc: BaseException) -> None:
+    """A run that fails leaves no half-written dataset: a folder this run created with no
+    finished shard is removed; finished shards are kept (listed in an incomplete manifest, which
+    readers refuse) and the error says that rerunning the same call resumes from them."""
+    import shutil
+
+    note = getattr(exc, "add_note", lambda msg: None)
+    if fresh and not writer.done:
+        shutil.rmtree(out, ignore_errors=True)
+        note(f"fastload.reinforce: nothing was finished; the output folder {out!r} was removed")
+    else:
+        note(f"fastload.reinforce: {out!r} is incomplete ({len(writer.done)} of {num_shards} shards "
+                     "finished); rerun the same command to resume, or delete the folder")
 
 
 def _run_ray(job: _Job, todo: List[int], writer: DatasetWriter, progress: bool) -> None:
@@ -615,11 +695,11 @@ def _run_ray(job: _Job, todo: List[int], writer: DatasetWriter, progress: bool) 
 
 def main(argv=None) -> int:
     """``fastload reinforce IMAGES --teacher FILE --out DIR [options]``."""
-    from fastload.cli import flag_error
+    from fastload.cli import DefaultsFormatter, flag_error
     from fastload.sample.policy import AugmentPolicy
 
     ap = argparse.ArgumentParser(
-        prog="fastload reinforce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="fastload reinforce", formatter_class=DefaultsFormatter,
         description="Run a teacher once on N sampled augmentations of every image and store the "
                     "augmentation parameters with the teacher's top-k probabilities (Dataset "
                     "Reinforcement); train later with fastload.ReinforcedLoader, no teacher needed.",
@@ -685,6 +765,12 @@ def main(argv=None) -> int:
                       progress=not a.quiet, store_images=not a.no_store_images)
     except ValueError as e:
         return flag_error("fastload reinforce", e, ap, {"dataset_or_folder": "IMAGES"})
+    except (RuntimeError, OSError) as e:  # e.g. the teacher fails in a shard: one line, and what became of --out
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        notes = " ".join(getattr(e, "__notes__", []))
+        print(f"fastload reinforce: error: {type(e).__name__}: {first}" + (f" ({notes})" if notes else ""),
+              file=sys.stderr)
+        return 2
     print(f"wrote {m['num_rows']} rows x {m['num_augmentations']} augmentations to {a.out} "
           f"({len(m['skipped'])} skipped)")
     return 0

@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     args = ap.parse_args(argv)
-    from fastload.bench._common import write_result
+    from fastload._results import write_result
 
     doc = check()
     path = write_result("triton_compile", doc, args.out_dir)

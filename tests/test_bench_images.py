@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastload.bench import data as bench_data
+from fastload import datasets as bench_data
 from fastload.bench import peers
 
 pytest.importorskip("skimage")
@@ -198,7 +198,80 @@ def test_quick_run_batches_have_the_right_shapes(tmp_path):
     targets_d = res["fastload"]["batches_desc"][2]
     assert targets_d["shape"][0] == 8 and 0 <= targets_d["min"] and targets_d["max"] <= 1
     assert res["decode_full"]["batches_desc"] == [{"count": 8}]
-    assert doc["ratios"]["baseline"] == "torch_pil" and doc["ratios"]["vs_torchvision"] > 0
+    # the ratio is named after what ran (the stand-in), never after torchvision
+    assert doc["ratios"]["baseline"] == "torch_pil" and doc["ratios"]["fastload_vs_torch_pil"] > 0
+    assert not any("torchvision" in k for k in doc["ratios"]) and "targets_met" not in doc
+    assert doc["stable_ratio"] in ("images_per_s", "per_cpu_second")
+    runs = [f for f in os.listdir(out) if f.startswith("images-") and f.endswith("Z.json")]
+    assert len(runs) == 1 and json.load(open(out / runs[0])) == doc  # per-run file + latest copy
     assert [r["pipeline"] for r in doc["table_rrc_flip"]] == ["torch_pil", "fastload", "decode_full"]
     mem = doc["memory"]
     assert len(mem["epochs"]["rss_per_epoch_mib"]) == 2 and mem["peak_rss_large_mib"] > 0
+
+
+def _ratio_fns(ips, cpu):
+    def ratio(a, b):
+        return ips[a] / ips[b] if ips.get(a) and ips.get(b) else None
+
+    def cpu_ratio(a, b):
+        return cpu[b] / cpu[a] if cpu.get(a) and cpu.get(b) else None
+    return ratio, cpu_ratio
+
+
+def test_ratios_are_named_after_what_was_measured():
+    from fastload.bench import images
+
+    ips = {"fastload": 900.0, "torch_pil": 300.0, "decode_scaled": 1000.0}
+    cpu = {"fastload": 0.001, "torch_pil": 0.004, "decode_scaled": 0.0008}
+    ratios, per_cpu = images.named_ratios(*_ratio_fns(ips, cpu), "torch_pil", "torch_ra_mix")
+    assert set(ratios) == {"fastload_vs_torch_pil", "fastload_of_decode_limit"}
+    assert ratios["fastload_vs_torch_pil"] == 3.0 and per_cpu["fastload_vs_torch_pil"] == 4.0
+    # quiet machine: targets appear as information, only for ratios against the real peer
+    quiet = "\n".join(images.ratio_lines(ratios, per_cpu, max_load=0.5, cores=2))
+    assert "fastload_vs_torch_pil: 3.00x images/s, 4.00x images per CPU-second" in quiet
+    assert "torchvision" not in quiet and "MISSED" not in quiet and "met" not in quiet.split()
+    assert "design target >= 0.75x, information only" in quiet  # decode limit is measured
+    assert "issue" not in quiet.lower()
+
+
+def test_loaded_machine_reports_per_cpu_ratios_and_no_target():
+    from fastload.bench import images
+
+    ips = {"fastload": 900.0, "torchvision": 300.0}
+    cpu = {"fastload": 0.001, "torchvision": 0.0025}
+    ratios, per_cpu = images.named_ratios(*_ratio_fns(ips, cpu), "torchvision", "torchvision_v2_ra")
+    text = "\n".join(images.ratio_lines(ratios, per_cpu, max_load=7.3, cores=2))
+    assert "fastload_vs_torchvision: 3.00x images/s, 2.50x images per CPU-second" in text
+    assert "per-CPU-second ratios are the stable figure" in text and "7.3 on 2 cores" in text
+    assert "target" not in text.replace("No target is shown", "")
+    # too short to measure CPU time: no per-CPU ratio, and the run says so instead
+    short = "\n".join(images.ratio_lines(ratios, {k: None for k in per_cpu}, max_load=7.3, cores=2))
+    assert "too short to measure CPU time" in short and "stable figure of this run" not in short
+
+
+def test_data_dir_only_where_told(tmp_path, capsys):
+    from fastload.bench import images
+
+    busy = tmp_path / "my_photos"
+    busy.mkdir()
+    (busy / "holiday.jpg").write_bytes(b"x")
+    assert images.main(["--data-dir", str(busy), "--no-chart"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty and is not a fastload bench cache" in err
+    assert sorted(os.listdir(busy)) == ["holiday.jpg"]  # nothing written there
+    images.check_data_dir(str(tmp_path / "new"))  # a new folder is fine
+    (tmp_path / "owned").mkdir()
+    (tmp_path / "owned" / images.CACHE_MARKER).write_text("{}")
+    (tmp_path / "owned" / "jpeg-24-s0").mkdir()
+    images.check_data_dir(str(tmp_path / "owned"))  # one it wrote before is fine
+
+
+def test_write_result_keeps_every_run(tmp_path):
+    from fastload._results import write_result
+
+    a = write_result("demo", {"x": 1}, str(tmp_path), stamp="20261207T013000Z")
+    b = write_result("demo", {"x": 2}, str(tmp_path), stamp="20261207T013100Z")
+    assert os.path.basename(a) == "demo-20261207T013000Z.json" and json.load(open(a))["x"] == 1
+    assert json.load(open(b))["x"] == 2 and json.load(open(tmp_path / "demo.json"))["x"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["demo-20261207T013000Z.json", "demo-20261207T013100Z.json",
+                                            "demo.json"]

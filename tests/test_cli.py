@@ -1,8 +1,10 @@
-"""The command line as a person uses it (issue 11, "Seen"): the README's reinforce line on a
+"""The command line as a person uses it: the README's reinforce line on a
 3-class folder, the teacher's width checked against the folder, --help with defaults, errors
 naming flags, torch.export teachers first, TorchScript without torch's deprecation noise, our
-error alone for a non-model teacher, one style (INPUT --out DIR) across subcommands."""
+error alone for a non-model teacher, one style (INPUT --out DIR) across subcommands; every error one line with exit 2; whole help
+texts listing the bench modes, citing no file outside the repository."""
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastload.bench.reinforce import make_images, make_teacher
+from fastload.datasets import make_images, make_teacher
 
 SIZE = 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +81,7 @@ def test_errors_name_flags(folder, tmp_path, capsys):
     # a teacher exported at another size: a clear error, not a traceback
     assert main([folder, "--teacher", teacher, "--out", str(tmp_path / "o3"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "fails on a [2, 3, 224, 224] batch (--image-size 224)" in err, err
+    assert "fails on a [65, 3, 224, 224] batch (--image-size 224)" in err, err  # batch 64 + 1: never used by the run
 
 
 def test_help_has_defaults_and_a_sentence_per_option():
@@ -162,3 +164,88 @@ def test_decompose_one_style(tmp_path):
              "--vocab-size", "257", "--eot-id", "256")
     assert p.returncode == 2 and "(pass --overwrite)" in p.stderr, p.stderr
     assert fastload.DecompositionLoader(str(tmp_path / "a"), tokens_per_step=64)
+
+
+def _help(capsys, *argv):
+    from fastload import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+HELP_CASES = [("reinforce",), ("inspect",), ("import-datacomp",), ("decompose",), ("import-mldr",),
+              ("bench",), ("bench", "--lm"), ("bench", "--ffn"), ("bench", "--variable"),
+              ("bench", "--kernel"), ("bench", "--reinforce"), ("bench", "--triton"), ("bench", "--gpu")]
+
+
+@pytest.mark.parametrize("argv", HELP_CASES, ids=lambda a: " ".join(a))
+def test_help_texts_are_whole(argv, capsys):
+    text = _help(capsys, *argv)
+    assert text.startswith("usage: fastload " + " ".join(argv)), text[:80]
+    assert "(default: None)" not in text and text.count("(default:") == len(
+        [l for l in text.splitlines() if "(default:" in l])
+    flat = " ".join(text.split())
+    blocks = re.split(r"\n  (?=-)", text.split("options:", 1)[-1])
+    twice = [b.split()[0] for b in blocks if b.lower().count("default") > 1]
+    assert not twice, twice  # never a default said twice
+    assert ".md" not in flat and "issue " not in flat.lower()  # no file outside the repository
+    # the description is whole sentences: the paragraph after usage ends with a full stop
+    desc = text.split("\n\n")[1]
+    assert desc.strip().endswith((".", ")")) and len(desc.split()) >= 6, desc
+
+
+def test_bench_help_lists_its_modes(capsys):
+    from fastload import cli
+
+    text = _help(capsys, "bench")
+    for flag, (_, what) in cli.BENCH_MODE_HELP.items():
+        assert f"fastload bench {flag}" in text and what in " ".join(text.split())
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--pipelines", "foo"], "--pipelines: unknown foo"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--lm", "--quick"], "unrecognized arguments: --quick"),
+    (["--python-peers", "/nonexistent/python"], "--python-peers '/nonexistent/python': no such executable"),
+    (["--num-images", "0"], "--num-images must be positive"),
+])
+def test_bench_argument_errors_are_one_line(argv, needle, tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "fastload.cli", "bench", *argv], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT, env=env)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("fastload bench") and ": error: " in lines[0] and needle in lines[0], lines
+    assert not (tmp_path / "fastload").exists()  # nothing built before the arguments were checked
+
+
+def test_decompose_that_keeps_nothing_is_an_error(tmp_path, capsys):
+    from fastload.format.decompose import main
+
+    # 20 documents of 10 tokens: none reaches the shortest chunk of 2**4 = 16 tokens
+    toks = np.random.default_rng(0).integers(0, 256, 200).astype(np.int32)
+    np.savez(tmp_path / "t.npz", tokens=toks, offsets=np.arange(0, 201, 10))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "t.npz"), "--out", str(out), "--min-bucket", "4", "--max-bucket", "6",
+                 "--vocab-size", "257", "--eot-id", "256"]) == 2
+    raw = capsys.readouterr().err
+    err = [l for l in raw.splitlines() if l.startswith("fastload decompose")]  # the rest: progress bars
+    assert "Traceback" not in raw and len(err) == 1 and "every one of the 20 documents was dropped" in err[0] and "--min-bucket" in err[0]
+    assert not out.exists()
+
+
+def test_usage_errors_are_one_line_for_every_command(capsys):
+    import argparse
+
+    from fastload import cli
+
+    before = argparse.ArgumentParser.error
+    for argv in (["reinforce"], ["inspect"], ["decompose", "x"], ["import-mldr"], ["import-datacomp"],
+                 ["bench", "--workers", "many"], ["bench", "--ffn", "--bogus"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert e.value.code == 2 and len(err) == 1 and ": error: " in err[0], (argv, err)
+    assert argparse.ArgumentParser.error is before  # restored for everyone else in the process

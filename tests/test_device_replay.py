@@ -19,7 +19,7 @@ LEVEL = 1.0 / 255.0 / min(IMAGENET_STD)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     pytest.importorskip("skimage")
-    from fastload.bench.data import build_all
+    from fastload.datasets import build_all
     from fastload.replay.native import have_jpeg
 
     if not have_jpeg():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastload
-from fastload.bench.reinforce import make_images, make_teacher
+from fastload.datasets import make_images, make_teacher
 from fastload.sample import params as P
 from fastload.sample.policy import AugmentPolicy
 

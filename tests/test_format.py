@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fastload.bench.reinforce import make_images, make_teacher
+from fastload.datasets import make_images, make_teacher
 from fastload.format import manifest as mf
 from fastload.format.shards import (decode_array, decode_augs, decode_targets, encode_array, encode_augs,
                                     encode_targets)

@@ -373,7 +373,7 @@ def test_loader_never_serves_a_sample_of_a_changed_shard(tmp_path):
     stops ReinforcedLoader with the error naming the shard, with on_error="skip" too: a
     corrupt file is not a bad image to skip."""
     import fastload
-    from fastload.bench.reinforce import make_images, make_teacher
+    from fastload.datasets import make_images, make_teacher
     from fastload.sample.policy import AugmentPolicy
 
     imgs = str(tmp_path / "imgs")

@@ -32,6 +32,8 @@ def test_torchrun_variable_resolution_compiled(tmp_path):
         # session note). One rerun; a second abort fails the test.
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ok = [line for line in p.stdout.splitlines() if line.startswith("torchrun_ddp: OK")]
+    assert len(ok) == 1 and "2 ranks" in ok[0], p.stdout[-2000:]  # one success line, from rank 0
     r0, r1 = _steps(w, 0), _steps(w, 1)
     assert len(r0) == len(r1) > 0
     assert [s[:5] for s in r0] == [s[:5] for s in r1]          # same step, b, h, w on both ranks

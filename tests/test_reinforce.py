@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastload
-from fastload.bench.reinforce import make_images, make_teacher
+from fastload.datasets import make_images, make_teacher
 from fastload.sample.policy import AugmentPolicy
 
 SIZE = 48

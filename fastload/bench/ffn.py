@@ -21,6 +21,8 @@ No masks from a real ReLU LLM are used (none is available offline).
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import copy
 import math
 import statistics
@@ -273,7 +275,7 @@ def e2e(reps, n_new, sparsity_bias, log, d=2048, layers=2):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastload bench --ffn", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="fastload bench --ffn", description=describe(__doc__))
     p.add_argument("--d-model", type=int, default=4096)
     p.add_argument("--d-ff", type=int, default=11008)
     p.add_argument("--kinds", default="plain,gated")

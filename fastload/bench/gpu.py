@@ -33,6 +33,8 @@ Run from a source checkout on a GPU machine::
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import contextlib
 import datetime
 import hashlib
@@ -512,7 +514,7 @@ def section_dali(run: Run, res: dict, deadline: float) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastload bench --gpu", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fastload bench --gpu", description=describe(__doc__))
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu.json"))
     ap.add_argument("--dry-run", action="store_true",
                     help="run every section on the CPU in Triton's interpreter at tiny shapes")

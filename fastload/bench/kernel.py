@@ -17,6 +17,8 @@ Run: ``python benchmarks/kernel.py [--batch 64] [--size 224] [--reps 7]``; write
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import io
 import os
 import statistics
@@ -86,7 +88,7 @@ def _time(fn):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastload bench-kernel", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="fastload bench --kernel", description=describe(__doc__))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--reps", type=int, default=7)

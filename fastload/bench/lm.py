@@ -10,6 +10,8 @@ bandwidth measured in the same run. Writes ``benchmarks/results/lm.json`` and a 
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import glob
 import os
 import shutil
@@ -184,7 +186,7 @@ def plot(res, path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastload bench --lm", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="fastload bench --lm", description=describe(__doc__))
     ap.add_argument("--max-buckets", type=int, nargs="+", default=[13, 11], help="log2 of max lengths")
     ap.add_argument("--tokens-per-step", type=int, default=1 << 16)
     ap.add_argument("--cycles", type=int, default=1)

@@ -6,6 +6,8 @@ published). Writes benchmarks/results/mldr_import.json."""
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import os
 import shutil
 import sys
@@ -63,7 +65,7 @@ def run(n_images: int, num_samples: int, variants, fmt: str, workdir: str) -> li
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastload.bench.mldr_import", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m fastload.bench.mldr_import", description=describe(__doc__))
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--num-samples", type=int, default=50, help="augmentations per image (ImageNet+: 50)")
     ap.add_argument("--format", default="tar.gz", choices=("tar", "tar.gz", "dir"))

@@ -3,56 +3,23 @@ Arrow IPC vs Parquet random access through a memory map.
 
 Run: ``python benchmarks/reinforce.py`` (a few seconds; writes benchmarks/results/reinforce.json).
 
-Also holds the small embedded test data (photos from scikit-image, a tiny deterministic
-teacher) that the tests use.
+The small embedded test data (photos from scikit-image, a tiny deterministic teacher) is in
+``fastload.datasets``.
 """
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
-
-def make_images(root: str, n: int = 12, classes: int = 3, seed: int = 0, quality: int = 90) -> List[str]:
-    """Write ``n`` JPEG crops of scikit-image photos as an ImageFolder (``c<k>/<i>.jpg``)."""
-    import skimage.data as sd
-    from PIL import Image
-
-    photos = [sd.astronaut(), sd.chelsea(), sd.coffee(), sd.rocket()]
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = photos[i % len(photos)]
-        h, w = p.shape[:2]
-        f = rng.uniform(0.5, 0.9)
-        ch, cw = int(h * f), int(w * rng.uniform(0.5, 0.9))
-        t, l = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        d = os.path.join(root, f"c{i % classes}")
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{i:04d}.jpg")
-        Image.fromarray(np.ascontiguousarray(p[t:t + ch, l:l + cw])).save(path, quality=quality)
-        paths.append(path)
-    return paths
-
-
-def make_teacher(num_classes: int = 20, seed: int = 0, sharpness: float = 8.0):
-    """A tiny deterministic conv net (fixed seed), logits scaled so the softmax is peaked."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32, num_classes))
-    with torch.no_grad():
-        for prm in net.parameters():
-            prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
-        net[-1].weight.mul_(sharpness)
-    return net.eval()
+from fastload.datasets import make_images, make_teacher  # noqa: F401 - old import path
 
 
 def _synthetic_targets(rng, rows: int, n: int, k: int, classes: int = 1000):
@@ -201,7 +168,7 @@ def generation(tmp: str, images: int = 24, n: int = 16, image_size: int = 224, b
 def main(argv=None) -> int:
     from fastload.bench._common import write_result
 
-    ap = argparse.ArgumentParser(prog="fastload bench reinforce")
+    ap = argparse.ArgumentParser(prog="fastload bench --reinforce", description=describe(__doc__))
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     a = ap.parse_args(argv)
@@ -215,7 +182,7 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     payload = {
         "format_size": size, "format_size_target_bytes_per_aug_k10": 40,
-        "format_size_reference_ml_dr": "65-104 B per augmentation (derived, RECIPES.md section 1)",
+        "format_size_reference_ml_dr": "65-104 B per augmentation (derived from the ml-dr format description)",
         "format_size_note": ("params from fastload.sample.policy.sample_params on ImageNet-like source sizes; "
                              "targets from a synthetic 1000-class teacher (per-image class affinity + "
                              "per-augmentation noise); see generation.*.bytes_per_aug_tiny_teacher_k10 for "

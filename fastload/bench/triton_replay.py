@@ -25,6 +25,8 @@ records (RandAugment magnitudes from cached tables) and the upload call; writes
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import sys
 
 import numpy as np
@@ -129,14 +131,14 @@ def host_side(args) -> int:
         "batch": B, "size": args.size, "src": [H, W], "rows": rows, "load_avg": os.getloadavg(),
         "what": "host side of kernels.replay.replay_batch per batch, kernel launches stubbed, "
                 "tensors on the meta device (no copy); wall-clock median",
-        "before": "15.6-18.7 ms per batch of 256 with RandAugment (issue 14, same CPU, launches "
+        "before": "15.6-18.7 ms per batch of 256 with RandAugment (before the host-side rewrite, same CPU, launches "
                   "stubbed): pack_ra rebuilt magnitudes per call, ~6 pageable copies"})
     print("wrote", path)
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fastload bench --triton", description=describe(__doc__))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--src", type=int, nargs=2, default=(375, 500), metavar=("H", "W"),

@@ -1,4 +1,4 @@
-"""``fastload bench --variable``: variable-resolution batching (RECIPES.md section 3).
+"""``fastload bench --variable``: variable-resolution batching (the variable-resolution recipe).
 
 Three measurements, side by side in one run:
 
@@ -20,6 +20,8 @@ Example::
 from __future__ import annotations
 
 import argparse
+
+from fastload.cli import describe
 import os
 import random
 import time
@@ -254,7 +256,7 @@ def bench_loader(n_images: int, epochs: int, rounds_n: int, threads: int, cache_
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastload bench --variable", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="fastload bench --variable", description=describe(__doc__))
     ap.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
     ap.add_argument("--samples", type=int, default=None, help=f"samples per epoch for the overhead (default {IMAGENET})")
     ap.add_argument("--epochs", type=int, default=30, help="epochs of the compute comparison")

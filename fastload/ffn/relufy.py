@@ -1,6 +1,6 @@
 """Relufication and sparse FFN swapping for models built from plain torch modules.
 
-Recognized FFN blocks (RECIPES.md section 5):
+Recognized FFN blocks:
 
 * ``nn.Sequential(Linear, act, [Dropout], Linear)``;
 * a module whose children include an up ``nn.Linear`` (``c_fc``, ``fc1``, ``fc_in``,

@@ -1,9 +1,9 @@
 """Exact sparse execution of ReLU FFN blocks (``fastload.SparseReLUFFN``).
 
-Why: after ReLU most FFN activations are exactly zero (>90% in ReLU LLMs, RECIPES.md
-section 5). A zero activation makes the matching row of ``W_down^T`` irrelevant, so in
-memory-bound decoding the down-projection only has to read the active rows: speed-up
-ceiling ``1/u`` with ``u`` the active fraction (union over the batch).
+Why: after ReLU most FFN activations are exactly zero (>90% in ReLU LLMs). A zero
+activation makes the matching row of ``W_down^T`` irrelevant, so in memory-bound decoding
+the down-projection only has to read the active rows: speed-up ceiling ``1/u`` with ``u``
+the active fraction (union over the batch).
 
 How: the up (and gate) projection stays dense (``torch.nn.functional.linear``); the
 down-projection weight is also kept transposed, ``[d_ff, d_model]`` row-major in the weight

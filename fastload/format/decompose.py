@@ -712,8 +712,10 @@ def _summary_text(m: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastload decompose", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from fastload.cli import DefaultsFormatter, describe
+
+    ap = argparse.ArgumentParser(prog="fastload decompose", description=describe(__doc__),
+                                 formatter_class=DefaultsFormatter)
     ap.add_argument("input", help="token dataset: .parquet/.arrow/.npz file or a folder of them "
                                   "(or a folder of text files with --text)")
     ap.add_argument("out_positional", nargs="?", default=None, metavar="OUT",
@@ -757,5 +759,14 @@ def main(argv=None) -> int:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    rows = sum(b["rows"] for b in m["buckets"].values())
+    if rows == 0:
+        # an empty dataset is no result: say why and keep nothing
+        shutil.rmtree(a.out, ignore_errors=True)
+        shortest = 2 ** a.min_bucket
+        print(f"fastload decompose: error: every one of the {m['documents']:,} documents was dropped "
+              f"(none reaches the shortest chunk, 2**{a.min_bucket} = {shortest} tokens with its end-of-text "
+              f"token); lower --min-bucket; nothing was written to {a.out}", file=sys.stderr)
+        return 2
     print(_summary_text(m))
     return 0

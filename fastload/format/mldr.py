@@ -866,7 +866,7 @@ def _plain(v):
 
 def main(argv=None) -> int:
     """``fastload import-mldr ARCHIVE --images IMAGENET/training --out DIR``."""
-    ap = argparse.ArgumentParser(prog="fastload import-mldr", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fastload import-mldr", description=__import__("fastload.cli").cli.describe(__doc__))
     ap.add_argument("archive", help="ml-dr reinforced_data.tar(.gz) or its extracted folder")
     ap.add_argument("--images", required=True, help="the ImageNet-style training folder (root/class/image)")
     ap.add_argument("--out", required=True)
