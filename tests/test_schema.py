@@ -304,3 +304,34 @@ def test_producers_write_the_op_table_from_the_schema(tmp_path):
     assert w.manifest["ra_ops"] == list(S.RA_OPS)
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["ra_ops"] == list(S.RA_OPS)
+
+
+def test_forged_ext_blob_in_a_dataset_names_the_shard_and_row(tmp_path, gib_frame):
+    """As a user meets it: a v2 dataset whose augs_ext cell is the forged blob."""
+    import shutil
+
+    import pyarrow as pa
+
+    from fastload.format.reader import ReinforcedDataset
+    from fastload.format.writer import write_shard_file
+
+    root = tmp_path / "ds"
+    shutil.copytree(os.path.join(ROOT, "tests", "data", "v1_dataset"), root)
+    m = json.loads((root / "manifest.json").read_text())
+    n_aug = m["num_augmentations"]
+    entry = m["shards"][0]
+    with pa.memory_map(str(root / entry["file"])) as f:
+        batch = pa.ipc.open_file(f).get_batch(0)
+    cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+    forged = struct.pack("<BBHII", 1, 1, 0, n_aug, n_aug * 65) + gib_frame
+    cols["augs_ext"] = [forged] + [b""] * (batch.num_rows - 1)
+    (root / entry["file"]).unlink()
+    new = write_shard_file(str(root), 0, cols, m["kind"])
+    m["shards"][0] = {**entry, **new}
+    m["schema_version"] = 2
+    (root / "manifest.json").write_text(json.dumps(m))
+    ds = ReinforcedDataset(str(root))
+    assert ds.has_ext and (ds.augs_ext(1)["pra_ops"] == S.RA_NONE).all()
+    peak, err = _peak_during(lambda: ds.augs_ext(0))
+    assert peak < 16 << 20, peak
+    assert entry["file"] in str(err) and "row 0" in str(err) and "declares" in str(err), str(err)
