@@ -12,8 +12,8 @@ Everything that knows a record's layout is derived from the tables below:
 - the shard codec's column groups and pixel-mode boxes (``fastload.format.shards``);
 - the field-tagged ``augs_ext`` storage (``fastload.format.record_ext``);
 - the export columns (``fastload.format.export``);
-- the manifest's RandAugment op table (written by :func:`manifest_tables`, checked on open by
-  :func:`check_manifest_tables`).
+- the manifest's RandAugment op table (written by :func:`manifest_tables`, checked on open with
+  :func:`op_table_problem`).
 
 Adding an extension field: append a :class:`Field` to ``AUG_EXT`` and regenerate the header
 (old datasets read it as its ``default``). Adding a RandAugment op family: append its ops to
@@ -282,24 +282,22 @@ def manifest_tables() -> dict:
     return {"ra_ops": list(RA_OPS)}
 
 
-def check_manifest_tables(m: dict, where: str) -> None:
-    """A dataset's op table must be a prefix of this fastload's (ids are stored): a
-    mismatch is an error naming ``where`` (datasets without the table read as before)."""
-    from fastload.format.manifest import CorruptDataError
-
-    ops = m.get("ra_ops")
+def op_table_problem(ops) -> Optional[str]:
+    """What is wrong with a dataset's stored op table (None: nothing). It must be a prefix
+    of this fastload's: op ids are stored, so a renamed or unknown op changes their meaning.
+    A dataset without the table (``ops is None``) reads as before."""
     if ops is None:
-        return
+        return None
     if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
-        raise CorruptDataError(where, "ra_ops must be a list of op names")
+        return "ra_ops must be a list of op names"
     if len(ops) > len(RA_OPS):
-        raise CorruptDataError(where, f"the dataset's RandAugment op table has {len(ops)} ops, this fastload "
-                                      f"knows {len(RA_OPS)} ({', '.join(ops[len(RA_OPS):])} unknown): upgrade "
-                                      f"fastload to read it")
+        return (f"the dataset's RandAugment op table has {len(ops)} ops, this fastload knows {len(RA_OPS)} "
+                f"({', '.join(ops[len(RA_OPS):])} unknown): upgrade fastload to read it")
     for i, (a, b) in enumerate(zip(ops, RA_OPS)):
         if a != b:
-            raise CorruptDataError(where, f"the dataset's RandAugment op {i} is {a!r}, this fastload's is {b!r}: "
-                                          f"its stored op ids mean other ops")
+            return (f"the dataset's RandAugment op {i} is {a!r}, this fastload's is {b!r}: its stored op ids "
+                    f"mean other ops")
+    return None
 
 
 # -- the C header
