@@ -30,10 +30,7 @@ from fastload.sample import schema as S
 
 def _pixels(q: np.ndarray, hw: np.ndarray):
     """Vectorized ``params.box_to_pixels``: quantized boxes [n, 4] in images hw [n, 2]."""
-    h, w = hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
-    bh = np.minimum(h, np.maximum(1, S.dq_array(q[:, 2], h)))
-    bw = np.minimum(w, np.maximum(1, S.dq_array(q[:, 3], w)))
-    return np.minimum(S.dq_array(q[:, 0], h), h - bh), np.minimum(S.dq_array(q[:, 1], w), w - bw), bh, bw
+    return S.box_to_pixels_array(q, hw[:, 0], hw[:, 1])
 
 
 def _frac(q: np.ndarray) -> np.ndarray:

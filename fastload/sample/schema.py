@@ -52,6 +52,16 @@ def dq_array(q: np.ndarray, n) -> np.ndarray:
     return (np.asarray(q).astype(np.int64) * np.asarray(n, dtype=np.int64) + DQ_ROUND) // Q
 
 
+def box_to_pixels_array(q: np.ndarray, h, w):
+    """Quantized (top, left, height, width) boxes [n, 4] -> integer boxes inside h x w images
+    (arrays or scalars): (top, left, bh, bw), each [n]; ``params.box_to_pixels`` for arrays."""
+    q = np.asarray(q).astype(np.int64)
+    h, w = np.asarray(h, np.int64), np.asarray(w, np.int64)
+    bh = np.minimum(h, np.maximum(1, dq_array(q[:, 2], h)))
+    bw = np.minimum(w, np.maximum(1, dq_array(q[:, 3], w)))
+    return np.minimum(dq_array(q[:, 0], h), h - bh), np.minimum(dq_array(q[:, 1], w), w - bw), bh, bw
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One field of a packed record.
