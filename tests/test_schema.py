@@ -306,8 +306,9 @@ def test_producers_write_the_op_table_from_the_schema(tmp_path):
     assert m["ra_ops"] == list(S.RA_OPS)
 
 
-def test_forged_ext_blob_in_a_dataset_names_the_shard_and_row(tmp_path, gib_frame):
-    """As a user meets it: a v2 dataset whose augs_ext cell is the forged blob."""
+def _dataset_with_ext(root, blobs_fn):
+    """tests/data/v1_dataset copied to ``root`` as a v2 dataset whose augs_ext column is
+    ``blobs_fn(num_rows, num_augmentations)``."""
     import shutil
 
     import pyarrow as pa
@@ -315,23 +316,67 @@ def test_forged_ext_blob_in_a_dataset_names_the_shard_and_row(tmp_path, gib_fram
     from fastload.format.reader import ReinforcedDataset
     from fastload.format.writer import write_shard_file
 
-    root = tmp_path / "ds"
     shutil.copytree(os.path.join(ROOT, "tests", "data", "v1_dataset"), root)
     m = json.loads((root / "manifest.json").read_text())
-    n_aug = m["num_augmentations"]
     entry = m["shards"][0]
     with pa.memory_map(str(root / entry["file"])) as f:
         batch = pa.ipc.open_file(f).get_batch(0)
     cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-    forged = struct.pack("<BBHII", 1, 1, 0, n_aug, n_aug * 65) + gib_frame
-    cols["augs_ext"] = [forged] + [b""] * (batch.num_rows - 1)
+    cols["augs_ext"] = blobs_fn(batch.num_rows, m["num_augmentations"])
     (root / entry["file"]).unlink()
-    new = write_shard_file(str(root), 0, cols, m["kind"])
-    m["shards"][0] = {**entry, **new}
+    m["shards"][0] = {**entry, **write_shard_file(str(root), 0, cols, m["kind"])}
     m["schema_version"] = 2
     (root / "manifest.json").write_text(json.dumps(m))
-    ds = ReinforcedDataset(str(root))
+    return ReinforcedDataset(str(root)), entry["file"]
+
+
+def test_forged_ext_blob_in_a_dataset_names_the_shard_and_row(tmp_path, gib_frame):
+    """As a user meets it: a v2 dataset whose augs_ext cell is the forged blob."""
+    ds, shard = _dataset_with_ext(tmp_path / "ds", lambda rows, n: [
+        struct.pack("<BBHII", 1, 1, 0, n, n * 65) + gib_frame] + [b""] * (rows - 1))
     assert ds.has_ext and (ds.augs_ext(1)["pra_ops"] == S.RA_NONE).all()
     peak, err = _peak_during(lambda: ds.augs_ext(0))
     assert peak < 16 << 20, peak
-    assert entry["file"] in str(err) and "row 0" in str(err) and "declares" in str(err), str(err)
+    assert shard in str(err) and "row 0" in str(err) and "declares" in str(err), str(err)
+
+
+def test_export_has_the_extension_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    from fastload.format.export import export_params
+    from fastload.format.record_ext import encode_ext
+
+    def blobs(rows, n):
+        out = []
+        for r in range(rows):
+            e = P.empty_ext(n)
+            e["ext"][0] = P.EXT_RA_FLOAT | P.EXT_PARTNER_AUG | P.EXT_ERASE_BLACK
+            e["ra_vals"][0] = (1.5, -2.5, 3.0, 4.0)
+            e["pra_ops"][0, :2] = (3, 11)
+            e["pra_mags"][0, :2] = (-7, 5)
+            e["pra_vals"][0, :2] = (-0.25, 120.0)
+            e["perase"][n - 1] = (0, 0, 30000, 20000)
+            e["cutmix_lam"][:] = 0.25 + r
+            out.append(encode_ext(e))
+        return out
+
+    ds, _ = _dataset_with_ext(tmp_path / "ds", blobs)
+    out = str(tmp_path / "p.parquet")
+    assert export_params(ds, out, progress=False) == len(ds) * ds.num_augmentations
+    rows = pq.read_table(out).to_pylist()
+    for r in rows:
+        rec, e = ds.augs(r["id"])[r["aug"]], ds.augs_ext(r["id"])[r["aug"]]
+        used = rec["ra_ops"] != S.RA_NONE
+        assert r["cutmix_lambda"] == e["cutmix_lam"] == 0.25 + r["id"]
+        assert r["erase_black"] == (r["aug"] == 0) and r["cutmix_empty"] is False
+        if r["aug"] == 0:
+            assert r["ra_values"] == [1.5, -2.5, 3.0, 4.0][:int(used.sum())]
+            assert r["partner_ra_ops"] == ["TranslateX", "Solarize"] and r["partner_ra_magnitudes"] == [-7, 5]
+            assert r["partner_ra_values"] == [-0.25, 120.0]
+        else:
+            assert r["ra_values"] is None and r["partner_ra_ops"] is None and r["partner_ra_values"] is None
+        if r["aug"] == ds.num_augmentations - 1:
+            assert r["partner_erase_height"] == pytest.approx(30000 / S.Q)
+        else:
+            assert r["partner_erase_height"] is None
+    assert any(r["ra_values"] for r in rows)

@@ -73,7 +73,8 @@ class Field:
     column or None); ``group``: the shard codec group (base record); ``export``: column name
     (prefix for boxes) of ``fastload inspect --export``, None = not exported directly;
     ``present``: when the exported value is meaningful (None: always; ("flag", name): a bit
-    of ``flags``; ("nonzero", component); ("partner",): the record has a partner).
+    of ``flags``; ("nonzero", component); ("partner",): the record has a partner; ("ext", name):
+    a bit of the extension's ``ext``).
     """
 
     name: str
@@ -84,7 +85,8 @@ class Field:
     box: Optional[str] = None
     quant: Optional[str] = None  # "fraction": q / Q
     bits: Tuple[tuple, ...] = ()
-    role: Optional[str] = None  # "op_ids", "op_bins" (of the op_ids field before it), "index"
+    role: Optional[str] = None  # "op_ids", "op_bins", "op_values" (per slot of the op_ids field `of`), "index"
+    of: Optional[str] = None
     group: int = -1
     export: Optional[str] = None
     present: Optional[tuple] = None
@@ -161,8 +163,8 @@ _BOX = "top, left, height, width as fractions of the {}, 1/Q units"
 # (value, name, export column or None, when the column is meaningful: see Field.present)
 FLAG_BITS = ((1, "flip", "flip", None), (2, "partner_flip", "partner_flip", ("partner",)),
              (4, "mixup", None, None), (8, "cutmix", None, None))
-EXT_BITS = ((1, "ra_float", None, None), (2, "erase_black", None, None), (4, "cutmix_empty", None, None),
-            (8, "partner_aug", None, None))
+EXT_BITS = ((1, "ra_float", None, None), (2, "erase_black", "erase_black", None),
+            (4, "cutmix_empty", "cutmix_empty", None), (8, "partner_aug", None, None))
 
 AUG = Record("augs", "Aug", True, (
     Field("crop", "<u2", 4, "RandomResizedCrop box: " + _BOX.format("source image"), default=(0, 0, Q, Q),
@@ -172,7 +174,7 @@ AUG = Record("augs", "Aug", True, (
     Field("ra_ops", "u1", MAX_RA, "RandAugment op ids in the order applied (RA_NONE: unused slot)",
           default=RA_NONE, group=1, export="ra_ops", role="op_ids"),
     Field("ra_mags", "i1", MAX_RA, "signed magnitude bins (sign = direction for signed ops)", group=1,
-          export="ra_magnitudes", role="op_bins"),
+          export="ra_magnitudes", role="op_bins", of="ra_ops"),
     Field("erase", "<u2", 4, "RandomErasing box: " + _BOX.format("output") + "; width 0 = none", box="output",
           group=2, export="erase", present=("nonzero", 3)),
     Field("partner", "<i4", 1, "dataset index of the MixUp/CutMix partner (-1: none)", default=-1, group=1,
@@ -187,15 +189,19 @@ AUG = Record("augs", "Aug", True, (
 
 AUG_EXT = Record("augs_ext", "AugExt", True, (
     Field("ext", "u1", 1, "extension bits", bits=EXT_BITS),
-    Field("ra_vals", "<f4", MAX_RA, "float RandAugment magnitudes (ext ra_float); translations in box-grid pixels"),
+    Field("ra_vals", "<f4", MAX_RA, "float RandAugment magnitudes (ext ra_float); translations in box-grid pixels",
+          export="ra_values", role="op_values", of="ra_ops", present=("ext", "ra_float")),
     Field("pra_ops", "u1", MAX_RA, "the partner's own RandAugment op ids (ext partner_aug)", default=RA_NONE,
-          role="op_ids"),
-    Field("pra_mags", "i1", MAX_RA, "the partner's magnitude bins", role="op_bins"),
-    Field("pra_vals", "<f4", MAX_RA, "the partner's float magnitudes"),
+          export="partner_ra_ops", role="op_ids", present=("ext", "partner_aug")),
+    Field("pra_mags", "i1", MAX_RA, "the partner's magnitude bins", export="partner_ra_magnitudes", role="op_bins",
+          of="pra_ops", present=("ext", "partner_aug")),
+    Field("pra_vals", "<f4", MAX_RA, "the partner's float magnitudes", export="partner_ra_values",
+          role="op_values", of="pra_ops", present=("ext", "ra_float")),
     Field("perase", "<u2", 4, "the partner's erase box: " + _BOX.format("output") + "; width 0 = none",
-          box="output"),
-    Field("mixup_f", "<f8", 1, "exact MixUp lambda (informational: kernels use Aug.mixup)"),
-    Field("cutmix_lam", "<f8", 1, "exact CutMix Beta draw (informational)"),
+          box="output", export="partner_erase", present=("nonzero", 3)),
+    Field("mixup_f", "<f8", 1, "exact MixUp lambda (informational: kernels use Aug.mixup)",
+          export="mixup_lambda_exact", present=("flag", "mixup")),
+    Field("cutmix_lam", "<f8", 1, "exact CutMix Beta draw (informational)", export="cutmix_lambda"),
 ), "Schema-v2 extension record (one per base record; optional column augs_ext).")
 
 # The options of the replay entry point fl_replay (natural alignment, not stored anywhere).
