@@ -222,8 +222,9 @@ def test_two_loaders_render_concurrently():
 # ---------------------------------------------------------------- item 8d: aligned loads
 def test_records_at_odd_addresses_render_like_aligned_ones():
     # Records are packed (47 bytes): record i starts at an odd address for odd i, and the
-    # erase box is a uint16_t[4] at offset 13. The sanitizer job (UBSan alignment check) runs
-    # this with misaligned record bytes; the values must match an aligned copy.
+    # erase box is a uint16_t[4] at offset 17 (schema.AUG.offsets()). The sanitizer job
+    # (UBSan alignment check) runs this with misaligned record bytes; the values must match
+    # an aligned copy.
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     rec = P.empty(5)

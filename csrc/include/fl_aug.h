@@ -52,6 +52,15 @@ inline bool ra_signed(int op) {
 // ReplayOptions::ra_semantics
 constexpr int kRASemV1 = 0;  // family torchvision
 constexpr int kRASemV2 = 1;  // family torchvision
+inline bool ra_semantics_known(int s) {
+  switch (s) {
+    case kRASemV1:
+    case kRASemV2:
+      return true;
+    default:
+      return false;
+  }
+}
 
 // The stored augmentation record (one per stored augmentation). Frozen.
 #pragma pack(push, 1)

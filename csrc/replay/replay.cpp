@@ -514,7 +514,7 @@ FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* a
   if (o.interpolation < 0 || o.interpolation > 1) return fl::fail("unknown interpolation code %d", o.interpolation);
   if (o.dct_rule < fl::kDctOff || o.dct_rule > fl::kDctM8) return fl::fail("unknown DCT rule %d", o.dct_rule);
   if (o.decoder_flags & ~3) return fl::fail("unknown decoder flags %#x", o.decoder_flags);
-  if (o.ra_semantics != fl::kRASemV1 && o.ra_semantics != fl::kRASemV2)
+  if (!fl::ra_semantics_known(o.ra_semantics))
     return fl::fail("unknown RandAugment semantics %d", o.ra_semantics);
   if (o.ra_num_bins < 2 || o.ra_num_bins > 128) return fl::fail("ra_num_bins %d outside [2, 128]", o.ra_num_bins);
   if (o.grid_h < 0 || o.grid_w < 0) return fl::fail("box grid must be non-negative, got %dx%d", o.grid_h, o.grid_w);

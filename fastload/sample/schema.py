@@ -365,6 +365,9 @@ def render_header() -> str:
     L += ["      return true;", "    default:", "      return false;", "  }", "}",
           "// ReplayOptions::ra_semantics"]
     L += [f"constexpr int kRASem{_camel(n)} = {i};  // family {fam}" for n, (i, fam) in RA_SEMANTICS.items()]
+    L += ["inline bool ra_semantics_known(int s) {", "  switch (s) {"]
+    L += [f"    case kRASem{_camel(n)}:" for n in RA_SEMANTICS]
+    L += ["      return true;", "    default:", "      return false;", "  }", "}"]
     L.append("")
     for k, rec in enumerate(RECORDS):
         L += _struct(rec)
