@@ -541,7 +541,6 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
     """
     import torch
 
-    from fastload.sample.params import RA_OPS
     from fastload.sample.policy import AugmentPolicy
 
     if engine not in ("local", "ray"):
@@ -627,7 +626,7 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
                    "store_images": bool(store_images), "on_error": on_error}
     header = {"kind": "classification", "num_augmentations": int(num_augmentations), "topk": int(topk),
               "num_classes": int(num_classes), "seeds": [int(seed)], "policy": policy.to_dict(),
-              "ra_ops": list(RA_OPS), "replay": replay, "teachers": tdesc, "shard_size": int(shard_size),
+              "replay": replay, "teachers": tdesc, "shard_size": int(shard_size),
               "classes": src.classes or None, "images_stored": bool(store_images),
               "image_encoding": {"kept_if_jpeg": True, "reencode_max_side": reencode_max_side,
                                  "jpeg_quality": JPEG_QUALITY}, "skipped": skipped}

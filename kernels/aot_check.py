@@ -87,7 +87,8 @@ def _records(n, ra: bool, mix: bool):
     rec["flags"] = P.FLAG_FLIP
     if ra:  # every op, including the three that need whole-image statistics
         for i in range(n):
-            rec[i]["ra_ops"][:2] = ((2 * i) % 14, (2 * i + 1) % 14)
+            k = len(P.RA_OPS)
+            rec[i]["ra_ops"][:2] = ((2 * i) % k, (2 * i + 1) % k)
             rec[i]["ra_mags"][:2] = (9, -9)
     if mix:
         rec["flags"] |= P.FLAG_MIXUP

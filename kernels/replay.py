@@ -7,7 +7,7 @@ Inputs: ``images`` [B, Hmax, Wmax, 3] uint8 (padded; image b occupies the top-le
 ``hw[b]`` = (h_b, w_b) corner) and one ``AUG_DTYPE`` record per image
 (``fastload.sample.params``). The records' fields travel as one small int32 tensor [B, 18];
 boxes are dequantized in the kernel with the library's integer rule
-``dq(q, n) = (q * n + 32767) // 65535`` (int64 products), so the kernel crops exactly the
+``schema.dq`` (``(q * n + DQ_ROUND) // Q``, int64 products), so the kernel crops exactly the
 pixels the C++ path and the reference crop.
 
 Semantics are those of ``fastload.replay.reference.render_reference`` (torchvision's uint8
@@ -69,20 +69,39 @@ import triton
 import triton.language as tl
 
 from fastload.sample import params as P
+from fastload.sample import schema as _schema
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Columns of the int32 parameter tensor [B, NPARAM]. (Integer sizes are not specialized:
-# a size of 1 would otherwise become a constexpr without .to().)
-_CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX, _PROW = 0, 4, 5, 9, 13, 17
-NPARAM = 18
+# Columns of the int32 parameter tensor [B, NPARAM]: the record fields the kernels read per
+# pixel, laid out by the schema, then the partner's batch row. (Integer sizes are not
+# specialized: a size of 1 would otherwise become a constexpr without .to().)
+_COLS = _schema.device_columns(_schema.AUG)
+_CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX = (_COLS[k] for k in ("crop", "flags", "erase", "pcrop", "cutmix"))
+_PROW = max(_COLS.values()) + _schema.AUG.field(max(_COLS, key=_COLS.get)).count
+NPARAM = _PROW + 1
+# ... and as constexprs for the jitted code (which reads only constexpr globals)
+_C_CROP, _C_FLAGS, _C_ERASE, _C_PCROP, _C_CUTMIX, _C_PROW = (
+    tl.constexpr(v) for v in (_CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX, _PROW))
+_F_FLIP, _F_PFLIP, _F_MIXUP, _F_CUTMIX = (
+    tl.constexpr(v) for v in (P.FLAG_FLIP, P.FLAG_PARTNER_FLIP, P.FLAG_MIXUP, P.FLAG_CUTMIX))
+_Q, _DQ_ROUND = tl.constexpr(_schema.Q), tl.constexpr(_schema.DQ_ROUND)
+# RandAugment op ids from the schema's table (stored on disk)
+_OP = _schema.RA_OP_ID
+(_OP_SHEARX, _OP_ROTATE, _OP_BRIGHTNESS, _OP_COLOR, _OP_CONTRAST, _OP_SHARPNESS, _OP_POSTERIZE, _OP_SOLARIZE,
+ _OP_AUTOCONTRAST, _OP_EQUALIZE) = (tl.constexpr(_OP[k]) for k in (
+    "ShearX", "Rotate", "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast",
+    "Equalize"))
+# the geometric ops are tested as one id range
+assert [_OP[k] for k in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")] == \
+    list(range(_OP["ShearX"], _OP["Rotate"] + 1))
 
 
 @triton.jit
 def _dq(q, n):
-    # The library's dequantization rule, in int64 (q * n overflows int32).
-    return ((q.to(tl.int64) * n.to(tl.int64) + 32767) // 65535).to(tl.int32)
+    # The library's dequantization rule (schema.dq), in int64 (q * n overflows int32).
+    return ((q.to(tl.int64) * n.to(tl.int64) + _DQ_ROUND) // _Q).to(tl.int32)
 
 
 @triton.jit
@@ -252,7 +271,7 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
     row_stride = Wmax * 3
     img_stride = Hmax.to(tl.int64) * row_stride
 
-    flags = tl.load(prm + 4)
+    flags = tl.load(prm + _C_FLAGS)
     if FROM_U8:
         # the main image was rendered (and RandAugment'ed) into mid [B, 3, h, w] uint8
         mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
@@ -260,41 +279,41 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
         v1 = tl.load(mb + npix, mask=mask, other=0).to(tl.float32)
         v2 = tl.load(mb + 2 * npix, mask=mask, other=0).to(tl.float32)
     else:
-        top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0,
+        top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, _C_CROP, 0,
                                                            FRAC)
         base = img_ptr + b.to(tl.int64) * img_stride
         v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
-                                out_h, out_w, flags & 1, mask, CUBIC, KXC)
+                                out_h, out_w, flags & _F_FLIP, mask, CUBIC, KXC)
     x0 = tl.div_rn(tl.div_rn(v0, 255.0) - m0, s0)
     x1 = tl.div_rn(tl.div_rn(v1, 255.0) - m1, s1)
     x2 = tl.div_rn(tl.div_rn(v2, 255.0) - m2, s2)
 
     # RandomErasing(value=0) after Normalize
-    if tl.load(prm + 8) != 0:
-        et, el, eh, ew = _box(prm, 5, out_h, out_w)
+    if tl.load(prm + _C_ERASE + 3) != 0:  # width 0 = no erasing
+        et, el, eh, ew = _box(prm, _C_ERASE, out_h, out_w)
         er = (oy >= et) & (oy < et + eh) & (ox >= el) & (ox < el + ew)
         x0 = tl.where(er, 0.0, x0)
         x1 = tl.where(er, 0.0, x1)
         x2 = tl.where(er, 0.0, x2)
 
-    if (flags & 12) != 0:
-        prow = tl.load(prm + 17)
-        pt, pl, pbh, pbw, poy, pfh, pox, pfw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, prow, 9, 4,
+    if (flags & (_F_MIXUP | _F_CUTMIX)) != 0:
+        prow = tl.load(prm + _C_PROW)
+        pt, pl, pbh, pbw, poy, pfh, pox, pfw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, prow, _C_PCROP, 4,
                                                           FRAC)
         pbase = img_ptr + prow.to(tl.int64) * img_stride
         u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, poy, pfh, pox, pfw, oy, ox,
-                                out_h, out_w, (flags >> 1) & 1, mask, CUBIC, KXC)
+                                out_h, out_w, (flags // _F_PFLIP) & 1, mask, CUBIC, KXC)
         p0 = tl.div_rn(tl.div_rn(u0, 255.0) - m0, s0)
         p1 = tl.div_rn(tl.div_rn(u1, 255.0) - m1, s1)
         p2 = tl.div_rn(tl.div_rn(u2, 255.0) - m2, s2)
-        if (flags & 4) != 0:
+        if (flags & _F_MIXUP) != 0:
             lam = tl.load(lam_ptr + 2 * b)
             oml = tl.load(lam_ptr + 2 * b + 1)
             x0 = lam * x0 + oml * p0
             x1 = lam * x1 + oml * p1
             x2 = lam * x2 + oml * p2
-        if (flags & 8) != 0:
-            ct, cl, ch, cw = _box(prm, 13, out_h, out_w)
+        if (flags & _F_CUTMIX) != 0:
+            ct, cl, ch, cw = _box(prm, _C_CUTMIX, out_h, out_w)
             cm = (oy >= ct) & (oy < ct + ch) & (ox >= cl) & (ox < cl + cw)
             x0 = tl.where(cm, p0, x0)
             x1 = tl.where(cm, p1, x1)
@@ -316,19 +335,18 @@ def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, o
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
-    top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, 0, 0, FRAC)
+    top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, _C_CROP, 0, FRAC)
     base = img_ptr + b.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
     v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
-                            out_h, out_w, tl.load(prm + 4) & 1, mask, CUBIC, KXC)
+                            out_h, out_w, tl.load(prm + _C_FLAGS) & _F_FLIP, mask, CUBIC, KXC)
     mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
     tl.store(mb, v0.to(tl.uint8), mask=mask)
     tl.store(mb + npix, v1.to(tl.uint8), mask=mask)
     tl.store(mb + 2 * npix, v2.to(tl.uint8), mask=mask)
 
 
-# RandAugment op ids (fastload.sample.params.RA_OPS order; stored on disk, never reorder)
-# (the kernels test the ids as literals, named in comments); these need the stats pass:
-_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL = 8, 12, 13
+# the ops that need the stats pass
+_RA_CONTRAST, _RA_AUTOC, _RA_EQUAL = _OP["Contrast"], _OP["AutoContrast"], _OP["Equalize"]
 _NSTAT = 8  # float32 stats per image: [gray mean, lo0, lo1, lo2, scale0, scale1, scale2, -]
 
 
@@ -357,17 +375,17 @@ def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN
     offs = t * BLOCK + tl.arange(0, BLOCK)
     m = offs < npix
     acc = acc_ptr + b * 776
-    if op == 8:  # Contrast: torch.mean of the float32 grayscale (integer sum: exact)
+    if op == _OP_CONTRAST:  # Contrast: torch.mean of the float32 grayscale (integer sum: exact)
         r = tl.load(base + offs, mask=m, other=0).to(tl.float32)
         g = tl.load(base + npix + offs, mask=m, other=0).to(tl.float32)
         bl = tl.load(base + 2 * npix + offs, mask=m, other=0).to(tl.float32)
         tl.atomic_add(acc, tl.sum(tl.where(m, _gray_u8(r, g, bl).to(tl.int32), 0), axis=0))
-    if op == 12:  # AutoContrast: per-channel min/max
+    if op == _OP_AUTOCONTRAST:  # AutoContrast: per-channel min/max
         for c in tl.static_range(3):
             x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
             tl.atomic_max(acc + 1 + c, tl.max(tl.where(m, 255 - x, 0), axis=0))
             tl.atomic_max(acc + 4 + c, tl.max(tl.where(m, x, 0), axis=0))
-    if op == 13:  # Equalize: per-channel histograms (non-zero bins only)
+    if op == _OP_EQUALIZE:  # Equalize: per-channel histograms (non-zero bins only)
         bins = tl.arange(0, 256)
         for c in tl.static_range(3):
             x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
@@ -382,9 +400,9 @@ def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
     b = tl.program_id(0)
     op = tl.load(rai_ptr + 2 * b)
     acc = acc_ptr + b * 776
-    if op == 8:
+    if op == _OP_CONTRAST:
         tl.store(st_ptr + b * 8, tl.div_rn(tl.load(acc).to(tl.float32), npix * 1.0))
-    if op == 12:
+    if op == _OP_AUTOCONTRAST:
         for c in tl.static_range(3):
             lo_s = (255 - tl.load(acc + 1 + c)).to(tl.float32)
             d = tl.load(acc + 4 + c).to(tl.float32) - lo_s
@@ -394,7 +412,7 @@ def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
             scale = tl.div_rn(1.0, tl.where(flat, 1.0, d)) * 255.0
             tl.store(st_ptr + b * 8 + 1 + c, tl.where(flat, 0.0, lo_s))
             tl.store(st_ptr + b * 8 + 4 + c, tl.where(flat, 1.0, scale))
-    if op == 13:
+    if op == _OP_EQUALIZE:
         bins = tl.arange(0, 256)
         for c in tl.static_range(3):
             hist = tl.load(acc + 8 + c * 256 + bins)
@@ -451,7 +469,7 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
     x0 = tl.load(base + offs, mask=mask, other=0).to(tl.float32)
     x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
     x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
-    if (op >= 1) & (op <= 5):
+    if (op >= _OP_SHEARX) & (op <= _OP_ROTATE):
         # geometric: torchvision's affine grid (centre-origin pixel coordinates times the
         # inverse matrix pre-divided by (w/2, h/2)), grid_sample nearest, zeros outside
         bx = ox.to(tl.float32) - (w * 0.5 - 0.5)
@@ -469,38 +487,38 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
         x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
     r = tl.load(fp + 0)
     r1 = tl.load(fp + 1)
-    if op == 6:  # Brightness: blend with black
+    if op == _OP_BRIGHTNESS:  # Brightness: blend with black
         x0 = _blend(x0, 0.0, r, r1)
         x1 = _blend(x1, 0.0, r, r1)
         x2 = _blend(x2, 0.0, r, r1)
-    if op == 7:  # Color: blend with the uint8 grayscale
+    if op == _OP_COLOR:  # Color: blend with the uint8 grayscale
         g = _gray_u8(x0, x1, x2)
         x0 = _blend(x0, g, r, r1)
         x1 = _blend(x1, g, r, r1)
         x2 = _blend(x2, g, r, r1)
-    if op == 8:  # Contrast: blend with the grayscale mean (stats pass)
+    if op == _OP_CONTRAST:  # Contrast: blend with the grayscale mean (stats pass)
         mean = tl.load(st_ptr + b * 8)
         x0 = _blend(x0, mean, r, r1)
         x1 = _blend(x1, mean, r, r1)
         x2 = _blend(x2, mean, r, r1)
-    if (op == 9) & (h > 2) & (w > 2):  # Sharpness: blend with the 3x3-smoothed image
+    if (op == _OP_SHARPNESS) & (h > 2) & (w > 2):  # Sharpness: blend with the 3x3-smoothed image
         x0 = _blend(x0, _sharp_deg(base, oy, ox, h, w, mask, x0), r, r1)
         x1 = _blend(x1, _sharp_deg(base + npix, oy, ox, h, w, mask, x1), r, r1)
         x2 = _blend(x2, _sharp_deg(base + 2 * npix, oy, ox, h, w, mask, x2), r, r1)
-    if op == 10:  # Posterize: keep the top bits (ip is the uint8 mask)
+    if op == _OP_POSTERIZE:  # Posterize: keep the top bits (ip is the uint8 mask)
         x0 = (x0.to(tl.int32) & ip).to(tl.float32)
         x1 = (x1.to(tl.int32) & ip).to(tl.float32)
         x2 = (x2.to(tl.int32) & ip).to(tl.float32)
-    if op == 11:  # Solarize: invert at or above the float32 threshold
+    if op == _OP_SOLARIZE:  # Solarize: invert at or above the float32 threshold
         x0 = tl.where(x0 >= r, 255.0 - x0, x0)
         x1 = tl.where(x1 >= r, 255.0 - x1, x1)
         x2 = tl.where(x2 >= r, 255.0 - x2, x2)
-    if op == 12:  # AutoContrast: (x - lo) * scale per channel (stats pass)
+    if op == _OP_AUTOCONTRAST:  # AutoContrast: (x - lo) * scale per channel (stats pass)
         st = st_ptr + b * 8
         x0 = tl.floor(tl.minimum(tl.maximum((x0 - tl.load(st + 1)) * tl.load(st + 4), 0.0), 255.0))
         x1 = tl.floor(tl.minimum(tl.maximum((x1 - tl.load(st + 2)) * tl.load(st + 5), 0.0), 255.0))
         x2 = tl.floor(tl.minimum(tl.maximum((x2 - tl.load(st + 3)) * tl.load(st + 6), 0.0), 255.0))
-    if op == 13:  # Equalize: per-channel LUT (stats pass)
+    if op == _OP_EQUALIZE:  # Equalize: per-channel LUT (stats pass)
         lb = lut_ptr + b * 768
         x0 = tl.load(lb + x0.to(tl.int32), mask=mask, other=0).to(tl.float32)
         x1 = tl.load(lb + 256 + x1.to(tl.int32), mask=mask, other=0).to(tl.float32)

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _corpus import make_dataset, mutate_blob, mutate_manifest, records  # noqa: E402
 from _rss import vm_hwm_mib  # noqa: E402
 
+from fastload.format import record_ext as R  # noqa: E402
 from fastload.format import shards as S  # noqa: E402
 from fastload.format.manifest import MANIFEST, CorruptDataError  # noqa: E402
 
@@ -61,6 +62,15 @@ def _restore(work: str, files: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- blobs
+def _ext_v1(ext) -> bytes:
+    """An augs_ext blob as the first release wrote it (record bytes shuffled, one frame)."""
+    import zstandard
+
+    n = len(ext)
+    raw = np.ascontiguousarray(np.asarray(ext).view(np.uint8).reshape(n, 65).T).tobytes()
+    return struct.pack("<BBHII", 1, 1, 0, n, len(raw)) + zstandard.ZstdCompressor(write_content_size=True).compress(raw)
+
+
 class _Blobs:
     def __init__(self):
         rng = np.random.default_rng(0)
@@ -76,6 +86,13 @@ class _Blobs:
         self.targets = [S.encode_targets(ids, probs), S.encode_targets(ids * 97 + 70000, probs)]
         self.emb = S.encode_array(rng.standard_normal((self.n, 16)).astype(np.float16))
         self.emb_raw = S.encode_array(np.zeros((self.n, 16), np.float16) + np.float16(1.5))
+        ext = R.empty_ext(self.n)
+        ext["ext"] = rng.integers(0, 16, self.n)
+        ext["ra_vals"] = rng.standard_normal((self.n, 4))
+        ext["pra_ops"][:, :2] = rng.integers(0, 14, (self.n, 2))
+        ext["perase"][::2] = rng.integers(0, 65536, (len(ext[::2]), 4))
+        ext["mixup_f"] = rng.random(self.n)
+        self.ext = [R.encode_ext(ext), _ext_v1(ext)]
 
     def case(self, i: int) -> str:
         rng = _rng("blobs", i)
@@ -98,6 +115,9 @@ class _Blobs:
             else:
                 blob = mutate_blob(rng, self.emb if i % 8 < 4 else self.emb_raw)
                 S.decode_array(blob, (self.n, 16))
+            if i % 2:  # the augs_ext blobs (field-tagged, and the first release's layout)
+                blob = mutate_blob(rng, self.ext[i // 2 % 2])
+                R.decode_ext(blob, self.n if i % 3 else None)
             return "ok"
         except CorruptDataError as e:
             if e.path is not None:

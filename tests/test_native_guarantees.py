@@ -155,11 +155,13 @@ def test_render_and_decode_refuse_small_outputs():
     assert lib.fl_jpeg_dims_batch(desc.ctypes.data, 1, 1, hw.ctypes.data, 1, 1, ctypes.byref(bad)) != 0
     out = torch.zeros(1, 3, 8, 8)
     rec = P.empty(1)
-    mean = np.zeros(3, np.float32)
-    std = np.ones(3, np.float32)
-    st = lib.fl_replay_batch(desc.ctypes.data, None, rec.ctypes.data, 1, out.data_ptr(), out.numel() * 4 - 1, 0, 8, 8,
-                             mean.ctypes.data, std.ctypes.data, 0, 1, 31, 1, ctypes.byref(bad))
+    opt = native._Options(out_bytes=out.numel() * 4 - 1, dtype=0, out_h=8, out_w=8, dct_rule=1, ra_num_bins=31,
+                          threads=1, std=(1.0, 1.0, 1.0))
+    st = lib.fl_replay(desc.ctypes.data, None, rec.ctypes.data, None, 1, out.data_ptr(), ctypes.byref(opt),
+                       ctypes.byref(bad))
     assert st != 0 and b"too small" in lib.fl_last_error()
+    assert lib.fl_replay(desc.ctypes.data, None, rec.ctypes.data, None, 1, out.data_ptr(), None,
+                         ctypes.byref(bad)) != 0 and b"null options" in lib.fl_last_error()
 
 
 # ---------------------------------------------------------------- item 8c: concurrent callers
@@ -220,8 +222,9 @@ def test_two_loaders_render_concurrently():
 # ---------------------------------------------------------------- item 8d: aligned loads
 def test_records_at_odd_addresses_render_like_aligned_ones():
     # Records are packed (47 bytes): record i starts at an odd address for odd i, and the
-    # erase box is a uint16_t[4] at offset 13. The sanitizer job (UBSan alignment check) runs
-    # this with misaligned record bytes; the values must match an aligned copy.
+    # erase box is a uint16_t[4] at offset 17 (schema.AUG.offsets()). The sanitizer job
+    # (UBSan alignment check) runs this with misaligned record bytes; the values must match
+    # an aligned copy.
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     rec = P.empty(5)
@@ -236,11 +239,12 @@ def test_records_at_odd_addresses_render_like_aligned_ones():
     lib = native._lib()
     keep = []
     desc = native._describe([img] * 5, keep, "sources")
-    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
     bad = ctypes.c_int64(-1)
+    opt = native._Options(out_bytes=a.numel() * 4, dtype=0, out_h=16, out_w=16, dct_rule=1, ra_num_bins=31,
+                          threads=2, std=(1.0, 1.0, 1.0))
     for r, o in ((odd, a), (rec, b)):
-        assert lib.fl_replay_batch(desc.ctypes.data, None, r.ctypes.data, 5, o.data_ptr(), o.numel() * 4, 0, 16, 16,
-                                   mean.ctypes.data, std.ctypes.data, 0, 1, 31, 2, ctypes.byref(bad)) == 0
+        assert lib.fl_replay(desc.ctypes.data, None, r.ctypes.data, None, 5, o.data_ptr(), ctypes.byref(opt),
+                             ctypes.byref(bad)) == 0
     assert torch.equal(a, b)
     assert (a[:, :, 0:7, 0:5] == 0).all() and a[:, :, 7:, 5:].abs().sum() > 0  # the erased box: rows 0-6, cols 0-4
 

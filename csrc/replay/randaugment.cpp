@@ -45,9 +45,12 @@
 namespace fl {
 namespace {
 
+// The op ids of the schema's table (fl_aug.h, generated from fastload/sample/schema.py).
 enum RAOp : uint8_t {
-  kIdentity = 0, kShearX, kShearY, kTranslateX, kTranslateY, kRotate, kBrightness, kColor,
-  kContrast, kSharpness, kPosterize, kSolarize, kAutoContrast, kEqualize, kNumOps
+  kIdentity = kRAIdentity, kShearX = kRAShearX, kShearY = kRAShearY, kTranslateX = kRATranslateX,
+  kTranslateY = kRATranslateY, kRotate = kRARotate, kBrightness = kRABrightness, kColor = kRAColor,
+  kContrast = kRAContrast, kSharpness = kRASharpness, kPosterize = kRAPosterize, kSolarize = kRASolarize,
+  kAutoContrast = kRAAutoContrast, kEqualize = kRAEqualize, kNumOps = kRANumOps
 };
 
 // CPython's math.radians / math.degrees constants (mathmodule.c).
@@ -67,7 +70,7 @@ bool has_magnitude(int op) {
   return op != kIdentity && op != kAutoContrast && op != kEqualize;
 }
 
-bool is_signed(int op) { return op >= kShearX && op <= kSharpness; }
+bool is_signed(int op) { return ra_signed(op); }
 
 // The float magnitude torchvision passes to _apply_op (float32 table value, then double).
 double magnitude(int op, int bin, int num_bins, int h, int w, bool v2) {

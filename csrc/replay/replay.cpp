@@ -418,7 +418,16 @@ FL_EXPORT int fl_replay_have_jpeg() {
 
 FL_EXPORT int fl_replay_have_randaugment() { return &fl::randaugment_apply != nullptr ? 1 : 0; }
 
-FL_EXPORT int fl_replay_record_size() { return (int)sizeof(fl::Aug); }
+// The layout hash of record kind `kind` (fl_aug.h, k<Name>Kind) this library was built with;
+// 0 for an unknown kind. fastload.replay.native compares every kind with the schema's.
+FL_EXPORT uint64_t fl_replay_layout_hash(int kind) {
+  switch (kind) {
+    case fl::kAugKind: return fl::kAugLayoutHash;
+    case fl::kAugExtKind: return fl::kAugExtLayoutHash;
+    case fl::kReplayOptionsKind: return fl::kReplayOptionsLayoutHash;
+    default: return 0;
+  }
+}
 
 // JPEG decode limits (csrc/replay/jpeg.cpp, check_limits): max_pixels, max_bytes (values
 // <= 0 keep the current one), max_pixels_per_byte (0 = off), free_pixels (values < 0 keep).
@@ -489,57 +498,46 @@ FL_EXPORT int fl_replay_axis_weights(int out, double x0, double len, int lo, int
   });
 }
 
-namespace {
-// One batch render for both entry points: argument checks, the normalization constants, the
-// parallel loop. ext may be null (no extension records).
-int replay_batch(const char* name, const Source* srcs, const Source* partners, const Aug* augs,
-                 const fl::AugExt* ext, int64_t n, void* out, int64_t out_bytes, int dtype, int oh, int ow,
-                 const float* mean, const float* std, int bicubic, int dct, int num_bins, int grid_h,
-                 int grid_w, int threads, int64_t* bad_index) {
-  return fl::guard(name, [&]() -> int {
+// srcs/partners: n Source descriptors (partners may be null; entries with data == null are
+// "none"); augs: n packed records; ext: n packed extension records or null; out: n x 3 x
+// out_h x out_w of opt->dtype, opt->out_bytes its capacity. Everything else is in the
+// options struct (fl_aug.h, generated from fastload/sample/schema.py).
+FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
+                        int64_t n, void* out, const fl::ReplayOptions* opt, int64_t* bad_index) {
+  return fl::guard("fl_replay", [&]() -> int {
   if (bad_index) *bad_index = -1;
-  if (n < 0 || (n > 0 && (!srcs || !augs || !out || !mean || !std))) return fl::fail("null argument");
-  if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
-  if (dtype < 0 || dtype > 2) return fl::fail("unknown output dtype code %d", dtype);
-  if (grid_h < 0 || grid_w < 0) return fl::fail("box grid must be non-negative, got %dx%d", grid_h, grid_w);
-  const int64_t esz = dtype == kF32 ? 4 : (dtype == kF16 ? 2 : 1);
-  if ((double)n * 3 * oh * ow * esz > (double)out_bytes)
-    return fl::fail("output buffer of %lld bytes is too small for %lld x 3 x %d x %d", (long long)out_bytes,
-                    (long long)n, oh, ow);
-  Job J{srcs, partners, augs, out, dtype, oh, ow, bicubic, dct, num_bins, {}, {}, {}};
+  if (!opt) return fl::fail("null options");
+  const fl::ReplayOptions& o = *opt;
+  if (n < 0 || (n > 0 && (!srcs || !augs || !out))) return fl::fail("null argument");
+  if (o.out_h <= 0 || o.out_w <= 0) return fl::fail("output size must be positive, got %dx%d", o.out_h, o.out_w);
+  if (o.dtype < 0 || o.dtype > 2) return fl::fail("unknown output dtype code %d", o.dtype);
+  if (o.interpolation < 0 || o.interpolation > 1) return fl::fail("unknown interpolation code %d", o.interpolation);
+  if (o.dct_rule < fl::kDctOff || o.dct_rule > fl::kDctM8) return fl::fail("unknown DCT rule %d", o.dct_rule);
+  if (o.decoder_flags & ~3) return fl::fail("unknown decoder flags %#x", o.decoder_flags);
+  if (!fl::ra_semantics_known(o.ra_semantics))
+    return fl::fail("unknown RandAugment semantics %d", o.ra_semantics);
+  if (o.ra_num_bins < 2 || o.ra_num_bins > 128) return fl::fail("ra_num_bins %d outside [2, 128]", o.ra_num_bins);
+  if (o.grid_h < 0 || o.grid_w < 0) return fl::fail("box grid must be non-negative, got %dx%d", o.grid_h, o.grid_w);
+  const int64_t esz = o.dtype == kF32 ? 4 : (o.dtype == kF16 ? 2 : 1);
+  if ((double)n * 3 * o.out_h * o.out_w * esz > (double)o.out_bytes)
+    return fl::fail("output buffer of %lld bytes is too small for %lld x 3 x %d x %d", (long long)o.out_bytes,
+                    (long long)n, o.out_h, o.out_w);
+  const int dct = o.dct_rule | ((o.decoder_flags & 1) ? fl::kDctIfast : 0) |
+                  ((o.decoder_flags & 2) ? fl::kDctNoFancy : 0);
+  // randaugment_apply takes the semantics in num_bins' kRASemanticsV2 bit (internal)
+  const int num_bins = o.ra_num_bins | (o.ra_semantics == fl::kRASemV2 ? fl::kRASemanticsV2 : 0);
+  Job J{srcs, partners, augs, out, o.dtype, o.out_h, o.out_w, o.interpolation, dct, num_bins, {}, {}, {}};
   J.ext = ext;
-  J.grid_h = grid_h > 0 ? grid_h : oh;
-  J.grid_w = grid_w > 0 ? grid_w : ow;
+  J.grid_h = o.grid_h > 0 ? o.grid_h : o.out_h;
+  J.grid_w = o.grid_w > 0 ? o.grid_w : o.out_w;
   for (int c = 0; c < 3; ++c) {
-    if (!(std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
-    J.scale[c] = 1.f / (255.f * std[c]);
-    J.bias[c] = -mean[c] / std[c];
-    J.mean255[c] = mean[c] * 255.f;
+    if (!(o.std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
+    J.scale[c] = 1.f / (255.f * o.std[c]);
+    J.bias[c] = -o.mean[c] / o.std[c];
+    J.mean255[c] = o.mean[c] * 255.f;
   }
-  return run_batch((long)n, threads, bad_index, [&](long i) { return render_one(J, i); });
+  return run_batch((long)n, o.threads, bad_index, [&](long i) { return render_one(J, i); });
   });
-}
-}  // namespace
-
-// srcs/partners: n Source descriptors (partners may be null); augs: n records; out: n x 3 x
-// oh x ow of dtype (0 float32, 1 float16, 2 uint8 = no normalization), out_bytes its
-// capacity; mean/std: 3 floats.
-FL_EXPORT int fl_replay_batch(const Source* srcs, const Source* partners, const Aug* augs, int64_t n, void* out,
-                              int64_t out_bytes, int dtype, int oh, int ow, const float* mean, const float* std,
-                              int bicubic, int dct, int num_bins, int threads, int64_t* bad_index) {
-  return replay_batch("fl_replay_batch", srcs, partners, augs, nullptr, n, out, out_bytes, dtype, oh, ow, mean,
-                      std, bicubic, dct, num_bins, 0, 0, threads, bad_index);
-}
-
-// fl_replay_batch with schema-v2 extension records ext[n] (packed AugExt, any alignment);
-// grid_h/grid_w: the box grid float translations were sampled on (0: the output size).
-FL_EXPORT int fl_replay_batch_ext(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
-                                  int64_t n, void* out, int64_t out_bytes, int dtype, int oh, int ow,
-                                  const float* mean, const float* std, int bicubic, int dct, int num_bins,
-                                  int grid_h, int grid_w, int threads, int64_t* bad_index) {
-  if (n > 0 && !ext) return fl::fail("null argument");
-  return replay_batch("fl_replay_batch_ext", srcs, partners, augs, ext, n, out, out_bytes, dtype, oh, ow, mean,
-                      std, bicubic, dct, num_bins, grid_h, grid_w, threads, bad_index);
 }
 
 // Source height/width of each JPEG (header only) into hw[2*i], hw[2*i+1] (hw_cap int32),

@@ -273,7 +273,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
               "dct_scale": "as fastload.replay.native.render_batch", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
               "kernel": "fastload.replay.native"}
     header = {"kind": "image_text", "num_augmentations": meta["num_augmentations"], "topk": 0, "num_classes": None,
-              "seeds": [], "policy": policy.to_dict(), "ra_ops": list(P.RA_OPS), "replay": replay,
+              "seeds": [], "policy": policy.to_dict(), "replay": replay,
               "teachers": teachers or [{"name": "DataCompDR teacher ensemble",
                                         "description": "embeddings imported from DataCompDR shards"}],
               "embedding_dim": meta["embedding_dim"], "num_captions": meta["num_captions"],

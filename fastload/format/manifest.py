@@ -152,6 +152,11 @@ def validate(m: Dict[str, Any], where: str = MANIFEST, strict: bool = False) -> 
             bad(f"missing field {key!r}")
     if not isinstance(m["shards"], list):
         bad("field 'shards' must be a list")
+    from fastload.sample.schema import op_table_problem
+
+    problem = op_table_problem(m.get("ra_ops"))
+    if problem:
+        bad(problem)
     if not isinstance(m["replay"], dict):
         bad("field 'replay' must be an object")
     int_field(m, "num_augmentations", 1, MAX_AUGMENTATIONS)

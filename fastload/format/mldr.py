@@ -753,7 +753,6 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     from fastload.format.record_ext import encode_ext
     from fastload.format.shards import encode_augs, encode_targets
     from fastload.format.writer import DatasetWriter, write_shard_file
-    from fastload.sample.params import RA_OPS
 
     if not os.path.exists(archive):
         raise ValueError(f"archive: {archive!r} does not exist")
@@ -785,7 +784,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
               "densify": "fastload.losses.densify(mode='mldr') for ml-dr's default"}
     header = {"kind": "classification", "num_augmentations": lay.num_samples, "topk": lay.topk,
               "num_classes": int(lay.num_classes) if lay.num_classes is not None else len(classes),
-              "seeds": [], "policy": policy.to_dict(), "ra_ops": list(RA_OPS), "replay": replay,
+              "seeds": [], "policy": policy.to_dict(), "replay": replay,
               "teachers": [{"name": str((cfg.get("teacher") or {}).get("name", "ml-dr teacher")),
                             "description": "imported from an apple/ml-dr reinforcement archive"}],
               "shard_size": shard_size, "classes": classes, "images_stored": True, "source": "ml-dr",

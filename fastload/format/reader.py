@@ -448,7 +448,7 @@ class ReinforcedDataset:
         sh, r = self._locate(i)
         if "augs_ext" not in sh.batch.schema.names:
             return empty_ext(self.num_augmentations)
-        return decode_ext(sh.blob("augs_ext", r), expected_n=self.num_augmentations)
+        return self._decode(sh, r, decode_ext, sh.blob("augs_ext", r), self.num_augmentations)
 
     def _targets_row(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
         if self.kind != "classification":

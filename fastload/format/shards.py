@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fastload.format.manifest import CorruptDataError
+from fastload.sample import schema as S
 from fastload.sample.params import AUG_DTYPE, Q
 
 BLOB_VERSION = 1
@@ -47,7 +48,9 @@ _TGT_HDR = struct.Struct("<BBBBIHII")
 # dense fp16 array blob: version, codec, pad, pad, raw bytes
 _ARR_HDR = struct.Struct("<BBBBQ")
 
-_BOX_FIELDS = ("crop", "erase", "pcrop", "cutmix")
+# boxes stored as pixels when lossless; bit i of the blob's pixel-mode byte = box i (schema order)
+_BOX_FIELDS = S.box_fields(S.AUG)
+_GRID = {name: S.AUG.field(name).box for name in _BOX_FIELDS}  # "source", "output" or "partner"
 
 # Bounds on what a blob may announce when the caller gives no expected shape (the reader
 # always does, from the manifest, whose validation enforces the same bounds).
@@ -128,8 +131,7 @@ def _unshuffle(buf: np.ndarray, n: int, c: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(b).view(dtype).reshape(c, n).T
 
 
-def _dq(q: np.ndarray, n: np.ndarray) -> np.ndarray:
-    return (q.astype(np.int64) * n + Q // 2) // Q
+_dq = S.dq_array
 
 
 def _rq(p: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -140,10 +142,10 @@ def _box_dims(field: str, augs: np.ndarray, hw: Tuple[int, int], render_hw: Tupl
               all_hw: Optional[np.ndarray]) -> np.ndarray:
     """[n, 4] pixel extents (h, w, h, w) of the grid each box of ``field`` was sampled on."""
     n = len(augs)
-    if field == "crop":
+    if _GRID[field] == "source":
         h, w = hw
         d = np.broadcast_to(np.array([h, w, h, w], np.int64), (n, 4))
-    elif field in ("erase", "cutmix"):
+    elif _GRID[field] == "output":
         h, w = render_hw
         d = np.broadcast_to(np.array([h, w, h, w], np.int64), (n, 4))
     else:  # pcrop: the partner's own image (identity grid Q when there is no partner)
@@ -198,7 +200,7 @@ def _unpack_parts(buf: memoryview, raw_sizes, what: str, zd=None):
 
 # Planes are compressed in groups of similar statistics (measured: smaller than one frame
 # per field or one frame for all, and only three frames to decode).
-_GROUPS = (("crop", "pcrop"), ("flags", "ra_ops", "ra_mags", "partner"), ("erase", "mixup", "cutmix"))
+_GROUPS = S.codec_groups(S.AUG)
 _ORDER = tuple(f for g in _GROUPS for f in g)
 assert sorted(_ORDER) == sorted(AUG_DTYPE.names)
 
@@ -278,7 +280,7 @@ def _tgt_check(expected):
 
 @functools.lru_cache(maxsize=16)
 def _aug_gather_index(n: int) -> np.ndarray:
-    """[n, 47] positions in the concatenated shuffled planes of every record byte."""
+    """[n, record bytes] positions in the concatenated shuffled planes of every record byte."""
     start, pos = {}, 0
     for name in _ORDER:
         dt, c = _field_shape(name)
@@ -355,9 +357,9 @@ def decode_aug_at(blob, j: int, hw: Tuple[int, int], render_hw: Tuple[int, int],
         for bit, name in enumerate(_BOX_FIELDS):
             if not mode >> bit & 1:
                 continue
-            if name == "crop":
+            if _GRID[name] == "source":
                 h, w = hw
-            elif name in ("erase", "cutmix"):
+            elif _GRID[name] == "output":
                 h, w = render_hw
             elif r["partner"] >= 0:
                 if all_hw is None or r["partner"] >= len(all_hw):
@@ -548,9 +550,9 @@ def decode_augs_batch(blobs, js, hws: np.ndarray, render_hw: Tuple[int, int], al
         sel = (modes >> bit & 1).astype(bool)
         if not sel.any():
             continue
-        if name == "crop":
+        if _GRID[name] == "source":
             d = np.concatenate([hws, hws], 1)
-        elif name in ("erase", "cutmix"):
+        elif _GRID[name] == "output":
             d = np.broadcast_to(np.array(list(render_hw) * 2, np.int64), (B, 4))
         else:
             p = out["partner"].astype(np.int64)

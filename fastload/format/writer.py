@@ -76,7 +76,9 @@ class DatasetWriter:
                     os.remove(os.path.join(root, f))
                 except OSError:
                     pass
-        self.manifest = dict(header, format=mf.FORMAT_NAME, schema_version=mf.SCHEMA_VERSION,
+        from fastload.sample.schema import manifest_tables  # the one writer of the op table
+
+        self.manifest = dict(header, **manifest_tables(), format=mf.FORMAT_NAME, schema_version=mf.SCHEMA_VERSION,
                              fingerprint=fingerprint, fingerprint_sha256=digest, num_shards=int(num_shards),
                              complete=False, shards=shards)
         self.manifest.setdefault("skipped", [])

@@ -20,11 +20,27 @@ import torch
 
 from .. import _native
 from ..sample import params as P
+from ..sample import schema as S
 from .reference import IMAGENET_MEAN, IMAGENET_STD
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 _INTERP = {"bilinear": 0, "bicubic": 1}
-_RA_V2 = 1 << 8  # kRASemanticsV2: RandAugment in torchvision v2 semantics
+_CT = {"<i8": ctypes.c_int64, "<i4": ctypes.c_int32, "<f4": ctypes.c_float}
+
+
+def _ctypes_struct(rec: "S.Record"):
+    """A ctypes mirror of a schema record; its offsets are checked against the schema's."""
+    fields = [(f.name, _CT[f.code] * f.count if f.count > 1 else _CT[f.code]) for f in rec.fields]
+    cls = type(rec.cname, (ctypes.Structure,), {"_fields_": fields, **({"_pack_": 1} if rec.packed else {})})
+    offs = rec.offsets()
+    bad = [f.name for f in rec.fields if getattr(cls, f.name).offset != offs[f.name]]
+    if bad or ctypes.sizeof(cls) != rec.size:
+        raise ImportError(f"ctypes lays out {rec.cname} unlike fastload/sample/schema.py (fields {bad}, size "
+                          f"{ctypes.sizeof(cls)} vs {rec.size})")
+    return cls
+
+
+_Options = _ctypes_struct(S.REPLAY_OPTIONS)
 
 _SOURCE_DTYPE = np.dtype([("data", "<u8"), ("len", "<i8"), ("h", "<i4"), ("w", "<i4"),
                           ("kind", "<i4"), ("pad", "<i4")])
@@ -34,12 +50,9 @@ def _lib():
     lib = _native.load("replay")
     if not getattr(lib, "_fl_typed", False):
         vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.fl_replay_batch.argtypes = [vp, vp, vp, i64, vp, i64, i32, i32, i32, vp, vp, i32, i32, i32, i32, vp]
-        lib.fl_replay_batch.restype = i32
-        if hasattr(lib, "fl_replay_batch_ext"):  # schema-v2 extension records
-            lib.fl_replay_batch_ext.argtypes = [vp, vp, vp, vp, i64, vp, i64, i32, i32, i32, vp, vp, i32, i32,
-                                                i32, i32, i32, i32, vp]
-            lib.fl_replay_batch_ext.restype = i32
+        _check_layout(lib)
+        lib.fl_replay.argtypes = [vp, vp, vp, vp, i64, vp, ctypes.POINTER(_Options), vp]
+        lib.fl_replay.restype = i32
         lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, vp, i32, vp]
         lib.fl_decode_batch.restype = i32
         lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i64, i32, vp]
@@ -52,11 +65,26 @@ def _lib():
         lib.fl_jpeg_encode_test.restype = i32
         lib.fl_replay_have_jpeg.restype = i32
         lib.fl_replay_have_randaugment.restype = i32
-        if lib.fl_replay_record_size() != P.AUG_DTYPE.itemsize:
-            raise ImportError("fastload._replay was built against another augmentation record layout")
         _limits_from_env(lib)
         lib._fl_typed = True
     return lib
+
+
+def _check_layout(lib) -> None:
+    """Every record kind the library was compiled with must be the schema's (a stale build or
+    a hand-edited header is an error here, not wrong pixels later)."""
+    path = getattr(lib, "_name", "fastload._replay")
+    if not hasattr(lib, "fl_replay_layout_hash"):
+        raise ImportError(f"{path} predates the record schema (no fl_replay_layout_hash): rebuild it "
+                          f"(python setup.py build_ext --inplace)")
+    lib.fl_replay_layout_hash.argtypes = [ctypes.c_int]
+    lib.fl_replay_layout_hash.restype = ctypes.c_uint64
+    for kind, rec in enumerate(S.RECORDS):
+        got = lib.fl_replay_layout_hash(kind)
+        if got != rec.layout_hash():
+            raise ImportError(f"{path} was built with another layout of {rec.cname} (hash {got:#x}, "
+                              f"fastload/sample/schema.py says {rec.layout_hash():#x}): regenerate the header "
+                              f"(python -m fastload.sample.schema --write) and rebuild")
 
 
 # JPEG decode limits: environment variable -> set_decode_limits argument.
@@ -130,8 +158,8 @@ def have_jpeg() -> bool:
 # DCT scaling rules (csrc/replay/jpeg.cpp). True means "pow2", the rule datasets recorded as
 # `dct_scale: true` were generated with; keep it so that they replay bit for bit.
 DCT_RULES = {"off": 0, "pow2": 1, "m8": 2}
-DECODER_IFAST = 1 << 8     # measurement switches (see fastload/bench/kernel.py)
-DECODER_NO_FANCY = 1 << 9
+DECODER_IFAST = 1      # measurement switches (see fastload/bench/kernel.py): ReplayOptions.decoder_flags
+DECODER_NO_FANCY = 2
 
 
 def _dct_code(dct_scale) -> int:
@@ -275,8 +303,6 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         if ext.dtype != P.AUG_EXT_DTYPE or ext.shape[0] != n:
             raise ValueError(f"ext must be {n} records of dtype fastload.sample.params.AUG_EXT_DTYPE, got "
                              f"{ext.shape[0]} of {ext.dtype}")
-        if not hasattr(lib, "fl_replay_batch_ext"):
-            raise ValueError("fastload._replay predates extension records: rebuild it (setup.py build_ext)")
     gh, gw = (0, 0) if box_grid is None else (int(box_grid[0]), int(box_grid[1]))
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != n or out.shape[1] != 3:
         raise ValueError(f"out must be a [{n}, 3, h, w] tensor, got "
@@ -287,8 +313,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         raise ValueError("out must be a contiguous CPU tensor (pinned is fine)")
     if interpolation not in _INTERP:
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
-    if ra_semantics not in ("v1", "v2"):
-        raise ValueError(f"ra_semantics must be 'v1' or 'v2', got {ra_semantics!r}")
+    if ra_semantics not in S.RA_SEMANTICS:
+        raise ValueError(f"ra_semantics must be one of {sorted(S.RA_SEMANTICS)}, got {ra_semantics!r}")
     if sample_ids is not None and len(sample_ids) != n:
         raise ValueError(f"sample_ids has {len(sample_ids)} entries for {n} sources")
     if partner_sources is not None and len(partner_sources) != n:
@@ -312,21 +338,18 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     pdesc = None
     if partner_sources is not None:
         pdesc = _describe(partner_sources, keep, "partner_sources", allow_none=True)
-    dct = _dct_code(dct_scale) | int(_decoder_flags)
+    if int(_decoder_flags) & ~(DECODER_IFAST | DECODER_NO_FANCY):
+        raise ValueError(f"_decoder_flags: unknown bits {int(_decoder_flags):#x}")
+    opt = _Options(out_bytes=out.numel() * out.element_size(), dtype=_DTYPES[out.dtype], out_h=h, out_w=w,
+                   interpolation=_INTERP[interpolation], dct_rule=_dct_code(dct_scale),
+                   decoder_flags=int(_decoder_flags), ra_num_bins=int(ra_num_bins),
+                   ra_semantics=S.RA_SEMANTICS[ra_semantics][0], grid_h=gh, grid_w=gw, threads=int(threads or 0))
+    opt.mean[:] = [float(v) for v in mean_a]
+    opt.std[:] = [float(v) for v in std_a]
     bad = ctypes.c_int64(-1)
-    # the semantics ride in num_bins' bit 8 (kRASemanticsV2, csrc/replay/randaugment.h)
-    bins = int(ra_num_bins) | (_RA_V2 if ra_semantics == "v2" else 0)
-    cap = out.numel() * out.element_size()
-    if ext is not None:
-        status = lib.fl_replay_batch_ext(
-            desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data,
-            ext.ctypes.data, n, out.data_ptr(), cap, _DTYPES[out.dtype], h, w, mean_a.ctypes.data,
-            std_a.ctypes.data, _INTERP[interpolation], dct, bins, gh, gw, int(threads or 0), ctypes.byref(bad))
-    else:
-        status = lib.fl_replay_batch(
-            desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data, n,
-            out.data_ptr(), cap, _DTYPES[out.dtype], h, w, mean_a.ctypes.data, std_a.ctypes.data,
-            _INTERP[interpolation], dct, bins, int(threads or 0), ctypes.byref(bad))
+    status = lib.fl_replay(desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data,
+                           ext.ctypes.data if ext is not None else None, n, out.data_ptr(), ctypes.byref(opt),
+                           ctypes.byref(bad))
     if status != 0:
         msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
         i = bad.value

@@ -1,4 +1,4 @@
-"""The stored augmentation record: one layout shared by sampling, the replay kernels (C++
+"""The stored augmentation record (declared in :mod:`fastload.sample.schema`): one layout shared by sampling, the replay kernels (C++
 and Triton), the on-disk format and the loader.
 
 Every field is resolution independent, so a replay at any output size (or from an image
@@ -47,73 +47,32 @@ from __future__ import annotations
 
 import numpy as np
 
-Q = 65535  # quantization of every fraction
-MAX_RA = 4
-RA_NONE = 255
+from fastload.sample import schema as S
+from fastload.sample.schema import MAX_RA, Q, RA_NONE, RA_OPS, RA_SIGNED, dq  # noqa: F401 - re-exported
 
-FLAG_FLIP = 1
-FLAG_PARTNER_FLIP = 2
-FLAG_MIXUP = 4
-FLAG_CUTMIX = 8
+FLAG_FLIP = S.bit(S.AUG, "flags", "flip")
+FLAG_PARTNER_FLIP = S.bit(S.AUG, "flags", "partner_flip")
+FLAG_MIXUP = S.bit(S.AUG, "flags", "mixup")
+FLAG_CUTMIX = S.bit(S.AUG, "flags", "cutmix")
 
-# torchvision.transforms.RandAugment's op space, in its order. Op ids are stored on disk:
-# never reorder; the manifest records this table.
-RA_OPS = (
-    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
-    "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
-)
-RA_SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
-                       "Brightness", "Color", "Contrast", "Sharpness"})
+EXT_RA_FLOAT = S.bit(S.AUG_EXT, "ext", "ra_float")
+EXT_ERASE_BLACK = S.bit(S.AUG_EXT, "ext", "erase_black")
+EXT_CUTMIX_EMPTY = S.bit(S.AUG_EXT, "ext", "cutmix_empty")
+EXT_PARTNER_AUG = S.bit(S.AUG_EXT, "ext", "partner_aug")
 
-AUG_DTYPE = np.dtype([
-    ("crop", "<u2", (4,)),
-    ("flags", "u1"),
-    ("ra_ops", "u1", (MAX_RA,)),
-    ("ra_mags", "i1", (MAX_RA,)),
-    ("erase", "<u2", (4,)),
-    ("partner", "<i4"),
-    ("pcrop", "<u2", (4,)),
-    ("mixup", "<u2"),
-    ("cutmix", "<u2", (4,)),
-])  # packed: 47 bytes, the C++ struct `fl_aug` in csrc/include/fl_aug.h mirrors it
-
-
-EXT_RA_FLOAT = 1
-EXT_ERASE_BLACK = 2
-EXT_CUTMIX_EMPTY = 4
-EXT_PARTNER_AUG = 8
-
-AUG_EXT_DTYPE = np.dtype([
-    ("ext", "u1"),
-    ("ra_vals", "<f4", (MAX_RA,)),
-    ("pra_ops", "u1", (MAX_RA,)),
-    ("pra_mags", "i1", (MAX_RA,)),
-    ("pra_vals", "<f4", (MAX_RA,)),
-    ("perase", "<u2", (4,)),
-    ("mixup_f", "<f8"),
-    ("cutmix_lam", "<f8"),
-])  # packed: 65 bytes; csrc/include/fl_aug.h `AugExt` mirrors it
+# packed numpy views of the schema's records (csrc/include/fl_aug.h is generated from the same)
+AUG_DTYPE = S.AUG.numpy_dtype()
+AUG_EXT_DTYPE = S.AUG_EXT.numpy_dtype()
 
 
 def empty_ext(shape) -> np.ndarray:
     """Extension records meaning 'nothing beyond the base record' (what v1 datasets read as)."""
-    a = np.zeros(shape, dtype=AUG_EXT_DTYPE)
-    a["pra_ops"] = RA_NONE
-    return a
+    return S.AUG_EXT.empty(shape)
 
 
 def empty(shape) -> np.ndarray:
     """Records meaning 'full image, nothing else' (no op applied)."""
-    a = np.zeros(shape, dtype=AUG_DTYPE)
-    a["crop"] = (0, 0, Q, Q)
-    a["ra_ops"] = RA_NONE
-    a["partner"] = -1
-    return a
-
-
-def dq(q: int, n: int) -> int:
-    """The one dequantization rule (integer arithmetic: no tie-rounding differences)."""
-    return (int(q) * int(n) + Q // 2) // Q
+    return S.AUG.empty(shape)
 
 
 def box_to_pixels(q: np.ndarray, h: int, w: int) -> tuple[int, int, int, int]:
