@@ -204,3 +204,41 @@ def test_bad_input(lib):
         apply_ra(img.float(), [0], [0])
     with pytest.raises(ValueError, match="num_bins"):
         apply_ra(img, [0], [0], num_bins=1)
+
+
+_GRID_VS_BMM = r"""
+import math, sys, torch
+from fastload.replay import reference_ra as R
+bad = 0
+for h, w in ((17, 23), (224, 224), (131, 97), (513, 640)):
+    for ang in (0.3, -8.7, 13.0, 30.0):
+        for m in (R._inverse_affine([0.0, 0.0], -ang, [0.0, 0.0], [0.0, 0.0]),
+                  R._inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], [ang, 0.0]),
+                  R._inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], [0.0, ang])):
+            theta = torch.tensor(m, dtype=torch.float32).reshape(1, 2, 3)
+            base = torch.empty(1, h, w, 3)
+            base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w))
+            base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h).unsqueeze(-1))
+            base[..., 2].fill_(1.0)
+            sc = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])
+            tv = base.view(1, h * w, 3).bmm(sc).view(1, h, w, 2)
+            x, y = base[0, :, :, 0], base[0, :, :, 1]
+            ours = torch.stack([x.mul(sc[0, 0, j]).add(y.mul(sc[0, 1, j])).add(sc[0, 2, j]) for j in (0, 1)], -1)
+            bad += int((tv[0] != ours).sum())
+print(bad)
+"""
+
+
+def test_reference_grid_is_torchvisions_bmm_with_mkl_pinned():
+    # reference_ra spells out the affine grid instead of calling bmm (MKL's bmm is
+    # CPU-dependent). With MKL pinned to AVX2 before torch starts (a fresh process, so the pin
+    # surely applies), torchvision's own bmm gives the same coordinates bit for bit.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", _GRID_VS_BMM], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0"

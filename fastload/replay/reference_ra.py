@@ -145,7 +145,16 @@ def _warp_nearest(img: torch.Tensor, matrix: list[float]) -> torch.Tensor:
     base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h).unsqueeze(-1))
     base[..., 2].fill_(1.0)
     scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)
-    grid = base.view(1, h * w, 3).bmm(scaled).view(1, h, w, 2)
+    # torchvision computes ``base.view(1, h*w, 3).bmm(scaled)``. That bmm is CPU-dependent:
+    # MKL picks another kernel on AVX-512 hosts, whose rounding moves some coordinates across
+    # pixel-centre ties (torchvision itself gives different pixels there). The reference
+    # spells out the sum in the order MKL's AVX2 kernel produces, fl(fl(fl(x*r0) + fl(y*r1))
+    # + r2), with elementwise float32 ops (no contraction, same on every CPU): torchvision's
+    # result with MKL pinned to AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2), which is what fastload
+    # replays. See docs/guide/fidelity.md.
+    x, y = base[0, :, :, 0], base[0, :, :, 1]
+    cols = [x.mul(scaled[0, 0, j]).add(y.mul(scaled[0, 1, j])).add(scaled[0, 2, j]) for j in (0, 1)]
+    grid = torch.stack(cols, dim=-1).unsqueeze(0)
     out = F.grid_sample(img.unsqueeze(0).to(torch.float32), grid, mode="nearest",
                         padding_mode="zeros", align_corners=False)
     return out.squeeze(0).round().to(torch.uint8)
