@@ -669,3 +669,24 @@ def test_gzip_crc_is_checked(tmp_path):
     cut.write_bytes(bytes(data[:-8]))  # no trailer at all
     with pytest.raises(ValueError, match="cut.tar.gz.*(trailer|truncated)"):
         mldr.import_mldr(str(cut), imgs, str(tmp_path / "o2"), progress=False)
+
+
+def test_joblib_named_pth_tar_is_read_by_content(tmp_path):
+    # ml-dr's `joblib: true` writes joblib files with the .pth.tar name
+    imgs, hw, cfg, arch, written = _setup(tmp_path, "mix_rare", "dir", n=5, jb=True)
+    ref = mldr.import_mldr(arch, imgs, str(tmp_path / "ref"), progress=False)
+    rd = os.path.join(arch, "reinforced_data")
+    for f in os.listdir(rd):
+        if f.endswith(".jb"):
+            os.rename(os.path.join(rd, f), os.path.join(rd, f[:-3] + ".pth.tar"))
+    assert not any(f.endswith(".jb") for f in os.listdir(rd))
+    m = mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=False)
+    assert m["num_rows"] == ref["num_rows"] == 5
+    a, b = ReinforcedDataset(str(tmp_path / "out")), ReinforcedDataset(str(tmp_path / "ref"))
+    for i in range(5):
+        assert a.augs(i).tobytes() == b.augs(i).tobytes()
+        assert a.augs_ext(i).tobytes() == b.augs_ext(i).tobytes()
+    # and a legacy (non-zip) torch file is still a torch file
+    buf = io.BytesIO()
+    torch.save((1, [{"x": 2}]), buf, _use_new_zipfile_serialization=False)
+    assert mldr._load("jb", buf.getvalue(), "legacy") == (1, [{"x": 2}])

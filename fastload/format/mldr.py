@@ -390,8 +390,17 @@ def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes:
     return data
 
 
+# torch.save's legacy (non-zip) format opens with a pickle of its magic number
+_TORCH_LEGACY = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _load(kind: str, data: bytes, where: str):
-    return load_pth(data, where) if kind == "pth.tar" else load_jb(data, where)
+    """A reinforcement file by its content, not its name: ml-dr's ``joblib: true`` writes
+    joblib files named ``.pth.tar``. A zip or torch's legacy magic is a torch file; anything
+    else (joblib's compressors, or a plain pickle) is read as joblib."""
+    if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[2:14] == _TORCH_LEGACY):
+        return load_pth(data, where)
+    return load_jb(data, where)
 
 
 def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
@@ -405,7 +414,7 @@ def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
             where = os.path.join(root, name)
             if name == "config.pth.tar":
                 with open(where, "rb") as f:
-                    yield "config", load_pth(f.read(MAX_FILE + 1), where)
+                    yield "config", _load("pth.tar", f.read(MAX_FILE + 1), where)
                 continue
             mid = _member_id(name)
             if mid is None:
@@ -430,7 +439,7 @@ def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
                     continue
                 where = f"{archive}:{m.name}"
                 if os.path.basename(m.name) == "config.pth.tar":
-                    yield "config", load_pth(_read_member(tf, m, archive), where)
+                    yield "config", _load("pth.tar", _read_member(tf, m, archive), where)
                     continue
                 mid = _member_id(m.name)
                 if mid is None:
