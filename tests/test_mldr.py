@@ -690,3 +690,16 @@ def test_joblib_named_pth_tar_is_read_by_content(tmp_path):
     buf = io.BytesIO()
     torch.save((1, [{"x": 2}]), buf, _use_new_zipfile_serialization=False)
     assert mldr._load("jb", buf.getvalue(), "legacy") == (1, [{"x": 2}])
+
+
+def test_class_subset_is_accepted_with_the_mapping_stated(tmp_path, capsys):
+    # 4 class folders, the config's teacher has 5 classes (e.g. ImageNet-100 with a 1k teacher)
+    imgs, hw, cfg, arch, written = _setup(tmp_path, "rrc", "dir", n=4, classes=5, topk=3)
+    assert len(mldr.image_folder(imgs)[2]) == 4
+    m = mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=True)
+    assert m["num_classes"] == 5 and m["class_subset"]["folder_classes"] == 4
+    assert m["class_subset"]["config_num_classes"] == 5
+    assert "a subset" in capsys.readouterr().err
+    ds = ReinforcedDataset(str(tmp_path / "out"))
+    files, labels, classes = mldr.image_folder(imgs)
+    assert list(ds.labels) == labels and max(labels) == 3

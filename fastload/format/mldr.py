@@ -950,8 +950,21 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     if limit is not None:
         files, labels = files[:int(limit)], labels[:int(limit)]
     N = len(files)
-    if lay.num_classes is not None and len(classes) != int(lay.num_classes):
-        raise ValueError(f"images: {len(classes)} class folders, the reinforcement has {lay.num_classes} classes")
+    subset = None
+    if lay.num_classes is not None and len(classes) > int(lay.num_classes):
+        raise ValueError(f"images: {len(classes)} class folders, more than the reinforcement's {lay.num_classes} classes")
+    if lay.num_classes is not None and len(classes) < int(lay.num_classes):
+        # a subset (e.g. ImageNet-100 reinforced with a 1000-class teacher): the ids still
+        # index this folder's ImageFolder order; labels are indices into its classes, the
+        # stored top-k ids stay in the teacher's class space. Said in the manifest and here.
+        subset = {"folder_classes": len(classes), "config_num_classes": int(lay.num_classes),
+                  "labels": "index into 'classes' (this folder's sorted class folders)",
+                  "targets": f"top-k ids in the teacher's {int(lay.num_classes)}-class space"}
+        if progress:
+            print(f"import-mldr: {images} has {len(classes)} class folders, the reinforcement's config "
+                  f"{lay.num_classes} classes: a subset. Labels index the folder's classes "
+                  f"({classes[0]!r} -> 0, ...); targets keep the teacher's {lay.num_classes} class ids.",
+                  file=sys.stderr)
     all_hw = _image_sizes(images, files, progress)
     policy = lay.policy()
     num_shards = -(-N // shard_size)
@@ -970,6 +983,8 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
                             "description": "imported from an apple/ml-dr reinforcement archive"}],
               "shard_size": shard_size, "classes": classes, "images_stored": True, "source": "ml-dr",
               "record_ext": True, "mldr_config": cfg_plain}
+    if subset is not None:
+        header["class_subset"] = subset
     w = DatasetWriter(out, header, fp, num_shards)
     done = w.done
     stage = os.path.join(out, ".mldr-staging")
