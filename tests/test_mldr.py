@@ -703,3 +703,42 @@ def test_class_subset_is_accepted_with_the_mapping_stated(tmp_path, capsys):
     ds = ReinforcedDataset(str(tmp_path / "out"))
     files, labels, classes = mldr.image_folder(imgs)
     assert list(ds.labels) == labels and max(labels) == 3
+
+
+def _mldr_smooth_branch(vals) -> bool:
+    """ml-dr's densify switch, computed as ml-dr does (test oracle): softmax where
+    1.0 - torch.tensor(list of floats).sum() < 0."""
+    return bool((1.0 - torch.tensor([float(v) for v in vals]).sum()) < 0.0)
+
+
+def test_mldr_smooth_takes_mldrs_branch_on_every_record():
+    from fastload.format.shards import decode_targets, encode_targets
+
+    g = np.random.default_rng(0)
+    n, k, C = 4000, 5, 1000
+    logits = g.normal(0, 1, (n, C)).astype(np.float32)
+    logits[np.arange(n), g.integers(0, C, n)] += g.uniform(8, 14, n).astype(np.float32)  # peaked teachers
+    p = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    old_mismatch = new_mismatch = 0
+    ids_all, stored = [], []
+    for r in range(n):
+        ids = np.argpartition(p[r], -k)[-k:]  # ml-dr's sparsify: archive order
+        vals = p[r][ids]
+        want = _mldr_smooth_branch(vals.tolist())
+        order = np.argsort(-vals, kind="stable")
+        plain = vals[order].astype(np.float16).astype(np.float32)
+        old_mismatch += mldr._smooth_branch(plain) != want
+        kept = mldr._smooth_branch_kept(vals, vals[order])
+        assert np.abs(kept - vals[order]).max() < 2e-3  # within a few fp16 steps of the truth
+        ids_all.append(ids[order])
+        stored.append(kept)
+    ids_all, stored = np.stack(ids_all), np.stack(stored)
+    ids_d, probs_d = decode_targets(encode_targets(ids_all, stored))  # the stored blob, as the loader reads it
+    got = densify(torch.from_numpy(ids_d.astype(np.int64)), torch.from_numpy(probs_d), C, mode="mldr_smooth")
+    for r in range(n):
+        vals = p[r][np.argpartition(p[r], -k)[-k:]]
+        want = _mldr_smooth_branch(vals.tolist())
+        softmax_used = bool(got[r][~np.isin(np.arange(C), ids_d[r])].abs().max() == 0)
+        new_mismatch += softmax_used != want
+    assert old_mismatch > 0  # fp16 alone crosses ml-dr's switch on some records (the bug)
+    assert new_mismatch == 0

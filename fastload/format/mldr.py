@@ -608,6 +608,39 @@ def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
 _RA_SEEN: Dict[tuple, tuple] = {}
 
 
+def _smooth_branch(q) -> bool:
+    """fastload.losses.densify(mode="mldr_smooth")'s branch for stored top-k values: True
+    where ``1 - sum`` is negative (softmax), with its own arithmetic (float32 sum of a row)."""
+    import torch
+
+    q = torch.as_tensor(np.asarray(q, np.float32)).reshape(1, -1)
+    return bool((1.0 - q.sum(1, keepdim=True)) < 0)
+
+
+def _smooth_branch_kept(archive_vals: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """The top-k values to store (float32 holding fp16 values, as ``encode_targets`` keeps
+    them) such that densify's "mldr_smooth" takes ml-dr's branch on this record.
+
+    ml-dr's ``densify`` switches to softmax where ``1.0 - torch.tensor(values).sum() < 0``:
+    a float32 sum, in the archive's order, of values whose sum is 1 up to rounding, so fp16
+    storage alone moves a record across the switch (targets then differ by up to ~0.8). The
+    branch is decided here from ml-dr's own float32 values; where the fp16 values would take
+    the other one, the largest is moved by one fp16 step at a time until they agree (a change
+    of the size of the fp16 rounding itself)."""
+    import torch
+
+    want = bool((1.0 - torch.tensor(np.asarray(archive_vals, np.float64).tolist(), dtype=torch.float32).sum()) < 0.0)
+    q = np.asarray(stored, np.float64).astype(np.float16)
+    if q.size == 0:
+        return q.astype(np.float32)
+    toward = np.float16(np.inf) if want else np.float16(0)
+    for _ in range(64):
+        if _smooth_branch(q.astype(np.float32)) == want:
+            break
+        q[0] = np.nextafter(q[0], toward)
+    return q.astype(np.float32)
+
+
 def _flat(x, k: int, what: str, where: str):
     """``x`` as a flat sequence of k numbers, checked before numpy sees it (a nested list of
     shared references would make ``np.asarray`` allocate its full expansion)."""
@@ -752,7 +785,7 @@ class Layout:
             if not np.all(np.isfinite(pv)):
                 raise ValueError(f"{w}: non-finite probability")
             order = np.argsort(-pv, kind="stable")  # fastload stores top-k descending
-            ids[a], probs[a] = pi[order], pv[order]
+            ids[a], probs[a] = pi[order], _smooth_branch_kept(pv, pv[order])
 
             u = self.unpack(s["params"], w)
             r, e = rec[a], ext[a]
