@@ -2,8 +2,8 @@
 the outputs' digests (one per case) to a JSON file. Used by .ci/march: the library built with
 -march=native and with -march=x86-64 must give the same bytes on every case.
 
-Cases: every RandAugment golden (tests/golden/ra_golden*.npz, each semantics the library
-knows) through fl_randaugment_u8, and full replays (JPEG decode, crop, resize, flip,
+Cases: every RandAugment golden (tests/golden/ra_golden.npz and the sweep ra_sweep.npz, each
+semantics the library knows) through fl_randaugment_u8, and full replays (JPEG decode, crop, resize, flip,
 RandAugment, erasing, MixUp/CutMix) of random records through render_batch.
 
 Usage: FASTLOAD_NATIVE_DIR=DIR python .ci/march_outputs.py OUT.json
@@ -24,7 +24,7 @@ from fastload.replay.native import _encode_jpeg, have_jpeg, render_batch  # noqa
 from fastload.sample import params as P  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-SEMANTICS_FLAG = {"v1": 0, "v2": 1 << 8}
+SEMANTICS_FLAG = {"v1": 0, "v2": 1 << 8, "pil": 1 << 9}
 
 
 def digest(a) -> str:
@@ -32,19 +32,28 @@ def digest(a) -> str:
     return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:32]
 
 
+def _golden_images(path, z):
+    if "sizes" not in z:  # ra_golden.npz: the images are stored
+        return {k: z[k] for k in sorted(z) if k.startswith("img")}
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_ra_golden import sweep_image  # the sweep's generator (checked there against digests)
+
+    return {f"img{n}": sweep_image(int(h), int(w), n) for n, (h, w) in enumerate(z["sizes"])}
+
+
 def ra_cases(out):
     lib = _native.load("replay")
     lib.fl_randaugment_u8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.fl_randaugment_u8.restype = ctypes.c_int
-    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "golden", "ra_golden*.npz"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "golden", "ra_*.npz"))):
         with np.load(path) as f:
             z = {k: f[k] for k in f.files}
-        imgs = sorted(k for k in z if k.startswith("img"))
+        imgs = _golden_images(path, z)
         for sem, flag in SEMANTICS_FLAG.items():
-            for name in imgs:
+            for name, img in imgs.items():
                 for i in range(len(z["ops"])):
-                    hwc = np.ascontiguousarray(np.transpose(z[name], (1, 2, 0)))
+                    hwc = np.ascontiguousarray(np.transpose(img, (1, 2, 0)))
                     o = np.ascontiguousarray(z["ops"][i], np.uint8)
                     m = np.ascontiguousarray(z["mags"][i], np.int8)
                     st = lib.fl_randaugment_u8(_native.ptr(hwc), hwc.shape[0], hwc.shape[1], _native.ptr(o),

@@ -269,3 +269,15 @@ def test_npz_field_not_understood_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="paug.json fields"):
         from fastload.format.datacomp import _parse_paug
         _parse_paug(b'{"param_aug": [[[0, 0, 4, 4], null]], "extra": 1}', "k", (8, 8))
+
+
+def test_semantics_default_pil(tmp_path):
+    # DataCompDR ran torchvision's RandAugment on PIL images (teachers and training)
+    from fastload.format.datacomp import import_datacomp, main
+    from fastload.format.reader import ReinforcedDataset
+
+    dr, im, _ = _build(tmp_path, n=2)
+    import_datacomp([dr], str(tmp_path / "a"), [im], progress=False)
+    assert ReinforcedDataset(str(tmp_path / "a")).policy.randaugment_semantics == "pil"
+    assert main([dr, "--images", im, "--out", str(tmp_path / "b"), "--quiet", "--semantics", "v1"]) == 0
+    assert ReinforcedDataset(str(tmp_path / "b")).policy.randaugment_semantics == "v1"

@@ -742,3 +742,17 @@ def test_mldr_smooth_takes_mldrs_branch_on_every_record():
         new_mismatch += softmax_used != want
     assert old_mismatch > 0  # fp16 alone crosses ml-dr's switch on some records (the bug)
     assert new_mismatch == 0
+
+
+def test_semantics_generation_or_training(tmp_path, capsys):
+    from fastload.cli import main
+
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "rare", "tar", n=3, classes=3)
+    m = mldr.import_mldr(arch, imgs, str(tmp_path / "gen"), progress=False)
+    assert m["policy"]["randaugment_semantics"] == "v1"  # generation: tensor ops, what the teacher scored
+    assert main(["import-mldr", arch, "--images", imgs, "--out", str(tmp_path / "train"), "--quiet",
+                 "--semantics", "training"]) == 0
+    ds = ReinforcedDataset(str(tmp_path / "train"))
+    assert ds.policy.randaugment_semantics == "pil"  # ml-dr's training-time dataset: PIL images
+    with pytest.raises(ValueError, match="semantics"):
+        mldr.import_mldr(arch, imgs, str(tmp_path / "x"), progress=False, semantics="pil")

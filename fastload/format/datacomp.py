@@ -218,11 +218,14 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
 def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_size: int = 1000,
                     image_size: int = 224, on_error: str = "raise", progress: bool = True,
                     teachers: Optional[List[Dict[str, Any]]] = None, reinforce_size: int = 224,
-                    ra_num_bins: int = 31) -> Dict[str, Any]:
+                    ra_num_bins: int = 31, semantics: str = "pil") -> Dict[str, Any]:
     """Import DataCompDR-style shards ``tars`` (joined by key with ``images``) into ``out``.
 
     ``reinforce_size``: the crop size the augmentations were drawn on (DataCompDR: 224; the
-    grid of float translations); ``image_size``: the replay output size.
+    grid of float translations); ``image_size``: the replay output size. ``semantics``: the
+    RandAugment arithmetic replay reproduces (the policy's ``randaugment_semantics``):
+    ``"pil"`` (the default: DataCompDR ran torchvision's RandAugment on PIL images, for its
+    teachers' embeddings and for training), or ``"v1"`` / ``"v2"`` (tensor ops).
 
     Example:
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
@@ -241,7 +244,8 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
             raise ValueError(f"tars: {t!r} does not exist")
     index = _ImageIndex(list(images))
     policy = AugmentPolicy(rrc=True, flip=False, randaugment=(2, 9), interpolation="bicubic",
-                           size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins)
+                           size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins,
+                           randaugment_semantics=semantics)
     rows: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     meta: Dict[str, Any] = {}
@@ -338,11 +342,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reinforce-size", type=int, default=224,
                     help="crop size the augmentations were drawn on (DataCompDR: 224)")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    ap.add_argument("--semantics", choices=("pil", "v1", "v2"), default="pil",
+                    help="RandAugment arithmetic to replay: pil (DataCompDR's: torchvision on PIL images)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_datacomp(a.tars, a.out, a.images, shard_size=a.shard_size, image_size=a.image_size,
-                            on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size)
+                            on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size,
+                            semantics=a.semantics)
     except ValueError as e:
         print(f"fastload import-datacomp: error: {e}", file=sys.stderr)
         return 2

@@ -694,7 +694,7 @@ class Layout:
         self.topk = int(r.get("topk") or 0)
         self.num_classes = config.get("num_classes")
 
-    def policy(self):
+    def policy(self, semantics: str = "v1"):
         from fastload.sample.policy import AugmentPolicy
 
         a = self.aug
@@ -708,7 +708,7 @@ class Layout:
             mixup=float(a["mixup"].get("alpha", 1.0)) if "mixup" in a else 0.0,
             cutmix=float(a["cutmix"].get("alpha", 1.0)) if "cutmix" in a else 0.0,
             mix_p=float(a.get("mixup", a.get("cutmix", {})).get("p", 1.0)) if self.mixing else 0.5,
-            interpolation=self.interpolation, size=self.size)
+            interpolation=self.interpolation, size=self.size, randaugment_semantics=semantics)
 
     def _ra(self, ops, where: str):
         return ra_fields(ops, self.size, self.ra_bins, where)
@@ -948,14 +948,21 @@ def _stage_read(path: str) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray
 # import
 
 
+SEMANTICS = {"generation": "v1", "training": "pil"}
+
+
 def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
-                progress: bool = True, limit: Optional[int] = None) -> Dict[str, Any]:
+                progress: bool = True, limit: Optional[int] = None, semantics: str = "generation") -> Dict[str, Any]:
     """Import an ml-dr reinforcement ``archive`` (tar, tar.gz or folder) for the ImageNet-style
     ``images`` folder (the training split ml-dr reinforced: ``root/class/*.jpg``) into ``out``.
 
     ``config``: a ``config.pth.tar`` to use instead of the archive's (saves a pass over a
     tar.gz whose config comes last). ``limit``: import only the first ``limit`` images
     of the folder (ids ``0..limit-1``; the archive may hold more, e.g. a subset test).
+    ``semantics``: whose RandAugment the replay reproduces: ``"generation"`` (the default:
+    ml-dr's reinforce.py ran it on tensors, and that is what the teacher scored: torchvision
+    v1) or ``"training"`` (ml-dr's training-time ReinforcedDataset runs it on PIL images:
+    ``randaugment_semantics="pil"``).
     Returns the manifest. Rerunning the same call resumes an interrupted import.
 
     Example:
@@ -969,6 +976,8 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
 
     if not os.path.exists(archive):
         raise ValueError(f"archive: {archive!r} does not exist")
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {sorted(SEMANTICS)}, got {semantics!r}")
     shard_size = int(shard_size)
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -999,12 +1008,12 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
                   f"({classes[0]!r} -> 0, ...); targets keep the teacher's {lay.num_classes} class ids.",
                   file=sys.stderr)
     all_hw = _image_sizes(images, files, progress)
-    policy = lay.policy()
+    policy = lay.policy(SEMANTICS[semantics])
     num_shards = -(-N // shard_size)
     st = os.stat(archive)
     fp = {"archive": os.path.abspath(archive), "archive_bytes": int(st.st_size) if not os.path.isdir(archive) else None,
           "images": os.path.abspath(images), "num_images": N, "shard_size": shard_size,
-          "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+          "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(), "semantics": semantics}
     replay = {"image_size": list(lay.size), "box_grid": list(lay.size), "interpolation": lay.interpolation,
               "dct_scale": False, "mean": list(lay.mean), "std": list(lay.std),
               "kernel": "fastload.replay.native", "erase_fill": "black before normalize (ml-dr)",
@@ -1118,11 +1127,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--config", default=None, help="config.pth.tar to use instead of the archive's")
     ap.add_argument("--limit", type=int, default=None, help="import only the first N images of the folder")
+    ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="generation",
+                    help="RandAugment to replay: generation (tensor ops, what the teacher scored; default) "
+                         "or training (PIL images, as ml-dr's training-time dataset)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_mldr(a.archive, a.images, a.out, shard_size=a.shard_size, config=a.config,
-                        progress=not a.quiet, limit=a.limit)
+                        progress=not a.quiet, limit=a.limit, semantics=a.semantics)
     except (ValueError, pickle.UnpicklingError) as e:
         print(f"fastload import-mldr: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,8 @@ from .reference import IMAGENET_MEAN, IMAGENET_STD
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 _INTERP = {"bilinear": 0, "bicubic": 1}
 _RA_V2 = 1 << 8  # kRASemanticsV2: RandAugment in torchvision v2 semantics
+_RA_PIL = 1 << 9  # kRASemanticsPIL: torchvision's RandAugment on PIL images (Pillow's ops)
+_RA_BITS = {"v1": 0, "v2": _RA_V2, "pil": _RA_PIL}
 
 _SOURCE_DTYPE = np.dtype([("data", "<u8"), ("len", "<i8"), ("h", "<i4"), ("w", "<i4"),
                           ("kind", "<i4"), ("pad", "<i4")])
@@ -287,8 +289,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         raise ValueError("out must be a contiguous CPU tensor (pinned is fine)")
     if interpolation not in _INTERP:
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
-    if ra_semantics not in ("v1", "v2"):
-        raise ValueError(f"ra_semantics must be 'v1' or 'v2', got {ra_semantics!r}")
+    if ra_semantics not in _RA_BITS:
+        raise ValueError(f"ra_semantics must be 'v1', 'v2' or 'pil', got {ra_semantics!r}")
     if sample_ids is not None and len(sample_ids) != n:
         raise ValueError(f"sample_ids has {len(sample_ids)} entries for {n} sources")
     if partner_sources is not None and len(partner_sources) != n:
@@ -314,8 +316,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         pdesc = _describe(partner_sources, keep, "partner_sources", allow_none=True)
     dct = _dct_code(dct_scale) | int(_decoder_flags)
     bad = ctypes.c_int64(-1)
-    # the semantics ride in num_bins' bit 8 (kRASemanticsV2, csrc/replay/randaugment.h)
-    bins = int(ra_num_bins) | (_RA_V2 if ra_semantics == "v2" else 0)
+    # the semantics ride in num_bins' bits 8-9 (kRASemanticsV2/PIL, csrc/replay/randaugment.h)
+    bins = int(ra_num_bins) | _RA_BITS[ra_semantics]
     cap = out.numel() * out.element_size()
     if ext is not None:
         status = lib.fl_replay_batch_ext(

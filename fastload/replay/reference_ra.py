@@ -49,7 +49,7 @@ from fastload.sample.params import RA_NONE, RA_OPS, RA_SIGNED
 
 __all__ = ["apply_ra", "apply_op", "magnitude_table", "magnitude_value", "SEMANTICS"]
 
-SEMANTICS = ("v1", "v2")
+SEMANTICS = ("v1", "v2", "pil")
 
 
 def _check_semantics(semantics: str) -> str:
@@ -64,7 +64,7 @@ def magnitude_table(op: str, num_bins: int, h: int, w: int, semantics: str = "v1
     """The op's magnitude table as torchvision's RandAugment builds it for an image of
     ``h x w`` (None for ops without a magnitude). v2's Solarize table is ``linspace(1, 0)``
     (a fraction of 255)."""
-    if op == "Solarize" and _check_semantics(semantics) == "v2":
+    if op == "Solarize" and _check_semantics(semantics) == "v2":  # "pil": v1's tables
         return torch.linspace(1.0, 0.0, num_bins)
     if op in ("ShearX", "ShearY"):
         return torch.linspace(0.0, 0.3, num_bins)
@@ -270,6 +270,51 @@ def _apply_op_v2(img: torch.Tensor, op: str, mag: float) -> torch.Tensor | None:
     return None
 
 
+# ----------------------------------------------------------------------------- pil
+# torchvision's RandAugment on a PIL image: _apply_op calls torchvision.transforms.functional,
+# whose PIL branch calls Pillow with these arguments (fill None -> fillcolor 0, NEAREST).
+
+
+def _apply_op_pil(img: torch.Tensor, op: str, mag: float) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image, ImageEnhance, ImageOps
+
+    pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    w, h = pil.size
+    fill = {"fillcolor": (0, 0, 0)}
+    if op == "Identity":
+        out = pil
+    elif op in ("ShearX", "ShearY"):
+        deg = math.degrees(math.atan(mag))
+        m = _inverse_affine([0, 0], 0.0, [0, 0], [deg, 0.0] if op == "ShearX" else [0.0, deg])
+        out = pil.transform((w, h), Image.AFFINE, m, Image.NEAREST, **fill)
+    elif op in ("TranslateX", "TranslateY"):
+        t = [int(mag), 0] if op == "TranslateX" else [0, int(mag)]
+        m = _inverse_affine([w * 0.5, h * 0.5], 0.0, t, [0.0, 0.0])
+        out = pil.transform((w, h), Image.AFFINE, m, Image.NEAREST, **fill)
+    elif op == "Rotate":
+        out = pil.rotate(mag, Image.NEAREST, False, None, **fill)
+    elif op == "Brightness":
+        out = ImageEnhance.Brightness(pil).enhance(1.0 + mag)
+    elif op == "Color":
+        out = ImageEnhance.Color(pil).enhance(1.0 + mag)
+    elif op == "Contrast":
+        out = ImageEnhance.Contrast(pil).enhance(1.0 + mag)
+    elif op == "Sharpness":
+        out = ImageEnhance.Sharpness(pil).enhance(1.0 + mag)
+    elif op == "Posterize":
+        out = ImageOps.posterize(pil, int(mag))
+    elif op == "Solarize":
+        out = ImageOps.solarize(pil, mag)
+    elif op == "AutoContrast":
+        out = ImageOps.autocontrast(pil)
+    elif op == "Equalize":
+        out = ImageOps.equalize(pil)
+    else:
+        raise ValueError(f"op: unknown RandAugment op {op!r}")
+    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 # ----------------------------------------------------------------------------- public
 
 
@@ -277,7 +322,9 @@ def apply_op(img: torch.Tensor, op: str, mag: float, semantics: str = "v1") -> t
     """One RandAugment op with its float magnitude, as torchvision's ``_apply_op`` (v1) or
     ``_apply_image_or_video_transform`` (v2) with NEAREST and zero fill, on a [3, H, W]
     uint8 tensor; returns a new tensor."""
-    if _check_semantics(semantics) == "v2":
+    if _check_semantics(semantics) == "pil":
+        return _apply_op_pil(img, op, mag)
+    if semantics == "v2":
         out = _apply_op_v2(img, op, mag)
         if out is not None:
             return out
