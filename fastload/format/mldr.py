@@ -16,7 +16,13 @@ FRAME opcode every ml-dr sample file uses (measured on torch 2.13: "Unsupported 
 149"), so those, and ``.jb`` files, go through :class:`SafeUnpickler`, which admits only
 containers, numbers, strings, bytes and numpy arrays/scalars (joblib's inline array format
 included, read without importing joblib). Everything else raises
-:class:`UnsafePickleError` before any constructor runs. Every read is bounded.
+:class:`UnsafePickleError` before any constructor runs. No admitted constructor allocates by
+argument (``bytearray`` from bytes only, ``numpy.ndarray`` never called, ``_reconstruct``
+only with numpy's empty placeholder: an array's size comes with its bytes). Every read is
+bounded, the config copied into the manifest too (values and depth, shared references
+counted as expanded), files are told apart by content (a joblib file named ``.pth.tar``
+imports), error messages carry no byte of a file, and a compressed tar's own check (gzip's
+CRC-32 and length) is verified.
 
 Streaming: tar archives are read member by member (``r|*``, no extraction, no seeking);
 converted records are staged per output shard under ``out/.mldr-staging`` and a shard is
