@@ -312,7 +312,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
               "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": skipped,
               "record_ext": True}
     fp = {"tars": digest.hexdigest(), "rows": len(rows), "shard_size": shard_size, "image_size": image_size,
-          "reinforce_size": reinforce_size}
+          "reinforce_size": reinforce_size, "semantics": semantics}
     w = DatasetWriter(out, header, fp, num_shards)
     for s in range(num_shards):
         if s in w.done:
