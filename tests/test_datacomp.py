@@ -23,7 +23,7 @@ def _npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def _build(tmp_path, n=6, bf16_key=None, break_key=None, missing_image=None):
+def _build(tmp_path, n=6, bf16_key=None, break_key=None, missing_image=None, syn_split=False, extra_npz=None):
     """DataCompDR layout: reinforcement tar (syn.json, paug.json, npz) + image tar (jpg, txt)."""
     import skimage.data as sd
     from PIL import Image
@@ -53,8 +53,10 @@ def _build(tmp_path, n=6, bf16_key=None, break_key=None, missing_image=None):
                            text_emb=(te.view(np.uint32) >> 16).astype(np.uint16))
                 truth[key]["ie"] = ((ie.view(np.uint32) >> 16) << 16).view(np.float32)
                 truth[key]["te"] = ((te.view(np.uint32) >> 16) << 16).view(np.float32)
+            elif syn_split:  # the newer ml-mobileclip layout: synthetic captions' embeddings apart
+                npz = _npz(image_emb=ie, text_emb=te[:1], syn_text_emb=te[1:], **(extra_npz or {}))
             else:
-                npz = _npz(image_emb=ie, text_emb=te)
+                npz = _npz(image_emb=ie, text_emb=te, **(extra_npz or {}))
             _add(tdr, f"{key}.syn.json", json.dumps({"syn_text": syn}).encode())
             _add(tdr, f"{key}.paug.json", json.dumps({"param_aug": paug} if s % 2 else paug).encode())
             _add(tdr, f"{key}.npz", npz[: len(npz) // 2] if key == break_key else npz)
@@ -231,3 +233,51 @@ def test_float_magnitudes_replay_as_stored(tmp_path):
             for o, v in ops or []:
                 want = apply_op(want, P.RA_OPS[o], v)
             assert torch.equal(out[a], want), (key, a)
+
+
+def test_dct_scale_is_false_and_a_boolean(tmp_path):
+    # DataCompDR decoded at full size: a string here used to read as true (DCT-scaled decode)
+    from fastload.format.datacomp import import_datacomp
+    from fastload.format.reader import ReinforcedDataset
+
+    dr, im, _ = _build(tmp_path, n=2)
+    m = import_datacomp([dr], str(tmp_path / "o"), [im], progress=False)
+    assert m["replay"]["dct_scale"] is False
+    assert ReinforcedDataset(str(tmp_path / "o")).replay["dct_scale"] is False
+
+
+def test_separate_syn_text_emb_layout(tmp_path):
+    from fastload.format.datacomp import import_datacomp
+    from fastload.format.reader import ReinforcedDataset
+
+    dr, im, truth = _build(tmp_path, n=3, syn_split=True)
+    import_datacomp([dr], str(tmp_path / "o"), [im], progress=False)
+    ds = ReinforcedDataset(str(tmp_path / "o"))
+    assert ds.manifest["num_captions"] == 6
+    for i, key in enumerate(sorted(truth)):
+        # real caption first, then the 5 synthetic ones: none dropped
+        np.testing.assert_array_equal(ds.text_embeddings(i), truth[key]["te"].astype(np.float16))
+        assert len(ds.captions(i)[1]) == 5
+
+
+def test_npz_field_not_understood_is_an_error(tmp_path):
+    from fastload.format.datacomp import import_datacomp
+
+    dr, im, _ = _build(tmp_path, n=2, extra_npz={"syn_image_emb": np.zeros((2, D), np.float32)})
+    with pytest.raises(ValueError, match=r"npz fields \['syn_image_emb'\] are not understood"):
+        import_datacomp([dr], str(tmp_path / "o"), [im], progress=False)
+    with pytest.raises(ValueError, match="paug.json fields"):
+        from fastload.format.datacomp import _parse_paug
+        _parse_paug(b'{"param_aug": [[[0, 0, 4, 4], null]], "extra": 1}', "k", (8, 8))
+
+
+def test_semantics_default_pil(tmp_path):
+    # DataCompDR ran torchvision's RandAugment on PIL images (teachers and training)
+    from fastload.format.datacomp import import_datacomp, main
+    from fastload.format.reader import ReinforcedDataset
+
+    dr, im, _ = _build(tmp_path, n=2)
+    import_datacomp([dr], str(tmp_path / "a"), [im], progress=False)
+    assert ReinforcedDataset(str(tmp_path / "a")).policy.randaugment_semantics == "pil"
+    assert main([dr, "--images", im, "--out", str(tmp_path / "b"), "--quiet", "--semantics", "v1"]) == 0
+    assert ReinforcedDataset(str(tmp_path / "b")).policy.randaugment_semantics == "v1"

@@ -241,6 +241,8 @@ MANIFEST_CASES = [
     ("policy", 3), ("policy", {"nope": 1}), ("num_rows", 99), ("replay.image_size", [0, 32]),
     ("shards.0.rows", 2.5), ("shards.0.sha256", 5), ("shards.0.file", "../x"), ("shards.0.bytes", None),
     ("shards.0.first_row", 1), ("shards.1.index", 0), ("shards.0.file", "nope.arrow"),
+    # a string is true in Python: what import-datacomp once wrote ("as ... render_batch")
+    ("replay.dct_scale", "as fastload.replay.native.render_batch"), ("replay.dct_scale", 1),
 ]
 
 

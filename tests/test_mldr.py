@@ -526,3 +526,235 @@ def test_ext_blob_roundtrip_and_corruption():
     bad[8:12] = (10 ** 9).to_bytes(4, "little")  # announces a huge raw size
     with pytest.raises(ValueError, match="corrupt"):
         decode_ext(bytes(bad), expected_n=5)
+
+
+# --------------------------------------------------------------------------- importer hardening
+
+
+class _Alloc:
+    """A pickle whose only content is a call that allocates by argument."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def _np_reconstruct_fn():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+_BIG = 1 << 26  # 64 MiB: what the payload would make the importer allocate from ~100 bytes
+
+
+@pytest.mark.parametrize("call", ["bytearray", "ndarray", "reconstruct"])
+@pytest.mark.parametrize("kind", ["jb", "pth4", "pth2"])
+def test_allow_list_admits_no_allocating_constructor(call, kind):
+    payload = {"bytearray": _Alloc(bytearray, _BIG),
+               "ndarray": _Alloc(np.ndarray, (_BIG,), np.dtype(np.uint8)),
+               "reconstruct": _Alloc(_np_reconstruct_fn(), np.ndarray, (_BIG,), b"b")}[call]
+    obj = (0, [{"params": payload, "prob": ([1.0], [0])}])
+    if kind == "jb":
+        raw = pickle.dumps(obj, protocol=4)
+        assert len(raw) < 300
+        data, load = zlib.compress(raw), mldr.load_jb
+    else:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:  # torch's zip layout; protocol 2 goes through torch.load
+            z.writestr("archive/data.pkl", pickle.dumps(obj, protocol=4 if kind == "pth4" else 2))
+            z.writestr("archive/version", "3\n")
+        data, load = buf.getvalue(), mldr.load_pth
+    with pytest.raises((pickle.UnpicklingError, ValueError), match="refus|placeholder|allocat"):
+        load(data, "evil")
+
+
+def test_numpy_arrays_and_bytearrays_still_load():
+    # what numpy and ml-dr really write: arrays (empty placeholder + state), bytearrays of bytes
+    obj = (2, [{"a": np.arange(6, dtype=np.int16).reshape(2, 3), "b": bytearray(b"xyz"),
+                "f": np.asfortranarray(np.eye(2, dtype=np.float32))}])
+    no_ba = (2, [{k: v for k, v in obj[1][0].items() if k != "b"}])
+    for proto in (2, 4):
+        # torch.load's path (protocol 2) refuses bytearray altogether (torch admits
+        # bytearray(n) by default); ml-dr never stores one
+        for got in (mldr.load_pth(L.torch_bytes(obj if proto == 4 else no_ba, proto)),
+                    mldr.load_jb(zlib.compress(pickle.dumps(obj, protocol=proto)))):
+            np.testing.assert_array_equal(got[1][0]["a"], obj[1][0]["a"])
+            np.testing.assert_array_equal(got[1][0]["f"], obj[1][0]["f"])
+            assert got[1][0].get("b", bytearray(b"xyz")) == bytearray(b"xyz")
+    # an array's state with more elements than bytes present is refused by numpy itself
+    state_lie = pickle.dumps(np.zeros(4, np.uint8), protocol=4).replace(b"\x04\x85", b"\x40\x85")
+    with pytest.raises(ValueError):
+        mldr.load_jb(zlib.compress(state_lie), "lie.jb")
+
+
+_LAUGHS = r"""
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+sys.path.insert(0, {root!r})
+from fastload.bench import mldr_layout as L
+from fastload.format import mldr
+cfg = L.make_config("rrc", 1, 1, 2, size=32)
+x = [0]
+for _ in range(40):
+    x = [x, x]  # pickled once each (the memo), 2**40 values when expanded
+cfg["notes"] = x
+data = L.torch_bytes(cfg, 2)
+assert len(data) < 4096, len(data)
+imgs = {tmp!r} + "/imgs"
+hw = L.write_image_folder(imgs, 2, classes=2)
+with open({tmp!r} + "/config.pth.tar", "wb") as f:
+    f.write(data)
+L.write_archive({tmp!r} + "/a.tar", hw, L.make_config("rrc", 1, 1, 2, size=32))
+t = time.perf_counter()
+try:
+    mldr.import_mldr({tmp!r} + "/a.tar", imgs, {tmp!r} + "/out", config={tmp!r} + "/config.pth.tar", progress=False)
+except ValueError as e:
+    print("ERR", round(time.perf_counter() - t, 2), e)
+else:
+    print("IMPORTED")
+"""
+
+
+def test_billion_laughs_config_fails_fast(tmp_path):
+    import subprocess
+    import sys
+
+    # the checkout (the folder holding fastload/): fastload/ itself on sys.path would let
+    # fastload/select shadow the standard library's select module
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(mldr.__file__))))
+    r = subprocess.run([sys.executable, "-c", _LAUGHS.format(root=root, tmp=str(tmp_path))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ERR"), r.stdout
+    secs, msg = r.stdout.split(" ", 2)[1:]
+    assert float(secs) < 5.0
+    assert "config.pth.tar" in msg and "too large" in msg
+
+
+_SECRET = b"Zq9#top-secret-token-0123456789"
+
+
+@pytest.mark.parametrize("name", ["0.jb", "0.pth.tar"])
+def test_symlinked_member_error_shows_no_file_content(tmp_path, name):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(_SECRET)
+    arch = tmp_path / "a" / "reinforced_data"
+    arch.mkdir(parents=True)
+    (arch / "config.pth.tar").write_bytes(L.torch_bytes(L.make_config("rrc", 1, 1, 2, size=SIZE), None))
+    os.symlink(secret, arch / name)
+    with pytest.raises((ValueError, pickle.UnpicklingError)) as ei:
+        list(mldr.iter_archive(str(tmp_path / "a")))
+    msg = str(ei.value)
+    assert name in msg
+    shown = msg.replace(str(tmp_path), "")
+    for k in range(1, 5):
+        assert _SECRET[:k].decode() not in shown, msg
+    assert f" {_SECRET[0]}" not in shown, msg  # nor its first byte as a number ("operand 90")
+
+
+def test_gzip_crc_is_checked(tmp_path):
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "rrc", "tar.gz", n=3, classes=3, topk=2)
+    data = bytearray(open(arch, "rb").read())
+    assert mldr.import_mldr(arch, imgs, str(tmp_path / "ok"), progress=False)["num_rows"] == 3
+    bad = tmp_path / "crc.tar.gz"
+    data[-8] ^= 0x01  # the gzip trailer's CRC-32 (the deflate data is intact)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="crc.tar.gz.*(CRC|corrupt)"):
+        mldr.import_mldr(str(bad), imgs, str(tmp_path / "o1"), progress=False)
+    data[-8] ^= 0x01
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(bytes(data[:-8]))  # no trailer at all
+    with pytest.raises(ValueError, match="cut.tar.gz.*(trailer|truncated)"):
+        mldr.import_mldr(str(cut), imgs, str(tmp_path / "o2"), progress=False)
+
+
+def test_joblib_named_pth_tar_is_read_by_content(tmp_path):
+    # ml-dr's `joblib: true` writes joblib files with the .pth.tar name
+    imgs, hw, cfg, arch, written = _setup(tmp_path, "mix_rare", "dir", n=5, jb=True)
+    ref = mldr.import_mldr(arch, imgs, str(tmp_path / "ref"), progress=False)
+    rd = os.path.join(arch, "reinforced_data")
+    for f in os.listdir(rd):
+        if f.endswith(".jb"):
+            os.rename(os.path.join(rd, f), os.path.join(rd, f[:-3] + ".pth.tar"))
+    assert not any(f.endswith(".jb") for f in os.listdir(rd))
+    m = mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=False)
+    assert m["num_rows"] == ref["num_rows"] == 5
+    a, b = ReinforcedDataset(str(tmp_path / "out")), ReinforcedDataset(str(tmp_path / "ref"))
+    for i in range(5):
+        assert a.augs(i).tobytes() == b.augs(i).tobytes()
+        assert a.augs_ext(i).tobytes() == b.augs_ext(i).tobytes()
+    # and a legacy (non-zip) torch file is still a torch file
+    buf = io.BytesIO()
+    torch.save((1, [{"x": 2}]), buf, _use_new_zipfile_serialization=False)
+    assert mldr._load("jb", buf.getvalue(), "legacy") == (1, [{"x": 2}])
+
+
+def test_class_subset_is_accepted_with_the_mapping_stated(tmp_path, capsys):
+    # 4 class folders, the config's teacher has 5 classes (e.g. ImageNet-100 with a 1k teacher)
+    imgs, hw, cfg, arch, written = _setup(tmp_path, "rrc", "dir", n=4, classes=5, topk=3)
+    assert len(mldr.image_folder(imgs)[2]) == 4
+    m = mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=True)
+    assert m["num_classes"] == 5 and m["class_subset"]["folder_classes"] == 4
+    assert m["class_subset"]["config_num_classes"] == 5
+    assert "a subset" in capsys.readouterr().err
+    ds = ReinforcedDataset(str(tmp_path / "out"))
+    files, labels, classes = mldr.image_folder(imgs)
+    assert list(ds.labels) == labels and max(labels) == 3
+
+
+def _mldr_smooth_branch(vals) -> bool:
+    """ml-dr's densify switch, computed as ml-dr does (test oracle): softmax where
+    1.0 - torch.tensor(list of floats).sum() < 0."""
+    return bool((1.0 - torch.tensor([float(v) for v in vals]).sum()) < 0.0)
+
+
+def test_mldr_smooth_takes_mldrs_branch_on_every_record():
+    from fastload.format.shards import decode_targets, encode_targets
+
+    g = np.random.default_rng(0)
+    n, k, C = 4000, 5, 1000
+    logits = g.normal(0, 1, (n, C)).astype(np.float32)
+    logits[np.arange(n), g.integers(0, C, n)] += g.uniform(8, 14, n).astype(np.float32)  # peaked teachers
+    p = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    old_mismatch = new_mismatch = 0
+    ids_all, stored = [], []
+    for r in range(n):
+        ids = np.argpartition(p[r], -k)[-k:]  # ml-dr's sparsify: archive order
+        vals = p[r][ids]
+        want = _mldr_smooth_branch(vals.tolist())
+        order = np.argsort(-vals, kind="stable")
+        plain = vals[order].astype(np.float16).astype(np.float32)
+        old_mismatch += mldr._smooth_branch(plain) != want
+        kept = mldr._smooth_branch_kept(vals, vals[order])
+        assert np.abs(kept - vals[order]).max() < 2e-3  # within a few fp16 steps of the truth
+        ids_all.append(ids[order])
+        stored.append(kept)
+    ids_all, stored = np.stack(ids_all), np.stack(stored)
+    ids_d, probs_d = decode_targets(encode_targets(ids_all, stored))  # the stored blob, as the loader reads it
+    got = densify(torch.from_numpy(ids_d.astype(np.int64)), torch.from_numpy(probs_d), C, mode="mldr_smooth")
+    for r in range(n):
+        vals = p[r][np.argpartition(p[r], -k)[-k:]]
+        want = _mldr_smooth_branch(vals.tolist())
+        softmax_used = bool(got[r][~np.isin(np.arange(C), ids_d[r])].abs().max() == 0)
+        new_mismatch += softmax_used != want
+    assert old_mismatch > 0  # fp16 alone crosses ml-dr's switch on some records (the bug)
+    assert new_mismatch == 0
+
+
+def test_semantics_generation_or_training(tmp_path, capsys):
+    from fastload.cli import main
+
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "rare", "tar", n=3, classes=3)
+    m = mldr.import_mldr(arch, imgs, str(tmp_path / "gen"), progress=False)
+    assert m["policy"]["randaugment_semantics"] == "v1"  # generation: tensor ops, what the teacher scored
+    assert main(["import-mldr", arch, "--images", imgs, "--out", str(tmp_path / "train"), "--quiet",
+                 "--semantics", "training"]) == 0
+    ds = ReinforcedDataset(str(tmp_path / "train"))
+    assert ds.policy.randaugment_semantics == "pil"  # ml-dr's training-time dataset: PIL images
+    with pytest.raises(ValueError, match="semantics"):
+        mldr.import_mldr(arch, imgs, str(tmp_path / "x"), progress=False, semantics="pil")

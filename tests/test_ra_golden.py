@@ -6,6 +6,7 @@ chain of one or two ops (op ids in RA_OPS order, signed magnitude bins, 31 bins)
 small images; the outputs come from torchvision's own v1 and v2 code paths.
 """
 import ctypes
+import hashlib
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from fastload import _native
 from fastload.replay.reference_ra import apply_ra
-from fastload.sample.params import RA_OPS
+from fastload.sample.params import RA_OPS, RA_SIGNED
 from fastload.sample.policy import AugmentPolicy
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "ra_golden.npz")
@@ -117,12 +118,15 @@ def test_policy_semantics_field():
     assert AugmentPolicy.from_dict(d).randaugment_semantics == "v1"
     with pytest.raises(ValueError, match="randaugment_semantics"):
         AugmentPolicy(randaugment_semantics="v3")
+    assert AugmentPolicy(randaugment=(2, 9), randaugment_semantics="pil").randaugment_semantics == "pil"
 
 
 def test_bad_semantics_flag_bits(lib):
     img = np.zeros((3, 4, 4), np.uint8)
     with pytest.raises(RuntimeError, match="num_bins"):
-        run_cpp(lib, img, [6], [1], 31 | (1 << 9))
+        run_cpp(lib, img, [6], [1], 31 | (1 << 10))
+    with pytest.raises(RuntimeError, match="both the v2 and the pil"):
+        run_cpp(lib, img, [6], [1], 31 | (1 << 8) | (1 << 9))
     with pytest.raises(ValueError, match="semantics"):
         apply_ra(torch.from_numpy(img), [6], [1], semantics="v3")
 
@@ -142,12 +146,135 @@ def test_render_batch_carries_the_semantics():
     rec["ra_ops"][0, :2] = (RA_OPS.index("Color"), RA_OPS.index("Sharpness"))
     rec["ra_mags"][0, :2] = (9, -14)
     outs = {}
-    for sem in ("v1", "v2"):
+    for sem in ("v1", "v2", "pil"):
         out = torch.empty(1, 3, 24, 32, dtype=torch.uint8)
         render_batch([img], rec, out, threads=1, ra_semantics=sem)
         want = apply_ra(base[0], rec["ra_ops"][0], rec["ra_mags"][0], semantics=sem)
         assert torch.equal(out[0], want), sem
         outs[sem] = out
-    assert not torch.equal(outs["v1"], outs["v2"])
+    assert not torch.equal(outs["v1"], outs["v2"]) and not torch.equal(outs["v1"], outs["pil"])
     with pytest.raises(ValueError, match="ra_semantics"):
         render_batch([img], rec, torch.empty(1, 3, 24, 32, dtype=torch.uint8), ra_semantics="v3")
+
+
+# --------------------------------------------------------------------------- the sweep
+# tests/golden/ra_sweep.npz (make_ra_golden.py sweep): every op x every bin of 31 (both signs)
+# plus 40 chains, on 5 image sizes (odd, non-square, 512x683), for v1 and v2 (torchvision's
+# tensor RandAugment) and pil (torchvision's RandAugment on PIL images). Stored as 16-byte
+# digests of every output, every output of the smallest image and a sample of the next one.
+
+SWEEP = os.path.join(os.path.dirname(__file__), "golden", "ra_sweep.npz")
+SEM_BITS = {"v1": 0, "v2": V2_FLAG, "pil": 1 << 9}
+
+
+def sweep_image(h, w, seed):
+    """The generator of make_ra_golden.sweep_image (integer arithmetic only); each result is
+    checked against the digest the script stored."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    out = []
+    for c in range(3):
+        k = seed * 3 + c
+        dither = ((x * 2654435761 + y * 40503 + k * 97) >> 7) % 23
+        tex = ((x * (5 + k) + y * (3 + 2 * k)) % 37) + ((x * y + k) % 11)
+        v = 30 + 10 * c + (x * (80 + k)) // max(w, 1) + (y * (60 - k)) // max(h, 1) + tex + dither
+        out.append(np.clip(v, 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+def _digest(a) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest()[:16]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    with np.load(SWEEP) as f:
+        z = {k: f[k] for k in f.files}
+    assert tuple(str(x) for x in z["op_names"]) == RA_OPS
+    imgs = []
+    for n, (h, w) in enumerate(z["sizes"]):
+        img = sweep_image(int(h), int(w), n)
+        assert _digest(img) == z[f"input_digest{n}"].tobytes(), f"sweep image {n} differs from the script's"
+        imgs.append(img)
+    return z, imgs
+
+
+def _sweep_label(z, i):
+    return "+".join(f"{RA_OPS[o]}({m})" for o, m in zip(z["ops"][i], z["mags"][i]) if o != 255)
+
+
+def test_sweep_covers_every_op_bin_and_size(sweep):
+    z, imgs = sweep
+    sizes = [tuple(int(v) for v in s) for s in z["sizes"]]
+    assert len(sizes) >= 5 and any(h % 2 and w % 2 for h, w in sizes) and any(h != w for h, w in sizes)
+    assert max(max(s) for s in sizes) >= 512
+    singles = {(int(o[0]), int(m[0])) for o, m in zip(z["ops"], z["mags"]) if o[1] == 255}
+    for k, name in enumerate(RA_OPS):
+        if name in ("Identity", "AutoContrast", "Equalize"):
+            continue
+        want = range(-30, 31) if name in RA_SIGNED else range(31)
+        assert {(k, b) for b in want} <= singles, name
+    # the semantics differ where they should: pil from v1 on the geometric ops and blends
+    differ = {RA_OPS[int(z["ops"][i, 0])] for i in range(len(z["ops"])) if z["ops"][i, 1] == 255
+              and (z["pil_digest3"][i] != z["v1_digest3"][i]).any()}
+    assert {"Rotate", "Color", "Contrast", "Sharpness", "AutoContrast"} <= differ, differ
+    assert not differ & {"Identity", "Posterize", "Solarize", "Equalize"}
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2", "pil"])
+def test_native_kernel_matches_the_sweep(sweep, lib, semantics):
+    z, imgs = sweep
+    bins = int(z["num_bins"]) | SEM_BITS[semantics]
+    bad = []
+    for n, img in enumerate(imgs):
+        dig = z[f"{semantics}_digest{n}"]
+        for i in range(len(z["ops"])):
+            got = run_cpp(lib, img, z["ops"][i], z["mags"][i], bins)
+            if _digest(got) != dig[i].tobytes():
+                bad.append((img.shape[1:], _sweep_label(z, i)))
+    assert not bad, f"{len(bad)} of {len(imgs) * len(z['ops'])} cases differ from torchvision {semantics}: {bad[:10]}"
+
+
+def _reference_vs_sweep(z, imgs, semantics, sizes):
+    bad = []
+    for n in sizes:
+        img = torch.from_numpy(imgs[n])
+        dig = z[f"{semantics}_digest{n}"]
+        for i in range(len(z["ops"])):
+            got = apply_ra(img, z["ops"][i], z["mags"][i], num_bins=int(z["num_bins"]), semantics=semantics).numpy()
+            if _digest(got) != dig[i].tobytes():
+                bad.append((imgs[n].shape[1:], _sweep_label(z, i)))
+    return bad
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2", "pil"])
+def test_reference_matches_the_sweep_small_sizes(sweep, semantics):
+    z, imgs = sweep
+    small = [n for n, img in enumerate(imgs) if img.shape[1] * img.shape[2] <= 64 * 64]
+    bad = _reference_vs_sweep(z, imgs, semantics, small)
+    assert not bad, f"{len(bad)} cases differ from torchvision {semantics}: {bad[:10]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("semantics", ["v1", "v2", "pil"])
+def test_reference_matches_the_sweep_large_sizes(sweep, semantics):
+    z, imgs = sweep
+    large = [n for n, img in enumerate(imgs) if img.shape[1] * img.shape[2] > 64 * 64]
+    bad = _reference_vs_sweep(z, imgs, semantics, large)
+    assert not bad, f"{len(bad)} cases differ from torchvision {semantics}: {bad[:10]}"
+
+
+def test_sweep_stored_arrays_are_the_digested_outputs(sweep):
+    # the stored arrays (every output of image 0, a sample of the others) are what the digests say
+    z, imgs = sweep
+    every = int(z["sample_every"])
+    for sem in ("v1", "v2", "pil"):
+        for n in range(len(imgs)):
+            arr = z.get(f"{sem}_out{n}")
+            idx = list(range(len(z["ops"])))
+            if arr is None:
+                if f"{sem}_sample{n}" not in z:
+                    continue  # digests only (large images)
+                arr, idx = z[f"{sem}_sample{n}"], idx[::every]
+            assert len(arr) == len(idx)
+            for a, i in zip(arr, idx):
+                assert _digest(a) == z[f"{sem}_digest{n}"][i].tobytes()

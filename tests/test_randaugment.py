@@ -33,9 +33,12 @@ def run_cpp(lib, img_chw, ops, mags, num_bins=31, semantics="v1"):
     o = np.ascontiguousarray(ops, dtype=np.uint8)
     m = np.ascontiguousarray(mags, dtype=np.int8)
     st = lib.fl_randaugment_u8(_native.ptr(hwc), hwc.shape[0], hwc.shape[1], _native.ptr(o),
-                               _native.ptr(m), len(o), num_bins | (256 if semantics == "v2" else 0))
+                               _native.ptr(m), len(o), num_bins | SEMANTICS_BITS[semantics])
     _native.check(lib, st, "fl_randaugment_u8")
     return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
+
+
+SEMANTICS_BITS = {"v1": 0, "v2": 1 << 8, "pil": 1 << 9}  # kRASemanticsV2 / kRASemanticsPIL
 
 
 def make_image(h, w, seed, kind="photo"):
@@ -66,7 +69,7 @@ SIZES = [(17, 23), (64, 48), (3, 3), (1, 5)]
 BINS_31 = [0, 1, -1, 5, -5, 9, -9, 17, -23, 30, -30]
 
 
-@pytest.mark.parametrize("semantics", ["v1", "v2"])
+@pytest.mark.parametrize("semantics", ["v1", "v2", "pil"])
 @pytest.mark.parametrize("op", range(len(RA_OPS)), ids=list(RA_OPS))
 @pytest.mark.parametrize("h,w", SIZES)
 def test_every_op_matches_reference(lib, op, h, w, semantics):
@@ -125,7 +128,7 @@ def test_flat_channels(lib, semantics):
     assert torch.equal(apply_ra(img, [RA_OPS.index("AutoContrast")], [0], semantics=semantics), img)
 
 
-@pytest.mark.parametrize("semantics", ["v1", "v2"])
+@pytest.mark.parametrize("semantics", ["v1", "v2", "pil"])
 def test_chains_of_ops(lib, semantics):
     g = np.random.default_rng(5)
     for t in range(60):
@@ -204,3 +207,62 @@ def test_bad_input(lib):
         apply_ra(img.float(), [0], [0])
     with pytest.raises(ValueError, match="num_bins"):
         apply_ra(img, [0], [0], num_bins=1)
+
+
+_GRID_VS_BMM = r"""
+import math, sys, torch
+from fastload.replay import reference_ra as R
+bad = 0
+for h, w in ((17, 23), (224, 224), (131, 97), (513, 640)):
+    for ang in (0.3, -8.7, 13.0, 30.0):
+        for m in (R._inverse_affine([0.0, 0.0], -ang, [0.0, 0.0], [0.0, 0.0]),
+                  R._inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], [ang, 0.0]),
+                  R._inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], [0.0, ang])):
+            theta = torch.tensor(m, dtype=torch.float32).reshape(1, 2, 3)
+            base = torch.empty(1, h, w, 3)
+            base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w))
+            base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h).unsqueeze(-1))
+            base[..., 2].fill_(1.0)
+            sc = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])
+            tv = base.view(1, h * w, 3).bmm(sc).view(1, h, w, 2)
+            x, y = base[0, :, :, 0], base[0, :, :, 1]
+            ours = torch.stack([x.mul(sc[0, 0, j]).add(y.mul(sc[0, 1, j])).add(sc[0, 2, j]) for j in (0, 1)], -1)
+            bad += int((tv[0] != ours).sum())
+print(bad)
+"""
+
+
+def test_reference_grid_is_torchvisions_bmm_with_mkl_pinned():
+    # reference_ra spells out the affine grid instead of calling bmm (MKL's bmm is
+    # CPU-dependent). With MKL pinned to AVX2 before torch starts (a fresh process, so the pin
+    # surely applies), torchvision's own bmm gives the same coordinates bit for bit.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", _GRID_VS_BMM], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("op", range(len(RA_OPS)), ids=list(RA_OPS))
+def test_pil_every_bin_larger_images(lib, op):
+    # Pillow's own ops (the reference calls Pillow as torchvision's PIL path does) on images
+    # large enough for the fixed-point affine's accumulated steps: every bin of 31, both signs
+    for (h, w) in ((224, 224), (131, 97)):
+        img = make_image(h, w, 3 + h + op, "photo")
+        bins = range(-30, 31) if RA_OPS[op] in RA_SIGNED else range(31)
+        for mag in bins:
+            assert_same(apply_ra(img, [op], [mag], semantics="pil"),
+                        run_cpp(lib, img, [op], [mag], semantics="pil"), f"{RA_OPS[op]} pil bin {mag} on {h}x{w}")
+
+
+def test_pil_differs_from_the_tensor_ops(lib):
+    # the point of the semantics: Pillow's resampling and blends are not torchvision's tensor ops
+    img = make_image(131, 97, 1, "photo")
+    differ = {RA_OPS[op] for op in range(len(RA_OPS)) for b in (-30, -17, -5, 9, 23)
+              if not torch.equal(run_cpp(lib, img, [op], [b], semantics="pil"), run_cpp(lib, img, [op], [b]))}
+    assert {"Rotate", "Color", "Contrast", "Sharpness", "AutoContrast"} <= differ, differ
+    assert not differ & {"Identity", "Posterize", "Solarize", "Equalize"}

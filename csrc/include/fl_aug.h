@@ -52,10 +52,12 @@ inline bool ra_signed(int op) {
 // ReplayOptions::ra_semantics
 constexpr int kRASemV1 = 0;  // family torchvision
 constexpr int kRASemV2 = 1;  // family torchvision
+constexpr int kRASemPil = 2;  // family torchvision
 inline bool ra_semantics_known(int s) {
   switch (s) {
     case kRASemV1:
     case kRASemV2:
+    case kRASemPil:
       return true;
     default:
       return false;

@@ -588,7 +588,9 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
                       int num_bins, uint8_t* scratch) {
   if (h < 1 || w < 1) return fail("randaugment: image size %dx%d must be positive", h, w);
   const bool v2 = (num_bins & kRASemanticsV2) != 0;
-  num_bins &= ~kRASemanticsV2;
+  const bool pil = (num_bins & kRASemanticsPIL) != 0;
+  if (v2 && pil) return fail("randaugment: num_bins carries both the v2 and the pil semantics bits");
+  num_bins &= ~kRASemanticsMask;
   if (num_bins < 2 || num_bins > 128) return fail("randaugment: num_bins %d outside [2, 128]", num_bins);
   if (n < 0) return fail("randaugment: negative op count %d", n);
   // Validate everything first so that a bad record leaves the image untouched.
@@ -604,8 +606,9 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
   for (int i = 0; i < n; ++i) {
     const int op = ops[i];
     if (op == kRANone) continue;
-    const double mag = magnitude(op, mags[i], num_bins, h, w, v2);
-    if (apply_one(img, h, w, op, mag, scratch, v2) != 0) return -1;
+    const double mag = magnitude(op, mags[i], num_bins, h, w, v2);  // pil: v1's tables
+    if ((pil ? ra_pil_apply_one(img, h, w, op, mag, scratch) : apply_one(img, h, w, op, mag, scratch, v2)) != 0)
+      return -1;
   }
   return 0;
 }
@@ -613,8 +616,10 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
 // ml-dr records store float magnitudes (the value _apply_op receives); translations were
 // sampled on a grid_h x grid_w image and scale to this one.
 int randaugment_apply_values(uint8_t* img, int h, int w, const uint8_t* ops, const float* vals, int n,
-                             int grid_h, int grid_w, uint8_t* scratch, bool v2) {
+                             int grid_h, int grid_w, uint8_t* scratch, int semantics) {
   if (h < 1 || w < 1) return fail("randaugment: image size %dx%d must be positive", h, w);
+  const bool v2 = (semantics & kRASemanticsV2) != 0, pil = (semantics & kRASemanticsPIL) != 0;
+  if (v2 && pil) return fail("randaugment: both the v2 and the pil semantics bits");
   if (n < 0) return fail("randaugment: negative op count %d", n);
   for (int i = 0; i < n; ++i) {
     if (ops[i] != kRANone && ops[i] >= kNumOps) return fail("randaugment: unknown op id %d at slot %d", ops[i], i);
@@ -626,7 +631,8 @@ int randaugment_apply_values(uint8_t* img, int h, int w, const uint8_t* ops, con
     double mag = (double)vals[i];
     if (op == kTranslateX && grid_w > 0) mag = mag * w / grid_w;
     if (op == kTranslateY && grid_h > 0) mag = mag * h / grid_h;
-    if (apply_one(img, h, w, op, mag, scratch, v2) != 0) return -1;
+    if ((pil ? ra_pil_apply_one(img, h, w, op, mag, scratch) : apply_one(img, h, w, op, mag, scratch, v2)) != 0)
+      return -1;
   }
   return 0;
 }

@@ -24,7 +24,7 @@ namespace fl {
 int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, int n,
                       int num_bins, uint8_t* scratch) __attribute__((weak));
 int randaugment_apply_values(uint8_t* img, int h, int w, const uint8_t* ops, const float* vals, int n,
-                             int grid_h, int grid_w, uint8_t* scratch, bool v2) __attribute__((weak));
+                             int grid_h, int grid_w, uint8_t* scratch, int semantics) __attribute__((weak));
 }  // namespace fl
 
 namespace {
@@ -261,7 +261,7 @@ int ra_planar(const Job& J, uint8_t* planar, uint8_t* hwc, uint8_t* ra, const ui
   if (use_vals) {
     if (&fl::randaugment_apply_values == nullptr) return fl::fail("RandAugment is not built into this library");
     rc = fl::randaugment_apply_values(hwc, J.oh, J.ow, ops, vals, fl::kMaxRA, J.grid_h, J.grid_w, ra,
-                                      (J.num_bins & fl::kRASemanticsV2) != 0);
+                                      J.num_bins & fl::kRASemanticsMask);
   } else {
     if (&fl::randaugment_apply == nullptr) return fl::fail("RandAugment is not built into this library");
     rc = fl::randaugment_apply(hwc, J.oh, J.ow, ops, mags, fl::kMaxRA, J.num_bins, ra);
@@ -524,8 +524,9 @@ FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* a
                     (long long)n, o.out_h, o.out_w);
   const int dct = o.dct_rule | ((o.decoder_flags & 1) ? fl::kDctIfast : 0) |
                   ((o.decoder_flags & 2) ? fl::kDctNoFancy : 0);
-  // randaugment_apply takes the semantics in num_bins' kRASemanticsV2 bit (internal)
-  const int num_bins = o.ra_num_bins | (o.ra_semantics == fl::kRASemV2 ? fl::kRASemanticsV2 : 0);
+  // randaugment_apply takes the semantics in num_bins' kRASemanticsV2/PIL bits (internal)
+  const int num_bins = o.ra_num_bins | (o.ra_semantics == fl::kRASemV2 ? fl::kRASemanticsV2
+                                         : o.ra_semantics == fl::kRASemPil ? fl::kRASemanticsPIL : 0);
   Job J{srcs, partners, augs, out, o.dtype, o.out_h, o.out_w, o.interpolation, dct, num_bins, {}, {}, {}};
   J.ext = ext;
   J.grid_h = o.grid_h > 0 ? o.grid_h : o.out_h;

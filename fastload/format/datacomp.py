@@ -132,7 +132,14 @@ def _caption_from_json(b: bytes) -> Optional[str]:
     return d.get("caption") if isinstance(d, dict) else None
 
 
-def _load_npz(b: bytes, key: str) -> Tuple[np.ndarray, np.ndarray]:
+NPZ_FIELDS = ("image_emb", "text_emb", "syn_text_emb")
+
+
+def _load_npz(b: bytes, key: str) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+    """(image_emb [N, D], text_emb [C + S, D], S or None). The newer ml-mobileclip layout keeps
+    the synthetic captions' embeddings apart (``text_emb`` real ones, ``syn_text_emb``
+    synthetic ones): they are stacked after the real ones, as the older layout stores them,
+    and S is returned so that the caller can check it against syn.json."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(b))
         for info in zf.infolist():
@@ -141,7 +148,12 @@ def _load_npz(b: bytes, key: str) -> Tuple[np.ndarray, np.ndarray]:
         with np.load(io.BytesIO(b), allow_pickle=False) as z:
             if "image_emb" not in z.files or "text_emb" not in z.files:
                 raise ValueError(f"sample {key!r}: npz needs image_emb and text_emb, has {z.files}")
+            unknown = sorted(set(z.files) - set(NPZ_FIELDS))
+            if unknown:  # an embedding silently dropped would be an IndexError at training time
+                raise ValueError(f"sample {key!r}: npz fields {unknown[:8]} are not understood (known: "
+                                 f"{', '.join(NPZ_FIELDS)})")
             ie, te = z["image_emb"], z["text_emb"]
+            se = z["syn_text_emb"] if "syn_text_emb" in z.files else None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ValueError(f"sample {key!r}: corrupt npz ({e})") from e
 
@@ -153,9 +165,18 @@ def _load_npz(b: bytes, key: str) -> Tuple[np.ndarray, np.ndarray]:
         return a.astype(np.float32)
 
     ie, te = f32(ie), f32(te)
+    n_syn = None
+    if se is not None:
+        se = f32(se)
+        if te.ndim == 1:  # one real caption stored as a vector
+            te = te[None]
+        if se.ndim != 2 or te.ndim != 2 or se.shape[1] != te.shape[1]:
+            raise ValueError(f"sample {key!r}: text_emb {te.shape} / syn_text_emb {se.shape} must be [*, D] with one D")
+        n_syn = se.shape[0]
+        te = np.concatenate([te, se])
     if ie.ndim != 2 or te.ndim != 2 or ie.shape[1] != te.shape[1]:
         raise ValueError(f"sample {key!r}: image_emb {ie.shape} / text_emb {te.shape} must be [*, D] with one D")
-    return ie, te
+    return ie, te, n_syn
 
 
 def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] = (224, 224),
@@ -165,6 +186,10 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"sample {key!r}: paug.json is not JSON ({e})") from e
     if isinstance(d, dict):
+        unknown = sorted(set(d) - {"param_aug", "params"})
+        if unknown:
+            raise ValueError(f"sample {key!r}: paug.json fields {unknown[:8]} are not understood (known: "
+                             "param_aug, params)")
         d = d.get("param_aug", d.get("params"))
     if not isinstance(d, list) or not d:
         raise ValueError(f"sample {key!r}: paug.json must be a non-empty list of augmentations")
@@ -193,11 +218,14 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
 def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_size: int = 1000,
                     image_size: int = 224, on_error: str = "raise", progress: bool = True,
                     teachers: Optional[List[Dict[str, Any]]] = None, reinforce_size: int = 224,
-                    ra_num_bins: int = 31) -> Dict[str, Any]:
+                    ra_num_bins: int = 31, semantics: str = "pil") -> Dict[str, Any]:
     """Import DataCompDR-style shards ``tars`` (joined by key with ``images``) into ``out``.
 
     ``reinforce_size``: the crop size the augmentations were drawn on (DataCompDR: 224; the
-    grid of float translations); ``image_size``: the replay output size.
+    grid of float translations); ``image_size``: the replay output size. ``semantics``: the
+    RandAugment arithmetic replay reproduces (the policy's ``randaugment_semantics``):
+    ``"pil"`` (the default: DataCompDR ran torchvision's RandAugment on PIL images, for its
+    teachers' embeddings and for training), or ``"v1"`` / ``"v2"`` (tensor ops).
 
     Example:
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
@@ -216,7 +244,8 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
             raise ValueError(f"tars: {t!r} does not exist")
     index = _ImageIndex(list(images))
     policy = AugmentPolicy(rrc=True, flip=False, randaugment=(2, 9), interpolation="bicubic",
-                           size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins)
+                           size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins,
+                           randaugment_semantics=semantics)
     rows: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     meta: Dict[str, Any] = {}
@@ -241,7 +270,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                         buf = io.BytesIO()
                         Image.open(io.BytesIO(img)).convert("RGB").save(buf, format="JPEG", quality=95)
                         img = buf.getvalue()
-                    ie, te = _load_npz(parts["npz"], key)
+                    ie, te, n_syn = _load_npz(parts["npz"], key)
                     rec, ext = _parse_paug(parts["paug.json"], key, (h, w), policy.size, ra_num_bins)
                     if len(rec) != len(ie):
                         raise ValueError(f"sample {key!r}: {len(rec)} augmentations but {len(ie)} image embeddings")
@@ -249,6 +278,9 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                     syn = syn.get("syn_text", []) if isinstance(syn, dict) else syn
                     if not isinstance(syn, list) or not all(isinstance(s, str) for s in syn):
                         raise ValueError(f"sample {key!r}: syn.json must hold a list of captions")
+                    if n_syn is not None and n_syn != len(syn):
+                        raise ValueError(f"sample {key!r}: syn_text_emb holds {n_syn} embeddings, syn.json "
+                                         f"{len(syn)} captions")
                     shape = {"num_augmentations": len(rec), "embedding_dim": ie.shape[1],
                              "num_captions": te.shape[0]}
                     if not meta:
@@ -270,7 +302,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     for t in tars:
         digest.update(f"{os.path.abspath(t)}:{os.path.getsize(t)}\n".encode())
     replay = {"image_size": [image_size, image_size], "box_grid": list(policy.size), "interpolation": "bicubic",
-              "dct_scale": "as fastload.replay.native.render_batch", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+              "dct_scale": False,  # DataCompDR decoded at full size (PIL) before cropping "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
               "kernel": "fastload.replay.native"}
     header = {"kind": "image_text", "num_augmentations": meta["num_augmentations"], "topk": 0, "num_classes": None,
               "seeds": [], "policy": policy.to_dict(), "replay": replay,
@@ -280,7 +312,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
               "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": skipped,
               "record_ext": True}
     fp = {"tars": digest.hexdigest(), "rows": len(rows), "shard_size": shard_size, "image_size": image_size,
-          "reinforce_size": reinforce_size}
+          "reinforce_size": reinforce_size, "semantics": semantics}
     w = DatasetWriter(out, header, fp, num_shards)
     for s in range(num_shards):
         if s in w.done:
@@ -310,11 +342,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reinforce-size", type=int, default=224,
                     help="crop size the augmentations were drawn on (DataCompDR: 224)")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    ap.add_argument("--semantics", choices=("pil", "v1", "v2"), default="pil",
+                    help="RandAugment arithmetic to replay: pil (DataCompDR's: torchvision on PIL images)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_datacomp(a.tars, a.out, a.images, shard_size=a.shard_size, image_size=a.image_size,
-                            on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size)
+                            on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size,
+                            semantics=a.semantics)
     except ValueError as e:
         print(f"fastload import-datacomp: error: {e}", file=sys.stderr)
         return 2

@@ -210,6 +210,10 @@ def validate(m: Dict[str, Any], where: str = MANIFEST, strict: bool = False) -> 
             g = r.get(key)
             if not (isinstance(g, list) and len(g) == 2 and all(_is_int(x) and 1 <= x <= 1 << 16 for x in g)):
                 bad(f"replay.{key} must be [height, width] of positive integers, got {str(g)[:40]}")
+    if "dct_scale" in r and not isinstance(r["dct_scale"], bool):
+        # a string reads as true in Python: DCT-scaled decoding where the recipe decoded at
+        # full size (import-datacomp wrote one before; re-import, or set it to false)
+        bad(f"replay.dct_scale must be true or false, got {str(r['dct_scale'])[:60]!r}")
     if "interpolation" in r and not isinstance(r["interpolation"], str):
         bad("replay.interpolation must be a string")
     for key in ("mean", "std"):

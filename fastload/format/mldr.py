@@ -16,7 +16,13 @@ FRAME opcode every ml-dr sample file uses (measured on torch 2.13: "Unsupported 
 149"), so those, and ``.jb`` files, go through :class:`SafeUnpickler`, which admits only
 containers, numbers, strings, bytes and numpy arrays/scalars (joblib's inline array format
 included, read without importing joblib). Everything else raises
-:class:`UnsafePickleError` before any constructor runs. Every read is bounded.
+:class:`UnsafePickleError` before any constructor runs. No admitted constructor allocates by
+argument (``bytearray`` from bytes only, ``numpy.ndarray`` never called, ``_reconstruct``
+only with numpy's empty placeholder: an array's size comes with its bytes). Every read is
+bounded, the config copied into the manifest too (values and depth, shared references
+counted as expanded), files are told apart by content (a joblib file named ``.pth.tar``
+imports), error messages carry no byte of a file, and a compressed tar's own check (gzip's
+CRC-32 and length) is verified.
 
 Streaming: tar archives are read member by member (``r|*``, no extraction, no seeking);
 converted records are staged per output shard under ``out/.mldr-staging`` and a shard is
@@ -39,6 +45,7 @@ import functools
 import hashlib
 import io
 import lzma
+import math
 import os
 import pickle
 import re
@@ -55,6 +62,10 @@ import numpy as np
 from fastload.sample import params as P
 
 MAX_FILE = 64 << 20  # no reinforcement file (compressed or not) may claim more
+# The config copied into the manifest: shared references (a pickle's memo) could make a
+# ~2 KB file expand to billions of nodes ("billion laughs"), so the copy is bounded.
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 32
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 # ml-dr's composition order (dr/transforms.py) and the transforms without random parameters
@@ -91,11 +102,11 @@ class _JoblibArray:
         dtype, shape = st["dtype"], st["shape"]
         if not isinstance(dtype, np.dtype) or dtype.hasobject:
             raise UnsafePickleError(f"{where}: joblib array of dtype {dtype!r} (object arrays are refused)")
-        if st.get("subclass", np.ndarray) is not np.ndarray:
+        if st.get("subclass", np.ndarray) not in (np.ndarray, _ndarray_ctor):
             raise UnsafePickleError(f"{where}: joblib array subclass {st.get('subclass')!r} is refused")
         if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise pickle.UnpicklingError(f"{where}: joblib array shape {shape!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a forged shape cannot overflow
         if nbytes > MAX_FILE:
             raise pickle.UnpicklingError(f"{where}: joblib array of {nbytes} bytes over the {MAX_FILE} limit")
         align = st.get("numpy_array_alignment_bytes")
@@ -122,17 +133,39 @@ def _np_scalar(dtype, data=None):
     return np.frombuffer(bytes(data), dtype)[0]
 
 
+def _ndarray_ctor(*args, **kwargs):
+    """What ``numpy.ndarray`` resolves to: usable only as ``_reconstruct``'s class argument.
+    Called, it would allocate a shape given by the pickle (not by bytes present): refused."""
+    raise UnsafePickleError("the numpy.ndarray constructor is refused (it allocates by argument)")
+
+
 def _np_reconstruct(cls, shape, typecode):
-    if cls is not np.ndarray:
+    if cls is not _ndarray_ctor and cls is not np.ndarray:
         raise UnsafePickleError(f"numpy array subclass {cls!r} is refused")
+    # numpy pickles an array as an empty placeholder (shape (0,)) whose __setstate__ then
+    # brings the shape with its bytes (numpy checks they match): any other placeholder shape
+    # would allocate memory no byte of the file pays for.
     if not isinstance(shape, tuple) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d for d in shape) \
-            or int(np.prod(shape, dtype=np.int64)) > MAX_FILE:
-        raise pickle.UnpicklingError(f"numpy array placeholder of shape {shape!r}")
+            or math.prod(shape) != 0:
+        raise UnsafePickleError(f"numpy array placeholder of shape {shape!r} is refused (numpy writes an "
+                                "empty one; another would allocate by argument)")
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy 1
         from numpy.core.multiarray import _reconstruct
     return _reconstruct(np.ndarray, shape, typecode)
+
+
+def _bytearray(*args):
+    """``bytearray`` from bytes present in the file only (``bytearray(n)`` would allocate n)."""
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):  # protocol 2
+        return bytearray(args[0], "latin-1")
+    if not args:
+        return bytearray()
+    raise UnsafePickleError("bytearray(size or iterable) is refused (it allocates by argument; "
+                            "bytearray is admitted from bytes only)")
 
 
 def _latin1(s, encoding="latin1"):  # protocol 2 pickles bytes as _codecs.encode(str, "latin1")
@@ -143,14 +176,16 @@ def _latin1(s, encoding="latin1"):  # protocol 2 pickles bytes as _codecs.encode
 
 _ALLOWED = {
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray, ("collections", "OrderedDict"): dict,
+    ("builtins", "bytearray"): _bytearray, ("collections", "OrderedDict"): dict,
     ("_codecs", "encode"): _latin1,
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): _ndarray_ctor, ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _np_scalar, ("numpy._core.multiarray", "scalar"): _np_scalar,
     ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
     ("joblib.numpy_pickle", "NumpyArrayWrapper"): _JoblibArray,
 }
+# protocol 2 names the builtins module as Python 2 did
+_ALLOWED.update({("__builtin__", n): f for (m, n), f in list(_ALLOWED.items()) if m == "builtins"})
 
 
 def _find(module: str, name: str, where: str):
@@ -236,8 +271,9 @@ def _decompress_joblib(data: bytes, where: str) -> bytes:
             d = lzma.LZMADecompressor()
             return _bounded(lambda b, n: d.decompress(b, max_length=n), data, where)
     except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
-        raise ValueError(f"{where}: corrupt compressed joblib file ({e})") from e
-    raise ValueError(f"{where}: not a joblib file (unknown magic {data[:4]!r}; lz4 is not supported)")
+        raise ValueError(f"{where}: corrupt compressed joblib file ({type(e).__name__})") from e
+    # no byte of the file in the message: it may be a link to a file the user did not mean to show
+    raise ValueError(f"{where}: not a joblib file (unknown compression magic; lz4 is not supported)")
 
 
 def load_jb(data: bytes, where: str = ".jb") -> Any:
@@ -250,25 +286,62 @@ def _unpickle(cls, raw: bytes, where: str, what: str) -> Any:
     ``where``, a refused global stays an UnsafePickleError."""
     try:
         return cls(io.BytesIO(raw), where).load()
-    except UnsafePickleError:
-        raise
+    except UnsafePickleError as e:
+        if where in str(e):
+            raise
+        raise UnsafePickleError(f"{where}: {e}") from e
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, struct.error) as e:
-        raise ValueError(f"{where}: corrupt {what} ({e})") from e
+            AttributeError, struct.error, MemoryError, RecursionError) as e:
+        raise ValueError(f"{where}: corrupt {what} ({_no_content(e, where)})") from e
+
+
+def _no_content(e: BaseException, where: str) -> str:
+    """An exception's text without bytes of the file: the unpickler's own messages quote them
+    ("invalid load key, 'S'"), ours name ``where`` and never do."""
+    msg = str(e)
+    return msg if where in msg else type(e).__name__
 
 
 def _torch_numpy_globals() -> list:
     """The numpy entries torch's weights-only unpickler needs for numpy scalars (ml-dr's
-    CutMix boxes are numpy ints) and arrays: reconstruct functions and dtypes, nothing else."""
-    try:
-        from numpy._core import multiarray as ma
-    except ImportError:  # numpy 1
-        from numpy.core import multiarray as ma
-    g = [ma.scalar, ma._reconstruct, np.ndarray, np.dtype]
+    CutMix boxes are numpy ints) and arrays: the same checked wrappers as the allow-list
+    (named as numpy's, which is how pickles refer to them) and dtypes, nothing else.
+    ``numpy.ndarray`` resolves to the refusing constructor; the real class is registered under
+    a name no GLOBAL opcode can spell (a newline), only so that BUILD may set an array's state."""
+    g = [(f, f"{mod}.{name}") for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+         for name, f in (("scalar", _np_scalar), ("_reconstruct", _np_reconstruct))]
+    g += [(_ndarray_ctor, "numpy.ndarray"), (np.ndarray, "numpy.ndarray\nBUILD only"), np.dtype]
     dts = getattr(np, "dtypes", None)
     if dts is not None:
         g += [getattr(dts, n) for n in dir(dts) if n.endswith("DType") and n != "ObjectDType"]
     return g
+
+
+def _refuse_torch_default_allocators(pkl: bytes, where: str, exact: bool) -> None:
+    """torch's weights-only unpickler admits ``bytearray`` by default (before any global we
+    add), and ``bytearray(n)`` allocates n bytes that the file does not hold. ml-dr files never
+    hold a bytearray: refuse the global before torch runs. ``exact``: ``pkl`` is one pickle
+    (the zip's data.pkl), scanned opcode by opcode; otherwise (torch's legacy format, several
+    pickles and raw storages) any occurrence of the name is refused."""
+    import pickletools
+
+    if not exact:
+        if b"bytearray" in pkl:
+            raise UnsafePickleError(f"{where}: a legacy torch file naming bytearray is refused "
+                                    "(bytearray(n) allocates by argument)")
+        return
+    try:
+        for op, arg, _ in pickletools.genops(pkl):
+            if op.name == "GLOBAL" and isinstance(arg, str) and arg.split(" ")[-1] == "bytearray":
+                raise UnsafePickleError(f"{where}: bytearray is refused in a torch file (bytearray(n) "
+                                        "allocates by argument)")
+            if op.name == "STOP":
+                break
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # let torch report the malformed pickle in its own words (bounded)
+        if isinstance(e, (MemoryError, RecursionError)):
+            raise ValueError(f"{where}: corrupt pickle ({type(e).__name__})") from e
 
 
 def load_pth(data: bytes, where: str = ".pth.tar") -> Any:
@@ -292,14 +365,16 @@ def load_pth(data: bytes, where: str = ".pth.tar") -> Any:
             raise ValueError(f"{where}: corrupt torch zip file ({e})") from e
     if pkl is not None and pkl[:2] in (b"\x80\x04", b"\x80\x05"):
         return _unpickle(_FastSafeUnpickler, pkl, where, "pickle")
+    _refuse_torch_default_allocators(pkl if pkl is not None else bytes(data), where, exact=pkl is not None)
     bio.seek(0)
     try:
         with torch.serialization.safe_globals(_torch_numpy_globals()):
             return torch.load(bio, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        raise UnsafePickleError(f"{where}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]})") from e
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"{where}: not a readable torch file ({e})") from e
+        raise UnsafePickleError(f"{where}: torch.load(weights_only=True) refused it "
+                                f"({_no_content(e, where).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, ValueError, TypeError, MemoryError, RecursionError) as e:
+        raise ValueError(f"{where}: not a readable torch file ({type(e).__name__})") from e
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,8 +396,17 @@ def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes:
     return data
 
 
+# torch.save's legacy (non-zip) format opens with a pickle of its magic number
+_TORCH_LEGACY = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _load(kind: str, data: bytes, where: str):
-    return load_pth(data, where) if kind == "pth.tar" else load_jb(data, where)
+    """A reinforcement file by its content, not its name: ml-dr's ``joblib: true`` writes
+    joblib files named ``.pth.tar``. A zip or torch's legacy magic is a torch file; anything
+    else (joblib's compressors, or a plain pickle) is read as joblib."""
+    if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[2:14] == _TORCH_LEGACY):
+        return load_pth(data, where)
+    return load_jb(data, where)
 
 
 def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
@@ -336,7 +420,7 @@ def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
             where = os.path.join(root, name)
             if name == "config.pth.tar":
                 with open(where, "rb") as f:
-                    yield "config", load_pth(f.read(MAX_FILE + 1), where)
+                    yield "config", _load("pth.tar", f.read(MAX_FILE + 1), where)
                 continue
             mid = _member_id(name)
             if mid is None:
@@ -346,25 +430,109 @@ def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
             with open(where, "rb") as f:
                 yield mid[0], _load(mid[1], f.read(), where)
         return
+    raw = open(archive, "rb")
+    stream = _CheckedStream(raw, archive)
     try:
-        tf = tarfile.open(archive, "r|*")
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{archive}: not a readable tar(.gz) archive or folder ({e})") from e
-    with tf:
+        tf = tarfile.open(fileobj=stream, mode="r|")
+    except (tarfile.TarError, OSError, ValueError) as e:
+        raw.close()
+        raise ValueError(f"{archive}: not a readable tar(.gz) archive or folder ({type(e).__name__}: "
+                         f"{_no_content(e, archive)})") from e
+    with raw, tf:
         try:
             for m in tf:
                 if not m.isfile():
                     continue
                 where = f"{archive}:{m.name}"
                 if os.path.basename(m.name) == "config.pth.tar":
-                    yield "config", load_pth(_read_member(tf, m, archive), where)
+                    yield "config", _load("pth.tar", _read_member(tf, m, archive), where)
                     continue
                 mid = _member_id(m.name)
                 if mid is None:
                     continue
                 yield mid[0], _load(mid[1], _read_member(tf, m, archive), where)
-        except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
-            raise ValueError(f"{archive}: corrupt or truncated archive ({e})") from e
+            # tarfile stops at the end-of-archive blocks; the compressed stream's trailer
+            # (gzip's CRC-32 and length) comes after them: read to the end so it is checked.
+            stream.drain()
+        except (tarfile.TarError, zlib.error, EOFError, OSError, lzma.LZMAError) as e:
+            raise ValueError(f"{archive}: corrupt or truncated archive ({type(e).__name__}: "
+                             f"{_no_content(e, archive)})") from e
+
+
+_ZLIB = type(zlib.decompressobj())
+
+
+class _CheckedStream:
+    """A tar archive's bytes, decompressed (gzip, bzip2, xz or none, told by magic) with the
+    format's own integrity check: gzip's CRC-32 and length trailer, which tarfile's stream
+    mode never verifies (it inflates raw deflate and ignores the trailer). A mismatch, or a
+    stream that ends before its trailer, is an ``OSError`` naming the archive."""
+
+    def __init__(self, f, where: str):
+        self.f, self.where = f, where
+        head = f.read(6)
+        self.pending = head
+        if head[:2] == b"\x1f\x8b":
+            self.kind, self.new = "gzip", lambda: zlib.decompressobj(wbits=31)
+        elif head[:3] == b"BZh":
+            self.kind, self.new = "bzip2", bz2.BZ2Decompressor
+        elif head[:6] == b"\xfd7zXZ\x00":
+            self.kind, self.new = "xz", lzma.LZMADecompressor
+        else:
+            self.kind, self.new = None, None
+        self.d = self.new() if self.new else None
+        self.buf = b""
+        self.done = False
+
+    def _more(self) -> None:
+        d = self.d
+        if d is None:
+            chunk = self.pending or self.f.read(1 << 20)
+            self.pending = b""
+            self.buf += chunk
+            self.done = not chunk
+            return
+        limit = 1 << 22  # bounded output per step: a bomb costs no more memory than a chunk
+        try:
+            if not isinstance(d, _ZLIB) and not d.eof and not d.needs_input:
+                self.buf += d.decompress(b"", limit)  # output left from the last step
+                return
+            chunk = self.pending or self.f.read(1 << 20)
+            self.pending = b""
+            if d.eof:
+                if chunk.strip(b"\x00"):  # another member after the first (gzip allows it)
+                    self.d = d = self.new()
+                else:
+                    self.done = not chunk
+                    return
+            if not chunk:
+                raise OSError(f"{self.where}: the {self.kind} stream ends before its trailer (truncated)")
+            self.buf += d.decompress(chunk, limit)
+            if isinstance(d, _ZLIB):
+                self.pending = d.unconsumed_tail
+            if d.eof and d.unused_data:
+                self.pending = d.unused_data + self.pending
+        except zlib.error as e:
+            raise OSError(f"{self.where}: corrupt {self.kind} data ({e}; a wrong CRC-32 or length in "
+                          "the trailer is reported here)") from e
+        except (EOFError, lzma.LZMAError) as e:
+            raise OSError(f"{self.where}: corrupt {self.kind} data ({type(e).__name__})") from e
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            while not self.done:
+                self._more()
+            out, self.buf = self.buf, b""
+            return out
+        while len(self.buf) < n and not self.done:
+            self._more()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def drain(self) -> None:
+        while not self.done:
+            self._more()
+            self.buf = b""
 
 
 def read_config(archive: str) -> Dict[str, Any]:
@@ -446,6 +614,55 @@ def ra_fields(ops, size: Tuple[int, int], num_bins: int, where: str):
 _RA_SEEN: Dict[tuple, tuple] = {}
 
 
+def _smooth_branch(q) -> bool:
+    """fastload.losses.densify(mode="mldr_smooth")'s branch for stored top-k values: True
+    where ``1 - sum`` is negative (softmax), with its own arithmetic (float32 sum of a row)."""
+    import torch
+
+    q = torch.as_tensor(np.asarray(q, np.float32)).reshape(1, -1)
+    return bool((1.0 - q.sum(1, keepdim=True)) < 0)
+
+
+def _smooth_branch_kept(archive_vals: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """The top-k values to store (float32 holding fp16 values, as ``encode_targets`` keeps
+    them) such that densify's "mldr_smooth" takes ml-dr's branch on this record.
+
+    ml-dr's ``densify`` switches to softmax where ``1.0 - torch.tensor(values).sum() < 0``:
+    a float32 sum, in the archive's order, of values whose sum is 1 up to rounding, so fp16
+    storage alone moves a record across the switch (targets then differ by up to ~0.8). The
+    branch is decided here from ml-dr's own float32 values; where the fp16 values would take
+    the other one, the largest is moved by one fp16 step at a time until they agree (a change
+    of the size of the fp16 rounding itself)."""
+    import torch
+
+    want = bool((1.0 - torch.tensor(np.asarray(archive_vals, np.float64).tolist(), dtype=torch.float32).sum()) < 0.0)
+    q = np.asarray(stored, np.float64).astype(np.float16)
+    if q.size == 0:
+        return q.astype(np.float32)
+    toward = np.float16(np.inf) if want else np.float16(0)
+    for _ in range(64):
+        if _smooth_branch(q.astype(np.float32)) == want:
+            break
+        q[0] = np.nextafter(q[0], toward)
+    return q.astype(np.float32)
+
+
+def _flat(x, k: int, what: str, where: str):
+    """``x`` as a flat sequence of k numbers, checked before numpy sees it (a nested list of
+    shared references would make ``np.asarray`` allocate its full expansion)."""
+    if hasattr(x, "numel") and hasattr(x, "numpy"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        if x.size != k or x.dtype.hasobject:
+            raise ValueError(f"{where}: prob holds {x.size} {what}, config topk is {k}")
+        return x
+    if not isinstance(x, (list, tuple)) or len(x) != k \
+            or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in x):
+        raise ValueError(f"{where}: prob's {what} must be {k} numbers (config topk), got "
+                         f"{len(x) if isinstance(x, (list, tuple)) else type(x).__name__}")
+    return x
+
+
 class Layout:
     """What a reinforcement config says about the stored parameters."""
 
@@ -483,7 +700,7 @@ class Layout:
         self.topk = int(r.get("topk") or 0)
         self.num_classes = config.get("num_classes")
 
-    def policy(self):
+    def policy(self, semantics: str = "v1"):
         from fastload.sample.policy import AugmentPolicy
 
         a = self.aug
@@ -497,7 +714,7 @@ class Layout:
             mixup=float(a["mixup"].get("alpha", 1.0)) if "mixup" in a else 0.0,
             cutmix=float(a["cutmix"].get("alpha", 1.0)) if "cutmix" in a else 0.0,
             mix_p=float(a.get("mixup", a.get("cutmix", {})).get("p", 1.0)) if self.mixing else 0.5,
-            interpolation=self.interpolation, size=self.size)
+            interpolation=self.interpolation, size=self.size, randaugment_semantics=semantics)
 
     def _ra(self, ops, where: str):
         return ra_fields(ops, self.size, self.ra_bins, where)
@@ -565,7 +782,8 @@ class Layout:
             prob = s["prob"]
             if not isinstance(prob, (list, tuple)) or len(prob) != 2:
                 raise ValueError(f"{w}: prob must be (top-k probabilities, top-k ids) as ml-dr's sparsify stores")
-            pv, pi = np.asarray(prob[0], np.float64).reshape(-1), np.asarray(prob[1]).reshape(-1)
+            pv, pi = _flat(prob[0], k, "probabilities", w), _flat(prob[1], k, "class ids", w)
+            pv, pi = np.asarray(pv, np.float64).reshape(-1), np.asarray(pi).reshape(-1)
             if pv.shape != (k,) or pi.shape != (k,) or not np.issubdtype(pi.dtype, np.integer):
                 raise ValueError(f"{w}: prob holds {pv.shape[0]} values / {pi.shape[0]} ids, config topk is {k}")
             if self.num_classes is not None and k and (pi.min() < 0 or pi.max() >= int(self.num_classes)):
@@ -573,7 +791,7 @@ class Layout:
             if not np.all(np.isfinite(pv)):
                 raise ValueError(f"{w}: non-finite probability")
             order = np.argsort(-pv, kind="stable")  # fastload stores top-k descending
-            ids[a], probs[a] = pi[order], pv[order]
+            ids[a], probs[a] = pi[order], _smooth_branch_kept(pv, pv[order])
 
             u = self.unpack(s["params"], w)
             r, e = rec[a], ext[a]
@@ -736,14 +954,21 @@ def _stage_read(path: str) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray
 # import
 
 
+SEMANTICS = {"generation": "v1", "training": "pil"}
+
+
 def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
-                progress: bool = True, limit: Optional[int] = None) -> Dict[str, Any]:
+                progress: bool = True, limit: Optional[int] = None, semantics: str = "generation") -> Dict[str, Any]:
     """Import an ml-dr reinforcement ``archive`` (tar, tar.gz or folder) for the ImageNet-style
     ``images`` folder (the training split ml-dr reinforced: ``root/class/*.jpg``) into ``out``.
 
     ``config``: a ``config.pth.tar`` to use instead of the archive's (saves a pass over a
     tar.gz whose config comes last). ``limit``: import only the first ``limit`` images
     of the folder (ids ``0..limit-1``; the archive may hold more, e.g. a subset test).
+    ``semantics``: whose RandAugment the replay reproduces: ``"generation"`` (the default:
+    ml-dr's reinforce.py ran it on tensors, and that is what the teacher scored: torchvision
+    v1) or ``"training"`` (ml-dr's training-time ReinforcedDataset runs it on PIL images:
+    ``randaugment_semantics="pil"``).
     Returns the manifest. Rerunning the same call resumes an interrupted import.
 
     Example:
@@ -756,6 +981,8 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
 
     if not os.path.exists(archive):
         raise ValueError(f"archive: {archive!r} does not exist")
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {sorted(SEMANTICS)}, got {semantics!r}")
     shard_size = int(shard_size)
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -764,20 +991,34 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
             cfg = load_pth(f.read(MAX_FILE + 1), config)
     else:
         cfg = read_config(archive)
+    cfg_plain = _plain(cfg, config or f"{archive}: config.pth.tar")  # bounded: fails fast
     lay = Layout(cfg)
     files, labels, classes = image_folder(images)
     if limit is not None:
         files, labels = files[:int(limit)], labels[:int(limit)]
     N = len(files)
-    if lay.num_classes is not None and len(classes) != int(lay.num_classes):
-        raise ValueError(f"images: {len(classes)} class folders, the reinforcement has {lay.num_classes} classes")
+    subset = None
+    if lay.num_classes is not None and len(classes) > int(lay.num_classes):
+        raise ValueError(f"images: {len(classes)} class folders, more than the reinforcement's {lay.num_classes} classes")
+    if lay.num_classes is not None and len(classes) < int(lay.num_classes):
+        # a subset (e.g. ImageNet-100 reinforced with a 1000-class teacher): the ids still
+        # index this folder's ImageFolder order; labels are indices into its classes, the
+        # stored top-k ids stay in the teacher's class space. Said in the manifest and here.
+        subset = {"folder_classes": len(classes), "config_num_classes": int(lay.num_classes),
+                  "labels": "index into 'classes' (this folder's sorted class folders)",
+                  "targets": f"top-k ids in the teacher's {int(lay.num_classes)}-class space"}
+        if progress:
+            print(f"import-mldr: {images} has {len(classes)} class folders, the reinforcement's config "
+                  f"{lay.num_classes} classes: a subset. Labels index the folder's classes "
+                  f"({classes[0]!r} -> 0, ...); targets keep the teacher's {lay.num_classes} class ids.",
+                  file=sys.stderr)
     all_hw = _image_sizes(images, files, progress)
-    policy = lay.policy()
+    policy = lay.policy(SEMANTICS[semantics])
     num_shards = -(-N // shard_size)
     st = os.stat(archive)
     fp = {"archive": os.path.abspath(archive), "archive_bytes": int(st.st_size) if not os.path.isdir(archive) else None,
           "images": os.path.abspath(images), "num_images": N, "shard_size": shard_size,
-          "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+          "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(), "semantics": semantics}
     replay = {"image_size": list(lay.size), "box_grid": list(lay.size), "interpolation": lay.interpolation,
               "dct_scale": False, "mean": list(lay.mean), "std": list(lay.std),
               "kernel": "fastload.replay.native", "erase_fill": "black before normalize (ml-dr)",
@@ -788,7 +1029,9 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
               "teachers": [{"name": str((cfg.get("teacher") or {}).get("name", "ml-dr teacher")),
                             "description": "imported from an apple/ml-dr reinforcement archive"}],
               "shard_size": shard_size, "classes": classes, "images_stored": True, "source": "ml-dr",
-              "record_ext": True, "mldr_config": _plain(cfg)}
+              "record_ext": True, "mldr_config": cfg_plain}
+    if subset is not None:
+        header["class_subset"] = subset
     w = DatasetWriter(out, header, fp, num_shards)
     done = w.done
     stage = os.path.join(out, ".mldr-staging")
@@ -850,17 +1093,34 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     return w.finish()
 
 
-def _plain(v):
-    """The config as JSON-ready data (the manifest keeps it for provenance)."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, np.generic):
-        return v.item()
-    return repr(v)
+def _plain(v, where: str = "config"):
+    """The config as JSON-ready data (the manifest keeps it for provenance), bounded: at most
+    MAX_CONFIG_NODES values (counted as expanded: a list referenced twice counts twice, so a
+    pickle's shared references cannot multiply the copy) and MAX_CONFIG_DEPTH levels."""
+    count = [0]
+
+    def walk(x, depth):
+        count[0] += 1
+        if count[0] > MAX_CONFIG_NODES or depth > MAX_CONFIG_DEPTH:
+            raise ValueError(f"{where}: the config is too large to copy into the manifest (over "
+                             f"{MAX_CONFIG_NODES} values or {MAX_CONFIG_DEPTH} levels of nesting, counting "
+                             "shared references as often as they are used); ml-dr's configs are a few "
+                             "hundred values")
+        if isinstance(x, dict):
+            return {str(k)[:1000]: walk(y, depth + 1) for k, y in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(y, depth + 1) for y in x]
+        if isinstance(x, str):
+            if len(x) > 100_000:
+                raise ValueError(f"{where}: a config string of {len(x)} characters")
+            return x
+        if isinstance(x, (int, float, bool)) or x is None:
+            return x
+        if isinstance(x, np.generic):
+            return x.item()
+        return repr(x)[:1000]
+
+    return walk(v, 0)
 
 
 def main(argv=None) -> int:
@@ -872,11 +1132,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--config", default=None, help="config.pth.tar to use instead of the archive's")
     ap.add_argument("--limit", type=int, default=None, help="import only the first N images of the folder")
+    ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="generation",
+                    help="RandAugment to replay: generation (tensor ops, what the teacher scored; default) "
+                         "or training (PIL images, as ml-dr's training-time dataset)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_mldr(a.archive, a.images, a.out, shard_size=a.shard_size, config=a.config,
-                        progress=not a.quiet, limit=a.limit)
+                        progress=not a.quiet, limit=a.limit, semantics=a.semantics)
     except (ValueError, pickle.UnpicklingError) as e:
         print(f"fastload import-mldr: error: {e}", file=sys.stderr)
         return 2

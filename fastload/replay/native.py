@@ -266,8 +266,9 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
     normalization; erased pixels take the mean colour), and may be pinned: the kernel writes
-    into it directly. ``ra_semantics`` ("v1" or "v2": the dataset policy's
-    ``randaugment_semantics``) picks torchvision's RandAugment arithmetic. ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
+    into it directly. ``ra_semantics`` ("v1", "v2" or "pil": the dataset policy's
+    ``randaugment_semantics``) picks torchvision's RandAugment arithmetic (tensor v1, tensor v2,
+    or on PIL images). ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
     where the record does not mix). ``dct_scale`` lets the JPEG decoder downscale in the DCT
     domain: ``True`` / ``"pow2"`` (the default rule, the one datasets recorded as
     ``dct_scale: true`` were generated with) decodes at 1/2, 1/4 or 1/8 when the crop is at

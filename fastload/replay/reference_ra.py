@@ -49,7 +49,7 @@ from fastload.sample.params import RA_NONE, RA_OPS, RA_SIGNED
 
 __all__ = ["apply_ra", "apply_op", "magnitude_table", "magnitude_value", "SEMANTICS"]
 
-SEMANTICS = ("v1", "v2")
+SEMANTICS = ("v1", "v2", "pil")
 
 
 def _check_semantics(semantics: str) -> str:
@@ -64,7 +64,7 @@ def magnitude_table(op: str, num_bins: int, h: int, w: int, semantics: str = "v1
     """The op's magnitude table as torchvision's RandAugment builds it for an image of
     ``h x w`` (None for ops without a magnitude). v2's Solarize table is ``linspace(1, 0)``
     (a fraction of 255)."""
-    if op == "Solarize" and _check_semantics(semantics) == "v2":
+    if op == "Solarize" and _check_semantics(semantics) == "v2":  # "pil": v1's tables
         return torch.linspace(1.0, 0.0, num_bins)
     if op in ("ShearX", "ShearY"):
         return torch.linspace(0.0, 0.3, num_bins)
@@ -145,7 +145,16 @@ def _warp_nearest(img: torch.Tensor, matrix: list[float]) -> torch.Tensor:
     base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h).unsqueeze(-1))
     base[..., 2].fill_(1.0)
     scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)
-    grid = base.view(1, h * w, 3).bmm(scaled).view(1, h, w, 2)
+    # torchvision computes ``base.view(1, h*w, 3).bmm(scaled)``. That bmm is CPU-dependent:
+    # MKL picks another kernel on AVX-512 hosts, whose rounding moves some coordinates across
+    # pixel-centre ties (torchvision itself gives different pixels there). The reference
+    # spells out the sum in the order MKL's AVX2 kernel produces, fl(fl(fl(x*r0) + fl(y*r1))
+    # + r2), with elementwise float32 ops (no contraction, same on every CPU): torchvision's
+    # result with MKL pinned to AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2), which is what fastload
+    # replays. See docs/guide/fidelity.md.
+    x, y = base[0, :, :, 0], base[0, :, :, 1]
+    cols = [x.mul(scaled[0, 0, j]).add(y.mul(scaled[0, 1, j])).add(scaled[0, 2, j]) for j in (0, 1)]
+    grid = torch.stack(cols, dim=-1).unsqueeze(0)
     out = F.grid_sample(img.unsqueeze(0).to(torch.float32), grid, mode="nearest",
                         padding_mode="zeros", align_corners=False)
     return out.squeeze(0).round().to(torch.uint8)
@@ -261,6 +270,51 @@ def _apply_op_v2(img: torch.Tensor, op: str, mag: float) -> torch.Tensor | None:
     return None
 
 
+# ----------------------------------------------------------------------------- pil
+# torchvision's RandAugment on a PIL image: _apply_op calls torchvision.transforms.functional,
+# whose PIL branch calls Pillow with these arguments (fill None -> fillcolor 0, NEAREST).
+
+
+def _apply_op_pil(img: torch.Tensor, op: str, mag: float) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image, ImageEnhance, ImageOps
+
+    pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    w, h = pil.size
+    fill = {"fillcolor": (0, 0, 0)}
+    if op == "Identity":
+        out = pil
+    elif op in ("ShearX", "ShearY"):
+        deg = math.degrees(math.atan(mag))
+        m = _inverse_affine([0, 0], 0.0, [0, 0], [deg, 0.0] if op == "ShearX" else [0.0, deg])
+        out = pil.transform((w, h), Image.AFFINE, m, Image.NEAREST, **fill)
+    elif op in ("TranslateX", "TranslateY"):
+        t = [int(mag), 0] if op == "TranslateX" else [0, int(mag)]
+        m = _inverse_affine([w * 0.5, h * 0.5], 0.0, t, [0.0, 0.0])
+        out = pil.transform((w, h), Image.AFFINE, m, Image.NEAREST, **fill)
+    elif op == "Rotate":
+        out = pil.rotate(mag, Image.NEAREST, False, None, **fill)
+    elif op == "Brightness":
+        out = ImageEnhance.Brightness(pil).enhance(1.0 + mag)
+    elif op == "Color":
+        out = ImageEnhance.Color(pil).enhance(1.0 + mag)
+    elif op == "Contrast":
+        out = ImageEnhance.Contrast(pil).enhance(1.0 + mag)
+    elif op == "Sharpness":
+        out = ImageEnhance.Sharpness(pil).enhance(1.0 + mag)
+    elif op == "Posterize":
+        out = ImageOps.posterize(pil, int(mag))
+    elif op == "Solarize":
+        out = ImageOps.solarize(pil, mag)
+    elif op == "AutoContrast":
+        out = ImageOps.autocontrast(pil)
+    elif op == "Equalize":
+        out = ImageOps.equalize(pil)
+    else:
+        raise ValueError(f"op: unknown RandAugment op {op!r}")
+    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 # ----------------------------------------------------------------------------- public
 
 
@@ -268,7 +322,9 @@ def apply_op(img: torch.Tensor, op: str, mag: float, semantics: str = "v1") -> t
     """One RandAugment op with its float magnitude, as torchvision's ``_apply_op`` (v1) or
     ``_apply_image_or_video_transform`` (v2) with NEAREST and zero fill, on a [3, H, W]
     uint8 tensor; returns a new tensor."""
-    if _check_semantics(semantics) == "v2":
+    if _check_semantics(semantics) == "pil":
+        return _apply_op_pil(img, op, mag)
+    if semantics == "v2":
         out = _apply_op_v2(img, op, mag)
         if out is not None:
             return out

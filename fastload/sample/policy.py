@@ -37,7 +37,9 @@ class AugmentPolicy:
       ``"v1"`` (``torchvision.transforms.RandAugment``, the default, and what datasets
       written before this field were made with) or ``"v2"`` (``transforms.v2.RandAugment``:
       Color, Contrast, Sharpness, AutoContrast and Solarize round differently, by a few
-      levels; see ``fastload.replay.reference_ra``).
+      levels; see ``fastload.replay.reference_ra``) or ``"pil"`` (``transforms.RandAugment``
+      on PIL images, as DataCompDR and ml-dr's training-time dataset ran it: Pillow's
+      resampling, blends and tables, up to ~200 levels from the tensor ops on some records).
     - ``erase``: RandomErasing probability (box from ``erase_scale`` / ``erase_ratio``).
     - ``mixup`` / ``cutmix``: Beta alpha (0 = off), each applied with probability ``mix_p``.
     - ``interpolation``: "bilinear" or "bicubic" (antialiased, as torchvision).
@@ -109,8 +111,9 @@ class AugmentPolicy:
             if not (v >= 0.0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a Beta alpha >= 0 (0 = off), got {v}")
             setattr(self, name, v)
-        if self.randaugment_semantics not in ("v1", "v2"):
-            raise ValueError(f"randaugment_semantics must be 'v1' or 'v2', got {self.randaugment_semantics!r}")
+        if self.randaugment_semantics not in ("v1", "v2", "pil"):
+            raise ValueError(f"randaugment_semantics must be 'v1', 'v2' or 'pil', got "
+                             f"{self.randaugment_semantics!r}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
         try:

@@ -237,7 +237,7 @@ RA_OP_TABLE = (
 )
 RA_FAMILIES = {"torchvision": "torchvision.transforms(.v2).RandAugment's op space, in its order"}
 # semantics name -> (id in ReplayOptions.ra_semantics, op family)
-RA_SEMANTICS = {"v1": (0, "torchvision"), "v2": (1, "torchvision")}
+RA_SEMANTICS = {"v1": (0, "torchvision"), "v2": (1, "torchvision"), "pil": (2, "torchvision")}
 
 RA_OPS = tuple(name for _, name, _, _ in RA_OP_TABLE)
 RA_SIGNED = frozenset(name for _, name, s, _ in RA_OP_TABLE if s)

@@ -1,9 +1,15 @@
-"""Generate tests/golden/ra_golden.npz: RandAugment outputs of real torchvision, v1 and v2.
+"""Generate tests/golden/ra_golden.npz (RandAugment outputs of real torchvision, v1 and v2,
+on small images) and tests/golden/ra_sweep.npz (every op x every bin x 5 image sizes x the
+semantics v1, v2 and pil: torchvision's RandAugment on PIL images, i.e. Pillow's ops).
 
 Run once, in an environment that has torchvision (never fastload's own):
 
-    python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/venv-tv/bin/python tests/golden/make_ra_golden.py
+    python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1 pillow numpy
+    /work/venv-tv/bin/python tests/golden/make_ra_golden.py          # both files
+    /work/venv-tv/bin/python tests/golden/make_ra_golden.py sweep    # ra_sweep.npz only
+
+MKL is pinned to its AVX2 kernels (set below, before torch starts): torch's bmm, which
+torchvision's tensor affine uses, rounds differently on AVX-512 hosts (docs/guide/fidelity.md).
 
 The tests (tests/test_ra_golden.py) read the arrays and need no torchvision. Each case is a
 chain of at most two ops, stored as fastload records store them: op ids in RA_OPS order and
@@ -18,9 +24,14 @@ size; negative = the sign torchvision draws). Outputs come from each version's o
 This script does not import fastload (it runs beside another torch); the op order below is
 checked against ``fastload.sample.params.RA_OPS`` by the test.
 """
+import hashlib
+import os
 import sys
 
+os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"  # before torch: see the docstring
+
 import numpy as np
+import PIL
 import torch
 import torchvision
 from torchvision.transforms import InterpolationMode
@@ -128,5 +139,115 @@ def main(path):
     print(f"{path}: {len(cs)} cases x {len(imgs)} images; v1 != v2 in {diff}")
 
 
+# ----------------------------------------------------------------------------- the sweep
+
+SWEEP_SIZES = ((13, 17), (37, 64), (131, 97), (224, 224), (512, 683))  # odd, non-square, >= 512
+FULL_ARRAYS = (0,)  # images whose every output is stored
+SAMPLED = (1,)  # images with every SAMPLE_EVERY-th output stored; the others: digests only
+SAMPLE_EVERY = 23  # (the file stays < 2 MB: outputs of dithered images hardly compress)
+
+
+def sweep_image(h, w, seed):
+    """A deterministic photo-like image from integer arithmetic only (no RNG stream whose
+    definition could change): gradients, a texture and a pseudo-random dither, each channel in
+    a reduced range (so AutoContrast and Equalize have work). tests/test_ra_golden.py builds
+    the same image and checks it against the stored digest."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    out = []
+    for c in range(3):
+        k = seed * 3 + c
+        dither = ((x * 2654435761 + y * 40503 + k * 97) >> 7) % 23
+        tex = ((x * (5 + k) + y * (3 + 2 * k)) % 37) + ((x * y + k) % 11)
+        v = 30 + 10 * c + (x * (80 + k)) // max(w, 1) + (y * (60 - k)) // max(h, 1) + tex + dither
+        out.append(np.clip(v, 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+def digest(a) -> bytes:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(a.tobytes()).digest()[:16]
+
+
+def sweep_cases():
+    """Every op x every bin of 31 (both signs of the signed ops), then 40 random chains."""
+    single = []
+    for k, op in enumerate(OPS):
+        if op in ("Identity", "AutoContrast", "Equalize"):
+            bins = [0]
+        elif op in SIGNED:
+            bins = list(range(-(NUM_BINS - 1), NUM_BINS))
+        else:
+            bins = list(range(NUM_BINS))
+        single += [[(k, b)] for b in bins]
+    rng = np.random.default_rng(11)
+    chains = []
+    for _ in range(40):
+        chain = []
+        for _ in range(2):
+            k = int(rng.integers(0, len(OPS)))
+            b = int(rng.integers(0, NUM_BINS))
+            chain.append((k, -b if OPS[k] in SIGNED and rng.random() < 0.5 else b))
+        chains.append(chain)
+    return single + chains
+
+
+def pil_apply(pil_img, op, b):
+    """torchvision's v1 RandAugment path on a PIL image: its magnitude, then _apply_op (NEAREST,
+    fill None), which calls Pillow through torchvision.transforms.functional."""
+    w, h = pil_img.size
+    table, signed = RAv1(num_magnitude_bins=NUM_BINS)._augmentation_space(NUM_BINS, (h, w))[op]
+    mag = float(table[abs(b)].item()) if table.ndim > 0 else 0.0
+    if signed and b < 0:
+        mag = -mag
+    return _apply_op(pil_img, op, mag, interpolation=InterpolationMode.NEAREST, fill=None)
+
+
+def sweep(path):
+    from PIL import Image
+
+    cs = sweep_cases()
+    ops = np.full((len(cs), 2), NONE, np.uint8)
+    mags = np.zeros((len(cs), 2), np.int8)
+    for i, c in enumerate(cs):
+        for j, (k, b) in enumerate(c):
+            ops[i, j], mags[i, j] = k, b
+    arrays = {"ops": ops, "mags": mags, "op_names": np.array(OPS), "num_bins": np.int64(NUM_BINS),
+              "sizes": np.array(SWEEP_SIZES, np.int64), "sample_every": np.int64(SAMPLE_EVERY),
+              "versions": np.array([torch.__version__, torchvision.__version__, PIL.__version__])}
+    fns = {"v1": lambda x, op, b: v1_apply(x, op, b), "v2": lambda x, op, b: v2_apply(x, op, b)}
+    for n, (h, w) in enumerate(SWEEP_SIZES):
+        img = sweep_image(h, w, n)
+        arrays[f"input_digest{n}"] = np.frombuffer(digest(img), np.uint8)
+        if n in FULL_ARRAYS:
+            arrays[f"img{n}"] = img
+        for sem in ("v1", "v2", "pil"):
+            dig = np.zeros((len(cs), 16), np.uint8)
+            outs = []
+            for i, c in enumerate(cs):
+                if sem == "pil":
+                    x = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), "RGB")
+                    for k, b in c:
+                        x = pil_apply(x, OPS[k], b)
+                    out = np.asarray(x, np.uint8).transpose(2, 0, 1)
+                else:
+                    x = torch.from_numpy(img).clone()
+                    for k, b in c:
+                        x = fns[sem](x, OPS[k], b)
+                    out = x.numpy()
+                dig[i] = np.frombuffer(digest(out), np.uint8)
+                if n in FULL_ARRAYS or (n in SAMPLED and i % SAMPLE_EVERY == 0):
+                    outs.append(np.ascontiguousarray(out))
+            arrays[f"{sem}_digest{n}"] = dig
+            if outs:
+                arrays[f"{sem}_{'out' if n in FULL_ARRAYS else 'sample'}{n}"] = np.stack(outs)
+        print(f"size {h}x{w}: {len(cs)} cases x 3 semantics", flush=True)
+    np.savez_compressed(path, **arrays)
+    print(f"{path}: {os.path.getsize(path)} bytes")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden/ra_golden.npz")
+    if sys.argv[1:2] == ["sweep"]:
+        sweep(sys.argv[2] if len(sys.argv) > 2 else "tests/golden/ra_sweep.npz")
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden/ra_golden.npz")
+        sweep("tests/golden/ra_sweep.npz")
