@@ -702,6 +702,36 @@ def test_a_corrupt_partner_range_is_never_served(hashed, tmp_path):
     assert [bytes(x) for x in good] == [bytes(x) for x in ReinforcedDataset(hashed.local).partner_images([5, 15])]
 
 
+def test_a_consistent_edit_of_a_row_and_its_hash_is_an_error(hashed, tmp_path):
+    """Row 35's image edited on the server (same size) AND its hash entry set to the edited
+    bytes' blake2b: the ranged bytes match their row hash, but the row hashes read by range
+    no longer match the manifest's hash_sha256: a ChecksumError naming the URL, nothing served
+    (before, the edited image was served; a rank that never downloads the shard never knew)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from fastload.format import ipc_layout
+
+    p = os.path.join(hashed.local, "shard-00003.arrow")
+    raw = bytearray(open(p, "rb").read())
+    loc = ipc_layout.row_locator(lambda a, b: bytes(raw[a:b]), len(raw), pa.ipc.open_file(p).schema, "image")
+    a, b = loc.span(5)
+    old = hashlib.blake2b(bytes(raw[a:b]), digest_size=16).digest()
+    raw[(a + b) // 2] ^= 0xFF
+    new = hashlib.blake2b(bytes(raw[a:b]), digest_size=16).digest()
+    assert raw.count(old) == 1
+    i = raw.find(old)
+    raw[i:i + 16] = new
+    open(p, "wb").write(bytes(raw))  # before the open: the hash column is read edited
+    ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(tmp_path / "c"), predownload=0, partner_reads="range")
+    with pytest.raises(remote.ChecksumError, match=r"/ds/shard-00003\.arrow: the row hashes read by range"):
+        ds.partner_images([35])
+    good = ds.partner_images([5, 15])  # other shards still serve, by range
+    assert [bytes(x) for x in good] == [bytes(x) for x in ReinforcedDataset(hashed.local).partner_images([5, 15])]
+    assert ds.remote.stats["downloads"] == 0
+
+
 def test_reencoded_images_fall_back_to_whole_shards(http, local_ds, tmp_path):
     """The test data's hash column is not of the stored bytes (as for re-encoded sources): the
     first partner is decided by its verified shard, then partners come from whole shards."""

@@ -422,6 +422,14 @@ class ReinforcedDataset:
                 far.append(k)
         if not far:
             return out
+        # the row hashes came by ranged GETs too: trusted only once their table's sha256 equals
+        # the manifest's hash_sha256 (else a consistent edit of a row and its hash is served)
+        unverified = [k for k in far if not self._hash_table_ok(pos[k])]
+        for k in unverified:
+            out[k] = self.image_bytes(rows[k])  # no digest to check against: the verified shard
+        far = [k for k in far if k not in set(unverified)]
+        if not far:
+            return out
         got = self.remote.read_rows([(pos[k], rows[k] - int(self._starts[pos[k]])) for k in far])
         for k, b in zip(far, got):
             if not self._ranged_partners:
@@ -435,6 +443,26 @@ class ReinforcedDataset:
                     log.info("%s: stored images are not the bytes their hash covers (re-encoded): "
                              "MixUp/CutMix partners are read from whole shards", self.path)
         return out
+
+    def _hash_table_ok(self, pos: int) -> bool:
+        """Shard ``pos``'s row hashes (read by range at open) against the manifest's
+        ``hash_sha256``; False when the manifest lists none (older datasets), a
+        ChecksumError naming the shard's URL when they differ."""
+        done = self.__dict__.setdefault("_hash_tables", {})
+        ok = done.get(pos)
+        if ok is None:
+            want = self._shards_meta[pos].get("hash_sha256")
+            a, b = int(self._starts[pos]), int(self._starts[pos + 1])
+            if want is None:
+                ok = False
+            elif hashlib.sha256(self._hash[a:b].tobytes()).hexdigest() != want:
+                raise remote.ChecksumError(
+                    f"{self.path.rstrip('/')}/{self._shards_meta[pos]['file']}: the row hashes read by range differ "
+                    "from the manifest's hash_sha256 (the object changed, or was edited, on the server)")
+            else:
+                ok = True
+            done[pos] = ok
+        return ok
 
     def augs(self, i: int) -> np.ndarray:
         """The N stored augmentation records of row ``i`` (AUG_DTYPE[N])."""
