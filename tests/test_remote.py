@@ -639,6 +639,56 @@ def test_process_exits_cleanly_during_predownload(local_ds, tmp_path):
         srv.kill()
 
 
+_EXIT_TIMED = """
+import sys, time, threading, numpy as np
+from fastload.format.reader import ReinforcedDataset
+from fastload.format import remote
+ds = ReinforcedDataset(sys.argv[1], cache_dir=sys.argv[2], predownload=4)
+remote.predownload_rows(ds, np.arange(len(ds)))
+while not [f for f in __import__("os").listdir(ds.remote.dir) if ".tmp-" in f]:
+    time.sleep(0.005)   # a download is in flight (its reservation exists)
+print("exiting", time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_exit_with_downloads_in_flight_is_quick_and_clean(local_ds, tmp_path):
+    """20 exits while the predownload threads are inside slow GETs (the server waits 3 s
+    before each body): each exit takes < 10 s (the stop flag cancels between chunks) and none
+    aborts (no thread left inside the client at interpreter exit)."""
+    srv = RangeHTTP(local_ds, str(tmp_path / "log"), delay=3.0)
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
+        waits = []
+        for k in range(20):
+            p = subprocess.Popen([sys.executable, "-c", _EXIT_TIMED, srv.url, str(tmp_path / f"c{k}")], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = p.communicate(timeout=120)
+            waits.append(time.monotonic() - float(out.split()[1]))
+            assert p.returncode == 0 and "terminate called" not in err, err[-500:]
+        assert max(waits) < 10, waits
+    finally:
+        srv.kill()
+
+
+@pytest.mark.slow
+def test_a_dead_server_mid_epoch_is_reported_in_about_8_s(http, tmp_path):
+    """The reader waits for the predownload's download of the same shard, which spends its
+    retries (7.75 s of backoff): the reader then tries once, not a second round (was 15-31 s)."""
+    ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    it = iter(ReinforcedLoader(ds, seed=3, image_size=S, batch_size=10, shuffle=False))
+    next(it)
+    http.kill()
+    for f in _shard_files(ds.remote.dir):
+        os.unlink(os.path.join(ds.remote.dir, f))
+    ds._open.clear()
+    t0 = time.monotonic()
+    with pytest.raises(remote.RemoteError, match=rf"{http.ds_url}/shard-0000\d\.arrow: get failed"):
+        list(it)
+    assert time.monotonic() - t0 < 9.5
+    ds.remote.close()
+
+
 def test_remote_dataset_pickles_for_workers(http, local_ds, tmp_path):
     from copy import deepcopy
 

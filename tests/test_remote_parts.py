@@ -89,3 +89,13 @@ def test_prefetcher_follows_the_window_and_publishes_the_plan(monkeypatch):
     t0 = time.monotonic()
     h.close()
     assert time.monotonic() - t0 < 2 and not any(t.is_alive() for t in h._threads)
+
+
+def test_after_a_call_gave_up_the_next_one_tries_once():
+    c = Client(f"http://127.0.0.1:{free_port()}", retries=3, backoff=0.3)
+    with pytest.raises(RemoteError, match="after 4 attempts"):
+        c.get_bytes("x")
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="after 1 attempts"):
+        c.get_bytes("y")
+    assert time.monotonic() - t0 < 0.5

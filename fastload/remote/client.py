@@ -23,6 +23,7 @@ log = logging.getLogger("fastload.remote")
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://")
 FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 MAX_BACKOFF = 4.0
+DEAD_FOR = 10.0  # after a call gave up on the server, others try once for this long
 
 
 class RemoteError(OSError):
@@ -82,6 +83,7 @@ class Client:
         self._store = None
         self._pid = None
         self._lock = threading.Lock()
+        self._dead_at: Optional[float] = None  # when a call last gave up on the server
         self.retried = 0  # transient failures bridged by a retry (tests and logs read it)
 
     def __getstate__(self):
@@ -123,10 +125,16 @@ class Client:
         url = join(self.url, key)
         delay = self.backoff
         end = time.monotonic() + self.deadline
-        for attempt in range(self.retries + 1):
+        # another call just spent all its retries on this server: one attempt, not a second
+        # round of backoff (a reader waiting for the predownload's failed shard reports at once)
+        dead = self._dead_at is not None and time.monotonic() - self._dead_at < DEAD_FOR
+        attempts = 1 if dead else self.retries + 1
+        for attempt in range(attempts):
             self._check_stop(url, what)
             try:
-                return fn(self.store())
+                out = fn(self.store())
+                self._dead_at = None
+                return out
             except oe.NotFoundError as e:
                 raise RemoteError(errno.ENOENT, f"{url}: not found ({what})") from e
             except (oe.PermissionDeniedError, oe.UnauthenticatedError) as e:
@@ -142,16 +150,17 @@ class Client:
                     raise RemoteError(errno.ENOENT, f"{url}: not found ({what})") from e
                 if isinstance(e, PermissionError):
                     raise RemoteError(errno.EACCES, _denied(url, what)) from e
-                delay = self._retry(url, what, e, first_line(e), attempt, delay, end)
+                delay = self._retry(url, what, e, first_line(e), attempt, attempts, delay, end)
             except Exception as e:  # noqa: BLE001 - connection refused/reset, timeout, 5xx
                 msg = first_line(e)
                 if _auth_like(msg):
                     raise RemoteError(errno.EACCES, f"{url}: access denied ({what}): {msg}") from e
-                delay = self._retry(url, what, e, msg, attempt, delay, end)
+                delay = self._retry(url, what, e, msg, attempt, attempts, delay, end)
 
-    def _retry(self, url, what, e, msg, attempt, delay, end) -> float:
+    def _retry(self, url, what, e, msg, attempt, attempts, delay, end) -> float:
         self._check_stop(url, what)
-        if attempt == self.retries or time.monotonic() + delay > end:
+        if attempt == attempts - 1 or time.monotonic() + delay > end:
+            self._dead_at = time.monotonic()
             raise RemoteError(errno.EIO, f"{url}: {what} failed after {attempt + 1} attempts "
                               f"({type(e).__name__}: {msg})") from e
         log.warning("%s: %s failed (%s), retry %d/%d in %.2fs", url, what, msg, attempt + 1, self.retries, delay)
