@@ -380,14 +380,24 @@ def test_downloads_side_by_side_reserve_their_full_size(http, local_ds, tmp_path
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
+    busy = threading.Event()
+    real_reserve = c._reserve
+
+    def reserve(pos, ahead=False, disk_full=False):
+        got = real_reserve(pos, ahead=ahead, disk_full=disk_full)
+        if pos == 0 and got == "busy":
+            busy.set()
+        return got
+
+    c._reserve = reserve
     c.client.stream_to = slow
     ahead = threading.Thread(target=run, args=(c.fetch_ahead, 1))
     ahead.start()
     assert started.wait(20)
     reader = threading.Thread(target=run, args=(c.fetch, 0))
     reader.start()
-    time.sleep(0.5)
-    assert reader.is_alive() and _shard_files(c.dir) == []  # shard 0 waits for shard 1's bytes
+    assert busy.wait(20), errors  # shard 0 waits for shard 1's bytes (a reservation in flight)
+    assert reader.is_alive() and _shard_files(c.dir) == []
     gate.set()
     ahead.join(20)
     reader.join(20)
@@ -430,7 +440,8 @@ def test_http_server_killed_mid_epoch_then_restarted(http, local_ds, tmp_path):
     """The server dies after 2 batches and comes back 1.5 s later: the loader's bounded
     retries bridge the gap and the epoch is bit-identical to a local run."""
     size = max(os.path.getsize(os.path.join(local_ds, f)) for f in _shard_files(local_ds))
-    # a cache of 1.5 shards keeps downloading all epoch long, so some fall in the outage
+    # a cache of 1.5 shards: reads by range and downloads go on all epoch long, so some
+    # fall in the outage (shards a step maps stay: those are not downloaded again)
     ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0,
                            cache_limit=int(1.5 * size))
     ds.remote.client.retries = 8  # ~32 s of backoff: room for a slow restart on a loaded CI machine
@@ -452,7 +463,6 @@ def test_http_server_killed_mid_epoch_then_restarted(http, local_ds, tmp_path):
     th.join()
     _same(got, want)
     assert ds.remote.client.retried > 0  # the outage was hit, and bridged
-    assert ds.remote.stats["downloads"] > 4
 
 
 def test_http_unreachable_is_quick_and_named(tmp_path):
@@ -521,6 +531,32 @@ def test_full_cache_disk_is_a_clear_error(http, tmp_path):
     d = [x for x in os.listdir(tmp_path / "c") if x != "locks"]
     leftovers = [f for f in os.listdir(tmp_path / "c" / d[0]) if ".tmp-" in f]
     assert leftovers == []  # no half shard left behind
+
+
+def test_a_small_disk_with_mapped_shards_is_not_full(hashed, tmp_path):
+    """The cache on a 60 KiB tmpfs (shards of ~23 KB, and the small files: meta/, manifest),
+    no cache_limit, a sequential epoch (one shard per step) with predownload: a full disk
+    evicts shards that are no longer mapped, and only those. Before, the evicted files were
+    still mapped by the reader, their blocks stayed in use, and the retry raised
+    CacheFullError with the folder nearly empty."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        ds = ReinforcedDataset(hashed.ds_url, cache_dir=str(mnt), predownload=2, partner_reads="range")
+        for epoch in (0, 1):
+            got = _batches(ds, epoch=epoch, batch_size=10, shuffle=False)
+            _same(got, _batches(ReinforcedDataset(hashed.local), epoch=epoch, batch_size=10, shuffle=False))
+        assert ds.remote.stats["evictions"] > 0
+        ds.remote.close()
+        del ds, got
+    finally:
+        import gc
+
+        gc.collect()
+        subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_stale_metadata_cache_is_caught_on_download(http, tmp_path):
@@ -610,7 +646,7 @@ def test_s3_server_killed_mid_epoch_then_restarted(local_ds, tmp_path, monkeypat
                 th.start()
         th.join()
         _same(got, want)
-        assert ds.remote.client.retried > 0 and ds.remote.stats["downloads"] > 4
+        assert ds.remote.client.retried > 0  # the outage was hit, and bridged
     finally:
         proxy["p"].stop()
         box["m"].stop()

@@ -60,6 +60,8 @@ def test_too_big_and_disk_full():
     entries = [E("a", 0), E("b", 1), E("now", 2)]
     d = choose(entries, MB, None, keep=3, next_use={2: 0}, disk_full=True)
     assert d.outcome == "fits" and sorted(d.evict) == ["a", "b"]  # all the rules allow
+    d = choose(entries + [E("x.tmp", 1, state="writing")], MB, None, keep=3, next_use={2: 0}, disk_full=True)
+    assert d.outcome == "busy"  # a download in flight holds the missing blocks: wait for it
 
 
 def test_next_use_distance_over_ranks_is_the_minimum():

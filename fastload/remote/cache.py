@@ -60,6 +60,8 @@ class ShardCache(Prefetcher):
         self.shards: List[Dict[str, Any]] = []
         self._names: Dict[str, int] = {}
         self._opened: Optional[Dict[int, Any]] = None  # the reader's {position: mapped shard}
+        self._disk_limit: Optional[int] = None  # learned from ENOSPC when cache_limit is None
+        self._disk_full_seen = False
 
     def __getstate__(self):
         st = dict(self.__dict__)
@@ -237,11 +239,11 @@ class ShardCache(Prefetcher):
         return path, fd
 
     def _prune_opened(self, keep: Optional[int] = None) -> None:
-        """With a ``cache_limit``: drop the reader's maps of shards outside its current
+        """With a ``cache_limit`` (or once the disk was full): drop the reader's maps of shards outside its current
         window (their leases end once the batches using them are gone, so any rank may
         evict them). Called at each step and before a download."""
         opened = self._opened
-        if opened is None or self.cache_limit is None:
+        if opened is None or (self.cache_limit is None and not self._disk_full_seen):
             return
         window = set(self.current_window())
         for p in [p for p in list(opened) if p != keep and p not in window]:
@@ -257,6 +259,10 @@ class ShardCache(Prefetcher):
         except OSError as e:
             if e.errno not in FULL_DISK or isinstance(e, RemoteError):
                 raise
+        # the disk is the limit now: maps of shards outside the window go (unmapped, their
+        # blocks can be freed), then every shard the rules allow is evicted
+        self._disk_full_seen = True
+        self._prune_opened(keep=pos)
         res = self._reserve_waiting(pos, disk_full=True)
         try:
             return self._download(pos, res)
@@ -272,6 +278,8 @@ class ShardCache(Prefetcher):
         """Download shard ``pos`` if there is room for it without evicting a shard needed
         sooner (the predownload thread). False: no room now; None (``wait=False``): someone
         else is downloading it now."""
+        if self._disk_full_seen and self.cache_limit is None:
+            return False  # the disk filled up: the reader alone fetches, what it needs when it needs it
         path = self.local_name(pos)
         lock = self.folder.shard_lock(os.path.basename(path))
         if not lock.acquire(wait):
@@ -310,8 +318,9 @@ class ShardCache(Prefetcher):
         predownload must not evict sooner shards; "busy": downloads in flight in the way)."""
         need = int(self.shards[pos]["bytes"])
         final = self.local_name(pos)
+        limit = self.cache_limit if self.cache_limit is not None else (None if disk_full else self._disk_limit)
         with self.folder.lock():
-            if self.cache_limit is None and not disk_full:
+            if limit is None and not disk_full:
                 return Reservation(final)
             if self.cache_limit is not None and need > self.cache_limit:
                 raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} "
@@ -322,11 +331,18 @@ class ShardCache(Prefetcher):
             every, others = RankTable.next_uses(self.dir, n, self._table.path if self._table else None)
             nz = np.flatnonzero(every < policy.NEVER)
             nzo = np.flatnonzero(others < policy.NEVER)
-            d = policy.choose(entries, need, self.cache_limit, pos, dict(zip(nz.tolist(), every[nz].tolist())),
+            d = policy.choose(entries, need, limit, pos, dict(zip(nz.tolist(), every[nz].tolist())),
                               ahead=ahead, disk_full=disk_full,
                               others=dict(zip(nzo.tolist(), others[nzo].tolist())))
             gone = sum(self.folder.evict(name) for name in d.evict)
             self._count(evictions=gone)
+            if disk_full and self.cache_limit is None and d.outcome in ("fits", "busy"):
+                # what the disk holds after this eviction plus this shard is the limit from
+                # now on (the predownload then waits for room instead of racing the reader
+                # for the last blocks)
+                self._disk_limit = max(d.used_after + need, max(int(x["bytes"]) for x in self.shards))
+            if d.outcome == "too_big" and self.cache_limit is None:
+                return Reservation(final)  # a limit learned from the disk: the disk decides
             if d.outcome == "too_big":
                 raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} "
                                      f"bytes cannot hold shard {self.shards[pos]['file']} ({need} bytes)")
@@ -335,7 +351,7 @@ class ShardCache(Prefetcher):
                     self._count(over_limit=1)
                     log.debug("%s: over cache_limit=%s for %s (the shards in the way are being read)",
                               self.dir, self.cache_limit, self.shards[pos]["file"])
-                return Reservation(final, need if self.cache_limit is not None else None)
+                return Reservation(final, need if limit is not None else None)
             return d.outcome
 
     def trim(self) -> int:
@@ -377,7 +393,9 @@ class ShardCache(Prefetcher):
             b = memoryview(chunk)
             if state["n"] + len(b) > size:  # never write more than the manifest announces
                 raise ChecksumError(f"{url}: more than the {size} bytes the manifest lists")
-            f.write(b)
+            done = 0
+            while done < len(b):  # an unbuffered write may be short (a nearly full disk)
+                done += f.write(b[done:])
             state["h"].update(b)
             state["n"] += len(b)
 

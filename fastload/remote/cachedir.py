@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import threading
 import uuid
@@ -30,6 +31,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .policy import NEVER, Entry
+
+log = logging.getLogger("fastload.remote")
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 TMP = ".tmp-"
 
@@ -183,8 +187,13 @@ class RankTable:
         data = np.empty(1 + 2 * n, np.int64)
         data[0] = cur
         data[1::2], data[2::2] = shards[:n], steps[:n]
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data.tobytes(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data.tobytes(), 0)
+        except OSError as e:  # a full disk: other ranks miss our plan until the next one
+            if e.errno not in FULL_DISK:
+                raise
+            log.warning("%s: cannot publish this rank's plan (%s)", self.path, e)
 
     def at_step(self, cur: int) -> None:
         os.pwrite(self.fd, np.int64(cur).tobytes(), 0)  # one aligned 8-byte write
@@ -258,11 +267,15 @@ class CacheDir:
 
     def touch(self, shard: int, now: float) -> None:
         """Record an access (a lost race between two ranks' writes only reorders LRU ties)."""
-        fd = os.open(os.path.join(self.path, "atime"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.pwrite(fd, np.float64(now).tobytes(), 8 * int(shard))
-        finally:
-            os.close(fd)
+            fd = os.open(os.path.join(self.path, "atime"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, np.float64(now).tobytes(), 8 * int(shard))
+            finally:
+                os.close(fd)
+        except OSError as e:  # a full disk: the LRU order is a hint, the read goes on
+            if e.errno not in FULL_DISK:
+                raise
 
     def atimes(self, num_shards: int) -> np.ndarray:
         try:

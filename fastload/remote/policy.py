@@ -76,6 +76,8 @@ def choose(entries: Sequence[Entry], need: int, limit: Optional[float], keep: in
             continue
         evict.append(e.name)
         used -= e.size
+    if disk_full and any(e.state == "writing" for e in entries):
+        return Decision("busy", evict, used)  # their blocks are the ones missing: let them land
     if disk_full or used + need <= lim:
         return Decision("fits", evict, used)
     if ahead:
