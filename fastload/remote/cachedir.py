@@ -204,6 +204,12 @@ class RankTable:
             os.close(self.fd)
             self.fd = None
 
+    def __del__(self):  # a cache dropped without close(): its plan must not pin shards
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     @staticmethod
     def next_uses(root: str, num_shards: int, me: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
         """(soonest use over all live ranks, over the others than ``me``): steps from each
