@@ -99,3 +99,28 @@ def test_after_a_call_gave_up_the_next_one_tries_once():
     with pytest.raises(RemoteError, match="after 1 attempts"):
         c.get_bytes("y")
     assert time.monotonic() - t0 < 0.5
+
+
+def test_close_names_a_thread_it_cannot_join_with_its_stack(monkeypatch, caplog):
+    import logging
+    import os
+
+    monkeypatch.setattr(os.path, "exists", lambda p: p.endswith("-x"))
+    release, entered = threading.Event(), threading.Event()
+
+    class Stuck(_Host):
+        def fetch_ahead(self, pos, wait=True):
+            entered.set()
+            release.wait(10)  # a client call that ignores the stop flag
+            return super().fetch_ahead(pos, wait)
+
+    h = Stuck(2, predownload=1)
+    h.plan_steps([np.array([0]), np.array([1])])
+    assert entered.wait(10)
+    with caplog.at_level(logging.WARNING, logger="fastload.remote"):
+        h.close(timeout=0.2)
+    release.set()
+    msg = caplog.text
+    assert "fastload-predownload-0 still running" in msg and "in fetch_ahead" in msg
+    for t in h._threads:
+        t.join(5)
