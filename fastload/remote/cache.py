@@ -408,8 +408,8 @@ class ShardCache(Prefetcher):
                                     " (corrupt or replaced object; it was not cached)")
             os.ftruncate(res.fd, size)
             os.fsync(res.fd)  # a renamed but unwritten file after a crash would pass for verified
+            # no fsync of the folder: a rename lost in a crash only costs a download again
             res.commit()
-            mf.fsync_dir(os.path.dirname(res.final))
             fcntl.flock(res.fd, fcntl.LOCK_SH)  # the writer's lease becomes a reader's
             fd, res.fd = res.fd, None
         finally:
