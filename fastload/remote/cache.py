@@ -25,7 +25,7 @@ from fastload.format import manifest as mf
 from . import policy
 from .cachedir import CacheDir, RankTable, Reservation, lease
 from .client import (FULL_DISK, SCHEMES, CacheFullError, ChecksumError, Client, RangedFile, RemoteError,
-                     default_cache_dir, first_line, is_remote, join)
+                     default_cache_dir, is_remote, join)
 from .prefetch import Prefetcher
 
 log = logging.getLogger("fastload.remote")
@@ -239,9 +239,9 @@ class ShardCache(Prefetcher):
         return path, fd
 
     def _prune_opened(self, keep: Optional[int] = None) -> None:
-        """With a ``cache_limit`` (or once the disk was full): drop the reader's maps of shards outside its current
-        window (their leases end once the batches using them are gone, so any rank may
-        evict them). Called at each step and before a download."""
+        """With a ``cache_limit`` (or once the disk was full): drop the reader's maps of
+        shards outside its current window (their leases end once the batches using them are
+        gone, so any rank may evict them). Called at each step and before a download."""
         opened = self._opened
         if opened is None or (self.cache_limit is None and not self._disk_full_seen):
             return
@@ -326,14 +326,9 @@ class ShardCache(Prefetcher):
                 raise CacheFullError(errno.ENOSPC, f"cache folder {self.dir}: cache_limit={self.cache_limit} "
                                      f"bytes cannot hold shard {self.shards[pos]['file']} ({need} bytes): "
                                      "raise cache_limit")
-            n = len(self.shards)
-            entries = self.folder.scan(self._names, self.folder.atimes(n))
-            every, others = RankTable.next_uses(self.dir, n, self._table.path if self._table else None)
-            nz = np.flatnonzero(every < policy.NEVER)
-            nzo = np.flatnonzero(others < policy.NEVER)
-            d = policy.choose(entries, need, limit, pos, dict(zip(nz.tolist(), every[nz].tolist())),
-                              ahead=ahead, disk_full=disk_full,
-                              others=dict(zip(nzo.tolist(), others[nzo].tolist())))
+            entries = self.folder.scan(self._names, self.folder.atimes(len(self.shards)))
+            every, others = self._next_uses()
+            d = policy.choose(entries, need, limit, pos, every, ahead=ahead, disk_full=disk_full, others=others)
             gone = sum(self.folder.evict(name) for name in d.evict)
             self._count(evictions=gone)
             if disk_full and self.cache_limit is None and d.outcome in ("fits", "busy"):
@@ -354,18 +349,22 @@ class ShardCache(Prefetcher):
                 return Reservation(final, need if limit is not None else None)
             return d.outcome
 
+    def _next_uses(self) -> Tuple[Dict[int, int], Dict[int, int]]:
+        """({shard: steps to its next use by any live rank}, the same over the other ranks),
+        from the node-wide table (call under the cache lock)."""
+        every, others = RankTable.next_uses(self.dir, len(self.shards), self._table.path if self._table else None)
+        nz, nzo = np.flatnonzero(every < policy.NEVER), np.flatnonzero(others < policy.NEVER)
+        return dict(zip(nz.tolist(), every[nz].tolist())), dict(zip(nzo.tolist(), others[nzo].tolist()))
+
     def trim(self) -> int:
         """Evict down to ``cache_limit`` now (shards leased or needed now or next by a live
         rank stay); a download does this before it starts. Returns the bytes in the folder."""
         with self.folder.lock():
-            n = len(self.shards)
-            entries = self.folder.scan(self._names, self.folder.atimes(n))
+            entries = self.folder.scan(self._names, self.folder.atimes(len(self.shards)))
             if self.cache_limit is None:
                 return sum(e.size for e in entries)
-            every, others = RankTable.next_uses(self.dir, n, self._table.path if self._table else None)
-            nz, nzo = np.flatnonzero(every < policy.NEVER), np.flatnonzero(others < policy.NEVER)
-            d = policy.choose(entries, 0, self.cache_limit, -1, dict(zip(nz.tolist(), every[nz].tolist())),
-                              others=dict(zip(nzo.tolist(), others[nzo].tolist())))
+            every, others = self._next_uses()
+            d = policy.choose(entries, 0, self.cache_limit, -1, every, others=others)
             gone = [e for e in entries if e.name in set(d.evict) and self.folder.evict(e.name)]
             self._count(evictions=len(gone))
             return sum(e.size for e in entries) - sum(e.size for e in gone)
