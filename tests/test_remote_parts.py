@@ -124,3 +124,10 @@ def test_close_names_a_thread_it_cannot_join_with_its_stack(monkeypatch, caplog)
     assert "fastload-predownload-0 still running" in msg and "in fetch_ahead" in msg
     for t in h._threads:
         t.join(5)
+
+
+def test_a_port_number_is_not_an_http_403():
+    from fastload.remote.client import _auth_like
+
+    assert not _auth_like("Error performing GET http://127.0.0.1:40323/ds/manifest.json - error sending request")
+    assert _auth_like("Client error with status 403 Forbidden") and _auth_like("HTTP status 403")

@@ -14,6 +14,7 @@ import errno
 import io
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any, Callable, List, Optional
@@ -61,8 +62,10 @@ def first_line(e: BaseException) -> str:
 
 def _auth_like(msg: str) -> bool:
     m = msg.lower()
-    return any(w in m for w in ("403", "forbidden", "accessdenied", "invalidaccesskeyid",
-                                "signaturedoesnotmatch", "401 unauthorized"))
+    # a status code as a word: "403" inside a port number (127.0.0.1:40323) is not one
+    return bool(re.search(r"(?<![\d:.])403(?!\d)", m)) or any(
+        w in m for w in ("forbidden", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                         "401 unauthorized"))
 
 
 def _denied(url: str, what: str) -> str:

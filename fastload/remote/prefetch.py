@@ -46,17 +46,24 @@ class Prefetcher:
         order = np.asarray(list(shard_order) if not isinstance(shard_order, np.ndarray) else shard_order,
                            np.int64)
         starts = None if step_starts is None else np.asarray(step_starts, np.int64)
+        # with steps, the node-wide table gets every (shard, step) use, before repeats are
+        # dropped (a shard read in two consecutive steps is needed in both) and at_step
+        # publishes the step; without, each plan entry is a step and _advance the cursor
+        with_steps = starts is not None and len(starts) > 0
+        full, full_steps = order, (np.searchsorted(starts, np.arange(len(order)), side="right").astype(np.int64) - 1
+                                   if with_steps else None)
         if len(order):
             keep = np.ones(len(order), bool)
             keep[1:] = order[1:] != order[:-1]
             if starts is not None:  # positions after dropping consecutive repeats
                 starts = np.maximum(np.cumsum(keep)[np.minimum(starts, len(order) - 1)] - 1, 0)
             order = order[keep]
-        steps = np.arange(len(order), dtype=np.int64) if starts is None or not len(starts) else \
-            np.searchsorted(starts, np.arange(len(order)), side="right").astype(np.int64) - 1
         with self._cv:
-            self._plan, self._cursor, self._step_starts, self._plan_steps = order, 0, starts, steps
-            self._publish(order, steps, 0)
+            self._plan, self._cursor, self._step_starts = order, 0, starts
+            if with_steps:
+                self._publish(full, full_steps, 0)
+            else:
+                self._publish(order, np.arange(len(order), dtype=np.int64), 0)
             self.client.stop.clear()
             self._cv.notify_all()
             if self.predownload and not any(t.is_alive() for t in self._threads):
@@ -81,7 +88,7 @@ class Prefetcher:
             if starts is None or not 0 <= step < len(starts):
                 return
             self._cursor = max(self._cursor, int(starts[step]))
-            self._publish_step(int(self._plan_steps[self._cursor]) if self._cursor < len(self._plan) else step)
+            self._publish_step(step)
             self._cv.notify_all()
         if hasattr(self, "_prune_opened"):
             self._prune_opened()
