@@ -112,7 +112,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["fastload", "fastload.format", "fastload.sample", "fastload.replay",
-              "fastload.batch", "fastload.loader", "fastload.ffn", "fastload.bench",
+              "fastload.batch", "fastload.loader", "fastload.ffn", "fastload.bench", "fastload.remote",
               "fastload.select", "fastload.curate", "fastload.bytes",
               "fastload.kernels"],
     package_dir={"fastload.kernels": "kernels"},

@@ -116,3 +116,47 @@ def test_loader_skips_and_names_a_forged_image(tmp_path, monkeypatch):
     for _ in L:
         pass
     assert set(L.skipped_ids) == {3}
+
+
+def _with_comment(jpg: bytes, total: int) -> bytes:
+    """``jpg`` with COM segments after SOI padding it to ``total`` bytes."""
+    pad, out = total - len(jpg), bytearray(jpg[:2])
+    while pad > 4:
+        n = min(pad - 4, 65533)
+        out += b"\xff\xfe" + (n + 2).to_bytes(2, "big") + b"c" * n
+        pad -= n + 4
+    return bytes(out + jpg[2:])
+
+
+@pytest.mark.parametrize("arithmetic", [True, False])
+def test_a_comment_padded_forged_header_is_refused_quickly(arithmetic):
+    """A 160 px photo (noise: real entropy) with its header patched to 8000x8000 and a
+    comment padding it to 22 KB: the comment bought pixel budget, and the arithmetic-coded
+    one rendered as garbage in ~2 s (libjpeg zero-fills an arithmetic scan past its data,
+    no warning). Comments and APPn segments carry no pixels: refused before any decoding."""
+    import time
+
+    rng = np.random.default_rng(0)
+    photo = native._encode_jpeg(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8), 75, False, arithmetic)
+    bomb = _with_comment(forge(photo, 8000, 8000), 22_000)
+    assert len(bomb) >= 22_000 and 8000 * 8000 / len(bomb) < native.decode_limits()["max_pixels_per_byte"]
+    out = torch.empty(1, 3, 32, 32)
+    t0 = time.monotonic()
+    # arithmetic: refused by the density check; Huffman (16 KB of data, under the density
+    # limit): libjpeg's premature-end warning, an error here
+    why = r"8000x8000.*pixels per byte" if arithmetic else r"premature end of data"
+    with pytest.raises(ValueError, match=rf"sample key-7 .*{why}"):
+        native.render_batch([bomb], P.empty(1), out, sample_ids=["key-7"])
+    assert time.monotonic() - t0 < 0.5
+    # the same photo with the same comment, header untouched, still decodes
+    native.render_batch([_with_comment(photo, 22_000)], P.empty(1), out)
+
+
+def test_truncated_data_is_a_bad_sample_naming_it():
+    """Premature end of the entropy-coded data (libjpeg's JWRN_JPEG_EOF warning) is corrupt
+    data, never a sample with its missing part filled in."""
+    rng = np.random.default_rng(1)
+    photo = native._encode_jpeg(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), 90, False, False)
+    out = torch.empty(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"sample cut-0 .*(Premature end|premature end|Corrupt)"):
+        native.render_batch([photo[:len(photo) * 2 // 3]], P.empty(1), out, sample_ids=["cut-0"])

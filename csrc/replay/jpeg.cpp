@@ -42,6 +42,30 @@ std::atomic<int64_t> g_free_pixels{int64_t(1) << 22};
 std::atomic<int64_t> g_max_pixels_per_byte{4096};
 std::atomic<int64_t> g_max_bytes{int64_t(384) << 20};
 
+// Bytes of `data` that can carry pixels: all but the APPn and COM segments (metadata and
+// comments). A forged header padded with a comment must not buy itself a larger pixel budget:
+// max_pixels_per_byte counts these bytes only. A walk over the marker segments, O(len); what
+// it cannot parse counts as data (libjpeg then reports the damage itself).
+size_t pixel_bytes(const uint8_t* d, size_t len) {
+  size_t skipped = 0, i = 2;  // after SOI
+  while (i + 4 <= len) {
+    if (d[i] != 0xFF) break;
+    uint8_t m = d[i + 1];
+    if (m == 0xFF) { ++i; continue; }  // fill byte
+    if (m == 0xD9) break;              // EOI
+    if ((m >= 0xD0 && m <= 0xD8) || m == 0x01) { i += 2; continue; }  // no length
+    const size_t seg = ((size_t)d[i + 2] << 8) | d[i + 3];
+    if (seg < 2 || i + 2 + seg > len) break;
+    if ((m >= 0xE0 && m <= 0xEF) || m == 0xFE) skipped += 2 + seg;
+    i += 2 + seg;
+    if (m == 0xDA) {  // entropy-coded data up to the next marker other than RSTn / stuffing
+      while (i + 1 < len && !(d[i] == 0xFF && d[i + 1] != 0x00 && !(d[i + 1] >= 0xD0 && d[i + 1] <= 0xD7)))
+        ++i;
+    }
+  }
+  return len - std::min(skipped, len);
+}
+
 int check_limits(uint64_t w, uint64_t h, size_t len, jpeg_memory_mgr* mem) {
   const uint64_t px = w * h;
   const int64_t max_px = g_max_pixels.load(), free_px = g_free_pixels.load();
@@ -51,8 +75,9 @@ int check_limits(uint64_t w, uint64_t h, size_t len, jpeg_memory_mgr* mem) {
                 "(fastload.replay.native.set_decode_limits / FASTLOAD_MAX_DECODE_PIXELS)",
                 (unsigned long long)w, (unsigned long long)h, (unsigned long long)px, (long long)max_px);
   if (px > (uint64_t)free_px && ppb > 0 && px / (uint64_t)ppb > (uint64_t)len)
-    return fail("bad JPEG: %llux%llu declared in %zu bytes of data (more than %lld pixels per byte: a forged "
-                "or truncated header; limit: set_decode_limits / FASTLOAD_MAX_PIXELS_PER_BYTE)",
+    return fail("bad JPEG: %llux%llu declared in %zu bytes of data, comments and APPn segments excluded (more "
+                "than %lld pixels per byte: a forged or truncated header; limit: set_decode_limits / "
+                "FASTLOAD_MAX_PIXELS_PER_BYTE)",
                 (unsigned long long)w, (unsigned long long)h, len, (long long)ppb);
   mem->max_memory_to_use = (long)g_max_bytes.load();
   return 0;
@@ -140,7 +165,7 @@ int begin(Decoder& d, const uint8_t* data, size_t len) {
   // CMYK/YCCK (Adobe) images: libjpeg-turbo converts them to CMYK only; cmyk_to_rgb below.
   const bool four = d.cinfo.jpeg_color_space == JCS_CMYK || d.cinfo.jpeg_color_space == JCS_YCCK;
   d.cinfo.out_color_space = four ? JCS_CMYK : JCS_RGB;
-  return check_limits(d.cinfo.image_width, d.cinfo.image_height, len, d.cinfo.mem);
+  return check_limits(d.cinfo.image_width, d.cinfo.image_height, pixel_bytes(data, len), d.cinfo.mem);
 }
 
 // Adobe CMYK (stored inverted, as Photoshop writes it) -> RGB, Pillow's rule (JpegImagePlugin

@@ -126,10 +126,10 @@ class BlockShuffleSampler:
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, np.asarray(rows, np.int64), side="right") - 1
 
-    def shards_for_steps(self, epoch: int, start: int, stop: int, global_batch_size: int,
-                         rank: Optional[int] = None, world_size: Optional[int] = None,
-                         slicing: str = "contiguous") -> List[np.ndarray]:
-        """Per step in [start, stop): the shards (in order of first use) a batch reads.
+    def rows_for_steps(self, epoch: int, start: int, stop: int, global_batch_size: int,
+                       rank: Optional[int] = None, world_size: Optional[int] = None,
+                       slicing: str = "contiguous") -> List[np.ndarray]:
+        """Per step in [start, stop): the rows a batch reads.
 
         With ``rank``/``world_size``, only that rank's slice of each global batch counts:
         ``slicing="contiguous"`` (rank r takes rows [r*b, (r+1)*b) of the batch, b = G / W)
@@ -152,6 +152,16 @@ class BlockShuffleSampler:
                     batch = batch[rank::W]
                 else:
                     raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
+            out.append(batch)
+        return out
+
+    def shards_for_steps(self, epoch: int, start: int, stop: int, global_batch_size: int,
+                         rank: Optional[int] = None, world_size: Optional[int] = None,
+                         slicing: str = "contiguous") -> List[np.ndarray]:
+        """Per step in [start, stop): the shards (in order of first use) a batch reads
+        (the rows of :meth:`rows_for_steps`)."""
+        out = []
+        for batch in self.rows_for_steps(epoch, start, stop, global_batch_size, rank, world_size, slicing):
             sh = self.shard_of(batch)
             _, first = np.unique(sh, return_index=True)
             out.append(sh[np.sort(first)])
@@ -255,8 +265,11 @@ def predownload_plan(sampler: BlockShuffleSampler, dataset, epoch: int, global_b
     from step ``start`` (the cache's step 0); ``cache.at_step(k)`` then moves its window."""
     cache = getattr(dataset, "remote", None)
     if cache is not None:
+        from fastload.remote.plan import shards_per_step  # the loader's plan uses it too
+
         steps = -(-len(sampler) // int(global_batch_size))
-        cache.plan_steps(sampler.shards_for_steps(epoch, start, steps, global_batch_size, rank, world_size, slicing))
+        rows = sampler.rows_for_steps(epoch, start, steps, global_batch_size, rank, world_size, slicing)
+        cache.plan_steps(shards_per_step(dataset._starts, rows))
 
 
 __all__: Sequence[str] = ["BlockShuffleSampler", "RankBatches", "shuffle_quality", "predownload_plan"]

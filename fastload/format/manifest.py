@@ -187,6 +187,8 @@ def validate(m: Dict[str, Any], where: str = MANIFEST, strict: bool = False) -> 
             bad(f"{ctx}shard file {str(s['file'])[:80]!r} must be a plain name")
         if not isinstance(s["sha256"], str) or len(s["sha256"]) != 64:
             bad(f"{ctx}'sha256' must be 64 hex digits")
+        if "hash_sha256" in s and (not isinstance(s["hash_sha256"], str) or len(s["hash_sha256"]) != 64):
+            bad(f"{ctx}'hash_sha256' must be 64 hex digits")
         int_field(s, "rows", 0, MAX_ROWS, ctx=ctx)
         int_field(s, "bytes", 0, 1 << 50, ctx=ctx)
         int_field(s, "index", 0, MAX_ROWS, required=strict, ctx=ctx)

@@ -24,10 +24,11 @@ log = logging.getLogger("fastload.format")
 _NULLABLE = ("captions", "syn_captions")
 
 
-def open_shard(path: str, kind: str, expected_bytes: Optional[int] = None) -> "_Shard":
+def open_shard(path: str, kind: str, expected_bytes: Optional[int] = None, fd: Optional[int] = None) -> "_Shard":
     """Map and validate one shard file: the one place a shard is opened (a remote cache
-    hooks in here by handing over a local path)."""
-    return _Shard(path, kind, expected_bytes)
+    hooks in here by handing over a local path and ``fd``, an open descriptor holding its
+    lease: the map is made from it, and it is closed)."""
+    return _Shard(path, kind, expected_bytes, fd)
 
 
 class _Shard:
@@ -44,14 +45,16 @@ class _Shard:
     :class:`CorruptDataError` naming the file.
     """
 
-    def __init__(self, path: str, kind: str, expected_bytes: Optional[int] = None):
+    def __init__(self, path: str, kind: str, expected_bytes: Optional[int] = None, fd: Optional[int] = None):
         import pyarrow as pa
 
         from fastload.format.shards import arrow_schema
 
         self.path = path
         try:
-            with open(path, "rb") as f:
+            # a remote cache's fd holds a shared flock (its lease against eviction): mmap
+            # dup()s the descriptor, so the lock lives exactly as long as the map
+            with (open(fd, "rb") if fd is not None else open(path, "rb")) as f:
                 self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 st = os.fstat(f.fileno())
         except (OSError, ValueError) as e:  # ValueError: empty file
@@ -182,6 +185,7 @@ class ReinforcedDataset:
         self._verified: Dict[int, Tuple[int, int, int]] = {}
         self._vlock = threading.Lock()
         self._shard_locks: Dict[int, threading.Lock] = {}
+        self._open_locks: Dict[int, threading.Lock] = {}
         self._load_columns()
         self.policy  # a manifest whose policy cannot be read is corrupt: say so at open
         if self.verify_mode == "open":
@@ -276,9 +280,17 @@ class ReinforcedDataset:
         """The mapped shard (structure checked, sha256 not necessarily: see ``_checked``)."""
         sh = self._open.get(pos)
         if sh is None:
-            meta = self._shards_meta[pos]
-            path = self.remote.fetch(pos, self._open) if self.remote else os.path.join(self.path, meta["file"])
-            sh = self._open[pos] = open_shard(path, self.kind, meta["bytes"])
+            with self._vlock:  # one map per shard, whichever thread asks first
+                lock = self._open_locks.setdefault(pos, threading.Lock())
+            with lock:
+                sh = self._open.get(pos)
+                if sh is None:
+                    meta = self._shards_meta[pos]
+                    if self.remote:
+                        path, fd = self.remote.fetch_leased(pos, self._open)
+                    else:
+                        path, fd = os.path.join(self.path, meta["file"]), None
+                    sh = self._open[pos] = open_shard(path, self.kind, meta["bytes"], fd)
         return sh
 
     def _check(self, pos: int, sh: Optional[_Shard] = None) -> None:
@@ -350,13 +362,14 @@ class ReinforcedDataset:
         st["_open"] = {}  # memory maps are reopened lazily in the worker
         st["_item_renderer"] = None  # rebuilt in the worker from _item_options
         st["_verified"] = dict(self._verified)
-        del st["_vlock"], st["_shard_locks"]
+        del st["_vlock"], st["_shard_locks"], st["_open_locks"]
         return st
 
     def __setstate__(self, st):
         self.__dict__.update(st)
         self._vlock = threading.Lock()
         self._shard_locks = {}
+        self._open_locks = {}
 
     def verify(self) -> List[str]:
         """Names of shards whose sha256 or size does not match the manifest (reads every
@@ -409,6 +422,14 @@ class ReinforcedDataset:
                 far.append(k)
         if not far:
             return out
+        # the row hashes came by ranged GETs too: trusted only once their table's sha256 equals
+        # the manifest's hash_sha256 (else a consistent edit of a row and its hash is served)
+        unverified = [k for k in far if not self._hash_table_ok(pos[k])]
+        for k in unverified:
+            out[k] = self.image_bytes(rows[k])  # no digest to check against: the verified shard
+        far = [k for k in far if k not in set(unverified)]
+        if not far:
+            return out
         got = self.remote.read_rows([(pos[k], rows[k] - int(self._starts[pos[k]])) for k in far])
         for k, b in zip(far, got):
             if not self._ranged_partners:
@@ -422,6 +443,26 @@ class ReinforcedDataset:
                     log.info("%s: stored images are not the bytes their hash covers (re-encoded): "
                              "MixUp/CutMix partners are read from whole shards", self.path)
         return out
+
+    def _hash_table_ok(self, pos: int) -> bool:
+        """Shard ``pos``'s row hashes (read by range at open) against the manifest's
+        ``hash_sha256``; False when the manifest lists none (older datasets), a
+        ChecksumError naming the shard's URL when they differ."""
+        done = self.__dict__.setdefault("_hash_tables", {})
+        ok = done.get(pos)
+        if ok is None:
+            want = self._shards_meta[pos].get("hash_sha256")
+            a, b = int(self._starts[pos]), int(self._starts[pos + 1])
+            if want is None:
+                ok = False
+            elif hashlib.sha256(self._hash[a:b].tobytes()).hexdigest() != want:
+                raise remote.ChecksumError(
+                    f"{self.path.rstrip('/')}/{self._shards_meta[pos]['file']}: the row hashes read by range differ "
+                    "from the manifest's hash_sha256 (the object changed, or was edited, on the server)")
+            else:
+                ok = True
+            done[pos] = ok
+        return ok
 
     def augs(self, i: int) -> np.ndarray:
         """The N stored augmentation records of row ``i`` (AUG_DTYPE[N])."""

@@ -7,7 +7,7 @@ nothing that is listed; a rerun with the same arguments skips the listed shards.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,25 @@ def write_shard_file(root: str, index: int, columns: Dict[str, list], kind: str)
     os.replace(tmp, path)
     mf.fsync_dir(root)
     return {"index": int(index), "file": name, "rows": int(batch.num_rows), "sha256": digest, "bytes": int(size)}
+
+
+def hash_table_sha256(path: str) -> Optional[str]:
+    """sha256 of a shard's ``hash`` column (16 bytes per row, in row order): the manifest
+    lists it, so a remote reader that fetches single rows by range (MixUp/CutMix partners)
+    verifies the row hashes it read by range before trusting them (fastload/format/reader.py)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        r = pa.ipc.open_file(src)
+        names = r.schema.names
+        if "hash" not in names:
+            return None
+        col = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(
+            included_fields=[names.index("hash")])).get_batch(0).column(0)
+        buf = col.buffers()[1]
+        return hashlib.sha256(memoryview(buf)[col.offset * 16:(col.offset + len(col)) * 16]).hexdigest()
 
 
 class DatasetWriter:
@@ -94,6 +113,9 @@ class DatasetWriter:
 
     def add_shard(self, info: Dict[str, Any]) -> None:
         """List a shard that is already complete and renamed into place."""
+        if "hash_sha256" not in info:
+            digest = hash_table_sha256(os.path.join(self.root, info["file"]))
+            info = dict(info, **({"hash_sha256": digest} if digest else {}))
         self.manifest["shards"] = sorted([s for s in self.manifest["shards"] if s["index"] != info["index"]]
                                          + [info], key=lambda s: s["index"])
         mf.write_manifest(self.root, self.manifest)

@@ -491,9 +491,10 @@ class ReinforcedLoader:
         cache = getattr(self.dataset, "remote", None)
         if cache is None:
             return plan
+        from fastload.remote.plan import shards_per_step  # one planner: RankBatches uses it too
+
         plan = list(plan)
-        starts = self.dataset._starts
-        cache.plan_steps([np.unique(np.searchsorted(starts, idx, side="right") - 1) for _, idx, _ in plan])
+        cache.plan_steps(shards_per_step(self.dataset._starts, [idx for _, idx, _ in plan]))
 
         def steps():
             for k, item in enumerate(plan):
