@@ -694,7 +694,7 @@ def _run_ray(job: _Job, todo: List[int], writer: DatasetWriter, progress: bool) 
 
 def main(argv=None) -> int:
     """``fastload reinforce IMAGES --teacher FILE --out DIR [options]``."""
-    from fastload.cli import DefaultsFormatter, flag_error
+    from fastload._cli import DefaultsFormatter, flag_error
     from fastload.sample.policy import AugmentPolicy
 
     ap = argparse.ArgumentParser(

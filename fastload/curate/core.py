@@ -290,7 +290,7 @@ def main(argv=None) -> int:
         ts = curate(a.pool, a.queries, k=a.k, budget=a.budget, index=a.index, metric=a.metric,
                     nlist=a.nlist, nprobe=a.nprobe, ef_search=a.ef_search, threads=a.threads)
     except (ValueError, OSError) as exc:
-        from fastload.cli import flag_error
+        from fastload._cli import flag_error
 
         return flag_error("fastload curate", exc, p, {"pool": "POOL"})
     path = ts.save(out)

@@ -333,7 +333,9 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
 
 def main(argv=None) -> int:
     """``fastload import-datacomp SHARD.tar... --images TAR_OR_DIR... --out DIR``."""
-    ap = argparse.ArgumentParser(prog="fastload import-datacomp", description=__import__("fastload.cli").cli.describe(__doc__))
+    from fastload._cli import describe
+
+    ap = argparse.ArgumentParser(prog="fastload import-datacomp", description=describe(__doc__))
     ap.add_argument("tars", nargs="+", help="DataCompDR WebDataset shards (syn.json, paug.json, npz)")
     ap.add_argument("--images", nargs="+", required=True, help="image tars or a folder, joined by key")
     ap.add_argument("--out", required=True)

@@ -712,7 +712,7 @@ def _summary_text(m: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from fastload.cli import DefaultsFormatter, describe
+    from fastload._cli import DefaultsFormatter, describe
 
     ap = argparse.ArgumentParser(prog="fastload decompose", description=describe(__doc__),
                                  formatter_class=DefaultsFormatter)
@@ -753,7 +753,7 @@ def main(argv=None) -> int:
         m = decompose(src, a.out, a.min_bucket, a.max_bucket, not a.no_randomize, a.seed, a.vocab_size,
                       a.eot_id, a.column, a.engine, a.threads, a.overwrite, fsync=a.fsync)
     except ValueError as e:
-        from fastload.cli import flag_error
+        from fastload._cli import flag_error
 
         return flag_error("fastload decompose", e, ap)
     finally:

@@ -1125,7 +1125,9 @@ def _plain(v, where: str = "config"):
 
 def main(argv=None) -> int:
     """``fastload import-mldr ARCHIVE --images IMAGENET/training --out DIR``."""
-    ap = argparse.ArgumentParser(prog="fastload import-mldr", description=__import__("fastload.cli").cli.describe(__doc__))
+    from fastload._cli import describe
+
+    ap = argparse.ArgumentParser(prog="fastload import-mldr", description=describe(__doc__))
     ap.add_argument("archive", help="ml-dr reinforced_data.tar(.gz) or its extracted folder")
     ap.add_argument("--images", required=True, help="the ImageNet-style training folder (root/class/image)")
     ap.add_argument("--out", required=True)
