@@ -56,11 +56,12 @@ holds the global tokens per step, not the world size).
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .._dist import check_epoch_end, check_same_across_ranks, rank_world
+from .._dist import DistributedArgs, check_epoch_end, check_same_across_ranks, on_background_thread
 from .._state import Position
 from .._native import check
 from ..format.decompose import _chunk_hash, _lib
@@ -137,7 +138,7 @@ def _reference_mix(counts: np.ndarray, weights: np.ndarray, rng: random.Random) 
     return out
 
 
-class BucketBatchSampler:
+class BucketBatchSampler(DistributedArgs):
     """Yields ``(k, rows)``: the bucket of the step and this rank's row indices into it.
 
     ``rows``: ``{k: number of rows in bucket k}``. ``tokens_per_step`` (per rank) must be a
@@ -184,21 +185,24 @@ class BucketBatchSampler:
         # upstream rebuilds its mixer with the same seed every epoch; ours draws anew
         self.schedule_per_epoch = (schedule == "remaining") if schedule_per_epoch is None else bool(schedule_per_epoch)
         self.cycles, self.seed, self.shuffle = int(cycles), int(seed), bool(shuffle)
-        self.rank, self.world_size = rank_world(rank, world_size)
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
         self.check_every = int(check_every)
-        # global batches per bucket per epoch (= each rank's batches of that bucket)
-        self.batches = self.rows // (self.batch_size * self.world_size)
         self._pos = Position("BucketBatchSampler")
         self._plan_epoch = None
         self._lib = _lib()
         self._nrows = self.rows.tolist()
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def batches(self) -> np.ndarray:
+        """Global batches per bucket per epoch (= each rank's batches of that bucket)."""
+        return self.rows // (self.batch_size * self.world_size)
+
     def __len__(self) -> int:
         return int(self.batches.sum())
 
     def _plan(self) -> None:
-        if self._plan_epoch == self.epoch:
+        if self._plan_epoch == (self.epoch, self.world_size):
             return
         e = self.epoch if self.schedule_per_epoch else 0
         rng = np.random.default_rng([self.seed, e])
@@ -227,7 +231,7 @@ class BucketBatchSampler:
         self._sched_j = np.concatenate(sched_j) if sched_j else np.zeros(0, np.int64)
         # Python ints: per-step arithmetic on numpy scalars costs ~100 ns per operation.
         self._sb, self._sj = self._sched_b.tolist(), self._sched_j.tolist()
-        self._plan_epoch = self.epoch
+        self._plan_epoch = (self.epoch, self.world_size)
 
     def _rows(self, b: int, start: int, count: int) -> np.ndarray:
         if not self.shuffle:
@@ -265,13 +269,19 @@ class BucketBatchSampler:
     def _iterate(self, token: int) -> Iterator[Tuple[int, np.ndarray]]:
         pos = self._pos
         pos.check(token)
+        self._bind_ranks()
         self._plan()
         n = len(self)
-        if self.check_every > 0:
-            check_same_across_ranks([self.epoch, pos.step, n, self.seed, *self.rows.tolist()],
-                                    "epoch/step/steps per epoch/seed/bucket rows")
+        # per-step checks only where the iteration is driven from the caller's thread; the
+        # first check covers the whole schedule (its digest), so a loader's background
+        # thread needs none
+        check_every = self.check_every if not on_background_thread() else 0
+        if check_every > 0:
+            digest = zlib.crc32(np.ascontiguousarray(self._sched_b, dtype=np.int64).tobytes())
+            check_same_across_ranks([self.epoch, pos.step, n, self.seed, digest, *self.rows.tolist()],
+                                    "epoch/step/steps per epoch/seed/schedule/bucket rows")
         buckets, sb, sj, rows = self.buckets, self._sb, self._sj, self._rows
-        bsz, check_every, W = self.batch_size.tolist(), self.check_every, self.world_size
+        bsz, W = self.batch_size.tolist(), self.world_size
         # global batch j of bucket b is [j G, (j + 1) G) of its permutation (G = W b_b); this
         # rank's slice starts at r b_b inside it. Rows come from windows of >= _WINDOW
         # permutation positions (one native call each), read front to back.

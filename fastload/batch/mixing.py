@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fastload._dist import rank_world
+from fastload._dist import DistributedArgs
 from fastload._state import Position
 
 _TAG_STREAM = 0x4D49_5831
@@ -87,7 +87,7 @@ def _slice(batch: np.ndarray, rank: int, world: int, slicing: str) -> np.ndarray
     return batch[rank::world]
 
 
-class _GlobalBatches:
+class _GlobalBatches(DistributedArgs):
     """Iteration under the state contract for samplers whose epoch is a global order
     (``global_order(epoch)``) cut into global batches of ``global_batch_size``, each rank
     taking its slice (StreamMixer, TiCSampler)."""
@@ -95,13 +95,16 @@ class _GlobalBatches:
     def _setup(self, seed, drop_last, rank, world_size, slicing) -> None:
         """Seed, rank slicing and the position (after ``global_batch_size`` and ``kind``)."""
         self.seed, self.drop_last = int(seed), bool(drop_last)
-        r, w = rank_world(rank, world_size)
-        if self.global_batch_size % w:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
+        self._check_world(self.world_size)
         if slicing not in ("contiguous", "strided"):
             raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
-        self.rank, self.world_size, self.slicing = r, w, slicing
+        self.slicing = slicing
         self._pos = Position(self.kind)
+
+    def _check_world(self, w: int) -> None:
+        if self.global_batch_size % w:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
 
     @property
     def epoch(self) -> int:
@@ -111,6 +114,7 @@ class _GlobalBatches:
         self._pos.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        self._check_world(self._bind_ranks()[1])
         # begin() now, not at the first next(): a new iter() supersedes the old one at once
         token = self._pos.begin()
         return self._run(token, self._pos.epoch, self._pos.step)
@@ -119,9 +123,10 @@ class _GlobalBatches:
         order = self.global_order(epoch)
         G = self.global_batch_size
         n = len(self)
+        rank, world = self.rank, self.world_size
         for step in range(start, n):
             self._pos.check(token)
-            batch = _slice(order[step * G:(step + 1) * G], self.rank, self.world_size, self.slicing)
+            batch = _slice(order[step * G:(step + 1) * G], rank, world, self.slicing)
             self._pos.advance(token)  # a batch handed to the caller is consumed (the contract's step)
             if step == n - 1:  # the pass is complete once its last batch is out (Position.finish)
                 self._pos.finish(token)

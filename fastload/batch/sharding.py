@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from fastload._dist import rank_world
+from fastload._dist import DistributedArgs
 from fastload._state import Position
 
 _SHUFFLE_TAG = 0x5348_5546  # separates this stream from the loader's other seeded streams
@@ -51,7 +51,7 @@ def shard_indices(order: np.ndarray, rank: int, world_size: int, pad: bool = Tru
     return order[rank::world_size]
 
 
-class ShardedSampler:
+class ShardedSampler(DistributedArgs):
     """Shuffled (or sequential) indices, sharded over ranks, reproducible from (seed, epoch).
 
     Rank and world size come from the arguments, else from ``torch.distributed`` when it is
@@ -80,7 +80,7 @@ class ShardedSampler:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.pad = bool(pad)
-        self.rank, self.world_size = rank_world(rank, world_size)
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
         self._pos = Position("ShardedSampler")
 
     @property
@@ -107,6 +107,7 @@ class ShardedSampler:
     def _iterate(self, token: int) -> Iterator[int]:
         pos = self._pos
         pos.check(token)
+        self._bind_ranks()
         idx = self.indices()
         for k in range(min(pos.step, len(idx)), len(idx)):
             pos.check(token)

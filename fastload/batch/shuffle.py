@@ -33,6 +33,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from fastload._dist import DistributedArgs
+
 _TAG_SHARDS = 0x5348_4431
 _TAG_BLOCK = 0x5348_4432
 
@@ -193,17 +195,14 @@ class BlockShuffleSampler:
                 "num_shards": int(len(self.sizes))}
 
 
-class RankBatches:
+class RankBatches(DistributedArgs):
     """A rank's batches of a :class:`BlockShuffleSampler` (see ``batch_sampler``)."""
 
     def __init__(self, sampler: BlockShuffleSampler, global_batch_size: int, rank: Optional[int],
                  world_size: Optional[int], slicing: str, dataset, drop_last: bool):
-        from fastload._dist import rank_world
-
         self.sampler, self.G = sampler, int(global_batch_size)
-        self.rank, self.world_size = rank_world(rank, world_size)
-        if self.G % self.world_size:
-            raise ValueError(f"global_batch_size {self.G} is not a multiple of the world size {self.world_size}")
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
+        self._check_world(self.world_size)
         if slicing not in ("contiguous", "strided"):
             raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
         self.slicing, self.dataset, self.drop_last = slicing, dataset, bool(drop_last)
@@ -216,7 +215,12 @@ class RankBatches:
         n = len(self.sampler)
         return n // self.G if self.drop_last else -(-n // self.G)
 
+    def _check_world(self, world_size: int) -> None:
+        if self.G % world_size:
+            raise ValueError(f"global_batch_size {self.G} is not a multiple of the world size {world_size}")
+
     def __iter__(self) -> Iterator[List[int]]:
+        self._check_world(self._bind_ranks()[1])
         order = self.sampler.global_order(self.epoch)
         cache = getattr(self.dataset, "remote", None)
         if cache is not None:

@@ -31,7 +31,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fastload._dist import check_epoch_end, check_same_across_ranks, rank_world
+from fastload._dist import (DistributedArgs, check_epoch_end, check_same_across_ranks,
+                            on_background_thread)
 from fastload._state import Position
 
 Size = Union[int, Sequence[int]]
@@ -280,6 +281,12 @@ def _chunk_key(seed: int, epoch: int, bucket: int) -> int:
     return _chunk_hash(seed, epoch, bucket, 0x5CA1E)  # salt: not the LM sampler's keys
 
 
+def _plan_digest(plan: "_Plan") -> int:
+    """crc32 of every step's (h, w, b): equal on all ranks iff their epochs have the same shapes."""
+    arr = np.asarray([plan.h, plan.w, np.asarray(plan.end) - np.asarray(plan.start)], dtype=np.int64)
+    return zlib.crc32(np.ascontiguousarray(arr).tobytes())
+
+
 class _Plan:
     """One epoch on one rank: per bucket, how to produce this rank's sample ids (lazily); per
     step, its bucket, shape and slice of the bucket's per-rank positions."""
@@ -303,7 +310,7 @@ def _permute_lib():
     return _lib()
 
 
-class VariableBatchSampler:
+class VariableBatchSampler(DistributedArgs):
     """Batch sampler with one resolution per step and a constant pixel budget per batch.
 
     Each step yields a list of ``(index, h, w)`` tuples; every batch has one (h, w) and
@@ -386,7 +393,7 @@ class VariableBatchSampler:
             curriculum.validate(self.min_size, self.max_size)
         self.curriculum = curriculum
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
-        self.rank, self.world_size = rank_world(rank, world_size)
+        self._init_ranks(rank, world_size)  # read when used: see fastload._dist.DistributedArgs
         self.check_shapes = bool(check_shapes)
 
         self._ratios: Optional[List[float]] = None
@@ -396,7 +403,7 @@ class VariableBatchSampler:
 
         self._pos = Position("VariableBatchSampler")  # step: batches handed out this epoch
         self._grids: Dict[int, List[List[Tuple[int, int, int]]]] = {}
-        self._plans: Dict[int, _Plan] = {}
+        self._plans: Dict[Tuple[int, int], _Plan] = {}  # (epoch, world size) -> plan
         # fail now, not at epoch 57, if a curriculum grid makes b < 1
         for e in sorted({0, self.horizon}):
             self._bucket_grids(e)
@@ -500,12 +507,12 @@ class VariableBatchSampler:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
 
     def _plan(self, epoch: int) -> _Plan:
-        plan = self._plans.get(epoch)
+        W = self.world_size
+        plan = self._plans.get((epoch, W))
         if plan is not None:
             return plan
         rng = self._rng(epoch)
         grids = self._bucket_grids(epoch)
-        W = self.world_size
         buckets, parts = [], []
         for k, (members, grid) in enumerate(zip(self._members, grids)):
             n_all = members.size
@@ -540,7 +547,7 @@ class VariableBatchSampler:
         plan = _Plan(buckets, *cols)
         if len(self._plans) > 4:
             self._plans.clear()
-        self._plans[epoch] = plan
+        self._plans[(epoch, W)] = plan
         return plan
 
     def _ids_array(self, bucket, a: int, m: int) -> np.ndarray:
@@ -632,20 +639,24 @@ class VariableBatchSampler:
 
     def _begin(self):
         """Start an iteration at the position (the token supersedes older iterators now)."""
+        self._bind_ranks()  # rank and world size are read now (an error if unknowable)
         token = self._pos.begin()
         epoch = self._pos.epoch
         plan = self._plan(epoch)
         first = min(self._pos.step, plan.n)
         if self.check_shapes:
-            check_same_across_ranks([plan.n, self._grid_code(epoch), first, epoch],
-                                    f"the epoch plan (steps, grid, resume step, epoch) of epoch {epoch}")
+            # Here, on the thread that starts the iteration: the plan fixes every step's shape,
+            # so agreeing on its digest now agrees on every batch ahead of time (a loader
+            # drives the steps below from its prefetch thread, where no collective may run).
+            check_same_across_ranks([plan.n, self._grid_code(epoch), first, epoch, _plan_digest(plan)],
+                                    f"the epoch plan (steps, grid, resume step, epoch, shapes) of epoch {epoch}")
         return token, plan, first, epoch
 
     def _steps(self, plan: _Plan, first: int, epoch: int, fetch, token: int):
         """Per step from ``first``: (window of this rank's ids, offset, batch size, h, w).
         ``fetch(bucket, start, count)`` gives a window (a list or an array); one native call
         serves many steps."""
-        check = self.check_shapes
+        check = self.check_shapes and not on_background_thread()
         bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
         # per bucket: first position and ids of the current window
         win_at = [0] * len(plan.buckets)

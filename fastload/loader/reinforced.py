@@ -52,7 +52,6 @@ sample id once, in the order first seen. Both are this rank's counters, not part
 """
 from __future__ import annotations
 
-import atexit
 import os
 import queue
 import threading
@@ -65,7 +64,7 @@ import numpy as np
 import torch
 
 from fastload.batch.sharding import epoch_permutation
-from fastload._dist import check_epoch_end, check_same_across_ranks, rank_world
+from fastload._dist import DistributedArgs, check_epoch_end, check_same_across_ranks
 from fastload._state import Position, SupersededError
 from fastload.sample import params as P
 
@@ -132,7 +131,7 @@ def _pair(v, name: str) -> Tuple[int, int]:
     return h, w
 
 
-class ReinforcedLoader:
+class ReinforcedLoader(DistributedArgs):
     """Iterate a reinforced dataset as ``(images, labels, targets)`` batches.
 
     Arguments as ``torch.utils.data.DataLoader`` (``num_workers`` is the number of native
@@ -306,7 +305,7 @@ class ReinforcedLoader:
         self.reuse_buffers = bool(reuse_buffers)
         self.check_ranks = bool(check_ranks)
         self.dct_scale = bool(replay.get("dct_scale", True) if dct_scale is None else dct_scale)
-        self.rank, self.world_size = rank_world(rank, world_size)
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
         self.num_samples = len(dataset)
         self.num_augmentations = int(dataset.num_augmentations)
         if self.views > self.num_augmentations:
@@ -323,16 +322,21 @@ class ReinforcedLoader:
         self._copy_events: dict = {}  # ring slot data_ptr -> CUDA event of its async copy
         self._active = None  # weakref to the live iterator
         self._pool: Optional[_Pool] = None  # caller-owned output buffers (see _Pool)
-        if sampler is None and batch_sampler is None:
-            _args.check_nonempty(len(self), "ReinforcedLoader", (
-                f"the global batch (batch_size={self.batch_size} x world_size={self.world_size}) "
-                f"with drop_last=True exceeds the {self._order_len()} samples of an epoch; lower "
-                f"batch_size or pass drop_last=False"))
+        self._check_nonempty()
         self._device_replay = None
         if self.replay == "device":
             from fastload.loader.device_replay import DeviceReplay
 
             self._device_replay = DeviceReplay(self)
+
+    def _check_nonempty(self) -> None:
+        if self.sampler is None and self.batch_sampler is None:
+            from fastload.loader import _args
+
+            _args.check_nonempty(len(self), "ReinforcedLoader", (
+                f"the global batch (batch_size={self.batch_size} x world_size={self.world_size}) "
+                f"with drop_last=True exceeds the {self._order_len()} samples of an epoch; lower "
+                f"batch_size or pass drop_last=False"))
 
     # ------------------------------------------------------------------ epochs and state
     def set_epoch(self, epoch: int) -> None:
@@ -768,6 +772,10 @@ class ReinforcedLoader:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
+        # rank and world size are read now, not at construction (the loader may be built
+        # before init_process_group); unknowable ones (WORLD_SIZE > 1, no group) raise
+        self._bind_ranks()
+        self._check_nonempty()
         token = self._pos.begin()  # supersedes the previous iterator (fastload._state)
         self._drop_superseded()
         it = _Iter(self, token, self._pos.epoch, self._pos.step)
@@ -939,44 +947,10 @@ def _get(q: queue.Queue, stop: threading.Event):
     return _END
 
 
-# Every prefetch thread alive in the process, with its stop event. At interpreter exit the
-# atexit hook stops and joins them all: a daemon thread still running when finalization
-# starts is killed the moment it re-takes the GIL (torch.empty from the buffer pool, after a
-# native render), and that forced unwind through pybind11 aborts the process ("terminate
-# called without an active exception") instead of letting it exit with its own code.
-_THREADS: "dict[threading.Thread, threading.Event]" = {}
-_THREADS_LOCK = threading.Lock()
-_EXITING = threading.Event()
-
-
 def _start_thread(target, args, stop: threading.Event) -> threading.Thread:
-    def body():
-        try:
-            target(*args)
-        finally:
-            with _THREADS_LOCK:
-                _THREADS.pop(threading.current_thread(), None)
+    from fastload._threads import start_thread
 
-    t = threading.Thread(target=body, name="fastload-prefetch", daemon=True)
-    with _THREADS_LOCK:
-        if _EXITING.is_set():
-            raise RuntimeError("fastload: cannot start a prefetch thread while the interpreter exits")
-        _THREADS[t] = stop
-        t.start()
-    return t
-
-
-@atexit.register
-def _stop_all_threads(timeout: float = 60.0) -> None:
-    """Stop every prefetch thread and wait for it (a batch being rendered finishes first)."""
-    _EXITING.set()
-    with _THREADS_LOCK:
-        live = list(_THREADS.items())
-    for _, stop in live:
-        stop.set()
-    deadline = time.monotonic() + timeout
-    for t, _ in live:
-        t.join(max(0.0, deadline - time.monotonic()))
+    return start_thread(target, args, stop, name="fastload-prefetch")
 
 
 def _prepare_stage(plan, loader: ReinforcedLoader, epoch: int, q: queue.Queue,
