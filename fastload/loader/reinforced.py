@@ -55,7 +55,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import time
 import warnings
 import weakref
 from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -65,7 +64,7 @@ import torch
 
 from fastload.batch.sharding import epoch_permutation
 from fastload._dist import DistributedArgs, check_epoch_end, check_same_across_ranks
-from fastload._state import Position, SupersededError
+from fastload._state import StepIterable, SupersededError
 from fastload.sample import params as P
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,7 +130,7 @@ def _pair(v, name: str) -> Tuple[int, int]:
     return h, w
 
 
-class ReinforcedLoader(DistributedArgs):
+class ReinforcedLoader(StepIterable, DistributedArgs):
     """Iterate a reinforced dataset as ``(images, labels, targets)`` batches.
 
     Arguments as ``torch.utils.data.DataLoader`` (``num_workers`` is the number of native
@@ -314,7 +313,7 @@ class ReinforcedLoader(DistributedArgs):
         self.num_classes = _args.resolve_num_classes(dataset, num_classes)
         self._labels = np.asarray(dataset.labels) if self.kind == "classification" else None
 
-        self._pos = Position("ReinforcedLoader")
+        self._init_position()
         self._order_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
         self.skipped = 0
         self.skipped_ids: List[int] = []
@@ -344,10 +343,6 @@ class ReinforcedLoader(DistributedArgs):
         mid-epoch); another epoch starts at its first batch and ends a live iterator."""
         self._pos.set_epoch(epoch)
         self._drop_superseded()
-
-    @property
-    def epoch(self) -> int:
-        return self._pos.epoch
 
     @property
     def _elastic(self) -> bool:
@@ -400,8 +395,7 @@ class ReinforcedLoader(DistributedArgs):
         """Batches per epoch on this rank (the same on every rank)."""
         if self.batch_sampler is not None:
             bs = self.batch_sampler
-            pos = getattr(bs, "_pos", None)
-            if isinstance(pos, Position) and pos.epoch != self._pos.epoch:
+            if isinstance(bs, StepIterable) and bs.epoch != self._pos.epoch:
                 bs.set_epoch(self._pos.epoch)  # its length at the loader's epoch (it drives it)
             return len(bs)
         if self._elastic:
@@ -409,9 +403,25 @@ class ReinforcedLoader(DistributedArgs):
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _fingerprint(self) -> dict:
+    def _num_steps(self, epoch: int) -> Optional[int]:
+        """Batches of ``epoch`` (None when a plain batch sampler has no length)."""
+        bs = self.batch_sampler
+        if bs is not None:
+            if isinstance(bs, StepIterable):
+                return bs._num_steps(epoch)
+            try:
+                return len(bs)
+            except TypeError:
+                return None
+        if self._elastic:
+            return self._global_steps(len(self._global_order(epoch)))[0]
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _fingerprint(self, epoch: Optional[int] = None) -> dict:
         if self._elastic:  # the world size is free: the state resumes elastically
-            return {"num_samples": self._order_len(), "seed": self.seed,
+            n = self._order_len() if epoch is None or self.sampler is None else len(self._global_order(epoch))
+            return {"num_samples": n, "seed": self.seed,
                     "global_batch_size": self.batch_size * self.world_size, "shuffle": self.shuffle,
                     "drop_last": self.drop_last,
                     "order": "sampler.global_order" if self.sampler is not None else "permutation"}
@@ -421,27 +431,24 @@ class ReinforcedLoader(DistributedArgs):
             fp["batch_size"] = self.batch_size
         return fp
 
-    def state_dict(self) -> dict:
-        """The global position (fastload._state): identical on every rank, plain types. The
-        skip counters (``skipped``, ``skipped_ids``) are this rank's and not part of it."""
-        return self._pos.state(self._fingerprint())
+    def _state_children(self) -> dict:
+        """A fastload sampler's state nests in the loader's (a StreamMixer's proportions, a
+        variable-resolution sampler's configuration): one state_dict restores both."""
+        return {name: obj for name, obj in (("sampler", self.sampler), ("batch_sampler", self.batch_sampler))
+                if isinstance(obj, StepIterable)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue at the saved position (for the built-in order: at any world size with the
-        saved global batch size); ValueError naming the field when the order would differ."""
-        if isinstance(state, dict) and "fingerprint" not in state:
+    def _upgrade_state(self, state):
+        if "fingerprint" not in state:
             # saved before the contract: seed and world size at the top level
             legacy = {k: state[k] for k in ("seed", "world_size") if k in state}
             if self._elastic and "world_size" in legacy:
                 legacy["global_batch_size"] = int(legacy.pop("world_size")) * self.batch_size
+            self._legacy_fields = True
             state = {**state, "fingerprint": legacy}
-        before = (self._pos.epoch, self._pos.step)
-        self._pos.load(state, self._fingerprint())
-        if self._elastic and self._pos.step > len(self):
-            step = self._pos.step
-            self._pos.seek(*before)
-            raise ValueError(f"ReinforcedLoader.load_state_dict: step {step} is past the end of "
-                             f"the epoch ({len(self)} steps)")
+        return state
+
+    def _after_load(self) -> None:
+        self._order_cache = (-1, None)  # a nested sampler's loaded state may change its order
         self._drop_superseded()
 
     def _drop_superseded(self) -> None:
@@ -466,8 +473,8 @@ class ReinforcedLoader(DistributedArgs):
         if self.batch_sampler is not None:
             bs = self.batch_sampler
             arrays = hasattr(bs, "iter_arrays")
-            if isinstance(getattr(bs, "_pos", None), Position):
-                bs._pos.seek(epoch, start)  # the sampler starts at the loader's position
+            if isinstance(bs, StepIterable):
+                bs.seek(epoch, start)  # the sampler starts at the loader's position
                 first = start
             else:
                 if hasattr(bs, "set_epoch"):
@@ -476,8 +483,8 @@ class ReinforcedLoader(DistributedArgs):
             it = bs.iter_arrays() if arrays else iter(bs)
             return self._batch_sampler_plan(it, arrays, first, start, size)
         if not self._elastic:
-            if isinstance(getattr(self.sampler, "_pos", None), Position):
-                self.sampler._pos.seek(epoch, 0)  # the loader counts batches, not the sampler
+            if isinstance(self.sampler, StepIterable):
+                self.sampler.seek(epoch, 0)  # the loader counts batches, not the sampler
             elif hasattr(self.sampler, "set_epoch"):
                 self.sampler.set_epoch(epoch)
             idx = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
@@ -991,7 +998,7 @@ class _Iter:
         self.done = self.finished = self.last_out = False
         # batches in the epoch, when known exactly (built-in plans and fastload samplers)
         bs = loader.batch_sampler
-        self.total = len(loader) if bs is None or isinstance(getattr(bs, "_pos", None), Position) else None
+        self.total = len(loader) if bs is None or isinstance(bs, StepIterable) else None
         self.thread = None
         plan = loader._plan(epoch, start)  # samplers set up here, in the caller's thread
         if loader.num_workers == 0:
