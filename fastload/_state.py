@@ -1,10 +1,12 @@
 """The one state contract shared by every stateful loader and sampler.
 
 Every stateful piece of fastload (ReinforcedLoader, DecompositionLoader, VariableBatchSampler,
-BucketBatchSampler, ShardedSampler and anything added later) keeps its position in a
-``Position`` and follows the same rules, so a training loop resumes the same way on all of
-them, and trainers that checkpoint ``torchdata``'s ``StatefulDataLoader`` checkpoint ours
-with no glue (``state_dict()`` / ``load_state_dict(state)``):
+BucketBatchSampler, ShardedSampler, BlockShuffleSampler and its RankBatches, StreamMixer,
+TiCSampler, and anything added later) derives from :class:`StepIterable`, which owns the
+iteration, the position, the rules below, validation and legacy states; the class supplies
+only its plan (steps of an epoch, the items of each step, its fingerprint). A training loop
+thus resumes the same way on all of them, and trainers that checkpoint ``torchdata``'s
+``StatefulDataLoader`` checkpoint ours with no glue (``state_dict()`` / ``load_state_dict``):
 
 - **Position** = (epoch, step): ``step`` counts the *global* batches consumed (returned to
   the caller) in ``epoch``; it is the same number on every rank.
@@ -19,8 +21,13 @@ with no glue (``state_dict()`` / ``load_state_dict(state)``):
 - **State**: a dict of plain ints, strings, lists and dicts (``torch.save`` and
   ``torch.load(weights_only=True)`` round-trip it) with the keys ``kind``, ``version``,
   ``epoch``, ``step`` and ``fingerprint`` (what the order depends on: seed, dataset size,
-  global batch size, ...), plus each class's extras. Loading a state whose kind or
-  fingerprint differs raises ``ValueError`` naming the field.
+  global batch size, ...), plus each class's extras, plus the states of its children under
+  their names (a loader's ``sampler`` / ``batch_sampler``).
+- **Validation**: loading raises ``TypeError`` / ``ValueError`` naming the field for a state
+  that is not a dict, lacks ``kind`` (unless it is a pre-contract state: no version, no
+  fingerprint) or names another kind, has a fingerprint whose key set or values differ, an
+  epoch outside [0, 2**62), a step that is negative, past the end of its epoch or not an int
+  (``1.7`` and ``"1"`` are refused, never coerced). A failed load changes nothing.
 """
 from __future__ import annotations
 
