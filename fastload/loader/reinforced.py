@@ -245,13 +245,13 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
             from fastload.loader.device_replay import DeviceReplay
 
             self._device_replay = DeviceReplay(self)
-        self._stage = Plan(PlanConfig(self.num_samples, self.seed, self.shuffle, self.batch_size, self.drop_last,
+        self._planner = Plan(PlanConfig(self.num_samples, self.seed, self.shuffle, self.batch_size, self.drop_last,
                                       self.image_size, sampler, batch_sampler),
                            cache=getattr(dataset, "remote", None), shard_starts=getattr(dataset, "_starts", None))
         self._gather = Gather(GatherConfig(self.seed, self.kind, self.views, self.num_augmentations, self.aug_choice,
                                            self.p_reinforced, self.num_classes, self.target_format,
                                            self.target_mode, tokenizer),
-                              dataset, self._labels, self._stage, lambda: (self.rank, self.world_size))
+                              dataset, self._labels, self._planner, lambda: (self.rank, self.world_size))
         self._render = Render(RenderConfig(self.mean, self.std, self.interpolation, self.dct_scale,
                                            max(1, self.num_workers), self.views, self.on_error, self.dtype,
                                            self.num_samples),
@@ -280,10 +280,11 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
     @property
     def _elastic(self) -> bool:
         """The order is a global one cut into global batches (see the class docstring)."""
-        return self._stage.elastic
+        return self._planner.elastic
 
     def _order_len(self) -> int:
-        return self._stage.order_len(self._pos.epoch)
+        return self._planner.order_len(self._pos.epoch)
+
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         if self.batch_sampler is not None:
@@ -291,18 +292,15 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
             if isinstance(bs, StepIterable) and bs.epoch != self._pos.epoch:
                 bs.set_epoch(self._pos.epoch)  # its length at the loader's epoch (it drives it)
             return len(bs)
-        if self._elastic:
-            return self._stage.global_steps(self._order_len(), self.world_size)[0]
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._planner.num_steps(self._pos.epoch, self.world_size)
 
     def _num_steps(self, epoch: int) -> Optional[int]:
         """Batches of ``epoch`` (None when a plain batch sampler has no length)."""
-        return self._stage.num_steps(epoch, self.world_size)
+        return self._planner.num_steps(epoch, self.world_size)
 
     def _fingerprint(self, epoch: Optional[int] = None) -> dict:
         if self._elastic:  # the world size is free: the state resumes elastically
-            n = self._order_len() if epoch is None else self._stage.order_len(epoch)
+            n = self._order_len() if epoch is None else self._planner.order_len(epoch)
             return {"num_samples": n, "seed": self.seed,
                     "global_batch_size": self.batch_size * self.world_size, "shuffle": self.shuffle,
                     "drop_last": self.drop_last,
@@ -330,7 +328,7 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
         return state
 
     def _after_load(self) -> None:
-        self._stage.forget_order()  # a nested sampler's loaded state may change its order
+        self._planner.forget_order()  # a nested sampler's loaded state may change its order
         self._drop_superseded()
 
     def _drop_superseded(self) -> None:
@@ -342,7 +340,7 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
     # ------------------------------------------------------------------ stages
     def _plan(self, epoch: int, start: int):
         """(step, this rank's indices int64[b], (h, w)) from batch ``start`` of ``epoch``."""
-        return self._stage.steps(epoch, start, self.rank, self.world_size)
+        return self._planner.steps(epoch, start, self.rank, self.world_size)
 
     def _aug_ids(self, epoch: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         return self._gather.aug_ids(epoch, rows, views)
