@@ -31,7 +31,7 @@ def root(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ WORLD_SIZE without a group
-def test_world_size_env_without_group_raises(root, monkeypatch):
+def test_world_size_env_without_group_raises(root, monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     from _late_init_worker import build
@@ -41,6 +41,11 @@ def test_world_size_env_without_group_raises(root, monkeypatch):
     objs["tic"] = TiCSampler([8, 8], time_step=1, policy="cumulative-all", budget=8,
                                       global_batch_size=4)
     objs["block"] = BlockShuffleSampler(ds, seed=0).batch_sampler(4, dataset=ds)
+    toks = np.random.default_rng(0).integers(0, 256, 4000).astype(np.int32)
+    fastload.decompose((toks, np.arange(0, 4001, 500)), str(tmp_path / "tok"), min_bucket=4, max_bucket=6,
+                       vocab_size=257, eot_id=256, progress=False)
+    objs["decomposition"] = fastload.DecompositionLoader(str(tmp_path / "tok"), tokens_per_step=64,
+                                                         pin_memory=False)
     for name, obj in objs.items():
         with pytest.raises(RuntimeError, match="init_process_group") as e:
             next(iter(obj))
