@@ -103,19 +103,14 @@ def collective_device(backend: str):
     return torch.device("cpu")
 
 
-def check_same_across_ranks(values: Sequence[int], what: str) -> None:
-    """All-reduce min and max of ``values``; raise if any rank differs (never hang on shapes).
-
-    Every rank must call this at the same step with the same number of values; at the end
-    of an epoch each rank calls :func:`check_epoch_end` with that number, so a rank with an
-    extra step meets the sentinel and both raise. A no-op when torch.distributed is not
-    initialized.
-    """
+def min_max_across_ranks(values: Sequence[int], what: str):
+    """(min, max) over ranks of ``values`` (lists of ints), by two all-reduces on the calling
+    thread; None when torch.distributed is not initialized or has one rank."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+        return None
     if on_background_thread():
         # collectives run in the order each thread issues them: one issued here would
         # interleave with the training loop's (DDP gradients) and gloo/NCCL would pair a
@@ -127,15 +122,30 @@ def check_same_across_ranks(values: Sequence[int], what: str) -> None:
     lo, hi = v.clone(), v.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        lo_l, hi_l = lo.tolist(), hi.tolist()
-        # steps and shapes are >= 0: a -1 in the minimum is some rank's sentinel
-        note = (" (a rank ended its epoch while another still had a batch: unequal step counts)"
-                if END_OF_EPOCH in lo_l else "")
-        raise RuntimeError(
-            f"ranks disagree on {what}: rank {dist.get_rank()} has {list(values)}, "
-            f"min over ranks {lo_l}, max {hi_l}{note}"
-        )
+    return lo.tolist(), hi.tolist()
+
+
+def check_same_across_ranks(values: Sequence[int], what: str) -> None:
+    """All-reduce min and max of ``values``; raise if any rank differs (never hang on shapes).
+
+    Every rank must call this at the same step with the same number of values; at the end
+    of an epoch each rank calls :func:`check_epoch_end` with that number, so a rank with an
+    extra step meets the sentinel and both raise. A no-op when torch.distributed is not
+    initialized.
+    """
+    mm = min_max_across_ranks(values, what)
+    if mm is not None and mm[0] != mm[1]:
+        raise disagreement(values, what, *mm)
+
+
+def disagreement(values: Sequence[int], what: str, lo, hi, detail: str = "") -> RuntimeError:
+    import torch.distributed as dist
+
+    # steps and shapes are >= 0: a -1 in the minimum is some rank's sentinel
+    note = (" (a rank ended its epoch while another still had a batch: unequal step counts)"
+            if END_OF_EPOCH in lo else "")
+    return RuntimeError(f"ranks disagree on {what}: rank {dist.get_rank()} has {list(values)}, "
+                        f"min over ranks {lo}, max {hi}{note}{detail}")
 
 
 def check_epoch_end(width: int, what: str = "the number of steps in the epoch") -> None:

@@ -99,7 +99,12 @@ def test_check_shapes_collectives_run_on_the_calling_thread(root, monkeypatch, n
     def record(values, what):
         seen.append((threading.current_thread(), what))
 
+    def record_mm(values, what):
+        record(values, what)
+        return None
+
     monkeypatch.setattr(V, "check_same_across_ranks", record)
+    monkeypatch.setattr(V, "min_max_across_ranks", record_mm)
     monkeypatch.setattr(D, "check_same_across_ranks", record)
     s = fastload.VariableBatchSampler(16, base_size=16, base_batch_size=2, min_size=8, max_size=16,
                                       num_scales=2, divisible_by=8, seed=0, check_shapes=True)

@@ -31,8 +31,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fastload._dist import (DistributedArgs, check_epoch_end, check_same_across_ranks,
-                            on_background_thread)
+from fastload._dist import (DistributedArgs, check_epoch_end, check_same_across_ranks, disagreement,
+                            min_max_across_ranks, on_background_thread)
 from fastload._state import StepIterable
 
 Size = Union[int, Sequence[int]]
@@ -281,10 +281,15 @@ def _chunk_key(seed: int, epoch: int, bucket: int) -> int:
     return _chunk_hash(seed, epoch, bucket, 0x5CA1E)  # salt: not the LM sampler's keys
 
 
+def _plan_shapes(plan: "_Plan") -> np.ndarray:
+    """(steps, 3) int64: every step's (h, w, b)."""
+    return np.stack([np.asarray(plan.h, np.int64), np.asarray(plan.w, np.int64),
+                     np.asarray(plan.end, np.int64) - np.asarray(plan.start, np.int64)], axis=1).reshape(-1, 3)
+
+
 def _plan_digest(plan: "_Plan") -> int:
     """crc32 of every step's (h, w, b): equal on all ranks iff their epochs have the same shapes."""
-    arr = np.asarray([plan.h, plan.w, np.asarray(plan.end) - np.asarray(plan.start)], dtype=np.int64)
-    return zlib.crc32(np.ascontiguousarray(arr).tobytes())
+    return zlib.crc32(np.ascontiguousarray(_plan_shapes(plan)).tobytes())
 
 
 class _Plan:
@@ -654,14 +659,31 @@ class VariableBatchSampler(StepIterable, DistributedArgs):
     def _plan_steps(self, epoch: int, start: int, arrays: bool = False):
         plan = self._plan(epoch)
         if self.check_shapes:
-            # Here, on the thread that starts the iteration: the plan fixes every step's shape,
-            # so agreeing on its digest now agrees on every batch ahead of time (a loader
-            # drives the steps below from its prefetch thread, where no collective may run).
-            check_same_across_ranks([plan.n, self._grid_code(epoch), start, epoch, _plan_digest(plan)],
-                                    f"the epoch plan (steps, grid, resume step, epoch, shapes) of epoch {epoch}")
+            self._check_plan(plan, epoch, start)
         if arrays:
             return self._array_batches(plan, start)
         return self._batches(plan, start)
+
+    def _check_plan(self, plan: _Plan, epoch: int, start: int) -> None:
+        """Here, on the thread that starts the iteration: the plan fixes every step's shape,
+        so agreeing on its digest now agrees on every batch ahead of time (a loader drives
+        the steps from its prefetch thread, where no collective may run). On a mismatch with
+        equal step counts, one more collective names the first step whose shape differs."""
+        what = f"the epoch plan (steps, grid, resume step, epoch, shapes) of epoch {epoch}"
+        values = [plan.n, self._grid_code(epoch), start, epoch, _plan_digest(plan)]
+        mm = min_max_across_ranks(values, what)
+        if mm is None or mm[0] == mm[1]:
+            return
+        detail = ""
+        if mm[0][0] == mm[1][0]:  # every rank has this many steps: compare them
+            shapes = _plan_shapes(plan)
+            lo, hi = min_max_across_ranks(shapes.reshape(-1).tolist(), what)
+            bad = np.flatnonzero((np.asarray(lo) != np.asarray(hi)).reshape(-1, 3).any(axis=1))
+            if bad.size:
+                s = int(bad[0])
+                detail = (f"; the first step whose batch shape (h, w, b) differs is step {s} "
+                          f"(this rank: {tuple(shapes[s].tolist())})")
+        raise disagreement(values, what, *mm, detail=detail)
 
     def _steps(self, plan: _Plan, first: int, fetch):
         """Per step from ``first``: (window of this rank's ids, offset, batch size, h, w).
