@@ -10,6 +10,7 @@ sha1(images)`` per step to WORKDIR/steps_rank{R}.txt, and rank 0 writes the numb
 compiled after warm-up and after training to WORKDIR/compile.txt (for the tests).
 """
 import argparse
+import gc
 import hashlib
 import os
 import sys
@@ -97,6 +98,11 @@ def main(argv=None):
         with open(os.path.join(a.workdir, "compile.txt"), "w") as f:
             f.write(" ".join(map(str, graphs)) + "\n")
             f.write(" ".join(f"{b}x{h}x{w}" for b, h, w in sampler.shapes(epochs=range(a.epochs))) + "\n")
+    # DDP's reducer holds the process group in reference cycles: free them now, so gloo's
+    # threads are joined here and not by the interpreter's last collection at exit, where
+    # their destruction can end in "terminate called without an active exception"
+    del model, opt, step
+    gc.collect()
     dist.destroy_process_group()
 
 
