@@ -3,13 +3,14 @@
 on every rank at every step) and a ``torch.compile``d model warmed once over
 ``sampler.shapes()``, so training never recompiles.
 
-    torchrun --nproc_per_node=2 examples/torchrun_ddp.py WORKDIR [--epochs 2] [--no-compile]
+    torchrun --nproc_per_node=2 examples/torchrun_ddp.py WORKDIR [--epochs 2] [--no-compile] [--check-shapes]
 
 The lines a user changes are marked ``# fastload``. Each rank appends ``epoch step b h w
 sha1(images)`` per step to WORKDIR/steps_rank{R}.txt, and rank 0 writes the number of graphs
 compiled after warm-up and after training to WORKDIR/compile.txt (for the tests).
 """
 import argparse
+import gc
 import hashlib
 import os
 import sys
@@ -43,6 +44,8 @@ def main(argv=None):
     ap.add_argument("workdir")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="eager model (skips torch.compile)")
+    ap.add_argument("--check-shapes", action="store_true",
+                    help="the sampler checks across ranks that every step has the same shape")
     a = ap.parse_args(argv)
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
     rank = dist.get_rank()
@@ -52,7 +55,8 @@ def main(argv=None):
     ds = fastload.ReinforcedDataset(os.path.join(a.workdir, "data_plus"))
     # fastload: a batch sampler with one (h, w) per step; rank and world size from torch.distributed
     sampler = fastload.VariableBatchSampler(ds, base_size=32, base_batch_size=8, min_size=24,
-                                            max_size=40, num_scales=3, divisible_by=8, seed=0)
+                                            max_size=40, num_scales=3, divisible_by=8, seed=0,
+                                            check_shapes=a.check_shapes)
     loader = fastload.ReinforcedLoader(ds, batch_sampler=sampler, num_workers=1)  # fastload
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -100,6 +104,11 @@ def main(argv=None):
             else (f", graphs compiled {graphs[0]} -> {graphs[1]}" if len(graphs) == 2 else "")
         print(f"torchrun_ddp: OK, {dist.get_world_size()} ranks x {steps} steps over {a.epochs} epochs{compiled}; "
               f"logs in {a.workdir}", flush=True)
+    # DDP's reducer holds the process group in reference cycles: free them now, so gloo's
+    # threads are joined here and not by the interpreter's last collection at exit, where
+    # their destruction can end in "terminate called without an active exception"
+    del model, opt, step
+    gc.collect()
     dist.destroy_process_group()
 
 

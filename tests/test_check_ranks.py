@@ -48,10 +48,11 @@ def test_sentinel_answers_every_step_check(tmp_path, monkeypatch, nw):
     """In-process: with check_ranks, each step's check and the end-of-epoch sentinel carry
     the same number of values (a collective of another size would hang or fail on gloo)."""
     import fastload._dist as D
+    import fastload.loader.pipeline as PL
     import fastload.loader.reinforced as R
 
     calls = []
-    monkeypatch.setattr(R, "check_same_across_ranks", lambda v, what: calls.append(list(v)))
+    monkeypatch.setattr(PL, "check_same_across_ranks", lambda v, what: calls.append(list(v)))
     monkeypatch.setattr(D, "check_same_across_ranks", lambda v, what: calls.append(list(v)))
     root = write_dataset(str(tmp_path / "d"), n=5)
     L = R.ReinforcedLoader(root, batch_size=2, image_size=8, check_ranks=True, num_workers=nw)

@@ -86,13 +86,13 @@ def test_timeout_raises_when_no_batch_arrives(ds, monkeypatch):
     import time
 
     L = ReinforcedLoader(ds, batch_size=4, num_workers=1, timeout=0.3)
-    real = L._prepare
+    real = L._gather.prepare
 
     def slow(*a, **k):
         time.sleep(3)
         return real(*a, **k)
 
-    monkeypatch.setattr(L, "_prepare", slow)
+    monkeypatch.setattr(L._gather, "prepare", slow)  # the gather stage stalls
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="timed out after 0.3 seconds"):
         next(iter(L))

@@ -92,3 +92,68 @@ def test_superseded_iterator_stops_its_threads(setup, how):
     with pytest.raises(fastload.loader.reinforced.SupersededError):
         next(it)
     assert not any(t is it.thread for t in threading.enumerate())
+
+
+THREAD_SCRIPT = r'''
+import sys, threading, time
+import fastload  # imported by the main thread, as a training script does
+from fastload import ReinforcedDataset, ReinforcedLoader
+root, nw = sys.argv[1], int(sys.argv[2])
+
+def train():
+    time.sleep(0.5)  # the main thread has returned: the interpreter is shutting down
+    L = ReinforcedLoader(ReinforcedDataset(root), batch_size=8, num_workers=nw,
+                         image_size=32, shuffle=True)
+    n = sum(1 for _ in L)
+    print("batches", n, flush=True)
+
+threading.Thread(target=train).start()  # non-daemon: the process waits for it
+'''
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("nw", [0, 2])
+def test_loader_in_non_daemon_thread_after_main_returns(setup, tmp_path, nw):
+    """Default verification hashes a shuffled first batch's shards in parallel; it must not
+    use concurrent.futures, which refuses work once the main thread has returned."""
+    _, root = setup  # 40 rows in 4 shards: the first batch touches several unverified shards
+    script = tmp_path / "thread_script.py"
+    script.write_text(THREAD_SCRIPT)
+    p = subprocess.run([sys.executable, str(script), root, str(nw)], capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0 and "batches 5" in p.stdout, p.stdout[-500:] + p.stderr[-2000:]
+    assert "interpreter shutdown" not in p.stderr
+
+
+def test_exit_hook_names_threads_it_could_not_join(capsys):
+    """The exit hook stops every fastload thread; one that does not stop in time is named on
+    stderr with its stack (what it is blocked in)."""
+    from fastload import _threads
+
+    release = threading.Event()
+
+    def stuck_in_native_wait():
+        release.wait(30)
+
+    t = _threads.start_thread(stuck_in_native_wait, (), threading.Event(), name="fastload-stuck-test")
+    try:
+        stuck = _threads.stop_all_threads(timeout=0.2)
+    finally:
+        release.set()
+        t.join(10)
+        _threads._EXITING.clear()  # the hook ran in-process: let later tests start threads
+    assert stuck == [t]
+    err = capsys.readouterr().err
+    assert "fastload-stuck-test" in err and "stuck_in_native_wait" in err and "release.wait" in err
+
+
+def test_exit_hook_joins_threads_that_stop():
+    from fastload import _threads
+
+    stop = threading.Event()
+    t = _threads.start_thread(lambda: stop.wait(30), (), stop, name="fastload-stops-test")
+    try:
+        assert _threads.stop_all_threads(timeout=10) == []
+    finally:
+        _threads._EXITING.clear()
+    assert not t.is_alive()

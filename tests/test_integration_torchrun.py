@@ -54,3 +54,30 @@ def test_torchrun_variable_resolution_compiled(tmp_path):
             ref.set_epoch(epoch)
             want += [hashlib.sha1(b[0].contiguous().numpy().tobytes()).hexdigest()[:16] for b in ref]
         assert [s[5] for s in seen] == want
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_torchrun_check_shapes_with_ddp_gradients_never_aborts(tmp_path):
+    """Issue 18: with check_shapes=True the sampler's agreement checks ran on the loader's
+    prefetch thread, unordered against DDP's gradient all-reduces on the main thread: gloo
+    paired an 8-byte shape check with a gradient bucket and aborted (SIGABRT, 3 of 3 runs).
+    The checks now run on the thread that starts the iteration. FASTLOAD_TORCHRUN_RUNS
+    (default 20) sets the number of runs; every one must exit 0 with equal shapes on both
+    ranks."""
+    runs = int(os.environ.get("FASTLOAD_TORCHRUN_RUNS", "20"))
+    w = str(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           EXAMPLE, w, "--epochs", "2", "--no-compile", "--check-shapes"]
+    bad = []
+    for k in range(runs):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if p.returncode != 0:
+            # the ranks' own last words (the launcher's summary comes after them)
+            why = [ln for ln in p.stderr.splitlines()
+                   if any(w in ln for w in ("terminate", "Enforce", "gloo", "Error", "abort", "fastload"))]
+            bad.append((k, p.returncode, "\n".join(why[-20:])))
+            continue
+        r0, r1 = _steps(w, 0), _steps(w, 1)
+        assert len(r0) == len(r1) > 0 and [s[:5] for s in r0] == [s[:5] for s in r1]
+    assert not bad, f"{len(bad)} of {runs} runs failed; first: {bad[0]}"

@@ -238,7 +238,7 @@ def test_p_reinforced_zero_one_hot_fresh(ds):
     _same(b0, _all(_loader(ds, shuffle=True, p_reinforced=0.0, num_workers=0, dct_scale=False)))
     # the fresh records: sampled from the dataset's policy, mixing removed; rendered faithfully
     step, idx, hw = next(L0._plan(0, 0))
-    recs = L0._fresh(0, step, idx)
+    recs = L0._gather._fresh(0, step, idx)
     assert (recs["partner"] == -1).all() and not (recs["flags"] & (P.FLAG_MIXUP | P.FLAG_CUTMIX)).any()
     if ds.policy.randaugment:
         assert recs["ra_ops"][:, :2].max() < len(P.RA_OPS)
@@ -490,7 +490,7 @@ def test_pooled_buffers_never_rewrite_what_the_caller_holds(ds):
 
 
 def test_buffer_pool_bounds_and_ownership():
-    from fastload.loader.reinforced import _Pool
+    from fastload.loader.deliver import _Pool
 
     pool = _Pool(torch.float32, pin=False, cap=3)
     held = [pool((2, 3, 4, 4)) for _ in range(4)]  # 4th: pool full, an untracked tensor

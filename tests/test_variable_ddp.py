@@ -45,7 +45,8 @@ def test_gloo_ranks_agree_and_shard(world, num_samples, tmp_path):
         assert len(ids) == num_samples + pad                 # duplicates only the padding
     # a new epoch is a new order
     assert outs[0]["epochs"]["0"] != outs[0]["epochs"]["1"]
-    # disagreeing ranks: an error on every rank, naming the step, never a hang
+    # disagreeing ranks: an error on every rank when the epoch starts (the plan's digest),
+    # naming the first step whose shape differs, never a hang
     for o in outs:
-        assert o["shape_error"] is not None and "step 2" in o["shape_error"], o
+        assert o["shape_error"] is not None and "differs is step 2" in o["shape_error"], o
         assert o["plan_error"] is not None and "epoch plan" in o["plan_error"], o

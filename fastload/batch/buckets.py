@@ -56,12 +56,13 @@ holds the global tokens per step, not the world size).
 from __future__ import annotations
 
 import random
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+import zlib
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .._dist import check_epoch_end, check_same_across_ranks, rank_world
-from .._state import Position
+from .._dist import DistributedArgs, check_epoch_end, check_same_across_ranks, on_background_thread
+from .._state import StepIterable
 from .._native import check
 from ..format.decompose import _chunk_hash, _lib
 
@@ -137,7 +138,7 @@ def _reference_mix(counts: np.ndarray, weights: np.ndarray, rng: random.Random) 
     return out
 
 
-class BucketBatchSampler:
+class BucketBatchSampler(StepIterable, DistributedArgs):
     """Yields ``(k, rows)``: the bucket of the step and this rank's row indices into it.
 
     ``rows``: ``{k: number of rows in bucket k}``. ``tokens_per_step`` (per rank) must be a
@@ -184,21 +185,24 @@ class BucketBatchSampler:
         # upstream rebuilds its mixer with the same seed every epoch; ours draws anew
         self.schedule_per_epoch = (schedule == "remaining") if schedule_per_epoch is None else bool(schedule_per_epoch)
         self.cycles, self.seed, self.shuffle = int(cycles), int(seed), bool(shuffle)
-        self.rank, self.world_size = rank_world(rank, world_size)
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
         self.check_every = int(check_every)
-        # global batches per bucket per epoch (= each rank's batches of that bucket)
-        self.batches = self.rows // (self.batch_size * self.world_size)
-        self._pos = Position("BucketBatchSampler")
+        self._init_position()
         self._plan_epoch = None
         self._lib = _lib()
         self._nrows = self.rows.tolist()
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def batches(self) -> np.ndarray:
+        """Global batches per bucket per epoch (= each rank's batches of that bucket)."""
+        return self.rows // (self.batch_size * self.world_size)
+
     def __len__(self) -> int:
         return int(self.batches.sum())
 
     def _plan(self) -> None:
-        if self._plan_epoch == self.epoch:
+        if self._plan_epoch == (self.epoch, self.world_size):
             return
         e = self.epoch if self.schedule_per_epoch else 0
         rng = np.random.default_rng([self.seed, e])
@@ -227,7 +231,7 @@ class BucketBatchSampler:
         self._sched_j = np.concatenate(sched_j) if sched_j else np.zeros(0, np.int64)
         # Python ints: per-step arithmetic on numpy scalars costs ~100 ns per operation.
         self._sb, self._sj = self._sched_b.tolist(), self._sched_j.tolist()
-        self._plan_epoch = self.epoch
+        self._plan_epoch = (self.epoch, self.world_size)
 
     def _rows(self, b: int, start: int, count: int) -> np.ndarray:
         if not self.shuffle:
@@ -243,10 +247,6 @@ class BucketBatchSampler:
         return np.asarray(self.buckets)[self._sched_b]
 
     @property
-    def epoch(self) -> int:
-        return self._pos.epoch
-
-    @property
     def _step(self) -> int:
         return self._pos.step
 
@@ -258,20 +258,26 @@ class BucketBatchSampler:
         start = (int(self._sched_j[t]) * self.world_size + self.rank) * bs
         return self.buckets[b], self._rows(b, start, bs)
 
-    def __iter__(self) -> Iterator[Tuple[int, np.ndarray]]:
-        # the token is taken now, not at the first next(): a second iter() supersedes this one
-        return self._iterate(self._pos.begin())
+    # ------------------------------------------------------------------ the plan (StepIterable)
+    def _num_steps(self, epoch: int) -> int:
+        return len(self)
 
-    def _iterate(self, token: int) -> Iterator[Tuple[int, np.ndarray]]:
-        pos = self._pos
-        pos.check(token)
+    def _plan_steps(self, epoch: int, start: int):
         self._plan()
         n = len(self)
-        if self.check_every > 0:
-            check_same_across_ranks([self.epoch, pos.step, n, self.seed, *self.rows.tolist()],
-                                    "epoch/step/steps per epoch/seed/bucket rows")
+        # per-step checks only where the iteration is driven from the caller's thread; the
+        # first check covers the whole schedule (its digest), so a loader's background
+        # thread needs none
+        check_every = self.check_every if not on_background_thread() else 0
+        if check_every > 0:
+            digest = zlib.crc32(np.ascontiguousarray(self._sched_b, dtype=np.int64).tobytes())
+            check_same_across_ranks([epoch, start, n, self.seed, digest, *self.rows.tolist()],
+                                    "epoch/step/steps per epoch/seed/schedule/bucket rows")
+        return self._steps(start, n, check_every)
+
+    def _steps(self, first: int, n: int, check_every: int):
         buckets, sb, sj, rows = self.buckets, self._sb, self._sj, self._rows
-        bsz, check_every, W = self.batch_size.tolist(), self.check_every, self.world_size
+        bsz, W = self.batch_size.tolist(), self.world_size
         # global batch j of bucket b is [j G, (j + 1) G) of its permutation (G = W b_b); this
         # rank's slice starts at r b_b inside it. Rows come from windows of >= _WINDOW
         # permutation positions (one native call each), read front to back.
@@ -279,8 +285,7 @@ class BucketBatchSampler:
         end = [m * g for m, g in zip(self.batches.tolist(), gsz)]
         off = [self.rank * bs for bs in bsz]
         win_at, win = [0] * len(buckets), [None] * len(buckets)
-        for t in range(min(pos.step, n), n):
-            pos.check(token)
+        for t in range(first, n):
             b = sb[t]
             bs, g = bsz[b], gsz[b]
             start = sj[t] * g
@@ -291,22 +296,15 @@ class BucketBatchSampler:
             if w is None or o < 0 or o + g > len(w):
                 win_at[b], o = start, 0
                 w = win[b] = rows(b, start, min(max(_WINDOW, g), end[b] - start))
-            pos.step = t + 1
             o += off[b]
-            if t == n - 1:  # the pass is complete once its last batch is out (see Position.finish)
-                pos.finish(token)
             yield buckets[b], w[o:o + bs]
-        if pos.is_live(token):  # no batch was yielded (resumed at the end, or an empty epoch)
-            pos.finish(token)
-        if check_every > 0:  # a rank with more steps meets this instead of hanging
-            check_epoch_end(3, "step/bucket/batch size")
+
+    def _epoch_end(self, epoch: int) -> None:
+        if self.check_every > 0 and not on_background_thread():
+            check_epoch_end(3, "step/bucket/batch size")  # a rank with more steps meets this
 
     # ------------------------------------------------------------------ state
-    def set_epoch(self, epoch: int) -> None:
-        """Select ``epoch``; the current epoch keeps its position (see fastload._state)."""
-        self._pos.set_epoch(epoch)
-
-    def _fingerprint(self) -> dict:
+    def _fingerprint(self, epoch: int = 0) -> dict:
         # the global tokens per step, not the world size: the state resumes elastically
         return {"buckets": list(self.buckets), "rows": self.rows.tolist(),
                 "global_tokens_per_step": self.tokens_per_step * self.world_size,
@@ -314,21 +312,12 @@ class BucketBatchSampler:
                 "shuffle": self.shuffle, "schedule": self.schedule_name,
                 "schedule_per_epoch": self.schedule_per_epoch}
 
-    def state_dict(self) -> Dict:
-        return self._pos.state(self._fingerprint())
-
-    def load_state_dict(self, state: Mapping) -> None:
+    def _upgrade_state(self, state):
         if "fingerprint" not in state and isinstance(state.get("config"), Mapping):
             # a state saved before the contract: its config had the per-rank tokens and world size
             cfg = dict(state["config"])
             if "tokens_per_step" in cfg and "world_size" in cfg:
                 cfg["global_tokens_per_step"] = int(cfg.pop("tokens_per_step")) * int(cfg.pop("world_size"))
+            self._legacy_fields = True
             state = {**state, "fingerprint": cfg}
-        old = (self._pos.epoch, self._pos.step)
-        self._pos.load(state, self._fingerprint())
-        self._plan()
-        if self._pos.step > len(self):
-            step = self._pos.step
-            self._pos.seek(*old)
-            raise ValueError(f"BucketBatchSampler.load_state_dict: step {step} is outside "
-                             f"[0, {len(self)}] (the steps of an epoch)")
+        return state

@@ -32,12 +32,12 @@ change under the loaded step.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fastload._dist import rank_world
-from fastload._state import Position
+from fastload._dist import DistributedArgs
+from fastload._state import StepIterable
 
 _TAG_STREAM = 0x4D49_5831
 _TAG_LABELS = 0x4D49_5832
@@ -87,47 +87,40 @@ def _slice(batch: np.ndarray, rank: int, world: int, slicing: str) -> np.ndarray
     return batch[rank::world]
 
 
-class _GlobalBatches:
-    """Iteration under the state contract for samplers whose epoch is a global order
-    (``global_order(epoch)``) cut into global batches of ``global_batch_size``, each rank
-    taking its slice (StreamMixer, TiCSampler)."""
+class _GlobalBatches(StepIterable, DistributedArgs):
+    """The plan of samplers whose epoch is a global order (``global_order(epoch)``) cut into
+    global batches of ``global_batch_size``, each rank taking its slice (StreamMixer,
+    TiCSampler); iteration and state are fastload._state.StepIterable's."""
 
     def _setup(self, seed, drop_last, rank, world_size, slicing) -> None:
         """Seed, rank slicing and the position (after ``global_batch_size`` and ``kind``)."""
         self.seed, self.drop_last = int(seed), bool(drop_last)
-        r, w = rank_world(rank, world_size)
-        if self.global_batch_size % w:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
+        self._check_world(self.world_size)
         if slicing not in ("contiguous", "strided"):
             raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
-        self.rank, self.world_size, self.slicing = r, w, slicing
-        self._pos = Position(self.kind)
+        self.slicing = slicing
+        self._init_position(self.kind)
 
-    @property
-    def epoch(self) -> int:
-        return self._pos.epoch
+    def _check_world(self, w: int) -> None:
+        if self.global_batch_size % w:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the world size {w}")
 
-    def set_epoch(self, epoch: int) -> None:
-        self._pos.set_epoch(epoch)
+    def _start_iteration(self) -> None:
+        self._check_world(self._bind_ranks()[1])
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        # begin() now, not at the first next(): a new iter() supersedes the old one at once
-        token = self._pos.begin()
-        return self._run(token, self._pos.epoch, self._pos.step)
+    def _num_steps(self, epoch: int) -> int:
+        return len(self)
 
-    def _run(self, token: int, epoch: int, start: int) -> Iterator[np.ndarray]:
+    def _plan_steps(self, epoch: int, start: int):
         order = self.global_order(epoch)
         G = self.global_batch_size
-        n = len(self)
-        for step in range(start, n):
-            self._pos.check(token)
-            batch = _slice(order[step * G:(step + 1) * G], self.rank, self.world_size, self.slicing)
-            self._pos.advance(token)  # a batch handed to the caller is consumed (the contract's step)
-            if step == n - 1:  # the pass is complete once its last batch is out (Position.finish)
-                self._pos.finish(token)
-            yield batch
-        if self._pos.is_live(token):  # nothing was yielded (resumed at the end)
-            self._pos.finish(token)
+        rank, world = self.rank, self.world_size
+        return (_slice(order[step * G:(step + 1) * G], rank, world, self.slicing)
+                for step in range(start, len(self)))
+
+    def _fingerprint(self, epoch: int = 0) -> Dict[str, Any]:
+        return self.fingerprint
 
 
 class StreamMixer(_GlobalBatches):
@@ -211,32 +204,38 @@ class StreamMixer(_GlobalBatches):
         return {"seed": self.seed, "epoch_size": self.epoch_size, "global_batch_size": self.global_batch_size,
                 "streams": [[n, int(s)] for n, s in zip(self.names, self.sizes)], "drop_last": self.drop_last}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def _state_extra(self) -> Dict[str, Any]:
         e, s = self._pos.epoch, self._pos.step
-        return self._pos.state(self.fingerprint, streams=self.consumed(e, s),
-                               proportions=list(self.proportions),
-                               base_epoch=int(self._base_epoch), base=[int(x) for x in self._base])
+        return dict(streams=self.consumed(e, s), proportions=list(self.proportions),
+                    base_epoch=int(self._base_epoch), base=[int(x) for x in self._base])
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # validate first, then move (a failed load leaves the mixer as it was)
-        probe = Position(self.kind)
-        probe.load(state, self.fingerprint)
-        saved_p = [float(p) for p in state.get("proportions", self.proportions)]
+    def _load_extra(self, state: Mapping[str, Any], epoch: int, step: int):
+        saved_p = state.get("proportions", self.proportions)
+        if not isinstance(saved_p, (list, tuple)) or len(saved_p) != len(self.names):
+            raise ValueError(f"{self.kind}.load_state_dict: proportions must be a list of "
+                             f"{len(self.names)} numbers, got {saved_p!r}")
+        saved_p = [float(p) for p in saved_p]
         streams = state.get("streams")
         if not isinstance(streams, Mapping) or sorted(streams) != sorted(self.names):
             raise ValueError(f"{self.kind}.load_state_dict: the state's per-stream counters "
                              f"{sorted(streams) if isinstance(streams, Mapping) else streams!r} "
                              f"do not name the streams {self.names}")
         if saved_p != self.proportions:
-            if probe.step != 0:
+            if step != 0:
                 raise ValueError(f"{self.kind}.load_state_dict: proportions changed ({saved_p} -> "
-                                 f"{self.proportions}) in the middle of epoch {probe.epoch} (step {probe.step}); "
+                                 f"{self.proportions}) in the middle of epoch {epoch} (step {step}); "
                                  "change proportions at an epoch boundary")
-            self._base_epoch, self._base = probe.epoch, np.array([int(streams[n]) for n in self.names], np.int64)
+            base_epoch, base = epoch, np.array([int(streams[n]) for n in self.names], np.int64)
         else:
-            self._base_epoch = int(state.get("base_epoch", 0))
-            self._base = np.array(state.get("base", [0] * len(self.names)), np.int64)
-        self._pos.load(state, self.fingerprint)
+            base_epoch = int(state.get("base_epoch", 0))
+            base = np.array(state.get("base", [0] * len(self.names)), np.int64)
+            if base.shape != (len(self.names),) or base_epoch < 0 or base_epoch > epoch or (base < 0).any():
+                raise ValueError(f"{self.kind}.load_state_dict: invalid stream base "
+                                 f"({state.get('base_epoch')!r}, {state.get('base')!r})")
+
+        def apply():
+            self._base_epoch, self._base = base_epoch, base
+        return apply
 
 
 __all__: List[str] = ["StreamMixer", "chain", "largest_remainder"]

@@ -18,12 +18,12 @@ batches and, per step, the same batch size.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
-from fastload._dist import rank_world
-from fastload._state import Position
+from fastload._dist import DistributedArgs
+from fastload._state import StepIterable, is_legacy
 
 _SHUFFLE_TAG = 0x5348_5546  # separates this stream from the loader's other seeded streams
 
@@ -51,16 +51,18 @@ def shard_indices(order: np.ndarray, rank: int, world_size: int, pad: bool = Tru
     return order[rank::world_size]
 
 
-class ShardedSampler:
+class ShardedSampler(StepIterable, DistributedArgs):
     """Shuffled (or sequential) indices, sharded over ranks, reproducible from (seed, epoch).
 
     Rank and world size come from the arguments, else from ``torch.distributed`` when it is
-    initialized, else (0, 1). ``len(sampler)`` is this rank's count, equal on every rank.
-    State (:mod:`fastload._state`): ``step`` counts the indices yielded in the epoch (the
-    same on every rank); a complete pass moves to the next epoch; ``set_epoch(e)`` keeps the
-    position when ``e`` is the current epoch; ``iter()`` continues at the position and
-    supersedes an older iterator. When the sampler is passed to a ``ReinforcedLoader``,
-    checkpoint the loader (it counts consumed batches), not the sampler.
+    initialized, else (0, 1), read when iteration starts. ``len(sampler)`` is this rank's
+    count, equal on every rank. State (:mod:`fastload._state`): a step is one global batch of
+    ``world_size`` indices (one per rank), so ``step`` counts the indices this rank has
+    yielded in the epoch (the same number on every rank); a complete pass moves to the next
+    epoch; ``set_epoch(e)`` keeps the position when ``e`` is the current epoch; ``iter()``
+    continues at the position and supersedes an older iterator. When the sampler is passed
+    to a ``ReinforcedLoader``, checkpoint the loader (it counts consumed batches; the
+    sampler's state nests in the loader's).
 
     Example:
         >>> s = ShardedSampler(10, shuffle=True, seed=0, rank=1, world_size=3)
@@ -72,6 +74,8 @@ class ShardedSampler:
         True
     """
 
+    _step_aliases = ("pos", "batches_done")  # names of step in states saved before the contract
+
     def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, pad: bool = True):
         if int(num_samples) < 0:
@@ -80,16 +84,8 @@ class ShardedSampler:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.pad = bool(pad)
-        self.rank, self.world_size = rank_world(rank, world_size)
-        self._pos = Position("ShardedSampler")
-
-    @property
-    def epoch(self) -> int:
-        return self._pos.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order; the current epoch keeps its position."""
-        self._pos.set_epoch(epoch)
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
+        self._init_position()
 
     def indices(self, epoch: Optional[int] = None) -> np.ndarray:
         """This rank's full index array for ``epoch`` (default: the current one)."""
@@ -101,30 +97,19 @@ class ShardedSampler:
         n, w = self.num_samples, self.world_size
         return -(-n // w) if self.pad else n // w
 
-    def __iter__(self) -> Iterator[int]:
-        return self._iterate(self._pos.begin())
+    # -- the plan (fastload._state.StepIterable) -----------------------------------------------
+    def _num_steps(self, epoch: int) -> int:
+        return len(self)
 
-    def _iterate(self, token: int) -> Iterator[int]:
-        pos = self._pos
-        pos.check(token)
-        idx = self.indices()
-        for k in range(min(pos.step, len(idx)), len(idx)):
-            pos.check(token)
-            pos.step = k + 1
-            if k == len(idx) - 1:  # the pass is complete once its last index is out
-                pos.finish(token)
-            yield int(idx[k])
-        if pos.is_live(token):  # nothing was yielded (resumed at the end)
-            pos.finish(token)
+    def _plan_steps(self, epoch: int, start: int):
+        return map(int, self.indices(epoch)[start:])
 
-    def _fingerprint(self) -> dict:
+    def _fingerprint(self, epoch: int = 0) -> dict:
         return {"seed": self.seed, "num_samples": self.num_samples, "world_size": self.world_size,
                 "shuffle": self.shuffle, "pad": self.pad}
 
-    def state_dict(self) -> dict:
-        return self._pos.state(self._fingerprint())
-
-    def load_state_dict(self, state: dict) -> None:
-        if "fingerprint" not in state:  # saved before the contract: fields at the top level
-            state = {**state, "fingerprint": {k: state[k] for k in self._fingerprint() if k in state}}
-        self._pos.load(state, self._fingerprint(), step_aliases=("pos", "batches_done"))
+    def _upgrade_state(self, state):
+        if is_legacy(state):  # saved before the contract: the fields were at the top level
+            self._legacy_fields = True
+            return {**state, "fingerprint": {k: state[k] for k in self._fingerprint() if k in state}}
+        return state

@@ -29,9 +29,12 @@ True
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from fastload._dist import DistributedArgs
+from fastload._state import StepIterable
 
 _TAG_SHARDS = 0x5348_4431
 _TAG_BLOCK = 0x5348_4432
@@ -42,7 +45,7 @@ def _rng(seed: int, *words: int) -> np.random.Generator:
         [int(seed) & 0xFFFFFFFFFFFFFFFF] + [int(w) for w in words])))
 
 
-class BlockShuffleSampler:
+class BlockShuffleSampler(StepIterable):
     """Two-level (shard order, then samples within a block of shards) deterministic shuffle.
 
     Args:
@@ -70,7 +73,7 @@ class BlockShuffleSampler:
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.block_shards = int(block_shards)
         self.seed, self.shuffle = int(seed), bool(shuffle)
-        self.epoch = 0
+        self._init_position()
         self.partitions = int(partitions)
         if self.partitions < 1 or self.partitions > len(sizes):
             raise ValueError(f"partitions must be in [1, {len(sizes)}] (the number of shards), got {partitions}")
@@ -188,12 +191,18 @@ class BlockShuffleSampler:
         epoch also hands the dataset's cache this rank's shard sequence (predownload)."""
         return RankBatches(self, global_batch_size, rank, world_size, slicing, dataset, drop_last)
 
-    # -- sampler protocol -------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    # -- the plan (fastload._state.StepIterable): one index per step ---------------------------
+    def _num_steps(self, epoch: int) -> int:
+        return len(self)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.global_order(self.epoch).tolist())
+    def _start_iteration(self) -> None:
+        pass
+
+    def _plan_steps(self, epoch: int, start: int):
+        return iter(self.global_order(epoch)[start:].tolist())
+
+    def _fingerprint(self, epoch: int = 0) -> Dict[str, Any]:
+        return {**self.fingerprint, "partitions": self.partitions, "global_batch_size": self.global_batch_size}
 
     @property
     def fingerprint(self) -> Dict[str, Any]:
@@ -203,45 +212,56 @@ class BlockShuffleSampler:
                 "num_shards": int(len(self.sizes))}
 
 
-class RankBatches:
+class RankBatches(StepIterable, DistributedArgs):
     """A rank's batches of a :class:`BlockShuffleSampler` (see ``batch_sampler``)."""
 
     def __init__(self, sampler: BlockShuffleSampler, global_batch_size: int, rank: Optional[int],
                  world_size: Optional[int], slicing: str, dataset, drop_last: bool):
-        from fastload._dist import rank_world
-
         self.sampler, self.G = sampler, int(global_batch_size)
-        self.rank, self.world_size = rank_world(rank, world_size)
-        if self.G % self.world_size:
-            raise ValueError(f"global_batch_size {self.G} is not a multiple of the world size {self.world_size}")
+        self._init_ranks(rank, world_size)  # read when used (fastload._dist.DistributedArgs)
+        self._check_world(self.world_size)
         if slicing not in ("contiguous", "strided"):
             raise ValueError(f"slicing must be 'contiguous' or 'strided', got {slicing!r}")
         self.slicing, self.dataset, self.drop_last = slicing, dataset, bool(drop_last)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._init_position()
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.G if self.drop_last else -(-n // self.G)
 
-    def __iter__(self) -> Iterator[List[int]]:
-        order = self.sampler.global_order(self.epoch)
+    def _check_world(self, world_size: int) -> None:
+        if self.G % world_size:
+            raise ValueError(f"global_batch_size {self.G} is not a multiple of the world size {world_size}")
+
+    # -- the plan (fastload._state.StepIterable) ----------------------------------------------
+    def _start_iteration(self) -> None:
+        self._check_world(self._bind_ranks()[1])
+
+    def _num_steps(self, epoch: int) -> int:
+        return len(self)
+
+    def _plan_steps(self, epoch: int, start: int):
+        order = self.sampler.global_order(epoch)
         cache = getattr(self.dataset, "remote", None)
-        if cache is not None:
-            predownload_plan(self.sampler, self.dataset, self.epoch, self.G, self.rank, self.world_size,
-                             self.slicing)
         W, r = self.world_size, self.rank
-        for step in range(len(self)):
+        return self._batches(order, epoch, start, cache, W, r)
+
+    def _batches(self, order, epoch, start, cache, W, r):
+        if cache is not None:  # this rank's shards from step `start` on: the cache's step 0
+            predownload_plan(self.sampler, self.dataset, epoch, self.G, r, W, self.slicing, start=start)
+        for step in range(start, len(self)):
             if cache is not None:
-                cache.at_step(step)  # the predownload window moves to this batch's shards
+                cache.at_step(step - start)  # the predownload window moves to this batch's shards
             batch = order[step * self.G:(step + 1) * self.G]
             if self.slicing == "contiguous":
                 b = len(batch) // W
                 yield batch[r * b:(r + 1) * b].tolist()
             else:
                 yield batch[r::W].tolist()
+
+    def _fingerprint(self, epoch: int = 0) -> Dict[str, Any]:
+        # the global batch, not the world size: the position resumes at any world size
+        return {**self.sampler._fingerprint(epoch), "global_batch_size": self.G, "drop_last": self.drop_last}
 
 
 def shuffle_quality(order: np.ndarray, shard_of_row: np.ndarray, labels: np.ndarray,

@@ -85,7 +85,7 @@ How fastload draws them (deterministic, resumable):
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -223,12 +223,9 @@ class TiCSampler(_GlobalBatches):
                 "policy": self.policy, "buffer_size": self.buffer_size, "budget": self.budget,
                 "global_batch_size": self.global_batch_size, "drop_last": self.drop_last}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return self._pos.state(self.fingerprint, splits=self.consumed(self._pos.epoch, self._pos.step),
-                               pool_size=int(len(self._pool)))
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._pos.load(state, self.fingerprint)
+    def _state_extra(self) -> Dict[str, Any]:
+        # informative (what was consumed); the position alone restores the order
+        return dict(splits=self.consumed(self._pos.epoch, self._pos.step), pool_size=int(len(self._pool)))
 
 
 __all__ = ["TiCSampler", "POLICIES"]

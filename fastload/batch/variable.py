@@ -31,8 +31,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fastload._dist import check_epoch_end, check_same_across_ranks, rank_world
-from fastload._state import Position
+from fastload._dist import (DistributedArgs, check_epoch_end, check_same_across_ranks, disagreement,
+                            min_max_across_ranks, on_background_thread)
+from fastload._state import StepIterable
 
 Size = Union[int, Sequence[int]]
 
@@ -280,6 +281,17 @@ def _chunk_key(seed: int, epoch: int, bucket: int) -> int:
     return _chunk_hash(seed, epoch, bucket, 0x5CA1E)  # salt: not the LM sampler's keys
 
 
+def _plan_shapes(plan: "_Plan") -> np.ndarray:
+    """(steps, 3) int64: every step's (h, w, b)."""
+    return np.stack([np.asarray(plan.h, np.int64), np.asarray(plan.w, np.int64),
+                     np.asarray(plan.end, np.int64) - np.asarray(plan.start, np.int64)], axis=1).reshape(-1, 3)
+
+
+def _plan_digest(plan: "_Plan") -> int:
+    """crc32 of every step's (h, w, b): equal on all ranks iff their epochs have the same shapes."""
+    return zlib.crc32(np.ascontiguousarray(_plan_shapes(plan)).tobytes())
+
+
 class _Plan:
     """One epoch on one rank: per bucket, how to produce this rank's sample ids (lazily); per
     step, its bucket, shape and slice of the bucket's per-rank positions."""
@@ -303,7 +315,7 @@ def _permute_lib():
     return _lib()
 
 
-class VariableBatchSampler:
+class VariableBatchSampler(StepIterable, DistributedArgs):
     """Batch sampler with one resolution per step and a constant pixel budget per batch.
 
     Each step yields a list of ``(index, h, w)`` tuples; every batch has one (h, w) and
@@ -386,7 +398,7 @@ class VariableBatchSampler:
             curriculum.validate(self.min_size, self.max_size)
         self.curriculum = curriculum
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
-        self.rank, self.world_size = rank_world(rank, world_size)
+        self._init_ranks(rank, world_size)  # read when used: see fastload._dist.DistributedArgs
         self.check_shapes = bool(check_shapes)
 
         self._ratios: Optional[List[float]] = None
@@ -394,9 +406,9 @@ class VariableBatchSampler:
         if aspect_ratios is not None:
             self._init_buckets(aspect_ratios, aspect_buckets)
 
-        self._pos = Position("VariableBatchSampler")  # step: batches handed out this epoch
+        self._init_position()  # step: batches handed out this epoch (fastload._state)
         self._grids: Dict[int, List[List[Tuple[int, int, int]]]] = {}
-        self._plans: Dict[int, _Plan] = {}
+        self._plans: Dict[Tuple[int, int], _Plan] = {}  # (epoch, world size) -> plan
         # fail now, not at epoch 57, if a curriculum grid makes b < 1
         for e in sorted({0, self.horizon}):
             self._bucket_grids(e)
@@ -500,12 +512,12 @@ class VariableBatchSampler:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
 
     def _plan(self, epoch: int) -> _Plan:
-        plan = self._plans.get(epoch)
+        W = self.world_size
+        plan = self._plans.get((epoch, W))
         if plan is not None:
             return plan
         rng = self._rng(epoch)
         grids = self._bucket_grids(epoch)
-        W = self.world_size
         buckets, parts = [], []
         for k, (members, grid) in enumerate(zip(self._members, grids)):
             n_all = members.size
@@ -540,7 +552,7 @@ class VariableBatchSampler:
         plan = _Plan(buckets, *cols)
         if len(self._plans) > 4:
             self._plans.clear()
-        self._plans[epoch] = plan
+        self._plans[(epoch, W)] = plan
         return plan
 
     def _ids_array(self, bucket, a: int, m: int) -> np.ndarray:
@@ -626,55 +638,6 @@ class VariableBatchSampler:
         g = np.asarray([x for gr in self._bucket_grids(epoch) for x in gr], dtype=np.int64)
         return zlib.crc32(g.tobytes()) ^ (self.num_samples << 32)
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
-        token, plan, first, epoch = self._begin()
-        return self._batches(plan, first, epoch, token)
-
-    def _begin(self):
-        """Start an iteration at the position (the token supersedes older iterators now)."""
-        token = self._pos.begin()
-        epoch = self._pos.epoch
-        plan = self._plan(epoch)
-        first = min(self._pos.step, plan.n)
-        if self.check_shapes:
-            check_same_across_ranks([plan.n, self._grid_code(epoch), first, epoch],
-                                    f"the epoch plan (steps, grid, resume step, epoch) of epoch {epoch}")
-        return token, plan, first, epoch
-
-    def _steps(self, plan: _Plan, first: int, epoch: int, fetch, token: int):
-        """Per step from ``first``: (window of this rank's ids, offset, batch size, h, w).
-        ``fetch(bucket, start, count)`` gives a window (a list or an array); one native call
-        serves many steps."""
-        check = self.check_shapes
-        bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
-        # per bucket: first position and ids of the current window
-        win_at = [0] * len(plan.buckets)
-        win = [None] * len(plan.buckets)
-        pos = self._pos
-        for s in range(first, plan.n):
-            pos.check(token)
-            h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
-            if check:
-                check_same_across_ranks([s, h, w, e - a], f"the batch shape (step, h, w, b) at step {s}")
-            ids = win[k]
-            if ids is None or a < win_at[k] or e - win_at[k] > len(ids):
-                bucket = plan.buckets[k]
-                win_at[k] = a
-                ids = win[k] = fetch(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
-            pos.step = s + 1
-            if s == plan.n - 1:  # the pass is complete once its last batch is out (Position.finish)
-                pos.finish(token)
-            yield ids, a - win_at[k], e - a, h, w
-        if pos.is_live(token):  # no batch was yielded (resumed at the end, or an empty epoch)
-            pos.finish(token)
-        if check:  # a rank with more steps meets this sentinel instead of hanging
-            check_epoch_end(4, f"the batch shape (step, h, w, b) of epoch {epoch}")
-
-    def _batches(self, plan: _Plan, first: int, epoch: int, token: int) -> Iterator[List[Tuple[int, int, int]]]:
-        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids, token):
-            # product(ids, (h,), (w,)) builds the (i, h, w) tuples ~15% faster than zip/repeat
-            yield list(product(ids[o:o + b], (h,), (w,)))
-
     def iter_arrays(self) -> Iterator[Tuple[np.ndarray, int, int]]:
         """Like ``iter(self)`` (same batches, same position tracking for ``state_dict``) but
         yields ``(indices int64[b], h, w)`` instead of a list of tuples: no Python object per
@@ -687,21 +650,74 @@ class VariableBatchSampler:
         >>> arrays == [([i for i, _, _ in b], b[0][1], b[0][2]) for b in s]
         True
         """
-        token, plan, first, epoch = self._begin()
-        return self._array_batches(plan, first, epoch, token)
+        return self._iterate(arrays=True)
 
-    def _array_batches(self, plan: _Plan, first: int, epoch: int, token: int):
-        for ids, o, b, h, w in self._steps(plan, first, epoch, self._ids_array, token):
+    # ---------------------------------------------------------------- the plan (StepIterable)
+    def _num_steps(self, epoch: int) -> int:
+        return self._plan(epoch).n
+
+    def _plan_steps(self, epoch: int, start: int, arrays: bool = False):
+        plan = self._plan(epoch)
+        if self.check_shapes:
+            self._check_plan(plan, epoch, start)
+        if arrays:
+            return self._array_batches(plan, start)
+        return self._batches(plan, start)
+
+    def _check_plan(self, plan: _Plan, epoch: int, start: int) -> None:
+        """Here, on the thread that starts the iteration: the plan fixes every step's shape,
+        so agreeing on its digest now agrees on every batch ahead of time (a loader drives
+        the steps from its prefetch thread, where no collective may run). On a mismatch with
+        equal step counts, one more collective names the first step whose shape differs."""
+        what = f"the epoch plan (steps, grid, resume step, epoch, shapes) of epoch {epoch}"
+        values = [plan.n, self._grid_code(epoch), start, epoch, _plan_digest(plan)]
+        mm = min_max_across_ranks(values, what)
+        if mm is None or mm[0] == mm[1]:
+            return
+        detail = ""
+        if mm[0][0] == mm[1][0]:  # every rank has this many steps: compare them
+            shapes = _plan_shapes(plan)
+            lo, hi = min_max_across_ranks(shapes.reshape(-1).tolist(), what)
+            bad = np.flatnonzero((np.asarray(lo) != np.asarray(hi)).reshape(-1, 3).any(axis=1))
+            if bad.size:
+                s = int(bad[0])
+                detail = (f"; the first step whose batch shape (h, w, b) differs is step {s} "
+                          f"(this rank: {tuple(shapes[s].tolist())})")
+        raise disagreement(values, what, *mm, detail=detail)
+
+    def _steps(self, plan: _Plan, first: int, fetch):
+        """Per step from ``first``: (window of this rank's ids, offset, batch size, h, w).
+        ``fetch(bucket, start, count)`` gives a window (a list or an array); one native call
+        serves many steps."""
+        check = self.check_shapes and not on_background_thread()
+        bk, hs, ws, st, en = plan.bucket, plan.h, plan.w, plan.start, plan.end
+        # per bucket: first position and ids of the current window
+        win_at = [0] * len(plan.buckets)
+        win = [None] * len(plan.buckets)
+        for s in range(first, plan.n):
+            h, w, k, a, e = hs[s], ws[s], bk[s], st[s], en[s]
+            if check:
+                check_same_across_ranks([s, h, w, e - a], f"the batch shape (step, h, w, b) at step {s}")
+            ids = win[k]
+            if ids is None or a < win_at[k] or e - win_at[k] > len(ids):
+                bucket = plan.buckets[k]
+                win_at[k] = a
+                ids = win[k] = fetch(bucket, a, min(max(_WINDOW, e - a), bucket[2] - a))
+            yield ids, a - win_at[k], e - a, h, w
+
+    def _epoch_end(self, epoch: int) -> None:
+        if self.check_shapes and not on_background_thread():
+            # a rank with more steps meets this sentinel instead of hanging
+            check_epoch_end(4, f"the batch shape (step, h, w, b) of epoch {epoch}")
+
+    def _batches(self, plan: _Plan, first: int) -> Iterator[List[Tuple[int, int, int]]]:
+        for ids, o, b, h, w in self._steps(plan, first, self._ids):
+            # product(ids[o:o + b], (h,), (w,)) builds the (i, h, w) tuples ~15% faster than zip/repeat
+            yield list(product(ids[o:o + b], (h,), (w,)))
+
+    def _array_batches(self, plan: _Plan, first: int):
+        for ids, o, b, h, w in self._steps(plan, first, self._ids_array):
             yield ids[o:o + b].astype(np.int64), h, w  # a copy (int64 even for int32 members)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (its order, scales and, with a curriculum, its grid). The current
-        epoch keeps its position (a loaded state resumes mid-epoch)."""
-        self._pos.set_epoch(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._pos.epoch
 
     @property
     def _epoch(self) -> int:
@@ -718,25 +734,22 @@ class VariableBatchSampler:
         ahead of the training loop, so pass ``batches_consumed`` (the number of this epoch's
         batches the model has actually seen) when checkpointing under one.
         """
-        st = self._pos.state(self._fingerprint(self._pos.epoch))
+        st = super().state_dict()
         if batches_consumed is not None:
             if int(batches_consumed) < 0:
                 raise ValueError(f"batches_consumed must be >= 0, got {batches_consumed}")
             st["step"] = int(batches_consumed)
         return st
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a position from :meth:`state_dict`; the next ``iter()`` continues there."""
+    def _upgrade_state(self, state):
         if "fingerprint" not in state:  # saved before the contract: the fields were top level
             missing = [k for k in ("seed", "num_samples", "world_size") if k not in state]
             if missing:
                 raise ValueError(f"VariableBatchSampler.load_state_dict: the state is missing {missing}")
+            self._legacy_fields = True
             state = {**state, "fingerprint": {k: state[k] for k in
                                               ("seed", "num_samples", "world_size", "grid_code") if k in state}}
-        epoch = int(state.get("epoch", 0))
-        if epoch < 0:
-            raise ValueError(f"VariableBatchSampler.load_state_dict: negative epoch {epoch}")
-        self._pos.load(state, self._fingerprint(epoch))
+        return state
 
     def __repr__(self) -> str:
         return (f"VariableBatchSampler(num_samples={self.num_samples}, grid={self.grid}, "

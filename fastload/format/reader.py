@@ -319,11 +319,11 @@ class ReinforcedDataset:
             for p in todo:
                 self._check(p, held[p])
             return held
-        from concurrent.futures import ThreadPoolExecutor
+        # plain threads (fastload._threads): concurrent.futures refuses work at interpreter
+        # shutdown, when a training loop in a non-daemon thread may still read its first batch
+        from fastload._threads import parallel_map
 
-        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as ex:
-            for f in [ex.submit(self._check, p, held[p]) for p in todo]:
-                f.result()  # the first corrupt shard's error
+        parallel_map(lambda p: self._check(p, held[p]), todo, os.cpu_count() or 1)  # first error raised
         return held
 
     def _checked(self, pos: int) -> _Shard:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .._native import check
+from .._state import StepIterable
 from ..batch.buckets import BucketBatchSampler, Odds
 from ..format.decompose import _lib, load_manifest, open_bucket
 from ..format.remote import is_remote, materialize_decomposed
@@ -15,7 +16,7 @@ from ..format.remote import is_remote, materialize_decomposed
 __all__ = ["DecompositionLoader"]
 
 
-class DecompositionLoader:
+class DecompositionLoader(StepIterable):
     """Iterate ``(input_ids, targets)`` batches of a dataset written by :func:`fastload.decompose`.
 
     A step from bucket k is ``[tokens_per_step // 2^k, 2^k]`` for both tensors
@@ -108,14 +109,26 @@ class DecompositionLoader:
         from ._args import check_nonempty, decomposition_why
 
         check_nonempty(len(self.sampler), f"DecompositionLoader({path!r})", decomposition_why(self.sampler))
+        self._init_position()
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        # iter(self.sampler) runs now (it takes the live-iterator token), the fetches lazily
+    # the plan (fastload._state.StepIterable): the bucket sampler's steps, fetched
+    def _num_steps(self, epoch: int) -> int:
+        return len(self.sampler)
+
+    def _start_iteration(self) -> None:
+        pass  # the sampler reads the ranks when it starts
+
+    def _plan_steps(self, epoch: int, start: int):
+        self.sampler.seek(epoch, start)
+        # iter(self.sampler) runs now (its plan and checks on this thread), the fetches lazily
         return (self.fetch(k, rows) for k, rows in iter(self.sampler))
+
+    def _fingerprint(self, epoch: int = 0) -> dict:
+        return self.sampler._fingerprint(epoch)
 
     def _addresses(self, k: int, rows: np.ndarray) -> np.ndarray:
         cum, bases = self._cum[k], self._bases[k]
@@ -152,24 +165,15 @@ class DecompositionLoader:
         return x, y
 
     # ------------------------------------------------------------------ state
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def state_dict(self) -> dict:
-        """{kind, version, epoch, step, fingerprint}: see fastload._state (plain types)."""
-        return {**self.sampler.state_dict(), "kind": "DecompositionLoader"}
-
-    def load_state_dict(self, state: Mapping) -> None:
+    def _upgrade_state(self, state):
         if "kind" not in state and isinstance(state.get("sampler"), Mapping):
-            state = state["sampler"]  # saved before the contract: {"sampler": ..., "path": ...}
-        kind = state.get("kind", "DecompositionLoader")
-        if kind != "DecompositionLoader":
-            raise ValueError(f"DecompositionLoader.load_state_dict: the state was saved by a {kind}")
-        self.sampler.load_state_dict({**state, "kind": "BucketBatchSampler"})
+            # saved before the contract: {"sampler": ..., "path": ...}
+            sub = state["sampler"]
+            if "fingerprint" not in sub and isinstance(sub.get("config"), Mapping):
+                sub = self.sampler._upgrade_state(sub)
+                self._legacy_fields = self.sampler._legacy_fields
+            state = {**sub, "kind": "DecompositionLoader"}
+        return state
 
     @property
     def tokens_per_step(self) -> int:
@@ -177,4 +181,6 @@ class DecompositionLoader:
 
     def schedule(self) -> np.ndarray:
         """Bucket k of every step of the current epoch (for plots and checks)."""
+        if self.sampler.epoch != self.epoch:
+            self.sampler.seek(self.epoch, 0)
         return self.sampler.schedule()

@@ -1,0 +1,168 @@
+"""Stage 3 of ``ReinforcedLoader``: render. The fused C++ kernel (decode -> crop -> resize
+-> flip -> RandAugment -> normalize -> erase -> MixUp/CutMix, straight into the output buffer,
+GIL released, ``threads`` native threads), or the Triton replay on the device with a CPU
+fallback for what it cannot render (capability), and error recovery.
+
+Errors. A sample whose image cannot be decoded raises a ``RuntimeError`` naming the sample
+id (``on_error="raise"``), or with ``on_error="skip"`` every row it breaks (its own rows and
+the rows that use it as MixUp/CutMix partner) is replaced by a copy of the first good row of
+the same batch (image, label and target, so shapes never change and distributed ranks stay
+in step). When no row of a batch renders, the rows are copies of the first sample
+``(first id + k) % N`` (k = 1, 2, ..., at most 64 tried) that renders with a stored
+augmentation: deterministic, so resume and ranks stay exact."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from fastload.sample import params as P
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    interpolation: str
+    dct_scale: bool
+    threads: int
+    views: int
+    on_error: str
+    dtype: torch.dtype
+    num_samples: int
+
+
+class Render:
+    """``dataset``: where the policy and replay settings come from; ``gather``: the gather
+    stage (a substitute sample of a batch whose every row failed); ``device_replay``: the
+    Triton replay (``replay="device"``) or None."""
+
+    def __init__(self, cfg: RenderConfig, dataset, gather, device_replay=None):
+        self.cfg, self.dataset, self.gather, self.device_replay = cfg, dataset, gather, device_replay
+
+    def __call__(self, prep: dict, out_fn):
+        """Render one gathered batch (native, GIL released; or on the device with replay="device")."""
+        # the Triton replay knows neither schema-v2 extension records (imports) nor torchvision
+        # v2 RandAugment semantics: such batches render on the CPU path (then are uploaded)
+        pol = getattr(self.dataset, "policy", None)
+        if (self.device_replay is not None and prep.get("ext") is None
+                and getattr(pol, "randaugment_semantics", "v1") == "v1"):
+            return self.device_replay.render(prep, lambda: self.host(prep, out_fn))
+        return self.host(prep, out_fn)
+
+    def host(self, prep: dict, out_fn):
+        rows, labels, tgt, hw = prep["rows"], prep["labels"], prep["tgt"], prep["hw"]
+        out = out_fn((len(rows), 3, hw[0], hw[1]))
+        bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows, prep.get("ext"))
+        if bad is not None:  # on_error="skip": copy the first good row over every bad one
+            bi = np.flatnonzero(bad)
+            if bad.all():  # no good row in the batch: borrow one (see the module docstring)
+                s_out, s_labels, s_tgt, good = self._substitute(prep)
+            else:
+                s_out, s_labels, s_tgt, good = out, labels, tgt, int(np.flatnonzero(~bad)[0])
+            out[torch.as_tensor(bi)] = s_out[good].clone()
+            if labels is not None:
+                labels[bi] = s_labels[good]
+            tgt = copy_rows(tgt, bi, s_tgt, good)
+        return out, labels, tgt, culprits
+
+    def _substitute(self, prep: dict, tries: int = 64):
+        """A batch whose every row failed (on_error="skip"): the rows of the first sample
+        ``(first id + k) % N``, k = 1, 2, ..., that renders with a stored augmentation.
+        Deterministic (a function of the batch), so resume and ranks stay exact."""
+        rows, hw = prep["rows"], prep["hw"]
+        first = int(rows[0])
+        for k in range(1, min(tries, self.cfg.num_samples - 1) + 1):
+            cand = np.array([(first + k) % self.cfg.num_samples], dtype=np.int64)
+            sub = self.gather.prepare(prep["epoch"], prep["step"], cand, hw, fresh_ok=False)
+            out = torch.empty((len(sub["rows"]), 3, hw[0], hw[1]), dtype=self.cfg.dtype)
+            try:
+                bad, _ = self._render(sub["sources"], sub["recs"], out, sub["partners"], sub["rows"], sub.get("ext"))
+            except (RuntimeError, ValueError):
+                continue
+            if bad is None or not bad.all():
+                good = 0 if bad is None else int(np.flatnonzero(~bad)[0])
+                return out, sub["labels"], sub["tgt"], good
+        raise RuntimeError(f"on_error='skip': every row of a batch failed (sample ids "
+                           f"{sorted(set(rows.tolist()))}) and none of the next {tries} samples "
+                           "renders either; the dataset looks broken")
+
+    def _render(self, sources, recs, out, partners, rows, ext=None):
+        """Render; returns (None, []) or, under on_error="skip", (bad-row mask, culprit ids)."""
+        from fastload.replay.native import render_batch
+
+        threads = self.cfg.threads
+        pol = getattr(self.dataset, "policy", None)  # replay RandAugment as the dataset was made
+        kw = dict(mean=self.cfg.mean, std=self.cfg.std, interpolation=self.cfg.interpolation,
+                  dct_scale=self.cfg.dct_scale, threads=threads, ra_num_bins=getattr(pol, "ra_num_bins", 31),
+                  ra_semantics=getattr(pol, "randaugment_semantics", "v1"))
+        grid = self.dataset.replay.get("box_grid") if ext is not None else None
+
+        def ek(pos):  # the rows' schema-v2 extension records, when the dataset has them
+            return {} if ext is None else dict(ext=ext[pos], box_grid=grid)
+        try:
+            src = sources
+            if self.cfg.views > 1:
+                # FKD-style: decode each image once (native pool, full resolution) and replay
+                # its V views from the pixels instead of decoding V times
+                from fastload.replay.native import decode_batch
+
+                pixels = decode_batch(sources[::self.cfg.views], scale=1, threads=threads)
+                src = [pixels[r // self.cfg.views] for r in range(len(sources))]
+            render_batch(src, recs, out, partner_sources=partners, sample_ids=rows, **kw, **ek(slice(None)))
+            return None, []
+        except (RuntimeError, ValueError) as exc:
+            first_exc = exc
+        # Slow path, only on error: render row by row to find the culprits (the row's own
+        # image, or its MixUp/CutMix partner).
+        bad = np.zeros(len(rows), dtype=bool)
+        culprit = np.full(len(rows), -1, dtype=np.int64)
+        msgs = {}
+        one = dict(kw, threads=1)
+        for r in range(len(rows)):
+            p = None if partners is None else partners[r:r + 1]
+            try:
+                render_batch(sources[r:r + 1], recs[r:r + 1], out[r:r + 1], partner_sources=p,
+                             sample_ids=rows[r:r + 1], **one, **ek(slice(r, r + 1)))
+                continue
+            except (RuntimeError, ValueError) as exc:
+                bad[r] = True
+                msg = str(exc)
+            own = recs[r:r + 1].copy()
+            own["partner"] = -1
+            own["flags"] &= np.uint8(~(P.FLAG_MIXUP | P.FLAG_CUTMIX | P.FLAG_PARTNER_FLIP) & 0xFF)
+            try:
+                render_batch(sources[r:r + 1], own, out[r:r + 1], sample_ids=rows[r:r + 1], **one,
+                             **ek(slice(r, r + 1)))
+                culprit[r] = int(recs["partner"][r]) if recs["partner"][r] >= 0 else int(rows[r])
+            except (RuntimeError, ValueError) as exc:
+                culprit[r] = int(rows[r])
+                msg = str(exc)
+            msgs.setdefault(int(culprit[r]), msg)
+        if not bad.any():  # the failure did not reproduce row by row: surface it as is
+            raise first_exc
+        ids = sorted(msgs)
+        if self.cfg.on_error == "raise":
+            users = sorted(set(rows[bad].tolist()) - set(ids))
+            note = f" (also breaking samples {users} that mix with it)" if users else ""
+            raise RuntimeError(f"cannot render sample id(s) {ids}{note}: {msgs[ids[0]]}; pass "
+                               "on_error='skip' to replace such rows and count them") from first_exc
+        return bad, [int(c) for c in culprit[bad]]
+
+
+def copy_rows(t, rows, src, good):
+    """Rows ``rows`` of ``t`` become copies of row ``good`` of ``src`` (same structure)."""
+    if isinstance(t, torch.Tensor):
+        t[torch.as_tensor(rows)] = src[good].clone()
+        return t
+    if isinstance(t, tuple):
+        return tuple(copy_rows(x, rows, y, good) for x, y in zip(t, src))
+    if isinstance(t, list):
+        for r in rows:
+            t[r] = src[good]
+        return t
+    if isinstance(t, dict):  # tokenizer output
+        return {k: copy_rows(v, rows, src[k], good) for k, v in t.items()}
+    return t
