@@ -26,6 +26,10 @@ _EXPORTS = {
     # 2. Variable-resolution batching
     "VariableBatchSampler": "fastload.batch.variable:VariableBatchSampler",
     "ResolutionCurriculum": "fastload.batch.variable:ResolutionCurriculum",
+    # Samplers over shards and streams (remote data, mixing, time-continual replay)
+    "BlockShuffleSampler": "fastload.batch.shuffle:BlockShuffleSampler",
+    "StreamMixer": "fastload.batch.mixing:StreamMixer",
+    "TiCSampler": "fastload.batch.tic:TiCSampler",
     # 3. Sequence-length buckets (Dataset Decomposition)
     "decompose": "fastload.format.decompose:decompose",
     "DecompositionLoader": "fastload.loader.decomposition:DecompositionLoader",
