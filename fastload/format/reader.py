@@ -201,10 +201,10 @@ class ReinforcedDataset:
             for pos, s in enumerate(metas):
                 yield pos, s, (self.remote.meta_batch(pos) if self.remote else self._shard(pos).batch)
             return
-        from concurrent.futures import ThreadPoolExecutor
+        from fastload._threads import parallel_map  # not concurrent.futures: see parallel_map
 
-        with ThreadPoolExecutor(min(16, len(metas)), thread_name_prefix="fastload-meta") as ex:
-            yield from zip(range(len(metas)), metas, ex.map(self.remote.meta_batch, range(len(metas))))
+        batches = parallel_map(self.remote.meta_batch, list(range(len(metas))), 16, name="fastload-meta")
+        yield from zip(range(len(metas)), metas, batches)
 
     def _load_columns(self) -> None:
         labels, hw, ohw, keys, hashes = [], [], [], [], []

@@ -177,8 +177,6 @@ class ShardCache(Prefetcher):
         """The bytes of ``column`` at each (shard position, row), by ranged GETs (a few
         concurrent): for rows outside the planned order (MixUp/CutMix partners), whose whole
         shard would cost far more than the row. The caller verifies the bytes."""
-        from concurrent.futures import ThreadPoolExecutor
-
         import pyarrow as pa
 
         from fastload.format import ipc_layout
@@ -201,11 +199,9 @@ class ShardCache(Prefetcher):
             a, b = locs[(pos, column)].span(int(row))
             return self.client.get_range(self.shards[pos]["file"], a, b) if b > a else b""
 
-        if len(items) <= 1:
-            out = [one(x) for x in items]
-        else:
-            with ThreadPoolExecutor(min(16, len(items)), thread_name_prefix="fastload-range") as ex:
-                out = list(ex.map(one, items))
+        from fastload._threads import parallel_map  # works during interpreter shutdown too
+
+        out = parallel_map(one, list(items), 16, name="fastload-range")
         self._count(row_reads=len(out), row_bytes=sum(len(x) for x in out))
         return out
 
