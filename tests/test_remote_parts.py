@@ -126,8 +126,15 @@ def test_close_names_a_thread_it_cannot_join_with_its_stack(monkeypatch, caplog)
         t.join(5)
 
 
-def test_a_port_number_is_not_an_http_403():
+def test_a_port_number_or_a_duration_is_not_an_http_403():
     from fastload.remote.client import _auth_like
 
     assert not _auth_like("Error performing GET http://127.0.0.1:40323/ds/manifest.json - error sending request")
+    # a refused connection that took 403.506 µs (this message failed CI once)
+    assert not _auth_like("Generic HTTP error: Error performing GET http://127.0.0.1:57653/ds/manifest.json "
+                          "in 403.506µs - HTTP error: error sending request")
+    assert not _auth_like("Error performing GET http://127.0.0.1:5/x in 403µs - error sending request")
+    assert not _auth_like("Error performing GET http://127.0.0.1:5/x in 1.403s - error sending request")
+    assert _auth_like("Server returned non-2xx status code: 403 Forbidden: ")
+    assert _auth_like("<Code>AccessDenied</Code>") and _auth_like("HTTP error 403")
     assert _auth_like("Client error with status 403 Forbidden") and _auth_like("HTTP status 403")
