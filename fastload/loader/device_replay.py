@@ -37,21 +37,9 @@ import numpy as np
 import torch
 
 from fastload.sample import params as P
+from fastload.sample.schema import box_to_pixels_array
 
 _MIX = P.FLAG_MIXUP | P.FLAG_CUTMIX
-
-
-def _dq(q, n):
-    return (q.astype(np.int64) * n + 32767) // 65535
-
-
-def _boxes(q: np.ndarray, H: np.ndarray, W: np.ndarray):
-    """Vectorized ``P.box_to_pixels``: quantized boxes [N, 4] -> (top, left, bh, bw)."""
-    bh = np.minimum(np.maximum(_dq(q[:, 2], H), 1), H)
-    bw = np.minimum(np.maximum(_dq(q[:, 3], W), 1), W)
-    top = np.minimum(_dq(q[:, 0], H), H - bh)
-    left = np.minimum(_dq(q[:, 1], W), W - bw)
-    return top, left, bh, bw
 
 
 def _scale_num(bh, bw, oh, ow, dct: bool):
@@ -138,7 +126,7 @@ class DeviceReplay:
         js = np.flatnonzero(~is_arr)
         if js.size:
             H[js], W[js] = _jpeg_dims([sources[i] for i in js], threads)
-        top, left, bh, bw = _boxes(q, H, W)
+        top, left, bh, bw = box_to_pixels_array(q, H, W)  # the schema's one dequantization rule
         M = _scale_num(bh, bw, oh, ow, bool(self.loader.dct_scale))
         M[is_arr] = 8
         arrs = [None] * n
