@@ -42,8 +42,9 @@ _EXPORTS = {
     "OnlineBatchSelector": "fastload.select.selector:OnlineBatchSelector",
     "curate": "fastload.curate.core:curate",
     "BytesBatches": "fastload.bytes:BytesBatches",
-    # The state contract's error: next() on an iterator a newer one replaced
-    "SupersededError": "fastload._state:SupersededError",
+    # The state contract's error: next() on an iterator a newer one replaced (every error
+    # fastload raises on purpose is in fastload.errors, under FastloadError)
+    "SupersededError": "fastload.errors:SupersededError",
 }
 
 __all__ = sorted(_EXPORTS)

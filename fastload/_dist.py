@@ -5,6 +5,8 @@ import os
 import threading
 from typing import Optional, Sequence, Tuple
 
+from fastload.errors import RankMismatchError
+
 # The value every rank sends in place of a step's numbers once its epoch has ended: a rank
 # that still has a batch then disagrees (and raises) instead of waiting in a collective that
 # the finished rank never joins.
@@ -29,7 +31,7 @@ def rank_world(rank: Optional[int] = None, world_size: Optional[int] = None,
             if strict is not None and world_size != 1:
                 env = _env_world_size()
                 if env > 1:
-                    raise RuntimeError(
+                    raise RankMismatchError(
                         f"{strict}: WORLD_SIZE={env} in the environment but torch.distributed "
                         "is not initialized, so this rank cannot know its shard (every rank would "
                         "read the same batches). Call torch.distributed.init_process_group() "
@@ -138,13 +140,13 @@ def check_same_across_ranks(values: Sequence[int], what: str) -> None:
         raise disagreement(values, what, *mm)
 
 
-def disagreement(values: Sequence[int], what: str, lo, hi, detail: str = "") -> RuntimeError:
+def disagreement(values: Sequence[int], what: str, lo, hi, detail: str = "") -> RankMismatchError:
     import torch.distributed as dist
 
     # steps and shapes are >= 0: a -1 in the minimum is some rank's sentinel
     note = (" (a rank ended its epoch while another still had a batch: unequal step counts)"
             if END_OF_EPOCH in lo else "")
-    return RuntimeError(f"ranks disagree on {what}: rank {dist.get_rank()} has {list(values)}, "
+    return RankMismatchError(f"ranks disagree on {what}: rank {dist.get_rank()} has {list(values)}, "
                         f"min over ranks {lo}, max {hi}{note}{detail}")
 
 

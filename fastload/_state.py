@@ -33,11 +33,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, Mapping, Optional
 
+from fastload.errors import StateError, StateTypeError, SupersededError
+
 STATE_VERSION = 1
-
-
-class SupersededError(RuntimeError):
-    """next() on an iterator that a newer iter(), load_state_dict or set_epoch replaced."""
 
 
 class Position:
@@ -128,7 +126,7 @@ def _strict_int(owner: str, name: str, v: Any) -> int:
     import numbers
 
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{owner}.load_state_dict: {name} must be an int, got {type(v).__name__} {v!r}")
+        raise StateTypeError(f"{owner}.load_state_dict: {name} must be an int, got {type(v).__name__} {v!r}")
     return int(v)
 
 
@@ -147,42 +145,42 @@ def validate(owner: str, state: Any, fingerprint, step_aliases=("batches_done",)
     fingerprint was rebuilt from an old state's top-level fields, so only the fields it has
     are compared (a state without version and fingerprint is such an old state too)."""
     if not isinstance(state, Mapping):
-        raise TypeError(f"{owner}.load_state_dict expects a dict (the output of state_dict()), "
+        raise StateTypeError(f"{owner}.load_state_dict expects a dict (the output of state_dict()), "
                         f"got {type(state).__name__}")
     if "kind" in state:
         if state["kind"] != owner:
-            raise ValueError(f"{owner}.load_state_dict: the state was saved by a {state['kind']}, "
+            raise StateError(f"{owner}.load_state_dict: the state was saved by a {state['kind']}, "
                              f"not a {owner}")
     elif not (is_legacy(state) or legacy_fields):
-        raise ValueError(f"{owner}.load_state_dict: the state has no 'kind' (keys: {sorted(state)})")
+        raise StateError(f"{owner}.load_state_dict: the state has no 'kind' (keys: {sorted(state)})")
     version = _strict_int(owner, "version", state.get("version", STATE_VERSION))
     if version > STATE_VERSION:
-        raise ValueError(f"{owner}.load_state_dict: state version {version} is newer than "
+        raise StateError(f"{owner}.load_state_dict: state version {version} is newer than "
                          f"this fastload's ({STATE_VERSION}); upgrade fastload")
     if version < 1:
-        raise ValueError(f"{owner}.load_state_dict: invalid state version {version}")
+        raise StateError(f"{owner}.load_state_dict: invalid state version {version}")
     step: Optional[Any] = state.get("step")
     for alias in step_aliases:
         if step is None:
             step = state.get(alias)
     if "epoch" not in state or step is None:
-        raise ValueError(f"{owner}.load_state_dict: the state has no epoch/step (keys: {sorted(state)})")
+        raise StateError(f"{owner}.load_state_dict: the state has no epoch/step (keys: {sorted(state)})")
     epoch, step = _strict_int(owner, "epoch", state["epoch"]), _strict_int(owner, "step", step)
     if not 0 <= epoch < MAX_EPOCH:
-        raise ValueError(f"{owner}.load_state_dict: epoch {epoch} is outside [0, 2**62)")
+        raise StateError(f"{owner}.load_state_dict: epoch {epoch} is outside [0, 2**62)")
     if step < 0:
-        raise ValueError(f"{owner}.load_state_dict: negative step {step}")
+        raise StateError(f"{owner}.load_state_dict: negative step {step}")
     saved_fp = state.get("fingerprint")
     if saved_fp is None and is_legacy(state):
         saved_fp, legacy_fields = {}, True
     if not isinstance(saved_fp, Mapping):
-        raise TypeError(f"{owner}.load_state_dict: fingerprint must be a dict, got {type(saved_fp).__name__}")
+        raise StateTypeError(f"{owner}.load_state_dict: fingerprint must be a dict, got {type(saved_fp).__name__}")
     current = fingerprint(epoch) if callable(fingerprint) else fingerprint
     check_fingerprint(owner, saved_fp, current, exact_keys=not legacy_fields)
     if steps_in is not None:
         n = steps_in(epoch)
         if n is not None and step > int(n):
-            raise ValueError(f"{owner}.load_state_dict: step {step} is past the end of epoch "
+            raise StateError(f"{owner}.load_state_dict: step {step} is past the end of epoch "
                              f"{epoch} ({int(n)} steps)")
     return epoch, step
 
@@ -202,7 +200,7 @@ def check_fingerprint(owner: str, saved: Mapping[str, Any], current: Mapping[str
     problems += [f"{k}: saved {saved[k]!r}, now {current[k]!r}"
                  for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
     if problems:
-        raise ValueError(f"{owner}.load_state_dict: the state belongs to a different "
+        raise StateError(f"{owner}.load_state_dict: the state belongs to a different "
                          f"configuration (fingerprint {'; '.join(problems)}); the order would not continue")
 
 
@@ -340,7 +338,7 @@ class StepIterable:
         state is not one of this object's (forged, another configuration, past the end)."""
         kind = self._pos.owner
         if not isinstance(state, Mapping):
-            raise TypeError(f"{kind}.load_state_dict expects a dict (the output of state_dict()), "
+            raise StateTypeError(f"{kind}.load_state_dict expects a dict (the output of state_dict()), "
                             f"got {type(state).__name__}")
         self._legacy_fields = False
         state = self._upgrade_state(state)
@@ -350,7 +348,7 @@ class StepIterable:
         children = [(child, state[name]) for name, child in self._state_children().items() if name in state]
         for child, sub in children:
             if not isinstance(sub, Mapping):
-                raise TypeError(f"{kind}.load_state_dict: the nested state of its "
+                raise StateTypeError(f"{kind}.load_state_dict: the nested state of its "
                                 f"{type(child).__name__} must be a dict, got {type(sub).__name__}")
             child.load_state_dict(sub)
         if apply is not None:

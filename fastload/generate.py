@@ -20,15 +20,12 @@ import numpy as np
 
 from fastload.format.shards import encode_augs, encode_targets
 from fastload.format.writer import DatasetWriter, merge, write_shard_file  # noqa: F401 (merge re-exported)
+from fastload.errors import BadImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 JPEG_QUALITY = 95
-
-
-class BadImageError(ValueError):
-    """A source image that cannot be decoded (corrupt or truncated)."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from fastload.errors import StateError
 from fastload._dist import DistributedArgs
 from fastload._state import StepIterable
 
@@ -212,17 +213,17 @@ class StreamMixer(_GlobalBatches):
     def _load_extra(self, state: Mapping[str, Any], epoch: int, step: int):
         saved_p = state.get("proportions", self.proportions)
         if not isinstance(saved_p, (list, tuple)) or len(saved_p) != len(self.names):
-            raise ValueError(f"{self.kind}.load_state_dict: proportions must be a list of "
+            raise StateError(f"{self.kind}.load_state_dict: proportions must be a list of "
                              f"{len(self.names)} numbers, got {saved_p!r}")
         saved_p = [float(p) for p in saved_p]
         streams = state.get("streams")
         if not isinstance(streams, Mapping) or sorted(streams) != sorted(self.names):
-            raise ValueError(f"{self.kind}.load_state_dict: the state's per-stream counters "
+            raise StateError(f"{self.kind}.load_state_dict: the state's per-stream counters "
                              f"{sorted(streams) if isinstance(streams, Mapping) else streams!r} "
                              f"do not name the streams {self.names}")
         if saved_p != self.proportions:
             if step != 0:
-                raise ValueError(f"{self.kind}.load_state_dict: proportions changed ({saved_p} -> "
+                raise StateError(f"{self.kind}.load_state_dict: proportions changed ({saved_p} -> "
                                  f"{self.proportions}) in the middle of epoch {epoch} (step {step}); "
                                  "change proportions at an epoch boundary")
             base_epoch, base = epoch, np.array([int(streams[n]) for n in self.names], np.int64)
@@ -230,7 +231,7 @@ class StreamMixer(_GlobalBatches):
             base_epoch = int(state.get("base_epoch", 0))
             base = np.array(state.get("base", [0] * len(self.names)), np.int64)
             if base.shape != (len(self.names),) or base_epoch < 0 or base_epoch > epoch or (base < 0).any():
-                raise ValueError(f"{self.kind}.load_state_dict: invalid stream base "
+                raise StateError(f"{self.kind}.load_state_dict: invalid stream base "
                                  f"({state.get('base_epoch')!r}, {state.get('base')!r})")
 
         def apply():

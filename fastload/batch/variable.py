@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from fastload.errors import StateError
 from fastload._dist import (DistributedArgs, check_epoch_end, check_same_across_ranks, disagreement,
                             min_max_across_ranks, on_background_thread)
 from fastload._state import StepIterable
@@ -745,7 +746,7 @@ class VariableBatchSampler(StepIterable, DistributedArgs):
         if "fingerprint" not in state:  # saved before the contract: the fields were top level
             missing = [k for k in ("seed", "num_samples", "world_size") if k not in state]
             if missing:
-                raise ValueError(f"VariableBatchSampler.load_state_dict: the state is missing {missing}")
+                raise StateError(f"VariableBatchSampler.load_state_dict: the state is missing {missing}")
             self._legacy_fields = True
             state = {**state, "fingerprint": {k: state[k] for k in
                                               ("seed", "num_samples", "world_size", "grid_code") if k in state}}

@@ -22,30 +22,14 @@ import os
 import threading
 from typing import Any, Dict
 
+from fastload.errors import CorruptDataError  # noqa: F401 - defined there, raised here
+
 # v2: shards may hold the ``augs_ext`` column (fastload.sample.params.AUG_EXT_DTYPE); v1
 # datasets have none and read as empty extensions.
 SCHEMA_VERSION = 2
 FORMAT_NAME = "fastload-reinforced"
 MANIFEST = "manifest.json"
 KINDS = ("classification", "image_text")
-
-
-class CorruptDataError(ValueError):
-    """A manifest, shard or stored blob that cannot be what fastload wrote: a flipped bit, a
-    truncated or forged file, a field of the wrong type or out of range.
-
-    Every corruption the readers detect ends in this one type (a ``ValueError``, so older
-    ``except ValueError`` code keeps working). ``path`` is the file (``None`` for a blob
-    decoded outside any file), ``detail`` what is wrong with it; ``str(e)`` names both.
-    """
-
-    def __init__(self, path, detail: str):
-        self.path = None if path is None else os.fspath(path)
-        self.detail = str(detail)
-        super().__init__(f"{self.path}: {self.detail}" if self.path is not None else self.detail)
-
-    def __reduce__(self):  # picklable across processes with both fields
-        return (type(self), (self.path, self.detail))
 
 
 def shard_name(index: int) -> str:

@@ -60,6 +60,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from fastload.sample import params as P
+from fastload.errors import UnsafePickleError
 
 MAX_FILE = 64 << 20  # no reinforcement file (compressed or not) may claim more
 # The config copied into the manifest: shared references (a pickle's memo) could make a
@@ -76,10 +77,6 @@ NO_PARAM = frozenset({"uint8", "center_crop", "to_tensor", "normalize"})
 SUPPORTED = frozenset({"uint8", "random_resized_crop", "random_horizontal_flip", "rand_augment", "to_tensor",
                        "random_erase", "normalize", "mixup", "cutmix"})
 _NAME = re.compile(r"^(\d+)\.(pth\.tar|jb)$")
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A reinforcement file asked for a global outside the allow-list."""
 
 
 # ---------------------------------------------------------------------------------------

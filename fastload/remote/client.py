@@ -19,24 +19,14 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from fastload.errors import CacheFullError, ChecksumError, RemoteError  # noqa: F401 - re-exported
+
 log = logging.getLogger("fastload.remote")
 
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://")
 FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 MAX_BACKOFF = 4.0
 DEAD_FOR = 10.0  # after a call gave up on the server, others try once for this long
-
-
-class RemoteError(OSError):
-    """A remote object could not be read; the message names its URL."""
-
-
-class ChecksumError(ValueError):
-    """Downloaded bytes differ from the manifest's sha256 or size (the message names the URL)."""
-
-
-class CacheFullError(OSError):
-    """The cache folder cannot hold what the loader needs now (names the folder and sizes)."""
 
 
 class Stopped(RemoteError):
