@@ -173,3 +173,132 @@ def test_bad_timm_records_are_refused(lib):
         run_cpp(lib, img, [S.RA_OP_ID["TimmRotate"]], [1], [float("nan")], fill)
     with pytest.raises(RuntimeError, match="draw code"):
         run_cpp(lib, img, [S.RA_OP_ID["TimmRotate"]], [0], [5.0], fill)
+
+
+# --------------------------------------------------------------------------- the policy
+def test_timm_config_parsing():
+    from fastload.sample.policy import TimmRandAugment, parse_timm_config
+
+    c = parse_timm_config("rand-m9-mstd0.5-inc1")
+    assert c == TimmRandAugment(m=9, n=2, p=0.5, mstd=0.5, mmax=None, inc=True)
+    assert c.ops[4] == "PosterizeIncreasing" and c.upper == 10.0
+    c = parse_timm_config("rand-n3-m15-mmax20-p1.0-mstd101")
+    assert (c.n, c.m, c.mmax, c.p, c.upper, c.inc) == (3, 15, 20, 1.0, 20.0, False) and c.mstd == float("inf")
+    assert parse_timm_config("rand") == TimmRandAugment()
+    for bad, msg in (("rand-m9-tweights", "transform set 'weights'"), ("rand-w0", "'w'"),
+                     ("rand-m9-q3", "key 'q'"), ("rand-mstd", "'mstd' not understood"),
+                     ("augmix-m5", "must start with 'rand'"), ("rand-n5", "1..4"), ("rand-mx9", "'mx' not"),
+                     ("rand-m9-m8", "twice"), ("rand-p0.5.1", "value '0.5.1'"), ("rand-mmax200", "0..100")):
+        with pytest.raises(ValueError, match=msg):
+            parse_timm_config(bad)
+
+
+def test_policy_accepts_timm_and_round_trips():
+    from fastload.sample.policy import AugmentPolicy
+
+    p = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1", timm_fill=[0, 1, 2],
+                      timm_interpolation="bicubic")
+    assert AugmentPolicy.from_dict(p.to_dict()) == p
+    assert p.timm.m == 9 and p.timm_fill == (0, 1, 2)
+    d = AugmentPolicy().to_dict()
+    for k in ("timm_config", "timm_fill", "timm_interpolation"):  # manifests from before these fields
+        del d[k]
+    assert AugmentPolicy.from_dict(d) == AugmentPolicy()
+    with pytest.raises(ValueError, match="needs timm_config"):
+        AugmentPolicy(randaugment_semantics="timm")
+    with pytest.raises(ValueError, match="comes? from timm_config"):
+        AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9", randaugment=(2, 9))
+    with pytest.raises(ValueError, match="set randaugment_semantics='timm'"):
+        AugmentPolicy(timm_config="rand-m9")
+    with pytest.raises(ValueError, match="section 'x1'"):
+        AugmentPolicy(randaugment_semantics="timm", timm_config="rand-x1")
+    with pytest.raises(ValueError, match="timm_fill"):
+        AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9", timm_fill=(0, 0, 256))
+    with pytest.raises(ValueError, match="timm_interpolation"):
+        AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9", timm_interpolation="nearest")
+
+
+def test_sampled_timm_draws_follow_the_config():
+    from fastload.sample.policy import AugmentPolicy, sample_params, sample_records
+
+    pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1", size=(32, 32))
+    hw = np.array([[60, 80]] * 50)
+    rec, ext = sample_records(pol, np.random.default_rng(0), np.arange(50), hw, 200)
+    rec, ext = rec.reshape(-1), ext.reshape(-1)
+    assert (ext["ext"] & 1).all()  # ra_float
+    ops, mags, vals = rec["ra_ops"], rec["ra_mags"], ext["ra_vals"]
+    assert (ops[:, 2:] == S.RA_NONE).all()
+    used = ops[:, :2] != S.RA_NONE
+    assert abs(used.mean() - 0.5) < 0.01  # p 0.5 per op
+    inc_ids = {S.RA_OP_ID["Timm" + n] for n in S.TIMM_RAND_INCREASING_OPS}
+    assert set(np.unique(ops[:, :2][used]).tolist()) == inc_ids  # uniform over the increasing set
+    lv = vals[:, :2][used]
+    assert lv.dtype == np.float32 and lv.min() >= 0 and lv.max() == 10.0
+    assert abs(lv.mean() - 9.0) < 0.02 and abs((lv == 10.0).mean() - 0.0228) < 0.003  # N(9, 0.5) clipped at 10
+    d = mags[:, :2][used]
+    o = ops[:, :2][used]
+    neg_ok = np.array([S.RA_OPS[k] in S.RA_SIGNED for k in o])
+    geo = np.array([S.RA_OPS[k][4:] in S.TIMM_GEOMETRIC for k in o])
+    assert (d[~neg_ok] > 0).all() and abs((d[neg_ok] < 0).mean() - 0.5) < 0.02
+    assert (np.abs(d[~geo]) == 1).all() and abs((np.abs(d[geo]) == 2).mean() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="sample_records"):
+        sample_params(pol, np.random.default_rng(0), [0], hw, 1)
+    # p1, fixed magnitude, fixed resampling
+    pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m7-n3-p1.0", timm_interpolation="bilinear")
+    rec, ext = sample_records(pol, np.random.default_rng(1), np.arange(5), hw[:5], 40)
+    rec, ext = rec.reshape(-1), ext.reshape(-1)
+    assert (rec["ra_ops"][:, :3] != S.RA_NONE).all() and (ext["ra_vals"][:, :3] == 7.0).all()
+    assert (np.abs(rec["ra_mags"][:, :3]) == 1).all()
+
+
+def test_reinforce_records_timm_draws_and_the_loader_replays_them(tmp_path):
+    import torch
+
+    import fastload
+    from fastload.datasets import make_images, make_teacher
+    from fastload.replay.native import render_batch
+    from fastload.replay.reference import reference_uint8
+    from fastload.sample.policy import AugmentPolicy
+
+    root = str(tmp_path / "imgs")
+    make_images(root, 6)
+    pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1-p0.9", size=(40, 40),
+                        timm_fill=(10, 200, 30))
+    out = str(tmp_path / "ds")
+    fastload.reinforce(root, make_teacher(20), out, num_classes=20, num_augmentations=6, topk=3, policy=pol,
+                       image_size=40, batch_size=8, shard_size=4, seed=5, progress=False)
+    ds = fastload.ReinforcedDataset(out, verify=True)
+    assert ds.policy == pol and ds.has_ext
+    recs = np.concatenate([ds.augs(i) for i in range(len(ds))])
+    exts = np.concatenate([ds.augs_ext(i) for i in range(len(ds))])
+    assert (recs["ra_ops"][:, :2] >= S.RA_OP_ID["TimmAutoContrast"]).any() and (exts["ra_vals"] > 0).any()
+    # the stored draws replay exactly: render without RandAugment, apply the reference's timm
+    # ops on top, compare with the replay of the full record (uint8, no normalization)
+    from fastload.replay.reference_ra import apply_timm
+
+    n_ra, renders = 0, {}
+    for i in range(len(ds)):
+        b, recs_i, ext_i = bytes(ds.image_bytes(i)), ds.augs(i), ds.augs_ext(i)
+        plain = recs_i.copy()
+        plain["ra_ops"] = S.RA_NONE
+        kw = dict(interpolation=ds.replay["interpolation"], dct_scale=ds.replay["dct_scale"], threads=1)
+        base = torch.empty(len(recs_i), 3, 40, 40, dtype=torch.uint8)
+        render_batch([b] * len(recs_i), plain, base, **kw)
+        got = torch.empty_like(base)
+        render_batch([b] * len(recs_i), recs_i, got, ra_semantics="timm", ext=ext_i, ra_fill=pol.timm_fill, **kw)
+        renders[i] = got
+        for j in range(len(recs_i)):
+            want = apply_timm(base[j], recs_i[j]["ra_ops"], recs_i[j]["ra_mags"], ext_i[j]["ra_vals"], pol.timm_fill)
+            assert torch.equal(got[j], want), (i, j, recs_i[j]["ra_ops"])
+            n_ra += int((recs_i[j]["ra_ops"] != S.RA_NONE).any())
+    assert n_ra > 10
+    with pytest.raises(ValueError, match="need their levels"):  # timm records without their extension
+        render_batch([b], recs_i[:1], got[:1], ra_semantics="timm", **kw) if recs_i[0]["ra_ops"][0] != 255 \
+            else render_batch([b], recs_i[[int(np.flatnonzero(recs_i["ra_ops"][:, 0] != 255)[0])]], got[:1],
+                              ra_semantics="timm", **kw)
+    # and the loader replays with the dataset's semantics and fill: each row is one of its image's renders
+    loader = fastload.ReinforcedLoader(ds, batch_sampler=[list(range(len(ds)))], image_size=40, dtype=torch.uint8)
+    x = next(iter(loader))[0]
+    assert x.shape == (len(ds), 3, 40, 40)
+    for i in range(len(ds)):
+        assert any(torch.equal(x[i], renders[i][j]) for j in range(len(renders[i]))), i

@@ -261,14 +261,15 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                  interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
                  sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
                  ra_semantics: str = "v1", _decoder_flags: int = 0, ext: Optional[np.ndarray] = None,
-                 box_grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+                 box_grid: Optional[Sequence[int]] = None, ra_fill: Sequence[int] = (124, 116, 104)) -> torch.Tensor:
     """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
     normalization; erased pixels take the mean colour), and may be pinned: the kernel writes
-    into it directly. ``ra_semantics`` ("v1", "v2" or "pil": the dataset policy's
+    into it directly. ``ra_semantics`` ("v1", "v2", "pil" or "timm": the dataset policy's
     ``randaugment_semantics``) picks torchvision's RandAugment arithmetic (tensor v1, tensor v2,
-    or on PIL images). ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
+    or on PIL images) or timm's (its records carry their levels in ``ext``; ``ra_fill`` is the
+    fill colour of its geometric ops, the policy's ``timm_fill``). ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
     where the record does not mix). ``dct_scale`` lets the JPEG decoder downscale in the DCT
     domain: ``True`` / ``"pow2"`` (the default rule, the one datasets recorded as
     ``dct_scale: true`` were generated with) decodes at 1/2, 1/4 or 1/8 when the crop is at
@@ -345,6 +346,10 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                    interpolation=_INTERP[interpolation], dct_rule=_dct_code(dct_scale),
                    decoder_flags=int(_decoder_flags), ra_num_bins=int(ra_num_bins),
                    ra_semantics=S.RA_SEMANTICS[ra_semantics][0], grid_h=gh, grid_w=gw, threads=int(threads or 0))
+    fill = [int(v) for v in ra_fill]
+    if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
+        raise ValueError(f"ra_fill must be 3 values in 0..255, got {ra_fill!r}")
+    opt.ra_fill[:] = fill
     opt.mean[:] = [float(v) for v in mean_a]
     opt.std[:] = [float(v) for v in std_a]
     bad = ctypes.c_int64(-1)
