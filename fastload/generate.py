@@ -747,6 +747,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     ap.add_argument("--randaugment", type=int, nargs=2, metavar=("NUM_OPS", "MAGNITUDE"), default=None,
                     help="RandAugment with NUM_OPS operations at MAGNITUDE (0-30); default: off")
+    ap.add_argument("--randaugment-semantics", choices=("v1", "v2", "pil"), default="v1",
+                    help="whose RandAugment --randaugment replays: torchvision tensor v1 (default), v2, or on "
+                         "PIL images")
+    ap.add_argument("--timm-randaugment", default=None, metavar="CONFIG",
+                    help="timm's RandAugment from its config string (e.g. rand-m9-mstd0.5-inc1; instead of "
+                         "--randaugment)")
     ap.add_argument("--erase", type=float, default=0.0, help="random erasing probability")
     ap.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (0: off)")
     ap.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
@@ -764,9 +770,14 @@ def main(argv=None) -> int:
     if images is None:
         ap.error("the image folder is required: fastload reinforce IMAGES --teacher FILE --out DIR")
     try:
+        timm = a.timm_randaugment is not None
+        if timm and a.randaugment is not None:
+            ap.error("give --randaugment (torchvision's) or --timm-randaugment, not both")
         policy = AugmentPolicy(rrc=not a.no_rrc, flip=not a.no_flip, randaugment=a.randaugment, erase=a.erase,
                                mixup=a.mixup, cutmix=a.cutmix, interpolation=a.interpolation,
-                               size=(a.image_size, a.image_size))
+                               size=(a.image_size, a.image_size),
+                               randaugment_semantics="timm" if timm else a.randaugment_semantics,
+                               timm_config=a.timm_randaugment)
         m = reinforce(images, a.teacher, a.out, num_augmentations=a.num_augmentations, topk=a.topk,
                       policy=policy, batch_size=a.batch_size, image_size=a.image_size,
                       num_classes=a.num_classes, seed=a.seed, engine=a.engine, shard_size=a.shard_size,

@@ -302,3 +302,23 @@ def test_reinforce_records_timm_draws_and_the_loader_replays_them(tmp_path):
     assert x.shape == (len(ds), 3, 40, 40)
     for i in range(len(ds)):
         assert any(torch.equal(x[i], renders[i][j]) for j in range(len(renders[i]))), i
+
+
+def test_cli_reinforce_with_timm_randaugment(tmp_path, capsys):
+    import fastload
+    from fastload.datasets import make_images, make_teacher
+    from fastload.generate import main
+    from fastload.sample.policy import AugmentPolicy
+
+    root = str(tmp_path / "imgs")
+    make_images(root, 3)
+    ts = str(tmp_path / "t.pt2")
+    fastload.export_teacher(make_teacher(20), 32, ts)
+    base = [root, "--teacher", ts, "--num-classes", "20", "--num-augmentations", "2", "--topk", "2",
+            "--image-size", "32", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "o"), "--timm-randaugment", "rand-m9-mstd0.5-inc1"]) == 0
+    ds = fastload.ReinforcedDataset(str(tmp_path / "o"))
+    assert ds.policy.randaugment_semantics == "timm" and ds.policy.timm_config == "rand-m9-mstd0.5-inc1"
+    assert ds.policy == AugmentPolicy.from_dict(ds.policy.to_dict())
+    assert main(base + ["--out", str(tmp_path / "o2"), "--timm-randaugment", "rand-m9-tweights"]) == 2
+    assert "transform set 'weights'" in capsys.readouterr().err
