@@ -45,6 +45,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastload.sample import schema as _S
 from fastload.sample.params import RA_NONE, RA_OPS, RA_SIGNED
 
 __all__ = ["apply_ra", "apply_op", "apply_timm", "timm_op", "magnitude_table", "magnitude_value", "SEMANTICS",
@@ -402,7 +403,7 @@ def apply_ra(img_u8_chw: torch.Tensor, ops: Sequence[int], mags: Sequence[int],
 # timm.data.auto_augment's RandAugment ops on a PIL image, from the level (timm's magnitude
 # after noise and clipping) and the recorded draws, through the same Pillow calls timm makes.
 
-_N_TV = sum(1 for n in RA_OPS if not n.startswith("Timm"))
+_N_TV = len(RA_OPS)  # params.RA_OPS: torchvision's ops; the timm family follows in the schema's table
 TIMM_FILL = (124, 116, 104)  # timm's create_transform: round(255 * ImageNet mean)
 
 
@@ -484,10 +485,10 @@ def apply_timm(img_u8_chw: torch.Tensor, ops: Sequence[int], draws: Sequence[int
         o = int(o)
         if o == RA_NONE:
             continue
-        if not (_N_TV <= o < len(RA_OPS)):
-            raise ValueError(f"ops: op id {o} is not a timm op (valid: {_N_TV}..{len(RA_OPS) - 1}, {RA_NONE})")
+        if not (_N_TV <= o < len(_S.RA_OPS)) or not _S.RA_OPS[o].startswith("Timm"):
+            raise ValueError(f"ops: op id {o} is not a timm op (valid: {_N_TV}..{len(_S.RA_OPS) - 1}, {RA_NONE})")
         d = int(d)
         if d not in (-2, -1, 1, 2):
             raise ValueError(f"draws: {d} is not +-1 or +-2")
-        pil = timm_op(pil, RA_OPS[o][4:], float(np.float32(lv)), d < 0, abs(d) == 2, fill)
+        pil = timm_op(pil, _S.RA_OPS[o][4:], float(np.float32(lv)), d < 0, abs(d) == 2, fill)
     return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
