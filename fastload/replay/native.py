@@ -180,6 +180,49 @@ def _pil_decode(b) -> np.ndarray:
         raise RuntimeError(f"bad JPEG: {e}") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(b) -> bool:
+    """Whether ``b`` (bytes-like) holds a PNG (by content, not name)."""
+    if b is None or isinstance(b, (np.ndarray, torch.Tensor)):
+        return False
+    try:
+        return bytes(memoryview(b)[:8]) == PNG_SIGNATURE
+    except TypeError:
+        return False
+
+
+def decode_png(b) -> np.ndarray:
+    """A PNG source's pixels as the replay sees them: Pillow's decode and ``convert("RGB")``
+    (what torchvision's ``pil_loader`` gives a training loop), uint8 HWC."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(b))) as im:
+            if im.format != "PNG":
+                raise RuntimeError(f"not a PNG ({im.format})")
+            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+        raise RuntimeError(f"bad PNG: {e}") from None
+
+
+def _png_sources(sources, sample_ids, what):
+    """PNG sources (stored losslessly by the importers) decoded to pixels; the native decoder
+    reads JPEG only. Returns ``sources`` itself when none is a PNG."""
+    pos = [i for i, s in enumerate(sources) if is_png(s)]
+    if not pos:
+        return sources
+    out = list(sources)
+    for i in pos:
+        try:
+            out[i] = decode_png(sources[i])
+        except RuntimeError as e:
+            name = sample_ids[i] if sample_ids is not None else i
+            raise ValueError(f"sample {name} ({what} {i}): {e}") from None
+    return out
+
+
 def _address(a: np.ndarray) -> int:
     # ctypes.c_char.from_buffer is several times cheaper than __array_interface__ / .ctypes
     # (Python overhead per source matters at thousands of images per second).
@@ -335,6 +378,10 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         sources = _decode_python(sources, sample_ids, "source")
         if partner_sources is not None:
             partner_sources = _decode_python(partner_sources, sample_ids, "partner of source")
+    else:  # lossless (PNG) sources: Pillow decodes them, the kernel takes their pixels
+        sources = _png_sources(sources, sample_ids, "source")
+        if partner_sources is not None:
+            partner_sources = _png_sources(partner_sources, sample_ids, "partner of source")
     keep: list = []
     desc = _describe(sources, keep, "sources")
     pdesc = None
@@ -392,10 +439,27 @@ def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = Non
 
             arrs = [np.asarray(Image.fromarray(a).reduce(scale)) for a in arrs]
         return arrs if keep else None
+    png = {i for i, s in enumerate(sources) if is_png(s)}
+    if png:  # lossless sources: Pillow's decode (no DCT scaling: Pillow's reduce by `scale`)
+        from PIL import Image
+
+        rest = [i for i in range(len(sources)) if i not in png]
+        got = decode_batch([sources[i] for i in rest], scale, threads, keep,
+                           None if sample_ids is None else [sample_ids[i] for i in rest]) if rest else []
+        arrs: list = [None] * len(sources)
+        for i, a in zip(rest, got or []):
+            arrs[i] = a
+        for i in sorted(png):
+            try:
+                a = decode_png(sources[i])
+            except RuntimeError as e:
+                raise ValueError(f"sample {sample_ids[i] if sample_ids is not None else i}: {e}") from None
+            arrs[i] = a if scale == 1 else np.asarray(Image.fromarray(a).reduce(scale))
+        return arrs if keep else None
     hold: list = []
     for i, s in enumerate(sources):
         if isinstance(s, np.ndarray) or s is None:
-            raise ValueError(f"sources[{i}] must be JPEG bytes")
+            raise ValueError(f"sources[{i}] must be JPEG (or PNG) bytes")
     desc = _describe(sources, hold, "sources")
     n = len(sources)
     bad = ctypes.c_int64(-1)
