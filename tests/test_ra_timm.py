@@ -296,6 +296,17 @@ def test_reinforce_records_timm_draws_and_the_loader_replays_them(tmp_path):
         render_batch([b], recs_i[:1], got[:1], ra_semantics="timm", **kw) if recs_i[0]["ra_ops"][0] != 255 \
             else render_batch([b], recs_i[[int(np.flatnonzero(recs_i["ra_ops"][:, 0] != 255)[0])]], got[:1],
                               ra_semantics="timm", **kw)
+    # the export names timm's ops and gives their levels
+    import pyarrow.parquet as pq
+
+    from fastload.format.export import export_params
+
+    assert export_params(ds, str(tmp_path / "p.parquet"), progress=False) == len(ds) * 6
+    t = pq.read_table(str(tmp_path / "p.parquet"))
+    names = [n for row in t.column("ra_ops").to_pylist() for n in row]
+    assert names and all(n.startswith("Timm") for n in names)
+    levels = [v for row in t.column("ra_values").to_pylist() if row for v in row]
+    assert len(levels) == len(names) and all(0.0 <= v <= 10.0 for v in levels)
     # and the loader replays with the dataset's semantics and fill: each row is one of its image's renders
     loader = fastload.ReinforcedLoader(ds, batch_sampler=[list(range(len(ds)))], image_size=40, dtype=torch.uint8)
     x = next(iter(loader))[0]
