@@ -20,6 +20,7 @@ from . import schema as S
 _INTERPOLATIONS = ("bilinear", "bicubic")
 _TIMM_INTERPOLATIONS = ("random", "bilinear", "bicubic")
 TIMM_FILL = (124, 116, 104)  # timm's create_transform: img_mean = round(255 * ImageNet mean)
+_TIMM_DEFAULTS = {"timm_config": None, "timm_fill": list(TIMM_FILL), "timm_interpolation": "random"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +257,10 @@ class AugmentPolicy:
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        if self.randaugment_semantics != "timm":  # manifests without timm stay readable by older fastload
+            for k in ("timm_config", "timm_fill", "timm_interpolation"):
+                if d[k] == _TIMM_DEFAULTS[k]:
+                    del d[k]
         return d
 
     @classmethod

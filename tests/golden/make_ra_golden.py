@@ -1,6 +1,7 @@
 """Generate tests/golden/ra_golden.npz (RandAugment outputs of real torchvision, v1 and v2,
 on small images) and tests/golden/ra_sweep.npz (every op x every bin x 5 image sizes x the
-semantics v1, v2 and pil: torchvision's RandAugment on PIL images, i.e. Pillow's ops).
+semantics v1, v2 and pil: torchvision's RandAugment on PIL images, i.e. Pillow's ops) and, with
+the ``timm`` argument, tests/golden/ra_timm.npz (timm's RandAugment ops: see timm_sweep).
 
 Run once, in an environment that has torchvision (never fastload's own):
 
