@@ -3,7 +3,7 @@ the outputs' digests (one per case) to a JSON file. Used by .ci/march: the libra
 -march=native and with -march=x86-64 must give the same bytes on every case.
 
 Cases: every RandAugment golden (tests/golden/ra_golden.npz and the sweep ra_sweep.npz, each
-semantics the library knows) through fl_randaugment_u8, and full replays (JPEG decode, crop, resize, flip,
+torchvision semantics, through fl_randaugment_u8; ra_timm.npz through fl_ra_timm_u8), and full replays (JPEG decode, crop, resize, flip,
 RandAugment, erasing, MixUp/CutMix) of random records through render_batch.
 
 Usage: FASTLOAD_NATIVE_DIR=DIR python .ci/march_outputs.py OUT.json
@@ -46,10 +46,29 @@ def ra_cases(out):
     lib.fl_randaugment_u8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.fl_randaugment_u8.restype = ctypes.c_int
+    vp = ctypes.c_void_p
+    lib.fl_ra_timm_u8.argtypes = [vp, ctypes.c_int, ctypes.c_int, vp, vp, vp, ctypes.c_int, vp]
+    lib.fl_ra_timm_u8.restype = ctypes.c_int
     for path in sorted(glob.glob(os.path.join(ROOT, "tests", "golden", "ra_*.npz"))):
         with np.load(path) as f:
             z = {k: f[k] for k in f.files}
         imgs = _golden_images(path, z)
+        if "levels" in z:  # ra_timm.npz: ops index its op_names, the timm family's ids
+            from fastload.sample import schema as S
+
+            ids = {i: S.RA_OP_ID["Timm" + str(n)] for i, n in enumerate(z["op_names"])}
+            fill = np.ascontiguousarray(z["fill"], np.uint8)
+            for name, img in imgs.items():
+                for i in range(len(z["ops"])):
+                    hwc = np.ascontiguousarray(np.transpose(img, (1, 2, 0)))
+                    o = np.array([ids.get(int(k), S.RA_NONE) for k in z["ops"][i]], np.uint8)
+                    m = np.ascontiguousarray(z["draws"][i], np.int8)
+                    v = np.ascontiguousarray(z["levels"][i], np.float32)
+                    st = lib.fl_ra_timm_u8(_native.ptr(hwc), hwc.shape[0], hwc.shape[1], _native.ptr(o),
+                                           _native.ptr(m), _native.ptr(v), len(o), _native.ptr(fill))
+                    _native.check(lib, st, "fl_ra_timm_u8")
+                    out[f"{os.path.basename(path)}/timm/{name}/{i}"] = digest(hwc)
+            continue
         for sem, flag in SEMANTICS_FLAG.items():
             for name, img in imgs.items():
                 for i in range(len(z["ops"])):
@@ -100,6 +119,20 @@ def replay_cases(out):
                          interpolation=interp, dct_scale=dct)
             for i in range(n):
                 out[f"render/{sem}/{dtype}/{interp}/{i}"] = digest(o[i].numpy())
+    # timm records: the same crops, timm's draws in the records and their levels in the extension
+    from fastload.sample.policy import AugmentPolicy, _timm_draws, parse_timm_config
+
+    trec, ext = rec.copy(), P.empty_ext(n)
+    trec["ra_ops"], trec["ra_mags"], ext["ra_vals"] = _timm_draws(parse_timm_config("rand-m9-mstd0.5-inc1-n3-p0.8"),
+                                                                  g, n, "random")
+    ext["ext"] = P.EXT_RA_FLOAT
+    fill = AugmentPolicy().timm_fill
+    for dtype, interp, dct in ((torch.uint8, "bilinear", True), (torch.float32, "bicubic", False)):
+        o = torch.empty(n, 3, 96, 112, dtype=dtype)
+        render_batch(sources, trec, o, partner_sources=partners, threads=1, ra_semantics="timm", ext=ext,
+                     ra_fill=fill, interpolation=interp, dct_scale=dct)
+        for i in range(n):
+            out[f"render/timm/{dtype}/{interp}/{i}"] = digest(o[i].numpy())
 
 
 def main(path):

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fastload.format.record_ext import encode_ext
 from fastload.format.shards import encode_augs, encode_targets
 from fastload.format.writer import DatasetWriter, merge, write_shard_file  # noqa: F401 (merge re-exported)
 from fastload.errors import BadImageError
@@ -401,25 +402,28 @@ class _Job:
         return np.arange(s * self.shard_size, min((s + 1) * self.shard_size, len(self.rows)))
 
 
-def _render(job: _Job, renders: list, partners: list, params: np.ndarray, out, ids) -> None:
+def _render(job: _Job, renders: list, partners: list, params: np.ndarray, out, ids, ext=None) -> None:
     from fastload.replay.native import render_batch
 
     has_partner = any(p is not None for p in partners)
     render_batch(renders, params, out, partner_sources=partners if has_partner else None,
                  mean=job.mean, std=job.std, interpolation=job.policy.interpolation, dct_scale=True,
                  threads=job.threads, sample_ids=ids, ra_num_bins=job.policy.ra_num_bins,
-                 ra_semantics=job.policy.randaugment_semantics)
+                 ra_semantics=job.policy.randaugment_semantics, ext=ext,
+                 ra_fill=getattr(job.policy, "timm_fill", (124, 116, 104)))
 
 
 def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
     """Sample, render, run the teachers and write shard ``s``; returns its manifest entry."""
     import torch
 
-    from fastload.sample.policy import sample_params
+    from fastload.sample.policy import sample_records
 
     rows = job.shard_rows(s)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(job.seed), int(s)])))
-    params = sample_params(job.policy, rng, rows, job.all_hw, job.n_aug)  # [R, N]
+    # ext: the extension records where the policy draws what the base record cannot hold
+    # (timm RandAugment levels), else None
+    params, ext = sample_records(job.policy, rng, rows, job.all_hw, job.n_aug)  # [R, N]
     prep = {int(r): _prepare(job.sources, int(job.rows[r]), job.store, job.max_side) for r in rows}
     for r in rows:  # what the sampler assumed must be what is rendered
         if tuple(prep[int(r)].src_hw) != tuple(job.all_hw[r]):
@@ -437,6 +441,7 @@ def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
 
     R, N = params.shape
     flat = params.reshape(-1)
+    flat_ext = None if ext is None else ext.reshape(-1)
     ids_all = np.zeros((R * N, job.topk), np.int64)
     probs_all = np.zeros((R * N, job.topk), np.float16)
     h, w = job.image_size
@@ -450,7 +455,8 @@ def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
             x = buf[: b1 - b0]
             try:
                 _render(job, renders, partners, np.ascontiguousarray(flat[b0:b1]), x,
-                        [repr(prep[int(r)].key) for r in owner])
+                        [repr(prep[int(r)].key) for r in owner],
+                        None if flat_ext is None else np.ascontiguousarray(flat_ext[b0:b1]))
             except Exception as e:
                 keys = sorted({prep[int(r)].key for r in owner})
                 raise BadImageError(f"rendering failed for a batch holding {keys[:8]}: {e}") from e
@@ -464,6 +470,8 @@ def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
     probs_all = probs_all.reshape(R, N, job.topk)
     cols: Dict[str, list] = {k: [] for k in ("id", "key", "hash", "orig_h", "orig_w", "src_h", "src_w",
                                              "label", "image", "augs", "targets")}
+    if ext is not None:
+        cols["augs_ext"] = []
     for a, r in enumerate(rows):
         pr = prep[int(r)]
         cols["id"].append(int(r))
@@ -477,6 +485,8 @@ def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
         cols["image"].append(pr.stored)
         cols["augs"].append(encode_augs(params[a], pr.src_hw, tuple(job.policy.size), job.all_hw))
         cols["targets"].append(encode_targets(ids_all[a], probs_all[a]))
+        if ext is not None:
+            cols["augs_ext"].append(encode_ext(ext[a]))
     return write_shard_file(job.out, s, cols, "classification")
 
 
@@ -734,6 +744,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     ap.add_argument("--randaugment", type=int, nargs=2, metavar=("NUM_OPS", "MAGNITUDE"), default=None,
                     help="RandAugment with NUM_OPS operations at MAGNITUDE (0-30); default: off")
+    ap.add_argument("--randaugment-semantics", choices=("v1", "v2", "pil"), default="v1",
+                    help="whose RandAugment --randaugment replays: torchvision tensor v1 (default), v2, or on "
+                         "PIL images")
+    ap.add_argument("--timm-randaugment", default=None, metavar="CONFIG",
+                    help="timm's RandAugment from its config string (e.g. rand-m9-mstd0.5-inc1; instead of "
+                         "--randaugment)")
     ap.add_argument("--erase", type=float, default=0.0, help="random erasing probability")
     ap.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (0: off)")
     ap.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
@@ -751,9 +767,14 @@ def main(argv=None) -> int:
     if images is None:
         ap.error("the image folder is required: fastload reinforce IMAGES --teacher FILE --out DIR")
     try:
+        timm = a.timm_randaugment is not None
+        if timm and a.randaugment is not None:
+            ap.error("give --randaugment (torchvision's) or --timm-randaugment, not both")
         policy = AugmentPolicy(rrc=not a.no_rrc, flip=not a.no_flip, randaugment=a.randaugment, erase=a.erase,
                                mixup=a.mixup, cutmix=a.cutmix, interpolation=a.interpolation,
-                               size=(a.image_size, a.image_size))
+                               size=(a.image_size, a.image_size),
+                               randaugment_semantics="timm" if timm else a.randaugment_semantics,
+                               timm_config=a.timm_randaugment)
         m = reinforce(images, a.teacher, a.out, num_augmentations=a.num_augmentations, topk=a.topk,
                       policy=policy, batch_size=a.batch_size, image_size=a.image_size,
                       num_classes=a.num_classes, seed=a.seed, engine=a.engine, shard_size=a.shard_size,

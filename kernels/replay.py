@@ -623,11 +623,11 @@ def _ra_tables(num_bins: int, h: int, w: int):
     records store bins as int8). Per batch, packing is then a table lookup."""
     from fastload.replay.reference_ra import RA_SIGNED, magnitude_table
 
-    n = len(P.RA_OPS)
+    n = len(_schema.family_ops("v1"))  # torchvision's ops (the kernel has no timm ops)
     ip = np.zeros((n, 256), dtype=np.int32)
     fp = np.zeros((n, 256, 8), dtype=np.float32)
     bad = np.zeros((n, 256), dtype=bool)
-    for op, name in enumerate(P.RA_OPS):
+    for op, name in enumerate(P.RA_OPS[:n]):
         table = magnitude_table(name, num_bins, h, w)
         vals = None if table is None else [float(v) for v in table.tolist()]
         for b in range(-128, 128):
@@ -656,11 +656,12 @@ def _ra_np(rec, size, num_bins):
     raf = np.zeros((S, B, 8), dtype=np.float32)
     if S == 0:
         return rai, raf
-    unknown = used & (ops >= len(P.RA_OPS))
+    n_tv = len(_schema.family_ops("v1"))
+    unknown = used & (ops >= n_tv)
     if unknown.any():
         b, k = (int(v[0]) for v in np.nonzero(unknown))
-        raise ValueError(f"params: record {b} has unknown RandAugment op id {int(ops[b, k])} "
-                         f"(valid: 0..{len(P.RA_OPS) - 1}, {P.RA_NONE})")
+        raise ValueError(f"params: record {b} has RandAugment op id {int(ops[b, k])}, not one of torchvision's "
+                         f"(valid: 0..{n_tv - 1}, {P.RA_NONE}; timm ops replay on the CPU path)")
     order = np.argsort(~used, axis=1, kind="stable")[:, :S]  # used slots first, in order
     o = np.take_along_axis(ops, order, 1)
     m = np.take_along_axis(mags, order, 1) + 128

@@ -15,10 +15,12 @@ import torch
 
 from fastload import _native
 from fastload.replay.reference_ra import apply_ra
-from fastload.sample.params import RA_OPS, RA_SIGNED
+from fastload.sample.params import RA_SIGNED
+from fastload.sample.schema import RA_OPS as _ALL_OPS, family_ops
 from fastload.sample.policy import AugmentPolicy
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "ra_golden.npz")
+RA_OPS = _ALL_OPS[:len(family_ops("v1"))]  # torchvision's op space (timm's follows)
 V2_FLAG = 1 << 8  # kRASemanticsV2 (csrc/replay/randaugment.h)
 
 

@@ -274,7 +274,7 @@ def test_manifest_op_table_is_validated_on_open(tmp_path):
 
     src = os.path.join(ROOT, "tests", "data", "v1_dataset")
     for name, change, msg in (("renamed", lambda ops: ops[:3] + ["Warp"] + ops[4:], "op 3 is 'Warp'"),
-                              ("longer", lambda ops: ops + ["PILSolarize"], "PILSolarize unknown"),
+                              ("longer", lambda ops: list(S.RA_OPS) + ["PILSolarize"], "PILSolarize unknown"),
                               ("not-a-list", lambda ops: "Identity", "must be a list")):
         root = tmp_path / name
         shutil.copytree(src, root)

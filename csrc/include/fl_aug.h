@@ -30,7 +30,28 @@ enum RAOpId : uint8_t {
   kRASolarize = 11,  // torchvision
   kRAAutoContrast = 12,  // torchvision
   kRAEqualize = 13,  // torchvision
-  kRANumOps = 14
+  kRATimmAutoContrast = 14,  // timm
+  kRATimmEqualize = 15,  // timm
+  kRATimmInvert = 16,  // timm
+  kRATimmRotate = 17,  // timm
+  kRATimmPosterize = 18,  // timm
+  kRATimmPosterizeIncreasing = 19,  // timm
+  kRATimmSolarize = 20,  // timm
+  kRATimmSolarizeIncreasing = 21,  // timm
+  kRATimmSolarizeAdd = 22,  // timm
+  kRATimmColor = 23,  // timm
+  kRATimmColorIncreasing = 24,  // timm
+  kRATimmContrast = 25,  // timm
+  kRATimmContrastIncreasing = 26,  // timm
+  kRATimmBrightness = 27,  // timm
+  kRATimmBrightnessIncreasing = 28,  // timm
+  kRATimmSharpness = 29,  // timm
+  kRATimmSharpnessIncreasing = 30,  // timm
+  kRATimmShearX = 31,  // timm
+  kRATimmShearY = 32,  // timm
+  kRATimmTranslateXRel = 33,  // timm
+  kRATimmTranslateYRel = 34,  // timm
+  kRANumOps = 35
 };
 // Whether an op's magnitude is signed (a negative bin means the other direction).
 inline bool ra_signed(int op) {
@@ -44,6 +65,15 @@ inline bool ra_signed(int op) {
     case kRAColor:
     case kRAContrast:
     case kRASharpness:
+    case kRATimmRotate:
+    case kRATimmColorIncreasing:
+    case kRATimmContrastIncreasing:
+    case kRATimmBrightnessIncreasing:
+    case kRATimmSharpnessIncreasing:
+    case kRATimmShearX:
+    case kRATimmShearY:
+    case kRATimmTranslateXRel:
+    case kRATimmTranslateYRel:
       return true;
     default:
       return false;
@@ -53,11 +83,13 @@ inline bool ra_signed(int op) {
 constexpr int kRASemV1 = 0;  // family torchvision
 constexpr int kRASemV2 = 1;  // family torchvision
 constexpr int kRASemPil = 2;  // family torchvision
+constexpr int kRASemTimm = 3;  // family timm
 inline bool ra_semantics_known(int s) {
   switch (s) {
     case kRASemV1:
     case kRASemV2:
     case kRASemPil:
+    case kRASemTimm:
       return true;
     default:
       return false;
@@ -132,6 +164,7 @@ struct ReplayOptions {
   int32_t threads;  // native threads (0: the pool default)
   float mean[3];  // Normalize mean
   float std[3];  // Normalize std
+  int32_t ra_fill[3];  // fill colour of the geometric ops of the timm semantics (timm's img_mean)
 };
 static_assert(offsetof(ReplayOptions, out_bytes) == 0, "ReplayOptions.out_bytes");
 static_assert(offsetof(ReplayOptions, dtype) == 8, "ReplayOptions.dtype");
@@ -147,8 +180,9 @@ static_assert(offsetof(ReplayOptions, grid_w) == 44, "ReplayOptions.grid_w");
 static_assert(offsetof(ReplayOptions, threads) == 48, "ReplayOptions.threads");
 static_assert(offsetof(ReplayOptions, mean) == 52, "ReplayOptions.mean");
 static_assert(offsetof(ReplayOptions, std) == 64, "ReplayOptions.std");
-static_assert(sizeof(ReplayOptions) == 80, "sizeof(ReplayOptions)");
-constexpr uint64_t kReplayOptionsLayoutHash = 9013211989911268941ULL;  // ReplayOptions/80:out_bytes:<i8:1@0;dtype:<i4:1@8;out_h:<i4:1@12;out_w:<i4:1@16;interpolation:<i4:1@20;dct_rule:<i4:1@24;decoder_flags:<i4:1@28;ra_num_bins:<i4:1@32;ra_semantics:<i4:1@36;grid_h:<i4:1@40;grid_w:<i4:1@44;threads:<i4:1@48;mean:<f4:3@52;std:<f4:3@64
+static_assert(offsetof(ReplayOptions, ra_fill) == 76, "ReplayOptions.ra_fill");
+static_assert(sizeof(ReplayOptions) == 88, "sizeof(ReplayOptions)");
+constexpr uint64_t kReplayOptionsLayoutHash = 1041011894545779127ULL;  // ReplayOptions/88:out_bytes:<i8:1@0;dtype:<i4:1@8;out_h:<i4:1@12;out_w:<i4:1@16;interpolation:<i4:1@20;dct_rule:<i4:1@24;decoder_flags:<i4:1@28;ra_num_bins:<i4:1@32;ra_semantics:<i4:1@36;grid_h:<i4:1@40;grid_w:<i4:1@44;threads:<i4:1@48;mean:<f4:3@52;std:<f4:3@64;ra_fill:<i4:3@76
 constexpr int kReplayOptionsKind = 2;
 
 // An aligned copy of one extension record (packed records may sit at any address).

@@ -23,7 +23,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
+#include "fl_aug.h"
 #include "fl_common.h"
 
 namespace fl {
@@ -251,6 +253,151 @@ void pil_equalize(uint8_t* img, size_t npix) {
   apply_lut3(img, npix, lut);
 }
 
+
+// Image.transform(size, AFFINE, a, BILINEAR or BICUBIC) onto an image filled with `fill`
+// (Image.new(mode, size, fillcolor); fill=0 in the core, so outside pixels keep the fill):
+// Pillow's ImagingGenericTransform with bilinear_filter32RGB / bicubic_filter32RGB.
+inline int pil_floor(double v) { return v < 0.0 ? (int)std::floor(v) : (int)v; }  // Pillow's FLOOR
+inline int clipi(int v, int n) { return v < 0 ? 0 : (v < n ? v : n - 1); }
+
+template <typename T>
+inline double cubic(T v1, T v2, T v3, T v4, double d) {  // Pillow's BICUBIC macro (a = -1)
+  const double p1 = v2;
+  const double p2 = -v1 + v3;
+  const double p3 = 2 * (v1 - v2) + v3 - v4;
+  const double p4 = -v1 + v2 - v3 + v4;
+  return p1 + d * (p2 + d * (p3 + d * p4));
+}
+
+void pil_affine_filtered(uint8_t* img, int h, int w, const double a[6], bool bicubic, const uint8_t fill[3],
+                         uint8_t* scratch) {
+  const size_t n = (size_t)h * w * 3;
+  std::memcpy(scratch, img, n);
+  const uint8_t* in = scratch;
+  for (int y = 0; y < h; ++y) {
+    for (int x = 0; x < w; ++x) {
+      uint8_t* o = img + ((size_t)y * w + x) * 3;
+      const double xin = x + 0.5, yin = y + 0.5;
+      double xx = a[0] * xin + a[1] * yin + a[2];
+      double yy = a[3] * xin + a[4] * yin + a[5];
+      if (xx < 0.0 || xx >= w || yy < 0.0 || yy >= h) {
+        o[0] = fill[0]; o[1] = fill[1]; o[2] = fill[2];
+        continue;
+      }
+      xx -= 0.5;
+      yy -= 0.5;
+      int xi = pil_floor(xx), yi = pil_floor(yy);
+      const double dx = xx - xi, dy = yy - yi;
+      if (!bicubic) {
+        const size_t r0 = (size_t)clipi(yi, h) * w, c0 = (size_t)clipi(xi, w), c1 = (size_t)clipi(xi + 1, w);
+        const bool has1 = yi + 1 >= 0 && yi + 1 < h;
+        for (int c = 0; c < 3; ++c) {
+          const int a0 = in[(r0 + c0) * 3 + c], a1 = in[(r0 + c1) * 3 + c];
+          double v1 = a0 + (a1 - a0) * dx, v2 = v1;
+          if (has1) {
+            const size_t r1 = (size_t)(yi + 1) * w;
+            const int b0 = in[(r1 + c0) * 3 + c], b1 = in[(r1 + c1) * 3 + c];
+            v2 = b0 + (b1 - b0) * dx;
+          }
+          v1 = v1 + (v2 - v1) * dy;
+          o[c] = (uint8_t)v1;
+        }
+        continue;
+      }
+      xi -= 1;
+      yi -= 1;
+      size_t cx[4];
+      for (int k = 0; k < 4; ++k) cx[k] = (size_t)clipi(xi + k, w);
+      for (int c = 0; c < 3; ++c) {
+        double v[4];
+        const uint8_t* row = in + (size_t)clipi(yi, h) * w * 3 + c;
+        v[0] = cubic<int>(row[cx[0] * 3], row[cx[1] * 3], row[cx[2] * 3], row[cx[3] * 3], dx);
+        for (int k = 1; k < 4; ++k) {
+          if (yi + k >= 0 && yi + k < h) {
+            row = in + (size_t)(yi + k) * w * 3 + c;
+            v[k] = cubic<int>(row[cx[0] * 3], row[cx[1] * 3], row[cx[2] * 3], row[cx[3] * 3], dx);
+          } else {
+            v[k] = v[k - 1];
+          }
+        }
+        const double r = cubic<double>(v[0], v[1], v[2], v[3], dy);
+        o[c] = r <= 0.0 ? 0 : (r >= 255.0 ? 255 : (uint8_t)r);
+      }
+    }
+  }
+}
+
+// Image.rotate(angle, resample, expand=False, fillcolor=fill) with BILINEAR or BICUBIC.
+void pil_rotate_filtered(uint8_t* img, int h, int w, double angle_deg, bool bicubic, const uint8_t fill[3],
+                         uint8_t* scratch) {
+  const double angle = py_mod(angle_deg, 360.0);
+  if (angle == 0.0) return;
+  const size_t n = (size_t)h * w * 3;
+  if (angle == 180.0 || ((angle == 90.0 || angle == 270.0) && w == h)) {  // Pillow's transposes
+    std::memcpy(scratch, img, n);
+    for (int y = 0; y < h; ++y)
+      for (int x = 0; x < w; ++x) {
+        int ys, xs;
+        if (angle == 180.0) { ys = h - 1 - y; xs = w - 1 - x; }
+        else if (angle == 90.0) { ys = x; xs = w - 1 - y; }
+        else { ys = h - 1 - x; xs = y; }
+        put(img, scratch, w, y, x, ys, xs);
+      }
+    return;
+  }
+  const double cx = w / 2.0, cy = h / 2.0;
+  const double r = -(angle * kDegToRad);
+  double m[6] = {py_round15(std::cos(r)), py_round15(std::sin(r)), 0.0,
+                 py_round15(-std::sin(r)), py_round15(std::cos(r)), 0.0};
+  const double x = -cx - 0, y = -cy - 0;
+  const double m2 = m[0] * x + m[1] * y + m[2];
+  const double m5 = m[3] * x + m[4] * y + m[5];
+  m[2] = m2 + cx;
+  m[5] = m5 + cy;
+  pil_affine_filtered(img, h, w, m, bicubic, fill, scratch);
+}
+
+// ImageEnhance.<kind>(image).enhance(factor): kind 0 Brightness, 1 Color, 2 Contrast, 3 Sharpness.
+void pil_enhance(uint8_t* img, int h, int w, int kind, double factor, uint8_t* scratch) {
+  const size_t npix = (size_t)h * w, nbytes = npix * 3;
+  switch (kind) {
+    case 0: {
+      static const uint8_t zero = 0;
+      pil_blend(img, nbytes, &zero, nbytes + 1, factor);
+      return;
+    }
+    case 1:
+      for (size_t p = 0; p < npix; ++p) scratch[p] = pil_grey(img + p * 3);
+      pil_blend(img, nbytes, scratch, 3, factor);
+      return;
+    case 2: {
+      uint64_t sum = 0;
+      for (size_t p = 0; p < npix; ++p) sum += pil_grey(img + p * 3);
+      const uint8_t mean = (uint8_t)(int)((double)sum / (double)npix + 0.5);
+      pil_blend(img, nbytes, &mean, nbytes + 1, factor);
+      return;
+    }
+    default:
+      std::memcpy(scratch, img, nbytes);
+      if (h >= 3 && w >= 3) {
+        for (int y = 1; y < h - 1; ++y)
+          for (int x = 1; x < w - 1; ++x)
+            for (int c = 0; c < 3; ++c) {
+              int s = 0;
+              for (int dy = -1; dy <= 1; ++dy)
+                for (int dx = -1; dx <= 1; ++dx) s += img[((size_t)(y + dy) * w + (x + dx)) * 3 + c];
+              s += 4 * img[((size_t)y * w + x) * 3 + c];
+              scratch[((size_t)y * w + x) * 3 + c] = (uint8_t)((2 * s + 13) / 26);
+            }
+      }
+      pil_blend(img, nbytes, scratch, 1, factor);
+      return;
+  }
+}
+
+void lut_all(uint8_t* img, size_t nbytes, const uint8_t lut[256]) {
+  for (size_t i = 0; i < nbytes; ++i) img[i] = lut[img[i]];
+}
 }  // namespace
 
 // One op with its float magnitude (as torchvision's _apply_op receives it) on a PIL image.
@@ -340,4 +487,127 @@ int ra_pil_apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* sc
   }
 }
 
+// ---------------------------------------------------------------------------- timm semantics
+// timm.data.auto_augment's RandAugment ops on a PIL image. level: timm's magnitude after its
+// noise and clipping (the record's ra_vals, float32), turned into the op's argument in double
+// as timm's *_level_to_arg functions do; negate: timm's _randomly_negate draw; bicubic: its
+// resampling draw (geometric ops); fill: hparams' img_mean.
+int ra_timm_apply_one(uint8_t* img, int h, int w, int op, double level, bool negate, bool bicubic,
+                      const uint8_t fill[3], uint8_t* scratch) {
+  const size_t nbytes = (size_t)h * w * 3;
+  const double denom = 10.0;  // timm's _LEVEL_DENOM
+  auto sgn = [&](double v) { return negate ? -v : v; };
+  auto enhance = [&](double v) { return (v / denom) * 1.8 + 0.1; };
+  auto enhance_inc = [&](double v) {
+    const double f = 1.0 + sgn((v / denom) * .9);
+    return f > 0.1 ? f : 0.1;  // max(0.1, f)
+  };
+  auto solarize_arg = [&](double v) {
+    const long t = (long)((v / denom) * 256);
+    return t < 256 ? t : 256L;
+  };
+  uint8_t lut[256];
+  switch (op) {
+    case kRATimmAutoContrast:
+      pil_autocontrast(img, (size_t)h * w);
+      return 0;
+    case kRATimmEqualize:
+      pil_equalize(img, (size_t)h * w);
+      return 0;
+    case kRATimmInvert:
+      for (size_t i = 0; i < nbytes; ++i) img[i] = (uint8_t)(255 - img[i]);
+      return 0;
+    case kRATimmRotate:
+      pil_rotate_filtered(img, h, w, sgn((level / denom) * 30.), bicubic, fill, scratch);
+      return 0;
+    case kRATimmPosterize:
+    case kRATimmPosterizeIncreasing: {
+      long bits = (long)((level / denom) * 4);
+      if (op == kRATimmPosterizeIncreasing) bits = 4 - bits;
+      if (bits >= 8) return 0;
+      // ImageOps.posterize: i & ~(2 ** (8 - bits) - 1); bits <= 0 clears every bit
+      const int keep = bits <= 0 ? 0 : (int)bits;
+      const uint8_t mask = (uint8_t)~((1 << (8 - keep)) - 1);
+      for (int i = 0; i < 256; ++i) lut[i] = (uint8_t)(i & mask);
+      lut_all(img, nbytes, lut);
+      return 0;
+    }
+    case kRATimmSolarize:
+    case kRATimmSolarizeIncreasing: {
+      long t = solarize_arg(level);
+      if (op == kRATimmSolarizeIncreasing) t = 256 - t;
+      for (int i = 0; i < 256; ++i) lut[i] = i < t ? (uint8_t)i : (uint8_t)(255 - i);
+      lut_all(img, nbytes, lut);
+      return 0;
+    }
+    case kRATimmSolarizeAdd: {
+      long add = (long)((level / denom) * 110);
+      if (add > 128) add = 128;
+      for (int i = 0; i < 256; ++i) lut[i] = i < 128 ? (uint8_t)(i + add > 255 ? 255 : i + add) : (uint8_t)i;
+      lut_all(img, nbytes, lut);
+      return 0;
+    }
+    case kRATimmColor: pil_enhance(img, h, w, 1, enhance(level), scratch); return 0;
+    case kRATimmColorIncreasing: pil_enhance(img, h, w, 1, enhance_inc(level), scratch); return 0;
+    case kRATimmContrast: pil_enhance(img, h, w, 2, enhance(level), scratch); return 0;
+    case kRATimmContrastIncreasing: pil_enhance(img, h, w, 2, enhance_inc(level), scratch); return 0;
+    case kRATimmBrightness: pil_enhance(img, h, w, 0, enhance(level), scratch); return 0;
+    case kRATimmBrightnessIncreasing: pil_enhance(img, h, w, 0, enhance_inc(level), scratch); return 0;
+    case kRATimmSharpness: pil_enhance(img, h, w, 3, enhance(level), scratch); return 0;
+    case kRATimmSharpnessIncreasing: pil_enhance(img, h, w, 3, enhance_inc(level), scratch); return 0;
+    case kRATimmShearX:
+    case kRATimmShearY: {
+      const double f = sgn((level / denom) * 0.3);
+      const double m[6] = {1, op == kRATimmShearX ? f : 0.0, 0, op == kRATimmShearY ? f : 0.0, 1, 0};
+      pil_affine_filtered(img, h, w, m, bicubic, fill, scratch);
+      return 0;
+    }
+    case kRATimmTranslateXRel:
+    case kRATimmTranslateYRel: {
+      const double pct = sgn((level / denom) * 0.45);  // hparams' translate_pct default
+      const double px = pct * (op == kRATimmTranslateXRel ? w : h);
+      const double m[6] = {1, 0, op == kRATimmTranslateXRel ? px : 0.0, 0, 1, op == kRATimmTranslateYRel ? px : 0.0};
+      pil_affine_filtered(img, h, w, m, bicubic, fill, scratch);
+      return 0;
+    }
+    default:
+      return fail("randaugment (timm): op id %d is not a timm op", op);
+  }
+}
+
+// The stored timm ops of one record: ops (kRANone skipped), levels in vals, draws in mags
+// (sign: negation, |mags| == 2: BICUBIC). Validates everything before touching the image.
+int ra_timm_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, const float* vals, int n,
+                  const uint8_t fill[3], uint8_t* scratch) {
+  if (h < 1 || w < 1) return fail("randaugment (timm): image size %dx%d must be positive", h, w);
+  for (int i = 0; i < n; ++i) {
+    if (ops[i] == kRANone) continue;
+    if (ops[i] < kRATimmAutoContrast || ops[i] >= kRANumOps)
+      return fail("randaugment (timm): op id %d at slot %d is not a timm op", ops[i], i);
+    if (!std::isfinite(vals[i]) || vals[i] < 0.0f || vals[i] > 100.0f)
+      return fail("randaugment (timm): level %g at slot %d outside [0, 100]", (double)vals[i], i);
+    if (mags[i] == 0 || mags[i] < -2 || mags[i] > 2)
+      return fail("randaugment (timm): draw code %d at slot %d is not +-1 or +-2", (int)mags[i], i);
+  }
+  for (int i = 0; i < n; ++i) {
+    if (ops[i] == kRANone) continue;
+    if (ra_timm_apply_one(img, h, w, ops[i], (double)vals[i], mags[i] < 0, mags[i] == 2 || mags[i] == -2, fill,
+                          scratch) != 0)
+      return -1;
+  }
+  return 0;
+}
+
 }  // namespace fl
+
+// Test entry: timm RandAugment in place on one h x w x 3 image (scratch allocated per call).
+FL_EXPORT int fl_ra_timm_u8(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, const float* vals,
+                            int n, const uint8_t* fill) {
+  if (img == nullptr || fill == nullptr || (n > 0 && (ops == nullptr || mags == nullptr || vals == nullptr)))
+    return fl::fail("fl_ra_timm_u8: null pointer");
+  if (h < 1 || w < 1) return fl::fail("fl_ra_timm_u8: image size %dx%d must be positive", h, w);
+  return fl::guard("fl_ra_timm_u8", [&] {
+    std::vector<uint8_t> scratch((size_t)h * (size_t)w * 3);
+    return fl::ra_timm_apply(img, h, w, ops, mags, vals, n, fill, scratch.data());
+  });
+}

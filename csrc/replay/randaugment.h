@@ -22,4 +22,11 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
 // One op on a PIL image (ra_pil.cpp), float magnitude as torchvision's _apply_op receives it.
 int ra_pil_apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* scratch);
 
+// timm's RandAugment ops (ra_pil.cpp; randaugment_semantics="timm"): ops of the timm family
+// (kRANone skipped) with their levels vals[i], negation (mags[i] < 0) and resampling
+// (|mags[i]| == 2: BICUBIC, else BILINEAR) draws; fill: the geometric ops' fill colour.
+// scratch holds h*w*3 bytes. Returns 0, or -1 with fl::fail() set (image untouched).
+int ra_timm_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, const float* vals, int n,
+                  const uint8_t fill[3], uint8_t* scratch);
+
 }  // namespace fl

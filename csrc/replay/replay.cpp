@@ -25,6 +25,8 @@ int randaugment_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8
                       int num_bins, uint8_t* scratch) __attribute__((weak));
 int randaugment_apply_values(uint8_t* img, int h, int w, const uint8_t* ops, const float* vals, int n,
                              int grid_h, int grid_w, uint8_t* scratch, int semantics) __attribute__((weak));
+int ra_timm_apply(uint8_t* img, int h, int w, const uint8_t* ops, const int8_t* mags, const float* vals, int n,
+                  const uint8_t fill[3], uint8_t* scratch) __attribute__((weak));
 }  // namespace fl
 
 namespace {
@@ -44,6 +46,8 @@ struct Job {
   float scale[3], bias[3], mean255[3];
   const fl::AugExt* ext = nullptr;  // schema-v2 extension records (may be null)
   int grid_h = 0, grid_w = 0;       // the box grid float translations were sampled on
+  bool timm = false;                // timm RandAugment semantics (levels in the extension)
+  uint8_t fill[3] = {0, 0, 0};      // its geometric ops' fill colour
 };
 
 // The erase fill of channel c: the mean colour (0 after Normalize), or black before
@@ -258,7 +262,11 @@ int ra_planar(const Job& J, uint8_t* planar, uint8_t* hwc, uint8_t* ra, const ui
     planar_to_hwc(r, r + ow, r + 2 * ow, hwc + (size_t)y * 3 * ow, ow);
   }
   int rc;
-  if (use_vals) {
+  if (J.timm) {
+    if (!use_vals) return fl::fail("timm RandAugment records need their levels (extension records with ra_float)");
+    if (&fl::ra_timm_apply == nullptr) return fl::fail("RandAugment is not built into this library");
+    rc = fl::ra_timm_apply(hwc, J.oh, J.ow, ops, mags, vals, fl::kMaxRA, J.fill, ra);
+  } else if (use_vals) {
     if (&fl::randaugment_apply_values == nullptr) return fl::fail("RandAugment is not built into this library");
     rc = fl::randaugment_apply_values(hwc, J.oh, J.ow, ops, vals, fl::kMaxRA, J.grid_h, J.grid_w, ra,
                                       J.num_bins & fl::kRASemanticsMask);
@@ -531,6 +539,11 @@ FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* a
   J.ext = ext;
   J.grid_h = o.grid_h > 0 ? o.grid_h : o.out_h;
   J.grid_w = o.grid_w > 0 ? o.grid_w : o.out_w;
+  J.timm = o.ra_semantics == fl::kRASemTimm;
+  for (int c = 0; c < 3; ++c) {
+    if (o.ra_fill[c] < 0 || o.ra_fill[c] > 255) return fl::fail("ra_fill[%d] %d outside [0, 255]", c, o.ra_fill[c]);
+    J.fill[c] = (uint8_t)o.ra_fill[c];
+  }
   for (int c = 0; c < 3; ++c) {
     if (!(o.std[c] > 0.f)) return fl::fail("std[%d] must be positive", c);
     J.scale[c] = 1.f / (255.f * o.std[c]);

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fastload.format.images import stored_image_bytes
 from fastload.format.record_ext import encode_ext
 from fastload.format.shards import encode_array, encode_augs
 from fastload.format.writer import DatasetWriter, write_shard_file
@@ -266,10 +267,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                     except Exception as e:  # any decode failure
                         raise ValueError(f"cannot decode image {key!r}: {e}") from e
                     w, h = Image.open(io.BytesIO(img)).size
-                    if im.format != "JPEG":
-                        buf = io.BytesIO()
-                        Image.open(io.BytesIO(img)).convert("RGB").save(buf, format="JPEG", quality=95)
-                        img = buf.getvalue()
+                    img = stored_image_bytes(img, f"image {key!r}")[0]  # losslessly (PNG, CMYK: PNG)
                     ie, te, n_syn = _load_npz(parts["npz"], key)
                     rec, ext = _parse_paug(parts["paug.json"], key, (h, w), policy.size, ra_num_bins)
                     if len(rec) != len(ie):

@@ -906,16 +906,12 @@ def _image_sizes(root: str, files: List[str], progress: bool) -> np.ndarray:
 
 
 def _image_bytes(path: str) -> bytes:
-    from PIL import Image
+    """The file's bytes as stored: losslessly (fastload.format.images.stored_image_bytes)."""
+    from fastload.format.images import stored_image_bytes
 
     with open(path, "rb") as f:
         b = f.read()
-    with Image.open(io.BytesIO(b)) as im:
-        if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            return b
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=95)  # the replay decodes JPEG only
-        return buf.getvalue()
+    return stored_image_bytes(b, path)[0]
 
 
 # ---------------------------------------------------------------------------------------

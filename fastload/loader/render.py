@@ -98,6 +98,8 @@ class Render:
         kw = dict(mean=self.cfg.mean, std=self.cfg.std, interpolation=self.cfg.interpolation,
                   dct_scale=self.cfg.dct_scale, threads=threads, ra_num_bins=getattr(pol, "ra_num_bins", 31),
                   ra_semantics=getattr(pol, "randaugment_semantics", "v1"))
+        if kw["ra_semantics"] == "timm":
+            kw["ra_fill"] = pol.timm_fill
         grid = self.dataset.replay.get("box_grid") if ext is not None else None
 
         def ek(pos):  # the rows' schema-v2 extension records, when the dataset has them

@@ -180,6 +180,49 @@ def _pil_decode(b) -> np.ndarray:
         raise RuntimeError(f"bad JPEG: {e}") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(b) -> bool:
+    """Whether ``b`` (bytes-like) holds a PNG (by content, not name)."""
+    if b is None or isinstance(b, (np.ndarray, torch.Tensor)):
+        return False
+    try:
+        return bytes(memoryview(b)[:8]) == PNG_SIGNATURE
+    except TypeError:
+        return False
+
+
+def decode_png(b) -> np.ndarray:
+    """A PNG source's pixels as the replay sees them: Pillow's decode and ``convert("RGB")``
+    (what torchvision's ``pil_loader`` gives a training loop), uint8 HWC."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(b))) as im:
+            if im.format != "PNG":
+                raise RuntimeError(f"not a PNG ({im.format})")
+            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+        raise RuntimeError(f"bad PNG: {e}") from None
+
+
+def _png_sources(sources, sample_ids, what):
+    """PNG sources (stored losslessly by the importers) decoded to pixels; the native decoder
+    reads JPEG only. Returns ``sources`` itself when none is a PNG."""
+    pos = [i for i, s in enumerate(sources) if is_png(s)]
+    if not pos:
+        return sources
+    out = list(sources)
+    for i in pos:
+        try:
+            out[i] = decode_png(sources[i])
+        except RuntimeError as e:
+            name = sample_ids[i] if sample_ids is not None else i
+            raise ValueError(f"sample {name} ({what} {i}): {e}") from None
+    return out
+
+
 def _address(a: np.ndarray) -> int:
     # ctypes.c_char.from_buffer is several times cheaper than __array_interface__ / .ctypes
     # (Python overhead per source matters at thousands of images per second).
@@ -261,14 +304,15 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                  interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
                  sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
                  ra_semantics: str = "v1", _decoder_flags: int = 0, ext: Optional[np.ndarray] = None,
-                 box_grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+                 box_grid: Optional[Sequence[int]] = None, ra_fill: Sequence[int] = (124, 116, 104)) -> torch.Tensor:
     """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
     normalization; erased pixels take the mean colour), and may be pinned: the kernel writes
-    into it directly. ``ra_semantics`` ("v1", "v2" or "pil": the dataset policy's
+    into it directly. ``ra_semantics`` ("v1", "v2", "pil" or "timm": the dataset policy's
     ``randaugment_semantics``) picks torchvision's RandAugment arithmetic (tensor v1, tensor v2,
-    or on PIL images). ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
+    or on PIL images) or timm's (its records carry their levels in ``ext``; ``ra_fill`` is the
+    fill colour of its geometric ops, the policy's ``timm_fill``). ``partner_sources[i]`` is the MixUp/CutMix partner of sample i (``None``
     where the record does not mix). ``dct_scale`` lets the JPEG decoder downscale in the DCT
     domain: ``True`` / ``"pow2"`` (the default rule, the one datasets recorded as
     ``dct_scale: true`` were generated with) decodes at 1/2, 1/4 or 1/8 when the crop is at
@@ -334,6 +378,10 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         sources = _decode_python(sources, sample_ids, "source")
         if partner_sources is not None:
             partner_sources = _decode_python(partner_sources, sample_ids, "partner of source")
+    else:  # lossless (PNG) sources: Pillow decodes them, the kernel takes their pixels
+        sources = _png_sources(sources, sample_ids, "source")
+        if partner_sources is not None:
+            partner_sources = _png_sources(partner_sources, sample_ids, "partner of source")
     keep: list = []
     desc = _describe(sources, keep, "sources")
     pdesc = None
@@ -345,6 +393,10 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                    interpolation=_INTERP[interpolation], dct_rule=_dct_code(dct_scale),
                    decoder_flags=int(_decoder_flags), ra_num_bins=int(ra_num_bins),
                    ra_semantics=S.RA_SEMANTICS[ra_semantics][0], grid_h=gh, grid_w=gw, threads=int(threads or 0))
+    fill = [int(v) for v in ra_fill]
+    if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
+        raise ValueError(f"ra_fill must be 3 values in 0..255, got {ra_fill!r}")
+    opt.ra_fill[:] = fill
     opt.mean[:] = [float(v) for v in mean_a]
     opt.std[:] = [float(v) for v in std_a]
     bad = ctypes.c_int64(-1)
@@ -387,10 +439,27 @@ def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = Non
 
             arrs = [np.asarray(Image.fromarray(a).reduce(scale)) for a in arrs]
         return arrs if keep else None
+    png = {i for i, s in enumerate(sources) if is_png(s)}
+    if png:  # lossless sources: Pillow's decode (no DCT scaling: Pillow's reduce by `scale`)
+        from PIL import Image
+
+        rest = [i for i in range(len(sources)) if i not in png]
+        got = decode_batch([sources[i] for i in rest], scale, threads, keep,
+                           None if sample_ids is None else [sample_ids[i] for i in rest]) if rest else []
+        arrs: list = [None] * len(sources)
+        for i, a in zip(rest, got or []):
+            arrs[i] = a
+        for i in sorted(png):
+            try:
+                a = decode_png(sources[i])
+            except RuntimeError as e:
+                raise ValueError(f"sample {sample_ids[i] if sample_ids is not None else i}: {e}") from None
+            arrs[i] = a if scale == 1 else np.asarray(Image.fromarray(a).reduce(scale))
+        return arrs if keep else None
     hold: list = []
     for i, s in enumerate(sources):
         if isinstance(s, np.ndarray) or s is None:
-            raise ValueError(f"sources[{i}] must be JPEG bytes")
+            raise ValueError(f"sources[{i}] must be JPEG (or PNG) bytes")
     desc = _describe(sources, hold, "sources")
     n = len(sources)
     bad = ctypes.c_int64(-1)

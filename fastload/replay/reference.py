@@ -69,9 +69,16 @@ def _ra_float(y: torch.Tensor, ops, vals, box_grid, semantics: str = "v1") -> to
     return y
 
 
-def _apply_ra_any(y, ops, mags, vals, use_float: bool, ra_num_bins, box_grid, semantics: str = "v1"):
+def _apply_ra_any(y, ops, mags, vals, use_float: bool, ra_num_bins, box_grid, semantics: str = "v1",
+                  ra_fill=None):
     if not any(int(o) != P.RA_NONE for o in ops):
         return y
+    if semantics == "timm":
+        from .reference_ra import TIMM_FILL, apply_timm
+
+        if not use_float:
+            raise ValueError("timm RandAugment records need their levels (extension records with ra_float)")
+        return apply_timm(y, ops, mags, vals, TIMM_FILL if ra_fill is None else ra_fill)
     if use_float:
         return _ra_float(y, ops, vals, box_grid, semantics)
     from .reference_ra import apply_ra
@@ -82,8 +89,9 @@ def _apply_ra_any(y, ops, mags, vals, use_float: bool, ra_num_bins, box_grid, se
 
 
 def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", ra_num_bins=31,
-                    ext=None, box_grid=None, ra_semantics="v1") -> torch.Tensor:
-    """The uint8 [3,h,w] image before normalization: crop, resize, flip, RandAugment.
+                    ext=None, box_grid=None, ra_semantics="v1", ra_fill=None) -> torch.Tensor:
+    """The uint8 [3,h,w] image before normalization: crop, resize, flip, RandAugment
+    (``ra_fill``: the timm semantics' fill colour, default ``reference_ra.TIMM_FILL``).
 
     Example:
         >>> import numpy as np
@@ -96,7 +104,8 @@ def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", 
     y = crop_resize_flip(img_u8_hwc, aug["crop"], size, bool(flags & P.FLAG_FLIP), interpolation)
     use_float = ext is not None and bool(int(ext["ext"]) & P.EXT_RA_FLOAT)
     vals = ext["ra_vals"] if ext is not None else None
-    return _apply_ra_any(y, aug["ra_ops"], aug["ra_mags"], vals, use_float, ra_num_bins, box_grid, ra_semantics)
+    return _apply_ra_any(y, aug["ra_ops"], aug["ra_mags"], vals, use_float, ra_num_bins, box_grid, ra_semantics,
+                         ra_fill)
 
 
 def _erase(x: torch.Tensor, box, h: int, w: int, fill: torch.Tensor) -> None:
@@ -107,7 +116,7 @@ def _erase(x: torch.Tensor, box, h: int, w: int, fill: torch.Tensor) -> None:
 
 def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IMAGENET_MEAN,
                      std=IMAGENET_STD, interpolation="bilinear", ra_num_bins=31, ext=None,
-                     box_grid=None, ra_semantics="v1") -> torch.Tensor:
+                     box_grid=None, ra_semantics="v1", ra_fill=None) -> torch.Tensor:
     """Replay one record on one image: float32 [3, h, w], normalized, erased and mixed.
 
     Example:
@@ -121,7 +130,7 @@ def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IM
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     x = reference_uint8(img_u8_hwc, aug, size, interpolation, ra_num_bins, ext, box_grid,
-                        ra_semantics).float() / 255
+                        ra_semantics, ra_fill).float() / 255
     x = (x - m) / s
     xb = int(ext["ext"]) if ext is not None else 0
     # ml-dr erases with 0 before Normalize: the pixel becomes -mean/std; fastload's own
@@ -135,7 +144,7 @@ def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IM
         p = crop_resize_flip(partner_img, aug["pcrop"], size, bool(flags & P.FLAG_PARTNER_FLIP), interpolation)
         if xb & P.EXT_PARTNER_AUG:
             p = _apply_ra_any(p, ext["pra_ops"], ext["pra_mags"], ext["pra_vals"], bool(xb & P.EXT_RA_FLOAT),
-                              ra_num_bins, box_grid, ra_semantics)
+                              ra_num_bins, box_grid, ra_semantics, ra_fill)
         p = (p.float() / 255 - m) / s
         if xb & P.EXT_PARTNER_AUG:
             _erase(p, ext["perase"], h, w, fill)

@@ -45,9 +45,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastload.sample import schema as _S
 from fastload.sample.params import RA_NONE, RA_OPS, RA_SIGNED
 
-__all__ = ["apply_ra", "apply_op", "magnitude_table", "magnitude_value", "SEMANTICS"]
+__all__ = ["apply_ra", "apply_op", "apply_timm", "timm_op", "magnitude_table", "magnitude_value", "SEMANTICS",
+           "TIMM_FILL"]
 
 SEMANTICS = ("v1", "v2", "pil")
 
@@ -388,9 +390,105 @@ def apply_ra(img_u8_chw: torch.Tensor, ops: Sequence[int], mags: Sequence[int],
         op_id = int(op_id)
         if op_id == RA_NONE:
             continue
-        if not 0 <= op_id < len(RA_OPS):
-            raise ValueError(f"ops: unknown op id {op_id} (valid: 0..{len(RA_OPS) - 1}, {RA_NONE})")
+        if not 0 <= op_id < _N_TV:
+            raise ValueError(f"ops: op id {op_id} is not one of torchvision's (valid: 0..{_N_TV - 1}, {RA_NONE}; "
+                             "timm's ops: apply_timm)")
         name = RA_OPS[op_id]
         _, h, w = img.shape
         img = apply_op(img, name, magnitude_value(name, int(mag_bin), num_bins, h, w, semantics), semantics)
     return img
+
+
+# ----------------------------------------------------------------------------- timm
+# timm.data.auto_augment's RandAugment ops on a PIL image, from the level (timm's magnitude
+# after noise and clipping) and the recorded draws, through the same Pillow calls timm makes.
+
+_N_TV = len(RA_OPS)  # params.RA_OPS: torchvision's ops; the timm family follows in the schema's table
+TIMM_FILL = (124, 116, 104)  # timm's create_transform: round(255 * ImageNet mean)
+
+
+def _timm_arg(op: str, level: float, negate: bool):
+    """timm's *_level_to_arg for ``op`` (timm's op name) in double arithmetic."""
+    sgn = (lambda v: -v if negate else v)
+    if op == "Rotate":
+        return sgn((level / 10.) * 30.)
+    if op in ("ShearX", "ShearY"):
+        return sgn((level / 10.) * 0.3)
+    if op in ("TranslateXRel", "TranslateYRel"):
+        return sgn((level / 10.) * 0.45)
+    if op in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return (level / 10.) * 1.8 + 0.1
+    if op.endswith("Increasing") and op[:-10] in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return max(0.1, 1.0 + sgn((level / 10.) * .9))
+    if op == "Posterize":
+        return int((level / 10.) * 4)
+    if op == "PosterizeIncreasing":
+        return 4 - int((level / 10.) * 4)
+    if op == "Solarize":
+        return min(256, int((level / 10.) * 256))
+    if op == "SolarizeIncreasing":
+        return 256 - min(256, int((level / 10.) * 256))
+    if op == "SolarizeAdd":
+        return min(128, int((level / 10.) * 110))
+    return None
+
+
+def timm_op(pil, op: str, level: float, negate: bool = False, bicubic: bool = False, fill=TIMM_FILL):
+    """One timm RandAugment op (timm's name, e.g. ``"ShearX"``) on an RGB PIL image."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    arg = _timm_arg(op, float(level), bool(negate))
+    kw = {"resample": Image.BICUBIC if bicubic else Image.BILINEAR, "fillcolor": tuple(int(v) for v in fill)}
+    w, h = pil.size
+    if op == "AutoContrast":
+        return ImageOps.autocontrast(pil)
+    if op == "Equalize":
+        return ImageOps.equalize(pil)
+    if op == "Invert":
+        return ImageOps.invert(pil)
+    if op == "Rotate":
+        return pil.rotate(arg, **kw)
+    if op in ("ShearX", "ShearY"):
+        m = (1, arg, 0, 0, 1, 0) if op == "ShearX" else (1, 0, 0, arg, 1, 0)
+        return pil.transform(pil.size, Image.AFFINE, m, **kw)
+    if op in ("TranslateXRel", "TranslateYRel"):
+        m = (1, 0, arg * w, 0, 1, 0) if op == "TranslateXRel" else (1, 0, 0, 0, 1, arg * h)
+        return pil.transform(pil.size, Image.AFFINE, m, **kw)
+    if op.startswith("Posterize"):
+        if arg >= 8:
+            return pil
+        mask = ~(2 ** (8 - max(arg, 0)) - 1) & 255  # 0 bits: black (Pillow >= 11 refuses bits 0)
+        return pil.point([i & mask for i in range(256)] * 3)
+    if op.startswith("Solarize") and op != "SolarizeAdd":
+        return pil.point([i if i < arg else 255 - i for i in range(256)] * 3)
+    if op == "SolarizeAdd":
+        return pil.point([min(255, i + arg) if i < 128 else i for i in range(256)] * 3)
+    for kind in ("Color", "Contrast", "Brightness", "Sharpness"):
+        if op.startswith(kind):
+            return getattr(ImageEnhance, kind)(pil).enhance(arg)
+    raise ValueError(f"op: unknown timm RandAugment op {op!r}")
+
+
+def apply_timm(img_u8_chw: torch.Tensor, ops: Sequence[int], draws: Sequence[int], levels: Sequence[float],
+               fill=TIMM_FILL) -> torch.Tensor:
+    """timm's RandAugment as fastload stores it: op ids of the timm family (``RA_NONE``
+    skipped), ``draws`` the records' ra_mags (sign: negation, 2: BICUBIC), ``levels`` the
+    float32 levels; on a [3, H, W] uint8 image, returns a new one."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(img_u8_chw, torch.Tensor) or img_u8_chw.dtype != torch.uint8 \
+            or img_u8_chw.ndim != 3 or img_u8_chw.shape[0] != 3:
+        raise ValueError("img_u8_chw: expected a uint8 tensor of shape [3, H, W]")
+    pil = Image.fromarray(img_u8_chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    for o, d, lv in zip(ops, draws, levels):
+        o = int(o)
+        if o == RA_NONE:
+            continue
+        if not (_N_TV <= o < len(_S.RA_OPS)) or not _S.RA_OPS[o].startswith("Timm"):
+            raise ValueError(f"ops: op id {o} is not a timm op (valid: {_N_TV}..{len(_S.RA_OPS) - 1}, {RA_NONE})")
+        d = int(d)
+        if d not in (-2, -1, 1, 2):
+            raise ValueError(f"draws: {d} is not +-1 or +-2")
+        pil = timm_op(pil, _S.RA_OPS[o][4:], float(np.float32(lv)), d < 0, abs(d) == 2, fill)
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()

@@ -13,7 +13,9 @@ re-encoded at a smaller size) is correct:
   applied.
 - ``ra_ops`` / ``ra_mags``: RandAugment ops in the order applied (``RA_NONE`` = unused slot)
   and their signed magnitude bins (sign = direction for signed ops; the value of a bin comes
-  from the op's table for the *output* size, as torchvision's ``_augmentation_space``).
+  from the op's table for the *output* size, as torchvision's ``_augmentation_space``). With
+  the timm semantics the ids are the schema's ``Timm*`` family, ``ra_mags`` holds timm's
+  draws (sign: negated; 2: BICUBIC, 1: BILINEAR) and the extension's ``ra_vals`` the levels.
 - ``erase``: RandomErasing box (top, left, height, width) as fractions of the output, 1/65535
   units; ``width == 0`` means no erasing. Erased pixels become 0 after normalization (the
   mean colour), torchvision's ``RandomErasing(value=0)`` after ``Normalize``.
@@ -48,7 +50,12 @@ from __future__ import annotations
 import numpy as np
 
 from fastload.sample import schema as S
-from fastload.sample.schema import MAX_RA, Q, RA_NONE, RA_OPS, RA_SIGNED, dq  # noqa: F401 - re-exported
+from fastload.sample.schema import MAX_RA, Q, RA_NONE, RA_SIGNED, dq  # noqa: F401 - re-exported
+
+# torchvision's RandAugment op names (ids 0..13, the semantics v1, v2 and pil); the op table
+# goes on with other families (timm's: schema.RA_OPS, schema.family_ops("timm"))
+RA_OPS = tuple(S.RA_OPS[i] for i in S.family_ops("v1"))
+assert RA_OPS == S.RA_OPS[:len(RA_OPS)]
 
 FLAG_FLIP = S.bit(S.AUG, "flags", "flip")
 FLAG_PARTNER_FLIP = S.bit(S.AUG, "flags", "partner_flip")

@@ -9,13 +9,101 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Optional, Tuple
 
 import numpy as np
 
 from . import params as P
+from . import schema as S
 
 _INTERPOLATIONS = ("bilinear", "bicubic")
+_TIMM_INTERPOLATIONS = ("random", "bilinear", "bicubic")
+TIMM_FILL = (124, 116, 104)  # timm's create_transform: img_mean = round(255 * ImageNet mean)
+_TIMM_DEFAULTS = {"timm_config": None, "timm_fill": list(TIMM_FILL), "timm_interpolation": "random"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmRandAugment:
+    """A parsed timm RandAugment config string (``rand-m9-mstd0.5-inc1``): timm's defaults for
+    what the string leaves out (m 10, n 2, p 0.5, mstd 0, mmax none = clip at 10, inc 0)."""
+
+    m: int = 10
+    n: int = 2
+    p: float = 0.5
+    mstd: float = 0.0  # inf: uniform in [0, m] (timm: any mstd > 100)
+    mmax: Optional[int] = None
+    inc: bool = False
+
+    @property
+    def ops(self) -> Tuple[str, ...]:
+        """timm's op names, in timm's order (its _RAND_INCREASING_TRANSFORMS with inc1)."""
+        return S.TIMM_RAND_INCREASING_OPS if self.inc else S.TIMM_RAND_OPS
+
+    @property
+    def upper(self) -> float:
+        """The level clip (timm: ``magnitude_max or 10``)."""
+        return float(self.mmax) if self.mmax else 10.0
+
+
+def parse_timm_config(config: str) -> TimmRandAugment:
+    """Parse timm's RandAugment config syntax (``timm.data.rand_augment_transform``):
+    ``rand`` then dash-separated sections in any order: ``m<int>`` magnitude, ``n<int>`` ops
+    per image, ``p<float>`` probability of each op, ``mstd<float>`` Gaussian magnitude noise
+    (> 100: uniform in [0, m]), ``mmax<int>`` level clip (default 10), ``inc<0|1>`` the
+    increasing op set. Anything else (``t<name>`` weighted/3a op sets, the old ``w`` key, a
+    section without a value) is refused with its name.
+
+    >>> parse_timm_config("rand-m9-mstd0.5-inc1")
+    TimmRandAugment(m=9, n=2, p=0.5, mstd=0.5, mmax=None, inc=True)
+    """
+    if not isinstance(config, str):
+        raise ValueError(f"timm_config must be a string like 'rand-m9-mstd0.5-inc1', got {config!r}")
+    parts = config.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"timm_config {config!r}: must start with 'rand' (timm's RandAugment), got {parts[0]!r}")
+    kw: dict = {}
+    for sec in parts[1:]:
+        if sec.startswith("t"):
+            raise ValueError(f"timm_config {config!r}: section {sec!r} (transform set {sec[1:]!r}) is not supported: "
+                             "fastload replays timm's default and increasing op sets (inc0/inc1) only")
+        mt = re.fullmatch(r"([a-z]+)(\d.*)", sec)
+        if mt is None:
+            raise ValueError(f"timm_config {config!r}: section {sec!r} not understood (expected m, n, p, mstd, mmax "
+                             "or inc followed by a number)")
+        key, val = mt.groups()
+        if key in kw:
+            raise ValueError(f"timm_config {config!r}: section {key!r} given twice")
+        try:
+            if key == "m":
+                kw["m"] = int(val)
+            elif key == "n":
+                kw["n"] = int(val)
+            elif key == "p":
+                kw["p"] = float(val)
+            elif key == "mstd":
+                v = float(val)
+                kw["mstd"] = math.inf if v > 100 else v
+            elif key == "mmax":
+                kw["mmax"] = int(val)
+            elif key == "inc":
+                kw["inc"] = bool(int(val))
+            else:
+                raise ValueError(f"timm_config {config!r}: section {sec!r}: key {key!r} not understood (known: m, n, "
+                                 "p, mstd, mmax, inc; timm's old 'w' weights key is not supported)")
+        except ValueError as e:
+            if "timm_config" in str(e):
+                raise
+            raise ValueError(f"timm_config {config!r}: section {sec!r}: value {val!r} is not a number of the "
+                             f"kind {key!r} takes") from None
+    cfg = TimmRandAugment(**kw)
+    if not 1 <= cfg.n <= P.MAX_RA:
+        raise ValueError(f"timm_config {config!r}: n{cfg.n}: fastload records hold 1..{P.MAX_RA} ops per image")
+    if cfg.m < 0 or not (0.0 <= cfg.p <= 1.0) or cfg.mstd < 0 or math.isnan(cfg.mstd):
+        raise ValueError(f"timm_config {config!r}: m must be >= 0, p in [0, 1], mstd >= 0")
+    if cfg.mmax is not None and not 0 <= cfg.mmax <= 100:
+        raise ValueError(f"timm_config {config!r}: mmax{cfg.mmax} outside 0..100")
+    return cfg
 
 
 def _pair(v, name):
@@ -39,7 +127,13 @@ class AugmentPolicy:
       Color, Contrast, Sharpness, AutoContrast and Solarize round differently, by a few
       levels; see ``fastload.replay.reference_ra``) or ``"pil"`` (``transforms.RandAugment``
       on PIL images, as DataCompDR and ml-dr's training-time dataset ran it: Pillow's
-      resampling, blends and tables, up to ~200 levels from the tensor ops on some records).
+      resampling, blends and tables, up to ~200 levels from the tensor ops on some records),
+      or ``"timm"``: timm's RandAugment (``timm.data.rand_augment_transform``) from
+      ``timm_config`` (timm's string, e.g. ``"rand-m9-mstd0.5-inc1"``; ``randaugment`` stays
+      None): its op set, per-op probability and magnitude noise are drawn here and stored
+      (levels as float32 in the extension records); ``timm_fill`` is the geometric ops' fill
+      (timm's ``img_mean``; create_transform's ImageNet default) and ``timm_interpolation``
+      their resampling ("random": BILINEAR or BICUBIC per op, timm's default; or fixed).
     - ``erase``: RandomErasing probability (box from ``erase_scale`` / ``erase_ratio``).
     - ``mixup`` / ``cutmix``: Beta alpha (0 = off), each applied with probability ``mix_p``.
     - ``interpolation``: "bilinear" or "bicubic" (antialiased, as torchvision).
@@ -67,6 +161,9 @@ class AugmentPolicy:
     interpolation: str = "bilinear"
     size: Tuple[int, int] = (224, 224)
     randaugment_semantics: str = "v1"
+    timm_config: Optional[str] = None
+    timm_fill: Tuple[int, int, int] = TIMM_FILL
+    timm_interpolation: str = "random"
 
     def __post_init__(self):
         self.rrc = bool(self.rrc)
@@ -111,9 +208,30 @@ class AugmentPolicy:
             if not (v >= 0.0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a Beta alpha >= 0 (0 = off), got {v}")
             setattr(self, name, v)
-        if self.randaugment_semantics not in ("v1", "v2", "pil"):
-            raise ValueError(f"randaugment_semantics must be 'v1', 'v2' or 'pil', got "
+        if self.randaugment_semantics not in S.RA_SEMANTICS:
+            raise ValueError(f"randaugment_semantics must be 'v1', 'v2', 'pil' or 'timm', got "
                              f"{self.randaugment_semantics!r}")
+        if self.randaugment_semantics == "timm":
+            if self.timm_config is None:
+                raise ValueError("randaugment_semantics='timm' needs timm_config (timm's string, e.g. "
+                                 "'rand-m9-mstd0.5-inc1')")
+            if self.randaugment is not None:
+                raise ValueError("randaugment=(num_ops, magnitude) is torchvision's; with randaugment_semantics="
+                                 "'timm' the ops and magnitude come from timm_config")
+            parse_timm_config(self.timm_config)
+        elif self.timm_config is not None:
+            raise ValueError(f"timm_config is given but randaugment_semantics is {self.randaugment_semantics!r} "
+                             "(set randaugment_semantics='timm')")
+        try:
+            fill = tuple(int(v) for v in self.timm_fill)
+        except (TypeError, ValueError):
+            fill = ()
+        if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
+            raise ValueError(f"timm_fill must be 3 values in 0..255, got {self.timm_fill!r}")
+        self.timm_fill = fill
+        if self.timm_interpolation not in _TIMM_INTERPOLATIONS:
+            raise ValueError(f"timm_interpolation must be one of {_TIMM_INTERPOLATIONS}, got "
+                             f"{self.timm_interpolation!r}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
         try:
@@ -125,6 +243,11 @@ class AugmentPolicy:
         self.size = (h, w)
 
     @property
+    def timm(self) -> Optional[TimmRandAugment]:
+        """The parsed ``timm_config`` (None unless the semantics is timm)."""
+        return parse_timm_config(self.timm_config) if self.randaugment_semantics == "timm" else None
+
+    @property
     def mixing(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
 
@@ -134,6 +257,10 @@ class AugmentPolicy:
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        if self.randaugment_semantics != "timm":  # manifests without timm stay readable by older fastload
+            for k in ("timm_config", "timm_fill", "timm_interpolation"):
+                if d[k] == _TIMM_DEFAULTS[k]:
+                    del d[k]
         return d
 
     @classmethod
@@ -146,7 +273,7 @@ class AugmentPolicy:
         if unknown:
             raise ValueError(f"AugmentPolicy: unknown keys {unknown} (known: {sorted(known)})")
         kw = dict(d)
-        for k in ("rrc_scale", "rrc_ratio", "erase_scale", "erase_ratio", "size"):
+        for k in ("rrc_scale", "rrc_ratio", "erase_scale", "erase_ratio", "size", "timm_fill"):
             if k in kw and kw[k] is not None:
                 kw[k] = tuple(kw[k])
         if kw.get("randaugment") is not None:
@@ -230,9 +357,45 @@ def _erase_boxes(rng, M, oh, ow, scale, ratio):
     return q
 
 
+def _timm_draws(cfg: TimmRandAugment, rng, M: int, interpolation: str):
+    """timm's RandAugment draws for M images: (ra_ops, ra_mags, ra_vals) [M, MAX_RA] as the
+    records store them. Per image, timm picks n ops uniformly with replacement; each op runs
+    with probability p (skipped slots: RA_NONE), its magnitude m + N(0, mstd) (uniform in [0, m]
+    for mstd inf) clipped to [0, mmax or 10] (stored as float32: the replay's level), a
+    negation with probability 1/2 where timm draws one and BILINEAR/BICUBIC for geometric ops."""
+    n = cfg.n
+    names = cfg.ops
+    ids = np.array([S.RA_OP_ID["Timm" + k] for k in names], np.int64)
+    negated = np.array(["Timm" + k in S.RA_SIGNED for k in names])
+    geometric = np.array([k in S.TIMM_GEOMETRIC for k in names])
+    pick = rng.integers(0, len(names), size=(M, n))
+    run = rng.random((M, n)) <= cfg.p if cfg.p < 1.0 else np.ones((M, n), bool)
+    if math.isinf(cfg.mstd):
+        mag = rng.uniform(0.0, cfg.m, size=(M, n))
+    elif cfg.mstd > 0:
+        mag = rng.normal(cfg.m, cfg.mstd, size=(M, n))
+    else:
+        mag = np.full((M, n), float(cfg.m))
+    level = np.clip(mag, 0.0, cfg.upper).astype(np.float32)
+    neg = (rng.random((M, n)) > 0.5) & negated[pick]
+    if interpolation == "random":
+        cub = rng.random((M, n)) < 0.5
+    else:
+        cub = np.full((M, n), interpolation == "bicubic")
+    cub &= geometric[pick]
+    ops = np.full((M, P.MAX_RA), P.RA_NONE, np.uint8)
+    mags = np.zeros((M, P.MAX_RA), np.int8)
+    vals = np.zeros((M, P.MAX_RA), np.float32)
+    ops[:, :n] = np.where(run, ids[pick], P.RA_NONE)
+    mags[:, :n] = np.where(run, np.where(neg, -1, 1) * np.where(cub, 2, 1), 0)
+    vals[:, :n] = np.where(run, level, 0.0)
+    return ops, mags, vals
+
+
 def sample_params(policy: AugmentPolicy, rng: np.random.Generator, indices, all_hw: np.ndarray,
                   n_aug: int) -> np.ndarray:
-    """Sample ``n_aug`` augmentation records for each dataset index in ``indices``.
+    """Sample ``n_aug`` augmentation records for each dataset index in ``indices`` (base
+    records only: a timm policy's draws need the extension records of :func:`sample_records`).
 
     ``all_hw`` is the [N, 2] (height, width) of every source image of the dataset (the
     partner of MixUp/CutMix is drawn uniformly over the other N - 1 images and gets its own
@@ -245,6 +408,25 @@ def sample_params(policy: AugmentPolicy, rng: np.random.Generator, indices, all_
         >>> rec = sample_params(AugmentPolicy(), np.random.default_rng(0), [0, 1], hw, 4)
         >>> rec.shape
         (2, 4)
+    """
+    if isinstance(policy, AugmentPolicy) and policy.randaugment_semantics == "timm":
+        raise ValueError("a timm RandAugment policy stores its levels in extension records: use sample_records")
+    return sample_records(policy, rng, indices, all_hw, n_aug)[0]
+
+
+def sample_records(policy: AugmentPolicy, rng: np.random.Generator, indices, all_hw: np.ndarray,
+                   n_aug: int):
+    """:func:`sample_params` with the extension records: ``(records, ext)``, ``ext`` of shape
+    ``(len(indices), n_aug)`` and dtype ``params.AUG_EXT_DTYPE`` where the policy needs it
+    (``randaugment_semantics="timm"``: the levels), else None.
+
+    Example:
+        >>> import numpy as np
+        >>> hw = np.array([[375, 500], [500, 333]])
+        >>> pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1")
+        >>> rec, ext = sample_records(pol, np.random.default_rng(0), [0, 1], hw, 4)
+        >>> rec.shape, ext.shape
+        ((2, 4), (2, 4))
     """
     if not isinstance(policy, AugmentPolicy):
         raise ValueError(f"policy must be an AugmentPolicy, got {type(policy).__name__}")
@@ -265,8 +447,10 @@ def sample_params(policy: AugmentPolicy, rng: np.random.Generator, indices, all_
     B = idx.size
     M = B * n_aug
     out = P.empty((B, n_aug)).reshape(-1)
+    timm = policy.timm
+    ext = P.empty_ext(M) if timm is not None else None
     if M == 0:
-        return out.reshape(B, n_aug)
+        return out.reshape(B, n_aug), None if ext is None else ext.reshape(B, n_aug)
     owner = np.repeat(idx, n_aug)
     hw = all_hw[owner].astype(np.int64)
 
@@ -275,9 +459,12 @@ def sample_params(policy: AugmentPolicy, rng: np.random.Generator, indices, all_
     if policy.flip:
         flags |= (rng.random(M) < 0.5).astype(np.uint8) * P.FLAG_FLIP
 
-    if policy.randaugment is not None:
+    if timm is not None:
+        out["ra_ops"], out["ra_mags"], ext["ra_vals"] = _timm_draws(timm, rng, M, policy.timm_interpolation)
+        ext["ext"] = P.EXT_RA_FLOAT
+    elif policy.randaugment is not None:
         n_ops, mag = policy.randaugment
-        ops = rng.integers(0, len(P.RA_OPS), size=(M, n_ops))
+        ops = rng.integers(0, len(S.family_ops("v1")), size=(M, n_ops))  # torchvision's op space
         neg = rng.integers(0, 2, size=(M, n_ops)).astype(bool)
         signed = np.array([name in P.RA_SIGNED for name in P.RA_OPS])[ops]
         mags = np.where(signed & neg, -mag, mag).astype(np.int8)
@@ -331,4 +518,4 @@ def sample_params(policy: AugmentPolicy, rng: np.random.Generator, indices, all_
         out["mixup"] = np.where(use_mix, np.rint(lam_mix * P.Q), 0).astype(np.uint16)
         out["cutmix"] = cbox
     out["flags"] = flags
-    return out.reshape(B, n_aug)
+    return out.reshape(B, n_aug), None if ext is None else ext.reshape(B, n_aug)

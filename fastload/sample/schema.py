@@ -220,6 +220,7 @@ REPLAY_OPTIONS = Record("replay_options", "ReplayOptions", False, (
     Field("threads", "<i4", 1, "native threads (0: the pool default)"),
     Field("mean", "<f4", 3, "Normalize mean"),
     Field("std", "<f4", 3, "Normalize std"),
+    Field("ra_fill", "<i4", 3, "fill colour of the geometric ops of the timm semantics (timm's img_mean)"),
 ), "Options of fl_replay.")
 
 RECORDS = (AUG, AUG_EXT, REPLAY_OPTIONS)  # the index is the kind id of fl_replay_layout_hash
@@ -234,10 +235,37 @@ RA_OP_TABLE = (
     (8, "Contrast", True, "torchvision"), (9, "Sharpness", True, "torchvision"),
     (10, "Posterize", False, "torchvision"), (11, "Solarize", False, "torchvision"),
     (12, "AutoContrast", False, "torchvision"), (13, "Equalize", False, "torchvision"),
+    # timm's RandAugment ops (timm.data.auto_augment, on PIL images). A record of this family
+    # holds the level (timm's magnitude after noise and clipping) in the extension's ra_vals;
+    # ra_mags holds the other draws: its sign is timm's random negation (ops marked signed),
+    # |ra_mags| 2 = BICUBIC resampling, 1 = BILINEAR (geometric ops; 1 for the others).
+    (14, "TimmAutoContrast", False, "timm"), (15, "TimmEqualize", False, "timm"),
+    (16, "TimmInvert", False, "timm"), (17, "TimmRotate", True, "timm"),
+    (18, "TimmPosterize", False, "timm"), (19, "TimmPosterizeIncreasing", False, "timm"),
+    (20, "TimmSolarize", False, "timm"), (21, "TimmSolarizeIncreasing", False, "timm"),
+    (22, "TimmSolarizeAdd", False, "timm"), (23, "TimmColor", False, "timm"),
+    (24, "TimmColorIncreasing", True, "timm"), (25, "TimmContrast", False, "timm"),
+    (26, "TimmContrastIncreasing", True, "timm"), (27, "TimmBrightness", False, "timm"),
+    (28, "TimmBrightnessIncreasing", True, "timm"), (29, "TimmSharpness", False, "timm"),
+    (30, "TimmSharpnessIncreasing", True, "timm"), (31, "TimmShearX", True, "timm"),
+    (32, "TimmShearY", True, "timm"), (33, "TimmTranslateXRel", True, "timm"),
+    (34, "TimmTranslateYRel", True, "timm"),
 )
-RA_FAMILIES = {"torchvision": "torchvision.transforms(.v2).RandAugment's op space, in its order"}
+RA_FAMILIES = {"torchvision": "torchvision.transforms(.v2).RandAugment's op space, in its order",
+               "timm": "timm's RandAugment ops (rand-... configs), named Timm + timm's op name"}
 # semantics name -> (id in ReplayOptions.ra_semantics, op family)
-RA_SEMANTICS = {"v1": (0, "torchvision"), "v2": (1, "torchvision"), "pil": (2, "torchvision")}
+RA_SEMANTICS = {"v1": (0, "torchvision"), "v2": (1, "torchvision"), "pil": (2, "torchvision"),
+                "timm": (3, "timm")}
+# timm's op sets (timm.data.auto_augment _RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS), in order
+TIMM_RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+                 "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
+                 "TranslateYRel")
+TIMM_RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                            "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                            "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                            "TranslateXRel", "TranslateYRel")
+# the timm ops whose resampling filter is drawn (geometric) in the record's |ra_mags|
+TIMM_GEOMETRIC = frozenset(("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"))
 
 RA_OPS = tuple(name for _, name, _, _ in RA_OP_TABLE)
 RA_SIGNED = frozenset(name for _, name, s, _ in RA_OP_TABLE if s)
@@ -255,6 +283,7 @@ def _check_tables() -> None:
     assert ids == list(range(len(ids))) and len(ids) < RA_NONE, "op ids must be 0..n-1 in order"
     assert all(f in RA_FAMILIES for *_, f in RA_OP_TABLE)
     assert all(fam in RA_FAMILIES for _, fam in RA_SEMANTICS.values())
+    assert all(f"Timm{n}" in RA_OP_ID for n in TIMM_RAND_OPS + TIMM_RAND_INCREASING_OPS)
     for rec in RECORDS:
         assert len({f.name for f in rec.fields}) == len(rec.fields)
 

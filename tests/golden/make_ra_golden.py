@@ -1,12 +1,15 @@
 """Generate tests/golden/ra_golden.npz (RandAugment outputs of real torchvision, v1 and v2,
 on small images) and tests/golden/ra_sweep.npz (every op x every bin x 5 image sizes x the
-semantics v1, v2 and pil: torchvision's RandAugment on PIL images, i.e. Pillow's ops).
+semantics v1, v2 and pil: torchvision's RandAugment on PIL images, i.e. Pillow's ops) and, with
+the ``timm`` argument, tests/golden/ra_timm.npz (timm's RandAugment ops: see timm_sweep).
 
 Run once, in an environment that has torchvision (never fastload's own):
 
     python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1 pillow numpy
     /work/venv-tv/bin/python tests/golden/make_ra_golden.py          # both files
     /work/venv-tv/bin/python tests/golden/make_ra_golden.py sweep    # ra_sweep.npz only
+    /work/venv-tv/bin/pip install timm   # then:
+    /work/venv-tv/bin/python tests/golden/make_ra_golden.py timm     # ra_timm.npz only
 
 MKL is pinned to its AVX2 kernels (set below, before torch starts): torch's bmm, which
 torchvision's tensor affine uses, rounds differently on AVX-512 hosts (docs/guide/fidelity.md).
@@ -245,8 +248,114 @@ def sweep(path):
     print(f"{path}: {os.path.getsize(path)} bytes")
 
 
+# ----------------------------------------------------------------------------- timm
+
+# timm.data.auto_augment's op names (fastload's op ids are "Timm" + name, in this order)
+TIMM_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "PosterizeIncreasing", "Solarize",
+            "SolarizeIncreasing", "SolarizeAdd", "Color", "ColorIncreasing", "Contrast", "ContrastIncreasing",
+            "Brightness", "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing", "ShearX", "ShearY",
+            "TranslateXRel", "TranslateYRel")
+TIMM_NO_LEVEL = {"AutoContrast", "Equalize", "Invert"}
+TIMM_NEGATED = {"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+TIMM_GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+# levels (timm's magnitude after noise and clipping) as records store them: float32 values
+TIMM_LEVELS = tuple(float(np.float32(v)) for v in (0, 1, 2.5, 4, 5, 6.2, 7, 8.6, 9, 9.37, 10))
+TIMM_FILL = (124, 116, 104)  # timm's create_transform: round(255 * IMAGENET_DEFAULT_MEAN)
+
+
+def timm_cases():
+    """Every timm op x every level of TIMM_LEVELS x its draws (negation where timm draws it,
+    BILINEAR/BICUBIC for the geometric ops), Rotate at 90/180/270 degrees (levels 30 and 60,
+    past timm's default clip: Pillow's transposes), then 48 random chains of 2-3 ops.
+    A case is a list of (op index in TIMM_OPS, level, negate, bicubic)."""
+    single = []
+    for k, op in enumerate(TIMM_OPS):
+        levels = (0.0,) if op in TIMM_NO_LEVEL else TIMM_LEVELS + ((30.0, 60.0) if op == "Rotate" else ())
+        for lv in levels:
+            for neg in ((False, True) if op in TIMM_NEGATED else (False,)):
+                for cub in ((False, True) if op in TIMM_GEOMETRIC else (False,)):
+                    single.append([(k, lv, neg, cub)])
+    rng = np.random.default_rng(19)
+    chains = []
+    for _ in range(48):
+        chain = []
+        for _ in range(int(rng.integers(2, 4))):
+            k = int(rng.integers(0, len(TIMM_OPS)))
+            lv = float(np.float32(np.clip(rng.normal(9, 0.5), 0, 10)))
+            neg = TIMM_OPS[k] in TIMM_NEGATED and bool(rng.random() < 0.5)
+            cub = TIMM_OPS[k] in TIMM_GEOMETRIC and bool(rng.random() < 0.5)
+            chain.append((k, lv, neg, cub))
+        chains.append(chain)
+    return single + chains
+
+
+def timm_apply(pil_img, op, level, negate, bicubic):
+    """timm's own AugmentOp (prob 1, no magnitude noise: the level is the drawn one), its
+    random negation fixed to the recorded draw, its resampling the recorded one."""
+    from PIL import Image
+    import timm.data.auto_augment as aa
+
+    hp = dict(aa._HPARAMS_DEFAULT, img_mean=TIMM_FILL, magnitude_max=100,
+              interpolation=Image.BICUBIC if bicubic else Image.BILINEAR)
+    saved = aa._randomly_negate
+    aa._randomly_negate = lambda v: -v if negate else v
+    try:
+        return aa.AugmentOp(op, prob=1.0, magnitude=level, hparams=hp)(pil_img)
+    finally:
+        aa._randomly_negate = saved
+
+
+def timm_sweep(path):
+    from PIL import Image
+    import timm
+
+    cs = timm_cases()
+    L = max(len(c) for c in cs)
+    ops = np.full((len(cs), L), NONE, np.uint8)
+    levels = np.zeros((len(cs), L), np.float32)
+    draws = np.zeros((len(cs), L), np.int8)  # fastload's ra_mags: sign = negate, |2| = bicubic
+    for i, c in enumerate(cs):
+        for j, (k, lv, neg, cub) in enumerate(c):
+            ops[i, j], levels[i, j], draws[i, j] = k, lv, (-1 if neg else 1) * (2 if cub else 1)
+    arrays = {"ops": ops, "levels": levels, "draws": draws, "op_names": np.array(TIMM_OPS),
+              "fill": np.array(TIMM_FILL, np.uint8), "sizes": np.array(SWEEP_SIZES, np.int64),
+              "sample_every": np.int64(SAMPLE_EVERY),
+              "versions": np.array([timm.__version__, PIL.__version__])}
+    for n, (h, w) in enumerate(SWEEP_SIZES):
+        img = sweep_image(h, w, n)
+        arrays[f"input_digest{n}"] = np.frombuffer(digest(img), np.uint8)
+        if n in FULL_ARRAYS:
+            arrays[f"img{n}"] = img
+        dig = np.zeros((len(cs), 16), np.uint8)
+        raised = np.zeros(len(cs), bool)
+        outs = []
+        for i, c in enumerate(cs):
+            x = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), "RGB")
+            try:
+                for k, lv, neg, cub in c:
+                    x = timm_apply(x, TIMM_OPS[k], lv, neg, cub)
+            except ValueError as e:  # Pillow >= 11 refuses posterize(0) (older ones cleared the image)
+                assert "bits" in str(e), e
+                raised[i] = True
+                x = Image.new("RGB", x.size)
+            out = np.asarray(x, np.uint8).transpose(2, 0, 1)
+            dig[i] = np.frombuffer(digest(out), np.uint8)
+            if n in FULL_ARRAYS or (n in SAMPLED and i % SAMPLE_EVERY == 0):
+                outs.append(np.ascontiguousarray(out))
+        arrays[f"timm_digest{n}"] = dig
+        arrays[f"timm_raised{n}"] = raised
+        if outs:
+            arrays[f"timm_{'out' if n in FULL_ARRAYS else 'sample'}{n}"] = np.stack(outs)
+        print(f"size {h}x{w}: {len(cs)} timm cases", flush=True)
+    np.savez_compressed(path, **arrays)
+    print(f"{path}: {os.path.getsize(path)} bytes")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["sweep"]:
+    if sys.argv[1:2] == ["timm"]:
+        timm_sweep(sys.argv[2] if len(sys.argv) > 2 else "tests/golden/ra_timm.npz")
+    elif sys.argv[1:2] == ["sweep"]:
         sweep(sys.argv[2] if len(sys.argv) > 2 else "tests/golden/ra_sweep.npz")
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden/ra_golden.npz")
