@@ -153,20 +153,27 @@ void pil_affine(uint8_t* img, int h, int w, const double a[6], uint8_t* scratch)
   }
 }
 
+// The inverse affine matrix of Image.rotate(angle) about the image centre, rounded as
+// Pillow rounds it (shared by the NEAREST and the filtered rotate).
+static void pil_rotate_matrix(double angle, int h, int w, double m[6]) {
+  const double cx = w / 2.0, cy = h / 2.0;
+  const double r = -(angle * kDegToRad);
+  m[0] = py_round15(std::cos(r)); m[1] = py_round15(std::sin(r)); m[2] = 0.0;
+  m[3] = py_round15(-std::sin(r)); m[4] = py_round15(std::cos(r)); m[5] = 0.0;
+  const double x = -cx, y = -cy;
+  const double m2 = m[0] * x + m[1] * y + m[2];
+  const double m5 = m[3] * x + m[4] * y + m[5];
+  m[2] = m2 + cx;
+  m[5] = m5 + cy;
+}
+
 // Image.rotate(angle, NEAREST, expand=False, center=None, fillcolor=0).
 void pil_rotate(uint8_t* img, int h, int w, double angle_deg, uint8_t* scratch) {
   const double angle = py_mod(angle_deg, 360.0);
   if (angle == 0.0) return;  // Pillow returns a copy
   // 90/180/270 are transposes in Pillow; no RandAugment magnitude (|angle| <= 30) reaches them
-  const double cx = w / 2.0, cy = h / 2.0;
-  const double r = -(angle * kDegToRad);
-  double m[6] = {py_round15(std::cos(r)), py_round15(std::sin(r)), 0.0,
-                 py_round15(-std::sin(r)), py_round15(std::cos(r)), 0.0};
-  const double x = -cx - 0, y = -cy - 0;
-  const double m2 = m[0] * x + m[1] * y + m[2];
-  const double m5 = m[3] * x + m[4] * y + m[5];
-  m[2] = m2 + cx;
-  m[5] = m5 + cy;
+  double m[6];
+  pil_rotate_matrix(angle, h, w, m);
   pil_affine(img, h, w, m, scratch);
 }
 
@@ -345,15 +352,8 @@ void pil_rotate_filtered(uint8_t* img, int h, int w, double angle_deg, bool bicu
       }
     return;
   }
-  const double cx = w / 2.0, cy = h / 2.0;
-  const double r = -(angle * kDegToRad);
-  double m[6] = {py_round15(std::cos(r)), py_round15(std::sin(r)), 0.0,
-                 py_round15(-std::sin(r)), py_round15(std::cos(r)), 0.0};
-  const double x = -cx - 0, y = -cy - 0;
-  const double m2 = m[0] * x + m[1] * y + m[2];
-  const double m5 = m[3] * x + m[4] * y + m[5];
-  m[2] = m2 + cx;
-  m[5] = m5 + cy;
+  double m[6];
+  pil_rotate_matrix(angle, h, w, m);
   pil_affine_filtered(img, h, w, m, bicubic, fill, scratch);
 }
 
