@@ -761,3 +761,41 @@ def test_semantics_generation_or_training(tmp_path, capsys):
     assert ds.policy.randaugment_semantics == "pil"  # ml-dr's training-time dataset: PIL images
     with pytest.raises(ValueError, match="semantics"):
         mldr.import_mldr(arch, imgs, str(tmp_path / "x"), progress=False, semantics="pil")
+
+
+def _digests(manifest):
+    return {s["index"]: s["sha256"] for s in manifest["shards"]}
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_local_shards_and_resumes(tmp_path):
+    """engine="ray": this process streams the archive and stages members; Ray tasks decode,
+    convert and write each shard. Same shards byte for byte; a rerun redoes only what is missing."""
+    ray = pytest.importorskip("ray")
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "mix_rare", "tar.gz", n=8)
+    local = mldr.import_mldr(arch, imgs, str(tmp_path / "local"), shard_size=3, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = str(tmp_path / "ray")
+        m = mldr.import_mldr(arch, imgs, out, shard_size=3, progress=False, engine="ray")
+        assert m["complete"] and _digests(m) == _digests(local)
+        assert not os.path.exists(os.path.join(out, ".mldr-staging"))
+    finally:
+        ray.shutdown()
+    # resume: a shard whose file is gone (as after a crash) is the only one rewritten
+    kept = {s["index"]: os.path.getmtime(os.path.join(out, s["file"])) for s in m["shards"] if s["index"] != 1}
+    os.remove(os.path.join(out, next(s["file"] for s in m["shards"] if s["index"] == 1)))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        m2 = mldr.import_mldr(arch, imgs, out, shard_size=3, progress=False, engine="ray")
+    finally:
+        ray.shutdown()
+    assert _digests(m2) == _digests(local)
+    assert all(os.path.getmtime(os.path.join(out, s["file"])) == kept[s["index"]]
+               for s in m2["shards"] if s["index"] != 1)
+
+
+def test_engine_is_checked(tmp_path):
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "rrc", "dir", n=2, classes=2, topk=2)
+    with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):
+        mldr.import_mldr(arch, imgs, str(tmp_path / "o"), progress=False, engine="spark")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import dataclasses
 import functools
 import hashlib
 import io
@@ -406,8 +407,19 @@ def _load(kind: str, data: bytes, where: str):
     return load_jb(data, where)
 
 
-def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
-    """Yield ``("config", cfg)`` and ``(id, (id, samples))`` in archive order, streaming."""
+@dataclasses.dataclass(frozen=True)
+class _Raw:
+    """An archive member not yet decoded: its kind (``pth.tar``/``jb``), bytes and name."""
+    kind: str
+    data: bytes
+    where: str
+
+
+def iter_archive(archive: str, raw: bool = False) -> Iterator[Tuple[str, Any]]:
+    """Yield ``("config", cfg)`` and ``(id, (id, samples))`` in archive order, streaming.
+    ``raw``: members are yielded undecoded, as ``(id, _Raw(kind, bytes, where))`` (the
+    import decodes them per shard, possibly in another process); the config is decoded."""
+    load = (lambda kind, data, where: _Raw(kind, data, where)) if raw else _load
     if os.path.isdir(archive):
         root = os.path.join(archive, "reinforced_data")
         root = root if os.path.isdir(root) else archive
@@ -425,7 +437,7 @@ def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
             if os.path.getsize(where) > MAX_FILE:
                 raise ValueError(f"{where}: over the {MAX_FILE} byte limit")
             with open(where, "rb") as f:
-                yield mid[0], _load(mid[1], f.read(), where)
+                yield mid[0], load(mid[1], f.read(), where)
         return
     raw = open(archive, "rb")
     stream = _CheckedStream(raw, archive)
@@ -447,7 +459,7 @@ def iter_archive(archive: str) -> Iterator[Tuple[str, Any]]:
                 mid = _member_id(m.name)
                 if mid is None:
                     continue
-                yield mid[0], _load(mid[1], _read_member(tf, m, archive), where)
+                yield mid[0], load(mid[1], _read_member(tf, m, archive), where)
             # tarfile stops at the end-of-archive blocks; the compressed stream's trailer
             # (gzip's CRC-32 and length) comes after them: read to the end so it is checked.
             stream.drain()
@@ -917,30 +929,113 @@ def _image_bytes(path: str) -> bytes:
 # ---------------------------------------------------------------------------------------
 # staging (bounded memory, any archive order)
 
-_STAGE = struct.Struct("<QII")  # id, n, k
+_RAW = struct.Struct("<QHHI")  # id, len(kind), len(where), len(data)
 
 
-def _stage_append(path: str, i: int, rec, ext, ids, probs) -> None:
+def _stage_raw(path: str, i: int, raw: _Raw) -> None:
+    kind, where = raw.kind.encode(), raw.where.encode()
     with open(path, "ab") as f:
-        f.write(_STAGE.pack(i, len(rec), ids.shape[1]))
-        f.write(rec.tobytes() + ext.tobytes() + ids.astype("<i8").tobytes() + probs.astype("<f4").tobytes())
+        f.write(_RAW.pack(i, len(kind), len(where), len(raw.data)) + kind + where + raw.data)
 
 
-def _stage_read(path: str) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def _read_staged_raw(path: str) -> Dict[int, _Raw]:
     out = {}
     with open(path, "rb") as f:
         data = f.read()
     pos = 0
     while pos < len(data):
-        i, n, k = _STAGE.unpack_from(data, pos)
-        pos += _STAGE.size
-        parts = []
-        for dt, cnt in ((P.AUG_DTYPE, n), (P.AUG_EXT_DTYPE, n), (np.dtype("<i8"), n * k), (np.dtype("<f4"), n * k)):
-            nb = dt.itemsize * cnt
-            parts.append(np.frombuffer(data[pos:pos + nb], dt).copy())
-            pos += nb
-        out[i] = (parts[0], parts[1], parts[2].reshape(n, k), parts[3].reshape(n, k))
+        i, nk, nw, nd = _RAW.unpack_from(data, pos)
+        pos += _RAW.size
+        kind, where = data[pos:pos + nk].decode(), data[pos + nk:pos + nk + nw].decode()
+        pos += nk + nw
+        out[i] = _Raw(kind, data[pos:pos + nd], where)
+        pos += nd
     return out
+
+
+@dataclasses.dataclass
+class _ShardJob:
+    """What converting one shard needs (sent to Ray tasks once, by reference)."""
+    archive: str
+    out: str
+    images: str
+    files: List[str]
+    labels: List[int]
+    all_hw: np.ndarray
+    lay: "Layout"
+    shard_size: int
+    n: int
+    stage: str
+
+
+def _decode_staged(job: _ShardJob, staged: Dict[int, _Raw]) -> Dict[int, tuple]:
+    """id -> (records, extensions, top-k ids, probabilities) of staged members, in id order."""
+    conv = {}
+    for i in sorted(staged):
+        raw = staged[i]
+        val = _load(raw.kind, raw.data, raw.where)
+        where = f"{job.archive}: id {i}"
+        if not isinstance(val, (tuple, list)) or len(val) != 2 or val[0] != i:
+            raise ValueError(f"{where}: expected (id, samples) with id {i}")
+        conv[i] = job.lay.to_records(val[1], tuple(int(x) for x in job.all_hw[i]), job.all_hw,
+                                     f"{where} ({job.files[i]})")
+    return conv
+
+
+def _import_shard(job: _ShardJob, s: int) -> Dict[str, Any]:
+    """Decode a complete shard's staged members, convert them and write the shard file;
+    returns the shard's entry for the writer (which only the calling process adds)."""
+    from fastload.format.record_ext import encode_ext
+    from fastload.format.shards import encode_augs, encode_targets
+    from fastload.format.writer import write_shard_file
+
+    path = os.path.join(job.stage, f"{s:05d}.bin")
+    rows = range(s * job.shard_size, min(job.n, (s + 1) * job.shard_size))
+    conv = _decode_staged(job, _read_staged_raw(path))
+    imgs = [_image_bytes(os.path.join(job.images, job.files[i])) for i in rows]
+    size = job.lay.size
+    cols = {"id": list(rows), "key": [job.files[i] for i in rows],
+            "hash": [hashlib.blake2b(b, digest_size=16).digest() for b in imgs],
+            "orig_h": [int(job.all_hw[i, 0]) for i in rows], "orig_w": [int(job.all_hw[i, 1]) for i in rows],
+            "src_h": [int(job.all_hw[i, 0]) for i in rows], "src_w": [int(job.all_hw[i, 1]) for i in rows],
+            "label": [job.labels[i] for i in rows], "image": imgs,
+            "augs": [encode_augs(conv[i][0], tuple(job.all_hw[i]), size, job.all_hw) for i in rows],
+            "targets": [encode_targets(conv[i][2], conv[i][3]) for i in rows],
+            "augs_ext": [encode_ext(conv[i][1]) for i in rows]}
+    info = write_shard_file(job.out, s, cols, "classification")
+    os.remove(path)
+    return info
+
+
+class _Shards:
+    """Converts complete shards here (``local``) or as Ray tasks, adding each finished one to
+    the writer from this process."""
+
+    def __init__(self, job: _ShardJob, writer, engine: str, workers: Optional[int]):
+        self.writer, self.engine, self.job = writer, engine, job
+        self.pending: Dict[Any, int] = {}
+        if engine == "ray":
+            try:
+                import ray
+            except ImportError as e:
+                raise ImportError("engine='ray' needs Ray installed (pip install ray)") from e
+            if not ray.is_initialized():
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            self.ray, self.task, self.ref = ray, ray.remote(_import_shard), ray.put(job)
+
+    def submit(self, s: int) -> None:
+        if self.engine == "local":
+            self.writer.add_shard(_import_shard(self.job, s))
+        else:
+            self.pending[self.task.remote(self.ref, s)] = s
+
+    def collect(self, block: bool) -> None:
+        while self.pending:
+            done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
+            if not done:
+                return
+            self.pending.pop(done[0])
+            self.writer.add_shard(self.ray.get(done[0]))  # the task renamed its shard into place
 
 
 # ---------------------------------------------------------------------------------------
@@ -951,7 +1046,8 @@ SEMANTICS = {"generation": "v1", "training": "pil"}
 
 
 def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
-                progress: bool = True, limit: Optional[int] = None, semantics: str = "generation") -> Dict[str, Any]:
+                progress: bool = True, limit: Optional[int] = None, semantics: str = "generation",
+                engine: str = "local", workers: Optional[int] = None) -> Dict[str, Any]:
     """Import an ml-dr reinforcement ``archive`` (tar, tar.gz or folder) for the ImageNet-style
     ``images`` folder (the training split ml-dr reinforced: ``root/class/*.jpg``) into ``out``.
 
@@ -962,18 +1058,23 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     ml-dr's reinforce.py ran it on tensors, and that is what the teacher scored: torchvision
     v1) or ``"training"`` (ml-dr's training-time ReinforcedDataset runs it on PIL images:
     ``randaugment_semantics="pil"``).
-    Returns the manifest. Rerunning the same call resumes an interrupted import.
+    ``engine``: ``"local"`` (this process) or ``"ray"``: this process only streams the archive
+    (decompression and tar parsing are sequential) and stages each shard's members; decoding
+    the pickles, converting and writing each shard are Ray tasks (``workers``: CPUs for a Ray
+    started here; an initialized Ray is used as it is). Both write the same shards.
+    Returns the manifest. Rerunning the same call resumes an interrupted import (finished
+    shards are kept).
 
     Example:
         >>> import_mldr("imagenet_plus_rrc.tar.gz", "imagenet/training", "imagenet_plus/")  # doctest: +SKIP
     """
     from fastload._progress import Progress
-    from fastload.format.record_ext import encode_ext
-    from fastload.format.shards import encode_augs, encode_targets
-    from fastload.format.writer import DatasetWriter, write_shard_file
+    from fastload.format.writer import DatasetWriter
 
     if not os.path.exists(archive):
         raise ValueError(f"archive: {archive!r} does not exist")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {sorted(SEMANTICS)}, got {semantics!r}")
     shard_size = int(shard_size)
@@ -1035,26 +1136,11 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     for s in done:
         seen[s * shard_size:(s + 1) * shard_size] = True
 
-    def flush(s: int) -> None:
-        path = os.path.join(stage, f"{s:05d}.bin")
-        staged = _stage_read(path)
-        lo, hi = s * shard_size, min(N, (s + 1) * shard_size)
-        rows = range(lo, hi)
-        imgs = [_image_bytes(os.path.join(images, files[i])) for i in rows]
-        cols = {"id": list(rows), "key": [files[i] for i in rows],
-                "hash": [hashlib.blake2b(b, digest_size=16).digest() for b in imgs],
-                "orig_h": [int(all_hw[i, 0]) for i in rows], "orig_w": [int(all_hw[i, 1]) for i in rows],
-                "src_h": [int(all_hw[i, 0]) for i in rows], "src_w": [int(all_hw[i, 1]) for i in rows],
-                "label": [labels[i] for i in rows], "image": imgs,
-                "augs": [encode_augs(staged[i][0], tuple(all_hw[i]), lay.size, all_hw) for i in rows],
-                "targets": [encode_targets(staged[i][2], staged[i][3]) for i in rows],
-                "augs_ext": [encode_ext(staged[i][1]) for i in rows]}
-        w.add_shard(write_shard_file(out, s, cols, "classification"))
-        os.remove(path)
-
-    with Progress(N, "import ml-dr", "images", enabled=progress) as bar:
+    job = _ShardJob(archive, out, images, files, labels, all_hw, lay, shard_size, N, stage)
+    run = _Shards(job, w, engine, workers)
+    with Progress(N, f"import ml-dr ({engine})", "images", enabled=progress) as bar:
         bar.update(int(seen.sum()))
-        for key, val in iter_archive(archive):
+        for key, val in iter_archive(archive, raw=True):
             if key == "config":
                 continue
             i = int(key)
@@ -1064,24 +1150,27 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
                 raise ValueError(f"{archive}: reinforcement id {i} but the image folder has {N} images")
             if i // shard_size in done:
                 continue
-            where = f"{archive}: id {i}"
-            if not isinstance(val, (tuple, list)) or len(val) != 2 or val[0] != i:
-                raise ValueError(f"{where}: expected (id, samples) with id {i}")
             if seen[i]:
-                raise ValueError(f"{where}: appears twice in the archive")
-            rec, ext, ids, probs = lay.to_records(val[1], tuple(int(x) for x in all_hw[i]), all_hw,
-                                                  f"{where} ({files[i]})")
+                raise ValueError(f"{archive}: id {i}: appears twice in the archive")
             s = i // shard_size
-            _stage_append(os.path.join(stage, f"{s:05d}.bin"), i, rec, ext, ids, probs)
+            _stage_raw(os.path.join(stage, f"{s:05d}.bin"), i, val)
             seen[i] = True
             counts[s] += 1
             if counts[s] == min(N, (s + 1) * shard_size) - s * shard_size:
-                flush(s)
+                run.submit(s)  # complete: convert it (here, or in a Ray task)
             bar.update()
+            run.collect(block=False)
     missing = np.nonzero(~seen)[0]
     if missing.size:
+        # a member that does not decode is the better error than the ids missing after it:
+        # decode what incomplete shards staged (only on this failure path)
+        for s in sorted(set((missing // shard_size).tolist())):
+            path = os.path.join(stage, f"{s:05d}.bin")
+            if os.path.exists(path):
+                _decode_staged(job, _read_staged_raw(path))
         raise ValueError(f"{archive}: no reinforcement for {missing.size} images, e.g. ids "
                          f"{missing[:5].tolist()} ({files[int(missing[0])]})")
+    run.collect(block=True)
     shutil.rmtree(stage, ignore_errors=True)
     return w.finish()
 
@@ -1130,11 +1219,16 @@ def main(argv=None) -> int:
     ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="generation",
                     help="RandAugment to replay: generation (tensor ops, what the teacher scored; default) "
                          "or training (PIL images, as ml-dr's training-time dataset)")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="ray: decode, convert and write shards in Ray tasks (this process streams the archive)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="with --engine ray: CPUs of the Ray started here (default: all)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_mldr(a.archive, a.images, a.out, shard_size=a.shard_size, config=a.config,
-                        progress=not a.quiet, limit=a.limit, semantics=a.semantics)
+                        progress=not a.quiet, limit=a.limit, semantics=a.semantics, engine=a.engine,
+                        workers=a.workers)
     except (ValueError, pickle.UnpicklingError) as e:
         print(f"fastload import-mldr: error: {e}", file=sys.stderr)
         return 2
