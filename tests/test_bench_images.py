@@ -295,3 +295,10 @@ def test_write_result_keeps_every_run(tmp_path):
     assert json.load(open(b))["x"] == 2 and json.load(open(tmp_path / "demo.json"))["x"] == 2
     assert sorted(os.listdir(tmp_path)) == ["demo-20261207T013000Z.json", "demo-20261207T013100Z.json",
                                             "demo.json"]
+
+
+def test_install_system_packages_only_with_peers_auto(capsys):
+    from fastload.bench import images
+
+    assert images.main(["--install-system-packages"]) == 2
+    assert "use it with --peers auto" in capsys.readouterr().err

@@ -55,8 +55,9 @@ def _parser():
         prog="fastload bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill("The image-loader benchmark: builds the embedded dataset (photos shipped with "
                      "scikit-image, no download) and measures, on the same files and cores, the "
-                     "torchvision DataLoader (or its PIL + torch stand-in, named as such), FFCV and "
-                     "DALI when they import, fastload.ReinforcedLoader and the JPEG decode limit.", 79),
+                     "torchvision DataLoader (or its PIL + torch stand-in, named as such), FFCV, "
+                     "DALI and SPDL when they import, fastload.ReinforcedLoader and the JPEG decode "
+                     "limits (full decode, and the floor of the stored crops).", 79),
         epilog="other benchmarks (one mode flag, then that mode's options; fastload bench MODE --help):\n"
                + modes + "\n\nexamples:\n  fastload bench --quick\n  fastload bench --peers auto\n"
                "  fastload bench --variable --quick")
@@ -341,6 +342,9 @@ def check_data_dir(path: str) -> None:
 def _validate(args) -> dict:
     """Every argument check, before anything is built or installed."""
     s = _settings(args)
+    if args.install_system_packages and args.peers != "auto":
+        raise ValueError("--install-system-packages installs what the peers' environment needs: "
+                         "use it with --peers auto")
     for py in args.python_peers:
         if not (os.path.isfile(py) and os.access(py, os.X_OK)):
             raise ValueError(f"--python-peers {py!r}: no such executable")
