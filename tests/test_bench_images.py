@@ -170,6 +170,19 @@ def test_baseline_and_reinforced_loader_batches_in_process(tiny_images, tmp_path
     assert ours["images"] == 8
 
 
+def test_decode_floor_pipeline_counts_every_image_in_process(tiny_images, tmp_path):
+    """The decode_floor pipeline: one stored crop per sample, its settings reported."""
+    from fastload.replay import native
+
+    if not native._lib().fl_replay_have_jpeg():
+        pytest.skip("built without libjpeg")
+    rpath = bench_data.build_reinforced(tiny_images, str(tmp_path / "r"), kind="crop", num_augmentations=2,
+                                        image_size=48, progress=False)
+    res = peers.run({**_cfg(tiny_images), "reinforced": rpath, "pipeline": "decode_floor"})
+    assert res["batches_desc"] == [{"count": 4}] and res["images"] == 8
+    assert res["settings"]["dct_rule"] == "pow2" and res["settings"]["threads"] == 1
+
+
 @pytest.mark.slow
 def test_quick_run_batches_have_the_right_shapes(tmp_path):
     """A --quick run on a tiny dataset: the baseline and ReinforcedLoader produce batches of
@@ -232,6 +245,13 @@ def test_ratios_are_named_after_what_was_measured():
     assert "torchvision" not in quiet and "MISSED" not in quiet and "met" not in quiet.split()
     assert "design target >= 0.75x, information only" in quiet  # decode limit is measured
     assert "issue" not in quiet.lower()
+    # SPDL and the decode floor, when they ran
+    ips.update(spdl=450.0, decode_floor=1200.0, fastload_ra_mix=300.0, spdl_ra_mix=100.0)
+    cpu.update(spdl=0.003, decode_floor=0.0006, fastload_ra_mix=0.002, spdl_ra_mix=0.008)
+    ratios, per_cpu = images.named_ratios(*_ratio_fns(ips, cpu), "torch_pil", "torch_ra_mix")
+    assert ratios["fastload_vs_spdl"] == 2.0 and per_cpu["fastload_vs_spdl"] == 3.0
+    assert ratios["fastload_of_decode_floor"] == 0.75 and per_cpu["fastload_of_decode_floor"] == 0.6
+    assert ratios["ra_mix_fastload_vs_spdl_ra_mix"] == 3.0 and per_cpu["ra_mix_fastload_vs_spdl_ra_mix"] == 4.0
 
 
 def test_loaded_machine_reports_per_cpu_ratios_and_no_target():
@@ -275,3 +295,10 @@ def test_write_result_keeps_every_run(tmp_path):
     assert json.load(open(b))["x"] == 2 and json.load(open(tmp_path / "demo.json"))["x"] == 2
     assert sorted(os.listdir(tmp_path)) == ["demo-20261207T013000Z.json", "demo-20261207T013100Z.json",
                                             "demo.json"]
+
+
+def test_install_system_packages_only_with_peers_auto(capsys):
+    from fastload.bench import images
+
+    assert images.main(["--install-system-packages"]) == 2
+    assert "use it with --peers auto" in capsys.readouterr().err

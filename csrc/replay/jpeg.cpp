@@ -289,6 +289,60 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   return 0;
 }
 
+int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int oh, int ow, int dct, Scratch& s,
+                    uint8_t* out, int64_t out_cap, int32_t region[4]) {
+  Decoder d;
+  if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
+  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  if (begin(d, data, len)) return -1;
+  jpeg_decompress_struct& ci = d.cinfo;
+  const int H = (int)ci.image_height, W = (int)ci.image_width;
+  int t, l, bh, bw;
+  box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
+  const int M = choose_scale_num(dct & 0xff, bh, bw, oh, ow);
+  ci.scale_num = (unsigned)M;
+  ci.scale_denom = 8;
+  jpeg_start_decompress(&ci);
+  const int SH = (int)ci.output_height, SW = (int)ci.output_width;
+  const int bpp = out_bytes_per_pixel(ci);
+  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
+  // the crop in scaled pixels (as jpeg_render: scaled pixel k covers source [8k/M, 8(k+1)/M))
+  const int xlo = (int)((int64_t)l * M / 8), xhi = std::min(SW, (int)(((int64_t)(l + bw) * M + 7) / 8));
+  const int ylo = (int)((int64_t)t * M / 8), yhi = std::min(SH, (int)(((int64_t)(t + bh) * M + 7) / 8));
+  region[0] = ylo;
+  region[1] = xlo;
+  region[2] = yhi - ylo;
+  region[3] = xhi - xlo;
+  const int rw = xhi - xlo;
+  if (out && (out_cap < 0 || (uint64_t)out_cap < (uint64_t)(yhi - ylo) * (uint64_t)rw * 3))
+    return fail("bad JPEG: %dx%d region does not fit its %lld-byte buffer", yhi - ylo, rw, (long long)out_cap);
+  // 2 columns of margin, as jpeg_render: the edge columns of a cropped decode are upsampled
+  // without their outer neighbour's chroma, so the region's own pixels equal a full decode
+  const int left = std::max(0, xlo - 2), right = std::min(SW, xhi + 2);
+  JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
+  if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
+  const size_t in_row = (size_t)cw * bpp;
+  if (s.rows.size() < in_row + 16) s.rows.resize(in_row + 16);
+  if (bpp == 4 && s.cmyk.size() < (size_t)cw * 3) s.cmyk.resize((size_t)cw * 3);
+  if (ylo > 0) {
+    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)ylo);
+    if ((int)skipped != ylo) return fail("bad JPEG: could not skip to row %d", ylo);
+  }
+  for (int y = ylo; y < yhi; ++y) {
+    JSAMPROW p = s.rows.data();
+    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
+    if (!out) continue;
+    const uint8_t* rgb = p;
+    if (bpp == 4) {
+      cmyk_to_rgb(p, s.cmyk.data(), (int)cw);
+      rgb = s.cmyk.data();
+    }
+    std::memcpy(out + (size_t)(y - ylo) * rw * 3, rgb + (size_t)(xlo - (int)xoff) * 3, (size_t)rw * 3);
+  }
+  jpeg_abort_decompress(&ci);  // nothing below the crop's last row is decoded
+  return 0;
+}
+
 int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
                      int* ow) {
   Decoder d;

@@ -579,6 +579,32 @@ FL_EXPORT int fl_jpeg_dims_batch(const Source* srcs, int64_t n, int denom, int32
   });
 }
 
+// The decode floor of each sample's crop (crops: n x 4 quantized boxes, as the stored
+// augmentations; fl::jpeg_crop_floor): regions[4*i..] receives the decoded region (y0, x0, h,
+// w) in scaled pixels; its pixels go to outs[i] (out_caps[i] bytes) or, when outs is null, to
+// per-thread scratch that is discarded (the benchmark's floor pipeline).
+FL_EXPORT int fl_crop_floor_batch(const Source* srcs, const uint16_t* crops, int64_t n, int oh, int ow, int dct_rule,
+                                  uint8_t* const* outs, const int64_t* out_caps, int32_t* regions, int threads,
+                                  int64_t* bad_index) {
+  return fl::guard("fl_crop_floor_batch", [&]() -> int {
+  if (bad_index) *bad_index = -1;
+  if (n < 0 || (n > 0 && (!srcs || !crops || !regions))) return fl::fail("null argument");
+  if (outs && !out_caps) return fl::fail("output buffers given without their capacities");
+  if (oh <= 0 || ow <= 0) return fl::fail("output size must be positive, got %dx%d", oh, ow);
+  if (dct_rule < fl::kDctOff || dct_rule > fl::kDctM8) return fl::fail("unknown DCT rule %d", dct_rule);
+#ifdef FASTLOAD_HAVE_JPEG
+  return run_batch((long)n, threads, bad_index, [&](long i) {
+    return fl::jpeg_crop_floor(srcs[i].data, (size_t)srcs[i].len, crops + 4 * i, oh, ow, dct_rule,
+                               tls().s, outs ? outs[i] : nullptr, outs ? out_caps[i] : 0, regions + 4 * i);
+  });
+#else
+  (void)threads;
+  (void)outs;
+  return fl::fail("built without libjpeg");
+#endif
+  });
+}
+
 // Full decode at scale 1/denom: into outs[i], a buffer of out_caps[i] bytes (sized from
 // fl_jpeg_dims_batch; an image that needs more fails without writing), or, when outs is
 // null, into per-thread scratch that is discarded (the benchmark's decode-only limit).

@@ -159,6 +159,13 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
 // Full decode at scale 1/denom into out (or scratch when out is null); dims returned.
 int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
                      int* ow);
+// The decode floor of one crop (benchmark): the rows above the crop skipped
+// (jpeg_skip_scanlines: entropy decoding only, no IDCT), the columns outside it cut
+// (jpeg_crop_scanline), the crop's rows decoded at the scale the loader's DCT rule picks for
+// an oh x ow output, nothing after the crop's last row. region[4] = (y0, x0, h, w) in scaled
+// pixels; the region's RGB pixels go to out (row-major, w * 3 bytes a row) when out is given.
+int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int oh, int ow, int dct, Scratch& s,
+                    uint8_t* out, int64_t out_cap, int32_t region[4]);
 // Decode limits (jpeg.cpp): a value < 0 (<= 0 for the first two) keeps the current one.
 void set_jpeg_limits(int64_t max_pixels, int64_t max_bytes, int64_t max_pixels_per_byte, int64_t free_pixels);
 void get_jpeg_limits(int64_t* v);  // v[4]: max_pixels, max_bytes, max_pixels_per_byte, free_pixels

@@ -44,7 +44,7 @@ from fastload.bench._common import write_result
 PEERS_PY = os.path.abspath(peers_mod.__file__)
 # the modules a pipeline needs, to pick a Python where it imports
 NEEDS = {"torchvision": "torchvision", "torchvision_v2_ra": "torchvision.transforms.v2",
-         "ffcv": "ffcv", "dali_cpu": "nvidia.dali"}
+         "ffcv": "ffcv", "dali_cpu": "nvidia.dali", "spdl": "spdl.pipeline", "spdl_ra_mix": "spdl.pipeline"}
 
 
 def _parser():
@@ -55,8 +55,9 @@ def _parser():
         prog="fastload bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill("The image-loader benchmark: builds the embedded dataset (photos shipped with "
                      "scikit-image, no download) and measures, on the same files and cores, the "
-                     "torchvision DataLoader (or its PIL + torch stand-in, named as such), FFCV and "
-                     "DALI when they import, fastload.ReinforcedLoader and the JPEG decode limit.", 79),
+                     "torchvision DataLoader (or its PIL + torch stand-in, named as such), FFCV, "
+                     "DALI and SPDL when they import, fastload.ReinforcedLoader and the JPEG decode "
+                     "limits (full decode, and the floor of the stored crops).", 79),
         epilog="other benchmarks (one mode flag, then that mode's options; fastload bench MODE --help):\n"
                + modes + "\n\nexamples:\n  fastload bench --quick\n  fastload bench --peers auto\n"
                "  fastload bench --variable --quick")
@@ -84,8 +85,12 @@ def _parser():
     ap.add_argument("--out-dir", default=None,
                     help="results folder (default $XDG_CACHE_HOME/fastload/results; never the current folder)")
     ap.add_argument("--peers", choices=("none", "auto"), default="none",
-                    help="auto: build (once) and use an isolated environment with torchvision, DALI and "
-                         "FFCV (several GB under $XDG_CACHE_HOME/fastload/peers-venv)")
+                    help="auto: build (once) and use an isolated environment with torchvision, DALI, "
+                         "FFCV and SPDL (several GB under $XDG_CACHE_HOME/fastload/peers-venv)")
+    ap.add_argument("--install-system-packages", action="store_true",
+                    help="with --peers auto, as root: apt-get the system packages FFCV (libturbojpeg, "
+                         "OpenCV, pkg-config) and SPDL (FFmpeg) need when missing; without it (or not "
+                         "root) they are named and those peers reported as not measured")
     ap.add_argument("--name", default="images", help="result file name (default images)")
     return ap
 
@@ -214,7 +219,8 @@ def _print_speed(title, rows, base):
 SHORT = {"torchvision": "torchvision", "torch_pil": "torch+PIL (torchvision stand-in)", "ffcv": "FFCV",
          "dali_cpu": "DALI CPU", "fastload": "fastload", "decode_scaled": "decode only, loader's DCT scale",
          "decode_full": "decode only, full scale", "torchvision_v2_ra": "torchvision v2",
-         "torch_ra_mix": "torch ops (torchvision v2 stand-in)", "fastload_ra_mix": "fastload"}
+         "torch_ra_mix": "torch ops (torchvision v2 stand-in)", "fastload_ra_mix": "fastload",
+         "decode_floor": "decode floor (stored crop only)", "spdl": "SPDL", "spdl_ra_mix": "SPDL"}
 
 
 def _chart(path, table1, table2):
@@ -264,8 +270,9 @@ def _coverage_lines(measured: dict, not_measured: dict) -> list:
 
 # Reference targets of the project's design, keyed by ratio name; a ratio exists only for a
 # pipeline that was measured, so a target never applies to a stand-in.
-TARGETS = {"fastload_vs_torchvision": 4.0, "fastload_vs_ffcv": 2.0, "fastload_vs_dali_cpu": 2.0,
-           "fastload_of_decode_limit": 0.75, "ra_mix_fastload_vs_torchvision_v2": 3.0,
+TARGETS = {"fastload_vs_torchvision": 5.0, "fastload_vs_ffcv": 2.5, "fastload_vs_dali_cpu": 2.5,
+           "fastload_vs_spdl": 2.0, "fastload_of_decode_full": 1.2, "fastload_of_decode_limit": 0.75,
+           "ra_mix_fastload_vs_torchvision_v2": 5.0, "ra_mix_fastload_vs_spdl_ra_mix": 2.0,
            "rss_10x_growth": 0.10, "rss_10_epochs_growth": 0.05}
 
 
@@ -274,10 +281,12 @@ def named_ratios(ratio, cpu_ratio, base1: str, base2: str):
     after the pipeline it divides by (``fastload_vs_torch_pil`` when the torchvision stand-in
     ran, never ``..._vs_torchvision``). Ratios whose pipelines did not run are left out."""
     pairs = {f"fastload_vs_{base1}": ("fastload", base1), "fastload_vs_ffcv": ("fastload", "ffcv"),
-             "fastload_vs_dali_cpu": ("fastload", "dali_cpu"),
+             "fastload_vs_dali_cpu": ("fastload", "dali_cpu"), "fastload_vs_spdl": ("fastload", "spdl"),
              "fastload_of_decode_limit": ("fastload", "decode_scaled"),
              "fastload_of_decode_full": ("fastload", "decode_full"),
-             f"ra_mix_fastload_vs_{base2}": ("fastload_ra_mix", base2)}
+             "fastload_of_decode_floor": ("fastload", "decode_floor"),
+             f"ra_mix_fastload_vs_{base2}": ("fastload_ra_mix", base2),
+             "ra_mix_fastload_vs_spdl_ra_mix": ("fastload_ra_mix", "spdl_ra_mix")}
     ratios, per_cpu = {}, {}
     for name, (a, b) in pairs.items():
         if ratio(a, b) is not None:
@@ -333,6 +342,9 @@ def check_data_dir(path: str) -> None:
 def _validate(args) -> dict:
     """Every argument check, before anything is built or installed."""
     s = _settings(args)
+    if args.install_system_packages and args.peers != "auto":
+        raise ValueError("--install-system-packages installs what the peers' environment needs: "
+                         "use it with --peers auto")
     for py in args.python_peers:
         if not (os.path.isfile(py) and os.access(py, os.X_OK)):
             raise ValueError(f"--python-peers {py!r}: no such executable")
@@ -367,7 +379,7 @@ def main(argv=None) -> int:
     if args.peers == "auto":
         from fastload.bench.peers_env import ensure_peers_env
 
-        py, peer_notes = ensure_peers_env()
+        py, peer_notes = ensure_peers_env(install_system=args.install_system_packages)
         pythons.append(py)
     wanted = {p.strip() for p in args.pipelines.split(",") if p.strip()} if args.pipelines else None
 
@@ -387,13 +399,14 @@ def main(argv=None) -> int:
                 "max_batches": s["max_batches"], "seconds": s["seconds"]}
 
     # -- which pipelines run, and with which Python
-    t1 = ["torchvision", "torch_pil", "ffcv", "dali_cpu", "fastload", "decode_scaled", "decode_full"]
-    t2 = ["torchvision_v2_ra", "torch_ra_mix", "fastload_ra_mix"]
+    t1 = ["torchvision", "torch_pil", "ffcv", "dali_cpu", "spdl", "fastload", "decode_scaled", "decode_full",
+          "decode_floor"]
+    t2 = ["torchvision_v2_ra", "torch_ra_mix", "spdl_ra_mix", "fastload_ra_mix"]
     plan, skipped = [], {}
     for name in t1 + t2:
         if wanted is not None and name not in wanted:
             continue
-        need = {"fastload": "crop", "fastload_ra_mix": "ra_mix"}.get(name)
+        need = {"fastload": "crop", "fastload_ra_mix": "ra_mix", "decode_floor": "crop"}.get(name)
         if need and paths[need] is None:
             skipped[name] = "no reinforced dataset: " + paths["errors"][need]
             continue
@@ -520,7 +533,12 @@ def main(argv=None) -> int:
                      "environment's torch build in their RSS.")
     if "ffcv" in results:
         notes.append("FFCV reads a .beton written from the same images (re-encoded as JPEG quality 90).")
+    notes.append("decode_floor decodes, for each sample, one of its stored crops only: rows above skipped "
+                 "(jpeg_skip_scanlines), columns cut (jpeg_crop_scanline), stop after its last row, at the "
+                 "loader's DCT scale (fastload.replay.native.crop_floor_batch); fastload_of_decode_floor is "
+                 "the loader's images/s over the floor's.")
     payload["notes"] = notes
+    payload["peer_settings"] = {k: v.get("settings") for k, v in results.items() if "images_per_s" in v}
     payload["measured"] = {k: _label(k) for k, v in results.items() if "images_per_s" in v}
     payload["not_measured"] = {**skipped, **{k: "failed: " + v["error"].strip().splitlines()[-1]
                                              for k, v in results.items() if "error" in v}}

@@ -18,10 +18,19 @@ Pipelines (RandomResizedCrop 224 + horizontal flip + normalize, batch 64, unless
 - ``decode_scaled`` / ``decode_full``: the decode-only limit: libjpeg-turbo decoding the same
   files on all cores (fastload.replay.native.decode_batch) at the DCT scale the loader would
   use for a torchvision-sampled crop, and at full scale.
-- ``ffcv``, ``dali_cpu``: the peers, when importable.
+- ``decode_floor``: the decode floor of the stored crops: for each sample one of its stored
+  crops (as the loader draws them), libjpeg-turbo skipping the rows above it
+  (jpeg_skip_scanlines: entropy decoding only), cutting the columns outside it
+  (jpeg_crop_scanline), decoding its rows at the loader's DCT scale and stopping after its last
+  row (fastload.replay.native.crop_floor_batch): what any JPEG loader must decode for that crop.
+- ``ffcv``, ``dali_cpu``, ``spdl``: the peers, when importable.
 - ``torchvision_v2_ra`` / ``torch_ra_mix``: + RandAugment(2, 9) + MixUp/CutMix (alpha 1,
   one of them per batch), with torchvision.transforms.v2, or its torch-only stand-in.
+- ``spdl_ra_mix``: SPDL's pipeline with torchvision v2's RandAugment(2, 9) in a thread stage and
+  MixUp/CutMix on the batch.
 - ``fastload_ra_mix``: ReinforcedLoader over the dataset reinforced with the same policy.
+
+Every pipeline reports the settings it ran with (``settings`` in its result).
 """
 from __future__ import annotations
 
@@ -47,6 +56,10 @@ LABELS = {
     "torch_ra_mix": "torch DataLoader, torchvision v2's RRC/flip/RandAugment(2,9)/MixUp/CutMix "
                     "rewritten with torch ops (the stand-in where torchvision does not import)",
     "fastload_ra_mix": "fastload.ReinforcedLoader, stored RRC/flip/RandAugment(2,9)/MixUp/CutMix",
+    "decode_floor": "decode floor: libjpeg-turbo decoding each sample's stored crop only (rows above skipped, "
+                    "columns cut, stop after its last row), loader's DCT scale, all cores",
+    "spdl": "SPDL pipeline (spdl.io FFmpeg decode with crop/scale/flip filter, per-stage thread concurrency)",
+    "spdl_ra_mix": "SPDL pipeline + torchvision v2 RandAugment(2,9) stage + MixUp/CutMix",
 }
 
 
@@ -357,7 +370,13 @@ def _epochs(make_epoch):
         epoch += 1
 
 
+def _dataloader_settings(cfg, **more):
+    return {"batch_size": cfg["batch_size"], "num_workers": cfg["workers"], "persistent_workers": cfg["workers"] > 0,
+            "shuffle": True, "drop_last": True, **more}
+
+
 def pipe_torch_pil(cfg):
+    _EXTRA["settings"] = _dataloader_settings(cfg, decode="PIL", interpolation="bilinear (PIL, antialiased)")
     dl = _dataloader(PilRRCDataset(cfg["images"], cfg["image_size"]), cfg)
     return _epochs(lambda e: dl)
 
@@ -365,6 +384,8 @@ def pipe_torch_pil(cfg):
 def pipe_torchvision(cfg):
     from torchvision import datasets, transforms
 
+    _EXTRA["settings"] = _dataloader_settings(cfg, dataset="torchvision.datasets.ImageFolder (PIL decode)",
+                                              transforms="RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize")
     tf = transforms.Compose([transforms.RandomResizedCrop(cfg["image_size"]), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     dl = _dataloader(datasets.ImageFolder(cfg["images"], transform=tf), cfg)
@@ -433,6 +454,7 @@ class TorchRAMixDataset(_FolderDataset):
 
 
 def pipe_torch_ra_mix(cfg):
+    _EXTRA["settings"] = _dataloader_settings(cfg, decode="PIL", collate="MixUp/CutMix (torch ops)")
     ds = TorchRAMixDataset(cfg["images"], cfg["image_size"])
     dl = _dataloader(ds, cfg, collate_fn=_mix_collate(len(ds.classes), cfg["seed"]))
     return _epochs(lambda e: dl)
@@ -443,6 +465,10 @@ def pipe_torchvision_v2_ra(cfg):
     from torchvision import datasets
     from torchvision.transforms import v2
 
+    _EXTRA["settings"] = _dataloader_settings(
+        cfg, dataset="torchvision.datasets.ImageFolder (PIL decode)",
+        transforms="v2: PILToTensor, RandomResizedCrop(antialias), RandomHorizontalFlip, RandAugment(2, 9), "
+                   "ToDtype, Normalize; collate: RandomChoice([MixUp, CutMix])")
     tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(cfg["image_size"], antialias=True),
                      v2.RandomHorizontalFlip(), v2.RandAugment(2, 9), v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize(MEAN, STD)])
@@ -456,6 +482,7 @@ def _reinforced_loader(path, cfg):
 
     kw = dict(batch_size=cfg["batch_size"], shuffle=True, num_workers=cfg["workers"],
               image_size=cfg["image_size"], drop_last=True, seed=cfg["seed"], p_reinforced=1.0)
+    _EXTRA["settings"] = {k: v for k, v in kw.items() if k != "seed"}
     loader = fastload.ReinforcedLoader(fastload.ReinforcedDataset(path), **kw)
 
     def epoch(e):
@@ -489,6 +516,8 @@ def _decode(cfg, scaled):
     rng = random.Random(cfg["seed"])
     threads = cfg["threads"]
     _EXTRA["native_jpeg"] = bool(native._lib().fl_replay_have_jpeg())
+    _EXTRA["settings"] = {"threads": threads, "batch_size": cfg["batch_size"],
+                          "scale": "loader's DCT rule per image" if scaled else "full"}
     bs = cfg["batch_size"]
     size = cfg["image_size"]
     scales = [1] * len(blobs)  # DCT denominators
@@ -529,6 +558,123 @@ def pipe_decode_full(cfg):
     return _decode(cfg, False)
 
 
+def pipe_decode_floor(cfg):
+    """Decode floor of each sample's stored crop (see the module docstring)."""
+    import random
+
+    import numpy as np
+
+    import fastload
+    from fastload.replay import native
+
+    ds = fastload.ReinforcedDataset(cfg["reinforced"])
+    n = len(ds)
+    blobs = [bytes(ds.image_bytes(i)) for i in range(n)]
+    crops = np.stack([ds.augs(i)["crop"] for i in range(n)])  # (n, N, 4) quantized boxes
+    dct = ds.replay.get("dct_scale", True)
+    rule = "pow2" if dct is True else dct
+    threads, bs, size = cfg["threads"], cfg["batch_size"], cfg["image_size"]
+    _EXTRA["settings"] = {"threads": threads, "batch_size": bs, "dct_rule": str(rule),
+                          "crop": "one stored crop per sample, drawn uniformly per epoch"}
+
+    def epoch(e):
+        rng = random.Random(cfg["seed"] * 1000003 + e)
+        order = list(range(n))
+        rng.shuffle(order)
+        for s0 in range(0, n - bs + 1, bs):
+            idx = order[s0:s0 + bs]
+            boxes = np.stack([crops[k, rng.randrange(crops.shape[1])] for k in idx])
+            native.crop_floor_batch([blobs[k] for k in idx], boxes, (size, size), dct_scale=dct, threads=threads,
+                                    keep=False)
+            yield len(idx)
+
+    return _epochs(epoch)
+
+
+def _spdl(cfg, ra_mix: bool):
+    """SPDL's pipeline (spdl.pipeline.PipelineBuilder): a source thread draws the order and the
+    RandomResizedCrop box/flip (torchvision's sampling rule); a stage of ``threads`` concurrent
+    tasks decodes each file with spdl.io (FFmpeg, single-threaded decoder per task, SPDL's
+    default) through an FFmpeg filter doing the crop, bilinear resize and flip; [RandAugment
+    stage]; batches of ``batch_size``; a collate stage stacks and normalizes (and MixUp/CutMix)."""
+    import random
+
+    import numpy as np
+    import spdl.io
+    import torch
+    from PIL import Image
+    from spdl.pipeline import PipelineBuilder
+
+    items, classes = _image_folder(cfg["images"])
+    sizes = []
+    for path, _ in items:
+        with Image.open(path) as im:  # header only
+            sizes.append((im.height, im.width))
+    threads, bs, size = cfg["threads"], cfg["batch_size"], cfg["image_size"]
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+
+    def source():
+        e = 0
+        while True:
+            rng = random.Random(cfg["seed"] * 1000003 + e)
+            order = list(range(len(items)))
+            rng.shuffle(order)
+            for k in order:
+                h, w = sizes[k]
+                yield items[k][0], items[k][1], rrc_params(h, w, rng), rng.random() < 0.5
+            e += 1
+
+    def decode(item):
+        path, label, (top, left, h, w), flip = item
+        fd = f"crop=w={w}:h={h}:x={left}:y={top},scale=w={size}:h={size}:flags=bilinear"
+        fd += ",hflip" if flip else ""
+        buf = spdl.io.load_image(path, filter_desc=fd + ",format=pix_fmts=rgb24")
+        return torch.from_numpy(spdl.io.to_numpy(buf)).permute(2, 0, 1), label  # uint8 CHW
+
+    settings = {"num_threads": threads, "decode_concurrency": threads, "batch_size": bs,
+                "decode": "spdl.io.load_image (FFmpeg mjpeg, single-threaded decoder per task) with filter "
+                          "crop, scale (bilinear), hflip, format=rgb24",
+                "collate_concurrency": 1, "sink_buffer": 3}
+    b = PipelineBuilder().add_source(source()).pipe(decode, concurrency=threads)
+    mix = None
+    if ra_mix:
+        from torchvision.transforms import v2
+
+        ra = v2.RandAugment(2, 9)
+        b = b.pipe(lambda xy: (ra(xy[0]), xy[1]), concurrency=threads)
+        mix = v2.RandomChoice([v2.MixUp(num_classes=len(classes)), v2.CutMix(num_classes=len(classes))])
+        settings.update(randaugment="torchvision.transforms.v2.RandAugment(2, 9) on uint8 CHW tensors",
+                        randaugment_concurrency=threads, mix="torchvision v2 RandomChoice([MixUp, CutMix]) per batch")
+
+    def collate(batch):
+        x = torch.stack([t for t, _ in batch]).float().sub_(mean).div_(std)
+        y = torch.tensor([lab for _, lab in batch])
+        return mix(x, y) if mix is not None else (x, y)
+
+    b = b.aggregate(bs, drop_last=True).pipe(collate, concurrency=1).add_sink(3)
+    _EXTRA["settings"] = settings
+    pipeline = b.build(num_threads=threads)
+    pipeline.start()
+
+    def gen():
+        try:
+            while True:
+                yield pipeline.get_item(timeout=600)
+        finally:
+            pipeline.stop()
+
+    return gen()
+
+
+def pipe_spdl(cfg):
+    return _spdl(cfg, False)
+
+
+def pipe_spdl_ra_mix(cfg):
+    return _spdl(cfg, True)
+
+
 def pipe_dali_cpu(cfg):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -543,6 +689,9 @@ def pipe_dali_cpu(cfg):
                                           mirror=fn.random.coin_flip())
         return images, labels
 
+    _EXTRA["settings"] = {"num_threads": cfg["threads"], "batch_size": cfg["batch_size"], "device": "cpu",
+                          "decoder": "fn.decoders.image_random_crop (fused ROI decode)", "resize": "fn.resize",
+                          "normalize": "fn.crop_mirror_normalize (mirror=coin_flip)"}
     p = pipe()
     p.build()
     it = DALIGenericIterator([p], ["x", "y"], reader_name="r", auto_reset=True)
@@ -587,6 +736,10 @@ def pipe_ffcv(cfg):
 
     path = _ffcv_beton(cfg)
     size = cfg["image_size"]
+    _EXTRA["settings"] = {"num_workers": cfg["threads"], "batch_size": cfg["batch_size"], "order": "RANDOM",
+                          "decoder": "RandomResizedCropRGBImageDecoder",
+                          "beton": "RGBImageField(write_mode='jpg', jpeg_quality=90), max_resolution not set "
+                                   "(sources at full size, as the other pipelines read them)"}
     loader = Loader(path, batch_size=cfg["batch_size"], num_workers=cfg["threads"], order=OrderOption.RANDOM,
                     drop_last=True, seed=cfg["seed"], pipelines={
                         "image": [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(),

@@ -56,6 +56,8 @@ def _lib():
         lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, vp, i32, vp]
         lib.fl_decode_batch.restype = i32
         lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i64, i32, vp]
+        lib.fl_crop_floor_batch.argtypes = [vp, vp, i64, i32, i32, i32, vp, vp, vp, i32, vp]
+        lib.fl_crop_floor_batch.restype = i32
         lib.fl_jpeg_dims_batch.restype = i32
         lib.fl_replay_set_limits.argtypes = [i64, i64, i64, i64]
         lib.fl_replay_set_limits.restype = i32
@@ -477,6 +479,65 @@ def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = Non
     st = lib.fl_decode_batch(desc.ctypes.data, n, scale, ptrs, caps.ctypes.data, nt, ctypes.byref(bad))
     _decode_error(lib, st, bad.value, sample_ids)
     return arrs
+
+
+def crop_floor_batch(sources: Sequence, crops, out_size=(224, 224), dct_scale: str = "pow2",
+                     threads: Optional[int] = None, keep: bool = True):
+    """The JPEG decode floor of each source's crop: what any JPEG loader must decode to produce
+    that crop at ``out_size`` (the benchmark's ``decode_floor`` pipeline). Rows above the crop
+    are skipped with ``jpeg_skip_scanlines`` (entropy decoding, no IDCT), columns outside it are
+    cut with ``jpeg_crop_scanline``, the crop's rows are decoded at the DCT scale the loader's
+    rule picks, and decoding stops after the crop's last row.
+
+    ``crops``: (n, 4) uint16 quantized boxes (top, left, height, width; the stored
+    augmentations' ``crop`` field). Returns, when ``keep``, a list of (region, pixels): region
+    (y0, x0, h, w) in pixels of the image decoded at that scale, pixels its uint8 HWC RGB;
+    ``None`` when ``keep=False`` (pixels discarded: only the decoding is timed).
+
+    Example:
+        >>> import io, numpy as np
+        >>> from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
+        >>> # a 48 x 32 crop for an 8 x 8 output: decoded at 1/4 scale
+        >>> (region, px), = crop_floor_batch([buf.getvalue()], np.array([[0, 0, 65535, 32768]]), (8, 8))
+        >>> region, px.shape
+        ((0, 0, 12, 8), (12, 8, 3))
+    """
+    lib = _lib()
+    if not lib.fl_replay_have_jpeg():
+        raise RuntimeError("crop_floor_batch needs the native JPEG decoder (fastload built without libjpeg)")
+    crops = np.ascontiguousarray(crops, dtype=np.uint16).reshape(-1, 4)
+    n = len(sources)
+    if crops.shape[0] != n:
+        raise ValueError(f"crops has {crops.shape[0]} rows for {n} sources")
+    hold: list = []
+    for i, s in enumerate(sources):
+        if isinstance(s, np.ndarray) or s is None:
+            raise ValueError(f"sources[{i}] must be JPEG bytes")
+    desc = _describe(sources, hold, "sources")
+    regions = np.zeros((n, 4), np.int32)
+    bad = ctypes.c_int64(-1)
+    nt = int(threads or 0)
+    rule = _dct_code(dct_scale)
+    oh, ow = int(out_size[0]), int(out_size[1])
+    if not keep:
+        st = lib.fl_crop_floor_batch(desc.ctypes.data, crops.ctypes.data, n, oh, ow, rule, None, None,
+                                     regions.ctypes.data, nt, ctypes.byref(bad))
+        _decode_error(lib, st, bad.value, None)
+        return None
+    hw = np.zeros((n, 2), np.int32)  # full-scale dims bound every region
+    st = lib.fl_jpeg_dims_batch(desc.ctypes.data, n, 1, hw.ctypes.data, hw.size, nt, ctypes.byref(bad))
+    _decode_error(lib, st, bad.value, None)
+    bufs = [np.empty(int(a) * int(b) * 3, np.uint8) for a, b in hw]
+    ptrs = (ctypes.c_void_p * n)(*[b.ctypes.data for b in bufs])
+    caps = np.array([b.nbytes for b in bufs], np.int64)
+    st = lib.fl_crop_floor_batch(desc.ctypes.data, crops.ctypes.data, n, oh, ow, rule, ptrs, caps.ctypes.data,
+                                 regions.ctypes.data, nt, ctypes.byref(bad))
+    _decode_error(lib, st, bad.value, None)
+    out = []
+    for b, (y0, x0, h, w) in zip(bufs, regions.tolist()):
+        out.append(((y0, x0, h, w), b[:h * w * 3].reshape(h, w, 3)))
+    return out
 
 
 def _decode_error(lib, status, i, sample_ids):
