@@ -297,3 +297,18 @@ def test_loader_bytes_bad_arguments(ds):
         _loader(ds, encode="png")
     with pytest.raises(ValueError, match="bucket must be"):
         _bytes_loader(ds, encode="png", bucket="yes")
+
+
+def test_loader_bytes_image_text(tmp_path):
+    """Image-text data: the bytes come with the ImageTextBatch (captions, stored embeddings)."""
+    from fastload.format.reader import ReinforcedDataset
+    from fastload.loader.reinforced import ImageTextBatch, ReinforcedLoader
+    from _ddp_loader_worker import write_dataset
+
+    tds = ReinforcedDataset(write_dataset(str(tmp_path / "t"), n=7, kind="image_text"))
+    kw = dict(batch_size=3, shuffle=True, seed=1, image_size=16)
+    for out, plain in zip(ReinforcedLoader(tds, output="bytes", encode="tiff", **kw),
+                          ReinforcedLoader(tds, dtype=torch.uint8, **kw)):
+        assert isinstance(out.batch, ImageTextBatch) and out.batch.captions == plain.captions
+        assert torch.equal(out.batch.image_emb, plain.image_emb)
+        _check_decodes(out.tokens, out.lengths, plain.images, "tiff")
