@@ -108,8 +108,9 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
       (one sample per item), ``timeout``, ``pin_memory_device``, ``multiprocessing_context``,
       ``in_order`` as DataLoader; ``worker_init_fn`` is rejected (no worker processes). The
       reasons are in ``fastload.loader._args``.
-    - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 or float16 normalized output, or
-      uint8 unnormalized pixels (normalize on the GPU).
+    - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 (default) or float16 normalized
+      output, or uint8 unnormalized pixels (normalize on the GPU; the default with
+      ``output="bytes"``).
     - ``device``: move every batch there (non-blocking from pinned memory).
     - ``replay``: "cpu" (default: C++ render, then copy) or "device": the CPU threads only
       decode the crop windows, the GPU renders them with the Triton kernel on a side stream
