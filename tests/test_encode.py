@@ -312,3 +312,51 @@ def test_loader_bytes_image_text(tmp_path):
         assert isinstance(out.batch, ImageTextBatch) and out.batch.captions == plain.captions
         assert torch.equal(out.batch.image_emb, plain.image_emb)
         _check_decodes(out.tokens, out.lengths, plain.images, "tiff")
+
+
+_DDP_WORKER = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from fastload.format.reader import ReinforcedDataset
+from fastload.loader.reinforced import ReinforcedLoader
+rank, path, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+L = ReinforcedLoader(ReinforcedDataset(path), batch_size=3, shuffle=True, seed=2, image_size=24, num_workers=2,
+                     output="bytes", encode="png", check_ranks=True)
+res = [dict(lengths=b.lengths.tolist(), width=b.tokens.shape[1], labels=b.batch[1].tolist()) for b in L]
+json.dump(res, open(out, "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow  # two spawned gloo processes
+def test_loader_bytes_two_gloo_ranks_with_check_ranks(ds, tmp_path):
+    """Under DDP with check_ranks=True the ranks agree on (step, rows) although their token
+    widths differ; each rank's bytes are those of its elastic slice."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from fastload.loader.reinforced import ReinforcedLoader
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "w.py"
+    script.write_text(_DDP_WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), ds.path, str(port),
+                               str(tmp_path / f"r{r}.json")], env=env) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    res = [json.load(open(tmp_path / f"r{r}.json")) for r in range(2)]
+    widths = set()
+    for r in range(2):
+        want = [dict(lengths=b.lengths.tolist(), width=b.tokens.shape[1], labels=b.batch[1].tolist())
+                for b in ReinforcedLoader(ds, batch_size=3, shuffle=True, seed=2, image_size=24, rank=r,
+                                          world_size=2, output="bytes", encode="png")]
+        assert res[r] == want
+        widths.add(tuple(b["width"] for b in want))
+    assert len(widths) == 2  # the ranks' padded widths differ, and check_ranks did not object
