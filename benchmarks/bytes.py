@@ -1,6 +1,8 @@
-"""Bytes mode (ByteFormer input): tokens/s delivered by BytesBatches around a uint8
-ReinforcedLoader (render + native encode + padding), the encode alone, and the padding
-fraction of the padded batch with and without power-of-two length groups, per format.
+"""Bytes mode (ByteFormer input): tokens/s delivered, per format, by
+``ReinforcedLoader(output="bytes")`` (encoding in the loader's render stage, on its render
+thread) and by the ``BytesBatches`` wrapper around a uint8 loader (encoding on the caller's
+thread), side by side in one run; the encode alone; and the padding fraction of the padded
+batch with and without power-of-two length groups.
 
     python benchmarks/bytes.py [--images 384] [--batch 64] [--size 224] [--steps 10]
 """
@@ -53,24 +55,33 @@ def main(argv=None) -> int:
         next(it)
     render_s = (time.perf_counter() - t0) / a.steps
     res["render_only_uint8"] = {"s_per_batch": render_s, "images_per_s": a.batch / render_s}
-    for fmt, kw in [("jpeg", dict(quality=90)), ("png", dict(level=6)), ("tiff", {}), ("stored", {})]:
+    def in_loader(fmt, bucket, kw):  # encoded in the loader's render stage
+        return ReinforcedLoader(ds, batch_size=a.batch, shuffle=True, image_size=a.size, num_workers=a.workers,
+                                drop_last=True, output="bytes", encode=fmt, bucket=bucket,
+                                quality=kw.get("quality", 90))
+
+    def wrapper(fmt, bucket, kw):  # BytesBatches around an images-mode loader
+        return BytesBatches(mk(torch.float32 if fmt == "stored" else torch.uint8), encode=fmt, bucket=bucket, **kw)
+
+    res["settings"]["paths"] = {"loader": "ReinforcedLoader(output='bytes')", "wrapper": "BytesBatches(loader)"}
+    for fmt, kw in [("jpeg", dict(quality=90)), ("png", {}), ("tiff", {}), ("stored", {})]:
         row = {}
-        for bucket in (False, True):
-            it = cycle(lambda: iter(BytesBatches(mk(torch.float32 if fmt == "stored" else torch.uint8),
-                                                 encode=fmt, bucket=bucket, **kw)))
-            for _ in range(2):
-                next(it)
-            tokens = padded = 0
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                b = next(it)
-                tokens += int(b.lengths.sum())
-                padded += b.tokens.numel() if not bucket else sum(g.tokens.numel() for g in b.groups)
-            s = (time.perf_counter() - t0) / a.steps
-            row["bucketed" if bucket else "padded"] = {
-                "s_per_batch": s, "tokens_per_s": tokens / a.steps / s, "mean_tokens_per_image": tokens / a.steps / a.batch,
-                "padding_fraction": 1 - tokens / padded,
-                "groups_per_batch": None if not bucket else len(b.groups)}
+        for path, make in (("loader", in_loader), ("wrapper", wrapper)):
+            for bucket in (False, True):
+                it = cycle(lambda: iter(make(fmt, bucket, kw)))
+                for _ in range(2):
+                    next(it)
+                tokens = padded = 0
+                t0 = time.perf_counter()
+                for _ in range(a.steps):
+                    b = next(it)
+                    tokens += int(b.lengths.sum())
+                    padded += b.tokens.numel() if not bucket else sum(g.tokens.numel() for g in b.groups)
+                s = (time.perf_counter() - t0) / a.steps
+                row.setdefault(path, {})["bucketed" if bucket else "padded"] = {
+                    "s_per_batch": s, "tokens_per_s": tokens / a.steps / s,
+                    "mean_tokens_per_image": tokens / a.steps / a.batch, "padding_fraction": 1 - tokens / padded,
+                    "groups_per_batch": None if not bucket else len(b.groups)}
         if fmt != "stored":
             images = next(iter(mk()))[0]
             t0 = time.perf_counter()

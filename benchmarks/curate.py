@@ -67,6 +67,9 @@ def main(argv=None) -> int:
                         "recall_queries": a.recall_queries, "faiss": faiss.__version__,
                         "data": "1000-cluster Gaussian mixture, sigma 0.7, cosine similarity"},
            "pool_bytes": a.pool * a.dim * 4, "indexes": {}}
+    from fastload._results import run_stamp
+
+    stamp = run_stamp()  # one per-run file, rewritten as each index finishes
     for kind in a.indexes.split(","):
         # each index in its own process: its peak RSS is that search's memory
         cmd = [sys.executable, os.path.abspath(__file__), "--one", kind] + [
@@ -74,9 +77,9 @@ def main(argv=None) -> int:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         res["indexes"][kind] = row
-        print(kind, row, flush=True)
-    res["load_average_at_end"] = list(os.getloadavg())
-    print("wrote", write_result("curate", res, a.out_dir))
+        res["load_average_at_end"] = list(os.getloadavg())
+        # written after every index: a long run (HNSW at 1M on 2 cores) keeps what finished
+        print(kind, row, "wrote", write_result("curate", res, a.out_dir, stamp), flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ import io
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -530,8 +530,16 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
               seed: int = 0, engine: str = "local", shard_size: int = 1000, on_error: str = "raise",
               reencode_max_side: Optional[int] = None, progress: bool = True, store_images: bool = True,
               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-              threads: Optional[int] = None) -> Dict[str, Any]:
+              threads: Optional[int] = None, reference=None,
+              reference_loss: Optional[Callable] = None) -> Dict[str, Any]:
     """Create (or resume) a reinforced classification dataset in ``out``; returns the manifest.
+
+    ``reference``: a reference model (same input as the teacher) for online batch selection.
+    Once the dataset is written, every stored augmentation of every row is replayed and the
+    reference's per-example loss stored, ``reference_loss(logits, labels)`` (cross-entropy by
+    default), as ``float32 [N, A]`` beside the dataset (``fastload.select.score_reference``;
+    the returned manifest's ``"reference"`` is its path). ``OnlineBatchSelector(reference=
+    path)`` then looks the reference term of each super-batch up instead of running the model.
 
     ``teacher`` is an ``nn.Module`` (or a list: an ensemble averaging softmax probabilities)
     taking normalized float images [B, 3, h, w] and returning logits [B, num_classes].
@@ -574,6 +582,10 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
         raise ValueError(f"policy must be an AugmentPolicy or its dict, got {type(policy).__name__}")
     teachers = [_eval(t) for t in _teacher_list(teacher)]
     threads = int(threads or min(8, os.cpu_count() or 1))
+    if reference is not None and not callable(reference):
+        raise ValueError(f"reference must be a model (a callable returning logits), got {type(reference).__name__}")
+    if reference_loss is not None and not callable(reference_loss):
+        raise ValueError(f"reference_loss must be callable (logits, labels) -> [B] losses, got {reference_loss!r}")
 
     # output width: probe once so a wrong teacher fails before any work. The probe's batch
     # (batch_size + 1) is one the run never uses (its batches hold at most batch_size images),
@@ -656,7 +668,16 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
     except BaseException as e:
         _after_failure(out, writer, fresh, num_shards, e)
         raise
-    return writer.finish(skipped=skipped)
+    manifest = writer.finish(skipped=skipped)
+    if reference is not None:  # the reference term of online batch selection, stored once
+        from fastload.select.sidecar import score_reference
+
+        ref = _eval(reference)
+        dev = _device(ref)
+        manifest = dict(manifest, reference=score_reference(
+            out, ref, batch_size=int(batch_size), loss=reference_loss,
+            device=None if str(dev) == "cpu" else dev))
+    return manifest
 
 
 def _after_failure(out: str, writer: DatasetWriter, fresh: bool, num_shards: int, exc: BaseException) -> None:

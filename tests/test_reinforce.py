@@ -224,3 +224,36 @@ def test_ray_engine_writes_and_resumes(images, tmp_path):
     for i in range(len(a)):  # same seeds per shard: the engines agree exactly
         assert a.augs(i).tobytes() == b.augs(i).tobytes()
         np.testing.assert_array_equal(a._targets_row(i)[0], b._targets_row(i)[0])
+
+
+def test_reference_model_losses_stored_for_selection(images, tmp_path):
+    """reinforce(reference=model) stores the reference's per-example loss of every stored
+    augmentation; the selector's reference term is then a lookup of it."""
+    from fastload.select import OnlineBatchSelector
+    from fastload.select.reference import reference_topk
+
+    torch.manual_seed(0)
+    ref_model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 20))
+    plain = POLICY.__class__(size=(SIZE, SIZE))
+    out = str(tmp_path / "ds")
+    m = fastload.reinforce(images, make_teacher(20, seed=0), out, num_classes=20, num_augmentations=3, topk=4,
+                           policy=plain, image_size=SIZE, batch_size=5, seed=1, progress=False, reference=ref_model)
+    ds = fastload.ReinforcedDataset(out)
+    table = np.load(m["reference"])
+    assert table.shape == (12, 3) and table.dtype == np.float32
+    for a in range(3):  # augmentation a of every row, as the training loader replays it
+        L = fastload.ReinforcedLoader(ds, batch_size=12, aug_choice="epoch")
+        L.set_epoch(a)
+        images_a, labels, _ = next(iter(L))
+        with torch.no_grad():
+            want = torch.nn.functional.cross_entropy(ref_model(images_a), labels, reduction="none")
+        np.testing.assert_allclose(table[:, a], want.numpy(), rtol=1e-5, atol=1e-5)
+    # the selector looks each super-batch row's (row, stored augmentation) entry up
+    L = fastload.ReinforcedLoader(ds, batch_size=6, shuffle=True, seed=4)
+    sel = OnlineBatchSelector(L, None, keep=0.5, score="easy", reference=m["reference"])
+    for t, out_b in enumerate(sel):
+        rows, _, aug, _ = L.batch_plan(0, t)
+        assert out_b.positions.tolist() == reference_topk([-float(table[r, a]) for r, a in zip(rows, aug)], 3)
+    with pytest.raises(ValueError, match="reference must be a model"):
+        fastload.reinforce(images, make_teacher(20, seed=0), str(tmp_path / "x"), num_classes=20,
+                           policy=plain, image_size=SIZE, progress=False, reference="model.pt")

@@ -14,7 +14,7 @@ import torch
 
 from fastload.format.reader import ReinforcedDataset
 from fastload.loader.reinforced import ReinforcedLoader
-from fastload.select import OnlineBatchSelector, batch_rows, rules, score_reference
+from fastload.select import OnlineBatchSelector, rules, score_reference
 from fastload.select import reference as R
 
 from _ddp_loader_worker import write_dataset
@@ -86,15 +86,35 @@ def _loader(ds, **kw):
     return ReinforcedLoader(ds, **kw)
 
 
-def test_batch_rows_match_the_loader(ds):
+def test_batch_plan_rows_match_the_loader(ds):
     for w, r in [(1, 0), (2, 1), (3, 2)]:
         L = _loader(ds, rank=r, world_size=w, batch_size=4)
         L.set_epoch(1)
         plan = [idx for _, idx, _ in L._plan(1, 0)]
-        assert [batch_rows(L, 1, t).tolist() for t in range(len(plan))] == [p.tolist() for p in plan]
+        assert [L.batch_plan(1, t).indices.tolist() for t in range(len(plan))] == [p.tolist() for p in plan]
     L = _loader(ds)
     for t, (images, labels, _) in enumerate(L):
-        assert labels.tolist() == np.asarray(ds.labels)[batch_rows(L, 0, t)].tolist()
+        assert labels.tolist() == np.asarray(ds.labels)[L.batch_plan(0, t).indices].tolist()
+
+
+def test_batch_plan_is_what_the_loader_renders(ds):
+    """batch_plan's rows, views and augmentations are the gather's: the stored records it
+    names are the ones the batch replays (views_per_decode=2, some fresh rows)."""
+    L = _loader(ds, batch_size=4, views_per_decode=2, p_reinforced=0.5, rank=1, world_size=2)
+    for t in range(len(L)):
+        p = L.batch_plan(1, t)
+        idx = [i for s, i, _ in L._plan(1, t)][0]
+        prep = L._prepare(1, t, idx, L.image_size)
+        assert p.indices.tolist() == prep["rows"].tolist() == np.repeat(idx, 2).tolist()
+        assert p.views.tolist() == [0, 1] * len(idx)
+        stored = np.asarray(ds.gather(p.indices, p.aug_ids)[1]).reshape(-1)
+        assert (prep["recs"][~p.fresh] == stored[~p.fresh]).all()
+    assert any(L.batch_plan(1, t).fresh.any() for t in range(len(L)))
+    with pytest.raises(IndexError, match="outside"):
+        L.batch_plan(0, len(L))
+    bs = ReinforcedLoader(ds, batch_sampler=[[0, 1], [2, 3]], image_size=S)
+    with pytest.raises(ValueError, match="batch_plan needs"):
+        bs.batch_plan(0, 0)
 
 
 @pytest.mark.parametrize("method", ["topk", "sample"])
@@ -104,7 +124,7 @@ def test_selector_keeps_the_reference_indices(ds, method):
                               seed=5, temperature=0.5)
     plain = _loader(ds)
     for t, (out, full) in enumerate(zip(sel, plain)):
-        rows = batch_rows(plain, 0, t)
+        rows = plain.batch_plan(0, t).indices
         st = _mean_score(full).double()
         r = R.reference_scores(st.tolist(), ref[rows].tolist(), "learnability")
         k = max(1, round(len(rows) * 0.3))
@@ -215,9 +235,7 @@ def test_score_reference_sidecar(ds, tmp_path):
     sel = OnlineBatchSelector(_loader(ds), None, keep=0.3, score="easy", reference=path)
     plain = _loader(ds)
     out = next(iter(sel))
-    rows = batch_rows(plain, 0, 0)
-    views = np.zeros(len(rows), dtype=np.int64)
-    aug = plain._aug_ids(0, rows, views)
+    rows, _, aug, _ = plain.batch_plan(0, 0)
     assert out.positions.tolist() == R.reference_topk([-float(table[r, a]) for r, a in zip(rows, aug)], 3)
 
 
@@ -291,7 +309,7 @@ def test_global_selection_two_gloo_ranks(ds, tmp_path):
     assert len(res[0]) == len(res[1]) == len(Ls[0])
     for t, (b0, b1) in enumerate(zip(*Ls)):
         s = torch.cat([_mean_score(b0), _mean_score(b1)]).double()
-        rows = np.concatenate([batch_rows(Ls[0], 0, t), batch_rows(Ls[1], 0, t)])
+        rows = np.concatenate([Ls[0].batch_plan(0, t).indices, Ls[1].batch_plan(0, t).indices])
         k = max(1, round(len(b0[1]) * 0.5))
         pos = R.reference_sample(s.tolist(), 2 * k, sel._generator(0, t, -1))
         want = rows[pos].tolist()
@@ -318,9 +336,8 @@ def test_datacompdr_import_is_a_reference_as_is(tmp_path):
     sel = OnlineBatchSelector(L, student, keep=0.5, method="joint", chunks=2, seed=4)
     out_b = next(iter(sel))
     full = next(iter(ReinforcedLoader(ds, batch_size=6, image_size=S)))
-    rows = batch_rows(L, 0, 0)
     # the stored embeddings of each row's replayed augmentation, read from the dataset
-    aug = L._aug_ids(0, rows, np.zeros(len(rows), dtype=np.int64))
+    rows, _, aug, _ = L.batch_plan(0, 0)
     ref_ie = torch.stack([torch.from_numpy(np.float32(ds.image_embedding(int(r), int(a)))) for r, a in zip(rows, aug)])
     assert torch.equal(full.image_emb.float(), ref_ie)
     ie, te = student(full)

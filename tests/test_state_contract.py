@@ -30,6 +30,10 @@ def _build(case: str, paths: dict):
     if case == "ReinforcedLoader":
         return fastload.ReinforcedLoader(paths["images"], batch_size=5, shuffle=True, seed=3,
                                          image_size=16, p_reinforced=0.7)
+    if case == "ReinforcedLoader+bytes":  # ByteFormer input: re-encoded in the render stage
+        return fastload.ReinforcedLoader(paths["images"], batch_size=5, shuffle=True, seed=3,
+                                         image_size=16, output="bytes", encode="png", bucket=True,
+                                         num_workers=2)
     if case == "ReinforcedLoader+VariableBatchSampler":
         return fastload.ReinforcedLoader(paths["images"], batch_sampler=vbs(), num_workers=2)
     if case == "ReinforcedLoader+StreamMixer":
@@ -60,7 +64,7 @@ def _build(case: str, paths: dict):
     raise ValueError(case)
 
 
-CASES = ["ReinforcedLoader", "ReinforcedLoader+VariableBatchSampler", "ReinforcedLoader+StreamMixer",
+CASES = ["ReinforcedLoader", "ReinforcedLoader+bytes", "ReinforcedLoader+VariableBatchSampler", "ReinforcedLoader+StreamMixer",
          "DecompositionLoader", "BucketBatchSampler", "VariableBatchSampler", "ShardedSampler",
          "BlockShuffleSampler", "RankBatches", "StreamMixer", "TiCSampler"]
 

@@ -44,6 +44,7 @@ class DeliverConfig:
     reuse_buffers: bool
     prefetch_factor: int
     device: Optional[torch.device] = None
+    encode: Any = None  # fastload.replay.encode.BytesConfig with output="bytes"
 
 
 class Deliver:
@@ -64,7 +65,8 @@ class Deliver:
     def __call__(self, host):
         """Host batch -> what the user gets (device copy when a device is set). Counts the
         rows replaced under on_error="skip" here, at consumption (exactly once each)."""
-        out, labels, tgt, culprits = host
+        out, labels, tgt, culprits = host[:4]
+        enc = host[4] if len(host) > 4 else None  # output="bytes": (buffer, lengths)
         if culprits:
             self.skipped += len(culprits)  # rows replaced
             for c in culprits:  # distinct samples that failed, in the order first seen
@@ -78,18 +80,35 @@ class Deliver:
         if self.cfg.device is not None:
             nb = self.cfg.pin_memory
             host_out = out
-            out = out.to(self.cfg.device, non_blocking=nb)
+            out = out.to(self.cfg.device, non_blocking=nb) if out is not None else None
             labels = labels.to(self.cfg.device, non_blocking=nb) if labels is not None else None
             tgt = to_device(tgt, self.cfg.device, nb)
-            if nb and self.cfg.reuse_buffers and self.cfg.device.type == "cuda":
+            if nb and self.cfg.reuse_buffers and self.cfg.device.type == "cuda" and out is not None:
                 # the ring slot may be rewritten only once this async copy has completed
                 ev = torch.cuda.Event()
                 ev.record()
                 self.copy_events[host_out.data_ptr()] = ev
         if self.cfg.kind == "classification":
-            return self.hooks.finish((out, labels, tgt))
-        caps, syn, ie, te, se = tgt
-        return self.hooks.finish(ImageTextBatch(out, caps, syn, ie, te, se))
+            batch = (out, labels, tgt)
+        else:
+            caps, syn, ie, te, se = tgt
+            batch = ImageTextBatch(out, caps, syn, ie, te, se)
+        if enc is not None:
+            batch = self._bytes(enc, batch)
+        return self.hooks.finish(batch)
+
+    def _bytes(self, enc, batch):
+        """output="bytes": the padded token batch with lengths (or length-bucket groups)."""
+        from fastload.replay.encode import bytes_batch
+
+        b = bytes_batch(enc[0], enc[1], batch, self.cfg.encode)
+        if self.cfg.device is None:
+            return b
+        dev, nb = self.cfg.device, self.cfg.pin_memory
+        groups = None if b.groups is None else [g._replace(tokens=g.tokens.to(dev), lengths=g.lengths.to(dev))
+                                                for g in b.groups]
+        return b._replace(tokens=None if b.tokens is None else b.tokens.to(dev, non_blocking=nb),
+                          lengths=b.lengths.to(dev), groups=groups)
 
 
 def to_device(t, device, nb):

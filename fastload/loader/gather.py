@@ -75,6 +75,20 @@ class Gather:
         base = _hash((self.seed, epoch, _TAG_AUG), rows) % np.uint64(n)
         return ((base.astype(np.int64) + views) % n).astype(np.int64)
 
+    def rows_of(self, epoch: int, idx: np.ndarray):
+        """(rows, views, aug, fresh) of a batch of samples ``idx``: each sample repeated per
+        view, the stored augmentation each row replays, and the rows that replay a fresh
+        augmentation instead (``p_reinforced < 1``; all False otherwise). The one place both
+        ``prepare`` and ``ReinforcedLoader.batch_plan`` take them from."""
+        V = self.cfg.views
+        rows = np.repeat(np.asarray(idx, dtype=np.int64), V)
+        views = np.tile(np.arange(V, dtype=np.int64), len(idx))
+        aug = self.aug_ids(epoch, rows, views)
+        fresh = np.zeros(len(rows), dtype=bool)
+        if self.cfg.p_reinforced < 1.0:
+            fresh = _uniform(_hash((self.seed, epoch, _TAG_COIN), rows, views)) >= self.cfg.p_reinforced
+        return rows, views, aug, fresh
+
     def _fresh(self, epoch: int, step: int, rows: np.ndarray) -> np.ndarray:
         """Fresh augmentation records (mixing removed: the target stays one-hot)."""
         from fastload.sample.policy import sample_params
@@ -114,18 +128,14 @@ class Gather:
                 fresh_ok: bool = True) -> dict:
         """Records, sources, labels and targets of one batch.
         ``fresh_ok=False`` replays stored augmentations only (a substitute row)."""
-        ds, V = self.dataset, self.cfg.views
-        rows = np.repeat(idx, V)
-        views = np.tile(np.arange(V, dtype=np.int64), len(idx))
-        aug = self.aug_ids(epoch, rows, views)
+        ds = self.dataset
+        rows, views, aug, fresh = self.rows_of(epoch, idx)
         sources, recs, ids, probs = ds.gather(rows, aug)
         recs = np.array(recs, dtype=P.AUG_DTYPE, copy=True).reshape(-1)
-        fresh = None
-        if self.cfg.p_reinforced < 1.0 and fresh_ok:
-            coin = _uniform(_hash((self.seed, epoch, _TAG_COIN), rows, views))
-            fresh = coin >= self.cfg.p_reinforced
-            if fresh.any():
-                recs[fresh] = self._fresh(epoch, step, rows[fresh])
+        if not fresh_ok or not fresh.any():
+            fresh = None
+        else:
+            recs[fresh] = self._fresh(epoch, step, rows[fresh])
         ext = None
         if getattr(ds, "has_ext", False):  # schema-v2 extension records (imported ml-dr data)
             ext = np.concatenate([ds.augs_ext(int(r))[int(a):int(a) + 1] for r, a in zip(rows, aug)])

@@ -182,7 +182,9 @@ class Iteration:
         batch = L._deliver(host)
         _timed(stats["deliver"], t0)
         if L.check_ranks:
-            check_same_across_ranks([L._pos.step, *batch[0].shape], "the step and batch shape")
+            # output="bytes": the row count (token lengths differ across ranks by design)
+            shape = batch.lengths.shape if hasattr(batch, "lengths") else batch[0].shape
+            check_same_across_ranks([L._pos.step, *shape], "the step and batch shape")
         L._pos.advance(self.token)
         if self.total is not None and L._pos.step >= self.total:
             # the pass is complete with its last batch: trainers (Lightning) stop after

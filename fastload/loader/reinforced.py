@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,7 +52,44 @@ from fastload.loader.pipeline import Iteration
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-__all__ = ["ReinforcedLoader", "ImageTextBatch", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ReinforcedLoader", "BatchPlan", "ImageTextBatch", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+
+class BatchPlan(NamedTuple):
+    """``ReinforcedLoader.batch_plan(epoch, step)``: per row of the batch (int64 / bool
+    arrays of ``batch_size * views_per_decode``), the dataset row, its view, the stored
+    augmentation it replays, and whether a fresh augmentation replaces it."""
+    indices: np.ndarray
+    views: np.ndarray
+    aug_ids: np.ndarray
+    fresh: np.ndarray
+
+
+def _bytes_args(output, encode, quality, bucket, replay, dtype, batch_size, batch_sampler):
+    """The checked bytes settings (``fastload.replay.encode.BytesConfig``), or None for
+    output="images"."""
+    if output not in ("images", "bytes"):
+        raise ValueError(f'output must be "images" or "bytes", got {output!r}')
+    if output == "images":
+        if encode is not None or bucket:
+            raise ValueError(f"encode={encode!r} / bucket={bucket!r} apply to output='bytes'; pass "
+                             "output='bytes' (or drop them)")
+        return None
+    from fastload.replay.encode import bytes_config
+
+    if encode is None:
+        raise ValueError("output='bytes' needs encode='jpeg', 'png', 'tiff' (the replayed image "
+                         "re-encoded) or 'stored' (the stored file bytes, no augmentation)")
+    cfg = bytes_config(encode, quality, bucket=bucket)
+    if replay != "cpu":
+        raise ValueError("output='bytes' encodes on the CPU: use replay='cpu'")
+    if batch_size is None and batch_sampler is None:
+        raise ValueError("output='bytes' delivers batches: pass a batch_size (batch_size=None "
+                         "would leave one padded row)")
+    if cfg.fmt != "stored" and dtype not in (None, torch.uint8):
+        raise ValueError(f"output='bytes' with encode={encode!r} renders uint8 pixels for the "
+                         f"encoder; drop dtype={dtype} (or pass torch.uint8)")
+    return cfg
 
 
 class ReinforcedLoader(StepIterable, DistributedArgs):
@@ -71,8 +108,9 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
       (one sample per item), ``timeout``, ``pin_memory_device``, ``multiprocessing_context``,
       ``in_order`` as DataLoader; ``worker_init_fn`` is rejected (no worker processes). The
       reasons are in ``fastload.loader._args``.
-    - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 or float16 normalized output, or
-      uint8 unnormalized pixels (normalize on the GPU).
+    - ``mean`` / ``std`` (0-1 scale), ``dtype``: float32 (default) or float16 normalized
+      output, or uint8 unnormalized pixels (normalize on the GPU; the default with
+      ``output="bytes"``).
     - ``device``: move every batch there (non-blocking from pinned memory).
     - ``replay``: "cpu" (default: C++ render, then copy) or "device": the CPU threads only
       decode the crop windows, the GPU renders them with the Triton kernel on a side stream
@@ -101,6 +139,15 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
     - ``check_ranks``: under torch.distributed, all-reduce every batch's (step, shape) and
       raise a clear error if ranks disagree (one small collective per step; a debugging aid
       for custom samplers: the built-in sharding already guarantees agreement).
+    - ``output="bytes"``, ``encode``, ``quality``, ``bucket`` (ByteFormer input): each batch
+      is a ``BytesBatch(tokens, lengths, batch, groups)``: the replayed (augmented) image
+      re-encoded in the render stage by the native encoder (``encode`` "jpeg" with
+      ``quality``, lossless "png" or "tiff"; pixels rendered as uint8), ``tokens`` uint8
+      ``[B, max_len]`` zero-padded past ``lengths`` int64 ``[B]``; ``batch`` is the images-mode
+      batch (its rendered images, labels, targets). ``encode="stored"`` serves the stored
+      source file bytes as they are (no augmentation, nothing rendered: ``batch``'s images
+      are None). ``bucket=True`` gives ``groups``, rows split by power-of-two length, each
+      padded to its own longest row (``tokens`` None). State and resume as images mode.
     - ``dataset`` may also be a path, opened with ``fastload.ReinforcedDataset``;
       ``generator``: a ``torch.Generator`` whose ``initial_seed()`` replaces ``seed``.
 
@@ -143,7 +190,7 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
                  persistent_workers: bool = False, prefetch_factor: Optional[int] = 2,
                  image_size: Union[int, Tuple[int, int], None] = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 dtype: torch.dtype = torch.float32, device=None,
+                 dtype: Optional[torch.dtype] = None, device=None,
                  p_reinforced: float = 1.0, target_format: str = "dense",
                  target_mode: str = "smooth", views_per_decode: int = 1,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
@@ -151,10 +198,16 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
                  on_error: str = "raise", reuse_buffers: bool = False, dct_scale: Optional[bool] = None,
                  check_ranks: bool = False, collate_fn=None, worker_init_fn=None,
                  timeout: float = 0, multiprocessing_context=None, pin_memory_device: str = "",
-                 in_order: bool = True, num_classes: Optional[int] = None, replay: str = "cpu"):
+                 in_order: bool = True, num_classes: Optional[int] = None, replay: str = "cpu",
+                 output: str = "images", encode: Optional[str] = None, quality: int = 90,
+                 bucket: bool = False):
         if replay not in ("cpu", "device"):
             raise ValueError(f'replay must be "cpu" or "device", got {replay!r}')
         self.replay = replay
+        self.output, self.encode, self.quality, self.bucket = output, encode, quality, bucket
+        self._bytes = _bytes_args(output, encode, quality, bucket, replay, dtype, batch_size, batch_sampler)
+        if dtype is None:  # bytes: the encoder reads unnormalized pixels
+            dtype = torch.uint8 if self._bytes is not None else torch.float32
         if isinstance(dataset, (str, os.PathLike)):
             from fastload.format.reader import ReinforcedDataset
 
@@ -254,10 +307,11 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
                               dataset, self._labels, self._planner, lambda: (self.rank, self.world_size))
         self._render = Render(RenderConfig(self.mean, self.std, self.interpolation, self.dct_scale,
                                            max(1, self.num_workers), self.views, self.on_error, self.dtype,
-                                           self.num_samples),
+                                           self.num_samples, self._bytes),
                               dataset, self._gather, self._device_replay)
         self._deliver = Deliver(DeliverConfig(self.kind, self.dtype, self.pin_memory, self.reuse_buffers,
-                                              self.prefetch_factor, self.device), self._hooks, self._device_replay)
+                                              self.prefetch_factor, self.device, self._bytes), self._hooks,
+                                 self._device_replay)
         self._stats = new_stage_stats()
         self._check_nonempty()
 
@@ -344,6 +398,29 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
 
     def _aug_ids(self, epoch: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         return self._gather.aug_ids(epoch, rows, views)
+
+    def batch_plan(self, epoch: int, step: int) -> "BatchPlan":
+        """What batch ``step`` of ``epoch`` holds on this rank, without rendering it: the
+        dataset rows (each sample repeated ``views_per_decode`` times, the batch's row
+        order), the view of each row, the stored augmentation each row replays and the rows
+        that replay a fresh augmentation instead (``p_reinforced < 1``). Computed by the
+        same plan and gather code the iteration runs, so row ``i`` of the yielded batch is
+        ``indices[i]`` replaying ``aug_ids[i]``. Needs the built-in order or a sampler with
+        ``global_order`` (a batch sampler's or plain sampler's batches are only known by
+        iterating them)."""
+        if not self._elastic:
+            raise ValueError("batch_plan needs the loader's built-in order or a sampler with "
+                             "global_order(epoch); a batch_sampler or plain sampler yields its "
+                             "batches only when iterated")
+        epoch, step = int(epoch), int(step)
+        world = self.world_size
+        n = self._planner.num_steps(epoch, world)
+        if not 0 <= step < n:
+            raise IndexError(f"step {step} is outside epoch {epoch}'s {n} batches")
+        gidx, off = self._planner.global_batch(epoch, step, self.rank, world)
+        b = len(gidx) // world
+        rows, views, aug, fresh = self._gather.rows_of(epoch, gidx[off:off + b])
+        return BatchPlan(rows, views, aug, fresh)
 
     def _prepare(self, epoch: int, step: int, idx: np.ndarray, hw: Tuple[int, int]) -> dict:
         return self._gather.prepare(epoch, step, idx, hw)

@@ -13,7 +13,7 @@ augmentation: deterministic, so resume and ranks stay exact."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class RenderConfig:
     on_error: str
     dtype: torch.dtype
     num_samples: int
+    encode: Any = None  # fastload.replay.encode.BytesConfig with output="bytes", else None
 
 
 class Render:
@@ -43,7 +44,19 @@ class Render:
         self.cfg, self.dataset, self.gather, self.device_replay = cfg, dataset, gather, device_replay
 
     def __call__(self, prep: dict, out_fn):
-        """Render one gathered batch (native, GIL released; or on the device with replay="device")."""
+        """Render one gathered batch (native, GIL released; or on the device with replay="device").
+        With output="bytes" the host batch gets a fifth entry, (buffer, lengths) of the file
+        bytes: the rendered pixels encoded in the native encoder (GIL released, ``threads``
+        threads), or with encode="stored" the stored source bytes, nothing rendered."""
+        enc = self.cfg.encode
+        if enc is not None:
+            from fastload.replay.encode import encode_rows
+
+            if enc.fmt == "stored":  # no augmentation: the stored file bytes as they are
+                return (None, prep["labels"], prep["tgt"], [],
+                        encode_rows(None, enc, sources=prep["sources"]))
+            out, labels, tgt, culprits = self.host(prep, out_fn)
+            return out, labels, tgt, culprits, encode_rows(out, enc, self.cfg.threads)
         # the Triton replay knows neither schema-v2 extension records (imports) nor torchvision
         # v2 RandAugment semantics: such batches render on the CPU path (then are uploaded)
         pol = getattr(self.dataset, "policy", None)

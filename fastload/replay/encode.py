@@ -108,6 +108,64 @@ def encode_list(images, fmt: str = "png", quality: int = 90, level: int = 6, lay
     return [buf[i, :int(n)].tobytes() for i, n in enumerate(lengths)]
 
 
+class BytesConfig(NamedTuple):
+    """How a loader's rows become file bytes: ``fmt`` "jpeg" | "png" | "tiff" (the rendered
+    pixels, encoded) or "stored" (the dataset's stored source bytes, served as they are);
+    ``quality`` (JPEG), ``level`` (PNG deflate), ``bucket`` (deliver power-of-two length
+    groups), ``pad_value`` (the token past each row's end)."""
+    fmt: str
+    quality: int = 90
+    level: int = 6
+    bucket: bool = False
+    pad_value: int = 0
+
+
+def bytes_config(encode, quality=90, level=6, bucket=False, pad_value=0) -> BytesConfig:
+    """A checked :class:`BytesConfig`; bad arguments raise ``ValueError`` naming them."""
+    if encode != "stored" and encode not in FORMATS:
+        raise ValueError(f"encode must be one of {sorted(FORMATS) + ['stored']}, got {encode!r}")
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an int in [1, 100], got {quality!r}")
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level <= 9:
+        raise ValueError(f"level must be an int in [0, 9], got {level!r}")
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, np.integer)) or not 0 <= pad_value <= 255:
+        raise ValueError(f"pad_value must be an int in [0, 255], got {pad_value!r}")
+    if bucket not in (True, False):
+        raise ValueError(f"bucket must be True or False, got {bucket!r}")
+    return BytesConfig(encode, int(quality), int(level), bool(bucket), int(pad_value))
+
+
+def encode_rows(images, cfg: BytesConfig, threads: int = 1, sources=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(buffer uint8 [n, cap], lengths int64 [n]) of one batch: the rendered uint8 NCHW
+    ``images`` encoded as ``cfg.fmt``, or with "stored" the ``sources`` bytes as they are."""
+    if cfg.fmt != "stored":
+        return encode_raw(images, cfg.fmt, cfg.quality, cfg.level, "nchw", threads)
+    blobs = [np.frombuffer(s, dtype=np.uint8) for s in sources]
+    lengths = np.array([len(b) for b in blobs], dtype=np.int64)
+    buf = np.zeros((len(blobs), int(lengths.max()) if len(blobs) else 0), dtype=np.uint8)
+    for i, b in enumerate(blobs):
+        buf[i, :len(b)] = b
+    return buf, lengths
+
+
+class BytesBatch(NamedTuple):
+    """tokens: uint8 [B, max_len], ``pad_value`` past each row's end (None with bucket=True);
+    lengths: int64 [B]; batch: the loader's batch (images, labels, targets, or an
+    ``ImageTextBatch``; images None for encode="stored"); groups: the ``BucketGroup`` list
+    with bucket=True, else None."""
+    tokens: "torch.Tensor | None"
+    lengths: torch.Tensor
+    batch: object
+    groups: "List[BucketGroup] | None"
+
+
+def bytes_batch(buf: np.ndarray, lengths: np.ndarray, batch, cfg: BytesConfig) -> BytesBatch:
+    """The delivered form of one encoded batch (padded, or grouped by length bucket)."""
+    if cfg.bucket:
+        return BytesBatch(None, torch.from_numpy(lengths), batch, bucket_groups(buf, lengths, cfg.pad_value))
+    return BytesBatch(pad(buf, lengths, cfg.pad_value), torch.from_numpy(lengths), batch, None)
+
+
 class BucketGroup(NamedTuple):
     """Rows ``positions`` of a batch (int64), their tokens padded to the group's longest row,
     their lengths, and the bucket ``k`` (lengths in ``(2^(k-1), 2^k]``)."""

@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from fastload._state import Position
-from fastload.batch.sharding import epoch_permutation
 from fastload.select import rules
 
 
@@ -60,36 +59,6 @@ class SelectedBatch(NamedTuple):
     indices: torch.Tensor
     positions: torch.Tensor
     scores: torch.Tensor
-
-
-def batch_rows(loader, epoch: int, step: int) -> np.ndarray:
-    """Dataset rows of batch ``step`` of ``epoch`` on this rank, by the loader's documented
-    elastic rule (global order cut into global batches, rank slices, wrapped last batch)."""
-    if loader.batch_sampler is not None or (loader.sampler is not None
-                                            and not hasattr(loader.sampler, "global_order")):
-        raise ValueError("OnlineBatchSelector needs the loader's built-in order or a sampler with "
-                         "global_order(epoch) (a batch_sampler or plain sampler hides the rows)")
-    if loader.sampler is not None:
-        order = np.asarray(loader.sampler.global_order(epoch), dtype=np.int64)
-    else:
-        order = epoch_permutation(len(loader.dataset), loader.seed, epoch, loader.shuffle)
-    B, W, n = loader.batch_size, loader.world_size, len(order)
-    G = B * W
-    if (step + 1) * G <= n:
-        rows = order[step * G + loader.rank * B: step * G + (loader.rank + 1) * B]
-    else:
-        last = -(-(n - step * G) // W)
-        pos = np.arange(step * G, step * G + last * W) % max(n, 1)
-        rows = order[pos][loader.rank * last:(loader.rank + 1) * last]
-    return np.repeat(rows, loader.views)
-
-
-def aug_ids(loader, epoch: int, rows: np.ndarray) -> np.ndarray:
-    """The stored augmentation each row of a batch replays."""
-    views = np.tile(np.arange(loader.views, dtype=np.int64), len(rows) // loader.views)
-    # TODO(integrator): a public ReinforcedLoader.batch_plan(epoch, step) -> (rows, aug) would
-    # replace this and batch_rows
-    return np.asarray(loader._aug_ids(epoch, rows, views))
 
 
 def take(batch, keep: torch.Tensor, m: int):
@@ -227,7 +196,7 @@ class OnlineBatchSelector:
             raise ValueError(f"reference has NaN or infinite values at dataset rows {bad}")
         return ref
 
-    def _reference_term(self, batch, rows, epoch, m) -> torch.Tensor:
+    def _reference_term(self, batch, rows, aug, m) -> torch.Tensor:
         ref = self.reference
         joint = self.method == "joint"
         if callable(ref):
@@ -237,7 +206,7 @@ class OnlineBatchSelector:
                 raise ValueError(f"reference callable returned shape {tuple(out.shape)}, expected {list(want)}")
         elif ref is not None:
             out = ref[torch.from_numpy(rows)] if ref.dim() == 1 else \
-                ref[torch.from_numpy(rows), torch.from_numpy(aug_ids(self.loader, epoch, rows))]
+                ref[torch.from_numpy(rows), torch.from_numpy(aug)]
         elif self.kind == "image_text":
             ie, te = batch.image_emb.cpu(), batch.text_emb.cpu()
             out = rules.sigmoid_pair_losses(ie, te, self.ref_temperature, self.ref_bias) if joint \
@@ -291,11 +260,13 @@ class OnlineBatchSelector:
     def kept_size(self, m: int) -> int:
         return max(1, int(round(m * self.keep)))
 
-    def select(self, batch, rows: np.ndarray, epoch: int, step: int):
-        """Scores and kept positions of one super-batch (no rendering)."""
+    def select(self, batch, plan):
+        """Scores of one super-batch (no rendering); ``plan``: the loader's ``batch_plan``
+        of it (rows and the stored augmentation each replays)."""
+        rows = plan.indices
         m = len(rows)
         st = self._student_term(batch, rows, m) if self.score != "easy" else None
-        ref = self._reference_term(batch, rows, epoch, m) if self.score != "hard" else None
+        ref = self._reference_term(batch, rows, plan.aug_ids, m) if self.score != "hard" else None
         s = rules.combine(st, ref, self.score)
         return s, m
 
@@ -323,8 +294,9 @@ class OnlineBatchSelector:
                     batch = next(it)
                 except StopIteration:
                     return
-                rows = batch_rows(L, epoch, step)
-                s, m = self.select(batch, rows, epoch, step)
+                plan = L.batch_plan(epoch, step)  # the rows the loader just rendered
+                rows = plan.indices
+                s, m = self.select(batch, plan)
                 k = self.kept_size(m)
                 if self.scope == "global":
                     from fastload.select._dist import gather_scores
