@@ -168,6 +168,11 @@ def test_baseline_and_reinforced_loader_batches_in_process(tiny_images, tmp_path
     n_classes = len(bench_data.list_images(tiny_images)[2])
     assert targets["shape"] == [4, n_classes] and targets["min"] >= 0 and targets["max"] <= 1
     assert ours["images"] == 8
+    # loader.stats() over the timed batches: every stage saw them, none took negative time
+    assert list(ours["stages"]) == ["plan", "gather", "render", "deliver"]
+    assert ours["stages"]["deliver"]["batches"] == 2  # the caller-side stage; the others run ahead
+    assert all(v["seconds"] >= 0 for v in ours["stages"].values())
+    assert "stages" not in base
 
 
 def test_decode_floor_pipeline_counts_every_image_in_process(tiny_images, tmp_path):
@@ -184,7 +189,7 @@ def test_decode_floor_pipeline_counts_every_image_in_process(tiny_images, tmp_pa
 
 
 @pytest.mark.slow
-def test_quick_run_batches_have_the_right_shapes(tmp_path):
+def test_quick_run_batches_have_the_right_shapes(tmp_path, capsys):
     """A --quick run on a tiny dataset: the baseline and ReinforcedLoader produce batches of
     the right shape and range; the result file and its tables are written."""
     from fastload.bench import images
@@ -220,6 +225,8 @@ def test_quick_run_batches_have_the_right_shapes(tmp_path):
     assert [r["pipeline"] for r in doc["table_rrc_flip"]] == ["torch_pil", "fastload", "decode_full"]
     mem = doc["memory"]
     assert len(mem["epochs"]["rss_per_epoch_mib"]) == 2 and mem["peak_rss_large_mib"] > 0
+    assert set(res["fastload"]["stages"]) == {"plan", "gather", "render", "deliver"}
+    assert "loader.stats() of fastload: ms per batch by stage" in capsys.readouterr().out
 
 
 def _ratio_fns(ips, cpu):

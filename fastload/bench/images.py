@@ -216,6 +216,17 @@ def _print_speed(title, rows, base):
         ("vs baseline", lambda r: _num(r["vs_baseline"], "{:.2f}x"))]))
 
 
+def _print_stages(results):
+    """ReinforcedLoader.stats() of the timed batches: time per batch in each stage (with
+    prefetching the stages overlap, so the slowest one bounds the throughput)."""
+    for name in ("fastload", "fastload_ra_mix"):
+        st = results.get(name, {}).get("stages")
+        if not st:
+            continue
+        print(f"\n## loader.stats() of {name}: ms per batch by stage (stages overlap across threads)")
+        print("  " + "  ".join(f"{k} {v['ms_per_batch']:.2f}" for k, v in st.items()))
+
+
 SHORT = {"torchvision": "torchvision", "torch_pil": "torch+PIL (torchvision stand-in)", "ffcv": "FFCV",
          "dali_cpu": "DALI CPU", "fastload": "fastload", "decode_scaled": "decode only, loader's DCT scale",
          "decode_full": "decode only, full scale", "torchvision_v2_ra": "torchvision v2",
@@ -495,6 +506,7 @@ def main(argv=None) -> int:
 
     _print_speed("RandomResizedCrop 224 + flip + normalize", table1, base1)
     _print_speed("+ RandAugment(2, 9) + MixUp/CutMix", table2, base2)
+    _print_stages(results)
     if rss:
         print(f"\n## Memory (fastload.ReinforcedLoader, {args.workers} workers)")
         print(f"peak RSS, {n_small} images: {_num(rss.get('peak_rss_small_mib'))} MiB; {n} images "

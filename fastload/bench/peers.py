@@ -484,6 +484,7 @@ def _reinforced_loader(path, cfg):
               image_size=cfg["image_size"], drop_last=True, seed=cfg["seed"], p_reinforced=1.0)
     _EXTRA["settings"] = {k: v for k, v in kw.items() if k != "seed"}
     loader = fastload.ReinforcedLoader(fastload.ReinforcedDataset(path), **kw)
+    _STAGED.append(loader)  # run() reads its per-stage statistics over the timed batches
 
     def epoch(e):
         if hasattr(loader, "set_epoch"):
@@ -750,6 +751,7 @@ def pipe_ffcv(cfg):
 
 
 _EXTRA: dict = {}  # what a pipeline reports besides speed
+_STAGED: list = []  # the ReinforcedLoader a fastload pipeline built (this process runs one pipeline)
 PIPELINES = {name[5:]: fn for name, fn in globals().items() if name.startswith("pipe_")}
 
 
@@ -796,6 +798,7 @@ def run(cfg) -> dict:
         raise ValueError(f"unknown pipeline {name!r}; known: {sorted(PIPELINES)}")
     me = os.getpid()
     t_start = time.perf_counter()
+    _STAGED.clear()
     it = PIPELINES[name](cfg)
     first = next(it)
     desc = _describe(first)
@@ -804,12 +807,18 @@ def run(cfg) -> dict:
     out = {"pipeline": name, "label": LABELS.get(name, name), "batches_desc": desc,
            "startup_s": time.perf_counter() - t_start, "loadavg_before": os.getloadavg()[0]}
     out.update(_EXTRA)
+    for loader in _STAGED:
+        loader.reset_stats()
     c0, t0 = tree_cpu_seconds(me), time.perf_counter()
     n_img = n_batch = 0
     while n_batch < cfg["max_batches"] and time.perf_counter() - t0 < cfg["seconds"]:
         n_img += _count(next(it))
         n_batch += 1
     dt, dc = time.perf_counter() - t0, tree_cpu_seconds(me) - c0
+    if _STAGED:  # ReinforcedLoader.stats(): where the timed batches' time went, per stage
+        st = _STAGED[-1].stats()
+        out["stages"] = {k: {"batches": v.items, "seconds": v.seconds, "ms_per_batch": v.ms_per_item}
+                         for k, v in st.stages.items()}
     out.update(images=n_img, batches=n_batch, seconds=dt, images_per_s=n_img / dt,
                cpu_s_per_image=dc / max(1, n_img), processes=len(process_tree(me)))
     out["rss_end_mib"] = tree_memory_mib(me)
