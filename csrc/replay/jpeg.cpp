@@ -219,25 +219,40 @@ int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* o
   return 0;
 }
 
+// The start shared by jpeg_render and jpeg_crop_floor: header, the crop in source pixels, the
+// DCT scale M/8 the loader's rule picks for it, decompression started. Runs after the caller's
+// setjmp (a libjpeg error longjmps back into the caller's frame, which is still live).
+struct CropDecode {
+  int t, l, bh, bw, M, SH, SW, bpp;
+};
+
+static int start_crop_decode(Decoder& d, const uint8_t* data, size_t len, const uint16_t crop[4], int oh, int ow,
+                             int dct, bool speed_flags, CropDecode* g) {
+  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  if (begin(d, data, len)) return -1;
+  jpeg_decompress_struct& ci = d.cinfo;
+  box_to_pixels(crop, (int)ci.image_height, (int)ci.image_width, &g->t, &g->l, &g->bh, &g->bw);
+  g->M = choose_scale_num(dct & 0xff, g->bh, g->bw, oh, ow);
+  ci.scale_num = (unsigned)g->M;
+  ci.scale_denom = 8;
+  if (speed_flags && (dct & kDctIfast)) ci.dct_method = JDCT_IFAST;
+  if (speed_flags && (dct & kDctNoFancy)) ci.do_fancy_upsampling = FALSE;
+  jpeg_start_decompress(&ci);
+  g->SH = (int)ci.output_height;
+  g->SW = (int)ci.output_width;
+  g->bpp = out_bytes_per_pixel(ci);
+  if (g->bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
+  return 0;
+}
+
 int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
                 bool bicubic, int dct, Scratch& s, uint8_t* out) {
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
-  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
-  if (begin(d, data, len)) return -1;
+  CropDecode g;
+  if (start_crop_decode(d, data, len, crop, oh, ow, dct, true, &g)) return -1;
   jpeg_decompress_struct& ci = d.cinfo;
-  const int H = (int)ci.image_height, W = (int)ci.image_width;
-  int t, l, bh, bw;
-  box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
-  const int M = choose_scale_num(dct & 0xff, bh, bw, oh, ow);
-  ci.scale_num = (unsigned)M;
-  ci.scale_denom = 8;
-  if (dct & kDctIfast) ci.dct_method = JDCT_IFAST;
-  if (dct & kDctNoFancy) ci.do_fancy_upsampling = FALSE;
-  jpeg_start_decompress(&ci);
-  const int SH = (int)ci.output_height, SW = (int)ci.output_width;
-  const int bpp = out_bytes_per_pixel(ci);
-  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
+  const int t = g.t, l = g.l, bh = g.bh, bw = g.bw, M = g.M, SH = g.SH, SW = g.SW, bpp = g.bpp;
   // The crop in scaled pixels: each 8x8 block decodes to M x M pixels, so scaled pixel k
   // covers source pixels [8k/M, 8(k+1)/M).
   const double inv = M / 8.0;
@@ -293,19 +308,10 @@ int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int
                     uint8_t* out, int64_t out_cap, int32_t region[4]) {
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
-  if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
-  if (begin(d, data, len)) return -1;
+  CropDecode g;
+  if (start_crop_decode(d, data, len, crop, oh, ow, dct, false, &g)) return -1;
   jpeg_decompress_struct& ci = d.cinfo;
-  const int H = (int)ci.image_height, W = (int)ci.image_width;
-  int t, l, bh, bw;
-  box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
-  const int M = choose_scale_num(dct & 0xff, bh, bw, oh, ow);
-  ci.scale_num = (unsigned)M;
-  ci.scale_denom = 8;
-  jpeg_start_decompress(&ci);
-  const int SH = (int)ci.output_height, SW = (int)ci.output_width;
-  const int bpp = out_bytes_per_pixel(ci);
-  if (bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
+  const int t = g.t, l = g.l, bh = g.bh, bw = g.bw, M = g.M, SH = g.SH, SW = g.SW, bpp = g.bpp;
   // the crop in scaled pixels (as jpeg_render: scaled pixel k covers source [8k/M, 8(k+1)/M))
   const int xlo = (int)((int64_t)l * M / 8), xhi = std::min(SW, (int)(((int64_t)(l + bw) * M + 7) / 8));
   const int ylo = (int)((int64_t)t * M / 8), yhi = std::min(SH, (int)(((int64_t)(t + bh) * M + 7) / 8));
