@@ -91,13 +91,18 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
     st = ds.remote.stats if ds.remote is not None else {"bytes_downloaded": 0, "meta_bytes": 0, "downloads": 0,
                                                         "row_bytes": 0, "row_reads": 0}
     retried = ds.remote.client.retried if ds.remote is not None else 0
+    # the bytes of the shards this rank's plan read (its share as the sampler assigned it;
+    # with a shared cache another rank may have downloaded some of them)
+    own = 0
+    if ds.remote is not None and ds.remote._plan is not None:
+        own = sum(int(ds.manifest["shards"][p]["bytes"]) for p in set(ds.remote._plan.tolist()))
     dataset_bytes = sum(s["bytes"] for s in ds.manifest["shards"])
     if ds.remote is not None:
         ds.remote.close()
     return {"images": n, "epoch_s": t_epoch, "first_batch_s": t_first,
             "after_first_images_per_s": (n - n_first) / max(t_epoch - (t_first or 0.0), 1e-9), "cpu_s": c_epoch, "open_s": t_open, "bytes_downloaded": st["bytes_downloaded"],
             "meta_bytes": st["meta_bytes"], "shard_downloads": st["downloads"], "dataset_bytes": dataset_bytes,
-            "row_bytes": st["row_bytes"], "row_reads": st["row_reads"], "retried": retried,
+            "row_bytes": st["row_bytes"], "row_reads": st["row_reads"], "retried": retried, "planned_shard_bytes": own,
             "num_shards": len(ds.manifest["shards"])}
 
 
@@ -248,17 +253,15 @@ def main():
         run_mode(local, [warm_up] * a.ranks, env)  # page cache and imports warm for every mode alike
         rounds = []
         for k in range(a.rounds):
-            caches = [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(a.ranks)]
-            if a.shared_cache:
-                caches = [caches[0]] * a.ranks
+            caches = ([tempfile.mkdtemp(prefix=f"flc{k}-", dir=a.work)] * a.ranks if a.shared_cache else
+                      [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(a.ranks)])
             pid = moto.proc.pid  # moto_server's CPU: it shares the 2 cores with the loaders
             row = {"local": run_mode(local, caches, env, pid),
                    "s3_cold": run_mode(url, caches, env, pid),
                    "s3_warm": run_mode(url, caches, env, pid)}
             if ngx is not None:  # the same URL and client, the S3 GETs answered by nginx
-                caches2 = [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(a.ranks)]
-                if a.shared_cache:
-                    caches2 = [caches2[0]] * a.ranks
+                caches2 = ([tempfile.mkdtemp(prefix=f"flc{k}n-", dir=a.work)] * a.ranks if a.shared_cache else
+                           [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(a.ranks)])
                 row["s3nginx_cold"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
                 row["s3nginx_warm"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
                 for c in set(caches2):
@@ -334,6 +337,10 @@ def main():
             "cold_bytes_per_rank_vs_share_range": [min(per_rank) / (ds_bytes / a.ranks),
                                                    max(per_rank) / (ds_bytes / a.ranks)],
             "cold_node_bytes_per_rank_vs_share_max": max(per_node_rank) / (ds_bytes / a.ranks),
+            # downloaded (shards, metadata, rows) over the bytes of the shards its own plan read
+            "cold_bytes_per_rank_vs_planned_shards_max": max(
+                (x["bytes_downloaded"] + x["meta_bytes"] + x["row_bytes"]) / x["planned_shard_bytes"]
+                for rr in cold for x in rr if x["planned_shard_bytes"]) if not a.shared_cache else None,
             "warm_bytes_downloaded": sum(x["bytes_downloaded"] for r in rounds for x in r["s3_warm"]["ranks"]),
         }
         print(json.dumps(summary, indent=1))
