@@ -104,7 +104,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from litdata import StreamingDataLoader, StreamingDataset
+import litdata.streaming.downloader as D
 from torchvision import transforms as T
+# LitData builds its obstore S3Store with client options of its own, which drop the
+# environment's AWS_ALLOW_HTTP: the local endpoint is plain http
+D._OBSTORE_CLIENT_OPTIONS = {**D._OBSTORE_CLIENT_OPTIONS, "allow_http": True}
 remote, local, rank, world, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 tf = T.Compose([T.RandomResizedCrop(%d), T.RandomHorizontalFlip(), T.ToTensor(),
