@@ -18,6 +18,13 @@ per epoch are reported beside the rank's share of the dataset. Real JPEGs
     python benchmarks/remote.py --ranks 1                        # -> remote_1rank.json (a core left free)
     python benchmarks/remote.py --policy ra_mix                  # -> remote_ra_mix.json (MixUp/CutMix:
                                                                  #    partners read by ranged GETs)
+    python benchmarks/remote.py --ranks 4 --shared-cache --partitions 1
+        # -> remote_4rank_shared_1part.json: 4 ranks of one node, one cache folder, every rank
+        #    reading every block: GETs per shard per epoch and bytes per rank vs its share
+
+Each mode records the 1-minute load average as it starts; the summary gives medians, ranges
+(spread over rounds), per-CPU-second ratios beside the wall-clock ones, and a verdict per
+target: "met" only when every round clears it (a median at the line is not met).
 """
 import argparse
 import json
@@ -61,7 +68,8 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
                            partner_reads=os.environ.get("FASTLOAD_BENCH_PARTNER_READS", "auto")) if "://" in source \
         else ReinforcedDataset(source)
     t_open = time.perf_counter() - t0
-    sampler = BlockShuffleSampler(ds, block_shards=BLOCK, seed=0, partitions=world, global_batch_size=G)
+    parts = int(os.environ.get("FASTLOAD_BENCH_PARTITIONS", "0")) or world
+    sampler = BlockShuffleSampler(ds, block_shards=BLOCK, seed=0, partitions=parts, global_batch_size=G)
     bs = sampler.batch_sampler(G, rank=rank, world_size=world, dataset=ds)
     loader = ReinforcedLoader(ds, batch_sampler=bs, image_size=IMAGE, seed=0)
     if os.environ.get("FASTLOAD_BENCH_BARRIER"):  # start together, as DDP ranks do at their first collective
@@ -82,13 +90,20 @@ def worker(source: str, cache: str, rank: int, world: int) -> dict:
     t_epoch, c_epoch = time.perf_counter() - t0, cpu() - c0
     st = ds.remote.stats if ds.remote is not None else {"bytes_downloaded": 0, "meta_bytes": 0, "downloads": 0,
                                                         "row_bytes": 0, "row_reads": 0}
+    retried = ds.remote.client.retried if ds.remote is not None else 0
+    # the bytes of the shards this rank's plan read (its share as the sampler assigned it;
+    # with a shared cache another rank may have downloaded some of them)
+    own = 0
+    if ds.remote is not None and ds.remote._plan is not None:
+        own = sum(int(ds.manifest["shards"][p]["bytes"]) for p in set(ds.remote._plan.tolist()))
     dataset_bytes = sum(s["bytes"] for s in ds.manifest["shards"])
     if ds.remote is not None:
         ds.remote.close()
     return {"images": n, "epoch_s": t_epoch, "first_batch_s": t_first,
             "after_first_images_per_s": (n - n_first) / max(t_epoch - (t_first or 0.0), 1e-9), "cpu_s": c_epoch, "open_s": t_open, "bytes_downloaded": st["bytes_downloaded"],
             "meta_bytes": st["meta_bytes"], "shard_downloads": st["downloads"], "dataset_bytes": dataset_bytes,
-            "row_bytes": st["row_bytes"], "row_reads": st["row_reads"]}
+            "row_bytes": st["row_bytes"], "row_reads": st["row_reads"], "retried": retried, "planned_shard_bytes": own,
+            "num_shards": len(ds.manifest["shards"])}
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -153,6 +168,7 @@ http {{
 
 
 def run_mode(source: str, caches, env, server_pid: int = 0) -> dict:
+    load = os.getloadavg()[0]  # the machine is shared: the 1-minute load as the mode starts
     s0 = proc_cpu_s(server_pid) if server_pid else 0.0
     W = len(caches)
     env = dict(env, FASTLOAD_BENCH_BARRIER="1")
@@ -183,7 +199,11 @@ def run_mode(source: str, caches, env, server_pid: int = 0) -> dict:
     images = sum(o["images"] for o in outs)
     wall = max(o["epoch_s"] for o in outs)
     after = sum(o["after_first_images_per_s"] for o in outs)
-    return {"server_cpu_s": (proc_cpu_s(server_pid) - s0) if server_pid else 0.0,"images_per_s": images / wall, "images_per_cpu_s": images / sum(o["cpu_s"] for o in outs),
+    shards = outs[0]["num_shards"]
+    return {"load_average_1m": load, "server_cpu_s": (proc_cpu_s(server_pid) - s0) if server_pid else 0.0,
+            "images_per_s": images / wall, "images_per_cpu_s": images / sum(o["cpu_s"] for o in outs),
+            # full-shard GETs (completed downloads) over all ranks, per shard of the dataset
+            "gets_per_shard": sum(o["shard_downloads"] for o in outs) / shards,
             "after_first_batch_images_per_s": after, "first_batch_s_max": max(o["first_batch_s"] for o in outs),
             "ranks": outs}
 
@@ -195,6 +215,11 @@ def main():
     ap.add_argument("--policy", choices=("crop", "ra_mix"), default="crop")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--ranks", type=int, default=2, help="loader processes (each its own cache)")
+    ap.add_argument("--shared-cache", action="store_true",
+                    help="the ranks share one cache folder (ranks of one node), as the README recommends")
+    ap.add_argument("--partitions", type=int, default=0,
+                    help="BlockShuffleSampler partitions (default: one per rank, each rank reads its own shards; "
+                         "1: every rank reads every block, so a shared cache must deduplicate the GETs)")
     ap.add_argument("--partner-reads", choices=("auto", "range", "shard"), default="auto",
                     help="ReinforcedDataset(partner_reads=...) of the remote modes (ra_mix only)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fastload_remote_bench"))
@@ -213,6 +238,8 @@ def main():
 
     os.makedirs(a.work, exist_ok=True)
     os.environ["FASTLOAD_BENCH_PARTNER_READS"] = a.partner_reads  # the workers inherit it
+    os.environ["FASTLOAD_BENCH_PARTITIONS"] = str(a.partitions)
+    parts = a.partitions or a.ranks
     t_build = time.time()
     local = build(a.images, a.work, a.policy)
     t_build = time.time() - t_build
@@ -226,20 +253,22 @@ def main():
         run_mode(local, [warm_up] * a.ranks, env)  # page cache and imports warm for every mode alike
         rounds = []
         for k in range(a.rounds):
-            caches = [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(a.ranks)]
+            caches = ([tempfile.mkdtemp(prefix=f"flc{k}-", dir=a.work)] * a.ranks if a.shared_cache else
+                      [tempfile.mkdtemp(prefix=f"flc{k}r{r}-", dir=a.work) for r in range(a.ranks)])
             pid = moto.proc.pid  # moto_server's CPU: it shares the 2 cores with the loaders
             row = {"local": run_mode(local, caches, env, pid),
                    "s3_cold": run_mode(url, caches, env, pid),
                    "s3_warm": run_mode(url, caches, env, pid)}
             if ngx is not None:  # the same URL and client, the S3 GETs answered by nginx
-                caches2 = [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(a.ranks)]
+                caches2 = ([tempfile.mkdtemp(prefix=f"flc{k}n-", dir=a.work)] * a.ranks if a.shared_cache else
+                           [tempfile.mkdtemp(prefix=f"flc{k}n{r}-", dir=a.work) for r in range(a.ranks)])
                 row["s3nginx_cold"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
                 row["s3nginx_warm"] = run_mode(url, caches2, env_ngx, ngx.proc.pid)
-                for c in caches2:
+                for c in set(caches2):
                     shutil.rmtree(c, ignore_errors=True)
                 for m in ("cold", "warm"):
                     row[f"nginx_{m}_vs_local"] = row[f"s3nginx_{m}"]["images_per_s"] / row["local"]["images_per_s"]
-            for c in caches:
+            for c in set(caches):
                 shutil.rmtree(c, ignore_errors=True)
             row["warm_vs_local"] = row["s3_warm"]["images_per_s"] / row["local"]["images_per_s"]
             row["cold_vs_local"] = row["s3_cold"]["images_per_s"] / row["local"]["images_per_s"]
@@ -257,6 +286,20 @@ def main():
         ds_bytes = rounds[0]["local"]["ranks"][0]["dataset_bytes"]
         cold = [r["s3_cold"]["ranks"] for r in rounds]
         per_rank = [x["bytes_downloaded"] + x["meta_bytes"] + x["row_bytes"] for rr in cold for x in rr]
+        # a node's ranks sharing one cache: what the node fetched, per rank
+        per_node_rank = [sum(x["bytes_downloaded"] + x["meta_bytes"] + x["row_bytes"] for x in rr) / a.ranks
+                         for rr in cold]
+        targets = {"warm_vs_local": 0.98, "cold_vs_local": 0.85, "bytes_per_rank_vs_share": 1.05,
+                   "gets_per_shard_per_epoch": 1.0}
+
+        def verdict(vals, target):
+            """met: the median and every round clear the target; at the line (median at or
+            above it, some round below): not met; below: not met."""
+            med = statistics.median(vals)
+            return "met" if min(vals) > target else ("at the line: not met" if med >= target else "not met")
+
+        cold_r, warm_r = [r["cold_vs_local"] for r in rounds], [r["warm_vs_local"] for r in rounds]
+        gets = [r["s3_cold"]["gets_per_shard"] for r in rounds]
         summary = {
             "warm_vs_local_median": statistics.median(r["warm_vs_local"] for r in rounds),
             "cold_vs_local_median": statistics.median(r["cold_vs_local"] for r in rounds),
@@ -277,23 +320,42 @@ def main():
             "warm_vs_local_range": [min(r["warm_vs_local"] for r in rounds), max(r["warm_vs_local"] for r in rounds)],
             "note": "wall-clock ratios (images/s, both ranks) are the targets' figure; per-CPU-second ratios "
                     "exclude the outside load but also moto_server's CPU and the time spent waiting on it",
-            "targets": {"warm_vs_local": 0.95, "cold_vs_local": 0.80, "bytes_per_rank_vs_share": 1.1},
+            "targets": targets,
+            "verdict": {"cold_vs_local": verdict(cold_r, targets["cold_vs_local"]),
+                        "warm_vs_local": verdict(warm_r, targets["warm_vs_local"])},
+            "load_average_1m_range": [min(r[m]["load_average_1m"] for r in rounds for m in ("local", "s3_cold", "s3_warm")),
+                                      max(r[m]["load_average_1m"] for r in rounds for m in ("local", "s3_cold", "s3_warm"))],
+            "cold_vs_local_cpu_range": [min(r["cold_vs_local_cpu"] for r in rounds),
+                                        max(r["cold_vs_local_cpu"] for r in rounds)],
+            "warm_vs_local_cpu_range": [min(r["warm_vs_local_cpu"] for r in rounds),
+                                        max(r["warm_vs_local_cpu"] for r in rounds)],
+            "cold_gets_per_shard_per_epoch": {"median": statistics.median(gets), "range": [min(gets), max(gets)]},
+            "cold_retried_requests": sum(x["retried"] for rr in cold for x in rr),
             "dataset_bytes": ds_bytes, "rank_share_bytes": ds_bytes / a.ranks,
             "cold_bytes_per_rank_per_epoch_max": max(per_rank),
             "cold_bytes_per_rank_vs_share_max": max(per_rank) / (ds_bytes / a.ranks),
+            "cold_bytes_per_rank_vs_share_range": [min(per_rank) / (ds_bytes / a.ranks),
+                                                   max(per_rank) / (ds_bytes / a.ranks)],
+            "cold_node_bytes_per_rank_vs_share_max": max(per_node_rank) / (ds_bytes / a.ranks),
+            # downloaded (shards, metadata, rows) over the bytes of the shards its own plan read
+            "cold_bytes_per_rank_vs_planned_shards_max": max(
+                (x["bytes_downloaded"] + x["meta_bytes"] + x["row_bytes"]) / x["planned_shard_bytes"]
+                for rr in cold for x in rr if x["planned_shard_bytes"]) if not a.shared_cache else None,
             "warm_bytes_downloaded": sum(x["bytes_downloaded"] for r in rounds for x in r["s3_warm"]["ranks"]),
         }
         print(json.dumps(summary, indent=1))
         name = "remote" + ("" if a.policy == "crop" else f"_{a.policy}") + ("" if a.images == 1536 else f"_{a.images}") \
-            + ("" if a.partner_reads == "auto" else f"_{a.partner_reads}") + ("" if a.ranks == 2 else f"_{a.ranks}rank")
+            + ("" if a.partner_reads == "auto" else f"_{a.partner_reads}") + ("" if a.ranks == 2 else f"_{a.ranks}rank") \
+            + ("_shared" if a.shared_cache else "") + ("" if parts == a.ranks else f"_{parts}part")
         path = write_result(name, {
             "setup": {"images": a.images, "rows_per_shard": SHARD, "shards": -(-a.images // SHARD),
                       "global_batch": G, "ranks": a.ranks, "image_size": IMAGE, "policy": {"crop": "crop (RRC+flip)", "ra_mix": "RRC+flip+RandAugment(2,9)+MixUp/CutMix "
                                  "(p=0.5 each; a partner is any row, read by ranged GET)"}[a.policy] + ", 4 stored augs",
-                      "order": f"BlockShuffleSampler(block_shards={BLOCK}, partitions=2)",
+                      "order": f"BlockShuffleSampler(block_shards={BLOCK}, partitions={parts})",
                       "server": "moto_server on 127.0.0.1 (S3 REST over HTTP), same machine; the s3nginx_* modes: the same "
                                 "s3:// URL and client, its GETs answered by nginx (static files, path-style; see Nginx)",
-                      "caches": "one per rank (separate folders), predownload=4 shards, cache_limit=None",
+                      "caches": ("one folder shared by the ranks (one node)" if a.shared_cache else
+                                 "one per rank (separate folders)") + ", predownload=4 shards, cache_limit=None",
                       "partner_reads": a.partner_reads},
             "note": "2 shared cores, and moto_server itself (Python) runs on them: noisy; ratios are within "
                     "one round (modes run back to back); bytes per rank count shards, metadata and partner rows",

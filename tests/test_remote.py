@@ -175,22 +175,36 @@ def test_http_cache_limit_evicts_and_epoch_is_exact(http, local_ds, tmp_path):
 
 def test_http_predownload_follows_plan(http, local_ds, tmp_path):
     ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    landed = _Landed(ds.remote)
     remote.predownload_rows(ds, [35, 36, 25, 5, 15])  # shards 3, 2, 0, 1
-    for _ in range(100):
-        if len(_shard_files(ds.remote.dir)) >= 3:
-            break
-        time.sleep(0.05)
-    names = _shard_files(ds.remote.dir)
+    names = landed.wait(3)
     assert any("shard-00003" in f for f in names) and any("shard-00002" in f for f in names)
     assert any("shard-00000" in f for f in names)  # window of 2 ahead of the first shard
     ds.remote.close()
 
 
-def _wait_files(d, n, timeout=20.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout and len(_shard_files(d)) < n:
-        time.sleep(0.05)
-    return _shard_files(d)
+class _Landed:
+    """Woken by the cache itself after each download it commits (its ``_download`` wrapped on
+    the instance, before any predownload thread starts): tests wait on that condition, not
+    on sleeps. The timeout only bounds a failing test."""
+
+    def __init__(self, cache):
+        self.cv, self.dir, orig = threading.Condition(), cache.dir, cache._download
+
+        def download(pos, res):
+            try:
+                return orig(pos, res)
+            finally:
+                with self.cv:
+                    self.cv.notify_all()
+
+        cache._download = download
+
+    def wait(self, n, timeout=60.0):
+        with self.cv:
+            ok = self.cv.wait_for(lambda: len(_shard_files(self.dir)) >= n, timeout)
+        assert ok, f"{n} shards expected in {self.dir}, found {_shard_files(self.dir)}"
+        return _shard_files(self.dir)
 
 
 def test_loader_drives_predownload_from_its_own_order(http, local_ds, tmp_path):
@@ -198,10 +212,11 @@ def test_loader_drives_predownload_from_its_own_order(http, local_ds, tmp_path):
     first batch is out, the next shards arrive without being asked for, and the server sees
     one GET per shard."""
     ds = ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=2)
+    landed = _Landed(ds.remote)
     loader = ReinforcedLoader(ds, seed=3, image_size=S, batch_size=10, shuffle=False)
     it = iter(loader)
     first = next(it)  # reads shard 0 only (one shard per batch, in order)
-    names = _wait_files(ds.remote.dir, 3)
+    names = landed.wait(3)
     assert [any(f"shard-{k:05d}" in f for f in names) for k in range(3)] == [True, True, True]
     rest = [first] + list(it)
     _same([tuple(x.clone() for x in b) for b in rest], _batches(ReinforcedDataset(local_ds), batch_size=10,
@@ -266,13 +281,14 @@ def test_predownload_skips_a_shard_someone_else_is_downloading(http, local_ds, t
         assert held.wait(20)
         assert c.fetch_ahead(0, wait=False) is None and not os.path.exists(c.local_name(0))
         c.predownload = 1
+        landed = _Landed(c)
         c.plan_steps([np.array([0]), np.array([1])])
-        files = _wait_files(c.dir, 1)
+        files = landed.wait(1)
         assert [f.split("-", 1)[1] for f in files] == ["shard-00001.arrow"]  # 1 went ahead of the busy 0
     finally:
         release.set()
         th.join()
-    assert sorted(f.split("-", 1)[1] for f in _wait_files(c.dir, 2)) == ["shard-00000.arrow", "shard-00001.arrow"]
+    assert sorted(f.split("-", 1)[1] for f in landed.wait(2)) == ["shard-00000.arrow", "shard-00001.arrow"]
     c.close()
 
 
@@ -657,7 +673,8 @@ from fastload.format.reader import ReinforcedDataset
 from fastload.format import remote
 ds = ReinforcedDataset(sys.argv[1], cache_dir=sys.argv[2], predownload=4)
 remote.predownload_rows(ds, np.arange(len(ds)))
-time.sleep(0.3)   # the predownload thread is now inside a (slow) GET
+while not [f for f in __import__("os").listdir(ds.remote.dir) if ".tmp-" in f]:
+    time.sleep(0.005)   # until a predownload thread is inside a (slow) GET (its reservation exists)
 print("exiting")
 """
 

@@ -138,3 +138,25 @@ def test_a_port_number_or_a_duration_is_not_an_http_403():
     assert _auth_like("Server returned non-2xx status code: 403 Forbidden: ")
     assert _auth_like("<Code>AccessDenied</Code>") and _auth_like("HTTP error 403")
     assert _auth_like("Client error with status 403 Forbidden") and _auth_like("HTTP status 403")
+
+
+def test_predownload_threads_are_registered_with_the_stop_flag(monkeypatch):
+    """Predownload threads start through fastload._threads.start_thread, with the client's
+    stop flag: at exit stop_all_threads sets it, joins them and names any it cannot join
+    (plain threading.Thread before: invisible to it)."""
+    import os
+
+    from fastload import _threads
+
+    monkeypatch.setattr(os.path, "exists", lambda p: p.endswith("-x"))
+    h = _Host(4, predownload=2)
+    h.plan_steps([np.array([0]), np.array([1]), np.array([2]), np.array([3])])
+    try:
+        assert h._threads and all(t in _threads.live_threads() for t in h._threads)
+        with _threads._LOCK:
+            assert all(_threads._THREADS[t] is h.client.stop for t in h._threads)
+        assert h.wait_for([0, 1, 2])
+    finally:
+        h.close()
+    assert not any(t.is_alive() for t in h._threads)
+    assert not any(t in _threads.live_threads() for t in h._threads)

@@ -22,6 +22,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from .._threads import start_thread
 from .client import first_line
 
 log = logging.getLogger("fastload.remote")
@@ -67,11 +68,16 @@ class Prefetcher:
             self.client.stop.clear()
             self._cv.notify_all()
             if self.predownload and not any(t.is_alive() for t in self._threads):
-                # a few streams: the first step's shards (a block) arrive side by side
-                self._threads = [threading.Thread(target=self._run, name=f"fastload-predownload-{k}", daemon=True)
-                                 for k in range(min(self.predownload, PREDOWNLOAD_STREAMS))]
-                for t in self._threads:
-                    t.start()
+                # a few streams: the first step's shards (a block) arrive side by side. On
+                # registered threads (fastload._threads): stop_all_threads at exit sets the
+                # client's stop flag, joins them and names any it cannot join, with its stack
+                self._threads = []
+                for k in range(min(self.predownload, PREDOWNLOAD_STREAMS)):
+                    try:
+                        self._threads.append(start_thread(self._run, (), self.client.stop,
+                                                          name=f"fastload-predownload-{k}"))
+                    except RuntimeError:  # the interpreter exits: the reader fetches on its own
+                        break
                 _LIVE.add(self)
 
     def plan_steps(self, per_step: Sequence[np.ndarray]) -> None:
