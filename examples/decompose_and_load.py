@@ -7,7 +7,7 @@ import sysconfig
 import tempfile
 
 import fastload
-from fastload.format.decompose import tokenize_folder
+from fastload.tokens.decompose import tokenize_folder
 
 
 def main(workdir: str) -> int:

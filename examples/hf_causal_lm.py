@@ -32,7 +32,7 @@ def prepare(workdir: str) -> str:
     """Byte-level tokens of real text (the standard library's json package), decomposed."""
     out = os.path.join(workdir, "dd")
     if not os.path.exists(os.path.join(out, "manifest.json")):
-        from fastload.format.decompose import tokenize_folder
+        from fastload.tokens.decompose import tokenize_folder
 
         src = os.path.join(sysconfig.get_paths()["stdlib"], "json")
         tokens = tokenize_folder(src, os.path.join(workdir, "tokens"), pattern="*.py")

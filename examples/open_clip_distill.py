@@ -69,7 +69,7 @@ def prepare(workdir: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     out = os.path.join(workdir, "datacompdr_plus")
     if not os.path.exists(os.path.join(out, "manifest.json")):
-        from fastload.format.datacomp import import_datacomp
+        from fastload.importers.datacomp import import_datacomp
 
         dr, im = write_datacompdr_like(workdir)
         import_datacomp([dr], out, images=[im])  # fastload: once, `fastload import-datacomp`

@@ -31,7 +31,7 @@ _EXPORTS = {
     "StreamMixer": "fastload.batch.mixing:StreamMixer",
     "TiCSampler": "fastload.batch.tic:TiCSampler",
     # 3. Sequence-length buckets (Dataset Decomposition)
-    "decompose": "fastload.format.decompose:decompose",
+    "decompose": "fastload.tokens.decompose:decompose",
     "DecompositionLoader": "fastload.loader.decomposition:DecompositionLoader",
     # 4. Sparse ReLU FFN
     "SparseReLUFFN": "fastload.ffn.sparse:SparseReLUFFN",

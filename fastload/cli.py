@@ -25,11 +25,11 @@ COMMANDS = {
               "benchmark the image loaders on the embedded photos (other benchmarks: "
               + ", ".join(BENCH_MODE_HELP) + "; see fastload bench --help)"),
     "reinforce": ("fastload.generate:main", "create a reinforced dataset from images and a teacher"),
-    "inspect": ("fastload.format.inspect:main", "summarize and validate a reinforced dataset"),
-    "import-datacomp": ("fastload.format.datacomp:main",
+    "inspect": ("fastload.tools.inspect:main", "summarize and validate a reinforced dataset"),
+    "import-datacomp": ("fastload.importers.datacomp:main",
                         "import DataCompDR-style WebDataset shards into the reinforced format"),
-    "decompose": ("fastload.format.decompose:main", "decompose tokenized documents into length buckets"),
-    "import-mldr": ("fastload.format.mldr:main", "import an apple/ml-dr reinforcement archive (ImageNet+) for your image folder"),
+    "decompose": ("fastload.tokens.decompose:main", "decompose tokenized documents into length buckets"),
+    "import-mldr": ("fastload.importers.mldr:main", "import an apple/ml-dr reinforcement archive (ImageNet+) for your image folder"),
     "curate": ("fastload.curate:main", "retrieve a transfer set: the pool rows nearest to query embeddings (faiss)"),
 }
 

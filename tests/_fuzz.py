@@ -225,7 +225,7 @@ class _Dataset:
 # ----------------------------------------------------------------------------- token buckets
 class _Buckets:
     def __init__(self, work: str):
-        from fastload.format.decompose import decompose
+        from fastload.tokens.decompose import decompose
 
         rng = np.random.default_rng(0)
         lens = rng.integers(10, 300, 20)

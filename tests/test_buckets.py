@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fastload.batch.buckets import BucketBatchSampler, curriculum_odds
-from fastload.format.decompose import _lib
+from fastload.tokens.decompose import _lib
 
 ROWS = {4: 900, 5: 400, 6: 150, 7: 70}
 

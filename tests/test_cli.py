@@ -147,7 +147,7 @@ def test_torchscript_teacher_read_with_one_note(tmp_path):
 
 def test_decompose_one_style(tmp_path):
     import fastload
-    from fastload.format.decompose import main
+    from fastload.tokens.decompose import main
 
     toks = np.random.default_rng(0).integers(0, 256, 4000).astype(np.int32)
     np.savez(tmp_path / "t.npz", tokens=toks, offsets=np.arange(0, 4001, 200))
@@ -222,7 +222,7 @@ def test_bench_argument_errors_are_one_line(argv, needle, tmp_path):
 
 
 def test_decompose_that_keeps_nothing_is_an_error(tmp_path, capsys):
-    from fastload.format.decompose import main
+    from fastload.tokens.decompose import main
 
     # 20 documents of 10 tokens: none reaches the shortest chunk of 2**4 = 16 tokens
     toks = np.random.default_rng(0).integers(0, 256, 200).astype(np.int32)

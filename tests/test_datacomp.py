@@ -69,7 +69,7 @@ def _build(tmp_path, n=6, bf16_key=None, break_key=None, missing_image=None, syn
 
 
 def test_import_roundtrip(tmp_path):
-    from fastload.format.datacomp import main
+    from fastload.importers.datacomp import main
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, truth = _build(tmp_path, bf16_key="00000003")
@@ -95,7 +95,7 @@ def test_import_roundtrip(tmp_path):
 
 
 def test_corrupt_npz_and_missing_image(tmp_path):
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, truth = _build(tmp_path, break_key="00000002", missing_image="00000004")
@@ -107,7 +107,7 @@ def test_corrupt_npz_and_missing_image(tmp_path):
 
 
 def test_inconsistent_augmentation_count(tmp_path):
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
 
     dr, im, _ = _build(tmp_path, n=2)
     bad = tmp_path / "bad.tar"
@@ -174,7 +174,7 @@ def _build_real(tmp_path, n=4, off_grid_key=None):
 
 
 def test_real_datacompdr_layout_with_float_magnitudes(tmp_path):
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, truth = _build_real(tmp_path, off_grid_key="000000002")
@@ -210,7 +210,7 @@ def test_float_magnitudes_replay_as_stored(tmp_path):
     _apply_op semantics with that value (the reference's apply_op)."""
     import torch
 
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
     from fastload.replay import native
     from fastload.replay.reference import crop_resize_flip
@@ -237,7 +237,7 @@ def test_float_magnitudes_replay_as_stored(tmp_path):
 
 def test_dct_scale_is_false_and_a_boolean(tmp_path):
     # DataCompDR decoded at full size: a string here used to read as true (DCT-scaled decode)
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, _ = _build(tmp_path, n=2)
@@ -247,7 +247,7 @@ def test_dct_scale_is_false_and_a_boolean(tmp_path):
 
 
 def test_separate_syn_text_emb_layout(tmp_path):
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, truth = _build(tmp_path, n=3, syn_split=True)
@@ -261,19 +261,19 @@ def test_separate_syn_text_emb_layout(tmp_path):
 
 
 def test_npz_field_not_understood_is_an_error(tmp_path):
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
 
     dr, im, _ = _build(tmp_path, n=2, extra_npz={"syn_image_emb": np.zeros((2, D), np.float32)})
     with pytest.raises(ValueError, match=r"npz fields \['syn_image_emb'\] are not understood"):
         import_datacomp([dr], str(tmp_path / "o"), [im], progress=False)
     with pytest.raises(ValueError, match="paug.json fields"):
-        from fastload.format.datacomp import _parse_paug
+        from fastload.importers.datacomp import _parse_paug
         _parse_paug(b'{"param_aug": [[[0, 0, 4, 4], null]], "extra": 1}', "k", (8, 8))
 
 
 def test_semantics_default_pil(tmp_path):
     # DataCompDR ran torchvision's RandAugment on PIL images (teachers and training)
-    from fastload.format.datacomp import import_datacomp, main
+    from fastload.importers.datacomp import import_datacomp, main
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, _ = _build(tmp_path, n=2)

@@ -1,4 +1,4 @@
-"""Decomposition kernel vs the plain-Python reference rule (fastload.format.decompose)."""
+"""Decomposition kernel vs the plain-Python reference rule (fastload.tokens.decompose)."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastload.format.decompose import (_draw, decompose, load_manifest, main, read_tokens,
+from fastload.tokens.decompose import (_draw, decompose, load_manifest, main, read_tokens,
                                        reference_decompose, tokenize_folder)
 
 EOT, VOCAB = 256, 257

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from fastload.format.decompose import decompose, load_manifest, tokenize_folder
+from fastload.tokens.decompose import decompose, load_manifest, tokenize_folder
 
 
 def arrays(path):

@@ -40,7 +40,7 @@ def test_errors_pickle_with_their_message(cls):
 def test_the_old_import_paths_are_the_same_classes():
     from fastload._state import SupersededError
     from fastload.format.manifest import CorruptDataError
-    from fastload.format.mldr import UnsafePickleError
+    from fastload.importers.mldr import UnsafePickleError
     from fastload.generate import BadImageError
     from fastload.remote.client import CacheFullError, ChecksumError, RemoteError
 

@@ -23,7 +23,7 @@ def ds(tmp_path_factory):
 def test_export_columns_match_the_stored_records(ds, tmp_path):
     import pyarrow.parquet as pq
 
-    from fastload.format.inspect import main
+    from fastload.tools.inspect import main
 
     out = str(tmp_path / "params.parquet")
     assert main([ds.path, "--export", out]) == 0
@@ -69,7 +69,7 @@ def test_export_columns_match_the_stored_records(ds, tmp_path):
 
 
 def test_export_needs_parquet_name(ds, tmp_path, capsys):
-    from fastload.format.inspect import main
+    from fastload.tools.inspect import main
 
     assert main([ds.path, "--export", str(tmp_path / "p.csv")]) == 2
     assert "--export" in capsys.readouterr().err
@@ -77,7 +77,7 @@ def test_export_needs_parquet_name(ds, tmp_path, capsys):
 
 def test_export_reads_in_pandas(ds, tmp_path):
     pd = pytest.importorskip("pandas")
-    from fastload.format.export import export_params
+    from fastload.tools.export import export_params
 
     out = str(tmp_path / "p.parquet")
     export_params(ds, out, progress=False)

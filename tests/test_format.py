@@ -155,7 +155,7 @@ def test_newer_schema_version_is_refused(generated, tmp_path):
 
 def test_checksum_mismatch_detected(generated, tmp_path, capsys):
     import fastload
-    from fastload.format.inspect import main
+    from fastload.tools.inspect import main
 
     _, out, _ = generated
     dst = tmp_path / "copy"
@@ -176,7 +176,7 @@ def test_checksum_mismatch_detected(generated, tmp_path, capsys):
 def test_inspect_reports_measured_bytes(generated, capsys):
     import pyarrow as pa
 
-    from fastload.format.inspect import main, summarize
+    from fastload.tools.inspect import main, summarize
 
     _, out, _ = generated
     assert main([out]) == 0

@@ -296,7 +296,7 @@ def test_corrupt_targets_never_reach_the_loss(tmp_path):
 
 # ----------------------------------------------------------------------------- inspect
 def _inspect(d):
-    r = subprocess.run([sys.executable, "-m", "fastload.format.inspect", d], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "fastload.tools.inspect", d], capture_output=True, text=True,
                        timeout=120, cwd=REPO)
     return r.returncode, r.stdout, r.stderr
 
@@ -330,7 +330,7 @@ def test_inspect_fails_with_one_line_on_corrupt_and_unservable_data(small, tmp_p
 
 # ----------------------------------------------------------------------------- item 6
 def test_decompose_text_overwrite_keeps_its_input(tmp_path):
-    from fastload.format.decompose import decompose, main
+    from fastload.tokens.decompose import decompose, main
 
     out = tmp_path / "out"
     texts = out / "texts"  # the input even lies inside the output folder

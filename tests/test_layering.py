@@ -31,3 +31,19 @@ def test_contract_names_every_library_package():
                   if os.path.isfile(os.path.join(ROOT, "fastload", d, "__init__.py")) and d not in ("bench", "kernels"))
     missing = [p for p in pkgs if f"fastload.{p}" not in cfg]
     assert not missing, f"packages missing from .importlinter: {missing}"
+
+
+def test_setup_installs_every_package():
+    """A non-editable install carries only the packages setup.py lists: every folder of
+    fastload/ with an __init__.py must be among them (a moved module must not vanish)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "setup.py"), encoding="utf-8").read()
+    listed = set(re.findall(r'"(fastload(?:\.\w+)*)"', text[text.index("packages="):text.index("package_dir")]))
+    found = {"fastload.kernels"}
+    for dirpath, dirs, files in os.walk(os.path.join(root, "fastload")):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and d != "kernels"]
+        if "__init__.py" in files:
+            found.add(os.path.relpath(dirpath, root).replace(os.sep, "."))
+    assert found == listed, (sorted(found - listed), sorted(listed - found))

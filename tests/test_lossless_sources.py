@@ -91,7 +91,7 @@ def test_png_sources_replay_as_their_pixels():
 
 def test_import_mldr_stores_png_and_cmyk_as_their_bytes(tmp_path):
     from fastload.bench import mldr_layout as L
-    from fastload.format import mldr
+    from fastload.importers import mldr
     from fastload.format.reader import ReinforcedDataset
     from fastload.loader.reinforced import ReinforcedLoader
 
@@ -131,7 +131,7 @@ def test_import_mldr_stores_png_and_cmyk_as_their_bytes(tmp_path):
 def test_import_datacomp_keeps_png_bytes(tmp_path):
     from test_datacomp import _build_real
 
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, truth = _build_real(tmp_path, n=3)

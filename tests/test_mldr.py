@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fastload.bench import mldr_layout as L
-from fastload.format import mldr
+from fastload.importers import mldr
 from fastload.format.reader import ReinforcedDataset
 from fastload.losses import densify
 from fastload.replay.reference import crop_resize_flip, render_reference
@@ -600,7 +600,7 @@ if "libasan" not in os.environ.get("LD_PRELOAD", ""):
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 sys.path.insert(0, {root!r})
 from fastload.bench import mldr_layout as L
-from fastload.format import mldr
+from fastload.importers import mldr
 cfg = L.make_config("rrc", 1, 1, 2, size=32)
 x = [0]
 for _ in range(40):

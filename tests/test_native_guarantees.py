@@ -48,7 +48,7 @@ def test_decompose_input_changed_between_passes_is_an_error_not_a_crash(tmp_path
     np.savez(src, tokens=rng.integers(0, 256, offsets[-1]).astype(np.int32), offsets=offsets)
     r = _run(f"""
         import numpy as np
-        import fastload.format.decompose as D
+        import fastload.tokens.decompose as D
         real, calls = D.read_tokens, [0]
         def read_tokens(src, column=None):
             calls[0] += 1
@@ -73,7 +73,7 @@ def test_decompose_input_changed_between_passes_is_an_error_not_a_crash(tmp_path
 
 def test_decompose_copy_refuses_rows_beyond_capacity():
     # The entry point itself: capacities smaller than the counts are refused before writing.
-    from fastload.format.decompose import _lib as dlib
+    from fastload.tokens.decompose import _lib as dlib
     lib = dlib()
     tokens = np.arange(35, dtype=np.int32)
     offsets = np.array([0, 35], np.int64)
@@ -293,7 +293,7 @@ def test_gather_count_and_sparse_ffn_refuse_small_outputs():
     """The remaining entry points with outputs take their capacity too: one value short of
     what the shape needs is an error, never a write past the buffer."""
     from fastload.ffn import sparse
-    from fastload.format.decompose import _lib as dd_lib
+    from fastload.tokens.decompose import _lib as dd_lib
 
     lib = dd_lib()
     rows = np.arange(2 * 9, dtype=np.int32).reshape(2, 9)

@@ -299,7 +299,7 @@ def test_reinforce_records_timm_draws_and_the_loader_replays_them(tmp_path):
     # the export names timm's ops and gives their levels
     import pyarrow.parquet as pq
 
-    from fastload.format.export import export_params
+    from fastload.tools.export import export_params
 
     assert export_params(ds, str(tmp_path / "p.parquet"), progress=False) == len(ds) * 6
     t = pq.read_table(str(tmp_path / "p.parquet"))

@@ -129,7 +129,8 @@ def test_options_are_validated_by_the_library():
 
 
 def test_dequantization_rule_is_one_rule():
-    from fastload.format import export, shards
+    from fastload.format import shards
+    from fastload.tools import export
 
     rng = np.random.default_rng(0)
     q = rng.integers(0, S.Q + 1, 2000)
@@ -343,7 +344,7 @@ def test_forged_ext_blob_in_a_dataset_names_the_shard_and_row(tmp_path, gib_fram
 def test_export_has_the_extension_columns(tmp_path):
     import pyarrow.parquet as pq
 
-    from fastload.format.export import export_params
+    from fastload.tools.export import export_params
     from fastload.format.record_ext import encode_ext
 
     def blobs(rows, n):

@@ -323,7 +323,7 @@ def test_datacompdr_import_is_a_reference_as_is(tmp_path):
     """A DataCompDR import (the layout of tests/test_datacomp.py): its stored teacher
     embeddings are the reference of the joint rule, and the pool of fastload.curate."""
     pytest.importorskip("skimage")
-    from fastload.format.datacomp import main
+    from fastload.importers.datacomp import main
     from test_datacomp import _build
 
     dr, im, _ = _build(tmp_path, n=6)

@@ -64,7 +64,7 @@ import numpy as np
 from .._dist import DistributedArgs, check_epoch_end, check_same_across_ranks, on_background_thread
 from .._state import StepIterable
 from .._native import check
-from ..format.decompose import _chunk_hash, _lib
+from ..tokens.decompose import _chunk_hash, _lib
 
 Odds = Union[str, Mapping[int, float], Sequence[float]]
 

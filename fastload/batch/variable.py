@@ -277,7 +277,7 @@ class ResolutionCurriculum:
 
 # --------------------------------------------------------------------------- sampler
 def _chunk_key(seed: int, epoch: int, bucket: int) -> int:
-    from fastload.format.decompose import _chunk_hash
+    from fastload.tokens.decompose import _chunk_hash
 
     return _chunk_hash(seed, epoch, bucket, 0x5CA1E)  # salt: not the LM sampler's keys
 
@@ -311,7 +311,7 @@ _WINDOW = 8192
 
 
 def _permute_lib():
-    from fastload.format.decompose import _lib
+    from fastload.tokens.decompose import _lib
 
     return _lib()
 

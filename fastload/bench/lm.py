@@ -64,7 +64,7 @@ def memcpy_bandwidth(lib, nbytes=256 << 20, reps=5, cpu=False):
 def run_case(tokens, offsets, max_k, tokens_per_step, work, min_k=8, cycles=1, seed=0):
     from fastload.batch.buckets import BucketBatchSampler
     from fastload.batch.packing import concat_and_chunk, cross_document_fraction, pack_documents
-    from fastload.format.decompose import decompose
+    from fastload.tokens.decompose import decompose
     from fastload.loader.decomposition import DecompositionLoader
     import torch
 
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-files", type=int, default=None, help="use the first N stdlib files (quick runs)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     a = ap.parse_args(argv)
-    from fastload.format.decompose import _lib
+    from fastload.tokens.decompose import _lib
 
     tokens, offsets, root = stdlib_corpus(a.limit_files)
     lens = np.diff(offsets)

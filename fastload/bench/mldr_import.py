@@ -20,7 +20,7 @@ from fastload.bench._common import write_result
 def _timed_import(arch, imgs, out, engine, workers, shard_size):
     """(wall seconds, CPU seconds of this process tree: the Ray workers are its descendants)."""
     from fastload.bench.peers import tree_cpu_seconds
-    from fastload.format.mldr import import_mldr
+    from fastload.importers.mldr import import_mldr
 
     if engine == "ray":
         import ray
@@ -38,7 +38,7 @@ def _timed_import(arch, imgs, out, engine, workers, shard_size):
 def run(n_images: int, num_samples: int, variants, fmt: str, workdir: str, engines=(("local", None),),
         shard_size: int = 1000) -> list:
     from fastload.bench import mldr_layout as L
-    from fastload.format.inspect import summarize
+    from fastload.tools.inspect import summarize
 
     imgs = os.path.join(workdir, "imgs")
     # 1000 classes as ImageNet (folders), few images each: ImageNet-like sizes

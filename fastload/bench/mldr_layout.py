@@ -257,7 +257,7 @@ def write_image_folder(root: str, n: int, classes: int = 2, seed: int = 0, sizes
         img = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)),
                         rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
         Image.fromarray(img).save(os.path.join(d, f"img{i:04d}.jpg"), quality=95)
-    from fastload.format.mldr import image_folder
+    from fastload.importers.mldr import image_folder
 
     files, _, _ = image_folder(root)
     out = []

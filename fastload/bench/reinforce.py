@@ -141,7 +141,7 @@ def generation(tmp: str, images: int = 24, n: int = 16, image_size: int = 224, b
     """End-to-end ``reinforce`` throughput with the tiny teacher (scan + render + teacher + write)."""
     import torch
 
-    from fastload.format.inspect import summarize
+    from fastload.tools.inspect import summarize
     from fastload.generate import reinforce
     from fastload.sample.policy import AugmentPolicy
 

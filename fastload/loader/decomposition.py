@@ -10,7 +10,7 @@ import torch
 from .._native import check
 from .._state import StepIterable
 from ..batch.buckets import BucketBatchSampler, Odds
-from ..format.decompose import _lib, load_manifest, open_bucket
+from ..tokens.decompose import _lib, load_manifest, open_bucket
 from ..format.remote import is_remote, materialize_decomposed
 
 __all__ = ["DecompositionLoader"]

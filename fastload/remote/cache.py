@@ -495,7 +495,7 @@ def materialize_decomposed(url: str, cache_dir: Optional[str] = None, cache_limi
     lists one, fsync'd and renamed into place); the whole dataset must fit ``cache_limit``.
     The folder is keyed by the manifest's own sha256, so a rewritten dataset never reuses
     stale files."""
-    from fastload.format.decompose import FORMAT_NAME
+    from fastload.tokens.decompose import FORMAT_NAME
 
     cache = ShardCache(url, cache_dir, None, 0, **client)
     try:

@@ -11,7 +11,7 @@ Everything that knows a record's layout is derived from the tables below:
 - the Triton kernel's parameter columns and op ids (``kernels/replay.py``);
 - the shard codec's column groups and pixel-mode boxes (``fastload.format.shards``);
 - the field-tagged ``augs_ext`` storage (``fastload.format.record_ext``);
-- the export columns (``fastload.format.export``);
+- the export columns (``fastload.tools.export``);
 - the manifest's RandAugment op table (written by :func:`manifest_tables`, checked on open with
   :func:`op_table_problem`).
 

@@ -194,7 +194,7 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
         d = d.get("param_aug", d.get("params"))
     if not isinstance(d, list) or not d:
         raise ValueError(f"sample {key!r}: paug.json must be a non-empty list of augmentations")
-    from fastload.format.mldr import ra_fields
+    from fastload.importers.mldr import ra_fields
 
     H, W = hw
     rec, ext = P.empty(len(d)), P.empty_ext(len(d))

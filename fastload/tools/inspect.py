@@ -129,10 +129,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.add_argument("--export", metavar="FILE.parquet", default=None,
                     help="also write the stored augmentations and top-k targets as plain columns "
-                         "(fastload.format.export)")
+                         "(fastload.tools.export)")
     a = ap.parse_args(argv)
     if a.export:
-        from fastload.format.export import export_params
+        from fastload.tools.export import export_params
 
         try:
             rows = export_params(a.path, a.export, progress=not a.json)

@@ -55,7 +55,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._native import check, load, ptr
-from .manifest import CorruptDataError
+from ..format.manifest import CorruptDataError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "fastload-decomposition"
@@ -471,7 +471,7 @@ def _manifest(p: dict, parts: List[Tuple[str, dict]], engine: str) -> dict:
         "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "engine": engine,
         "min_bucket": min_k, "max_bucket": max_k, "randomize": bool(p["randomize"]), "seed": p["seed"],
         "rng": "k = first k whose cumulative 2^(max-k) weight exceeds (H(seed,file,doc,chunk) * W) >> 64; "
-               "H = nested splitmix64 (fastload/format/decompose.py)",
+               "H = nested splitmix64 (fastload/tokens/decompose.py)",
         "vocab_size": s0["vocab_size"], "eot_id": s0["eot_id"], "dtype": "int32",
         "documents": sum(i["documents"] for i in inputs),
         "input_tokens": sum(i["tokens"] for i in inputs),
