@@ -10,7 +10,12 @@ randaug_mixing = mix+rare) on a small generated ImageFolder with a tiny teacher 
 
 Per config and semantics: records exact / within 1 level / over 1, and the largest
 difference, in 8-bit levels of the denormalized output (x * std + mean) * 255 (MixUp blends
-two images, so its records are compared as floats in the same units).
+two images, so its records are compared as floats in the same units). Also: ``vs_generation``,
+the same against the pixels ml-dr's ``reinforce()`` gave the teacher (captured at the teacher's
+input), and ``given_the_same_crop``: ml-dr's own reapply of RandAugment, erasing and
+normalization on fastload's crop + flip of each non-mixing record (PIL input for
+``training``, the loader's float tensor for ``generation``), which separates the crop
+resize (Pillow's vs fastload's, within 1 level) from what RandAugment does with it.
 
 Two environments: this script runs in fastload's environment (``PYTHONPATH`` at the
 checkout) and runs itself with ``--upstream`` in one that has ml-dr's requirements
@@ -116,10 +121,33 @@ def upstream(repo: str, work: str, n_images: int, num_samples: int, seed: int) -
         R.os = types.SimpleNamespace(**{k: getattr(real_os, k) for k in ("makedirs",)})
         R.os.path = types.SimpleNamespace(join=lambda *p: out if p == ("/mnt/reinforced_data",) else
                                           real_os.path.join(*p), exists=real_os.path.exists)
+        # the pixels the teacher scored (ml-dr's generation-time replay), kept by id
+        gen = np.zeros((n_images, num_samples, 3, 224, 224), np.float32)
+        cur: list = []
+
+        class Loader:  # the same loader, noting each batch's ids
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    cur[:] = batch[0].tolist()
+                    yield batch
+
+        teacher = Teacher().eval()
+        scored = teacher.forward
+
+        def forward(x, return_prob=False):
+            for j, i in enumerate(cur):
+                gen[i] = x.reshape(len(cur), num_samples, *x.shape[1:])[j].numpy()
+            return scored(x, return_prob)
+
+        teacher.forward = forward
         try:
-            R.reinforce(loader, Teacher().eval(), config)
+            R.reinforce(Loader(), teacher, config)
         finally:
             R.os = real_os
+        np.save(os.path.join(work, name, "upstream_generation.npy"), gen)
         torch.save(config, os.path.join(out, "config.pth.tar"))  # as reinforce.py's main() then does
         os.system(f"tar czf {os.path.join(work, name, 'reinforced_data.tar.gz')} -C {os.path.join(work, name)} "
                   "reinforced_data")
@@ -151,6 +179,7 @@ def upstream_given_crop(repo: str, work: str) -> None:
     sys.path[:0] = [repo, os.path.join(work, "shim")]
     sys.modules.setdefault("models", __import__("types").SimpleNamespace(load_model=None))
     import dr.transforms as T_dr
+    import torchvision.transforms.functional as TF
     from dr.data import ReinforceMetadata
     from PIL import Image
 
@@ -159,6 +188,7 @@ def upstream_given_crop(repo: str, work: str) -> None:
         meta = ReinforceMetadata([os.path.join(work, name, "reinforced_data")])
         tr = T_dr.compose_from_config(meta.rconfig["reinforce"]["image_augmentation"])
         res = np.full(crops.shape, np.nan, np.float32)
+        gen = res.copy()
         for i in range(crops.shape[0]):
             samples = meta[i][1]
             for k in range(crops.shape[1]):
@@ -169,8 +199,12 @@ def upstream_given_crop(repo: str, work: str) -> None:
                 params.pop("random_resized_crop", None)
                 params.pop("random_horizontal_flip", None)
                 img = Image.fromarray(np.ascontiguousarray(crops[i, k].transpose(1, 2, 0)), "RGB")
-                res[i, k] = tr.reapply(img, params)[0].numpy()
+                res[i, k] = tr.reapply(img, dict(params))[0].numpy()  # training: the crop as a PIL image
+                # generation: the crop as reinforce.py's loader hands it on (a float tensor), then
+                # its uint8 step, RandAugment on the tensor, to_tensor, erasing, normalization
+                gen[i, k] = tr.reapply(TF.to_tensor(img), dict(params))[0].numpy()
         np.save(os.path.join(work, name, "upstream_given_crop.npy"), res)
+        np.save(os.path.join(work, name, "upstream_given_crop_generation.npy"), gen)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,10 +317,12 @@ def main(argv=None) -> int:
                     a.mldr_repo, "--work", a.work], check=True, env=env)
     for name in CONFIGS:
         theirs = np.load(os.path.join(a.work, name, "upstream_training.npy"))
-        given = np.load(os.path.join(a.work, name, "upstream_given_crop.npy"))
+        givens = {"training": np.load(os.path.join(a.work, name, "upstream_given_crop.npy")),
+                  "generation": np.load(os.path.join(a.work, name, "upstream_given_crop_generation.npy"))}
+        generated = np.load(os.path.join(a.work, name, "upstream_generation.npy"))
         for sem in ("generation", "training"):
             ours, ds = sets[name, sem]
-            rp = ds.replay
+            rp, given = ds.replay, givens[sem]
 
             def content(i, k, ds=ds):
                 r = ds.augs(i)[k]
@@ -296,14 +332,21 @@ def main(argv=None) -> int:
                 return "+".join(parts)
 
             res = _compare(ours, theirs, rp["mean"], rp["std"], content)
+            gen = _compare(ours, generated, rp["mean"], rp["std"], content)
+            res["vs_generation"] = dict(gen, note="vs the pixels ml-dr's reinforce() gave the teacher for the same "
+                                                "records (its generation-time replay: crop on PIL, uint8 "
+                                                "truncation, RandAugment on tensors)")
             solo = ~np.isnan(given).reshape(given.shape[0], given.shape[1], -1).any(-1)
             g = _compare(ours[solo][None], given[solo][None], rp["mean"], rp["std"], lambda i, k: "")
             res["given_the_same_crop"] = {"records": g["records"], "exact": g["exact"], "within_1": g["within_1"],
                                           "over_1": g["over_1"], "max_levels": g["max_levels"],
                                           "note": "non-mixing records: ml-dr's reapply of RandAugment, erasing and "
-                                                  "normalization on fastload's own crop + flip"}
+                                                  "normalization on fastload's own crop + flip, the way "
+                                                  "this semantics' upstream path runs it (training: on the "
+                                                  "PIL image; generation: on the tensor after its uint8 step)"}
             results[name][sem] = res
-            print(name, sem, {k: v for k, v in res.items() if k != "by_record_content"}, flush=True)
+            print(name, sem, {k: v for k, v in res.items() if k not in ("by_record_content", "vs_generation")},
+                  "vs generation", {k: v for k, v in gen.items() if k != "by_record_content"}, flush=True)
     entry = {"description": ("fastload's replay of archives written by apple/ml-dr's own reinforce code vs ml-dr's "
                              "training-time ReinforcedDataset replay of the same records; levels of the "
                              "denormalized output; per config and import semantics"),
