@@ -281,3 +281,70 @@ def test_semantics_default_pil(tmp_path):
     assert ReinforcedDataset(str(tmp_path / "a")).policy.randaugment_semantics == "pil"
     assert main([dr, "--images", im, "--out", str(tmp_path / "b"), "--quiet", "--semantics", "v1"]) == 0
     assert ReinforcedDataset(str(tmp_path / "b")).policy.randaugment_semantics == "v1"
+
+
+def _digests(manifest):
+    return {s["index"]: s["sha256"] for s in manifest["shards"]}
+
+
+def test_shards_resume_and_skips_are_kept(tmp_path):
+    """Several shards: a rerun after a lost shard rewrites only that one; samples skipped at
+    conversion stay listed (they are kept with their shard's entry) and leave their id unused."""
+    import os
+
+    from fastload.format.datacomp import import_datacomp
+    from fastload.format.reader import ReinforcedDataset
+
+    dr, im, _ = _build(tmp_path, n=7, break_key="00000002", missing_image="00000004")
+    out = str(tmp_path / "o")
+    m = import_datacomp([dr], out, [im], shard_size=2, on_error="skip", progress=False)
+    assert m["num_shards"] == 3 and [s["rows"] for s in m["shards"]] == [2, 1, 2]
+    assert {s["key"] for s in m["skipped"]} == {"00000002", "00000004"}
+    assert ReinforcedDataset(out).keys == ["00000000", "00000001", "00000003", "00000005", "00000006"]
+    kept = {s["index"]: os.path.getmtime(os.path.join(out, s["file"])) for s in m["shards"] if s["index"] != 1}
+    os.remove(os.path.join(out, m["shards"][1]["file"]))
+    m2 = import_datacomp([dr], out, [im], shard_size=2, on_error="skip", progress=False)
+    assert _digests(m2) == _digests(m) and {s["key"] for s in m2["skipped"]} == {"00000002", "00000004"}
+    assert all(os.path.getmtime(os.path.join(out, s["file"])) == kept[s["index"]]
+               for s in m2["shards"] if s["index"] != 1)
+    assert not os.path.exists(os.path.join(out, ".datacomp-staging"))
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_local_shards_and_resumes(tmp_path):
+    """engine="ray": this process streams the tars and stages members; Ray tasks decode,
+    convert and write each shard. Same shards byte for byte; a rerun redoes only what is missing."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    from fastload.format.datacomp import import_datacomp, main
+
+    dr, im, _ = _build(tmp_path, n=8)
+    local = import_datacomp([dr], str(tmp_path / "local"), [im], shard_size=3, progress=False)
+    out = str(tmp_path / "ray")
+    assert main([dr, "--images", im, "--out", out, "--shard-size", "3", "--engine", "ray", "--workers", "2",
+                 "--quiet"]) == 0
+    ray.shutdown()
+    from fastload.format.manifest import read_manifest
+
+    m = read_manifest(out)
+    assert m["complete"] and _digests(m) == _digests(local)
+    assert not os.path.exists(os.path.join(out, ".datacomp-staging"))
+    kept = {s["index"]: os.path.getmtime(os.path.join(out, s["file"])) for s in m["shards"] if s["index"] != 1}
+    os.remove(os.path.join(out, next(s["file"] for s in m["shards"] if s["index"] == 1)))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        m2 = import_datacomp([dr], out, [im], shard_size=3, progress=False, engine="ray")
+    finally:
+        ray.shutdown()
+    assert _digests(m2) == _digests(local)
+    assert all(os.path.getmtime(os.path.join(out, s["file"])) == kept[s["index"]]
+               for s in m2["shards"] if s["index"] != 1)
+
+
+def test_engine_is_checked(tmp_path):
+    from fastload.format.datacomp import import_datacomp
+
+    dr, im, _ = _build(tmp_path, n=2)
+    with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):
+        import_datacomp([dr], str(tmp_path / "o"), [im], progress=False, engine="spark")

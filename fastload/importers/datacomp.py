@@ -17,10 +17,12 @@ or a folder (``<key>.jpg``), with the real caption from ``<key>.txt`` or ``<key>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import zipfile
@@ -30,6 +32,7 @@ import numpy as np
 
 from fastload.format.images import stored_image_bytes
 from fastload.format.record_ext import encode_ext
+from fastload.format.shardjobs import read_staged_parts, stage_parts
 from fastload.format.shards import encode_array, encode_augs
 from fastload.format.writer import DatasetWriter, write_shard_file
 from fastload.sample import params as P
@@ -216,10 +219,113 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
     return rec, ext
 
 
+def _convert(key: str, parts: Dict[str, bytes], policy_size: Tuple[int, int], ra_num_bins: int) -> Dict[str, Any]:
+    """One staged sample (its reinforcement members, ``image`` and optional ``caption``) ->
+    the row the shard stores; ValueError names what is wrong with it."""
+    from PIL import Image
+
+    img = parts["image"]
+    try:
+        im = Image.open(io.BytesIO(img))
+        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        im.load()
+    except Exception as e:  # any decode failure
+        raise ValueError(f"cannot decode image {key!r}: {e}") from e
+    w, h = Image.open(io.BytesIO(img)).size
+    img = stored_image_bytes(img, f"image {key!r}")[0]  # losslessly (PNG, CMYK: PNG)
+    ie, te, n_syn = _load_npz(parts["npz"], key)
+    rec, ext = _parse_paug(parts["paug.json"], key, (h, w), policy_size, ra_num_bins)
+    if len(rec) != len(ie):
+        raise ValueError(f"sample {key!r}: {len(rec)} augmentations but {len(ie)} image embeddings")
+    try:
+        syn = json.loads(parts["syn.json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"sample {key!r}: syn.json is not JSON ({e})") from e
+    syn = syn.get("syn_text", []) if isinstance(syn, dict) else syn
+    if not isinstance(syn, list) or not all(isinstance(s, str) for s in syn):
+        raise ValueError(f"sample {key!r}: syn.json must hold a list of captions")
+    if n_syn is not None and n_syn != len(syn):
+        raise ValueError(f"sample {key!r}: syn_text_emb holds {n_syn} embeddings, syn.json "
+                         f"{len(syn)} captions")
+    real = parts["caption"].decode("utf-8", "replace") if "caption" in parts else None
+    return {"key": key, "image": img, "hw": (h, w), "augs": rec, "ext": ext, "ie": ie, "te": te,
+            "real": [real] if real else [], "syn": syn,
+            "shape": {"num_augmentations": len(rec), "embedding_dim": int(ie.shape[1]),
+                      "num_captions": int(te.shape[0])}}
+
+
+@dataclasses.dataclass
+class _DCJob:
+    """What converting one shard needs (sent to Ray tasks once, by reference)."""
+    out: str
+    stage: str
+    shard_size: int
+    policy_size: Tuple[int, int]
+    ra_num_bins: int
+    shape: Dict[str, int]
+    on_error: str
+
+
+def _import_shard(job: _DCJob, s: int) -> Dict[str, Any]:
+    """Convert the staged samples of shard ``s`` and write its file; returns the shard's
+    entry (with the samples skipped here, under ``on_error="skip"``)."""
+    path = os.path.join(job.stage, f"{s:05d}.bin")
+    staged = read_staged_parts(path)
+    rows, skipped = [], []
+    for i in sorted(staged):
+        parts = staged[i]
+        key = parts.pop("key").decode()
+        try:
+            r = _convert(key, parts, job.policy_size, job.ra_num_bins)
+            if r["shape"] != job.shape:
+                raise ValueError(f"sample {key!r}: shapes {r['shape']} differ from the first sample's {job.shape}")
+        except ValueError as e:
+            if job.on_error == "raise":
+                raise
+            skipped.append({"key": key, "error": str(e)})
+            continue
+        r["id"] = i
+        rows.append(r)
+    # no partner crops in DataCompDR: encode_augs needs no table of every row's size
+    cols = {"id": [r["id"] for r in rows], "key": [r["key"] for r in rows],
+            "hash": [hashlib.blake2b(r["image"], digest_size=16).digest() for r in rows],
+            "orig_h": [r["hw"][0] for r in rows], "orig_w": [r["hw"][1] for r in rows],
+            "src_h": [r["hw"][0] for r in rows], "src_w": [r["hw"][1] for r in rows],
+            "label": [-1] * len(rows), "image": [r["image"] for r in rows],
+            "augs": [encode_augs(r["augs"], r["hw"], job.policy_size) for r in rows],
+            "image_emb": [encode_array(r["ie"]) for r in rows], "text_emb": [encode_array(r["te"]) for r in rows],
+            "captions": [r["real"] for r in rows], "syn_captions": [r["syn"] for r in rows],
+            "augs_ext": [encode_ext(r["ext"]) for r in rows]}
+    info = write_shard_file(job.out, s, cols, "image_text")
+    os.remove(path)
+    return dict(info, skipped=skipped) if skipped else info
+
+
+def _samples(tars: Sequence[str], index: "_ImageIndex", images: Sequence[str]):
+    """(key, staged parts, error) per sample in tar order: the members the conversion needs,
+    the image joined by key and the real caption; ``error`` when one is missing."""
+    for t in tars:
+        for key, parts in _iter_tar_samples(t):
+            miss = [need for need in ("syn.json", "paug.json", "npz") if need not in parts]
+            if miss:
+                yield key, None, f"sample {key!r} in {t}: missing {miss[0]}"
+                continue
+            img, real = index.get(key)
+            if img is None:
+                yield key, None, f"sample {key!r}: no image with this key in {list(images)}"
+                continue
+            out = {"key": key.encode(), "syn.json": parts["syn.json"], "paug.json": parts["paug.json"],
+                   "npz": parts["npz"], "image": img}
+            if real:
+                out["caption"] = real.encode("utf-8", "surrogatepass")
+            yield key, out, None
+
+
 def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_size: int = 1000,
                     image_size: int = 224, on_error: str = "raise", progress: bool = True,
                     teachers: Optional[List[Dict[str, Any]]] = None, reinforce_size: int = 224,
-                    ra_num_bins: int = 31, semantics: str = "pil") -> Dict[str, Any]:
+                    ra_num_bins: int = 31, semantics: str = "pil", engine: str = "local",
+                    workers: Optional[int] = None) -> Dict[str, Any]:
     """Import DataCompDR-style shards ``tars`` (joined by key with ``images``) into ``out``.
 
     ``reinforce_size``: the crop size the augmentations were drawn on (DataCompDR: 224; the
@@ -227,17 +333,28 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     RandAugment arithmetic replay reproduces (the policy's ``randaugment_semantics``):
     ``"pil"`` (the default: DataCompDR ran torchvision's RandAugment on PIL images, for its
     teachers' embeddings and for training), or ``"v1"`` / ``"v2"`` (tensor ops).
+    ``engine``: ``"local"`` (this process) or ``"ray"``: this process streams the tars, joins
+    the images and stages each shard's members; decoding, checking, converting and writing
+    each shard are Ray tasks (``workers``: CPUs for a Ray started here; an initialized Ray is
+    used as it is). Both write the same shards, as ml-dr's import does (``import_mldr``).
+    Rerunning the same call resumes an interrupted import (finished shards are kept).
+    Row ids are the samples' positions in the tars among those with all members and an
+    image; a sample skipped at conversion (``on_error="skip"``) leaves its id unused.
 
     Example:
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
     """
-    from PIL import Image
-
     from fastload._progress import Progress
+    from fastload.format.shardjobs import ENGINES, Shards
     from fastload.sample.policy import AugmentPolicy
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    shard_size = int(shard_size)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
     if not tars:
         raise ValueError("tars: give at least one DataCompDR shard")
     for t in tars:
@@ -247,85 +364,75 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     policy = AugmentPolicy(rrc=True, flip=False, randaugment=(2, 9), interpolation="bicubic",
                            size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins,
                            randaugment_semantics=semantics)
-    rows: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
+    # the dataset's shapes come from the first sample that converts (the header needs them
+    # before any shard is written); every sample is checked against them in its shard
     meta: Dict[str, Any] = {}
-    with Progress(0, "import", "samples", enabled=progress) as bar:
-        for t in tars:
-            for key, parts in _iter_tar_samples(t):
-                try:
-                    for need in ("syn.json", "paug.json", "npz"):
-                        if need not in parts:
-                            raise ValueError(f"sample {key!r} in {t}: missing {need}")
-                    img, real = index.get(key)
-                    if img is None:
-                        raise ValueError(f"sample {key!r}: no image with this key in {list(images)}")
-                    try:
-                        im = Image.open(io.BytesIO(img))
-                        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-                        im.load()
-                    except Exception as e:  # any decode failure
-                        raise ValueError(f"cannot decode image {key!r}: {e}") from e
-                    w, h = Image.open(io.BytesIO(img)).size
-                    img = stored_image_bytes(img, f"image {key!r}")[0]  # losslessly (PNG, CMYK: PNG)
-                    ie, te, n_syn = _load_npz(parts["npz"], key)
-                    rec, ext = _parse_paug(parts["paug.json"], key, (h, w), policy.size, ra_num_bins)
-                    if len(rec) != len(ie):
-                        raise ValueError(f"sample {key!r}: {len(rec)} augmentations but {len(ie)} image embeddings")
-                    syn = json.loads(parts["syn.json"])
-                    syn = syn.get("syn_text", []) if isinstance(syn, dict) else syn
-                    if not isinstance(syn, list) or not all(isinstance(s, str) for s in syn):
-                        raise ValueError(f"sample {key!r}: syn.json must hold a list of captions")
-                    if n_syn is not None and n_syn != len(syn):
-                        raise ValueError(f"sample {key!r}: syn_text_emb holds {n_syn} embeddings, syn.json "
-                                         f"{len(syn)} captions")
-                    shape = {"num_augmentations": len(rec), "embedding_dim": ie.shape[1],
-                             "num_captions": te.shape[0]}
-                    if not meta:
-                        meta = shape
-                    elif shape != meta:
-                        raise ValueError(f"sample {key!r}: shapes {shape} differ from the first sample's {meta}")
-                    rows.append({"key": key, "image": img, "hw": (h, w), "augs": rec, "ext": ext, "ie": ie, "te": te,
-                                 "real": [real] if real else [], "syn": syn})
-                except (ValueError, json.JSONDecodeError) as e:
-                    if on_error == "raise":
-                        raise ValueError(str(e)) from e
-                    skipped.append({"key": key, "error": str(e)})
-                bar.update()
-    if not rows:
+    for key, parts, err in _samples(tars, index, images):
+        if err is None:
+            try:
+                meta = _convert(key, dict(parts), policy.size, ra_num_bins)["shape"]
+                break
+            except ValueError as e:
+                err = str(e)
+        if on_error == "raise":
+            raise ValueError(err)
+    if not meta:
         raise ValueError("no importable samples found")
-    all_hw = np.array([r["hw"] for r in rows], np.int64)
-    num_shards = -(-len(rows) // shard_size)
     digest = hashlib.sha256()
     for t in tars:
         digest.update(f"{os.path.abspath(t)}:{os.path.getsize(t)}\n".encode())
     replay = {"image_size": [image_size, image_size], "box_grid": list(policy.size), "interpolation": "bicubic",
-              "dct_scale": False,  # DataCompDR decoded at full size (PIL) before cropping "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-              "kernel": "fastload.replay.native"}
+              "dct_scale": False,  # DataCompDR decoded at full size (PIL) before cropping
+              "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "kernel": "fastload.replay.native"}
     header = {"kind": "image_text", "num_augmentations": meta["num_augmentations"], "topk": 0, "num_classes": None,
               "seeds": [], "policy": policy.to_dict(), "replay": replay,
               "teachers": teachers or [{"name": "DataCompDR teacher ensemble",
                                         "description": "embeddings imported from DataCompDR shards"}],
               "embedding_dim": meta["embedding_dim"], "num_captions": meta["num_captions"],
-              "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": skipped,
+              "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": [],
               "record_ext": True}
-    fp = {"tars": digest.hexdigest(), "rows": len(rows), "shard_size": shard_size, "image_size": image_size,
-          "reinforce_size": reinforce_size, "semantics": semantics}
-    w = DatasetWriter(out, header, fp, num_shards)
-    for s in range(num_shards):
-        if s in w.done:
-            continue
-        part = rows[s * shard_size:(s + 1) * shard_size]
-        cols = {"id": list(range(s * shard_size, s * shard_size + len(part))), "key": [r["key"] for r in part],
-                "hash": [hashlib.blake2b(r["image"], digest_size=16).digest() for r in part],
-                "orig_h": [r["hw"][0] for r in part], "orig_w": [r["hw"][1] for r in part],
-                "src_h": [r["hw"][0] for r in part], "src_w": [r["hw"][1] for r in part],
-                "label": [-1] * len(part), "image": [r["image"] for r in part],
-                "augs": [encode_augs(r["augs"], r["hw"], policy.size, all_hw) for r in part],
-                "image_emb": [encode_array(r["ie"]) for r in part], "text_emb": [encode_array(r["te"]) for r in part],
-                "captions": [r["real"] for r in part], "syn_captions": [r["syn"] for r in part],
-                "augs_ext": [encode_ext(r["ext"]) for r in part]}
-        w.add_shard(write_shard_file(out, s, cols, "image_text"))
+    fp = {"tars": digest.hexdigest(), "images": [os.path.abspath(p) for p in images], "shard_size": shard_size,
+          "image_size": image_size, "reinforce_size": reinforce_size, "semantics": semantics, "on_error": on_error}
+    w = DatasetWriter(out, header, fp, 0)  # the shard count is known once the tars are read
+    done = w.done
+    stage = os.path.join(out, ".datacomp-staging")
+    shutil.rmtree(stage, ignore_errors=True)  # partial staging of an interrupted run: rebuilt
+    os.makedirs(stage)
+    job = _DCJob(out, stage, shard_size, tuple(policy.size), ra_num_bins, meta, on_error)
+    run = Shards(_import_shard, job, w, engine, workers)
+    n = 0
+    with Progress(0, f"import DataCompDR ({engine})", "samples", enabled=progress) as bar:
+        for key, parts, err in _samples(tars, index, images):
+            bar.update()
+            if err is not None:
+                if on_error == "raise":
+                    # a bad sample before this one is the better error: finish the shards
+                    # submitted, then check what the incomplete shard staged (this failure only)
+                    run.collect(block=True)
+                    path = os.path.join(stage, f"{n // shard_size:05d}.bin")
+                    if os.path.exists(path):
+                        for i, p in sorted(read_staged_parts(path).items()):
+                            _convert(p.pop("key").decode(), p, job.policy_size, ra_num_bins)
+                    raise ValueError(err)
+                skipped.append({"key": key, "error": err})
+                continue
+            s = n // shard_size
+            n += 1
+            if s in done:
+                continue
+            stage_parts(os.path.join(stage, f"{s:05d}.bin"), n - 1, parts)
+            if n % shard_size == 0:
+                run.submit(s)  # complete: convert it (here, or in a Ray task)
+            run.collect(block=False)
+        num_shards = -(-n // shard_size)
+        if n % shard_size and (num_shards - 1) not in done:
+            run.submit(num_shards - 1)
+        run.collect(block=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    w.manifest["num_shards"] = num_shards
+    for sh in w.manifest["shards"]:  # samples skipped at conversion, by shard (kept across resumes)
+        skipped.extend(sh.get("skipped", []))
     return w.finish(skipped=skipped)
 
 
@@ -344,12 +451,16 @@ def main(argv=None) -> int:
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     ap.add_argument("--semantics", choices=("pil", "v1", "v2"), default="pil",
                     help="RandAugment arithmetic to replay: pil (DataCompDR's: torchvision on PIL images)")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="ray: decode, convert and write shards in Ray tasks (this process streams the tars)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="with --engine ray: CPUs of the Ray started here (default: all)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_datacomp(a.tars, a.out, a.images, shard_size=a.shard_size, image_size=a.image_size,
                             on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size,
-                            semantics=a.semantics)
+                            semantics=a.semantics, engine=a.engine, workers=a.workers)
     except ValueError as e:
         print(f"fastload import-datacomp: error: {e}", file=sys.stderr)
         return 2

@@ -1007,37 +1007,6 @@ def _import_shard(job: _ShardJob, s: int) -> Dict[str, Any]:
     return info
 
 
-class _Shards:
-    """Converts complete shards here (``local``) or as Ray tasks, adding each finished one to
-    the writer from this process."""
-
-    def __init__(self, job: _ShardJob, writer, engine: str, workers: Optional[int]):
-        self.writer, self.engine, self.job = writer, engine, job
-        self.pending: Dict[Any, int] = {}
-        if engine == "ray":
-            try:
-                import ray
-            except ImportError as e:
-                raise ImportError("engine='ray' needs Ray installed (pip install ray)") from e
-            if not ray.is_initialized():
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-            self.ray, self.task, self.ref = ray, ray.remote(_import_shard), ray.put(job)
-
-    def submit(self, s: int) -> None:
-        if self.engine == "local":
-            self.writer.add_shard(_import_shard(self.job, s))
-        else:
-            self.pending[self.task.remote(self.ref, s)] = s
-
-    def collect(self, block: bool) -> None:
-        while self.pending:
-            done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
-            if not done:
-                return
-            self.pending.pop(done[0])
-            self.writer.add_shard(self.ray.get(done[0]))  # the task renamed its shard into place
-
-
 # ---------------------------------------------------------------------------------------
 # import
 
@@ -1069,6 +1038,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
         >>> import_mldr("imagenet_plus_rrc.tar.gz", "imagenet/training", "imagenet_plus/")  # doctest: +SKIP
     """
     from fastload._progress import Progress
+    from fastload.format.shardjobs import Shards
     from fastload.format.writer import DatasetWriter
 
     if not os.path.exists(archive):
@@ -1137,7 +1107,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
         seen[s * shard_size:(s + 1) * shard_size] = True
 
     job = _ShardJob(archive, out, images, files, labels, all_hw, lay, shard_size, N, stage)
-    run = _Shards(job, w, engine, workers)
+    run = Shards(_import_shard, job, w, engine, workers)
     with Progress(N, f"import ml-dr ({engine})", "images", enabled=progress) as bar:
         bar.update(int(seen.sum()))
         for key, val in iter_archive(archive, raw=True):
