@@ -292,7 +292,7 @@ def test_shards_resume_and_skips_are_kept(tmp_path):
     conversion stay listed (they are kept with their shard's entry) and leave their id unused."""
     import os
 
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
     from fastload.format.reader import ReinforcedDataset
 
     dr, im, _ = _build(tmp_path, n=7, break_key="00000002", missing_image="00000004")
@@ -317,7 +317,7 @@ def test_ray_engine_writes_the_local_shards_and_resumes(tmp_path):
     import os
 
     ray = pytest.importorskip("ray")
-    from fastload.format.datacomp import import_datacomp, main
+    from fastload.importers.datacomp import import_datacomp, main
 
     dr, im, _ = _build(tmp_path, n=8)
     local = import_datacomp([dr], str(tmp_path / "local"), [im], shard_size=3, progress=False)
@@ -343,7 +343,7 @@ def test_ray_engine_writes_the_local_shards_and_resumes(tmp_path):
 
 
 def test_engine_is_checked(tmp_path):
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
 
     dr, im, _ = _build(tmp_path, n=2)
     with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):

@@ -68,7 +68,7 @@ def write_shards(workdir: str, n: int, num_aug: int = 30, dim: int = 1536, seed:
 def _timed_import(dr, im, out, engine, workers, shard_size):
     """(wall seconds, CPU seconds of this process tree: the Ray workers are its descendants)."""
     from fastload.bench.peers import tree_cpu_seconds
-    from fastload.format.datacomp import import_datacomp
+    from fastload.importers.datacomp import import_datacomp
 
     if engine == "ray":
         import ray

@@ -32,7 +32,7 @@ import numpy as np
 
 from fastload.format.images import stored_image_bytes
 from fastload.format.record_ext import encode_ext
-from fastload.format.shardjobs import read_staged_parts, stage_parts
+from fastload.importers.shardjobs import read_staged_parts, stage_parts
 from fastload.format.shards import encode_array, encode_augs
 from fastload.format.writer import DatasetWriter, write_shard_file
 from fastload.sample import params as P
@@ -345,7 +345,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
     """
     from fastload._progress import Progress
-    from fastload.format.shardjobs import ENGINES, Shards
+    from fastload.importers.shardjobs import ENGINES, Shards
     from fastload.sample.policy import AugmentPolicy
 
     if on_error not in ("raise", "skip"):

@@ -1038,7 +1038,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
         >>> import_mldr("imagenet_plus_rrc.tar.gz", "imagenet/training", "imagenet_plus/")  # doctest: +SKIP
     """
     from fastload._progress import Progress
-    from fastload.format.shardjobs import Shards
+    from fastload.importers.shardjobs import Shards
     from fastload.format.writer import DatasetWriter
 
     if not os.path.exists(archive):
