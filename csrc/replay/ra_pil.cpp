@@ -357,6 +357,23 @@ void pil_rotate_filtered(uint8_t* img, int h, int w, double angle_deg, bool bicu
   pil_affine_filtered(img, h, w, m, bicubic, fill, scratch);
 }
 
+// Pillow's SMOOTH filter (3x3, centre weight 5, divided by 13) into scratch; the border
+// pixels keep their value (Sharpness blends the image with it).
+static void pil_smooth(const uint8_t* img, int h, int w, uint8_t* scratch) {
+  std::memcpy(scratch, img, (size_t)h * w * 3);
+  if (h < 3 || w < 3) return;
+  for (int y = 1; y < h - 1; ++y)
+    for (int x = 1; x < w - 1; ++x)
+      for (int c = 0; c < 3; ++c) {
+        int s = 0;
+        for (int dy = -1; dy <= 1; ++dy)
+          for (int dx = -1; dx <= 1; ++dx) s += img[((size_t)(y + dy) * w + (x + dx)) * 3 + c];
+        s += 4 * img[((size_t)y * w + x) * 3 + c];
+        // round(s / 13): s/13 is never within float error of a half
+        scratch[((size_t)y * w + x) * 3 + c] = (uint8_t)((2 * s + 13) / 26);
+      }
+}
+
 // ImageEnhance.<kind>(image).enhance(factor): kind 0 Brightness, 1 Color, 2 Contrast, 3 Sharpness.
 void pil_enhance(uint8_t* img, int h, int w, int kind, double factor, uint8_t* scratch) {
   const size_t npix = (size_t)h * w, nbytes = npix * 3;
@@ -378,18 +395,7 @@ void pil_enhance(uint8_t* img, int h, int w, int kind, double factor, uint8_t* s
       return;
     }
     default:
-      std::memcpy(scratch, img, nbytes);
-      if (h >= 3 && w >= 3) {
-        for (int y = 1; y < h - 1; ++y)
-          for (int x = 1; x < w - 1; ++x)
-            for (int c = 0; c < 3; ++c) {
-              int s = 0;
-              for (int dy = -1; dy <= 1; ++dy)
-                for (int dx = -1; dx <= 1; ++dx) s += img[((size_t)(y + dy) * w + (x + dx)) * 3 + c];
-              s += 4 * img[((size_t)y * w + x) * 3 + c];
-              scratch[((size_t)y * w + x) * 3 + c] = (uint8_t)((2 * s + 13) / 26);
-            }
-      }
+      pil_smooth(img, h, w, scratch);
       pil_blend(img, nbytes, scratch, 1, factor);
       return;
   }
@@ -448,19 +454,7 @@ int ra_pil_apply_one(uint8_t* img, int h, int w, int op, double mag, uint8_t* sc
       return 0;
     }
     case kSharpness: {
-      std::memcpy(scratch, img, nbytes);  // the SMOOTH filter; borders keep their value
-      if (h >= 3 && w >= 3) {
-        for (int y = 1; y < h - 1; ++y)
-          for (int x = 1; x < w - 1; ++x)
-            for (int c = 0; c < 3; ++c) {
-              int s = 0;
-              for (int dy = -1; dy <= 1; ++dy)
-                for (int dx = -1; dx <= 1; ++dx) s += img[((size_t)(y + dy) * w + (x + dx)) * 3 + c];
-              s += 4 * img[((size_t)y * w + x) * 3 + c];
-              // round(s / 13): s/13 is never within float error of a half
-              scratch[((size_t)y * w + x) * 3 + c] = (uint8_t)((2 * s + 13) / 26);
-            }
-      }
+      pil_smooth(img, h, w, scratch);
       pil_blend(img, nbytes, scratch, 1, 1.0 + mag);
       return 0;
     }

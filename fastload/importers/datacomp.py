@@ -451,10 +451,9 @@ def main(argv=None) -> int:
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     ap.add_argument("--semantics", choices=("pil", "v1", "v2"), default="pil",
                     help="RandAugment arithmetic to replay: pil (DataCompDR's: torchvision on PIL images)")
-    ap.add_argument("--engine", choices=("local", "ray"), default="local",
-                    help="ray: decode, convert and write shards in Ray tasks (this process streams the tars)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="with --engine ray: CPUs of the Ray started here (default: all)")
+    from fastload.importers.shardjobs import add_engine_args
+
+    add_engine_args(ap, "the tars")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:

@@ -1189,10 +1189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="generation",
                     help="RandAugment to replay: generation (tensor ops, what the teacher scored; default) "
                          "or training (PIL images, as ml-dr's training-time dataset)")
-    ap.add_argument("--engine", choices=("local", "ray"), default="local",
-                    help="ray: decode, convert and write shards in Ray tasks (this process streams the archive)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="with --engine ray: CPUs of the Ray started here (default: all)")
+    from fastload.importers.shardjobs import add_engine_args
+
+    add_engine_args(ap, "the archive")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:

@@ -87,3 +87,12 @@ def read_staged_parts(path: str) -> Dict[int, Dict[str, bytes]]:
             pos += nd
         out[i] = parts
     return out
+
+
+def add_engine_args(ap, streams: str) -> None:
+    """``--engine`` and ``--workers`` of an importer's command line (``streams``: what this
+    process reads sequentially while the Ray tasks convert)."""
+    ap.add_argument("--engine", choices=ENGINES, default="local",
+                    help=f"ray: decode, convert and write shards in Ray tasks (this process streams {streams})")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="with --engine ray: CPUs of the Ray started here (default: all)")
