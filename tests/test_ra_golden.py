@@ -6,12 +6,13 @@ chain of one or two ops (op ids in RA_OPS order, signed magnitude bins, 31 bins)
 small images; the outputs come from torchvision's own v1 and v2 code paths.
 """
 import ctypes
-import hashlib
 import os
 
 import numpy as np
 import pytest
 import torch
+
+from golden.sweep_input import digest, sweep_image  # noqa: F401 - sweep_image re-exported to other tests
 
 from fastload import _native
 from fastload.replay.reference_ra import apply_ra
@@ -169,22 +170,8 @@ SWEEP = os.path.join(os.path.dirname(__file__), "golden", "ra_sweep.npz")
 SEM_BITS = {"v1": 0, "v2": V2_FLAG, "pil": 1 << 9}
 
 
-def sweep_image(h, w, seed):
-    """The generator of make_ra_golden.sweep_image (integer arithmetic only); each result is
-    checked against the digest the script stored."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
-    out = []
-    for c in range(3):
-        k = seed * 3 + c
-        dither = ((x * 2654435761 + y * 40503 + k * 97) >> 7) % 23
-        tex = ((x * (5 + k) + y * (3 + 2 * k)) % 37) + ((x * y + k) % 11)
-        v = 30 + 10 * c + (x * (80 + k)) // max(w, 1) + (y * (60 - k)) // max(h, 1) + tex + dither
-        out.append(np.clip(v, 0, 255))
-    return np.stack(out).astype(np.uint8)
+_digest = digest  # the script's digest (sha256, first 16 bytes)
 
-
-def _digest(a) -> bytes:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest()[:16]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ size; negative = the sign torchvision draws). Outputs come from each version's o
 This script does not import fastload (it runs beside another torch); the op order below is
 checked against ``fastload.sample.params.RA_OPS`` by the test.
 """
-import hashlib
 import os
 import sys
 
@@ -41,6 +40,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandAugment as RAv1
 from torchvision.transforms.autoaugment import _apply_op
 from torchvision.transforms.v2 import RandAugment as RAv2
+
+from sweep_input import digest, sweep_image  # noqa: E402 - numpy only, shared with the tests
 
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
        "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
@@ -148,27 +149,6 @@ SWEEP_SIZES = ((13, 17), (37, 64), (131, 97), (224, 224), (512, 683))  # odd, no
 FULL_ARRAYS = (0,)  # images whose every output is stored
 SAMPLED = (1,)  # images with every SAMPLE_EVERY-th output stored; the others: digests only
 SAMPLE_EVERY = 23  # (the file stays < 2 MB: outputs of dithered images hardly compress)
-
-
-def sweep_image(h, w, seed):
-    """A deterministic photo-like image from integer arithmetic only (no RNG stream whose
-    definition could change): gradients, a texture and a pseudo-random dither, each channel in
-    a reduced range (so AutoContrast and Equalize have work). tests/test_ra_golden.py builds
-    the same image and checks it against the stored digest."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
-    out = []
-    for c in range(3):
-        k = seed * 3 + c
-        dither = ((x * 2654435761 + y * 40503 + k * 97) >> 7) % 23
-        tex = ((x * (5 + k) + y * (3 + 2 * k)) % 37) + ((x * y + k) % 11)
-        v = 30 + 10 * c + (x * (80 + k)) // max(w, 1) + (y * (60 - k)) // max(h, 1) + tex + dither
-        out.append(np.clip(v, 0, 255))
-    return np.stack(out).astype(np.uint8)
-
-
-def digest(a) -> bytes:
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(a.tobytes()).digest()[:16]
 
 
 def sweep_cases():
