@@ -42,6 +42,20 @@ sys.path.insert(0, HERE)
 
 B, IMAGE = 64, 160
 
+# One epoch of a peer's DataLoader ``dl``, timed the same way for every peer (wall and CPU of
+# the process and its workers; the cache's bytes on disk), printed as one JSON line
+TIMED_EPOCH = r"""
+def cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+n, c0, t0 = 0, cpu(), time.perf_counter()
+for x, y in dl:
+    n += x.shape[0]
+t, c = time.perf_counter() - t0, cpu() - c0
+size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(local) for f in fs)
+print(json.dumps({"images": n, "epoch_s": t, "cpu_s": c, "bytes_in_cache": size}), flush=True)
+"""
+
 MDS_WRITE = r"""
 import os, sys
 from streaming import MDSWriter
@@ -72,16 +86,7 @@ class DS(StreamingDataset):
         return tf(Image.open(io.BytesIO(s["image"])).convert("RGB")), s["label"]
 ds = DS(remote=remote, local=local, shuffle=True, shuffle_seed=0, batch_size=%d)
 dl = DataLoader(ds, batch_size=%d, num_workers=1)
-def cpu():
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-n, c0, t0 = 0, cpu(), time.perf_counter()
-for x, y in dl:
-    n += x.shape[0]
-t, c = time.perf_counter() - t0, cpu() - c0
-size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(local) for f in fs)
-print(json.dumps({"images": n, "epoch_s": t, "cpu_s": c, "bytes_in_cache": size}))
-""" % (IMAGE, B, B)
+""" % (IMAGE, B, B) + TIMED_EPOCH
 
 
 LIT_WRITE = r"""
@@ -121,17 +126,7 @@ opts = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "aws_access_key_id": os.
         "aws_secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
 ds = DS(remote, cache_dir=local, shuffle=True, seed=0, storage_options=opts)
 dl = StreamingDataLoader(ds, batch_size=%d, num_workers=1)
-def cpu():
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-n, c0, t0 = 0, cpu(), time.perf_counter()
-for x, y in dl:
-    n += x.shape[0]
-t, c = time.perf_counter() - t0, cpu() - c0
-size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(local) for f in fs)
-print(json.dumps({"images": n, "epoch_s": t, "cpu_s": c, "bytes_in_cache": size}), flush=True)
-dist.destroy_process_group()
-""" % (IMAGE, B)
+""" % (IMAGE, B) + TIMED_EPOCH + "dist.destroy_process_group()\n"
 
 
 def run_pair(cmds, env):
