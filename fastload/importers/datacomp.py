@@ -345,16 +345,12 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
     """
     from fastload._progress import Progress
-    from fastload.importers.shardjobs import ENGINES, Shards
+    from fastload.importers.shardjobs import Shards, checked_args
     from fastload.sample.policy import AugmentPolicy
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
-    shard_size = int(shard_size)
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    shard_size = checked_args(engine, shard_size)
     if not tars:
         raise ValueError("tars: give at least one DataCompDR shard")
     for t in tars:

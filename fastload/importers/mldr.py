@@ -1038,18 +1038,14 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
         >>> import_mldr("imagenet_plus_rrc.tar.gz", "imagenet/training", "imagenet_plus/")  # doctest: +SKIP
     """
     from fastload._progress import Progress
-    from fastload.importers.shardjobs import Shards
+    from fastload.importers.shardjobs import Shards, checked_args
     from fastload.format.writer import DatasetWriter
 
     if not os.path.exists(archive):
         raise ValueError(f"archive: {archive!r} does not exist")
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    shard_size = checked_args(engine, shard_size)
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {sorted(SEMANTICS)}, got {semantics!r}")
-    shard_size = int(shard_size)
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
     if config is not None:
         with open(config, "rb") as f:
             cfg = load_pth(f.read(MAX_FILE + 1), config)

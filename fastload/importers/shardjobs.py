@@ -22,8 +22,7 @@ class Shards:
 
     def __init__(self, fn: Callable[[Any, int], Dict[str, Any]], job: Any, writer, engine: str,
                  workers: Optional[int], on_done: Optional[Callable[[Dict[str, Any]], None]] = None):
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+        checked_args(engine, 1)
         self.fn, self.writer, self.engine, self.job, self.on_done = fn, writer, engine, job, on_done
         self.pending: Dict[Any, int] = {}
         if engine == "ray":
@@ -96,3 +95,13 @@ def add_engine_args(ap, streams: str) -> None:
                     help=f"ray: decode, convert and write shards in Ray tasks (this process streams {streams})")
     ap.add_argument("--workers", type=int, default=None,
                     help="with --engine ray: CPUs of the Ray started here (default: all)")
+
+
+def checked_args(engine: str, shard_size) -> int:
+    """An importer's ``engine`` and ``shard_size`` checked (errors name them); the shard size."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be {' or '.join(map(repr, ENGINES))}, got {engine!r}")
+    shard_size = int(shard_size)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    return shard_size
