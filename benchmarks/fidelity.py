@@ -11,7 +11,10 @@ resize vs fastload's torch-style antialiased resize, within 1 level). A 1-level 
 difference can become many levels after RandAugment (Solarize's threshold, Posterize's bit
 boundaries, AutoContrast/Equalize's rescaling, a Rotate's pixel choice), so each semantics is
 also measured on RandAugment alone: upstream's ops applied to fastload's own crop
-("randaugment_given_same_crop").
+("randaugment_given_same_crop"). With a fastload that has ``resize="pil"`` (Pillow's resize,
+byte-exact), the whole records are also measured with it: ``pil_resize_pil`` (pil RandAugment)
+and ``no_randaugment_resize_pil``; the rows above keep fastload's default torch-style resize
+(the "before"). Run against an older checkout (PYTHONPATH) it measures what that one has.
 
 Needs torchvision (run it in a separate environment that has it; fastload's native library is
 loaded from the checkout):
@@ -23,6 +26,7 @@ Writes ``<out-dir>/fidelity.json``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import os
 import sys
@@ -173,6 +177,19 @@ def main(argv=None) -> int:
             if sem == "v1":
                 per["no_randaugment"] = {"records": int((~has_ra).sum()), "exact": int((d[~has_ra] == 0).sum()),
                                          "within_1": int((d[~has_ra] <= 1).sum()), "max": int(d[~has_ra].max())}
+        if "resize" in inspect.signature(render_batch).parameters:  # fastload with Pillow's resize
+            out = torch.empty(a.records, 3, a.size, a.size, dtype=torch.uint8)
+            render_batch([srcs[s] for s in src_of], rec, out, interpolation=cfg["interpolation"], dct_scale=False,
+                         threads=1, ra_semantics="pil", resize="pil")
+            d = np.array([int(np.abs(out[r].numpy().astype(int) - want[r].astype(int)).max())
+                          for r in range(a.records)])
+            per["pil_resize_pil"] = {"records": int(has_ra.sum()), "exact": int((d[has_ra] == 0).sum()),
+                                     "within_1": int((d[has_ra] <= 1).sum()), "max": int(d[has_ra].max()),
+                                     "over_1_by_op": _over_by_op(rec, d, has_ra)}
+            per["no_randaugment_resize_pil"] = {"records": int((~has_ra).sum()),
+                                                "exact": int((d[~has_ra] == 0).sum()),
+                                                "within_1": int((d[~has_ra] <= 1).sum()),
+                                                "max": int(d[~has_ra].max())}
         results[name] = {"interpolation": cfg["interpolation"], "flip": cfg["flip"], **per}
         print(name, {k: (v["exact"], v["within_1"], v["records"], v["max"], v.get("randaugment_given_same_crop"))
                      for k, v in per.items()}, flush=True)
@@ -180,7 +197,9 @@ def main(argv=None) -> int:
         "description": ("records exact / within 1 level / max difference of fastload's replay vs the upstream "
                         "replay (real torchvision on PIL images after Pillow's decode and resized_crop), per "
                         "RandAugment semantics; records with RandAugment (2 ops, magnitude 9) and without; "
-                        "randaugment_given_same_crop: upstream's RandAugment applied to fastload's own crop"),
+                        "randaugment_given_same_crop: upstream's RandAugment applied to fastload's own crop; "
+                        "v1/v2/pil/no_randaugment with fastload's default torch-style crop resize, "
+                        "pil_resize_pil/no_randaugment_resize_pil with resize='pil' (Pillow's Image.resize)"),
         "records": a.records, "images": a.images, "size": a.size, "results": results}, a.out_dir)
     print(path)
     return 0

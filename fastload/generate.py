@@ -410,7 +410,7 @@ def _render(job: _Job, renders: list, partners: list, params: np.ndarray, out, i
                  mean=job.mean, std=job.std, interpolation=job.policy.interpolation, dct_scale=True,
                  threads=job.threads, sample_ids=ids, ra_num_bins=job.policy.ra_num_bins,
                  ra_semantics=job.policy.randaugment_semantics, ext=ext,
-                 ra_fill=getattr(job.policy, "timm_fill", (124, 116, 104)))
+                 ra_fill=getattr(job.policy, "timm_fill", (124, 116, 104)), resize=job.policy.resize)
 
 
 def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:

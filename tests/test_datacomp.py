@@ -278,9 +278,11 @@ def test_semantics_default_pil(tmp_path):
 
     dr, im, _ = _build(tmp_path, n=2)
     import_datacomp([dr], str(tmp_path / "a"), [im], progress=False)
-    assert ReinforcedDataset(str(tmp_path / "a")).policy.randaugment_semantics == "pil"
+    pol = ReinforcedDataset(str(tmp_path / "a")).policy
+    assert pol.randaugment_semantics == "pil" and pol.resize == "pil"  # Pillow's crop resize too
     assert main([dr, "--images", im, "--out", str(tmp_path / "b"), "--quiet", "--semantics", "v1"]) == 0
-    assert ReinforcedDataset(str(tmp_path / "b")).policy.randaugment_semantics == "v1"
+    pol = ReinforcedDataset(str(tmp_path / "b")).policy
+    assert pol.randaugment_semantics == "v1" and pol.resize == "torch"
 
 
 def _digests(manifest):

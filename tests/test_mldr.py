@@ -755,10 +755,12 @@ def test_semantics_generation_or_training(tmp_path, capsys):
     imgs, hw, cfg, arch, _ = _setup(tmp_path, "rare", "tar", n=3, classes=3)
     m = mldr.import_mldr(arch, imgs, str(tmp_path / "gen"), progress=False)
     assert m["policy"]["randaugment_semantics"] == "v1"  # generation: tensor ops, what the teacher scored
+    assert ReinforcedDataset(str(tmp_path / "gen")).policy.resize == "torch"  # reinforce.py resized tensors
     assert main(["import-mldr", arch, "--images", imgs, "--out", str(tmp_path / "train"), "--quiet",
                  "--semantics", "training"]) == 0
     ds = ReinforcedDataset(str(tmp_path / "train"))
     assert ds.policy.randaugment_semantics == "pil"  # ml-dr's training-time dataset: PIL images
+    assert ds.policy.resize == "pil"  # ... whose crop is F.resized_crop on PIL: Image.resize
     with pytest.raises(ValueError, match="semantics"):
         mldr.import_mldr(arch, imgs, str(tmp_path / "x"), progress=False, semantics="pil")
 

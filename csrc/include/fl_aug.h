@@ -95,6 +95,11 @@ inline bool ra_semantics_known(int s) {
       return false;
   }
 }
+// ReplayOptions::resize
+constexpr int kResizeTorch = 0;
+constexpr int kResizePil = 1;
+constexpr int kResizePil12 = 2;
+constexpr int kResizeModes = 3;  // ids are 0 .. kResizeModes - 1
 
 // The stored augmentation record (one per stored augmentation). Frozen.
 #pragma pack(push, 1)
@@ -165,6 +170,7 @@ struct ReplayOptions {
   float mean[3];  // Normalize mean
   float std[3];  // Normalize std
   int32_t ra_fill[3];  // fill colour of the geometric ops of the timm semantics (timm's img_mean)
+  int32_t resize;  // crop resize arithmetic: an id of RESIZE_MODES
 };
 static_assert(offsetof(ReplayOptions, out_bytes) == 0, "ReplayOptions.out_bytes");
 static_assert(offsetof(ReplayOptions, dtype) == 8, "ReplayOptions.dtype");
@@ -181,8 +187,9 @@ static_assert(offsetof(ReplayOptions, threads) == 48, "ReplayOptions.threads");
 static_assert(offsetof(ReplayOptions, mean) == 52, "ReplayOptions.mean");
 static_assert(offsetof(ReplayOptions, std) == 64, "ReplayOptions.std");
 static_assert(offsetof(ReplayOptions, ra_fill) == 76, "ReplayOptions.ra_fill");
-static_assert(sizeof(ReplayOptions) == 88, "sizeof(ReplayOptions)");
-constexpr uint64_t kReplayOptionsLayoutHash = 1041011894545779127ULL;  // ReplayOptions/88:out_bytes:<i8:1@0;dtype:<i4:1@8;out_h:<i4:1@12;out_w:<i4:1@16;interpolation:<i4:1@20;dct_rule:<i4:1@24;decoder_flags:<i4:1@28;ra_num_bins:<i4:1@32;ra_semantics:<i4:1@36;grid_h:<i4:1@40;grid_w:<i4:1@44;threads:<i4:1@48;mean:<f4:3@52;std:<f4:3@64;ra_fill:<i4:3@76
+static_assert(offsetof(ReplayOptions, resize) == 88, "ReplayOptions.resize");
+static_assert(sizeof(ReplayOptions) == 96, "sizeof(ReplayOptions)");
+constexpr uint64_t kReplayOptionsLayoutHash = 7015799585001620553ULL;  // ReplayOptions/96:out_bytes:<i8:1@0;dtype:<i4:1@8;out_h:<i4:1@12;out_w:<i4:1@16;interpolation:<i4:1@20;dct_rule:<i4:1@24;decoder_flags:<i4:1@28;ra_num_bins:<i4:1@32;ra_semantics:<i4:1@36;grid_h:<i4:1@40;grid_w:<i4:1@44;threads:<i4:1@48;mean:<f4:3@52;std:<f4:3@64;ra_fill:<i4:3@76;resize:<i4:1@88
 constexpr int kReplayOptionsKind = 2;
 
 // An aligned copy of one extension record (packed records may sit at any address).

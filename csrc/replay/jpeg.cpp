@@ -304,6 +304,49 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   return 0;
 }
 
+// Pillow's decode has no DCT scaling (no draft()): the crop of a full-scale decode, the rows
+// above it skipped and the columns outside it cut as in jpeg_render (with its 2-column
+// margin, so the crop's pixels equal a full decode), then Pillow's resize (PilStream). The
+// decoder measurement switches do not apply: Pillow decodes with ISLOW and fancy upsampling.
+int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
+                    bool pillow13, Scratch& s, uint8_t* out) {
+  Decoder d;
+  if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
+  CropDecode g;
+  if (start_crop_decode(d, data, len, crop, oh, ow, kDctOff, false, &g)) return -1;
+  jpeg_decompress_struct& ci = d.cinfo;
+  const int t = g.t, l = g.l, SW = g.SW, bpp = g.bpp;
+  PilStream ps;
+  ps.begin(g.bh, g.bw, oh, ow, bicubic, flip, pillow13, s.pil, out, s.direct, s.win_y0, s.win_y1);
+  if (ps.row_hi <= ps.row_lo) {
+    jpeg_abort_decompress(&ci);
+    return 0;
+  }
+  const int left = std::max(0, l + ps.col_lo - 2), right = std::min(SW, l + ps.col_hi + 2);
+  JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
+  if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
+  const size_t in_row = (size_t)cw * bpp;
+  if (s.rows.size() < in_row) s.rows.resize(in_row);
+  if (bpp == 4 && s.cmyk.size() < (size_t)cw * 3) s.cmyk.resize((size_t)cw * 3);
+  const int y0 = t + ps.row_lo, y1 = t + ps.row_hi;
+  if (y0 > 0) {
+    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)y0);
+    if ((int)skipped != y0) return fail("bad JPEG: could not skip to row %d", y0);
+  }
+  for (int y = y0; y < y1; ++y) {
+    JSAMPROW p = s.rows.data();
+    if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
+    const uint8_t* rgb = p;
+    if (bpp == 4) {
+      cmyk_to_rgb(p, s.cmyk.data(), (int)cw);
+      rgb = s.cmyk.data();
+    }
+    ps.push(y - t, rgb + (size_t)(l + ps.col_lo - (int)xoff) * 3);
+  }
+  jpeg_abort_decompress(&ci);  // nothing below the crop's last needed row is decoded
+  return 0;
+}
+
 int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int oh, int ow, int dct, Scratch& s,
                     uint8_t* out, int64_t out_cap, int32_t region[4]) {
   Decoder d;

@@ -48,6 +48,7 @@ struct Job {
   int grid_h = 0, grid_w = 0;       // the box grid float translations were sampled on
   bool timm = false;                // timm RandAugment semantics (levels in the extension)
   uint8_t fill[3] = {0, 0, 0};      // its geometric ops' fill colour
+  int resize = fl::kResizeTorch;    // the crop resize's arithmetic (ReplayOptions::resize)
 };
 
 // The erase fill of channel c: the mean colour (0 after Normalize), or black before
@@ -298,7 +299,7 @@ int render_direct(const Job& J, const Aug& a, bool black, long i, TLS& t) {
     D.bias[c] = norm ? J.bias[c] : 0.f;
   }
   t.s.direct = &D;
-  int rc = fl::render_u8(J.srcs[i], a.crop, a.flags & fl::kFlagFlip, oh, ow, J.bicubic, J.dct, t.s, nullptr);
+  int rc = fl::render_u8(J.srcs[i], a.crop, a.flags & fl::kFlagFlip, oh, ow, J.bicubic, J.dct, J.resize, t.s, nullptr);
   t.s.direct = nullptr;
 #if defined(__SSE2__)
   _mm_sfence();  // order the non-temporal stores before anything that follows
@@ -339,7 +340,7 @@ int render_one(const Job& J, long i) {
   const bool mixing = a.flags & (fl::kFlagMixup | fl::kFlagCutmix);
   if (!has_ra && !mixing) return render_direct(J, a, e.ext & fl::kExtEraseBlack, i, t);
   t.s.direct = nullptr;
-  int rc = fl::render_u8(J.srcs[i], a.crop, a.flags & fl::kFlagFlip, J.oh, J.ow, J.bicubic, J.dct, t.s,
+  int rc = fl::render_u8(J.srcs[i], a.crop, a.flags & fl::kFlagFlip, J.oh, J.ow, J.bicubic, J.dct, J.resize, t.s,
                          t.img.data());
   if (rc) return rc;
   if (has_ra || p_ra) {
@@ -365,7 +366,7 @@ int render_one(const Job& J, long i) {
       t.s.win_y1 = ct + ch;
     }
     rc = fl::render_u8(J.partners[i], a.pcrop, a.flags & fl::kFlagPartnerFlip, J.oh, J.ow, J.bicubic, J.dct,
-                       t.s, t.pimg.data());
+                       J.resize, t.s, t.pimg.data());
     t.s.win_y0 = t.s.win_y1 = 0;
     if (rc) {
       std::string m = fl::error_buffer();
@@ -521,6 +522,7 @@ FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* a
   if (o.dtype < 0 || o.dtype > 2) return fl::fail("unknown output dtype code %d", o.dtype);
   if (o.interpolation < 0 || o.interpolation > 1) return fl::fail("unknown interpolation code %d", o.interpolation);
   if (o.dct_rule < fl::kDctOff || o.dct_rule > fl::kDctM8) return fl::fail("unknown DCT rule %d", o.dct_rule);
+  if (o.resize < 0 || o.resize >= fl::kResizeModes) return fl::fail("unknown resize mode %d", o.resize);
   if (o.decoder_flags & ~3) return fl::fail("unknown decoder flags %#x", o.decoder_flags);
   if (!fl::ra_semantics_known(o.ra_semantics))
     return fl::fail("unknown RandAugment semantics %d", o.ra_semantics);
@@ -540,6 +542,7 @@ FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* a
   J.grid_h = o.grid_h > 0 ? o.grid_h : o.out_h;
   J.grid_w = o.grid_w > 0 ? o.grid_w : o.out_w;
   J.timm = o.ra_semantics == fl::kRASemTimm;
+  J.resize = o.resize;
   for (int c = 0; c < 3; ++c) {
     if (o.ra_fill[c] < 0 || o.ra_fill[c] > 255) return fl::fail("ra_fill[%d] %d outside [0, 255]", c, o.ra_fill[c]);
     J.fill[c] = (uint8_t)o.ra_fill[c];

@@ -118,6 +118,50 @@ inline void store_u8(const float* v, uint8_t* o, int n) {
   }
 }
 
+// Round, clamp and normalize m values of channel c into the DirectOut planes at offset off
+// (resize.cpp; the Pillow path hands it exact integers, which the rounding keeps).
+void emit_direct(const DirectOut& D, int c, const float* acc, size_t off, int m);
+
+// One axis of Pillow's resampling (libImaging Resample.c, precompute_coeffs +
+// normalize_coeffs_8bpc) for box (0, in): output i reads taps [start[i], start[i] + count[i])
+// with fixed-point weights k[i * ksize ...] (PRECISION_BITS = 22).
+struct PilAxis {
+  int out = 0, ksize = 0;
+  std::vector<int> start, count;
+  std::vector<int32_t> k;
+};
+void pil_axis(int in, int out, bool bicubic, PilAxis& a);
+
+// Working memory of the Pillow resize (part of Scratch).
+struct PilScratch {
+  PilAxis ax, ay;
+  std::vector<uint8_t> ring;  // the rows the vertical pass reads (ay.ksize of them)
+  std::vector<uint8_t> row;   // one vertical-pass row (vertical first) / one output row
+  std::vector<float> acc;     // one output channel row as floats (DirectOut)
+};
+
+// Pillow's Image.resize of a bh x bw crop to oh x ow, then a horizontal flip, streamed: the
+// caller pushes crop rows [row_lo, row_hi) in order, each pointing at crop column col_lo
+// (columns [col_lo, col_hi) are read). Pillow's two passes (each rounds to uint8) in Pillow's
+// order, each skipped as Pillow skips it when its axis keeps its size; rows go to `out`
+// (row-planar uint8, as render_u8) or to `direct`; only output rows [win_y0, win_y1) when
+// win_y1 > win_y0.
+struct PilStream {
+  int row_lo = 0, row_hi = 0, col_lo = 0, col_hi = 0;
+  void begin(int bh, int bw, int oh, int ow, bool bicubic, bool flip, bool pillow13, PilScratch& s, uint8_t* out,
+             const DirectOut* direct, int win_y0, int win_y1);
+  void push(int y, const uint8_t* row);
+
+ private:
+  PilScratch* s_ = nullptr;
+  uint8_t* out_ = nullptr;
+  const DirectOut* direct_ = nullptr;
+  int bw_ = 0, oh_ = 0, ow_ = 0, y0_ = 0, y1_ = 0, next_y_ = 0, ring_w_ = 0;
+  bool flip_ = false, hpass_ = false, vpass_ = false, hfirst_ = true;
+  void hpass(const uint8_t* row, uint8_t* dst) const;  // row at crop column col_lo
+  void emit(int y, const uint8_t* hwc);                // one finished output row (unflipped)
+};
+
 // A source: a JPEG stream (kind 0) or a raw uint8 HWC image of h x w (kind 1).
 struct Source {
   const uint8_t* data;
@@ -132,6 +176,7 @@ struct Scratch {
   std::vector<uint8_t> rows;    // decoded JPEG scanlines
   std::vector<uint8_t> cmyk;    // CMYK scanlines before their conversion to RGB
   AxisWeights ax, ay;
+  PilScratch pil;
   const DirectOut* direct = nullptr;  // see DirectOut; set by the caller per render
   // Output row window of the next render (win_y1 > win_y0: only rows [win_y0, win_y1) are
   // written, and only the input rows they read are decoded; the other rows of `out` are left
@@ -142,8 +187,10 @@ struct Scratch {
 // Crop (quantized box) -> resize -> flip of one source into out, uint8 in "row-planar"
 // layout: row y holds ow R values, then ow G, then ow B (out[(y * 3 + c) * ow + x]).
 // dct: DCT scaling rule and decoder options (DctRule | kDct* bits, below). Returns 0 or fl::fail(...).
+// resize: a ReplayOptions::resize id (kResizeTorch: torch's antialiased float resize, JPEGs
+// decoded at the DCT scale the rule picks; kResizePil/kResizePil12: Pillow's, full-scale decode).
 int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
-              int dct, Scratch& s, uint8_t* out);
+              int dct, int resize, Scratch& s, uint8_t* out);
 
 // The `dct` argument of the render functions: low byte = DCT scaling rule, higher bits =
 // decoder options (measurement switches).
@@ -156,6 +203,9 @@ int jpeg_dims(const uint8_t* data, size_t len, int* h, int* w);
 // Decodes the crop region needed by (ax, ay) at scale 1/denom and runs the fused resize.
 int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow,
                 bool bicubic, int dct, Scratch& s, uint8_t* out);
+// Pillow's resize (PilStream) of the crop of a full-scale decode; pillow13: Pillow >= 13's pass order.
+int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
+                    bool pillow13, Scratch& s, uint8_t* out);
 // Full decode at scale 1/denom into out (or scratch when out is null); dims returned.
 int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, int64_t out_cap, Scratch& s, int* oh,
                      int* ow);

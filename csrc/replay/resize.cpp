@@ -538,7 +538,7 @@ static inline void store_f16(uint16_t* d, __m128 v) { _mm_storel_epi64((__m128i*
 #endif
 
 // Round (half-even) and clamp like the uint8 image would, then normalize into the output.
-static void emit_direct(const DirectOut& D, int c, const float* acc, size_t off, int m) {
+void emit_direct(const DirectOut& D, int c, const float* acc, size_t off, int m) {
   const float sc = D.scale[c], bi = D.bias[c];
   int x = 0;
   if (D.dtype == 2) {
@@ -761,9 +761,11 @@ void VStream::row_done(int r) {
 }
 
 int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
-              int dct, Scratch& s, uint8_t* out) {
+              int dct, int resize, Scratch& s, uint8_t* out) {
+  const bool pil = resize != kResizeTorch;
   if (src.kind == 0) {
 #ifdef FASTLOAD_HAVE_JPEG
+    if (pil) return jpeg_render_pil(src.data, (size_t)src.len, crop, flip, oh, ow, bicubic, resize == kResizePil, s, out);
     return jpeg_render(src.data, (size_t)src.len, crop, flip, oh, ow, bicubic, dct, s, out);
 #else
     return fail("built without libjpeg: decode JPEGs before calling the kernel");
@@ -775,6 +777,12 @@ int render_u8(const Source& src, const uint16_t crop[4], bool flip, int oh, int 
   if (src.len < (int64_t)H * W * 3) return fail("raw image buffer too small for %dx%dx3", H, W);
   int t, l, bh, bw;
   box_to_pixels(crop, H, W, &t, &l, &bh, &bw);
+  if (pil) {
+    PilStream ps;
+    ps.begin(bh, bw, oh, ow, bicubic, flip, resize == kResizePil, s.pil, out, s.direct, s.win_y0, s.win_y1);
+    for (int y = ps.row_lo; y < ps.row_hi; ++y) ps.push(y, src.data + ((size_t)(t + y) * W + l + ps.col_lo) * 3);
+    return 0;
+  }
   compute_axis_weights(ow, l, bw, l, l + bw, bicubic, s.ax, true);
   compute_axis_weights(oh, t, bh, t, t + bh, bicubic, s.ay, false);
   VStream vs;

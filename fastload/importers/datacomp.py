@@ -331,8 +331,10 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     ``reinforce_size``: the crop size the augmentations were drawn on (DataCompDR: 224; the
     grid of float translations); ``image_size``: the replay output size. ``semantics``: the
     RandAugment arithmetic replay reproduces (the policy's ``randaugment_semantics``):
-    ``"pil"`` (the default: DataCompDR ran torchvision's RandAugment on PIL images, for its
-    teachers' embeddings and for training), or ``"v1"`` / ``"v2"`` (tensor ops).
+    ``"pil"`` (the default: DataCompDR ran torchvision's RandomResizedCrop and RandAugment on
+    PIL images, for its teachers' embeddings and for training; the policy then also gets
+    ``resize="pil"``: Pillow's ``Image.resize`` of the crop, byte for byte), or ``"v1"`` /
+    ``"v2"`` (tensor ops, with torch's antialiased resize).
     ``engine``: ``"local"`` (this process) or ``"ray"``: this process streams the tars, joins
     the images and stages each shard's members; decoding, checking, converting and writing
     each shard are Ray tasks (``workers``: CPUs for a Ray started here; an initialized Ray is
@@ -359,7 +361,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     index = _ImageIndex(list(images))
     policy = AugmentPolicy(rrc=True, flip=False, randaugment=(2, 9), interpolation="bicubic",
                            size=(reinforce_size, reinforce_size), ra_num_bins=ra_num_bins,
-                           randaugment_semantics=semantics)
+                           randaugment_semantics=semantics, resize="pil" if semantics == "pil" else "torch")
     skipped: List[Dict[str, str]] = []
     # the dataset's shapes come from the first sample that converts (the header needs them
     # before any shard is written); every sample is checked against them in its shard
@@ -446,7 +448,8 @@ def main(argv=None) -> int:
                     help="crop size the augmentations were drawn on (DataCompDR: 224)")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     ap.add_argument("--semantics", choices=("pil", "v1", "v2"), default="pil",
-                    help="RandAugment arithmetic to replay: pil (DataCompDR's: torchvision on PIL images)")
+                    help="augmentation arithmetic to replay: pil (DataCompDR's: torchvision on PIL images, "
+                         "Pillow's crop resize and RandAugment; default) or v1/v2 (tensor ops, torch's resize)")
     from fastload.importers.shardjobs import add_engine_args
 
     add_engine_args(ap, "the tars")

@@ -709,7 +709,7 @@ class Layout:
         self.topk = int(r.get("topk") or 0)
         self.num_classes = config.get("num_classes")
 
-    def policy(self, semantics: str = "v1"):
+    def policy(self, semantics: str = "v1", resize: str = "torch"):
         from fastload.sample.policy import AugmentPolicy
 
         a = self.aug
@@ -723,7 +723,7 @@ class Layout:
             mixup=float(a["mixup"].get("alpha", 1.0)) if "mixup" in a else 0.0,
             cutmix=float(a["cutmix"].get("alpha", 1.0)) if "cutmix" in a else 0.0,
             mix_p=float(a.get("mixup", a.get("cutmix", {})).get("p", 1.0)) if self.mixing else 0.5,
-            interpolation=self.interpolation, size=self.size, randaugment_semantics=semantics)
+            interpolation=self.interpolation, size=self.size, randaugment_semantics=semantics, resize=resize)
 
     def _ra(self, ops, where: str):
         return ra_fields(ops, self.size, self.ra_bins, where)
@@ -1012,6 +1012,9 @@ def _import_shard(job: _ShardJob, s: int) -> Dict[str, Any]:
 
 
 SEMANTICS = {"generation": "v1", "training": "pil"}
+# the crop resize of each: reinforce.py resized tensors (torch's antialiased float resize);
+# the training-time ReinforcedDataset resizes PIL images (F.resized_crop -> Image.resize)
+RESIZE = {"generation": "torch", "training": "pil"}
 
 
 def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
@@ -1025,8 +1028,9 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     of the folder (ids ``0..limit-1``; the archive may hold more, e.g. a subset test).
     ``semantics``: whose RandAugment the replay reproduces: ``"generation"`` (the default:
     ml-dr's reinforce.py ran it on tensors, and that is what the teacher scored: torchvision
-    v1) or ``"training"`` (ml-dr's training-time ReinforcedDataset runs it on PIL images:
-    ``randaugment_semantics="pil"``).
+    v1, with torch's antialiased crop resize) or ``"training"`` (ml-dr's training-time
+    ReinforcedDataset runs the crop and RandAugment on PIL images: ``randaugment_semantics="pil"``
+    and ``resize="pil"``, Pillow's ``Image.resize`` byte for byte).
     ``engine``: ``"local"`` (this process) or ``"ray"``: this process only streams the archive
     (decompression and tar parsing are sequential) and stages each shard's members; decoding
     the pickles, converting and writing each shard are Ray tasks (``workers``: CPUs for a Ray
@@ -1073,7 +1077,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
                   f"({classes[0]!r} -> 0, ...); targets keep the teacher's {lay.num_classes} class ids.",
                   file=sys.stderr)
     all_hw = _image_sizes(images, files, progress)
-    policy = lay.policy(SEMANTICS[semantics])
+    policy = lay.policy(SEMANTICS[semantics], RESIZE[semantics])
     num_shards = -(-N // shard_size)
     st = os.stat(archive)
     fp = {"archive": os.path.abspath(archive), "archive_bytes": int(st.st_size) if not os.path.isdir(archive) else None,
@@ -1183,8 +1187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="config.pth.tar to use instead of the archive's")
     ap.add_argument("--limit", type=int, default=None, help="import only the first N images of the folder")
     ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="generation",
-                    help="RandAugment to replay: generation (tensor ops, what the teacher scored; default) "
-                         "or training (PIL images, as ml-dr's training-time dataset)")
+                    help="augmentation arithmetic to replay: generation (tensor ops and torch's resize, what the "
+                         "teacher scored; default) or training (PIL images: Pillow's resize and RandAugment, as "
+                         "ml-dr's training-time dataset)")
     from fastload.importers.shardjobs import add_engine_args
 
     add_engine_args(ap, "the archive")

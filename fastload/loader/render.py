@@ -58,10 +58,13 @@ class Render:
             out, labels, tgt, culprits = self.host(prep, out_fn)
             return out, labels, tgt, culprits, encode_rows(out, enc, self.cfg.threads)
         # the Triton replay knows neither schema-v2 extension records (imports) nor torchvision
-        # v2 RandAugment semantics: such batches render on the CPU path (then are uploaded)
+        # v2 RandAugment semantics, nor Pillow's resize (resize="pil"/"pil12": kernels/replay.py
+        # resizes with torch's float weights): such batches render on the CPU path (then are
+        # uploaded)
         pol = getattr(self.dataset, "policy", None)
         if (self.device_replay is not None and prep.get("ext") is None
-                and getattr(pol, "randaugment_semantics", "v1") == "v1"):
+                and getattr(pol, "randaugment_semantics", "v1") == "v1"
+                and getattr(pol, "resize", "torch") == "torch"):
             return self.device_replay.render(prep, lambda: self.host(prep, out_fn))
         return self.host(prep, out_fn)
 
@@ -110,7 +113,7 @@ class Render:
         pol = getattr(self.dataset, "policy", None)  # replay RandAugment as the dataset was made
         kw = dict(mean=self.cfg.mean, std=self.cfg.std, interpolation=self.cfg.interpolation,
                   dct_scale=self.cfg.dct_scale, threads=threads, ra_num_bins=getattr(pol, "ra_num_bins", 31),
-                  ra_semantics=getattr(pol, "randaugment_semantics", "v1"))
+                  ra_semantics=getattr(pol, "randaugment_semantics", "v1"), resize=getattr(pol, "resize", "torch"))
         if kw["ra_semantics"] == "timm":
             kw["ra_fill"] = pol.timm_fill
         grid = self.dataset.replay.get("box_grid") if ext is not None else None

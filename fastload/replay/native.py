@@ -306,7 +306,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
                  interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
                  sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
                  ra_semantics: str = "v1", _decoder_flags: int = 0, ext: Optional[np.ndarray] = None,
-                 box_grid: Optional[Sequence[int]] = None, ra_fill: Sequence[int] = (124, 116, 104)) -> torch.Tensor:
+                 box_grid: Optional[Sequence[int]] = None, ra_fill: Sequence[int] = (124, 116, 104),
+                 resize: str = "torch") -> torch.Tensor:
     """Replay ``params[i]`` on ``sources[i]`` into ``out[i]`` (a [B, 3, h, w] CPU tensor).
 
     ``out`` may be float32 / float16 (normalized with ``mean`` / ``std``) or uint8 (no
@@ -328,6 +329,11 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     (``params.AUG_EXT_DTYPE``, one per record: float magnitudes, black erasing, the
     partner's own RandAugment/erasing), with ``box_grid`` the (h, w) their float
     translations were sampled on (the dataset's ``replay.box_grid``; default: the output).
+    ``resize`` (the dataset policy's ``resize``): the crop resize's arithmetic, ``"torch"``
+    (``F.interpolate(antialias=True)`` on float, rounded) or ``"pil"`` / ``"pil12"``
+    (Pillow's ``Image.resize`` of the integer crop, byte-exact, in Pillow >= 13's / <= 12's
+    pass order; JPEGs are then decoded at full scale, as Pillow does: ``dct_scale`` and
+    ``_decoder_flags`` do not apply).
 
     Example:
         >>> import numpy as np, torch
@@ -362,6 +368,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}")
     if ra_semantics not in S.RA_SEMANTICS:
         raise ValueError(f"ra_semantics must be one of {sorted(S.RA_SEMANTICS)}, got {ra_semantics!r}")
+    if resize not in S.RESIZE_MODES:
+        raise ValueError(f"resize must be one of {sorted(S.RESIZE_MODES)}, got {resize!r}")
     if sample_ids is not None and len(sample_ids) != n:
         raise ValueError(f"sample_ids has {len(sample_ids)} entries for {n} sources")
     if partner_sources is not None and len(partner_sources) != n:
@@ -394,7 +402,8 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     opt = _Options(out_bytes=out.numel() * out.element_size(), dtype=_DTYPES[out.dtype], out_h=h, out_w=w,
                    interpolation=_INTERP[interpolation], dct_rule=_dct_code(dct_scale),
                    decoder_flags=int(_decoder_flags), ra_num_bins=int(ra_num_bins),
-                   ra_semantics=S.RA_SEMANTICS[ra_semantics][0], grid_h=gh, grid_w=gw, threads=int(threads or 0))
+                   ra_semantics=S.RA_SEMANTICS[ra_semantics][0], grid_h=gh, grid_w=gw, threads=int(threads or 0),
+                   resize=S.RESIZE_MODES[resize])
     fill = [int(v) for v in ra_fill]
     if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
         raise ValueError(f"ra_fill must be 3 values in 0..255, got {ra_fill!r}")

@@ -31,8 +31,17 @@ def _as_chw_u8(img) -> torch.Tensor:
     return img.permute(2, 0, 1)
 
 
-def crop_resize_flip(img_u8_hwc, box_q, size, flip: bool, interpolation="bilinear") -> torch.Tensor:
-    """Crop (quantized box) -> antialiased resize -> round/clamp uint8 -> optional flip: [3,h,w] u8."""
+def crop_resize_flip(img_u8_hwc, box_q, size, flip: bool, interpolation="bilinear", resize="torch") -> torch.Tensor:
+    """Crop (quantized box) -> antialiased resize -> round/clamp uint8 -> optional flip: [3,h,w] u8.
+    ``resize="pil"``/``"pil12"``: Pillow's resize instead (``reference_pil``)."""
+    if resize != "torch":
+        from .reference_pil import crop_resize_flip_pil
+
+        if resize not in ("pil", "pil12"):
+            raise ValueError(f"resize must be 'torch', 'pil' or 'pil12', got {resize!r}")
+        _as_chw_u8(img_u8_hwc)  # the same input check
+        return torch.from_numpy(crop_resize_flip_pil(np.asarray(img_u8_hwc), box_q, size, flip, interpolation,
+                                                     pillow13=resize == "pil"))
     chw = _as_chw_u8(img_u8_hwc)
     H, W = chw.shape[1:]
     t, l, bh, bw = P.box_to_pixels(np.asarray(box_q), H, W)
@@ -89,9 +98,10 @@ def _apply_ra_any(y, ops, mags, vals, use_float: bool, ra_num_bins, box_grid, se
 
 
 def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", ra_num_bins=31,
-                    ext=None, box_grid=None, ra_semantics="v1", ra_fill=None) -> torch.Tensor:
+                    ext=None, box_grid=None, ra_semantics="v1", ra_fill=None, resize="torch") -> torch.Tensor:
     """The uint8 [3,h,w] image before normalization: crop, resize, flip, RandAugment
-    (``ra_fill``: the timm semantics' fill colour, default ``reference_ra.TIMM_FILL``).
+    (``ra_fill``: the timm semantics' fill colour, default ``reference_ra.TIMM_FILL``;
+    ``resize``: the policy's resize arithmetic).
 
     Example:
         >>> import numpy as np
@@ -101,7 +111,7 @@ def reference_uint8(img_u8_hwc, aug, size=(224, 224), interpolation="bilinear", 
         torch.Size([3, 16, 16])
     """
     flags = int(aug["flags"])
-    y = crop_resize_flip(img_u8_hwc, aug["crop"], size, bool(flags & P.FLAG_FLIP), interpolation)
+    y = crop_resize_flip(img_u8_hwc, aug["crop"], size, bool(flags & P.FLAG_FLIP), interpolation, resize)
     use_float = ext is not None and bool(int(ext["ext"]) & P.EXT_RA_FLOAT)
     vals = ext["ra_vals"] if ext is not None else None
     return _apply_ra_any(y, aug["ra_ops"], aug["ra_mags"], vals, use_float, ra_num_bins, box_grid, ra_semantics,
@@ -116,7 +126,7 @@ def _erase(x: torch.Tensor, box, h: int, w: int, fill: torch.Tensor) -> None:
 
 def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IMAGENET_MEAN,
                      std=IMAGENET_STD, interpolation="bilinear", ra_num_bins=31, ext=None,
-                     box_grid=None, ra_semantics="v1", ra_fill=None) -> torch.Tensor:
+                     box_grid=None, ra_semantics="v1", ra_fill=None, resize="torch") -> torch.Tensor:
     """Replay one record on one image: float32 [3, h, w], normalized, erased and mixed.
 
     Example:
@@ -130,7 +140,7 @@ def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IM
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     x = reference_uint8(img_u8_hwc, aug, size, interpolation, ra_num_bins, ext, box_grid,
-                        ra_semantics, ra_fill).float() / 255
+                        ra_semantics, ra_fill, resize).float() / 255
     x = (x - m) / s
     xb = int(ext["ext"]) if ext is not None else 0
     # ml-dr erases with 0 before Normalize: the pixel becomes -mean/std; fastload's own
@@ -141,7 +151,8 @@ def render_reference(img_u8_hwc, aug, size=(224, 224), partner_img=None, mean=IM
     if flags & (P.FLAG_MIXUP | P.FLAG_CUTMIX):
         if partner_img is None:
             raise ValueError("the record mixes with a partner but partner_img is None")
-        p = crop_resize_flip(partner_img, aug["pcrop"], size, bool(flags & P.FLAG_PARTNER_FLIP), interpolation)
+        p = crop_resize_flip(partner_img, aug["pcrop"], size, bool(flags & P.FLAG_PARTNER_FLIP), interpolation,
+                             resize)
         if xb & P.EXT_PARTNER_AUG:
             p = _apply_ra_any(p, ext["pra_ops"], ext["pra_mags"], ext["pra_vals"], bool(xb & P.EXT_RA_FLOAT),
                               ra_num_bins, box_grid, ra_semantics, ra_fill)

@@ -137,6 +137,13 @@ class AugmentPolicy:
     - ``erase``: RandomErasing probability (box from ``erase_scale`` / ``erase_ratio``).
     - ``mixup`` / ``cutmix``: Beta alpha (0 = off), each applied with probability ``mix_p``.
     - ``interpolation``: "bilinear" or "bicubic" (antialiased, as torchvision).
+    - ``resize``: the crop resize's arithmetic at replay: ``"torch"`` (the default, and what
+      manifests without the field read as: ``F.interpolate(antialias=True)`` on float, as
+      torchvision's tensor path) or ``"pil"`` (Pillow's ``Image.resize`` of the integer crop,
+      byte for byte, as torchvision's ``RandomResizedCrop`` on PIL images: the training replays
+      of ml-dr and DataCompDR; JPEGs are decoded at full scale, no DCT scaling) or ``"pil12"``
+      (the same in Pillow <= 12's pass order: always horizontal first, where Pillow >= 13 runs
+      the vertical pass first when the height shrinks by more than twice as much as the width).
     - ``size``: nominal output (h, w) on which erase and CutMix boxes are sampled; they are
       stored as fractions, so a replay at another size scales them.
 
@@ -164,6 +171,7 @@ class AugmentPolicy:
     timm_config: Optional[str] = None
     timm_fill: Tuple[int, int, int] = TIMM_FILL
     timm_interpolation: str = "random"
+    resize: str = "torch"
 
     def __post_init__(self):
         self.rrc = bool(self.rrc)
@@ -232,6 +240,8 @@ class AugmentPolicy:
         if self.timm_interpolation not in _TIMM_INTERPOLATIONS:
             raise ValueError(f"timm_interpolation must be one of {_TIMM_INTERPOLATIONS}, got "
                              f"{self.timm_interpolation!r}")
+        if self.resize not in S.RESIZE_MODES:
+            raise ValueError(f"resize must be one of {tuple(S.RESIZE_MODES)}, got {self.resize!r}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
         try:
@@ -261,6 +271,8 @@ class AugmentPolicy:
             for k in ("timm_config", "timm_fill", "timm_interpolation"):
                 if d[k] == _TIMM_DEFAULTS[k]:
                     del d[k]
+        if d["resize"] == "torch":  # the default: such manifests stay readable by older fastload
+            del d["resize"]
         return d
 
     @classmethod

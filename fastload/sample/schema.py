@@ -221,6 +221,7 @@ REPLAY_OPTIONS = Record("replay_options", "ReplayOptions", False, (
     Field("mean", "<f4", 3, "Normalize mean"),
     Field("std", "<f4", 3, "Normalize std"),
     Field("ra_fill", "<i4", 3, "fill colour of the geometric ops of the timm semantics (timm's img_mean)"),
+    Field("resize", "<i4", 1, "crop resize arithmetic: an id of RESIZE_MODES"),
 ), "Options of fl_replay.")
 
 RECORDS = (AUG, AUG_EXT, REPLAY_OPTIONS)  # the index is the kind id of fl_replay_layout_hash
@@ -256,6 +257,13 @@ RA_FAMILIES = {"torchvision": "torchvision.transforms(.v2).RandAugment's op spac
 # semantics name -> (id in ReplayOptions.ra_semantics, op family)
 RA_SEMANTICS = {"v1": (0, "torchvision"), "v2": (1, "torchvision"), "pil": (2, "torchvision"),
                 "timm": (3, "timm")}
+# The crop resize's arithmetic (AugmentPolicy.resize) -> id in ReplayOptions.resize:
+# "torch": F.interpolate(antialias=True) on float, round half-even (torchvision's tensor path);
+# "pil": Pillow's Image.resize (libImaging Resample.c, fixed point), the JPEG decoded at full
+# scale, Pillow >= 13's pass order (the vertical pass first when the height shrinks by more than
+# twice as many pixels as the width); "pil12": the same with Pillow <= 12's order (always
+# horizontal first). The uint8 intermediate between the passes makes the order visible.
+RESIZE_MODES = {"torch": 0, "pil": 1, "pil12": 2}
 # timm's op sets (timm.data.auto_augment _RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS), in order
 TIMM_RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
                  "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
@@ -397,6 +405,9 @@ def render_header() -> str:
     L += ["inline bool ra_semantics_known(int s) {", "  switch (s) {"]
     L += [f"    case kRASem{_camel(n)}:" for n in RA_SEMANTICS]
     L += ["      return true;", "    default:", "      return false;", "  }", "}"]
+    L += ["// ReplayOptions::resize"]
+    L += [f"constexpr int kResize{_camel(n)} = {i};" for n, i in RESIZE_MODES.items()]
+    L += [f"constexpr int kResizeModes = {len(RESIZE_MODES)};  // ids are 0 .. kResizeModes - 1"]
     L.append("")
     for k, rec in enumerate(RECORDS):
         L += _struct(rec)
