@@ -6,7 +6,7 @@ alternating (A B B A ...). Reports images/s and CPU-seconds per image for each, 
 ratios (per round and median), and the new loader's per-stage timings (loader.stats()).
 Writes benchmarks/results/loader_ab_<policy>.json.
 
-    python benchmarks/loader_ab.py --other PATH_TO_OTHER_CHECKOUT [--rounds 5] [--images 1536]
+    python benchmarks/loader_ab.py --other PATH_TO_OTHER_CHECKOUT [--rounds 5] [--images 1536] [--name NAME]
 
 The other checkout must have its native libraries built (python setup.py build_ext --inplace).
 """
@@ -30,6 +30,7 @@ ds = fastload.ReinforcedDataset(path)
 loader = fastload.ReinforcedLoader(ds, batch_size=64, shuffle=True, num_workers=workers, drop_last=True,
                                    seed=0, p_reinforced=1.0)
 out = []
+load0 = os.getloadavg()[0]
 for e in range(epochs):
     loader.set_epoch(e)
     r0, t0, n = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
@@ -39,7 +40,9 @@ for e in range(epochs):
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     out.append({"epoch": e, "images": n, "wall_s": wall, "cpu_s": cpu})
-res = {"epochs": out, "fastload": fastload.__file__}
+# the 1-minute load average around the run: other processes on the machine skew images/s
+# (CPU-seconds per image less so)
+res = {"epochs": out, "fastload": fastload.__file__, "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
 if stats and hasattr(loader, "stats"):
     res["stats"] = str(loader.stats())
 print("RESULT " + json.dumps(res))
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", default="crop", choices=["crop", "ra_mix"],
                     help="the demo dataset's stored policy: crop + flip, or RandAugment + MixUp/CutMix")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "benchmarks", "results"))
+    ap.add_argument("--name", default=None, help="result file name (default loader_ab_<policy>)")
     a = ap.parse_args(argv)
     sys.path.insert(0, HERE)
     from fastload import datasets
@@ -88,8 +92,8 @@ def main(argv=None) -> int:
             def rate(r, e):
                 x = r["epochs"][e]
                 return x["images"] / x["wall_s"]
-            print(f"round {k}: later-epoch images/s new {rate(got['new'], -1):.0f} old {rate(got['old'], -1):.0f}",
-                  flush=True)
+            print(f"round {k}: later-epoch images/s new {rate(got['new'], -1):.0f} old {rate(got['old'], -1):.0f}"
+                  f" (load {max(g['loadavg_after'] for g in got.values()):.1f})", flush=True)
 
     def per(name, e, key):
         return [r[name]["epochs"][e]["images"] / r[name]["epochs"][e][key] for r in rounds]
@@ -111,8 +115,10 @@ def main(argv=None) -> int:
                            "rounds": a.rounds, "replay": "demo dataset policy, p_reinforced=1"},
               "other_checkout_commit": subprocess.run(["git", "-C", a.other, "rev-parse", "HEAD"], capture_output=True,
                                                       text=True).stdout.strip(),
-              "summary": summary, "new_stats_last_round": rounds[-1]["new"].get("stats"), "rounds": rounds}
-    print("wrote", write_result(f"loader_ab_{a.policy}", result, out_dir=a.out_dir))
+              "summary": summary,
+              "max_loadavg": max(max(r[c]["loadavg_before"], r[c]["loadavg_after"]) for r in rounds for c in r),
+              "new_stats_last_round": rounds[-1]["new"].get("stats"), "rounds": rounds}
+    print("wrote", write_result(a.name or f"loader_ab_{a.policy}", result, out_dir=a.out_dir))
     print(json.dumps(summary, indent=1))
     return 0
 
