@@ -153,6 +153,38 @@ def dataloader_args(batch_size, batch_sampler, num_workers, collate_fn, worker_i
     return batch_size, _Hooks(unbatched, collate_fn, timeout)
 
 
+def loader_scalars(kind, num_workers, prefetch_factor, dtype, mean, std, p_reinforced, target_format,
+                   views_per_decode, aug_choice, on_error) -> dict:
+    """``ReinforcedLoader``'s scalar arguments, checked (a ValueError naming the argument) and
+    normalized; the keys are the loader's attribute names."""
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    prefetch_factor = 2 if prefetch_factor is None else prefetch_factor
+    if int(prefetch_factor) < 1:
+        raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+    if dtype not in (torch.float32, torch.float16, torch.uint8):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.uint8, got {dtype}")
+    m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(m) != 3 or len(s) != 3 or min(s) <= 0:
+        raise ValueError(f"mean and std must have 3 values, std > 0; got {mean}, {std}")
+    if not 0.0 <= float(p_reinforced) <= 1.0:
+        raise ValueError(f"p_reinforced must be in [0, 1], got {p_reinforced}")
+    if kind == "image_text" and float(p_reinforced) != 1.0:
+        raise ValueError("p_reinforced must be 1.0 for image-text datasets (a fresh "
+                         "augmentation has no stored teacher embedding)")
+    if target_format not in ("dense", "topk"):
+        raise ValueError(f"target_format must be 'dense' or 'topk', got {target_format!r}")
+    if int(views_per_decode) < 1:
+        raise ValueError(f"views_per_decode must be >= 1, got {views_per_decode}")
+    if aug_choice not in ("random", "epoch"):
+        raise ValueError(f"aug_choice must be 'random' or 'epoch', got {aug_choice!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    return {"num_workers": int(num_workers), "prefetch_factor": int(prefetch_factor), "dtype": dtype, "mean": m,
+            "std": s, "p_reinforced": float(p_reinforced), "target_format": target_format,
+            "views": int(views_per_decode), "aug_choice": aug_choice, "on_error": on_error}
+
+
 def check_nonempty(steps: int, what: str, why: str) -> None:
     """A configuration that yields no step is a mistake: say why instead of looping 0 times."""
     if steps <= 0:

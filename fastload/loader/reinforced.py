@@ -234,46 +234,16 @@ class ReinforcedLoader(StepIterable, DistributedArgs):
                 raise ValueError("sampler is mutually exclusive with shuffle")
         self.batch_size, self.shuffle, self.drop_last = batch_size, bool(shuffle), bool(drop_last)
         self.sampler, self.batch_sampler = sampler, batch_sampler
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.num_workers = int(num_workers)
-        if prefetch_factor is None:
-            prefetch_factor = 2
-        if int(prefetch_factor) < 1:
-            raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
-        self.prefetch_factor = int(prefetch_factor)
-        self.persistent_workers = bool(persistent_workers)
+        # the scalar arguments, checked (each error names its argument) and normalized
+        vars(self).update(_args.loader_scalars(self.kind, num_workers, prefetch_factor, dtype, mean, std,
+                                               p_reinforced, target_format, views_per_decode, aug_choice, on_error))
+        self.persistent_workers, self.target_mode = bool(persistent_workers), target_mode
         self.seed = int(generator.initial_seed()) if generator is not None else int(seed)
         self.image_size = _args.resolve_image_size(dataset, image_size, _pair)
-        if dtype not in (torch.float32, torch.float16, torch.uint8):
-            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.uint8, got {dtype}")
-        self.dtype = dtype
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std must have 3 values, std > 0; got {mean}, {std}")
         self.device = torch.device(device) if device is not None else None
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         if pin_memory and not self.pin_memory:
             warnings.warn("pin_memory=True but no CUDA device is available: not pinning", stacklevel=2)
-        if not 0.0 <= float(p_reinforced) <= 1.0:
-            raise ValueError(f"p_reinforced must be in [0, 1], got {p_reinforced}")
-        self.p_reinforced = float(p_reinforced)
-        if self.kind == "image_text" and self.p_reinforced != 1.0:
-            raise ValueError("p_reinforced must be 1.0 for image-text datasets (a fresh "
-                             "augmentation has no stored teacher embedding)")
-        if target_format not in ("dense", "topk"):
-            raise ValueError(f"target_format must be 'dense' or 'topk', got {target_format!r}")
-        self.target_format, self.target_mode = target_format, target_mode
-        if int(views_per_decode) < 1:
-            raise ValueError(f"views_per_decode must be >= 1, got {views_per_decode}")
-        self.views = int(views_per_decode)
-        if aug_choice not in ("random", "epoch"):
-            raise ValueError(f"aug_choice must be 'random' or 'epoch', got {aug_choice!r}")
-        self.aug_choice = aug_choice
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.on_error = on_error
         self.tokenizer = tokenizer
         # replay settings default to those the teacher saw (the manifest's "replay" entry)
         replay = getattr(dataset, "replay", None) or {}
