@@ -26,7 +26,8 @@ AutoContrast, Solarize, alone and in chains). ``slow`` (~2.5 min per semantics):
 interpreter needs ~10 s (131x97) to minutes per case), and every case of ra_golden.npz's four
 images. Checked to fail on a wrong bin or sign in the records, Solarize's ">=" as ">",
 Equalize's LUT without its rounding term, and nearest sampling rounding .5 up instead of to
-even (Rotate); v2: on v2's Sharpness blended as v1's (the kernel broken on purpose).
+even (Rotate); v2: on Sharpness blended as v1 blends it, and on v2's blend without its
+FMA (Color: 1-level differences; the kernel broken on purpose).
 """
 import os
 from collections import defaultdict
