@@ -5,7 +5,10 @@ device to a normalized [B, 3, h, w] float32/float16 batch.
 
 Inputs: ``images`` [B, Hmax, Wmax, 3] uint8 (padded; image b occupies the top-left
 ``hw[b]`` = (h_b, w_b) corner) and one ``AUG_DTYPE`` record per image
-(``fastload.sample.params``). The records' fields travel as one small int32 tensor [B, 18];
+(``fastload.sample.params``), optionally with its schema-v2 extension record
+(``AUG_EXT_DTYPE``, below). The records' fields travel as one small int32 tensor
+[R, NPARAM] (the columns the schema lays out for the base and extension fields the kernels
+read per pixel, then the partner's image row, its RandAugment row and the source row);
 boxes are dequantized in the kernel with the library's integer rule
 ``schema.dq`` (``(q * n + DQ_ROUND) // Q``, int64 products), so the kernel crops exactly the
 pixels the C++ path and the reference crop.
@@ -19,23 +22,39 @@ passes per output pixel in its own float order, so a value within float error of
 rounding tie can land on the other uint8 level: outputs agree with the reference within 1
 uint8 level (1/255/std after normalization), nearly everywhere exactly. The MixUp partner is
 another row of ``images`` (``partner_rows[b]``; the caller maps the record's dataset index
-to a batch row) rendered with its own crop and flip, no RandAugment, no erasing.
+to a batch row) rendered with its own crop and flip, no RandAugment and no erasing unless
+its extension record gives it its own.
 
-RandAugment (``fastload.replay.reference_ra``, torchvision's ops): all 14 ops, with
-magnitudes from each op's table for ``ra_num_bins`` bins at the output size (computed on the
-host from the records). Photometric ops repeat torchvision's float32 arithmetic in the same
-order (scalars rounded to float32 where torch rounds them) and integer reductions, so they
-match the reference exactly in the interpreter; for the GPU the RandAugment passes are
-compiled without FMA contraction (``enable_fp_fusion=False``) and with IEEE division
-(``tl.div_rn``), checked in the PTX compiled here for sm_90, but never run on a GPU.
+RandAugment (``fastload.replay.reference_ra``, torchvision's ops): all 14 ops in the
+semantics ``ra_semantics`` = "v1" (``transforms.RandAugment``) or "v2"
+(``transforms.v2.RandAugment``: grey level and blends with one FMA per ``add_(x, alpha)``
+(explicit ``tl.fma``), Sharpness as ``x + (1-r)(blur - x)`` with the border untouched,
+AutoContrast dividing by ``(max - min) * fl(1/255)``, Solarize's threshold
+``255 * linspace(1, 0)``); pil and timm (Pillow's and timm's arithmetic) are not here, such
+datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
+bins at the output size (computed on the host from the records), or from the extension
+record's float magnitudes. Photometric ops repeat torchvision's float32 arithmetic in the
+same order (scalars rounded to float32 where torch rounds them) and integer reductions, so
+they match the goldens of real torchvision exactly in the interpreter (both semantics,
+tests/test_ra_golden_triton.py); for the GPU the RandAugment passes are compiled without
+FMA contraction (``enable_fp_fusion=False``) and with IEEE division (``tl.div_rn``),
+checked in the PTX compiled here for sm_90, but never run on a GPU.
 Geometric ops (ShearX/Y, TranslateX/Y, Rotate) use the reference's inverse affine matrix,
 nearest sampling (round half to even, as grid_sample) and fill 0; a source coordinate within
 float error of a .5 tie may pick the neighbouring pixel.
 
+Extension records (``ext``, schema v2, from imports): ``ra_float`` - the ops' magnitudes
+are the stored floats (the value torchvision's _apply_op receives; translations in pixels of
+``box_grid``, scaled to the output as the C++ path does); ``partner_aug`` - the partner gets
+its own RandAugment (``pra_ops`` with bins or floats) and erase box (``perase``): such
+partners become extra RandAugment rows after the B records (R = B + their count), rendered
+from the partner's image and read back by the final pass; ``erase_black`` - erased pixels
+take the normalized value of black instead of 0. ``cutmix_empty`` is informational.
+
 Launches per batch (no host sync; every decision comes from the host-side records):
 
 - no record has RandAugment ops: one fused launch (``_replay_kernel``);
-- otherwise: ``_resize_u8_kernel`` renders the main images into a uint8 buffer; then per op
+- otherwise: ``_resize_u8_kernel`` renders the R RandAugment rows into a uint8 buffer; then per op
   slot (up to 4; each image applies its own op) an optional reduction launch
   ``_ra_stats_kernel`` (one program per image: grayscale mean for Contrast, per-channel
   min/max for AutoContrast, histogram -> LUT for Equalize; only when an image's op in that
@@ -46,7 +65,8 @@ Launches per batch (no host sync; every decision comes from the host-side record
 Grid: (B, cdiv(h*w, BLOCK)); program (b, t) handles BLOCK output pixels of image b, all
 three channels (the resize loops over the per-image tap window, 2*ceil(support)+1 per axis).
 
-Tested on CPU with ``TRITON_INTERPRET=1`` at small sizes (tests/test_triton_replay.py). No
+Tested on CPU with ``TRITON_INTERPRET=1`` at small sizes (tests/test_triton_replay.py: against the
+reference and, for extension records, the C++ path; tests/test_ra_golden_triton.py). No
 GPU timing has been measured; ``python benchmarks/triton_replay.py`` measures it on a GPU.
 
 >>> import numpy as np, torch                                        # doctest: +SKIP
@@ -370,15 +390,20 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
 def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
                       NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
-                      FRAC: tl.constexpr, KXC: tl.constexpr):
+                      FRAC: tl.constexpr, KXC: tl.constexpr, GATHER: tl.constexpr = False):
     """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
-    [R, 3, h, w] uint8 (the images RandAugment sees): row b renders image row prm[b, SROW]
-    (the record's own image, or for rows past the records a partner with its own
-    RandAugment, whose crop and flip the host put in the row's crop and flags)."""
+    [R, 3, h, w] uint8 (the images RandAugment sees): row b renders image row b, or with
+    GATHER image row prm[b, SROW] (rows past the records: partners with their own
+    RandAugment, whose crop and flip the host put in the row's crop and flags). (GATHER is a
+    variant: a loaded row, unlike the program id, stays live in a register; the bicubic
+    kernel then spills at the default block, so GATHER launches use half of it.)"""
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
-    srow = tl.load(prm + _C_SROW)
+    if GATHER:
+        srow = tl.load(prm + _C_SROW)
+    else:
+        srow = b
     top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, srow, _C_CROP, 0, FRAC)
     base = img_ptr + srow.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
     v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
@@ -1066,10 +1091,11 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
     v2 = plan.semantics == "v2"
     mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
     kxc = _kx_chunk(Wmax, w, plan.cubic)
-    rblock = _resize_block(block, kxc)
+    gather = plan.R > plan.B  # partner rows: their image row from the parameters
+    rblock = max(16, _resize_block(block, kxc) // (2 if gather else 1))
     _resize_u8_kernel[(B, triton.cdiv(h * w, rblock))](
         images, plan.hw, plan.prm, plan.frac_t, mid, Hmax, Wmax, h, w, NPARAM_C=NPARAM,
-        BLOCK=rblock, CUBIC=plan.cubic, FRAC=plan.frac, KXC=kxc, enable_fp_fusion=True)
+        BLOCK=rblock, CUBIC=plan.cubic, FRAC=plan.frac, KXC=kxc, GATHER=gather, enable_fp_fusion=True)
     grid = (B, triton.cdiv(h * w, block))
     if plan.S == 0:
         return mid
