@@ -116,18 +116,31 @@ def _replay_launches():
                         R.render_uint8(images, hw, _records(B, ra, False), (224, 224),
                                        interpolation=interp)
                 out += [(f"{interp} {odt} ra={ra}".replace("torch.", ""), *x) for x in log]
+        # v2 RandAugment semantics with extension records (float magnitudes, the partners'
+        # own RandAugment rows and erase boxes, black erasing)
+        ext = P.empty_ext(B)
+        ext["ext"] = P.EXT_RA_FLOAT | P.EXT_PARTNER_AUG | P.EXT_ERASE_BLACK
+        ext["ra_vals"][:, :2] = (0.3, -0.2)
+        ext["pra_ops"][:, :2] = (P.RA_OPS.index("Contrast"), P.RA_OPS.index("Rotate"))
+        ext["pra_vals"][:, :2] = (0.4, 10.0)
+        ext["perase"] = (2000, 2000, 9000, 9000)
+        outt = torch.empty(B, 3, 224, 224, dtype=torch.float32, device="meta")
+        with recording(R) as log:
+            R.replay_batch(images, hw, _records(B, True, True), outt, partner_rows=partners,
+                           interpolation=interp, ra_semantics="v2", ext=ext)
+        out += [(f"{interp} v2+ext ra=True", *x) for x in log]
         # the loader's device replay: crop windows of DCT-scaled decodes, partners after the
         # records (fractional crops, FRAC=True)
         outt = torch.empty(B, 3, 224, 224, dtype=torch.float32, device="meta")
         imgs = torch.empty(2 * B, 120, 160, 3, dtype=torch.uint8, device="meta")
         frac = np.tile(np.array([0.25, 100.5, 0.5, 150.0] * 2, np.float32), (B, 1))
-        for ra in (False, True):
+        for ra, ex in ((False, None), (True, None), (True, ext)):
             with recording(R) as log:
                 plan = R.prepare_replay(_records(B, ra, True), torch.tensor([[120, 160]] * (2 * B)),
                                         (224, 224), partner_rows=torch.arange(B, 2 * B),
-                                        device="meta", interpolation=interp, frac=frac)
+                                        device="meta", interpolation=interp, frac=frac, ext=ex)
                 R.launch_replay(imgs, plan, outt)
-            out += [(f"{interp} device-replay ra={ra}", *x) for x in log]
+            out += [(f"{interp} device-replay ra={ra}{' ext' if ex is not None else ''}", *x) for x in log]
     return out
 
 

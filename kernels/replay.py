@@ -5,7 +5,10 @@ device to a normalized [B, 3, h, w] float32/float16 batch.
 
 Inputs: ``images`` [B, Hmax, Wmax, 3] uint8 (padded; image b occupies the top-left
 ``hw[b]`` = (h_b, w_b) corner) and one ``AUG_DTYPE`` record per image
-(``fastload.sample.params``). The records' fields travel as one small int32 tensor [B, 18];
+(``fastload.sample.params``), optionally with its schema-v2 extension record
+(``AUG_EXT_DTYPE``, below). The records' fields travel as one small int32 tensor
+[R, NPARAM] (the columns the schema lays out for the base and extension fields the kernels
+read per pixel, then the partner's image row, its RandAugment row and the source row);
 boxes are dequantized in the kernel with the library's integer rule
 ``schema.dq`` (``(q * n + DQ_ROUND) // Q``, int64 products), so the kernel crops exactly the
 pixels the C++ path and the reference crop.
@@ -19,23 +22,39 @@ passes per output pixel in its own float order, so a value within float error of
 rounding tie can land on the other uint8 level: outputs agree with the reference within 1
 uint8 level (1/255/std after normalization), nearly everywhere exactly. The MixUp partner is
 another row of ``images`` (``partner_rows[b]``; the caller maps the record's dataset index
-to a batch row) rendered with its own crop and flip, no RandAugment, no erasing.
+to a batch row) rendered with its own crop and flip, no RandAugment and no erasing unless
+its extension record gives it its own.
 
-RandAugment (``fastload.replay.reference_ra``, torchvision's ops): all 14 ops, with
-magnitudes from each op's table for ``ra_num_bins`` bins at the output size (computed on the
-host from the records). Photometric ops repeat torchvision's float32 arithmetic in the same
-order (scalars rounded to float32 where torch rounds them) and integer reductions, so they
-match the reference exactly in the interpreter; for the GPU the RandAugment passes are
-compiled without FMA contraction (``enable_fp_fusion=False``) and with IEEE division
-(``tl.div_rn``), checked in the PTX compiled here for sm_90, but never run on a GPU.
+RandAugment (``fastload.replay.reference_ra``, torchvision's ops): all 14 ops in the
+semantics ``ra_semantics`` = "v1" (``transforms.RandAugment``) or "v2"
+(``transforms.v2.RandAugment``: grey level and blends with one FMA per ``add_(x, alpha)``
+(explicit ``tl.fma``), Sharpness as ``x + (1-r)(blur - x)`` with the border untouched,
+AutoContrast dividing by ``(max - min) * fl(1/255)``, Solarize's threshold
+``255 * linspace(1, 0)``); pil and timm (Pillow's and timm's arithmetic) are not here, such
+datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
+bins at the output size (computed on the host from the records), or from the extension
+record's float magnitudes. Photometric ops repeat torchvision's float32 arithmetic in the
+same order (scalars rounded to float32 where torch rounds them) and integer reductions, so
+they match the goldens of real torchvision exactly in the interpreter (both semantics,
+tests/test_ra_golden_triton.py); for the GPU the RandAugment passes are compiled without
+FMA contraction (``enable_fp_fusion=False``) and with IEEE division (``tl.div_rn``),
+checked in the PTX compiled here for sm_90, but never run on a GPU.
 Geometric ops (ShearX/Y, TranslateX/Y, Rotate) use the reference's inverse affine matrix,
 nearest sampling (round half to even, as grid_sample) and fill 0; a source coordinate within
 float error of a .5 tie may pick the neighbouring pixel.
 
+Extension records (``ext``, schema v2, from imports): ``ra_float`` - the ops' magnitudes
+are the stored floats (the value torchvision's _apply_op receives; translations in pixels of
+``box_grid``, scaled to the output as the C++ path does); ``partner_aug`` - the partner gets
+its own RandAugment (``pra_ops`` with bins or floats) and erase box (``perase``): such
+partners become extra RandAugment rows after the B records (R = B + their count), rendered
+from the partner's image and read back by the final pass; ``erase_black`` - erased pixels
+take the normalized value of black instead of 0. ``cutmix_empty`` is informational.
+
 Launches per batch (no host sync; every decision comes from the host-side records):
 
 - no record has RandAugment ops: one fused launch (``_replay_kernel``);
-- otherwise: ``_resize_u8_kernel`` renders the main images into a uint8 buffer; then per op
+- otherwise: ``_resize_u8_kernel`` renders the R RandAugment rows into a uint8 buffer; then per op
   slot (up to 4; each image applies its own op) an optional reduction launch
   ``_ra_stats_kernel`` (one program per image: grayscale mean for Contrast, per-channel
   min/max for AutoContrast, histogram -> LUT for Equalize; only when an image's op in that
@@ -46,7 +65,8 @@ Launches per batch (no host sync; every decision comes from the host-side record
 Grid: (B, cdiv(h*w, BLOCK)); program (b, t) handles BLOCK output pixels of image b, all
 three channels (the resize loops over the per-image tap window, 2*ceil(support)+1 per axis).
 
-Tested on CPU with ``TRITON_INTERPRET=1`` at small sizes (tests/test_triton_replay.py). No
+Tested on CPU with ``TRITON_INTERPRET=1`` at small sizes (tests/test_triton_replay.py: against the
+reference and, for extension records, the C++ path; tests/test_ra_golden_triton.py). No
 GPU timing has been measured; ``python benchmarks/triton_replay.py`` measures it on a GPU.
 
 >>> import numpy as np, torch                                        # doctest: +SKIP
@@ -79,13 +99,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # specialized: a size of 1 would otherwise become a constexpr without .to().)
 _COLS = _schema.device_columns(_schema.AUG)
 _CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX = (_COLS[k] for k in ("crop", "flags", "erase", "pcrop", "cutmix"))
-_PROW = max(_COLS.values()) + _schema.AUG.field(max(_COLS, key=_COLS.get)).count
-NPARAM = _PROW + 1
+_NAUG = max(_COLS.values()) + _schema.AUG.field(max(_COLS, key=_COLS.get)).count
+# then the extension record's per-pixel fields (ext bits, the partner's erase box; zeros
+# without extension records), laid out by the schema too
+_XCOLS = {k: _NAUG + v for k, v in _schema.device_columns(
+    _schema.AUG_EXT, skip=tuple(f.name for f in _schema.AUG_EXT.fields if f.name not in ("ext", "perase"))).items()}
+_EXT, _PERASE = _XCOLS["ext"], _XCOLS["perase"]
+# then three host-made columns: the partner's image row; the row of the RandAugment buffer
+# holding the partner's own RandAugment'ed render (-1: none, render the partner here); the
+# image row a RandAugment row is rendered from (its own row, or a partner's image)
+_PROW = _PERASE + _schema.AUG_EXT.field("perase").count
+_PMID, _SROW = _PROW + 1, _PROW + 2
+NPARAM = _SROW + 1
 # ... and as constexprs for the jitted code (which reads only constexpr globals)
-_C_CROP, _C_FLAGS, _C_ERASE, _C_PCROP, _C_CUTMIX, _C_PROW = (
-    tl.constexpr(v) for v in (_CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX, _PROW))
+_C_CROP, _C_FLAGS, _C_ERASE, _C_PCROP, _C_CUTMIX, _C_EXT, _C_PERASE, _C_PROW, _C_PMID, _C_SROW = (
+    tl.constexpr(v) for v in (_CROP, _FLAGS, _ERASE, _PCROP, _CUTMIX, _EXT, _PERASE, _PROW, _PMID, _SROW))
 _F_FLIP, _F_PFLIP, _F_MIXUP, _F_CUTMIX = (
     tl.constexpr(v) for v in (P.FLAG_FLIP, P.FLAG_PARTNER_FLIP, P.FLAG_MIXUP, P.FLAG_CUTMIX))
+_X_BLACK = tl.constexpr(P.EXT_ERASE_BLACK)
+# RandAugment arithmetic the kernels implement (ids of the schema's RA_SEMANTICS; passed to
+# the kernels as the constexpr V2): pil and timm render on the CPU path
+SEMANTICS = ("v1", "v2")
 _Q, _DQ_ROUND = tl.constexpr(_schema.Q), tl.constexpr(_schema.DQ_ROUND)
 # RandAugment op ids from the schema's table (stored on disk)
 _OP = _schema.RA_OP_ID
@@ -260,6 +294,17 @@ def _crop_geom(prm, hw_ptr, frac_ptr, row, col, fcol, FRAC: tl.constexpr):
     return top, left, bh, bw, offy, fh, offx, fw
 
 
+@triton.jit
+def _partner_u8(img_ptr, hw_ptr, prm, frac_ptr, row_stride, img_stride, oy, ox, out_h, out_w, flags, mask,
+                CUBIC: tl.constexpr, FRAC: tl.constexpr, KXC: tl.constexpr):
+    # the MixUp/CutMix partner (image row prm[PROW]) with its own crop and flip, no RandAugment
+    prow = tl.load(prm + _C_PROW)
+    pt, pl, pbh, pbw, poy, pfh, pox, pfw = _crop_geom(prm, hw_ptr, frac_ptr, prow, _C_PCROP, 4, FRAC)
+    pbase = img_ptr + prow.to(tl.int64) * img_stride
+    return _render_u8(pbase, row_stride, pt, pl, pbh, pbw, poy, pfh, pox, pfw, oy, ox,
+                      out_h, out_w, (flags // _F_PFLIP) & 1, mask, CUBIC, KXC)
+
+
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
 def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr,
                    m0, m1, m2, s0, s1, s2,
@@ -288,24 +333,40 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
     x1 = tl.div_rn(tl.div_rn(v1, 255.0) - m1, s1)
     x2 = tl.div_rn(tl.div_rn(v2, 255.0) - m2, s2)
 
-    # RandomErasing(value=0) after Normalize
+    # RandomErasing after Normalize: value 0, or black (ext bit erase_black: the normalized
+    # value of a 0 pixel, as the C++ path's erase_fill)
+    black = (tl.load(prm + _C_EXT) & _X_BLACK) != 0
     if tl.load(prm + _C_ERASE + 3) != 0:  # width 0 = no erasing
         et, el, eh, ew = _box(prm, _C_ERASE, out_h, out_w)
         er = (oy >= et) & (oy < et + eh) & (ox >= el) & (ox < el + ew)
-        x0 = tl.where(er, 0.0, x0)
-        x1 = tl.where(er, 0.0, x1)
-        x2 = tl.where(er, 0.0, x2)
+        x0 = tl.where(er, tl.where(black, tl.div_rn(x0 * 0.0 - m0, s0), 0.0), x0)
+        x1 = tl.where(er, tl.where(black, tl.div_rn(x1 * 0.0 - m1, s1), 0.0), x1)
+        x2 = tl.where(er, tl.where(black, tl.div_rn(x2 * 0.0 - m2, s2), 0.0), x2)
 
     if (flags & (_F_MIXUP | _F_CUTMIX)) != 0:
-        prow = tl.load(prm + _C_PROW)
-        pt, pl, pbh, pbw, poy, pfh, pox, pfw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, prow, _C_PCROP, 4,
-                                                          FRAC)
-        pbase = img_ptr + prow.to(tl.int64) * img_stride
-        u0, u1, u2 = _render_u8(pbase, row_stride, pt, pl, pbh, pbw, poy, pfh, pox, pfw, oy, ox,
-                                out_h, out_w, (flags // _F_PFLIP) & 1, mask, CUBIC, KXC)
+        if FROM_U8:
+            pmid = tl.load(prm + _C_PMID)
+            if pmid >= 0:  # the partner's own RandAugment (extension records) ran on row pmid
+                pb = mid_ptr + pmid.to(tl.int64) * 3 * npix + offs
+                u0 = tl.load(pb, mask=mask, other=0).to(tl.float32)
+                u1 = tl.load(pb + npix, mask=mask, other=0).to(tl.float32)
+                u2 = tl.load(pb + 2 * npix, mask=mask, other=0).to(tl.float32)
+            else:
+                u0, u1, u2 = _partner_u8(img_ptr, hw_ptr, prm, frac_ptr + b * 8, row_stride, img_stride, oy, ox,
+                                         out_h, out_w, flags, mask, CUBIC, FRAC, KXC)
+        else:
+            u0, u1, u2 = _partner_u8(img_ptr, hw_ptr, prm, frac_ptr + b * 8, row_stride, img_stride, oy, ox,
+                                     out_h, out_w, flags, mask, CUBIC, FRAC, KXC)
         p0 = tl.div_rn(tl.div_rn(u0, 255.0) - m0, s0)
         p1 = tl.div_rn(tl.div_rn(u1, 255.0) - m1, s1)
         p2 = tl.div_rn(tl.div_rn(u2, 255.0) - m2, s2)
+        if tl.load(prm + _C_PERASE + 3) != 0:  # the partner's own erasing (the host zeroes it
+            # unless the extension record's partner_aug bit is set)
+            qt, ql, qh, qw = _box(prm, _C_PERASE, out_h, out_w)
+            pr = (oy >= qt) & (oy < qt + qh) & (ox >= ql) & (ox < ql + qw)
+            p0 = tl.where(pr, tl.where(black, tl.div_rn(p0 * 0.0 - m0, s0), 0.0), p0)
+            p1 = tl.where(pr, tl.where(black, tl.div_rn(p1 * 0.0 - m1, s1), 0.0), p1)
+            p2 = tl.where(pr, tl.where(black, tl.div_rn(p2 * 0.0 - m2, s2), 0.0), p2)
         if (flags & _F_MIXUP) != 0:
             lam = tl.load(lam_ptr + 2 * b)
             oml = tl.load(lam_ptr + 2 * b + 1)
@@ -329,14 +390,22 @@ def _replay_kernel(img_ptr, hw_ptr, prm_ptr, lam_ptr, frac_ptr, out_ptr, mid_ptr
 @triton.jit(do_not_specialize=["Hmax", "Wmax", "out_h", "out_w"])
 def _resize_u8_kernel(img_ptr, hw_ptr, prm_ptr, frac_ptr, mid_ptr, Hmax, Wmax, out_h, out_w,
                       NPARAM_C: tl.constexpr, BLOCK: tl.constexpr, CUBIC: tl.constexpr,
-                      FRAC: tl.constexpr, KXC: tl.constexpr):
+                      FRAC: tl.constexpr, KXC: tl.constexpr, GATHER: tl.constexpr = False):
     """Pass 1 when RandAugment ops follow: crop -> resize -> round -> flip into mid
-    [B, 3, h, w] uint8 (the image RandAugment sees)."""
+    [R, 3, h, w] uint8 (the images RandAugment sees): row b renders image row b, or with
+    GATHER image row prm[b, SROW] (rows past the records: partners with their own
+    RandAugment, whose crop and flip the host put in the row's crop and flags). (GATHER is a
+    variant: a loaded row, unlike the program id, stays live in a register; the bicubic
+    kernel then spills at the default block, so GATHER launches use half of it.)"""
     b, npix, offs, mask, oy, ox = _tile(out_h, out_w, BLOCK)
     prm = prm_ptr + b * NPARAM_C
     row_stride = Wmax * 3
-    top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, b, _C_CROP, 0, FRAC)
-    base = img_ptr + b.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
+    if GATHER:
+        srow = tl.load(prm + _C_SROW)
+    else:
+        srow = b
+    top, left, bh, bw, offy, fh, offx, fw = _crop_geom(prm, hw_ptr, frac_ptr + b * 8, srow, _C_CROP, 0, FRAC)
+    base = img_ptr + srow.to(tl.int64) * (Hmax.to(tl.int64) * row_stride)
     v0, v1, v2 = _render_u8(base, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, ox,
                             out_h, out_w, tl.load(prm + _C_FLAGS) & _F_FLIP, mask, CUBIC, KXC)
     mb = mid_ptr + b.to(tl.int64) * 3 * npix + offs
@@ -356,11 +425,19 @@ def _gray_u8(r, g, b):
     return (0.2989 * r + 0.587 * g + 0.114 * b).to(tl.int32).to(tl.float32)
 
 
+@triton.jit
+def _gray_v2(r, g, b):
+    # transforms.v2's grayscale: r * 0.2989, then two add_(x, alpha=w): one FMA each on the
+    # CPU (measured, see randaugment.cpp), floored and kept in float
+    return tl.floor(tl.fma(b, 0.114, tl.fma(g, 0.587, r * 0.2989)))
+
+
 _NACC = 8 + 768  # int32 accumulators per image: [gray sum, 255-min x3, max x3, -, hist 3x256]
 
 
 @triton.jit(do_not_specialize=["npix"])
-def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                     V2: tl.constexpr):
     """Reduction pass of one RandAugment slot, one program per (image, tile of pixels):
     partial statistics of what that image's op needs, combined with integer atomics
     (order-independent: exact and deterministic) into zeroed accumulators. Contrast:
@@ -379,7 +456,11 @@ def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN
         r = tl.load(base + offs, mask=m, other=0).to(tl.float32)
         g = tl.load(base + npix + offs, mask=m, other=0).to(tl.float32)
         bl = tl.load(base + 2 * npix + offs, mask=m, other=0).to(tl.float32)
-        tl.atomic_add(acc, tl.sum(tl.where(m, _gray_u8(r, g, bl).to(tl.int32), 0), axis=0))
+        if V2:  # v2: the mean of the floored float grey levels (integers: the sum is exact)
+            gr = _gray_v2(r, g, bl)
+        else:
+            gr = _gray_u8(r, g, bl)
+        tl.atomic_add(acc, tl.sum(tl.where(m, gr.to(tl.int32), 0), axis=0))
     if op == _OP_AUTOCONTRAST:  # AutoContrast: per-channel min/max
         for c in tl.static_range(3):
             x = tl.load(base + c * npix + offs, mask=m, other=0).to(tl.int32)
@@ -394,9 +475,10 @@ def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN
 
 
 @triton.jit(do_not_specialize=["npix"])
-def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
+def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix, V2: tl.constexpr):
     """Statistics -> what the apply pass reads, one program per image: Contrast's mean,
-    AutoContrast's offset/scale, Equalize's LUT (torchvision's _scale_channel)."""
+    AutoContrast's offset and scale (v2: divisor), Equalize's LUT (torchvision's
+    _scale_channel)."""
     b = tl.program_id(0)
     op = tl.load(rai_ptr + 2 * b)
     acc = acc_ptr + b * 776
@@ -409,7 +491,10 @@ def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
             flat = d == 0.0
             # torch: 255 / t is t.reciprocal() * 255 (two float32 roundings); div_rn: IEEE
             # division on a GPU too (plain / compiles to the approximate div.full.f32)
-            scale = tl.div_rn(1.0, tl.where(flat, 1.0, d)) * 255.0
+            if V2:  # v2 divides by (max - min) * fl(1/255) (one float32 product)
+                scale = d * 0.00392156862745098
+            else:
+                scale = tl.div_rn(1.0, tl.where(flat, 1.0, d)) * 255.0
             tl.store(st_ptr + b * 8 + 1 + c, tl.where(flat, 0.0, lo_s))
             tl.store(st_ptr + b * 8 + 4 + c, tl.where(flat, 1.0, scale))
     if op == _OP_EQUALIZE:
@@ -427,9 +512,21 @@ def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
 
 
 @triton.jit
+def _clamp_trunc(v):
+    # .clamp(0, 255).to(uint8): truncation of a value in [0, 255]
+    return tl.floor(tl.minimum(tl.maximum(v, 0.0), 255.0))
+
+
+@triton.jit
 def _blend(x, d, r, r1):
     # torchvision _blend: (ratio * img1 + (1 - ratio) * img2).clamp(0, 255) -> uint8 (trunc)
-    return tl.floor(tl.minimum(tl.maximum(r * x + r1 * d, 0.0), 255.0))
+    return _clamp_trunc(r * x + r1 * d)
+
+
+@triton.jit
+def _blend_v2(x, d, r, r1):
+    # transforms.v2's blend: x.mul(r).add_(d, alpha=1 - r): the product rounded, then one FMA
+    return _clamp_trunc(tl.fma(d, r1, r * x))
 
 
 @triton.jit
@@ -456,9 +553,11 @@ def _rint(v):
 
 @triton.jit(do_not_specialize=["h", "w"])
 def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
-                     BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    """Pointwise/gather pass of one RandAugment slot, src -> dst ([B, 3, h, w] uint8): each
-    image applies its own op (id, int and float parameters per image)."""
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr, V2: tl.constexpr):
+    """Pointwise/gather pass of one RandAugment slot, src -> dst ([R, 3, h, w] uint8): each
+    image applies its own op (id, int and float parameters per image). V2: the arithmetic
+    of transforms.v2 where it differs from v1 (Color, Contrast, Sharpness, AutoContrast;
+    Solarize differs only in its threshold table, made on the host)."""
     b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK, ALIGN)
     op = tl.load(rai_ptr + 2 * b)
     ip = tl.load(rai_ptr + 2 * b + 1)
@@ -491,20 +590,36 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
         x0 = _blend(x0, 0.0, r, r1)
         x1 = _blend(x1, 0.0, r, r1)
         x2 = _blend(x2, 0.0, r, r1)
-    if op == _OP_COLOR:  # Color: blend with the uint8 grayscale
-        g = _gray_u8(x0, x1, x2)
-        x0 = _blend(x0, g, r, r1)
-        x1 = _blend(x1, g, r, r1)
-        x2 = _blend(x2, g, r, r1)
+    if op == _OP_COLOR:  # Color: blend with the grayscale (v1: uint8; v2: floored float)
+        if V2:
+            g = _gray_v2(x0, x1, x2)
+            x0 = _blend_v2(x0, g, r, r1)
+            x1 = _blend_v2(x1, g, r, r1)
+            x2 = _blend_v2(x2, g, r, r1)
+        else:
+            g = _gray_u8(x0, x1, x2)
+            x0 = _blend(x0, g, r, r1)
+            x1 = _blend(x1, g, r, r1)
+            x2 = _blend(x2, g, r, r1)
     if op == _OP_CONTRAST:  # Contrast: blend with the grayscale mean (stats pass)
         mean = tl.load(st_ptr + b * 8)
-        x0 = _blend(x0, mean, r, r1)
-        x1 = _blend(x1, mean, r, r1)
-        x2 = _blend(x2, mean, r, r1)
+        if V2:
+            x0 = _blend_v2(x0, mean, r, r1)
+            x1 = _blend_v2(x1, mean, r, r1)
+            x2 = _blend_v2(x2, mean, r, r1)
+        else:
+            x0 = _blend(x0, mean, r, r1)
+            x1 = _blend(x1, mean, r, r1)
+            x2 = _blend(x2, mean, r, r1)
     if (op == _OP_SHARPNESS) & (h > 2) & (w > 2):  # Sharpness: blend with the 3x3-smoothed image
-        x0 = _blend(x0, _sharp_deg(base, oy, ox, h, w, mask, x0), r, r1)
-        x1 = _blend(x1, _sharp_deg(base + npix, oy, ox, h, w, mask, x1), r, r1)
-        x2 = _blend(x2, _sharp_deg(base + 2 * npix, oy, ox, h, w, mask, x2), r, r1)
+        if V2:  # x + (1 - r) * (blur - x), one FMA; the border (blur = x) stays as it is
+            x0 = _clamp_trunc(tl.fma(_sharp_deg(base, oy, ox, h, w, mask, x0) - x0, r1, x0))
+            x1 = _clamp_trunc(tl.fma(_sharp_deg(base + npix, oy, ox, h, w, mask, x1) - x1, r1, x1))
+            x2 = _clamp_trunc(tl.fma(_sharp_deg(base + 2 * npix, oy, ox, h, w, mask, x2) - x2, r1, x2))
+        else:
+            x0 = _blend(x0, _sharp_deg(base, oy, ox, h, w, mask, x0), r, r1)
+            x1 = _blend(x1, _sharp_deg(base + npix, oy, ox, h, w, mask, x1), r, r1)
+            x2 = _blend(x2, _sharp_deg(base + 2 * npix, oy, ox, h, w, mask, x2), r, r1)
     if op == _OP_POSTERIZE:  # Posterize: keep the top bits (ip is the uint8 mask)
         x0 = (x0.to(tl.int32) & ip).to(tl.float32)
         x1 = (x1.to(tl.int32) & ip).to(tl.float32)
@@ -515,9 +630,14 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
         x2 = tl.where(x2 >= r, 255.0 - x2, x2)
     if op == _OP_AUTOCONTRAST:  # AutoContrast: (x - lo) * scale per channel (stats pass)
         st = st_ptr + b * 8
-        x0 = tl.floor(tl.minimum(tl.maximum((x0 - tl.load(st + 1)) * tl.load(st + 4), 0.0), 255.0))
-        x1 = tl.floor(tl.minimum(tl.maximum((x1 - tl.load(st + 2)) * tl.load(st + 5), 0.0), 255.0))
-        x2 = tl.floor(tl.minimum(tl.maximum((x2 - tl.load(st + 3)) * tl.load(st + 6), 0.0), 255.0))
+        if V2:  # v2: (x - lo) / ((hi - lo) / 255), IEEE division
+            x0 = _clamp_trunc(tl.div_rn(x0 - tl.load(st + 1), tl.load(st + 4)))
+            x1 = _clamp_trunc(tl.div_rn(x1 - tl.load(st + 2), tl.load(st + 5)))
+            x2 = _clamp_trunc(tl.div_rn(x2 - tl.load(st + 3), tl.load(st + 6)))
+        else:
+            x0 = _clamp_trunc((x0 - tl.load(st + 1)) * tl.load(st + 4))
+            x1 = _clamp_trunc((x1 - tl.load(st + 2)) * tl.load(st + 5))
+            x2 = _clamp_trunc((x2 - tl.load(st + 3)) * tl.load(st + 6))
     if op == _OP_EQUALIZE:  # Equalize: per-channel LUT (stats pass)
         lb = lut_ptr + b * 768
         x0 = tl.load(lb + x0.to(tl.int32), mask=mask, other=0).to(tl.float32)
@@ -558,7 +678,24 @@ def _partner_rows(rec, partner_rows, n_rows=None) -> np.ndarray:
     return np.where(mixes, pr, 0).astype(np.int32)
 
 
-def _params_np(rec, partner_rows, n_rows=None):
+def _as_ext(ext, B):
+    if ext is None:
+        return None
+    e = np.asarray(ext)
+    if e.dtype != P.AUG_EXT_DTYPE or e.ndim != 1 or e.shape[0] != B:
+        raise ValueError(f"ext: expected {B} fastload AUG_EXT_DTYPE extension records, got {e.dtype} "
+                         f"with shape {e.shape}")
+    return e
+
+
+def _check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"ra_semantics: the Triton replay implements {SEMANTICS}, got {semantics!r} (pil and "
+                         "timm records render on the CPU path, fastload.replay.native.render_batch)")
+    return semantics
+
+
+def _params_np(rec, partner_rows, n_rows=None, ext=None):
     B = rec.shape[0]
     prm = np.zeros((B, NPARAM), dtype=np.int32)
     prm[:, _CROP:_CROP + 4] = rec["crop"]
@@ -567,10 +704,44 @@ def _params_np(rec, partner_rows, n_rows=None):
     prm[:, _PCROP:_PCROP + 4] = rec["pcrop"]
     prm[:, _CUTMIX:_CUTMIX + 4] = rec["cutmix"]
     prm[:, _PROW] = _partner_rows(rec, partner_rows, n_rows)
+    prm[:, _PMID] = -1
+    prm[:, _SROW] = np.arange(B)
+    if ext is not None:
+        prm[:, _EXT] = ext["ext"]
+        # the partner's erase box counts only with the partner_aug bit (as the C++ path)
+        paug = (ext["ext"] & P.EXT_PARTNER_AUG) != 0
+        prm[:, _PERASE:_PERASE + 4] = np.where(paug[:, None], ext["perase"], 0)
     # (lam, 1 - lam) in double, rounded once, as the reference's Python floats
     lam = rec["mixup"].astype(np.float64) / P.Q
     lams = np.stack([lam.astype(np.float32), (1.0 - lam).astype(np.float32)], axis=1)
     return prm, lams
+
+
+def _ra_rows(rec, ext, prm):
+    """The RandAugment rows: the B records, then one row per mixing record whose extension
+    record carries the partner's own RandAugment (partner_aug), rendered from the partner's
+    image with the partner's crop and flip. Returns (prm [R, NPARAM] with the records' PMID
+    set, ops, mags [R, MAX_RA], values [R, MAX_RA] float32 or None, use_values [R], the
+    record behind each partner row)."""
+    B = rec.shape[0]
+    ops, mags = rec["ra_ops"], rec["ra_mags"]
+    if ext is None:
+        return prm, ops, mags, None, np.zeros(B, bool), np.zeros(0, np.int64)
+    mixes = (rec["flags"] & (P.FLAG_MIXUP | P.FLAG_CUTMIX)) != 0
+    paug = mixes & ((ext["ext"] & P.EXT_PARTNER_AUG) != 0) & (ext["pra_ops"] != P.RA_NONE).any(axis=1)
+    pidx = np.flatnonzero(paug)
+    extra = np.zeros((pidx.size, NPARAM), dtype=np.int32)
+    extra[:, _CROP:_CROP + 4] = rec["pcrop"][pidx]
+    extra[:, _FLAGS] = np.where((rec["flags"][pidx] & P.FLAG_PARTNER_FLIP) != 0, P.FLAG_FLIP, 0)
+    extra[:, _PMID] = -1
+    extra[:, _SROW] = prm[pidx, _PROW]
+    prm = prm.copy()
+    prm[pidx, _PMID] = B + np.arange(pidx.size)
+    vals = (ext["ext"] & P.EXT_RA_FLOAT) != 0  # (both the record's and the partner's ops)
+    return (np.concatenate([prm, extra]), np.concatenate([ops, ext["pra_ops"][pidx]]),
+            np.concatenate([mags, ext["pra_mags"][pidx]]),
+            np.concatenate([ext["ra_vals"], ext["pra_vals"][pidx]]).astype(np.float32),
+            np.concatenate([vals, vals[pidx]]), pidx)
 
 
 def pack_params(params, partner_rows=None, device="cpu"):
@@ -617,19 +788,22 @@ def _op_params(name: str, mag: float, h: int, w: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _ra_tables(num_bins: int, h: int, w: int):
-    """Every (op, signed bin) -> kernel parameters, once per (bins, output size): int32
-    [ops, 256], float32 [ops, 256, 8] and an invalid-bin mask, indexed by bin + 128 (the
-    records store bins as int8). Per batch, packing is then a table lookup."""
+def _ra_tables(num_bins: int, h: int, w: int, semantics: str = "v1"):
+    """Every (op, signed bin) -> kernel parameters, once per (bins, output size, semantics):
+    int32 [ops, 256], float32 [ops, 256, 8] and an invalid-bin mask, indexed by bin + 128
+    (the records store bins as int8). Per batch, packing is then a table lookup. v2 differs
+    from v1 only in Solarize's table: the threshold 255 * linspace(1, 0)[k] in double."""
     from fastload.replay.reference_ra import RA_SIGNED, magnitude_table
 
-    n = len(_schema.family_ops("v1"))  # torchvision's ops (the kernel has no timm ops)
+    n = len(_schema.family_ops(semantics))  # torchvision's ops (the kernel has no timm ops)
     ip = np.zeros((n, 256), dtype=np.int32)
     fp = np.zeros((n, 256, 8), dtype=np.float32)
     bad = np.zeros((n, 256), dtype=bool)
     for op, name in enumerate(P.RA_OPS[:n]):
-        table = magnitude_table(name, num_bins, h, w)
+        table = magnitude_table(name, num_bins, h, w, semantics)
         vals = None if table is None else [float(v) for v in table.tolist()]
+        if vals is not None and name == "Solarize" and semantics == "v2":
+            vals = [255.0 * v for v in vals]
         for b in range(-128, 128):
             if vals is None:
                 mag = 0.0
@@ -642,25 +816,32 @@ def _ra_tables(num_bins: int, h: int, w: int):
     return ip, fp, bad
 
 
-def _ra_np(rec, size, num_bins):
-    """(int32 [S, B, 2] (op id, int parameter), float32 [S, B, 8]); RA_NONE slots skipped
-    (as ``apply_ra`` does); an image with fewer ops gets Identity (op 0) in the last slots."""
+def _ra_np(ops, mags, size, num_bins, semantics="v1", vals=None, use_vals=None, grid=None, label=None):
+    """(int32 [S, R, 2] (op id, int parameter), float32 [S, R, 8]) for R rows of op ids and
+    signed bins (``ops``, ``mags`` [R, MAX_RA]); RA_NONE slots skipped (as ``apply_ra``
+    does); a row with fewer ops gets Identity (op 0) in the last slots. Rows with
+    ``use_vals`` take their magnitudes from ``vals`` (the extension's float magnitudes, the
+    value torchvision's _apply_op receives; translations in pixels of the box ``grid``,
+    scaled to the output as the C++ path's ``randaugment_apply_values``) instead of bins.
+    ``label(r)`` names row r in errors."""
     if int(num_bins) < 2:
         raise ValueError(f"ra_num_bins: must be >= 2, got {num_bins}")
-    B = rec.shape[0]
-    ops = rec["ra_ops"].astype(np.int64)
-    mags = rec["ra_mags"].astype(np.int64)
+    label = label or (lambda r: f"record {r}")
+    ops = np.asarray(ops).astype(np.int64)
+    mags = np.asarray(mags).astype(np.int64)
+    R = ops.shape[0]
+    use_vals = np.zeros(R, bool) if use_vals is None else np.asarray(use_vals, bool)
     used = ops != P.RA_NONE
-    S = int(used.sum(axis=1).max()) if B else 0
-    rai = np.zeros((S, B, 2), dtype=np.int32)
-    raf = np.zeros((S, B, 8), dtype=np.float32)
+    S = int(used.sum(axis=1).max()) if R else 0
+    rai = np.zeros((S, R, 2), dtype=np.int32)
+    raf = np.zeros((S, R, 8), dtype=np.float32)
     if S == 0:
         return rai, raf
-    n_tv = len(_schema.family_ops("v1"))
+    n_tv = len(_schema.family_ops(semantics))
     unknown = used & (ops >= n_tv)
     if unknown.any():
         b, k = (int(v[0]) for v in np.nonzero(unknown))
-        raise ValueError(f"params: record {b} has RandAugment op id {int(ops[b, k])}, not one of torchvision's "
+        raise ValueError(f"params: {label(b)} has RandAugment op id {int(ops[b, k])}, not one of torchvision's "
                          f"(valid: 0..{n_tv - 1}, {P.RA_NONE}; timm ops replay on the CPU path)")
     order = np.argsort(~used, axis=1, kind="stable")[:, :S]  # used slots first, in order
     o = np.take_along_axis(ops, order, 1)
@@ -668,24 +849,45 @@ def _ra_np(rec, size, num_bins):
     u = np.take_along_axis(used, order, 1)
     o = np.where(u, o, 0)
     m = np.where(u, m, 128)
-    ip_t, fp_t, bad_t = _ra_tables(int(num_bins), int(size[0]), int(size[1]))
-    if bad_t[o, m].any():
-        b, k = (int(v[0]) for v in np.nonzero(bad_t[o, m]))
-        raise ValueError(f"params: record {b}: mags: bin {int(m[b, k]) - 128} of op "
+    h, w = int(size[0]), int(size[1])
+    ip_t, fp_t, bad_t = _ra_tables(int(num_bins), h, w, semantics)
+    bad = bad_t[o, m] & ~use_vals[:, None]  # (float magnitudes have no bins)
+    if bad.any():
+        b, k = (int(v[0]) for v in np.nonzero(bad))
+        raise ValueError(f"params: {label(b)}: mags: bin {int(m[b, k]) - 128} of op "
                          f"{P.RA_OPS[int(o[b, k])]} is outside [-{num_bins - 1}, {num_bins - 1}]")
     rai[:, :, 0] = o.T
     rai[:, :, 1] = ip_t[o, m].T
     raf[:] = fp_t[o, m].transpose(1, 0, 2)
+    if use_vals.any():
+        gh, gw = (h, w) if grid is None else (int(grid[0]) or h, int(grid[1]) or w)
+        v = np.take_along_axis(np.asarray(vals, np.float32), order, 1)
+        for b in np.flatnonzero(use_vals):
+            for k in range(S):
+                if not u[b, k]:
+                    continue
+                name = P.RA_OPS[int(o[b, k])]
+                mag = float(v[b, k])
+                if not math.isfinite(mag):
+                    raise ValueError(f"ext: {label(b)}: non-finite RandAugment magnitude {mag} of op {name}")
+                if name == "TranslateX":
+                    mag = mag * w / gw
+                elif name == "TranslateY":
+                    mag = mag * h / gh
+                elif name == "Posterize" and not 0 <= int(mag) <= 8:
+                    raise ValueError(f"ext: {label(b)}: Posterize bits {int(mag)} outside [0, 8]")
+                rai[k, b, 1], raf[k, b] = _op_params(name, mag, h, w)
     return rai, raf
 
 
-def pack_ra(params, size, num_bins: int = 31, device="cpu"):
+def pack_ra(params, size, num_bins: int = 31, device="cpu", ra_semantics: str = "v1"):
     """The records' RandAugment ops as per-slot kernel parameters: (int32 [S, B, 2] (op id,
     int parameter), float32 [S, B, 8]), S = the most ops any record carries (RA_NONE slots
     skipped, as ``apply_ra`` does; an image with fewer ops gets Identity). Magnitudes come
-    from each op's table for ``num_bins`` bins at the output ``size`` (reference_ra),
-    tabulated once per (bins, size)."""
-    rai, raf = _ra_np(_as_records(params), size, num_bins)
+    from each op's table for ``num_bins`` bins at the output ``size`` (reference_ra) and
+    ``ra_semantics``, tabulated once per (bins, size, semantics)."""
+    rec = _as_records(params)
+    rai, raf = _ra_np(rec["ra_ops"], rec["ra_mags"], size, num_bins, _check_semantics(ra_semantics))
     return torch.from_numpy(rai).to(device), torch.from_numpy(raf).to(device)
 
 
@@ -734,13 +936,17 @@ def _pad4(n: int) -> int:
 
 class ReplayPlan:
     """A batch's records packed for the kernels (:func:`prepare_replay`): one int32 device
-    buffer holding hw, the per-record parameters, the MixUp pair and the RandAugment slots
-    (float sections reinterpreted), plus the host-side launch decisions."""
+    buffer holding hw, the per-row parameters, the MixUp pair and the RandAugment slots
+    (float sections reinterpreted), plus the host-side launch decisions. B records; R >= B
+    RandAugment rows (the records, then the partners with their own RandAugment)."""
 
-    def __init__(self, B, size, cubic, num_bins, hw_np, rai_np, buf, frac: bool = False):
+    def __init__(self, B, size, cubic, num_bins, hw_np, rai_np, buf, frac: bool = False, R=None,
+                 semantics: str = "v1"):
         S = rai_np.shape[0]
+        R = B if R is None else R
         self.frac = bool(frac)
-        self.B, self.size, self.cubic, self.num_bins, self.S = B, size, cubic, num_bins, S
+        self.B, self.R, self.size, self.cubic, self.num_bins, self.S = B, R, size, cubic, num_bins, S
+        self.semantics = semantics
         self.hw_np = hw_np
         self.has_ra = S > 0
         self.needs_stats = tuple(bool(v) for v in
@@ -748,8 +954,7 @@ class ReplayPlan:
         o = 0
         sec = {}
         N = hw_np.shape[0]
-        for name, n in (("hw", 2 * N), ("prm", NPARAM * B), ("lams", 2 * B), ("rai", 2 * S * B),
-                        ("raf", 8 * S * B), ("frac", 8 * B if frac else 4)):
+        for name, n in zip(("hw", "prm", "lams", "rai", "raf", "frac"), self.sections(N, B, R, S, frac)):
             sec[name] = (o, n)
             o += _pad4(n)
         self.words = o
@@ -762,54 +967,76 @@ class ReplayPlan:
 
         self.hw = view("hw", (N, 2))
         self.frac_t = view("frac", (-1,), f32=True)
-        self.prm = view("prm", (B, NPARAM))
+        self.prm = view("prm", (R, NPARAM))
         self.lams = view("lams", (B, 2), f32=True)
-        self.rai = view("rai", (S, B, 2))
-        self.raf = view("raf", (S, B, 8), f32=True)
+        self.rai = view("rai", (S, R, 2))
+        self.raf = view("raf", (S, R, 8), f32=True)
 
     @staticmethod
-    def layout(N, B, S, frac):
-        return sum(_pad4(n) for n in (2 * N, NPARAM * B, 2 * B, 2 * S * B, 8 * S * B,
-                                      8 * B if frac else 4))
+    def sections(N, B, R, S, frac):
+        return (2 * N, NPARAM * R, 2 * B, 2 * S * R, 8 * S * R, 8 * R if frac else 4)
+
+    @staticmethod
+    def layout(N, B, S, frac, R=None):
+        return sum(_pad4(n) for n in ReplayPlan.sections(N, B, B if R is None else R, S, frac))
 
 
 def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolation: str = "bilinear",
-                   ra_num_bins: int = 31, frac=None) -> ReplayPlan:
+                   ra_num_bins: int = 31, frac=None, ra_semantics: str = "v1", ext=None,
+                   box_grid=None) -> ReplayPlan:
     """Host side of :func:`replay_batch`: validate and pack the records for output ``size``
     into one int32 buffer, uploaded once (from pinned memory, asynchronously, on CUDA).
-    RandAugment magnitudes come from tables made once per (bins, size). Typically well under
-    a millisecond for 256 records (``fastload bench --gpu`` measures it).
+    RandAugment magnitudes come from tables made once per (bins, size, semantics). Typically
+    well under a millisecond for 256 records (``fastload bench --gpu`` measures it).
 
     ``hw`` has one row per image row of the batch (>= the records: partner images may
     follow the records' own). ``frac`` (float [B, 8], optional): each record's image and
     partner are stored regions of DCT-downscaled decodes and the crops are fractional
     inside them: (offy, fh, offx, fw) of the main crop, then of the partner crop, in
-    region pixels (the C++ path's geometry); the records' integer boxes are then unused."""
+    region pixels (the C++ path's geometry); the records' integer boxes are then unused.
+    ``ra_semantics``: "v1" or "v2" (torchvision's tensor RandAugment, transforms or
+    transforms.v2). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
+    record): float magnitudes (ext ``ra_float``; translations in pixels of ``box_grid``
+    (h, w), default the output), black erasing, the partner's own RandAugment and erase box
+    (``partner_aug``)."""
     rec = _as_records(params)
     B = rec.shape[0]
+    ext = _as_ext(ext, B)
+    semantics = _check_semantics(ra_semantics)
     h, w = (int(v) for v in size)
     if h < 1 or w < 1:
         raise ValueError(f"size: output size must be positive, got {tuple(size)}")
+    if box_grid is not None and (len(box_grid) != 2 or min(int(v) for v in box_grid) < 0):
+        raise ValueError(f"box_grid: expected (h, w) >= 0, got {box_grid!r}")
     cubic = _cubic(interpolation)
     hw_np = np.ascontiguousarray(np.asarray(torch.as_tensor(hw).cpu(), dtype=np.int32))
     if hw_np.ndim != 2 or hw_np.shape[1] != 2 or hw_np.shape[0] < B:
         raise ValueError(f"hw: expected shape [{B}, 2], got {tuple(hw_np.shape)}")
-    prm, lams = _params_np(rec, partner_rows, hw_np.shape[0])
-    rai, raf = _ra_np(rec, (h, w), ra_num_bins)
+    prm, lams = _params_np(rec, partner_rows, hw_np.shape[0], ext)
+    prm, ops, mags, vals, use_vals, pidx = _ra_rows(rec, ext, prm)
+    R = prm.shape[0]
+
+    def label(r):
+        return f"record {r}" if r < B else f"record {int(pidx[r - B])} (its partner's RandAugment)"
+    rai, raf = _ra_np(ops, mags, (h, w), ra_num_bins, semantics, vals, use_vals, box_grid, label)
     S = rai.shape[0]
     parts = [hw_np, prm, lams.view(np.int32), rai, raf.view(np.int32)]
     if frac is not None:
         fr = np.ascontiguousarray(np.asarray(frac, dtype=np.float32))
         if fr.shape != (B, 8):
             raise ValueError(f"frac: expected shape [{B}, 8], got {fr.shape}")
+        if R > B:  # partner rows: the partner's fractional crop is their own crop
+            extra = np.zeros((R - B, 8), np.float32)
+            extra[:, :4] = fr[pidx, 4:]
+            fr = np.concatenate([fr, extra])
         parts.append(fr.view(np.int32))
-    host = np.zeros(ReplayPlan.layout(hw_np.shape[0], B, S, frac is not None), dtype=np.int32)
+    host = np.zeros(ReplayPlan.layout(hw_np.shape[0], B, S, frac is not None, R), dtype=np.int32)
     o = 0
     for arr in parts:
         host[o:o + arr.size] = arr.reshape(-1)
         o += _pad4(arr.size)
     return ReplayPlan(B, (h, w), cubic, int(ra_num_bins), hw_np, rai, _upload(host, device),
-                      frac=frac is not None)
+                      frac=frac is not None, R=R, semantics=semantics)
 
 
 def _check_images(images, plan: ReplayPlan, block: int):
@@ -855,17 +1082,20 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
     """Passes 1..: resize into a uint8 buffer, then per RandAugment slot (only when some
     image's op in that slot needs whole-image statistics) a parallel statistics launch over
     (image, pixel tile) and a per-image finalize launch, then the apply launch, ping-ponging
-    two buffers. No host sync: every decision is made from the host-side records."""
+    two buffers. No host sync: every decision is made from the host-side records. Runs on
+    the plan's R rows (the records, then partners with their own RandAugment)."""
     _, Hmax, Wmax, _ = images.shape
-    B = plan.B
+    B = plan.R
     h, w = plan.size
     dev = images.device
+    v2 = plan.semantics == "v2"
     mid = torch.empty(B, 3, h, w, dtype=torch.uint8, device=dev)
     kxc = _kx_chunk(Wmax, w, plan.cubic)
-    rblock = _resize_block(block, kxc)
+    gather = plan.R > plan.B  # partner rows: their image row from the parameters
+    rblock = max(16, _resize_block(block, kxc) // (2 if gather else 1))
     _resize_u8_kernel[(B, triton.cdiv(h * w, rblock))](
         images, plan.hw, plan.prm, plan.frac_t, mid, Hmax, Wmax, h, w, NPARAM_C=NPARAM,
-        BLOCK=rblock, CUBIC=plan.cubic, FRAC=plan.frac, KXC=kxc, enable_fp_fusion=True)
+        BLOCK=rblock, CUBIC=plan.cubic, FRAC=plan.frac, KXC=kxc, GATHER=gather, enable_fp_fusion=True)
     grid = (B, triton.cdiv(h * w, block))
     if plan.S == 0:
         return mid
@@ -878,13 +1108,14 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
         if plan.needs_stats[s]:
             acc.zero_()
             _ra_stats_kernel[(B, triton.cdiv(h * w, _STATS_BLOCK))](
-                mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, ALIGN=(h * w) % 16 == 0,
+                mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, ALIGN=(h * w) % 16 == 0, V2=v2,
                 enable_fp_fusion=False)
-            _ra_final_kernel[(B,)](r_i, acc, st, lut, h * w, enable_fp_fusion=False)
+            _ra_final_kernel[(B,)](r_i, acc, st, lut, h * w, V2=v2, enable_fp_fusion=False)
         # no FMA contraction: torchvision rounds ratio * x and (1 - ratio) * d separately,
         # and the result is truncated, so one fused rounding could move it by a level
+        # (v2's own FMAs are explicit tl.fma calls)
         _ra_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block,
-                               ALIGN=(h * w) % 16 == 0, enable_fp_fusion=False)
+                               ALIGN=(h * w) % 16 == 0, V2=v2, enable_fp_fusion=False)
         mid, other = other, mid
     return mid
 
@@ -920,10 +1151,12 @@ def launch_replay(images: torch.Tensor, plan: ReplayPlan, out: torch.Tensor,
 
 
 def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpolation: str = "bilinear",
-                 ra_num_bins: int = 31, block: int = 256) -> torch.Tensor:
+                 ra_num_bins: int = 31, block: int = 256, ra_semantics: str = "v1", ext=None,
+                 box_grid=None) -> torch.Tensor:
     """The uint8 [B, 3, h, w] images before normalization: crop -> antialiased resize ->
     round -> flip -> RandAugment ops, as ``fastload.replay.reference.reference_uint8`` (for
-    GPU-side normalization, or to inspect what the kernel renders).
+    GPU-side normalization, or to inspect what the kernel renders). ``ext`` (extension
+    records): their float magnitudes count; their partner fields do not (no mixing here).
 
     >>> import torch                                                  # doctest: +SKIP
     >>> from fastload.sample import params as P
@@ -933,9 +1166,11 @@ def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpola
     """
     if not isinstance(images, torch.Tensor):
         raise ValueError("images: expected a uint8 tensor [B, Hmax, Wmax, 3]")
-    plan = prepare_replay(params, hw, size, None if not _mixes(params) else
-                          np.zeros(len(np.asarray(params)), np.int64),
-                          images.device, interpolation, ra_num_bins)
+    if _mixes(params):  # the partners play no part in the uint8 render
+        params = np.asarray(params).copy()
+        params["flags"] &= np.uint8(~(P.FLAG_MIXUP | P.FLAG_CUTMIX) & 0xFF)
+    plan = prepare_replay(params, hw, size, None, images.device, interpolation, ra_num_bins,
+                          ra_semantics=ra_semantics, ext=ext, box_grid=box_grid)
     images = _check_images(images, plan, block)
     return _launch_ra(images, plan, block)
 
@@ -948,7 +1183,8 @@ def _mixes(params) -> bool:
 def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tensor,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  partner_rows: Optional[torch.Tensor] = None, block: int = 256,
-                 interpolation: str = "bilinear", ra_num_bins: int = 31) -> torch.Tensor:
+                 interpolation: str = "bilinear", ra_num_bins: int = 31, ra_semantics: str = "v1",
+                 ext=None, box_grid=None) -> torch.Tensor:
     """Render ``params`` (AUG_DTYPE records, one per image) from ``images`` [B, Hmax, Wmax, 3]
     uint8 with true sizes ``hw`` [B, 2] into ``out`` [B, 3, h, w] (float32 or float16,
     same device) and return ``out``. See the module docstring for the semantics;
@@ -956,6 +1192,8 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
 
     ``interpolation``: "bilinear" or "bicubic" (both antialiased, as the reference);
     ``ra_num_bins``: RandAugment's ``num_magnitude_bins`` the records' bins refer to;
+    ``ra_semantics``: "v1" or "v2" (torchvision's transforms / transforms.v2 tensor ops);
+    ``ext``/``box_grid``: schema-v2 extension records and their grid (:func:`prepare_replay`);
     ``partner_rows``: batch row of each mixing record's partner; ``block``: output pixels
     per program (a power of two). ``hw`` and ``partner_rows`` are validated on the host:
     pass them as host tensors/arrays to keep the call free of device syncs.
@@ -975,5 +1213,5 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
     if out.shape[2] < 1 or out.shape[3] < 1:
         raise ValueError("out: output size must be positive")
     plan = prepare_replay(params, hw, tuple(out.shape[2:]), partner_rows, images.device,
-                          interpolation, ra_num_bins)
+                          interpolation, ra_num_bins, ra_semantics=ra_semantics, ext=ext, box_grid=box_grid)
     return launch_replay(images, plan, out, mean, std, block)

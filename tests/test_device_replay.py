@@ -1,7 +1,9 @@
 """ReinforcedLoader(replay="device") end to end in Triton's interpreter on CPU, against the
 C++ path (replay="cpu"): same records, labels and targets; pixels within 1 uint8 level
 (1/255/std after normalization), with DCT-domain downscaling (fractional crop windows) and
-without, on the embedded photos reinforced with RandAugment + MixUp/CutMix."""
+without, on the embedded photos reinforced with RandAugment + MixUp/CutMix; with v2
+RandAugment semantics; on an imported ml-dr dataset (schema-v2 extension records); and the
+CPU fallback (one warning) of the pil semantics the kernel does not implement."""
 import os
 
 import pytest
@@ -12,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastload  # noqa: E402
 from fastload.kernels.replay import IMAGENET_STD  # noqa: E402
+from fastload.sample import params as P  # noqa: E402
 
 LEVEL = 1.0 / 255.0 / min(IMAGENET_STD)
 
@@ -75,3 +78,89 @@ def test_device_replay_arguments(dataset):
     with pytest.raises(ValueError, match="float32 or float16"):
         fastload.ReinforcedLoader(dataset, batch_size=2, replay="device", device="cpu",
                                   dtype=torch.uint8)
+
+
+def _spy(monkeypatch):
+    """Record the RandAugment arguments the device path hands to prepare_replay."""
+    from fastload.kernels import replay as R
+
+    seen, real = [], R.prepare_replay
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(R, "prepare_replay", spy)
+    return seen
+
+
+def _close(xa, xb):
+    d = (xa - xb).abs() / LEVEL
+    assert float((d > 1.01).float().mean()) < 0.002, float(d.max())
+    assert float((d > 0.01).float().mean()) < 0.2
+
+
+def test_device_semantics_table_matches_the_kernel():
+    from fastload.kernels.replay import SEMANTICS
+    from fastload.loader.render import DEVICE_SEMANTICS
+
+    assert DEVICE_SEMANTICS == SEMANTICS
+
+
+@pytest.mark.slow  # ~40 s in the interpreter
+def test_device_replay_v2_semantics(dataset, monkeypatch):
+    # a v2 dataset renders on the device (no CPU fallback) with the policy's semantics and
+    # bins (the v2 arithmetic itself: tests/test_ra_golden_triton.py)
+    ds = fastload.ReinforcedDataset(dataset.path)
+    ds.manifest["policy"]["randaugment_semantics"] = "v2"
+    assert ds.policy.randaugment_semantics == "v2"
+    seen = _spy(monkeypatch)
+    cpu, dev = _pairs(ds, dct_scale=False)
+    (xa, ya, _), (xb, yb, _) = next(iter(cpu)), next(iter(dev))
+    assert torch.equal(ya, yb)
+    _close(xa, xb)
+    assert len(seen) == 1
+    assert all(kw["ra_semantics"] == "v2" and kw["ra_num_bins"] == ds.policy.ra_num_bins for kw in seen)
+
+
+def _mldr_dataset(tmp_path, semantics):
+    pytest.importorskip("PIL")
+    from fastload.importers import mldr
+    from test_mldr import SIZE, _setup
+
+    imgs, _, _, arch, _ = _setup(tmp_path, "mix_rare", "tar", n=6, num_samples=2, float_mags=True)
+    mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=False, semantics=semantics)
+    return fastload.ReinforcedDataset(str(tmp_path / "out")), SIZE
+
+
+def test_device_replay_extension_records(tmp_path, monkeypatch):
+    # an imported ml-dr dataset (schema-v2 extension records: float magnitudes, black
+    # erasing, the partner's own RandAugment and erasing) renders on the device like the
+    # C++ path renders it
+    ds, size = _mldr_dataset(tmp_path, "generation")
+    assert ds.has_ext
+    seen = _spy(monkeypatch)
+    kw = dict(batch_size=6, shuffle=False, aug_choice="epoch", image_size=size, target_mode="mldr",
+              num_workers=0, device="cpu")
+    cpu = fastload.ReinforcedLoader(ds, **kw)
+    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
+    xa, xb = next(iter(cpu))[0], next(iter(dev))[0]
+    e = seen[0]["ext"] if len(seen) == 1 else None
+    assert e is not None and (e["ext"] & P.EXT_RA_FLOAT).any() and (e["ext"] & P.EXT_ERASE_BLACK).any()
+    assert ((e["ext"] & P.EXT_PARTNER_AUG) != 0).any() and (e["pra_ops"] != P.RA_NONE).any()
+    assert tuple(seen[0]["box_grid"]) == tuple(ds.replay["box_grid"])
+    _close(xa, xb)
+
+
+def test_device_replay_pil_falls_back_with_one_warning(tmp_path, monkeypatch):
+    ds, size = _mldr_dataset(tmp_path, "training")  # randaugment_semantics="pil"
+    assert ds.policy.randaugment_semantics == "pil"
+    seen = _spy(monkeypatch)
+    kw = dict(batch_size=3, shuffle=False, aug_choice="epoch", image_size=size, target_mode="mldr",
+              num_workers=0, device="cpu")
+    cpu = fastload.ReinforcedLoader(ds, **kw)
+    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
+    with pytest.warns(UserWarning, match="does not implement randaugment_semantics='pil'") as rec:
+        got = [b[0] for b in dev]
+    assert len([w for w in rec if "randaugment_semantics" in str(w.message)]) == 1 and not seen
+    for xa, xb in zip([b[0] for b in cpu], got):
+        assert torch.equal(xa, xb)

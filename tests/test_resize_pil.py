@@ -208,11 +208,15 @@ def test_device_replay_leaves_pil_resize_to_the_cpu():
     from fastload.loader.render import Render
 
     calls = []
-    dev = SimpleNamespace(render=lambda prep, host: calls.append("device"))
+    dev = SimpleNamespace(render=lambda prep, host, ra: calls.append("device"))
     for resize, want in (("torch", ["device"]), ("pil", ["host"])):
         calls.clear()
-        ds = SimpleNamespace(policy=AugmentPolicy(resize=resize))
+        ds = SimpleNamespace(policy=AugmentPolicy(resize=resize), replay={})
         r = Render(SimpleNamespace(encode=None), ds, None, dev)
         r.host = lambda prep, out_fn: calls.append("host")
-        r({"ext": None}, None)
+        if resize == "torch":
+            r({"ext": None}, None)
+        else:
+            with pytest.warns(UserWarning, match="resize='pil'"):
+                r({"ext": None}, None)
         assert calls == want, resize

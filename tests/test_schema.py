@@ -155,7 +155,13 @@ def test_derived_tables():
     assert S.family_ops("v1") == S.family_ops("v2") == tuple(range(14))
     prm, _ = K.pack_params(P.empty(1))
     assert prm.shape == (1, K.NPARAM) and prm[0, K._CROP:K._CROP + 4].tolist() == [0, 0, S.Q, S.Q]
-    assert prm[0, K._PROW] == 0 and K._PROW == K.NPARAM - 1
+    assert prm[0, K._PROW] == 0 and K._SROW == K.NPARAM - 1 and prm[0, K._PMID] == -1
+    # the extension fields the kernel reads follow the base record's, at the schema's offsets
+    assert K._EXT == K._CUTMIX + 4 and K._PERASE == K._EXT + 1 and K._PROW == K._PERASE + 4
+    e = P.empty_ext(1)
+    e["ext"], e["perase"] = P.EXT_PARTNER_AUG | P.EXT_ERASE_BLACK, (1, 2, 3, 4)
+    x, _ = K._params_np(P.empty(1), None, ext=e)
+    assert x[0, K._EXT] == e["ext"][0] and x[0, K._PERASE:K._PERASE + 4].tolist() == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------- augs_ext storage

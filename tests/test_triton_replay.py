@@ -318,3 +318,93 @@ def test_window_wider_than_one_tap_chunk(interp):
     out = torch.empty(1, 3, 6, 5)
     replay_batch(imgs, hw, recs, out, interpolation=interp)
     check(out, [render_reference(a, recs[0], size=(6, 5), interpolation=interp)])
+
+
+# ------------------------------------------------------- schema-v2 extension records vs C++
+def _ext_batch(size=(16, 16)):
+    """Four records at crop scale 1 (the resize is the identity in both paths, so every
+    difference left is RandAugment's or the mixing's) with extension records: float
+    magnitudes (ra_float), the partner's own RandAugment by bins and by values, the
+    partner's erase box, black erasing, and one plain record among them. Images 0..3 are
+    the records', 4..7 their partners'."""
+    oh, ow = size
+    shapes = [(24, 20), (16, 22), (19, 16), (20, 20), (18, 17), (22, 19), (16, 16), (21, 24)]
+    imgs = [photo(h, w, 40 + i) for i, (h, w) in enumerate(shapes)]
+    recs = np.stack([record(*shapes[i], (i, 1, oh, ow)) for i in range(4)])
+    R = {n: i for i, n in enumerate(P.RA_OPS)}
+    ext = P.empty_ext(4)
+    # 0: float magnitudes, MixUp with a partner carrying its own ops (values), both erased, black
+    recs[0]["ra_ops"][:2] = (R["Rotate"], R["Color"])
+    ext[0]["ext"] = P.EXT_RA_FLOAT | P.EXT_PARTNER_AUG | P.EXT_ERASE_BLACK
+    ext[0]["ra_vals"][:2] = (12.5, -0.4)
+    ext[0]["pra_ops"][:2] = (R["Sharpness"], R["TranslateX"])
+    ext[0]["pra_vals"][:2] = (0.8, -5.3)
+    recs[0]["erase"] = P.pixels_to_box(2, 3, 5, 6, oh, ow)
+    ext[0]["perase"] = P.pixels_to_box(8, 1, 4, 9, oh, ow)
+    recs[0]["flags"] = P.FLAG_MIXUP | P.FLAG_FLIP
+    recs[0]["mixup"] = int(0.35 * P.Q)
+    recs[0]["pcrop"] = P.pixels_to_box(2, 1, oh, ow, *shapes[4])
+    # 1: bins (no ext bits for its own ops); CutMix with a partner whose ops are bins
+    recs[1]["ra_ops"][:2] = (R["Contrast"], R["Solarize"])
+    recs[1]["ra_mags"][:2] = (9, 16)
+    ext[1]["ext"] = P.EXT_PARTNER_AUG
+    ext[1]["pra_ops"][:2] = (R["AutoContrast"], R["Equalize"])
+    recs[1]["flags"] = P.FLAG_CUTMIX | P.FLAG_PARTNER_FLIP
+    recs[1]["cutmix"] = P.pixels_to_box(3, 4, 9, 8, oh, ow)
+    recs[1]["pcrop"] = P.pixels_to_box(5, 2, oh, ow, *shapes[5])
+    # 2: float magnitudes, translations in box-grid pixels, no mixing
+    recs[2]["ra_ops"][:3] = (R["TranslateY"], R["Posterize"], R["Sharpness"])
+    ext[2]["ext"] = P.EXT_RA_FLOAT
+    ext[2]["ra_vals"][:3] = (7.9, 5.0, -0.5)
+    # 3: both mixings, flipped partner with its own ops (values), partner erase (not black)
+    recs[3]["ra_ops"][:4] = (R["ShearX"], R["Solarize"], R["Brightness"], R["Contrast"])
+    ext[3]["ext"] = P.EXT_RA_FLOAT | P.EXT_PARTNER_AUG
+    ext[3]["ra_vals"][:4] = (-0.17, 100.5, 0.33, 0.6)
+    ext[3]["pra_ops"][:3] = (R["Equalize"], R["ShearY"], R["AutoContrast"])
+    ext[3]["pra_vals"][:3] = (0.0, 0.21, 0.0)
+    ext[3]["perase"] = P.pixels_to_box(0, 10, 16, 3, oh, ow)
+    recs[3]["flags"] = P.FLAG_MIXUP | P.FLAG_CUTMIX | P.FLAG_PARTNER_FLIP
+    recs[3]["mixup"] = int(0.6 * P.Q)
+    recs[3]["cutmix"] = P.pixels_to_box(1, 1, 6, 12, oh, ow)
+    recs[3]["pcrop"] = P.pixels_to_box(0, 8, oh, ow, *shapes[7])
+    return imgs, recs, ext
+
+
+@pytest.mark.parametrize("sem", ["v1", "v2"])
+def test_extension_records_match_the_cpp_path(sem):
+    from fastload.replay.native import render_batch
+
+    imgs, recs, ext = _ext_batch()
+    grid = (32, 24)  # float translations were sampled on another grid: scaled to the output
+    want = torch.empty(4, 3, 16, 16)
+    render_batch(imgs[:4], recs, want, partner_sources=[imgs[4 + i] if recs[i]["flags"] & 12 else None
+                                                         for i in range(4)],
+                 dct_scale=False, threads=1, ra_semantics=sem, ext=ext, box_grid=grid)
+    timgs, hw = padded(imgs, 24, 24)
+    got = replay_batch(timgs, hw, recs, torch.empty(4, 3, 16, 16), partner_rows=torch.arange(4, 8),
+                       ra_semantics=sem, ext=ext, box_grid=grid)
+    # (normalization: (v/255 - m)/s here, v * scale + bias there: float32 rounding apart)
+    d = (got - want).abs()
+    assert float(d.max()) < 1e-5, [(b, float(d[b].max() / LEVEL)) for b in range(4)]
+    # the extension fields count: without them the render differs on every record
+    plain = replay_batch(timgs, hw, recs, torch.empty(4, 3, 16, 16), partner_rows=torch.arange(4, 8),
+                         ra_semantics=sem)
+    assert all(float((plain[b] - want[b]).abs().max()) > LEVEL for b in (0, 1, 2, 3))
+
+
+def test_extension_record_errors():
+    imgs, recs, ext = _ext_batch()
+    timgs, hw = padded(imgs, 24, 24)
+    out = torch.empty(4, 3, 16, 16)
+    with pytest.raises(ValueError, match="ext: expected 4"):
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ext=ext[:3])
+    bad = ext.copy()
+    bad[2]["ra_vals"][1] = 9.0  # Posterize bits
+    with pytest.raises(ValueError, match="record 2: Posterize bits 9"):
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ext=bad)
+    bad = ext.copy()
+    bad[0]["pra_vals"][0] = np.nan
+    with pytest.raises(ValueError, match="record 0 .its partner's RandAugment.: non-finite"):
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ext=bad)
+    with pytest.raises(ValueError, match="ra_semantics: the Triton replay implements"):
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ra_semantics="pil")

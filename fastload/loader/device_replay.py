@@ -6,9 +6,11 @@ record's image (and its MixUp/CutMix partner) is decoded at the DCT scale the C+
 for that crop (libjpeg-turbo's 1/2, 1/4, 1/8 IDCTs, rule "pow2", or none with
 ``dct_scale=False``) and only the pixels of the stored crop window are copied into one pinned
 uint8 staging batch (1 byte per source value, the crop only), uploaded once. The Triton
-kernel (``fastload.kernels.replay``) then does the resize, RandAugment, normalization,
-erasing and MixUp/CutMix on a side CUDA stream; the consumer's stream waits on an event
-before the batch is handed out.
+kernel (``fastload.kernels.replay``) then does the resize, RandAugment (the policy's bins,
+torchvision v1 or v2 semantics; the render stage sends pil/timm datasets to the CPU path),
+normalization, erasing and MixUp/CutMix, schema-v2 extension records included (float
+magnitudes, the partner's own RandAugment and erase box, black erasing), on a side CUDA
+stream; the consumer's stream waits on an event before the batch is handed out.
 
 Same records, same order, same crops as the CPU path (the records come from the loader's
 own ``_prepare``), so determinism, resume and ``state_dict`` are the loader's: only the
@@ -146,7 +148,7 @@ class DeviceReplay:
         frac = np.stack([top * M / 8.0 - ylo, bh * M / 8.0, left * M / 8.0 - xlo, bw * M / 8.0], 1)
         return wins, frac
 
-    def _render(self, prep):
+    def _render(self, prep, ra=None):
         from fastload.kernels.replay import launch_replay, prepare_replay
 
         ld = self.loader
@@ -179,6 +181,9 @@ class DeviceReplay:
         for i, w in enumerate(wins):
             st_np[i, :w.shape[0], :w.shape[1]] = w
         out_dtype = ld.dtype
+        # RandAugment's bins, semantics and the extension records (float magnitudes, the
+        # partner's own RandAugment and erasing, black erasing) as the CPU path reads them
+        kw = dict(ra or {}, ext=prep.get("ext"))
         if self.cuda:
             with torch.cuda.stream(self.stream):
                 imgs = stage.to(self.device, non_blocking=True)
@@ -186,7 +191,7 @@ class DeviceReplay:
                 ev_copy.record(self.stream)
                 slot[1] = ev_copy
                 plan = prepare_replay(recs, hw, (oh, ow), partner_rows=prow, device=self.device,
-                                      interpolation=ld.interpolation, frac=frac)
+                                      interpolation=ld.interpolation, frac=frac, **kw)
                 out = torch.empty(B, 3, oh, ow, dtype=out_dtype, device=self.device)
                 launch_replay(imgs, plan, out, ld.mean, ld.std)
                 ev = torch.cuda.Event()
@@ -196,18 +201,20 @@ class DeviceReplay:
                 self.events[out.data_ptr()] = ev
         else:
             plan = prepare_replay(recs, hw, (oh, ow), partner_rows=prow, device=self.device,
-                                  interpolation=ld.interpolation, frac=frac)
+                                  interpolation=ld.interpolation, frac=frac, **kw)
             out = torch.empty(B, 3, oh, ow, dtype=out_dtype, device=self.device)
             launch_replay(stage.to(self.device).clone(), plan, out, ld.mean, ld.std)
         return out
 
     # -- the loader's hooks ------------------------------------------------------------------
-    def render(self, prep, cpu_render):
+    def render(self, prep, cpu_render, ra=None):
         """``_render_prepared`` for device replay: (out on the device, labels, tgt,
         culprits). A batch whose decode fails is rendered by the CPU path (``cpu_render``),
-        which applies ``on_error`` and names the culprit; its result is then uploaded."""
+        which applies ``on_error`` and names the culprit; its result is then uploaded.
+        ``ra``: the dataset's RandAugment settings (``ra_num_bins``, ``ra_semantics``,
+        ``box_grid``) for :func:`fastload.kernels.replay.prepare_replay`."""
         try:
-            out = self._render(prep)
+            out = self._render(prep, ra)
         except (ValueError, RuntimeError):
             return cpu_render()
         return out, prep["labels"], prep["tgt"], []

@@ -1,7 +1,8 @@
 """Stage 3 of ``ReinforcedLoader``: render. The fused C++ kernel (decode -> crop -> resize
 -> flip -> RandAugment -> normalize -> erase -> MixUp/CutMix, straight into the output buffer,
 GIL released, ``threads`` native threads), or the Triton replay on the device with a CPU
-fallback for what it cannot render (capability), and error recovery.
+fallback for what it cannot render (the pil and timm RandAugment semantics: a one-time
+warning), and error recovery.
 
 Errors. A sample whose image cannot be decoded raises a ``RuntimeError`` naming the sample
 id (``on_error="raise"``), or with ``on_error="skip"`` every row it breaks (its own rows and
@@ -12,6 +13,7 @@ in step). When no row of a batch renders, the rows are copies of the first sampl
 augmentation: deterministic, so resume and ranks stay exact."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Tuple
 
@@ -19,6 +21,10 @@ import numpy as np
 import torch
 
 from fastload.sample import params as P
+
+# the RandAugment semantics the Triton replay implements (fastload.kernels.replay.SEMANTICS;
+# not imported from there: this module must load without Triton)
+DEVICE_SEMANTICS = ("v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Render:
 
     def __init__(self, cfg: RenderConfig, dataset, gather, device_replay=None):
         self.cfg, self.dataset, self.gather, self.device_replay = cfg, dataset, gather, device_replay
+        self._warned = False  # the CPU fallback of replay="device" (see __call__)
 
     def __call__(self, prep: dict, out_fn):
         """Render one gathered batch (native, GIL released; or on the device with replay="device").
@@ -57,15 +64,23 @@ class Render:
                         encode_rows(None, enc, sources=prep["sources"]))
             out, labels, tgt, culprits = self.host(prep, out_fn)
             return out, labels, tgt, culprits, encode_rows(out, enc, self.cfg.threads)
-        # the Triton replay knows neither schema-v2 extension records (imports) nor torchvision
-        # v2 RandAugment semantics, nor Pillow's resize (resize="pil"/"pil12": kernels/replay.py
-        # resizes with torch's float weights): such batches render on the CPU path (then are
-        # uploaded)
-        pol = getattr(self.dataset, "policy", None)
-        if (self.device_replay is not None and prep.get("ext") is None
-                and getattr(pol, "randaugment_semantics", "v1") == "v1"
-                and getattr(pol, "resize", "torch") == "torch"):
-            return self.device_replay.render(prep, lambda: self.host(prep, out_fn))
+        if self.device_replay is not None:
+            pol = getattr(self.dataset, "policy", None)
+            sem, resize = getattr(pol, "randaugment_semantics", "v1"), getattr(pol, "resize", "torch")
+            # The Triton replay implements torchvision's tensor RandAugment (v1, v2), torch's
+            # resize and the schema-v2 extension records; the pil and timm semantics (Pillow's
+            # and timm's arithmetic) and Pillow's resize (resize="pil"/"pil12") it does not:
+            # such batches render on the CPU path, then are uploaded (warned once per loader).
+            if sem in DEVICE_SEMANTICS and resize == "torch":
+                ext = prep.get("ext")
+                ra = dict(ra_num_bins=getattr(pol, "ra_num_bins", 31), ra_semantics=sem,
+                          box_grid=self.dataset.replay.get("box_grid") if ext is not None else None)
+                return self.device_replay.render(prep, lambda: self.host(prep, out_fn), ra)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f'replay="device": the Triton replay does not implement randaugment_semantics='
+                              f'{sem!r} with resize={resize!r} (only {DEVICE_SEMANTICS} with "torch"); this '
+                              'dataset renders on the CPU path and is uploaded', stacklevel=2)
         return self.host(prep, out_fn)
 
     def host(self, prep: dict, out_fn):
