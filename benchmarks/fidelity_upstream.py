@@ -11,6 +11,8 @@ The ``training`` import (whose policy has ``resize="pil"``, Pillow's ``Image.res
 replayed three times, the records being the same: with ``"pil"`` (``training_resize_pil``),
 with torch's antialiased resize (``training_resize_torch``, fastload before it had Pillow's) and
 with ``"pil12"`` (Pillow <= 12's pass order; the upstream environment's Pillow is recorded).
+The ``generation`` import is also replayed with ``"pil"`` (``generation_resize_pil``):
+``reinforce.py`` crops the PIL image too, before its tensor steps.
 ``crop_flip_byte_exact``: the records whose crop + flip alone (and the mixing partner's)
 fastload renders byte for byte as ml-dr's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` on
 the PIL image, per resize; ``where_the_crop_matches``: each row counted on the records whose
@@ -199,8 +201,7 @@ def upstream_given_crop(repo: str, work: str) -> None:
         meta = ReinforceMetadata([os.path.join(work, name, "reinforced_data")])
         tr = T_dr.compose_from_config(meta.rconfig["reinforce"]["image_augmentation"])
         shape = crops["pil"].shape
-        res = {r: np.full(shape, np.nan, np.float32) for r in crops}
-        gen = np.full(shape, np.nan, np.float32)
+        res = {(u, r): np.full(shape, np.nan, np.float32) for u in ("training", "generation") for r in crops}
         up_crops = np.zeros(shape, np.uint8)  # ml-dr's crop + flip of the image
         up_pcrops = np.zeros(shape, np.uint8)  # and of its mixing partner (zeros: none)
         for i in range(shape[0]):
@@ -216,17 +217,15 @@ def upstream_given_crop(repo: str, work: str) -> None:
                     up_pcrops[i, k] = np.asarray(tr.reapply(folder[params["id2"]][0], theirs)[0]).transpose(2, 0, 1)
                     continue
                 rest = {t: v for t, v in params.items() if t not in geo}
-                for r, c in crops.items():  # training: the crop as a PIL image
+                for r, c in crops.items():
                     img = Image.fromarray(np.ascontiguousarray(c[i, k].transpose(1, 2, 0)), "RGB")
-                    res[r][i, k] = tr.reapply(img, dict(rest))[0].numpy()
-                # generation: the crop as reinforce.py's loader hands it on (a float tensor, from
-                # torch's resize), then its uint8 step, RandAugment on the tensor, to_tensor,
-                # erasing, normalization
-                img = Image.fromarray(np.ascontiguousarray(crops["torch"][i, k].transpose(1, 2, 0)), "RGB")
-                gen[i, k] = tr.reapply(TF.to_tensor(img), dict(rest))[0].numpy()
-        for r in crops:
-            np.save(os.path.join(work, name, f"upstream_given_crop_{r}.npy"), res[r])
-        np.save(os.path.join(work, name, "upstream_given_crop_generation.npy"), gen)
+                    # training: the crop as a PIL image; generation: as reinforce.py's loader hands
+                    # it on (a float tensor), then its uint8 step, RandAugment on the tensor,
+                    # to_tensor, erasing, normalization
+                    res["training", r][i, k] = tr.reapply(img, dict(rest))[0].numpy()
+                    res["generation", r][i, k] = tr.reapply(TF.to_tensor(img), dict(rest))[0].numpy()
+        for (u, r), v in res.items():
+            np.save(os.path.join(work, name, f"upstream_given_crop_{u}_{r}.npy"), v)
         np.save(os.path.join(work, name, "upstream_crops.npy"), up_crops)
         np.save(os.path.join(work, name, "upstream_pcrops.npy"), up_pcrops)
 
@@ -351,7 +350,10 @@ def main(argv=None) -> int:
     # import's policy says resize="pil"; replaying it with "torch" too (fastload's resize before
     # it had Pillow's) gives before and after on the same records, and "pil12" (Pillow <= 12's
     # pass order) shows that the pass order must follow the Pillow that ml-dr ran with.
-    variants = (("generation", "generation", None), ("training_resize_torch", "training", "torch"),
+    # "generation_resize_pil": the generation import with Pillow's resize, since reinforce.py
+    # too crops the PIL image (its uint8 step before the crop is a no-op on PIL images).
+    variants = (("generation", "generation", None), ("generation_resize_pil", "generation", "pil"),
+                ("training_resize_torch", "training", "torch"),
                 ("training_resize_pil", "training", "pil"), ("training_resize_pil12", "training", "pil12"))
     crops = {}
     for name in CONFIGS:
@@ -373,9 +375,10 @@ def main(argv=None) -> int:
                     a.mldr_repo, "--work", a.work], check=True, env=env)
     for name in CONFIGS:
         theirs = np.load(os.path.join(a.work, name, "upstream_training.npy"))
-        givens = {"training_resize_torch": np.load(os.path.join(a.work, name, "upstream_given_crop_torch.npy")),
-                  "training_resize_pil": np.load(os.path.join(a.work, name, "upstream_given_crop_pil.npy")),
-                  "generation": np.load(os.path.join(a.work, name, "upstream_given_crop_generation.npy"))}
+        givens = {"generation": ("generation", "torch"), "generation_resize_pil": ("generation", "pil"),
+                  "training_resize_torch": ("training", "torch"), "training_resize_pil": ("training", "pil")}
+        givens = {key: np.load(os.path.join(a.work, name, f"upstream_given_crop_{u}_{r}.npy"))
+                  for key, (u, r) in givens.items()}
         generated = np.load(os.path.join(a.work, name, "upstream_generation.npy"))
         up_c = np.load(os.path.join(a.work, name, "upstream_crops.npy"))
         up_pc = np.load(os.path.join(a.work, name, "upstream_pcrops.npy"))
