@@ -114,8 +114,11 @@ def upstream(repo: str, work: str, n_images: int, num_samples: int, seed: int) -
                       multiprocessing_distributed=False, artifact_path=os.path.join(work, name))
         config["reinforce"]["num_samples"] = num_samples
         config["num_classes"] = mldr_data.get_dataset_num_classes(config["dataset"])
-        random.seed(seed)
+        random.seed(seed)  # what reinforce.py's main() seeds
         torch.manual_seed(seed)
+        # its MixUp/CutMix (transforms.py) draw from NumPy's global generator, which main() does
+        # not seed: seeded here so that a rerun writes the same mixing archives
+        np.random.seed(seed)
         # main_worker's dataset and loader (it also moves the teacher to CUDA, which is skipped here)
         config["image_augmentation"] = {"train": {}, "val": {}}
         train_dataset, _ = mldr_data.get_dataset(config)
