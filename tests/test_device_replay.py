@@ -138,6 +138,10 @@ def test_device_replay_extension_records(tmp_path, monkeypatch):
     # C++ path renders it
     ds, size = _mldr_dataset(tmp_path, "generation")
     assert ds.has_ext
+    # the import resizes as Pillow does (resize="pil"), which the Triton replay leaves to the
+    # CPU path; the extension records are compared under torch's resize, which it implements
+    monkeypatch.setitem(ds.manifest["policy"], "resize", "torch")
+    assert ds.policy.resize == "torch"
     seen = _spy(monkeypatch)
     kw = dict(batch_size=6, shuffle=False, aug_choice="epoch", image_size=size, target_mode="mldr",
               num_workers=0, device="cpu")

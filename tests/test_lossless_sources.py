@@ -124,7 +124,7 @@ def test_import_mldr_stores_png_and_cmyk_as_their_bytes(tmp_path):
                 (bytes(ds.image_bytes(int(p))) if p >= 0 else None) for p in recs["partner"]]
     want = native.render_batch(srcs, recs, torch.empty(5, 3, 32, 32, dtype=torch.uint8), partner_sources=partners,
                                ext=ext, box_grid=(32, 32), interpolation=loader.interpolation,
-                               dct_scale=loader.dct_scale)
+                               dct_scale=loader.dct_scale, resize=ds.policy.resize)
     assert torch.equal(x, want)
 
 

@@ -499,7 +499,7 @@ def test_loader_replays_extension_records(tmp_path):
     assert ext["ext"].any()
     partners = [bytes(ds.image_bytes(int(p))) if p >= 0 else None for p in recs["partner"]]
     kw = dict(partner_sources=partners, mean=loader.mean, std=loader.std, interpolation=loader.interpolation,
-              dct_scale=loader.dct_scale)
+              dct_scale=loader.dct_scale, resize=ds.policy.resize)
     want = native.render_batch(srcs, recs, torch.empty(6, 3, SIZE, SIZE), ext=ext, box_grid=(SIZE, SIZE), **kw)
     torch.testing.assert_close(x, want, atol=0, rtol=0)
     plain = native.render_batch(srcs, recs, torch.empty(6, 3, SIZE, SIZE), **kw)
@@ -755,7 +755,8 @@ def test_semantics_generation_or_training(tmp_path, capsys):
     imgs, hw, cfg, arch, _ = _setup(tmp_path, "rare", "tar", n=3, classes=3)
     m = mldr.import_mldr(arch, imgs, str(tmp_path / "gen"), progress=False)
     assert m["policy"]["randaugment_semantics"] == "v1"  # generation: tensor ops, what the teacher scored
-    assert ReinforcedDataset(str(tmp_path / "gen")).policy.resize == "torch"  # reinforce.py resized tensors
+    # reinforce.py crops the PIL image before its tensor steps: Pillow's resize
+    assert ReinforcedDataset(str(tmp_path / "gen")).policy.resize == "pil"
     assert main(["import-mldr", arch, "--images", imgs, "--out", str(tmp_path / "train"), "--quiet",
                  "--semantics", "training"]) == 0
     ds = ReinforcedDataset(str(tmp_path / "train"))

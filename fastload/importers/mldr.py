@@ -1012,9 +1012,11 @@ def _import_shard(job: _ShardJob, s: int) -> Dict[str, Any]:
 
 
 SEMANTICS = {"generation": "v1", "training": "pil"}
-# the crop resize of each: reinforce.py resized tensors (torch's antialiased float resize);
-# the training-time ReinforcedDataset resizes PIL images (F.resized_crop -> Image.resize)
-RESIZE = {"generation": "torch", "training": "pil"}
+# the crop resize of each: Pillow's in both. reinforce.py runs its RandomResizedCrop before the
+# collate, on the PIL image (its tensor steps, RandAugment included, come after), and the
+# training-time ReinforcedDataset resizes PIL images too (F.resized_crop -> Image.resize);
+# benchmarks/fidelity_upstream.py: 480 of 480 records exact with "pil", 0 with "torch"
+RESIZE = {"generation": "pil", "training": "pil"}
 
 
 def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
@@ -1028,7 +1030,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     of the folder (ids ``0..limit-1``; the archive may hold more, e.g. a subset test).
     ``semantics``: whose RandAugment the replay reproduces: ``"generation"`` (the default:
     ml-dr's reinforce.py ran it on tensors, and that is what the teacher scored: torchvision
-    v1, with torch's antialiased crop resize) or ``"training"`` (ml-dr's training-time
+    v1, after Pillow's crop resize of the PIL image, ``resize="pil"``) or ``"training"`` (ml-dr's training-time
     ReinforcedDataset runs the crop and RandAugment on PIL images: ``randaugment_semantics="pil"``
     and ``resize="pil"``, Pillow's ``Image.resize`` byte for byte).
     ``engine``: ``"local"`` (this process) or ``"ray"``: this process only streams the archive
@@ -1187,8 +1189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="config.pth.tar to use instead of the archive's")
     ap.add_argument("--limit", type=int, default=None, help="import only the first N images of the folder")
     ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="generation",
-                    help="augmentation arithmetic to replay: generation (tensor ops and torch's resize, what the "
-                         "teacher scored; default) or training (PIL images: Pillow's resize and RandAugment, as "
+                    help="augmentation arithmetic to replay: generation (Pillow's crop resize, then RandAugment "
+                         "on tensors: what the teacher scored; default) or training (PIL images: Pillow's resize and RandAugment, as "
                          "ml-dr's training-time dataset)")
     from fastload.importers.shardjobs import add_engine_args
 
