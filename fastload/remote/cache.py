@@ -33,6 +33,11 @@ log = logging.getLogger("fastload.remote")
 META_COLUMNS = ("key", "hash", "orig_h", "orig_w", "src_h", "src_w", "label")
 _SPANS_KEY = b"fastload.source_spans"  # meta/ entries: [[offset, length, blake2b-128], ...]
 
+# benchmarks/remote_timeline.py sets this to a callable(event, key, record dict): when each
+# shard's GET starts and ends, the reader's waits, the CPU of each download phase. None (the
+# default) costs one test per download and per fetch.
+TRACE: Optional[Callable[[str, str, Dict[str, Any]], None]] = None
+
 
 class ShardCache(Prefetcher):
     """The local cache of one remote dataset (see fastload/format/remote.py for the rules)."""
@@ -67,7 +72,7 @@ class ShardCache(Prefetcher):
         st = dict(self.__dict__)
         for k in ("_cv", "_stats_lock", "_table"):
             st.pop(k, None)
-        st.update(_threads=[], _plan=None, _cursor=0, _step_starts=None, _opened=None)
+        st.update(_threads=[], _burst=[], _plan=None, _cursor=0, _step_starts=None, _opened=None)
         return st
 
     def __setstate__(self, st):
@@ -224,14 +229,19 @@ class ShardCache(Prefetcher):
         if opened is not None:
             self._opened = opened
         self._advance(pos)
+        t0, how = time.perf_counter(), "cached"
         fd = lease(path)
         if fd is None:
             self._prune_opened(keep=pos)
+            how = "waited"
             with self.folder.shard_lock(os.path.basename(path)):
                 fd = lease(path)  # another rank (or our predownload) got it meanwhile
                 if fd is None:
+                    how = "fetched"
                     fd = self._fetch_now(pos)
         self.folder.touch(pos, time.time())
+        if TRACE is not None:
+            TRACE("need", self.shards[pos]["file"], {"t0": t0, "t1": time.perf_counter(), "how": how})
         return path, fd
 
     def _prune_opened(self, keep: Optional[int] = None) -> None:
@@ -377,6 +387,9 @@ class ShardCache(Prefetcher):
         """The one download path: every kept remote byte comes through here."""
         url = join(self.url, key)
         state: Dict[str, Any] = {}
+        tr = TRACE
+        clock, cpu = time.perf_counter, time.thread_time
+        rec = {"t0": clock(), "c0": cpu(), "hash_cpu": 0.0, "write_cpu": 0.0} if tr is not None else None
 
         def open_dst():
             f = state.get("f") or open(res.fd, "r+b", buffering=0, closefd=False)
@@ -388,10 +401,18 @@ class ShardCache(Prefetcher):
             b = memoryview(chunk)
             if state["n"] + len(b) > size:  # never write more than the manifest announces
                 raise ChecksumError(f"{url}: more than the {size} bytes the manifest lists")
+            if rec is not None:
+                rec.setdefault("t_first_byte", clock())
+                c = cpu()
             done = 0
             while done < len(b):  # an unbuffered write may be short (a nearly full disk)
                 done += f.write(b[done:])
+            if rec is not None:
+                c2 = cpu()
+                rec["write_cpu"] += c2 - c
             state["h"].update(b)
+            if rec is not None:
+                rec["hash_cpu"] += cpu() - c2
             state["n"] += len(b)
 
         try:
@@ -401,8 +422,12 @@ class ShardCache(Prefetcher):
                 raise ChecksumError(f"{url}: downloaded {state['n']} bytes with sha256 {digest}, the manifest "
                                     f"lists {size} bytes" + (f" with sha256 {sha256}" if sha256 else "") +
                                     " (corrupt or replaced object; it was not cached)")
+            if rec is not None:
+                rec["t_received"], rec["c_received"] = clock(), cpu()
             os.ftruncate(res.fd, size)
             os.fsync(res.fd)  # a renamed but unwritten file after a crash would pass for verified
+            if rec is not None:
+                rec["t_fsynced"], rec["c_fsynced"] = clock(), cpu()
             # no fsync of the folder: a rename lost in a crash only costs a download again
             res.commit()
             fcntl.flock(res.fd, fcntl.LOCK_SH)  # the writer's lease becomes a reader's
@@ -413,6 +438,8 @@ class ShardCache(Prefetcher):
             res.close()
         self._count(downloads=1, bytes_downloaded=size)
         log.debug("downloaded %s (%d bytes)", url, size)
+        if rec is not None:
+            tr("download", key, dict(rec, t1=clock(), c1=cpu(), bytes=size, thread=threading.current_thread().name))
         return fd
 
     def _check_meta(self, s: Dict[str, Any], path: str) -> None:
