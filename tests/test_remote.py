@@ -58,11 +58,11 @@ _batches, _same = epoch_batches, assert_same_batches
 
 
 def _shard_files(d):
-    return sorted(f for f in os.listdir(d) if f.endswith(".arrow") and ".tmp-" not in f and f != "meta-index.arrow")
+    return sorted(f for f in os.listdir(d) if f.endswith(".arrow") and ".tmp-" not in f)
 
 
 def _drop_meta_index(root):
-    """Make ``root`` a dataset written before meta-index.arrow existed (its readers fall back
+    """Make ``root`` a dataset written before meta-index.ipc existed (its readers fall back
     to each shard's footer and columns by ranged GETs)."""
     import json
 
@@ -71,7 +71,7 @@ def _drop_meta_index(root):
     m.pop("meta_index")
     with open(p, "w") as f:
         json.dump(m, f)
-    os.unlink(os.path.join(root, "meta-index.arrow"))
+    os.unlink(os.path.join(root, "meta-index.ipc"))
 
 
 # ------------------------------------------------------------------------------ S3 (moto)
@@ -108,11 +108,11 @@ def test_s3_bad_inputs_fail_fast_naming_url(moto, tmp_path, local_ds):
     c = moto.client()
     url = moto.upload(local_ds, "data", "holey")
     c.delete_object(Bucket="data", Key="holey/shard-00001.arrow")
-    ds = ReinforcedDataset(url, cache_dir=str(tmp_path), predownload=0)  # metadata: meta-index.arrow
+    ds = ReinforcedDataset(url, cache_dir=str(tmp_path), predownload=0)  # metadata: meta-index.ipc
     with pytest.raises(remote.RemoteError, match=r"s3://data/holey/shard-00001\.arrow: not found"):
         ds.gather(np.array([10]), np.zeros(1, np.int64))
     # a dataset without the index reads each shard's footer at open: it fails there
-    c.delete_object(Bucket="data", Key="holey/meta-index.arrow")
+    c.delete_object(Bucket="data", Key="holey/meta-index.ipc")
     with pytest.raises(remote.RemoteError, match=r"s3://data/holey/shard-00001\.arrow: not found"):
         ReinforcedDataset(url, cache_dir=str(tmp_path / "2"))
     assert time.time() - t0 < 20
@@ -831,7 +831,7 @@ def test_a_consistent_edit_of_a_row_and_its_hash_is_an_error(hashed, tmp_path, i
     bytes' blake2b: the ranged bytes match their row hash, but the row hashes read by range
     no longer match the manifest's hash_sha256: a ChecksumError naming the URL, nothing served
     (before, the edited image was served; a rank that never downloads the shard never knew).
-    With meta-index.arrow the row hashes come from the verified index: the edited bytes fail
+    With meta-index.ipc the row hashes come from the verified index: the edited bytes fail
     their row hash, the whole shard is fetched to decide and fails its sha256."""
     import hashlib
 
@@ -986,7 +986,7 @@ def test_a_shard_from_before_a_crash_is_hashed_again(http, local_ds, tmp_path, d
 @pytest.mark.slow
 def test_opening_2000_shards_costs_a_few_gets(tmp_path):
     """A dataset of 2,000 shards opens from moto_server with 2 GETs (manifest.json and
-    meta-index.arrow) instead of 2 ranged GETs per shard; a dataset written before the index
+    meta-index.ipc) instead of 2 ranged GETs per shard; a dataset written before the index
     (none listed) still opens, shard by shard, to the same metadata."""
     import json
 
@@ -1001,7 +1001,7 @@ def test_opening_2000_shards_costs_a_few_gets(tmp_path):
             ds = ReinforcedDataset(url, cache_dir=str(tmp_path / "c"), predownload=0)
             gets = m.requests("GET")[before:]
             assert len(gets) <= 3, gets
-            assert sorted(p.rsplit("/", 1)[-1] for p in gets) == ["manifest.json", "meta-index.arrow"]
+            assert sorted(p.rsplit("/", 1)[-1] for p in gets) == ["manifest.json", "meta-index.ipc"]
             loc = ReinforcedDataset(root)
             assert ds.keys == loc.keys and np.array_equal(ds.labels, loc.labels)
             assert np.array_equal(ds.source_hw, loc.source_hw) and np.array_equal(ds._hash, loc._hash)
@@ -1022,11 +1022,11 @@ def test_opening_2000_shards_costs_a_few_gets(tmp_path):
 
 
 def test_a_tampered_meta_index_is_refused(http, tmp_path):
-    """meta-index.arrow is hashed against the manifest's sha256: changed labels on the server
+    """meta-index.ipc is hashed against the manifest's sha256: changed labels on the server
     are a ChecksumError naming its URL, never metadata."""
-    p = os.path.join(http.root, "ds", "meta-index.arrow")
+    p = os.path.join(http.root, "ds", "meta-index.ipc")
     raw = bytearray(open(p, "rb").read())
     raw[len(raw) // 2] ^= 0x01
     open(p, "wb").write(bytes(raw))
-    with pytest.raises(remote.ChecksumError, match=r"/ds/meta-index\.arrow: downloaded .* sha256"):
+    with pytest.raises(remote.ChecksumError, match=r"/ds/meta-index\.ipc: downloaded .* sha256"):
         ReinforcedDataset(http.ds_url, cache_dir=str(tmp_path / "c"), predownload=0)

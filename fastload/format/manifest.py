@@ -13,7 +13,7 @@ renamed into place (see :mod:`fastload.format.writer`). Layout::
      "shards": [{"index": 0, "file": "shard-00000.arrow", "rows": ..., "first_row": ...,
                  "sha256": ..., "bytes": ...}],
      "skipped": [{"key": ..., "error": ...}], "fingerprint": {...},
-     "meta_index": {"file": "meta-index.arrow", "bytes": ..., "sha256": ..., "shards": ...,
+     "meta_index": {"file": "meta-index.ipc", "bytes": ..., "sha256": ..., "shards": ...,
                     "shard_columns": [...]}}   # optional: every shard's META_COLUMNS in one file
 """
 from __future__ import annotations

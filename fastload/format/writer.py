@@ -55,11 +55,11 @@ def hash_table_sha256(path: str) -> Optional[str]:
         return hashlib.sha256(memoryview(buf)[col.offset * 16:(col.offset + len(col)) * 16]).hexdigest()
 
 
-META_INDEX = "meta-index.arrow"
+META_INDEX = "meta-index.ipc"  # not .arrow: tools that list the shards glob *.arrow
 
 
 def write_meta_index(root: str, shards: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Write ``meta-index.arrow``: every shard's small per-row columns (``mf.META_COLUMNS``),
+    """Write ``meta-index.ipc``: every shard's small per-row columns (``mf.META_COLUMNS``),
     one Arrow record batch per shard in manifest order, and return its manifest entry
     (``{"file", "bytes", "sha256", "shards", "shard_columns"}``; None for no shards).
 
@@ -197,7 +197,8 @@ def merge(inputs: Sequence[str], out: str, progress: bool = True) -> Dict[str, A
         raise ValueError(f"cannot merge runs with the same seed (seeds {seeds}): the augmentations would repeat")
     n_total = sum(d.num_augmentations for d in dss)
     header = {k: v for k, v in a.manifest.items()
-              if k not in ("shards", "complete", "fingerprint", "fingerprint_sha256", "num_shards", "num_rows")}
+              if k not in ("shards", "complete", "fingerprint", "fingerprint_sha256", "num_shards", "num_rows",
+                           "meta_index")}
     header.update(num_augmentations=n_total, seeds=seeds, merged_from=[os.path.abspath(p) for p in inputs])
     fp = {"merge_of": [d.manifest["fingerprint_sha256"] for d in dss]}
     shards = sorted(a.manifest["shards"], key=lambda s: s["index"])

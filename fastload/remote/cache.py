@@ -67,7 +67,7 @@ class ShardCache(Prefetcher):
         self._opened: Optional[Dict[int, Any]] = None  # the reader's {position: mapped shard}
         self._disk_limit: Optional[int] = None  # learned from ENOSPC when cache_limit is None
         self._disk_full_seen = False
-        self.meta_index: Optional[List[Any]] = None  # per shard: its META_COLUMNS batch (meta-index.arrow)
+        self.meta_index: Optional[List[Any]] = None  # per shard: its META_COLUMNS batch (meta-index.ipc)
         self._shard_columns: Optional[List[str]] = None  # shard 0's column names, from the index
 
     def __getstate__(self):
@@ -125,7 +125,7 @@ class ShardCache(Prefetcher):
 
     # -- metadata columns -------------------------------------------------------------------
     def load_meta_index(self, m: Dict[str, Any]) -> bool:
-        """Every shard's metadata columns from the dataset's ``meta-index.arrow`` (one GET,
+        """Every shard's metadata columns from the dataset's ``meta-index.ipc`` (one GET,
         hashed against the manifest's sha256, kept under meta/): a dataset of thousands of
         shards opens with two requests. False when the manifest lists none (a dataset written
         before it existed, or the object is missing): :meth:`meta_batch` then reads each
