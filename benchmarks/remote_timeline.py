@@ -9,6 +9,9 @@ set in the worker processes only.
 
     python benchmarks/remote_timeline.py [--images 1536] [--rounds 3] [--tag before]
         # -> benchmarks/results/remote_timeline[_<images>][_<tag>].json
+    python benchmarks/remote_timeline.py --fsync-ab --rounds 4
+        # each round twice, alternating: shards fsync'd before their rename (as before) and
+        # marked with the boot id instead (now) -> remote_timeline_fsync_ab.json
 """
 import argparse
 import json
@@ -41,6 +44,11 @@ def traced_worker(source: str, cache: str, rank: int, world: int) -> dict:
             events.append(dict(rec, event=event, key=key))
 
     rc.TRACE = trace
+    if os.environ.get("FASTLOAD_TIMELINE_FSYNC"):  # the download path as before: fsync, no boot mark
+        from fastload.remote import cachedir
+
+        rc.mark_written = lambda fd: False
+        cachedir.mark_written = rc.mark_written
     meta_batch, at_step = rc.ShardCache.meta_batch, prefetch.Prefetcher.at_step
 
     def traced_meta(self, pos, *a, **k):
@@ -121,6 +129,7 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fastload_remote_bench"))
     ap.add_argument("--worker", nargs=4)
+    ap.add_argument("--fsync-ab", action="store_true")
     a = ap.parse_args()
     if a.worker:
         src, cache, r, w = a.worker
@@ -138,11 +147,14 @@ def main():
         url = moto.upload(local, "bench", "imagenet-like")
         env = dict(os.environ, **moto.env, FASTLOAD_BENCH_BARRIER="1")
         rounds = []
-        for k in range(a.rounds):
+        variants = [("fsync", dict(env, FASTLOAD_TIMELINE_FSYNC="1")), ("boot_mark", env)] if a.fsync_ab \
+            else [("", env)]
+        for k, (variant, venv) in ((k, v) for k in range(a.rounds)
+                                   for v in (variants if k % 2 == 0 else variants[::-1])):
             caches = [tempfile.mkdtemp(prefix=f"tl{k}r{r}-", dir=a.work) for r in range(a.ranks)]
             load = os.getloadavg()[0]
             procs = [subprocess.Popen([sys.executable, __file__, "--worker", url, caches[r], str(r), str(a.ranks)],
-                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      env=venv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                      for r in range(a.ranks)]
             for p in procs:
                 assert p.stdout.readline().strip() == "READY"
@@ -155,17 +167,34 @@ def main():
             for c in caches:
                 shutil.rmtree(c, ignore_errors=True)
             s = summarize(outs)
-            rounds.append({"load_average_1m": load, "ranks": s})
-            print(f"round {k} (load {load:.1f}): " + "; ".join(
+            rounds.append({"load_average_1m": load, "variant": variant, "ranks": s})
+            print(f"round {k} {variant} (load {load:.1f}): " + "; ".join(
                 f"rank: open {x['open_s']:.2f}s epoch {x['epoch_s']:.2f}s first batch {x['first_batch_s']:.3f}s "
                 f"reader waits {x['reader_wait_s']:.3f}s ({x['reader_waits_over_5ms']} over 5 ms, "
                 f"{x['shards_fetched_by_reader']} fetched by the reader) cpu/shard ms {x['cpu_ms_per_shard_median']} "
                 f"wall/shard ms {x['wall_ms_per_shard_median']}" for x in s), flush=True)
-        name = "remote_timeline" + ("" if a.images == 1536 else f"_{a.images}") + (f"_{a.tag}" if a.tag else "")
+        name = "remote_timeline" + ("" if a.images == 1536 else f"_{a.images}") + (f"_{a.tag}" if a.tag else "") \
+            + ("_fsync_ab" if a.fsync_ab else "")
+        if a.fsync_ab:
+            def med(v, f):
+                return statistics.median(f(x) for r in rounds if r["variant"] == v for x in r["ranks"])
+
+            summary = {v: {"get_wall_ms": med(v, lambda x: x["wall_ms_per_shard_median"]["get"]),
+                           "fsync_wall_ms": med(v, lambda x: x["wall_ms_per_shard_median"]["fsync"]),
+                           "download_cpu_ms": med(v, lambda x: sum(x["cpu_ms_per_shard_median"].values())),
+                           "write_cpu_ms": med(v, lambda x: x["cpu_ms_per_shard_median"]["write"]),
+                           "reader_wait_s": med(v, lambda x: x["reader_wait_s"]),
+                           "first_batch_s": med(v, lambda x: x["first_batch_s"]),
+                           "epoch_s": med(v, lambda x: x["epoch_s"]), "cpu_s": med(v, lambda x: x["cpu_s"])}
+                       for v, _ in variants}
+            print(json.dumps(summary, indent=1))
+        else:
+            summary = None
         print(write_result(name, {"setup": {"images": a.images, "ranks": a.ranks, "rounds": a.rounds,
                                             "as": "benchmarks/remote.py s3_cold (moto_server), traced"},
                                   "note": "times in s from the moment the rank handed its plan to the cache; "
                                           "wait_s: the reader's fetch_leased (0: cached already)",
+                                  "summary_medians_over_ranks_and_rounds": summary,
                                   "rounds": rounds}, os.path.join(HERE, "results")))
     finally:
         moto.stop()
