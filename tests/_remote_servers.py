@@ -48,7 +48,7 @@ def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 60)
 class Moto:
     """``moto_server -H 127.0.0.1 -p PORT`` as a subprocess; ``env`` configures obstore/boto3."""
 
-    def __init__(self, port: int = 0, auth: bool = False):
+    def __init__(self, port: int = 0, auth: bool = False, log: str = None):
         exe = shutil.which("moto_server")
         if exe is None:
             raise RuntimeError('moto_server not found: pip install "moto[server]"')
@@ -57,11 +57,21 @@ class Moto:
         env = dict(os.environ)
         if auth:  # every request is checked against moto's IAM: unknown keys get 403
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+        # ``log``: its request log (one line per request: ``requests`` reads it)
+        self.log = log
+        out = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+        if log:
+            out.close()
         _wait_http(self.endpoint + "/moto-api/", self.proc, "moto_server")
         self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+
+    def requests(self, method: str):
+        """The paths of the requests with ``method`` served so far (needs ``log``)."""
+        with open(self.log) as f:
+            return [ln.split('"')[1].split()[1] for ln in f if f'"{method} ' in ln]
 
     def client(self):
         import boto3

@@ -130,6 +130,10 @@ def test_exit_hook_names_threads_it_could_not_join(capsys):
     stderr with its stack (what it is blocked in)."""
     from fastload import _threads
 
+    # threads earlier tests left running (remote datasets never closed: their predownload
+    # threads look at the stop flag about once a second) are not what this test names
+    _threads.stop_all_threads(timeout=10)
+    _threads._EXITING.clear()
     release = threading.Event()
 
     def stuck_in_native_wait():

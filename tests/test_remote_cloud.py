@@ -99,8 +99,14 @@ def test_missing_prefix_and_objects_fail_fast_naming_url(cloud, local_ds, tmp_pa
     shutil.copytree(local_ds, holey)
     os.unlink(holey / "shard-00001.arrow")
     url = cloud.upload(str(holey), "data", "holey")
+    ds = ReinforcedDataset(url, cache_dir=str(tmp_path / "c"), predownload=0)  # metadata: meta-index.ipc
     with pytest.raises(remote.RemoteError, match=rf"{s}://data/holey/shard-00001\.arrow: not found"):
-        ReinforcedDataset(url, cache_dir=str(tmp_path / "c"))
+        ds.gather(np.array([10]), np.zeros(1, np.int64))
+    # a dataset without the index reads each shard's footer at open: it fails there
+    os.unlink(holey / "meta-index.ipc")
+    url = cloud.upload(str(holey), "data", "holey2")
+    with pytest.raises(remote.RemoteError, match=rf"{s}://data/holey2/shard-00001\.arrow: not found"):
+        ReinforcedDataset(url, cache_dir=str(tmp_path / "c2"))
     assert time.time() - t0 < 20
 
 

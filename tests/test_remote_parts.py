@@ -91,6 +91,44 @@ def test_prefetcher_follows_the_window_and_publishes_the_plan(monkeypatch):
     assert time.monotonic() - t0 < 2 and not any(t.is_alive() for t in h._threads)
 
 
+def test_the_first_steps_shards_are_requested_side_by_side(monkeypatch):
+    """A plan's first step reads a block of 6 shards: all 6 downloads are in flight at once
+    (before, 2 streams fetched them two by two while the first batch waited); later shards
+    start only once the first step's have landed."""
+    import os
+
+    from fastload.remote import prefetch
+
+    monkeypatch.setattr(os.path, "exists", lambda p: p.endswith("-x"))
+    monkeypatch.setattr(prefetch, "FIRST_STEP_STREAMS", 8)
+    release = threading.Event()
+    inflight, peak, order = set(), [0], []
+
+    class Slow(_Host):
+        def fetch_ahead(self, pos, wait=True):
+            with self.got:
+                inflight.add(pos)
+                order.append(pos)
+                peak[0] = max(peak[0], len(inflight))
+                self.got.notify_all()
+            if pos < 6:
+                release.wait(10)
+            with self.got:
+                inflight.discard(pos)
+            return super().fetch_ahead(pos, wait)
+
+    h = Slow(10, predownload=2)
+    h.plan_steps([np.arange(6), np.arange(6), np.array([6, 7]), np.array([8, 9])])
+    with h.got:
+        assert h.got.wait_for(lambda: set(range(6)) <= inflight, 5)
+    time.sleep(0.2)
+    assert not {6, 7} & set(order)  # nothing later shares the server with the first step
+    release.set()
+    assert h.wait_for(range(8))
+    assert peak[0] >= 6
+    h.close()
+
+
 def test_after_a_call_gave_up_the_next_one_tries_once():
     c = Client(f"http://127.0.0.1:{free_port()}", retries=3, backoff=0.3)
     with pytest.raises(RemoteError, match="after 4 attempts"):
@@ -121,7 +159,8 @@ def test_close_names_a_thread_it_cannot_join_with_its_stack(monkeypatch, caplog)
         h.close(timeout=0.2)
     release.set()
     msg = caplog.text
-    assert "fastload-predownload-0 still running" in msg and "in fetch_ahead" in msg
+    # the first thread in fetch_ahead is the one the plan started for its first step's shard
+    assert "fastload-first-step-0 still running" in msg and "in fetch_ahead" in msg
     for t in h._threads:
         t.join(5)
 

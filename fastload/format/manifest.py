@@ -12,7 +12,9 @@ renamed into place (see :mod:`fastload.format.writer`). Layout::
      "shard_size": ..., "num_shards": ..., "complete": true,
      "shards": [{"index": 0, "file": "shard-00000.arrow", "rows": ..., "first_row": ...,
                  "sha256": ..., "bytes": ...}],
-     "skipped": [{"key": ..., "error": ...}], "fingerprint": {...}}
+     "skipped": [{"key": ..., "error": ...}], "fingerprint": {...},
+     "meta_index": {"file": "meta-index.ipc", "bytes": ..., "sha256": ..., "shards": ...,
+                    "shard_columns": [...]}}   # optional: every shard's META_COLUMNS in one file
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ SCHEMA_VERSION = 2
 FORMAT_NAME = "fastload-reinforced"
 MANIFEST = "manifest.json"
 KINDS = ("classification", "image_text")
+# the small per-row columns a reader loads at open (labels, sizes, keys, row hashes); the
+# writer gathers them for every shard into one file (writer.write_meta_index)
+META_COLUMNS = ("key", "hash", "orig_h", "orig_w", "src_h", "src_w", "label")
 
 
 def shard_name(index: int) -> str:

@@ -197,6 +197,9 @@ class ReinforcedDataset:
         Remote: a few ranged GETs per shard, 16 shards at a time (thousands of shards
         one after the other would take minutes to open)."""
         metas = self._shards_meta
+        if self.remote is not None and self.remote.meta_index is not None:  # one file for all shards
+            yield from zip(range(len(metas)), metas, self.remote.meta_index)
+            return
         if not self.remote or len(metas) < 2:
             for pos, s in enumerate(metas):
                 yield pos, s, (self.remote.meta_batch(pos) if self.remote else self._shard(pos).batch)

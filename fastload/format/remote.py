@@ -15,9 +15,14 @@ folder per dataset URL; inside it:
   new names, so a stale shard is never served (the manifest is re-read on every open);
 - a download goes to ``<name>.tmp-<random>``, created sparse at the shard's full size (its
   reservation, so downloads side by side never overshoot the limit together) and held under
-  an exclusive ``flock`` by its writer until it is hashed while received, fsync'd and renamed
+  an exclusive ``flock`` by its writer until it is hashed while received and renamed
   into place only if its sha256 and size match the manifest: a reader never sees half a
-  shard, and a mismatch raises :class:`ChecksumError` naming the URL. Liveness is the
+  shard, and a mismatch raises :class:`ChecksumError` naming the URL. Instead of an fsync
+  per shard, the file is marked (extended attribute) with the boot it was written in; a
+  shard marked by another boot or not at all (the machine may have crashed before its
+  blocks reached the disk) is hashed again before use, then fsync'd and marked durable, or
+  downloaded again (:mod:`fastload.remote.cachedir`); where xattrs are unsupported, every
+  shard is fsync'd before its rename. Liveness is the
   kernel's: a temporary file whose lock can be taken belongs to a dead writer (any pid
   namespace) and is removed; no pid is ever looked at;
 - ranks on one node share the folder: a per-shard ``flock`` makes the first process
@@ -41,13 +46,17 @@ folder per dataset URL; inside it:
   this rank's shards for the rest of the epoch, step by step, whenever an epoch starts or
   resumes (its built-in order or a ``sampler``; a ``batch_sampler`` cannot be read ahead,
   except ``BlockShuffleSampler.batch_sampler(dataset=...)``, which plans by itself, step by
-  step too); ``PREDOWNLOAD_STREAMS`` threads keep the shards of the step being read and the
-  next ``predownload`` distinct shards on disk, each skipping a shard someone else is
-  fetching;
-- per-row metadata (labels, sizes, keys) is read with ranged GETs of the Arrow footer and
-  the small columns only (two GETs of at most 8 KiB per shard, 16 shards at a time), cached
-  under ``meta/`` with the hashes of the byte spans it came from, which are compared with the
-  full shard once that is downloaded and verified.
+  step too); the shards of the plan's first step are requested at once, side by side (up to
+  ``FIRST_STEP_STREAMS``, one-shot threads); ``PREDOWNLOAD_STREAMS`` threads then keep the
+  shards of the step being read and the next ``predownload`` distinct shards on disk, each
+  skipping a shard someone else is fetching;
+- per-row metadata (labels, sizes, keys, row hashes) comes from the dataset's
+  ``meta-index.ipc`` (written by the dataset writer, listed in the manifest with its sha256:
+  one GET for every shard, hashed before use, kept under ``meta/``). A dataset written
+  before the index existed is read with ranged GETs of each shard's Arrow footer and small
+  columns (two GETs of at most 8 KiB per shard, 16 shards at a time), cached under ``meta/``
+  with the hashes of the byte spans it came from, which are compared with the full shard
+  once that is downloaded and verified.
 
 Network errors (refused connection, reset, timeout, 5xx) are retried ``retries`` times with
 exponential backoff (``backoff`` s doubling, capped at 8 s); a missing object, wrong
@@ -70,8 +79,8 @@ from fastload.remote.client import Client as _Client  # noqa: F401
 from fastload.remote.client import RangedFile as _RangedFile  # noqa: F401
 from fastload.remote.client import first_line as _first_line  # noqa: F401
 from fastload.remote.client import join as _join  # noqa: F401
-from fastload.remote.prefetch import PREDOWNLOAD_STREAMS  # noqa: F401
+from fastload.remote.prefetch import FIRST_STEP_STREAMS, PREDOWNLOAD_STREAMS  # noqa: F401
 
 __all__ = ["RemoteError", "ChecksumError", "CacheFullError", "ShardCache", "is_remote", "default_cache_dir",
            "open_reinforced", "predownload_rows", "materialize_decomposed", "SCHEMES", "META_COLUMNS",
-           "PREDOWNLOAD_STREAMS"]
+           "PREDOWNLOAD_STREAMS", "FIRST_STEP_STREAMS"]

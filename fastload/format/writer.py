@@ -55,6 +55,41 @@ def hash_table_sha256(path: str) -> Optional[str]:
         return hashlib.sha256(memoryview(buf)[col.offset * 16:(col.offset + len(col)) * 16]).hexdigest()
 
 
+META_INDEX = "meta-index.ipc"  # not .arrow: tools that list the shards glob *.arrow
+
+
+def write_meta_index(root: str, shards: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Write ``meta-index.ipc``: every shard's small per-row columns (``mf.META_COLUMNS``),
+    one Arrow record batch per shard in manifest order, and return its manifest entry
+    (``{"file", "bytes", "sha256", "shards", "shard_columns"}``; None for no shards).
+
+    A remote reader opens a dataset of thousands of shards with two GETs (the manifest, this
+    file, hashed against the manifest's sha256) instead of two ranged GETs per shard. Written
+    atomically before the manifest that lists it (``finish``), so a listed index exists."""
+    import hashlib
+
+    import pyarrow as pa
+
+    if not shards:
+        return None
+    sink = pa.BufferOutputStream()
+    writer, names = None, None
+    for s in shards:
+        with pa.memory_map(os.path.join(root, s["file"])) as src:
+            all_names = pa.ipc.open_file(src).schema.names
+            opts = pa.ipc.IpcReadOptions(included_fields=[all_names.index(c) for c in mf.META_COLUMNS])
+            b = pa.ipc.open_file(src, options=opts).get_batch(0)
+            if writer is None:
+                names = list(all_names)
+                writer = pa.ipc.new_file(sink, b.schema)
+            writer.write_batch(b)  # copies the buffers out of the map before it closes
+    writer.close()
+    data = sink.getvalue().to_pybytes()
+    mf.atomic_write_bytes(os.path.join(root, META_INDEX), data)
+    return {"file": META_INDEX, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "shards": len(shards), "shard_columns": names}
+
+
 class DatasetWriter:
     """Owns ``manifest.json`` of an output directory: open (or resume), list shards, finish.
 
@@ -128,6 +163,9 @@ class DatasetWriter:
         for s in self.manifest["shards"]:
             s["first_row"] = first
             first += s["rows"]
+        index = write_meta_index(self.root, self.manifest["shards"])
+        if index is not None:
+            extra = dict(extra, meta_index=index)
         self.manifest.update(extra, num_rows=first, complete=True)
         mf.write_manifest(self.root, self.manifest)
         return self.manifest
@@ -159,7 +197,8 @@ def merge(inputs: Sequence[str], out: str, progress: bool = True) -> Dict[str, A
         raise ValueError(f"cannot merge runs with the same seed (seeds {seeds}): the augmentations would repeat")
     n_total = sum(d.num_augmentations for d in dss)
     header = {k: v for k, v in a.manifest.items()
-              if k not in ("shards", "complete", "fingerprint", "fingerprint_sha256", "num_shards", "num_rows")}
+              if k not in ("shards", "complete", "fingerprint", "fingerprint_sha256", "num_shards", "num_rows",
+                           "meta_index")}
     header.update(num_augmentations=n_total, seeds=seeds, merged_from=[os.path.abspath(p) for p in inputs])
     fp = {"merge_of": [d.manifest["fingerprint_sha256"] for d in dss]}
     shards = sorted(a.manifest["shards"], key=lambda s: s["index"])
@@ -187,4 +226,4 @@ def merge(inputs: Sequence[str], out: str, progress: bool = True) -> Dict[str, A
     return w.finish(skipped=a.manifest.get("skipped", []))
 
 
-__all__ = ["DatasetWriter", "write_shard_file", "merge"]
+__all__ = ["DatasetWriter", "write_shard_file", "write_meta_index", "merge", "META_INDEX"]

@@ -23,15 +23,20 @@ import numpy as np
 from fastload.format import manifest as mf
 
 from . import policy
-from .cachedir import CacheDir, RankTable, Reservation, lease
+from .cachedir import CacheDir, RankTable, Reservation, lease, mark_durable, mark_written, trusted
 from .client import (FULL_DISK, SCHEMES, CacheFullError, ChecksumError, Client, RangedFile, RemoteError,
                      default_cache_dir, is_remote, join)
 from .prefetch import Prefetcher
 
 log = logging.getLogger("fastload.remote")
 
-META_COLUMNS = ("key", "hash", "orig_h", "orig_w", "src_h", "src_w", "label")
+META_COLUMNS = mf.META_COLUMNS
 _SPANS_KEY = b"fastload.source_spans"  # meta/ entries: [[offset, length, blake2b-128], ...]
+
+# benchmarks/remote_timeline.py sets this to a callable(event, key, record dict): when each
+# shard's GET starts and ends, the reader's waits, the CPU of each download phase. None (the
+# default) costs one test per download and per fetch.
+TRACE: Optional[Callable[[str, str, Dict[str, Any]], None]] = None
 
 
 class ShardCache(Prefetcher):
@@ -62,12 +67,15 @@ class ShardCache(Prefetcher):
         self._opened: Optional[Dict[int, Any]] = None  # the reader's {position: mapped shard}
         self._disk_limit: Optional[int] = None  # learned from ENOSPC when cache_limit is None
         self._disk_full_seen = False
+        self.meta_index: Optional[List[Any]] = None  # per shard: its META_COLUMNS batch (meta-index.ipc)
+        self._shard_columns: Optional[List[str]] = None  # shard 0's column names, from the index
 
     def __getstate__(self):
         st = dict(self.__dict__)
         for k in ("_cv", "_stats_lock", "_table"):
             st.pop(k, None)
-        st.update(_threads=[], _plan=None, _cursor=0, _step_starts=None, _opened=None)
+        st["meta_index"] = None  # read at open only: workers get the dataset's arrays
+        st.update(_threads=[], _burst=[], _plan=None, _cursor=0, _step_starts=None, _opened=None)
         return st
 
     def __setstate__(self, st):
@@ -116,10 +124,76 @@ class ShardCache(Prefetcher):
         return os.path.join(self.dir, f"{s['sha256'][:16]}-{s['file']}")
 
     # -- metadata columns -------------------------------------------------------------------
+    def load_meta_index(self, m: Dict[str, Any]) -> bool:
+        """Every shard's metadata columns from the dataset's ``meta-index.ipc`` (one GET,
+        hashed against the manifest's sha256, kept under meta/): a dataset of thousands of
+        shards opens with two requests. False when the manifest lists none (a dataset written
+        before it existed, or the object is missing): :meth:`meta_batch` then reads each
+        shard's footer and columns by ranged GETs.
+
+        The index is verified by the sha256 the writer listed beside the shards' own, so its
+        columns are the writer's for those shards (no per-shard comparison after download, as
+        the ranged reads need: those bytes are unverified until the shard is). Each shard's
+        ``hash`` column is also checked against the manifest's ``hash_sha256`` for it."""
+        import pyarrow as pa
+
+        ent = m.get("meta_index")
+        if not (isinstance(ent, dict) and isinstance(ent.get("file"), str) and isinstance(ent.get("sha256"), str)
+                and isinstance(ent.get("bytes"), int) and ent.get("shards") == len(self.shards)):
+            return False
+        name = ent["file"]
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"{self.url}: meta_index file {name!r} must be a plain name")
+        path = os.path.join(self.dir, "meta", f"index-{ent['sha256'][:16]}.arrow")
+        data = None
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            # hashed again on every open (a few MB per million rows): a local file damaged or
+            # torn by a crash is never used, it is downloaded again
+            if hashlib.sha256(data).hexdigest() != ent["sha256"]:
+                data = None
+        if data is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.close(self._download_object(name, Reservation(path), ent["bytes"], ent["sha256"], counted=False))
+            except RemoteError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                log.warning("%s: the manifest lists %s but it is not there: reading each shard's metadata",
+                            self.url, name)
+                return False
+            with open(path, "rb") as f:
+                data = f.read()
+            self._count(meta_bytes=len(data))
+        where = join(self.url, name)
+        try:
+            r = pa.ipc.open_file(pa.py_buffer(data))
+            batches = [r.get_batch(k) for k in range(r.num_record_batches)]
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{where}: not a valid Arrow IPC file ({e})") from e
+        if len(batches) != len(self.shards) or any(c not in r.schema.names for c in META_COLUMNS):
+            raise ValueError(f"{where}: {len(batches)} batches with columns {r.schema.names}, expected "
+                             f"{len(self.shards)} (one per shard) with {list(META_COLUMNS)}")
+        for s, b in zip(self.shards, batches):
+            want = s.get("hash_sha256")
+            if isinstance(want, str):
+                col = b.column("hash")
+                got = hashlib.sha256(memoryview(col.buffers()[1])[col.offset * 16:(col.offset + len(col)) * 16])
+                if got.hexdigest() != want:
+                    raise ChecksumError(f"{where}: the row hashes of {s['file']} differ from the manifest's "
+                                        "hash_sha256 (an index written for other shards?)")
+        self.meta_index = batches
+        cols = ent.get("shard_columns")
+        self._shard_columns = list(cols) if isinstance(cols, list) else None
+        return True
+
     def meta_batch(self, pos: int, columns: Sequence[str] = META_COLUMNS):
         """The small per-row columns of shard ``pos`` (ranged GETs; cached under meta/)."""
         import pyarrow as pa
 
+        if self.meta_index is not None and set(columns) <= set(META_COLUMNS):
+            return self.meta_index[pos].select(list(columns))
         s = self.shards[pos]
         path = os.path.join(self.dir, "meta", f"{s['sha256'][:16]}.arrow")
         full = self.local_name(pos)
@@ -128,6 +202,9 @@ class ShardCache(Prefetcher):
                 with open(path, "rb") as f:
                     return pa.ipc.open_file(pa.py_buffer(f.read())).get_batch(0)
             fd = lease(full)
+            if fd is not None and not trusted(fd):  # may be torn by a crash: read by range
+                os.close(fd)
+                fd = None
             if fd is not None:  # already downloaded (and verified): read it locally
                 try:
                     with open(fd, "rb", closefd=False) as f:
@@ -162,6 +239,8 @@ class ShardCache(Prefetcher):
         import pyarrow as pa
 
         names = self._schemas.get(pos) if hasattr(self, "_schemas") else None
+        if names is None and pos == 0 and self._shard_columns is not None:
+            names = self._shard_columns  # listed by the writer in the manifest's meta_index
         if names is None:
             s = self.shards[pos]
             src = lambda: pa.PythonFile(RangedFile(self.client, s["file"], s["bytes"]), mode="r")  # noqa: E731
@@ -224,15 +303,44 @@ class ShardCache(Prefetcher):
         if opened is not None:
             self._opened = opened
         self._advance(pos)
+        t0, how = time.perf_counter(), "cached"
         fd = lease(path)
+        if fd is not None and not trusted(fd):  # written before a crash? checked under the lock
+            os.close(fd)
+            fd = None
         if fd is None:
             self._prune_opened(keep=pos)
+            how = "waited"
             with self.folder.shard_lock(os.path.basename(path)):
                 fd = lease(path)  # another rank (or our predownload) got it meanwhile
+                if fd is not None and not trusted(fd):
+                    fd = self._reverify(pos, fd)
                 if fd is None:
+                    how = "fetched"
                     fd = self._fetch_now(pos)
         self.folder.touch(pos, time.time())
+        if TRACE is not None:
+            TRACE("need", self.shards[pos]["file"], {"t0": t0, "t1": time.perf_counter(), "how": how})
         return path, fd
+
+    def _reverify(self, pos: int, fd: int) -> Optional[int]:
+        """A shard in place (``fd``: its lease) whose bytes may not have reached the disk
+        before a crash (see cachedir.trusted): hash it; a match is fsync'd, marked durable and
+        ``fd`` returned; a mismatch is evicted where no one else holds it and None returned
+        (the caller downloads it again, renamed over it). Call under its shard lock."""
+        path, s = self.local_name(pos), self.shards[pos]
+        h = hashlib.sha256()
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() == s["sha256"]:
+            mark_durable(fd)
+            return fd
+        os.close(fd)
+        log.warning("%s: cached %s does not match its sha256 (written before a crash?): downloading it again",
+                    self.dir, s["file"])
+        self.folder.evict(os.path.basename(path))
+        return None
 
     def _prune_opened(self, keep: Optional[int] = None) -> None:
         """With a ``cache_limit`` (or once the disk was full): drop the reader's maps of
@@ -369,14 +477,22 @@ class ShardCache(Prefetcher):
         """Stream shard ``pos`` into its reservation, verify size and sha256 while receiving,
         fsync, rename into place; returns the fd with a shared lock (the caller's lease)."""
         s = self.shards[pos]
-        fd = self._download_object(s["file"], res, int(s["bytes"]), s["sha256"])
+        fd = self._download_object(s["file"], res, int(s["bytes"]), s["sha256"], marked=True)
         self._check_meta(s, self.local_name(pos))
         return fd
 
-    def _download_object(self, key: str, res: Reservation, size: int, sha256: Optional[str]) -> int:
-        """The one download path: every kept remote byte comes through here."""
+    def _download_object(self, key: str, res: Reservation, size: int, sha256: Optional[str],
+                         counted: bool = True, marked: bool = False) -> int:
+        """The one download path: every kept remote byte comes through here. ``counted``:
+        in ``stats["downloads"]``/``["bytes_downloaded"]`` (the metadata index counts as
+        ``meta_bytes`` instead). ``marked``: the file is marked with the boot id instead of
+        fsync'd where the file system allows (shards, whose every reader checks the mark:
+        cachedir.trusted); other files are fsync'd."""
         url = join(self.url, key)
         state: Dict[str, Any] = {}
+        tr = TRACE
+        clock, cpu = time.perf_counter, time.thread_time
+        rec = {"t0": clock(), "c0": cpu(), "hash_cpu": 0.0, "write_cpu": 0.0} if tr is not None else None
 
         def open_dst():
             f = state.get("f") or open(res.fd, "r+b", buffering=0, closefd=False)
@@ -388,10 +504,18 @@ class ShardCache(Prefetcher):
             b = memoryview(chunk)
             if state["n"] + len(b) > size:  # never write more than the manifest announces
                 raise ChecksumError(f"{url}: more than the {size} bytes the manifest lists")
+            if rec is not None:
+                rec.setdefault("t_first_byte", clock())
+                c = cpu()
             done = 0
             while done < len(b):  # an unbuffered write may be short (a nearly full disk)
                 done += f.write(b[done:])
+            if rec is not None:
+                c2 = cpu()
+                rec["write_cpu"] += c2 - c
             state["h"].update(b)
+            if rec is not None:
+                rec["hash_cpu"] += cpu() - c2
             state["n"] += len(b)
 
         try:
@@ -401,8 +525,13 @@ class ShardCache(Prefetcher):
                 raise ChecksumError(f"{url}: downloaded {state['n']} bytes with sha256 {digest}, the manifest "
                                     f"lists {size} bytes" + (f" with sha256 {sha256}" if sha256 else "") +
                                     " (corrupt or replaced object; it was not cached)")
+            if rec is not None:
+                rec["t_received"], rec["c_received"] = clock(), cpu()
             os.ftruncate(res.fd, size)
-            os.fsync(res.fd)  # a renamed but unwritten file after a crash would pass for verified
+            if not (marked and sha256 is not None and mark_written(res.fd)):
+                os.fsync(res.fd)  # a renamed but unwritten file after a crash would pass for verified
+            if rec is not None:
+                rec["t_fsynced"], rec["c_fsynced"] = clock(), cpu()
             # no fsync of the folder: a rename lost in a crash only costs a download again
             res.commit()
             fcntl.flock(res.fd, fcntl.LOCK_SH)  # the writer's lease becomes a reader's
@@ -411,8 +540,11 @@ class ShardCache(Prefetcher):
             if state.get("f") is not None:
                 state["f"].close()  # closefd=False: the descriptor stays with res
             res.close()
-        self._count(downloads=1, bytes_downloaded=size)
+        if counted:
+            self._count(downloads=1, bytes_downloaded=size)
         log.debug("downloaded %s (%d bytes)", url, size)
+        if rec is not None:
+            tr("download", key, dict(rec, t1=clock(), c1=cpu(), bytes=size, thread=threading.current_thread().name))
         return fd
 
     def _check_meta(self, s: Dict[str, Any], path: str) -> None:
@@ -470,6 +602,7 @@ def open_reinforced(url: str, cache_dir: Optional[str] = None, cache_limit: Opti
         raise
     mf.validate(m, join(cache.url, mf.MANIFEST))
     cache.set_shards(sorted(m["shards"], key=lambda s: s["index"]))
+    cache.load_meta_index(m)
     # the manifest is kept beside the shards (for `fastload inspect` and post-mortems)
     mf.atomic_write_bytes(os.path.join(cache.dir, mf.MANIFEST), json.dumps(m).encode())
     return cache, m

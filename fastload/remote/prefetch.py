@@ -29,6 +29,13 @@ log = logging.getLogger("fastload.remote")
 
 # predownload threads per cache (each one download at a time, besides the reader's own)
 PREDOWNLOAD_STREAMS = int(os.environ.get("FASTLOAD_PREDOWNLOAD_STREAMS", "2"))
+# when a plan is handed over, the shards of its first step are requested at once, side by
+# side, on up to this many one-shot threads: the reader needs all of them before its first
+# batch, and with PREDOWNLOAD_STREAMS streams a block of 4 shards took two GETs one after the
+# other (benchmarks/results/remote_timeline_before.json: the first step's last shard started
+# only when a stream was free again). Object stores serve each stream at its own pace, so the
+# first batch then waits for about one GET instead of two or more.
+FIRST_STEP_STREAMS = int(os.environ.get("FASTLOAD_FIRST_STEP_STREAMS", "8"))
 
 
 class Prefetcher:
@@ -38,6 +45,7 @@ class Prefetcher:
         self._step_starts: Optional[np.ndarray] = None  # plan index where each step begins
         self._cv = threading.Condition()
         self._threads: List[threading.Thread] = []
+        self._burst: List[threading.Thread] = []  # the first step's one-shot downloads
 
     # -- the plan -------------------------------------------------------------------------
     def plan(self, shard_order: Iterable[int], step_starts: Optional[Sequence[int]] = None) -> None:
@@ -67,11 +75,13 @@ class Prefetcher:
                 self._publish(order, np.arange(len(order), dtype=np.int64), 0)
             self.client.stop.clear()
             self._cv.notify_all()
-            if self.predownload and not any(t.is_alive() for t in self._threads):
+            if self.predownload:
+                self._start_burst(order, starts)
+            if self.predownload and not any(t.is_alive() for t in self._threads if t not in self._burst):
                 # a few streams: the first step's shards (a block) arrive side by side. On
                 # registered threads (fastload._threads): stop_all_threads at exit sets the
                 # client's stop flag, joins them and names any it cannot join, with its stack
-                self._threads = []
+                self._threads = list(self._burst)
                 for k in range(min(self.predownload, PREDOWNLOAD_STREAMS)):
                     try:
                         self._threads.append(start_thread(self._run, (), self.client.stop,
@@ -79,6 +89,32 @@ class Prefetcher:
                     except RuntimeError:  # the interpreter exits: the reader fetches on its own
                         break
                 _LIVE.add(self)
+
+    def _start_burst(self, order: np.ndarray, starts: Optional[np.ndarray]) -> None:
+        """One thread per shard of the plan's first step not on disk yet (up to
+        FIRST_STEP_STREAMS), each downloading it once (skipped when another thread or rank
+        has it in flight: the per-shard lock keeps it one GET per node). Call under ``_cv``."""
+        end = int(starts[1]) if starts is not None and len(starts) > 1 else (len(order) if starts is not None else 1)
+        first = [p for p in dict.fromkeys(order[:max(end, 1)].tolist()) if not os.path.exists(self.local_name(p))]
+        self._burst = [t for t in self._burst if t.is_alive()]
+        for p in first[:FIRST_STEP_STREAMS]:
+            try:
+                t = start_thread(self._fetch_once, (p,), self.client.stop, name=f"fastload-first-step-{p}")
+            except RuntimeError:  # the interpreter exits: the reader fetches on its own
+                break
+            self._burst.append(t)
+            self._threads.append(t)
+        _LIVE.add(self)
+
+    def _fetch_once(self, pos: int) -> None:
+        try:
+            self.fetch_ahead(pos, wait=False)
+        except Exception as e:  # noqa: BLE001 - the reader's own fetch raises it in the main path
+            if not self._stopped():
+                log.warning("download of %s failed: %s", self.shards[pos]["file"], first_line(e))
+        finally:
+            with self._cv:
+                self._cv.notify_all()  # the streams wait for the first step's downloads to land
 
     def plan_steps(self, per_step: Sequence[np.ndarray]) -> None:
         """:meth:`plan` from the shards each step reads (each read in ascending order, as
@@ -118,17 +154,22 @@ class Prefetcher:
                 return []
             return self._window(self._plan, self._cursor)
 
-    def _window(self, plan: np.ndarray, cur: int) -> List[int]:
-        """The shards the step at ``cur`` reads, then the next ``predownload`` distinct shards
-        of the plan. Distinct shards, not plan entries: with blocks of shards, each step
-        reads the whole block and the next steps read it again, so counting entries would
-        never reach the next block and the reader would wait for it at every block start."""
+    def _step_end(self, plan: np.ndarray, cur: int) -> int:
+        """Where the step at plan index ``cur`` ends (exclusive)."""
         starts = self._step_starts
         end = cur + 1
         if starts is not None and len(starts):
             k = int(np.searchsorted(starts, cur, side="right"))
             end = int(starts[k]) if k < len(starts) else len(plan)
-        out = list(dict.fromkeys(plan[cur:max(end, cur + 1)].tolist()))
+        return max(end, cur + 1)
+
+    def _window(self, plan: np.ndarray, cur: int) -> List[int]:
+        """The shards the step at ``cur`` reads, then the next ``predownload`` distinct shards
+        of the plan. Distinct shards, not plan entries: with blocks of shards, each step
+        reads the whole block and the next steps read it again, so counting entries would
+        never reach the next block and the reader would wait for it at every block start."""
+        end = self._step_end(plan, cur)
+        out = list(dict.fromkeys(plan[cur:end].tolist()))
         seen, want = set(out), len(out) + self.predownload
         i, span = end, 4 * self.predownload + 8
         while len(out) < want and i < len(plan):
@@ -173,8 +214,13 @@ class Prefetcher:
                     plan, cur = self._plan, self._cursor
                     if plan is not failed_plan:
                         failed_plan, failed = plan, set()
-                    todo = [p for p in self._window(plan, cur)
-                            if p not in failed and not os.path.exists(self.local_name(p))]
+                    window = self._window(plan, cur)
+                    if any(t.is_alive() for t in self._burst):
+                        # the first step's shards are arriving on their own threads: the
+                        # streams join those (one may fall behind) but start no later shard
+                        # that would share the server with them
+                        window = window[:len(set(plan[cur:self._step_end(plan, cur)].tolist()))]
+                    todo = [p for p in window if p not in failed and not os.path.exists(self.local_name(p))]
                     if todo:
                         break
                     self._cv.wait(1.0)
