@@ -30,8 +30,11 @@ semantics ``ra_semantics`` = "v1" (``transforms.RandAugment``) or "v2"
 (``transforms.v2.RandAugment``: grey level and blends with one FMA per ``add_(x, alpha)``
 (explicit ``tl.fma``), Sharpness as ``x + (1-r)(blur - x)`` with the border untouched,
 AutoContrast dividing by ``(max - min) * fl(1/255)``, Solarize's threshold
-``255 * linspace(1, 0)``); pil and timm (Pillow's and timm's arithmetic) are not here, such
-datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
+``255 * linspace(1, 0)``), or "pil" (torchvision's RandAugment on PIL images, Pillow's
+arithmetic: the kernels of ``kernels/ra_pil.py``, launched per slot in place of the three
+below; fixed-point and double geometry, float32 ``Image.blend``, ImageOps tables in double;
+equal to the pil goldens of real Pillow in the interpreter, tests/test_ra_golden_triton_pil.py);
+timm (timm's ops) is not here, such datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
 bins at the output size (computed on the host from the records), or from the extension
 record's float magnitudes. Photometric ops repeat torchvision's float32 arithmetic in the
 same order (scalars rounded to float32 where torch rounds them) and integer reductions, so
@@ -39,7 +42,7 @@ they match the goldens of real torchvision exactly in the interpreter (both sema
 tests/test_ra_golden_triton.py); for the GPU the RandAugment passes are compiled without
 FMA contraction (``enable_fp_fusion=False``) and with IEEE division (``tl.div_rn``),
 checked in the PTX compiled here for sm_90, but never run on a GPU.
-Geometric ops (ShearX/Y, TranslateX/Y, Rotate) use the reference's inverse affine matrix,
+Geometric ops (ShearX/Y, TranslateX/Y, Rotate; v1/v2) use the reference's inverse affine matrix,
 nearest sampling (round half to even, as grid_sample) and fill 0; a source coordinate within
 float error of a .5 tie may pick the neighbouring pixel.
 
@@ -1004,7 +1007,7 @@ def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolat
     inside them: (offy, fh, offx, fw) of the main crop, then of the partner crop, in
     region pixels (the C++ path's geometry); the records' integer boxes are then unused.
     ``ra_semantics``: "v1" or "v2" (torchvision's tensor RandAugment, transforms or
-    transforms.v2). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
+    transforms.v2), or "pil" (its RandAugment on PIL images: Pillow's arithmetic). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
     record): float magnitudes (ext ``ra_float``; translations in pixels of ``box_grid``
     (h, w), default the output), black erasing, the partner's own RandAugment and erase box
     (``partner_aug``)."""
@@ -1213,7 +1216,8 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
 
     ``interpolation``: "bilinear" or "bicubic" (both antialiased, as the reference);
     ``ra_num_bins``: RandAugment's ``num_magnitude_bins`` the records' bins refer to;
-    ``ra_semantics``: "v1" or "v2" (torchvision's transforms / transforms.v2 tensor ops);
+    ``ra_semantics``: "v1", "v2" (torchvision's transforms / transforms.v2 tensor ops) or "pil"
+    (Pillow's ops, kernels/ra_pil.py);
     ``ext``/``box_grid``: schema-v2 extension records and their grid (:func:`prepare_replay`);
     ``partner_rows``: batch row of each mixing record's partner; ``block``: output pixels
     per program (a power of two). ``hw`` and ``partner_rows`` are validated on the host:
