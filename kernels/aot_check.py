@@ -129,6 +129,13 @@ def _replay_launches():
             R.replay_batch(images, hw, _records(B, True, True), outt, partner_rows=partners,
                            interpolation=interp, ra_semantics="v2", ext=ext)
         out += [(f"{interp} v2+ext ra=True", *x) for x in log]
+        # pil RandAugment semantics (kernels/ra_pil.py): Pillow's arithmetic, with and without
+        # the extension records' float magnitudes
+        for ex in (None, ext):
+            with recording(R) as log:
+                R.replay_batch(images, hw, _records(B, True, True), outt, partner_rows=partners,
+                               interpolation=interp, ra_semantics="pil", ext=ex)
+            out += [(f"{interp} pil{'+ext' if ex is not None else ''} ra=True", *x) for x in log]
         # the loader's device replay: crop windows of DCT-scaled decodes, partners after the
         # records (fractional crops, FRAC=True)
         outt = torch.empty(B, 3, 224, 224, dtype=torch.float32, device="meta")

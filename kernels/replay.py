@@ -30,8 +30,11 @@ semantics ``ra_semantics`` = "v1" (``transforms.RandAugment``) or "v2"
 (``transforms.v2.RandAugment``: grey level and blends with one FMA per ``add_(x, alpha)``
 (explicit ``tl.fma``), Sharpness as ``x + (1-r)(blur - x)`` with the border untouched,
 AutoContrast dividing by ``(max - min) * fl(1/255)``, Solarize's threshold
-``255 * linspace(1, 0)``); pil and timm (Pillow's and timm's arithmetic) are not here, such
-datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
+``255 * linspace(1, 0)``), or "pil" (torchvision's RandAugment on PIL images, Pillow's
+arithmetic: the kernels of ``kernels/ra_pil.py``, launched per slot in place of the three
+below; fixed-point and double geometry, float32 ``Image.blend``, ImageOps tables in double;
+equal to the pil goldens of real Pillow in the interpreter, tests/test_ra_golden_triton_pil.py);
+timm (timm's ops) is not here, such datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
 bins at the output size (computed on the host from the records), or from the extension
 record's float magnitudes. Photometric ops repeat torchvision's float32 arithmetic in the
 same order (scalars rounded to float32 where torch rounds them) and integer reductions, so
@@ -39,7 +42,7 @@ they match the goldens of real torchvision exactly in the interpreter (both sema
 tests/test_ra_golden_triton.py); for the GPU the RandAugment passes are compiled without
 FMA contraction (``enable_fp_fusion=False``) and with IEEE division (``tl.div_rn``),
 checked in the PTX compiled here for sm_90, but never run on a GPU.
-Geometric ops (ShearX/Y, TranslateX/Y, Rotate) use the reference's inverse affine matrix,
+Geometric ops (ShearX/Y, TranslateX/Y, Rotate; v1/v2) use the reference's inverse affine matrix,
 nearest sampling (round half to even, as grid_sample) and fill 0; a source coordinate within
 float error of a .5 tie may pick the neighbouring pixel.
 
@@ -91,6 +94,9 @@ import triton.language as tl
 from fastload.sample import params as P
 from fastload.sample import schema as _schema
 
+from . import ra_pil as _pil
+from .ra_pil import _pil_apply_kernel, _pil_final_kernel, _pil_stats_kernel  # (launched from here)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -118,8 +124,9 @@ _F_FLIP, _F_PFLIP, _F_MIXUP, _F_CUTMIX = (
     tl.constexpr(v) for v in (P.FLAG_FLIP, P.FLAG_PARTNER_FLIP, P.FLAG_MIXUP, P.FLAG_CUTMIX))
 _X_BLACK = tl.constexpr(P.EXT_ERASE_BLACK)
 # RandAugment arithmetic the kernels implement (ids of the schema's RA_SEMANTICS; passed to
-# the kernels as the constexpr V2): pil and timm render on the CPU path
-SEMANTICS = ("v1", "v2")
+# the kernels as the constexpr V2; pil: the kernels of kernels/ra_pil.py); timm renders on
+# the CPU path
+SEMANTICS = ("v1", "v2", "pil")
 _Q, _DQ_ROUND = tl.constexpr(_schema.Q), tl.constexpr(_schema.DQ_ROUND)
 # RandAugment op ids from the schema's table (stored on disk)
 _OP = _schema.RA_OP_ID
@@ -433,6 +440,7 @@ def _gray_v2(r, g, b):
 
 
 _NACC = 8 + 768  # int32 accumulators per image: [gray sum, 255-min x3, max x3, -, hist 3x256]
+assert _pil.NACC == _NACC  # (the pil kernels share the buffer)
 
 
 @triton.jit(do_not_specialize=["npix"])
@@ -690,8 +698,8 @@ def _as_ext(ext, B):
 
 def _check_semantics(semantics: str) -> str:
     if semantics not in SEMANTICS:
-        raise ValueError(f"ra_semantics: the Triton replay implements {SEMANTICS}, got {semantics!r} (pil and "
-                         "timm records render on the CPU path, fastload.replay.native.render_batch)")
+        raise ValueError(f"ra_semantics: the Triton replay implements {SEMANTICS}, got {semantics!r} (timm "
+                         "records render on the CPU path, fastload.replay.native.render_batch)")
     return semantics
 
 
@@ -787,6 +795,10 @@ def _op_params(name: str, mag: float, h: int, w: int):
     return ip, f.astype(np.float32)
 
 
+def _params_of(semantics: str):
+    return _pil.op_params if semantics == "pil" else _op_params
+
+
 @functools.lru_cache(maxsize=64)
 def _ra_tables(num_bins: int, h: int, w: int, semantics: str = "v1"):
     """Every (op, signed bin) -> kernel parameters, once per (bins, output size, semantics):
@@ -812,7 +824,7 @@ def _ra_tables(num_bins: int, h: int, w: int, semantics: str = "v1"):
                 continue
             else:
                 mag = -vals[abs(b)] if (name in RA_SIGNED and b < 0) else vals[abs(b)]
-            ip[op, b + 128], fp[op, b + 128] = _op_params(name, mag, h, w)
+            ip[op, b + 128], fp[op, b + 128] = _params_of(semantics)(name, mag, h, w)
     return ip, fp, bad
 
 
@@ -876,7 +888,7 @@ def _ra_np(ops, mags, size, num_bins, semantics="v1", vals=None, use_vals=None, 
                     mag = mag * h / gh
                 elif name == "Posterize" and not 0 <= int(mag) <= 8:
                     raise ValueError(f"ext: {label(b)}: Posterize bits {int(mag)} outside [0, 8]")
-                rai[k, b, 1], raf[k, b] = _op_params(name, mag, h, w)
+                rai[k, b, 1], raf[k, b] = _params_of(semantics)(name, mag, h, w)
     return rai, raf
 
 
@@ -995,7 +1007,7 @@ def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolat
     inside them: (offy, fh, offx, fw) of the main crop, then of the partner crop, in
     region pixels (the C++ path's geometry); the records' integer boxes are then unused.
     ``ra_semantics``: "v1" or "v2" (torchvision's tensor RandAugment, transforms or
-    transforms.v2). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
+    transforms.v2), or "pil" (its RandAugment on PIL images: Pillow's arithmetic). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
     record): float magnitudes (ext ``ra_float``; translations in pixels of ``box_grid``
     (h, w), default the output), black erasing, the partner's own RandAugment and erase box
     (``partner_aug``)."""
@@ -1105,6 +1117,18 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
     acc = torch.empty(B, _NACC, dtype=torch.int32, device=dev) if any(plan.needs_stats) else None
     for s in range(plan.S):
         r_i, r_f = plan.rai[s], plan.raf[s]
+        if plan.semantics == "pil":  # Pillow's arithmetic: kernels/ra_pil.py
+            align = (h * w) % 16 == 0
+            if plan.needs_stats[s]:
+                acc.zero_()
+                _pil_stats_kernel[(B, triton.cdiv(h * w, _STATS_BLOCK))](
+                    mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, ALIGN=align, enable_fp_fusion=False)
+                _pil_final_kernel[(B,)](r_i, acc, st, lut, h * w, enable_fp_fusion=False)
+            # no FMA contraction: Image.blend rounds alpha * (x - d) before adding d
+            _pil_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block, ALIGN=align,
+                                    enable_fp_fusion=False)
+            mid, other = other, mid
+            continue
         if plan.needs_stats[s]:
             acc.zero_()
             _ra_stats_kernel[(B, triton.cdiv(h * w, _STATS_BLOCK))](
@@ -1192,7 +1216,8 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
 
     ``interpolation``: "bilinear" or "bicubic" (both antialiased, as the reference);
     ``ra_num_bins``: RandAugment's ``num_magnitude_bins`` the records' bins refer to;
-    ``ra_semantics``: "v1" or "v2" (torchvision's transforms / transforms.v2 tensor ops);
+    ``ra_semantics``: "v1", "v2" (torchvision's transforms / transforms.v2 tensor ops) or "pil"
+    (Pillow's ops, kernels/ra_pil.py);
     ``ext``/``box_grid``: schema-v2 extension records and their grid (:func:`prepare_replay`);
     ``partner_rows``: batch row of each mixing record's partner; ``block``: output pixels
     per program (a power of two). ``hw`` and ``partner_rows`` are validated on the host:

@@ -2,9 +2,11 @@
 C++ path (replay="cpu"): same records, labels and targets; pixels within 1 uint8 level
 (1/255/std after normalization), with DCT-domain downscaling (fractional crop windows) and
 without, on the embedded photos reinforced with RandAugment + MixUp/CutMix; with v2
-RandAugment semantics; on an imported ml-dr dataset (schema-v2 extension records); and the
-CPU fallback (one warning) of the pil semantics the kernel does not implement."""
+RandAugment semantics; on an imported ml-dr dataset (schema-v2 extension records), with
+torchvision's and with the pil semantics (Pillow's RandAugment arithmetic); and the CPU fallback
+(one warning) of Pillow's resize, which the kernel does not implement."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -155,15 +157,38 @@ def test_device_replay_extension_records(tmp_path, monkeypatch):
     _close(xa, xb)
 
 
-def test_device_replay_pil_falls_back_with_one_warning(tmp_path, monkeypatch):
+def test_device_replay_pil_semantics(tmp_path, monkeypatch):
+    # an ml-dr "training" import (randaugment_semantics="pil", extension records with float
+    # magnitudes), with torch's resize instead of its Pillow resize, renders on the device, no
+    # CPU fallback, like the C++ path renders it (the pil arithmetic itself:
+    # tests/test_ra_golden_triton_pil.py)
+    ds, size = _mldr_dataset(tmp_path, "training")
+    ds.manifest["policy"]["resize"] = "torch"
+    assert ds.policy.randaugment_semantics == "pil" and ds.policy.resize == "torch" and ds.has_ext
+    seen = _spy(monkeypatch)
+    kw = dict(batch_size=6, shuffle=False, aug_choice="epoch", image_size=size, target_mode="mldr",
+              num_workers=0, device="cpu")
+    cpu = fastload.ReinforcedLoader(ds, **kw)
+    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback warning)
+        xb = next(iter(dev))[0]
+    xa = next(iter(cpu))[0]
+    assert len(seen) == 1 and seen[0]["ra_semantics"] == "pil"
+    e = seen[0]["ext"]
+    assert e is not None and (e["ext"] & P.EXT_RA_FLOAT).any()
+    _close(xa, xb)
+
+
+def test_device_replay_pil_resize_falls_back_with_one_warning(tmp_path, monkeypatch):
     ds, size = _mldr_dataset(tmp_path, "training")  # randaugment_semantics="pil"
-    assert ds.policy.randaugment_semantics == "pil"
+    assert ds.policy.randaugment_semantics == "pil" and ds.policy.resize == "pil"
     seen = _spy(monkeypatch)
     kw = dict(batch_size=3, shuffle=False, aug_choice="epoch", image_size=size, target_mode="mldr",
               num_workers=0, device="cpu")
     cpu = fastload.ReinforcedLoader(ds, **kw)
     dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
-    with pytest.warns(UserWarning, match="does not implement randaugment_semantics='pil'") as rec:
+    with pytest.warns(UserWarning, match="does not implement randaugment_semantics='pil' with resize='pil'") as rec:
         got = [b[0] for b in dev]
     assert len([w for w in rec if "randaugment_semantics" in str(w.message)]) == 1 and not seen
     for xa, xb in zip([b[0] for b in cpu], got):

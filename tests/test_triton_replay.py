@@ -407,4 +407,4 @@ def test_extension_record_errors():
     with pytest.raises(ValueError, match="record 0 .its partner's RandAugment.: non-finite"):
         replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ext=bad)
     with pytest.raises(ValueError, match="ra_semantics: the Triton replay implements"):
-        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ra_semantics="pil")
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ra_semantics="timm")

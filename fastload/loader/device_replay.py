@@ -7,7 +7,8 @@ for that crop (libjpeg-turbo's 1/2, 1/4, 1/8 IDCTs, rule "pow2", or none with
 ``dct_scale=False``) and only the pixels of the stored crop window are copied into one pinned
 uint8 staging batch (1 byte per source value, the crop only), uploaded once. The Triton
 kernel (``fastload.kernels.replay``) then does the resize, RandAugment (the policy's bins,
-torchvision v1 or v2 semantics; the render stage sends pil/timm datasets to the CPU path),
+torchvision v1 or v2 semantics or pil (Pillow's arithmetic); the render stage sends timm
+datasets and Pillow's resize to the CPU path),
 normalization, erasing and MixUp/CutMix, schema-v2 extension records included (float
 magnitudes, the partner's own RandAugment and erase box, black erasing), on a side CUDA
 stream; the consumer's stream waits on an event before the batch is handed out.

@@ -1,8 +1,8 @@
 """Stage 3 of ``ReinforcedLoader``: render. The fused C++ kernel (decode -> crop -> resize
 -> flip -> RandAugment -> normalize -> erase -> MixUp/CutMix, straight into the output buffer,
 GIL released, ``threads`` native threads), or the Triton replay on the device with a CPU
-fallback for what it cannot render (the pil and timm RandAugment semantics: a one-time
-warning), and error recovery.
+fallback for what it cannot render (the timm RandAugment semantics, Pillow's resize: a
+one-time warning), and error recovery.
 
 Errors. A sample whose image cannot be decoded raises a ``RuntimeError`` naming the sample
 id (``on_error="raise"``), or with ``on_error="skip"`` every row it breaks (its own rows and
@@ -24,7 +24,7 @@ from fastload.sample import params as P
 
 # the RandAugment semantics the Triton replay implements (fastload.kernels.replay.SEMANTICS;
 # not imported from there: this module must load without Triton)
-DEVICE_SEMANTICS = ("v1", "v2")
+DEVICE_SEMANTICS = ("v1", "v2", "pil")
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,11 @@ class Render:
         if self.device_replay is not None:
             pol = getattr(self.dataset, "policy", None)
             sem, resize = getattr(pol, "randaugment_semantics", "v1"), getattr(pol, "resize", "torch")
-            # The Triton replay implements torchvision's tensor RandAugment (v1, v2), torch's
-            # resize and the schema-v2 extension records; the pil and timm semantics (Pillow's
-            # and timm's arithmetic) and Pillow's resize (resize="pil"/"pil12") it does not:
-            # such batches render on the CPU path, then are uploaded (warned once per loader).
+            # The Triton replay implements torchvision's tensor RandAugment (v1, v2), its
+            # RandAugment on PIL images (pil: Pillow's arithmetic), torch's resize and the
+            # schema-v2 extension records; the timm semantics and Pillow's resize
+            # (resize="pil"/"pil12") it does not: such batches render on the CPU path, then are
+            # uploaded (warned once per loader).
             if sem in DEVICE_SEMANTICS and resize == "torch":
                 ext = prep.get("ext")
                 ra = dict(ra_num_bins=getattr(pol, "ra_num_bins", 31), ra_semantics=sem,
