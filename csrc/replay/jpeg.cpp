@@ -311,6 +311,22 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
 // above it skipped and the columns outside it cut as in jpeg_render (with its 2-column
 // margin, so the crop's pixels equal a full decode), then Pillow's resize (PilStream). The
 // decoder measurement switches do not apply: Pillow decodes with ISLOW and fancy upsampling.
+// The decode window of a region decode: columns [left, right) of the (scaled) image, which
+// jpeg_crop_scanline widens to iMCU edges (*xoff, *cw: what it chose), a row buffer for them
+// and the rows above y0 skipped (entropy-decoded only: no IDCT, no colour conversion).
+static int open_window(jpeg_decompress_struct& ci, int left, int right, int SW, int bpp, int y0, Scratch& s,
+                       JDIMENSION* xoff, JDIMENSION* cw) {
+  *xoff = (JDIMENSION)left;
+  *cw = (JDIMENSION)(right - left);
+  if (*xoff != 0 || (int)*cw != SW) jpeg_crop_scanline(&ci, xoff, cw);
+  const size_t in_row = (size_t)*cw * bpp;
+  if (s.rows.size() < in_row + 16) s.rows.resize(in_row + 16);
+  if (bpp == 4 && s.cmyk.size() < (size_t)*cw * 3) s.cmyk.resize((size_t)*cw * 3);
+  if (y0 > 0 && (int)jpeg_skip_scanlines(&ci, (JDIMENSION)y0) != y0)
+    return fail("bad JPEG: could not skip to row %d", y0);
+  return 0;
+}
+
 int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
                     bool pillow13, Scratch& s, uint8_t* out) {
   Decoder d;
@@ -326,16 +342,9 @@ int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], boo
     return 0;
   }
   const int left = std::max(0, l + ps.col_lo - 2), right = std::min(SW, l + ps.col_hi + 2);
-  JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
-  if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
-  const size_t in_row = (size_t)cw * bpp;
-  if (s.rows.size() < in_row) s.rows.resize(in_row);
-  if (bpp == 4 && s.cmyk.size() < (size_t)cw * 3) s.cmyk.resize((size_t)cw * 3);
   const int y0 = t + ps.row_lo, y1 = t + ps.row_hi;
-  if (y0 > 0) {
-    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)y0);
-    if ((int)skipped != y0) return fail("bad JPEG: could not skip to row %d", y0);
-  }
+  JDIMENSION xoff, cw;
+  if (open_window(ci, left, right, SW, bpp, y0, s, &xoff, &cw)) return -1;
   for (int y = y0; y < y1; ++y) {
     JSAMPROW p = s.rows.data();
     if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
@@ -371,15 +380,8 @@ int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int
   // 2 columns of margin, as jpeg_render: the edge columns of a cropped decode are upsampled
   // without their outer neighbour's chroma, so the region's own pixels equal a full decode
   const int left = std::max(0, xlo - 2), right = std::min(SW, xhi + 2);
-  JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
-  if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
-  const size_t in_row = (size_t)cw * bpp;
-  if (s.rows.size() < in_row + 16) s.rows.resize(in_row + 16);
-  if (bpp == 4 && s.cmyk.size() < (size_t)cw * 3) s.cmyk.resize((size_t)cw * 3);
-  if (ylo > 0) {
-    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)ylo);
-    if ((int)skipped != ylo) return fail("bad JPEG: could not skip to row %d", ylo);
-  }
+  JDIMENSION xoff, cw;
+  if (open_window(ci, left, right, SW, bpp, ylo, s, &xoff, &cw)) return -1;
   for (int y = ylo; y < yhi; ++y) {
     JSAMPROW p = s.rows.data();
     if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
