@@ -119,6 +119,16 @@ def replay_cases(out):
                          interpolation=interp, dct_scale=dct)
             for i in range(n):
                 out[f"render/{sem}/{dtype}/{interp}/{i}"] = digest(o[i].numpy())
+    # Pillow's resize (resize="pil"/"pil12"): double weights turned into fixed point, integer
+    # passes, no contraction (resize_pil.cpp): required identical on every build, the no-FMA
+    # baseline included (uint8 output: Normalize's float arithmetic is the resize's own)
+    for resize in ("pil", "pil12"):
+        for interp in ("bilinear", "bicubic"):
+            o = torch.empty(n, 3, 96, 112, dtype=torch.uint8)
+            render_batch(sources, rec, o, partner_sources=partners, threads=1, ra_semantics="pil",
+                         interpolation=interp, resize=resize)
+            for i in range(n):
+                out[f"resize_{resize}/{interp}/{i}"] = digest(o[i].numpy())
     # timm records: the same crops, timm's draws in the records and their levels in the extension
     from fastload.sample.policy import AugmentPolicy, _timm_draws, parse_timm_config
 
