@@ -35,6 +35,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastload.sample import params as P
+from fastload.sample import schema as _S
 
 SPILL_BOUND = 0  # bytes of spill stores + loads per thread
 TARGETS = (90, 80)
@@ -136,6 +137,20 @@ def _replay_launches():
                 R.replay_batch(images, hw, _records(B, True, True), outt, partner_rows=partners,
                                interpolation=interp, ra_semantics="pil", ext=ex)
             out += [(f"{interp} pil{'+ext' if ex is not None else ''} ra=True", *x) for x in log]
+        # timm RandAugment semantics (kernels/ra_timm.py): every timm op (levels in the
+        # extension records), BICUBIC and BILINEAR, negated and not
+        timm_ids = list(_S.family_ops("timm"))
+        trec = _records(B, False, True)
+        text = P.empty_ext(B)
+        text["ext"] = P.EXT_RA_FLOAT
+        for i in range(B):
+            trec[i]["ra_ops"][:2] = (timm_ids[(2 * i) % len(timm_ids)], timm_ids[(2 * i + 1) % len(timm_ids)])
+            trec[i]["ra_mags"][:2] = (2, -1)
+            text[i]["ra_vals"][:2] = (7.0, 4.5)
+        with recording(R) as log:
+            R.replay_batch(images, hw, trec, outt, partner_rows=partners, interpolation=interp,
+                           ra_semantics="timm", ext=text, ra_fill=(124, 116, 104))
+        out += [(f"{interp} timm+ext ra=True", *x) for x in log]
         # the loader's device replay: crop windows of DCT-scaled decodes, partners after the
         # records (fractional crops, FRAC=True)
         outt = torch.empty(B, 3, 224, 224, dtype=torch.float32, device="meta")

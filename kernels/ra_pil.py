@@ -223,6 +223,48 @@ def _smooth(ptr, oy, ox, h, w, m, x):
     return tl.where(inner, ((2 * s + 13) // 26).to(tl.float32), x)
 
 
+@triton.jit
+def _pil_pixel_ops(op, ip, fp, st_ptr, lut_ptr, b, base, npix, oy, ox, h, w, mask, x0, x1, x2):
+    """The photometric ops on one tile of image b (float32 levels x0..x2 in, out): op id, int
+    parameter ip, float parameters at fp (alpha first), the statistics and tables of the
+    final pass; ``base`` the image (Sharpness reads the neighbours). Shared with the timm
+    kernel (kernels/ra_timm.py), whose photometric ops are Pillow's same calls."""
+    alpha = tl.load(fp + 0)
+    if op == _P_BRIGHTNESS:  # blend with black
+        x0 = _pblend(x0, 0.0, alpha)
+        x1 = _pblend(x1, 0.0, alpha)
+        x2 = _pblend(x2, 0.0, alpha)
+    if op == _P_COLOR:  # blend with the L image
+        g = _grey(x0.to(tl.int32), x1.to(tl.int32), x2.to(tl.int32)).to(tl.float32)
+        x0 = _pblend(x0, g, alpha)
+        x1 = _pblend(x1, g, alpha)
+        x2 = _pblend(x2, g, alpha)
+    if op == _P_CONTRAST:  # blend with the grey mean (stats pass)
+        mean = tl.load(st_ptr + b * 8)
+        x0 = _pblend(x0, mean, alpha)
+        x1 = _pblend(x1, mean, alpha)
+        x2 = _pblend(x2, mean, alpha)
+    if op == _P_SHARPNESS:  # blend with the SMOOTH-filtered image
+        x0 = _pblend(x0, _smooth(base, oy, ox, h, w, mask, x0), alpha)
+        x1 = _pblend(x1, _smooth(base + npix, oy, ox, h, w, mask, x1), alpha)
+        x2 = _pblend(x2, _smooth(base + 2 * npix, oy, ox, h, w, mask, x2), alpha)
+    if op == _P_POSTERIZE:  # ip: the bit mask
+        x0 = (x0.to(tl.int32) & ip).to(tl.float32)
+        x1 = (x1.to(tl.int32) & ip).to(tl.float32)
+        x2 = (x2.to(tl.int32) & ip).to(tl.float32)
+    if op == _P_SOLARIZE:  # ip: the integer threshold
+        thr = ip.to(tl.float32)
+        x0 = tl.where(x0 >= thr, 255.0 - x0, x0)
+        x1 = tl.where(x1 >= thr, 255.0 - x1, x1)
+        x2 = tl.where(x2 >= thr, 255.0 - x2, x2)
+    if (op == _P_AUTOCONTRAST) | (op == _P_EQUALIZE):  # per-channel tables (final pass)
+        lb = lut_ptr + b * 768
+        x0 = tl.load(lb + x0.to(tl.int32), mask=mask, other=0).to(tl.float32)
+        x1 = tl.load(lb + 256 + x1.to(tl.int32), mask=mask, other=0).to(tl.float32)
+        x2 = tl.load(lb + 512 + x2.to(tl.int32), mask=mask, other=0).to(tl.float32)
+    return x0, x1, x2
+
+
 @triton.jit(do_not_specialize=["h", "w"])
 def _pil_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
                       BLOCK: tl.constexpr, ALIGN: tl.constexpr):
@@ -269,39 +311,7 @@ def _pil_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
         x0 = tl.load(base + src, mask=valid, other=0).to(tl.float32)
         x1 = tl.load(base + npix + src, mask=valid, other=0).to(tl.float32)
         x2 = tl.load(base + 2 * npix + src, mask=valid, other=0).to(tl.float32)
-    alpha = tl.load(fp + 0)
-    if op == _P_BRIGHTNESS:  # blend with black
-        x0 = _pblend(x0, 0.0, alpha)
-        x1 = _pblend(x1, 0.0, alpha)
-        x2 = _pblend(x2, 0.0, alpha)
-    if op == _P_COLOR:  # blend with the L image
-        g = _grey(x0.to(tl.int32), x1.to(tl.int32), x2.to(tl.int32)).to(tl.float32)
-        x0 = _pblend(x0, g, alpha)
-        x1 = _pblend(x1, g, alpha)
-        x2 = _pblend(x2, g, alpha)
-    if op == _P_CONTRAST:  # blend with the grey mean (stats pass)
-        mean = tl.load(st_ptr + b * 8)
-        x0 = _pblend(x0, mean, alpha)
-        x1 = _pblend(x1, mean, alpha)
-        x2 = _pblend(x2, mean, alpha)
-    if op == _P_SHARPNESS:  # blend with the SMOOTH-filtered image
-        x0 = _pblend(x0, _smooth(base, oy, ox, h, w, mask, x0), alpha)
-        x1 = _pblend(x1, _smooth(base + npix, oy, ox, h, w, mask, x1), alpha)
-        x2 = _pblend(x2, _smooth(base + 2 * npix, oy, ox, h, w, mask, x2), alpha)
-    if op == _P_POSTERIZE:  # ip: the bit mask
-        x0 = (x0.to(tl.int32) & ip).to(tl.float32)
-        x1 = (x1.to(tl.int32) & ip).to(tl.float32)
-        x2 = (x2.to(tl.int32) & ip).to(tl.float32)
-    if op == _P_SOLARIZE:  # ip: the integer threshold
-        thr = ip.to(tl.float32)
-        x0 = tl.where(x0 >= thr, 255.0 - x0, x0)
-        x1 = tl.where(x1 >= thr, 255.0 - x1, x1)
-        x2 = tl.where(x2 >= thr, 255.0 - x2, x2)
-    if (op == _P_AUTOCONTRAST) | (op == _P_EQUALIZE):  # per-channel tables (final pass)
-        lb = lut_ptr + b * 768
-        x0 = tl.load(lb + x0.to(tl.int32), mask=mask, other=0).to(tl.float32)
-        x1 = tl.load(lb + 256 + x1.to(tl.int32), mask=mask, other=0).to(tl.float32)
-        x2 = tl.load(lb + 512 + x2.to(tl.int32), mask=mask, other=0).to(tl.float32)
+    x0, x1, x2 = _pil_pixel_ops(op, ip, fp, st_ptr, lut_ptr, b, base, npix, oy, ox, h, w, mask, x0, x1, x2)
     ob = dst_ptr + b.to(tl.int64) * 3 * npix + offs
     tl.store(ob, x0.to(tl.uint8), mask=mask)
     tl.store(ob + npix, x1.to(tl.uint8), mask=mask)

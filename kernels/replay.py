@@ -33,10 +33,13 @@ AutoContrast dividing by ``(max - min) * fl(1/255)``, Solarize's threshold
 ``255 * linspace(1, 0)``), or "pil" (torchvision's RandAugment on PIL images, Pillow's
 arithmetic: the kernels of ``kernels/ra_pil.py``, launched per slot in place of the three
 below; fixed-point and double geometry, float32 ``Image.blend``, ImageOps tables in double;
-equal to the pil goldens of real Pillow in the interpreter, tests/test_ra_golden_triton_pil.py);
-timm (timm's ops) is not here, such datasets render on the CPU path. Magnitudes come from each op's table for ``ra_num_bins``
-bins at the output size (computed on the host from the records), or from the extension
-record's float magnitudes. Photometric ops repeat torchvision's float32 arithmetic in the
+equal to the pil goldens of real Pillow in the interpreter, tests/test_ra_golden_triton_pil.py),
+or "timm" (timm's RandAugment ops: ``kernels/ra_timm.py``'s apply kernel after ra_pil's
+statistics passes; the levels and draws of the extension records, the geometric ops' fill
+colour ``ra_fill``; Pillow's filtered affine transforms in double; equal to the goldens of
+real timm in the interpreter, tests/test_ra_golden_triton_timm.py). Magnitudes come from
+each op's table for ``ra_num_bins`` bins at the output size (computed on the host from the
+records), or from the extension record's float magnitudes (timm: its levels). Photometric ops repeat torchvision's float32 arithmetic in the
 same order (scalars rounded to float32 where torch rounds them) and integer reductions, so
 they match the goldens of real torchvision exactly in the interpreter (both semantics,
 tests/test_ra_golden_triton.py); for the GPU the RandAugment passes are compiled without
@@ -95,7 +98,9 @@ from fastload.sample import params as P
 from fastload.sample import schema as _schema
 
 from . import ra_pil as _pil
+from . import ra_timm as _timm
 from .ra_pil import _pil_apply_kernel, _pil_final_kernel, _pil_stats_kernel  # (launched from here)
+from .ra_timm import _timm_apply_kernel  # (launched from here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,9 +129,9 @@ _F_FLIP, _F_PFLIP, _F_MIXUP, _F_CUTMIX = (
     tl.constexpr(v) for v in (P.FLAG_FLIP, P.FLAG_PARTNER_FLIP, P.FLAG_MIXUP, P.FLAG_CUTMIX))
 _X_BLACK = tl.constexpr(P.EXT_ERASE_BLACK)
 # RandAugment arithmetic the kernels implement (ids of the schema's RA_SEMANTICS; passed to
-# the kernels as the constexpr V2; pil: the kernels of kernels/ra_pil.py); timm renders on
-# the CPU path
-SEMANTICS = ("v1", "v2", "pil")
+# the kernels as the constexpr V2; pil: the kernels of kernels/ra_pil.py; timm: those of
+# kernels/ra_timm.py with ra_pil's statistics passes)
+SEMANTICS = ("v1", "v2", "pil", "timm")
 _Q, _DQ_ROUND = tl.constexpr(_schema.Q), tl.constexpr(_schema.DQ_ROUND)
 # RandAugment op ids from the schema's table (stored on disk)
 _OP = _schema.RA_OP_ID
@@ -698,8 +703,7 @@ def _as_ext(ext, B):
 
 def _check_semantics(semantics: str) -> str:
     if semantics not in SEMANTICS:
-        raise ValueError(f"ra_semantics: the Triton replay implements {SEMANTICS}, got {semantics!r} (timm "
-                         "records render on the CPU path, fastload.replay.native.render_batch)")
+        raise ValueError(f"ra_semantics: the Triton replay implements {SEMANTICS}, got {semantics!r}")
     return semantics
 
 
@@ -839,6 +843,8 @@ def _ra_np(ops, mags, size, num_bins, semantics="v1", vals=None, use_vals=None, 
     if int(num_bins) < 2:
         raise ValueError(f"ra_num_bins: must be >= 2, got {num_bins}")
     label = label or (lambda r: f"record {r}")
+    if semantics == "timm":  # levels and draws, no bins (kernels/ra_timm.py)
+        return _timm.pack(ops, mags, vals, use_vals, size, label)
     ops = np.asarray(ops).astype(np.int64)
     mags = np.asarray(mags).astype(np.int64)
     R = ops.shape[0]
@@ -942,6 +948,11 @@ def _upload(host_np: np.ndarray, device) -> torch.Tensor:
     return dev
 
 
+def _nfloat(semantics: str) -> int:
+    """float32 words per RandAugment slot: timm's geometry needs six doubles."""
+    return _timm.NF if semantics == "timm" else 8
+
+
 def _pad4(n: int) -> int:
     return (n + 3) & ~3  # sections start on 16 bytes (the JIT specializes on alignment)
 
@@ -953,12 +964,14 @@ class ReplayPlan:
     RandAugment rows (the records, then the partners with their own RandAugment)."""
 
     def __init__(self, B, size, cubic, num_bins, hw_np, rai_np, buf, frac: bool = False, R=None,
-                 semantics: str = "v1"):
+                 semantics: str = "v1", fill=None):
         S = rai_np.shape[0]
         R = B if R is None else R
         self.frac = bool(frac)
         self.B, self.R, self.size, self.cubic, self.num_bins, self.S = B, R, size, cubic, num_bins, S
         self.semantics = semantics
+        self.fill = fill  # timm's fill colour (float levels), else None
+        nf = _nfloat(semantics)
         self.hw_np = hw_np
         self.has_ra = S > 0
         self.needs_stats = tuple(bool(v) for v in
@@ -966,7 +979,7 @@ class ReplayPlan:
         o = 0
         sec = {}
         N = hw_np.shape[0]
-        for name, n in zip(("hw", "prm", "lams", "rai", "raf", "frac"), self.sections(N, B, R, S, frac)):
+        for name, n in zip(("hw", "prm", "lams", "rai", "raf", "frac"), self.sections(N, B, R, S, frac, nf)):
             sec[name] = (o, n)
             o += _pad4(n)
         self.words = o
@@ -982,20 +995,22 @@ class ReplayPlan:
         self.prm = view("prm", (R, NPARAM))
         self.lams = view("lams", (B, 2), f32=True)
         self.rai = view("rai", (S, R, 2))
-        self.raf = view("raf", (S, R, 8), f32=True)
+        self.raf = view("raf", (S, R, nf), f32=True)
+        # timm: the same words as doubles (the section starts on 16 bytes: _pad4)
+        self.rad = self.raf.view(torch.float64) if semantics == "timm" else None
 
     @staticmethod
-    def sections(N, B, R, S, frac):
-        return (2 * N, NPARAM * R, 2 * B, 2 * S * R, 8 * S * R, 8 * R if frac else 4)
+    def sections(N, B, R, S, frac, nf=8):
+        return (2 * N, NPARAM * R, 2 * B, 2 * S * R, nf * S * R, 8 * R if frac else 4)
 
     @staticmethod
-    def layout(N, B, S, frac, R=None):
-        return sum(_pad4(n) for n in ReplayPlan.sections(N, B, B if R is None else R, S, frac))
+    def layout(N, B, S, frac, R=None, nf=8):
+        return sum(_pad4(n) for n in ReplayPlan.sections(N, B, B if R is None else R, S, frac, nf))
 
 
 def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolation: str = "bilinear",
                    ra_num_bins: int = 31, frac=None, ra_semantics: str = "v1", ext=None,
-                   box_grid=None) -> ReplayPlan:
+                   box_grid=None, ra_fill=None) -> ReplayPlan:
     """Host side of :func:`replay_batch`: validate and pack the records for output ``size``
     into one int32 buffer, uploaded once (from pinned memory, asynchronously, on CUDA).
     RandAugment magnitudes come from tables made once per (bins, size, semantics). Typically
@@ -1007,7 +1022,9 @@ def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolat
     inside them: (offy, fh, offx, fw) of the main crop, then of the partner crop, in
     region pixels (the C++ path's geometry); the records' integer boxes are then unused.
     ``ra_semantics``: "v1" or "v2" (torchvision's tensor RandAugment, transforms or
-    transforms.v2), or "pil" (its RandAugment on PIL images: Pillow's arithmetic). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
+    transforms.v2), "pil" (its RandAugment on PIL images: Pillow's arithmetic) or "timm"
+    (timm's RandAugment: the records' levels and draws in ``ext``, the geometric ops' fill
+    colour ``ra_fill``, default ``reference_ra.TIMM_FILL``). ``ext``: schema-v2 extension records (``params.AUG_EXT_DTYPE``, one per
     record): float magnitudes (ext ``ra_float``; translations in pixels of ``box_grid``
     (h, w), default the output), black erasing, the partner's own RandAugment and erase box
     (``partner_aug``)."""
@@ -1015,6 +1032,14 @@ def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolat
     B = rec.shape[0]
     ext = _as_ext(ext, B)
     semantics = _check_semantics(ra_semantics)
+    fill = None
+    if semantics == "timm":
+        from fastload.replay.reference_ra import TIMM_FILL
+
+        fill = tuple(TIMM_FILL if ra_fill is None else ra_fill)
+        if len(fill) != 3 or not all(float(v).is_integer() and 0 <= v <= 255 for v in fill):
+            raise ValueError(f"ra_fill must be 3 values in 0..255, got {ra_fill!r}")
+        fill = tuple(float(v) for v in fill)
     h, w = (int(v) for v in size)
     if h < 1 or w < 1:
         raise ValueError(f"size: output size must be positive, got {tuple(size)}")
@@ -1042,13 +1067,13 @@ def prepare_replay(params, hw, size, partner_rows=None, device="cpu", interpolat
             extra[:, :4] = fr[pidx, 4:]
             fr = np.concatenate([fr, extra])
         parts.append(fr.view(np.int32))
-    host = np.zeros(ReplayPlan.layout(hw_np.shape[0], B, S, frac is not None, R), dtype=np.int32)
+    host = np.zeros(ReplayPlan.layout(hw_np.shape[0], B, S, frac is not None, R, _nfloat(semantics)), dtype=np.int32)
     o = 0
     for arr in parts:
         host[o:o + arr.size] = arr.reshape(-1)
         o += _pad4(arr.size)
     return ReplayPlan(B, (h, w), cubic, int(ra_num_bins), hw_np, rai, _upload(host, device),
-                      frac=frac is not None, R=R, semantics=semantics)
+                      frac=frac is not None, R=R, semantics=semantics, fill=fill)
 
 
 def _check_images(images, plan: ReplayPlan, block: int):
@@ -1117,16 +1142,21 @@ def _launch_ra(images, plan: ReplayPlan, block: int):
     acc = torch.empty(B, _NACC, dtype=torch.int32, device=dev) if any(plan.needs_stats) else None
     for s in range(plan.S):
         r_i, r_f = plan.rai[s], plan.raf[s]
-        if plan.semantics == "pil":  # Pillow's arithmetic: kernels/ra_pil.py
+        if plan.semantics in ("pil", "timm"):  # Pillow's arithmetic: kernels/ra_pil.py, ra_timm.py
             align = (h * w) % 16 == 0
             if plan.needs_stats[s]:
                 acc.zero_()
                 _pil_stats_kernel[(B, triton.cdiv(h * w, _STATS_BLOCK))](
                     mid, r_i, acc, h * w, BLOCK=_STATS_BLOCK, ALIGN=align, enable_fp_fusion=False)
                 _pil_final_kernel[(B,)](r_i, acc, st, lut, h * w, enable_fp_fusion=False)
-            # no FMA contraction: Image.blend rounds alpha * (x - d) before adding d
-            _pil_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block, ALIGN=align,
-                                    enable_fp_fusion=False)
+            # no FMA contraction: Image.blend rounds alpha * (x - d) before adding d (and
+            # Pillow's filtered transforms round each double product)
+            if plan.semantics == "timm":
+                _timm_apply_kernel[grid](mid, other, r_i, r_f, plan.rad[s], st, lut, h, w, *plan.fill, BLOCK=block,
+                                         ALIGN=align, enable_fp_fusion=False)
+            else:
+                _pil_apply_kernel[grid](mid, other, r_i, r_f, st, lut, h, w, BLOCK=block, ALIGN=align,
+                                        enable_fp_fusion=False)
             mid, other = other, mid
             continue
         if plan.needs_stats[s]:
@@ -1176,7 +1206,7 @@ def launch_replay(images: torch.Tensor, plan: ReplayPlan, out: torch.Tensor,
 
 def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpolation: str = "bilinear",
                  ra_num_bins: int = 31, block: int = 256, ra_semantics: str = "v1", ext=None,
-                 box_grid=None) -> torch.Tensor:
+                 box_grid=None, ra_fill=None) -> torch.Tensor:
     """The uint8 [B, 3, h, w] images before normalization: crop -> antialiased resize ->
     round -> flip -> RandAugment ops, as ``fastload.replay.reference.reference_uint8`` (for
     GPU-side normalization, or to inspect what the kernel renders). ``ext`` (extension
@@ -1194,7 +1224,7 @@ def render_uint8(images: torch.Tensor, hw: torch.Tensor, params, size, interpola
         params = np.asarray(params).copy()
         params["flags"] &= np.uint8(~(P.FLAG_MIXUP | P.FLAG_CUTMIX) & 0xFF)
     plan = prepare_replay(params, hw, size, None, images.device, interpolation, ra_num_bins,
-                          ra_semantics=ra_semantics, ext=ext, box_grid=box_grid)
+                          ra_semantics=ra_semantics, ext=ext, box_grid=box_grid, ra_fill=ra_fill)
     images = _check_images(images, plan, block)
     return _launch_ra(images, plan, block)
 
@@ -1208,7 +1238,7 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  partner_rows: Optional[torch.Tensor] = None, block: int = 256,
                  interpolation: str = "bilinear", ra_num_bins: int = 31, ra_semantics: str = "v1",
-                 ext=None, box_grid=None) -> torch.Tensor:
+                 ext=None, box_grid=None, ra_fill=None) -> torch.Tensor:
     """Render ``params`` (AUG_DTYPE records, one per image) from ``images`` [B, Hmax, Wmax, 3]
     uint8 with true sizes ``hw`` [B, 2] into ``out`` [B, 3, h, w] (float32 or float16,
     same device) and return ``out``. See the module docstring for the semantics;
@@ -1216,8 +1246,9 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
 
     ``interpolation``: "bilinear" or "bicubic" (both antialiased, as the reference);
     ``ra_num_bins``: RandAugment's ``num_magnitude_bins`` the records' bins refer to;
-    ``ra_semantics``: "v1", "v2" (torchvision's transforms / transforms.v2 tensor ops) or "pil"
-    (Pillow's ops, kernels/ra_pil.py);
+    ``ra_semantics``: "v1", "v2" (torchvision's transforms / transforms.v2 tensor ops), "pil"
+    (Pillow's ops, kernels/ra_pil.py) or "timm" (timm's ops, kernels/ra_timm.py; ``ra_fill``
+    their fill colour);
     ``ext``/``box_grid``: schema-v2 extension records and their grid (:func:`prepare_replay`);
     ``partner_rows``: batch row of each mixing record's partner; ``block``: output pixels
     per program (a power of two). ``hw`` and ``partner_rows`` are validated on the host:
@@ -1238,5 +1269,6 @@ def replay_batch(images: torch.Tensor, hw: torch.Tensor, params, out: torch.Tens
     if out.shape[2] < 1 or out.shape[3] < 1:
         raise ValueError("out: output size must be positive")
     plan = prepare_replay(params, hw, tuple(out.shape[2:]), partner_rows, images.device,
-                          interpolation, ra_num_bins, ra_semantics=ra_semantics, ext=ext, box_grid=box_grid)
+                          interpolation, ra_num_bins, ra_semantics=ra_semantics, ext=ext, box_grid=box_grid,
+                          ra_fill=ra_fill)
     return launch_replay(images, plan, out, mean, std, block)

@@ -3,8 +3,9 @@ C++ path (replay="cpu"): same records, labels and targets; pixels within 1 uint8
 (1/255/std after normalization), with DCT-domain downscaling (fractional crop windows) and
 without, on the embedded photos reinforced with RandAugment + MixUp/CutMix; with v2
 RandAugment semantics; on an imported ml-dr dataset (schema-v2 extension records), with
-torchvision's and with the pil semantics (Pillow's RandAugment arithmetic); and the CPU fallback
-(one warning) of Pillow's resize, which the kernel does not implement."""
+torchvision's and with the pil semantics (Pillow's RandAugment arithmetic); on a dataset
+reinforced with timm's RandAugment; and the CPU fallback (one warning) of Pillow's resize,
+which the kernel does not implement."""
 import os
 import warnings
 
@@ -193,3 +194,42 @@ def test_device_replay_pil_resize_falls_back_with_one_warning(tmp_path, monkeypa
     assert len([w for w in rec if "randaugment_semantics" in str(w.message)]) == 1 and not seen
     for xa, xb in zip([b[0] for b in cpu], got):
         assert torch.equal(xa, xb)
+
+
+def test_device_replay_timm_semantics(tmp_path, monkeypatch):
+    # a dataset reinforced with timm's RandAugment (levels and draws in the extension records,
+    # a fill colour of its own) renders on the device, no CPU fallback, with the policy's fill,
+    # like the C++ path renders it (the timm arithmetic itself: tests/test_ra_golden_triton_timm.py)
+    from fastload.datasets import make_images, make_teacher
+    from fastload.sample.policy import AugmentPolicy
+
+    root = str(tmp_path / "imgs")
+    make_images(root, 6)
+    pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1-p1.0", size=(24, 24),
+                        timm_fill=(10, 200, 30))
+    out = str(tmp_path / "ds")
+    fastload.reinforce(root, make_teacher(20), out, num_classes=20, num_augmentations=2, topk=3, policy=pol,
+                       image_size=24, batch_size=8, shard_size=4, seed=5, progress=False)
+    ds = fastload.ReinforcedDataset(out)
+    assert ds.policy.randaugment_semantics == "timm" and ds.has_ext
+    seen = _spy(monkeypatch)
+    from fastload.kernels import replay as R
+
+    launched, real_launch = [], R.launch_replay
+
+    def launch(images, plan, *a, **k):  # (a ValueError in the device path falls back silently)
+        launched.append((plan.semantics, plan.fill, plan.S))
+        return real_launch(images, plan, *a, **k)
+    monkeypatch.setattr(R, "launch_replay", launch)
+    kw = dict(batch_size=6, shuffle=False, num_workers=0, image_size=24, device="cpu")
+    cpu = fastload.ReinforcedLoader(ds, **kw)
+    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback warning)
+        xb = next(iter(dev))[0]
+    xa = next(iter(cpu))[0]
+    assert len(seen) == 1 and seen[0]["ra_semantics"] == "timm" and tuple(seen[0]["ra_fill"]) == (10, 200, 30)
+    assert launched == [("timm", (10.0, 200.0, 30.0), 2)]
+    e = seen[0]["ext"]
+    assert e is not None and (e["ext"] & P.EXT_RA_FLOAT).any()
+    _close(xa, xb)

@@ -1,8 +1,8 @@
 """The Triton replay (kernels/replay.py, in the Triton interpreter) against the RandAugment
 goldens of real torchvision (tests/golden/ra_sweep.npz and ra_golden.npz), for the two
 semantics the Triton path implements: torchvision's v1 and v2 tensor RandAugment
-(``ra_semantics="v1"`` / ``"v2"``; pil: tests/test_ra_golden_triton_pil.py; timm records
-render on the CPU path).
+(``ra_semantics="v1"`` / ``"v2"``; pil: tests/test_ra_golden_triton_pil.py; timm:
+tests/test_ra_golden_triton_timm.py).
 
 tests/test_ra_golden.py checks the C++ path and the Python reference against the same file;
 here each golden case becomes a record whose crop is the whole image and whose output size is

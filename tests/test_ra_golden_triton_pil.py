@@ -97,10 +97,13 @@ def test_pil_geometry_parameters():
     assert ra_pil.op_params("Posterize", 3.0, 8, 8)[0] == 0xE0
 
 
-def test_pil_semantics_is_accepted_and_timm_refused():
+def test_pil_semantics_is_accepted_and_unknown_refused():
     rec = P.empty(1)
     rec["ra_ops"][0, 0], rec["ra_mags"][0, 0] = RA_OPS.index("Rotate"), 9
     rai, raf = pack_ra(rec, (16, 16), ra_semantics="pil")
     assert rai.shape == (1, 1, 2) and int(rai[0, 0, 1]) == 0  # fixed point
     with pytest.raises(ValueError, match="ra_semantics"):
+        pack_ra(rec, (16, 16), ra_semantics="pil12")
+    # timm's semantics takes timm's ops with their levels (tests/test_ra_golden_triton_timm.py)
+    with pytest.raises(ValueError, match="not a timm op"):
         pack_ra(rec, (16, 16), ra_semantics="timm")

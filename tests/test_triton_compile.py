@@ -37,7 +37,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     kernels = {k["kernel"] for k in doc["kernels"]}
     assert kernels == {"_sparse_down_kernel", "_replay_kernel", "_resize_u8_kernel",
                        "_ra_stats_kernel", "_ra_final_kernel", "_ra_apply_kernel",
-                       "_pil_stats_kernel", "_pil_final_kernel", "_pil_apply_kernel"}, kernels
+                       "_pil_stats_kernel", "_pil_final_kernel", "_pil_apply_kernel",
+                       "_timm_apply_kernel"}, kernels
     assert {k["sm"] for k in doc["kernels"]} == {80, 90}
     for k in doc["kernels"]:
         assert 0 < k["registers"] <= 255 and k["shared_bytes"] >= 0

@@ -407,4 +407,7 @@ def test_extension_record_errors():
     with pytest.raises(ValueError, match="record 0 .its partner's RandAugment.: non-finite"):
         replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ext=bad)
     with pytest.raises(ValueError, match="ra_semantics: the Triton replay implements"):
-        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ra_semantics="timm")
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ra_semantics="pil12")
+    # timm's semantics takes only timm's ops (torchvision's here)
+    with pytest.raises(ValueError, match="not a timm op"):
+        replay_batch(timgs, hw, recs, out, partner_rows=torch.arange(4, 8), ra_semantics="timm", ext=ext)

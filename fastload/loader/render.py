@@ -1,8 +1,8 @@
 """Stage 3 of ``ReinforcedLoader``: render. The fused C++ kernel (decode -> crop -> resize
 -> flip -> RandAugment -> normalize -> erase -> MixUp/CutMix, straight into the output buffer,
 GIL released, ``threads`` native threads), or the Triton replay on the device with a CPU
-fallback for what it cannot render (the timm RandAugment semantics, Pillow's resize: a
-one-time warning), and error recovery.
+fallback for what it cannot render (Pillow's resize: a one-time warning), and error
+recovery.
 
 Errors. A sample whose image cannot be decoded raises a ``RuntimeError`` naming the sample
 id (``on_error="raise"``), or with ``on_error="skip"`` every row it breaks (its own rows and
@@ -24,7 +24,7 @@ from fastload.sample import params as P
 
 # the RandAugment semantics the Triton replay implements (fastload.kernels.replay.SEMANTICS;
 # not imported from there: this module must load without Triton)
-DEVICE_SEMANTICS = ("v1", "v2", "pil")
+DEVICE_SEMANTICS = ("v1", "v2", "pil", "timm")
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,16 @@ class Render:
             pol = getattr(self.dataset, "policy", None)
             sem, resize = getattr(pol, "randaugment_semantics", "v1"), getattr(pol, "resize", "torch")
             # The Triton replay implements torchvision's tensor RandAugment (v1, v2), its
-            # RandAugment on PIL images (pil: Pillow's arithmetic), torch's resize and the
-            # schema-v2 extension records; the timm semantics and Pillow's resize
+            # RandAugment on PIL images (pil: Pillow's arithmetic), timm's RandAugment (timm),
+            # torch's resize and the schema-v2 extension records; Pillow's resize
             # (resize="pil"/"pil12") it does not: such batches render on the CPU path, then are
             # uploaded (warned once per loader).
             if sem in DEVICE_SEMANTICS and resize == "torch":
                 ext = prep.get("ext")
                 ra = dict(ra_num_bins=getattr(pol, "ra_num_bins", 31), ra_semantics=sem,
                           box_grid=self.dataset.replay.get("box_grid") if ext is not None else None)
+                if sem == "timm":  # the geometric ops' fill colour, as the C++ path's ra_fill
+                    ra["ra_fill"] = pol.timm_fill
                 return self.device_replay.render(prep, lambda: self.host(prep, out_fn), ra)
             if not self._warned:
                 self._warned = True
