@@ -55,19 +55,10 @@ _RAD2DEG = 180.0 / math.pi
 
 def _tv_inverse_affine(cx, cy, angle, tx, ty, shx, shy):
     """torchvision's _get_inverse_affine_matrix(center, angle, translate, 1, shear) in
-    double, the operations in ra_pil.cpp's (and torchvision's) order."""
-    rot = angle * _DEG2RAD
-    sx, sy = shx * _DEG2RAD, shy * _DEG2RAD
-    a = math.cos(rot - sy) / math.cos(sy)
-    b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
-    c = math.sin(rot - sy) / math.cos(sy)
-    d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
-    m = [d, -b, 0.0, -c, a, 0.0]
-    m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty)
-    m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty)
-    m[2] += cx
-    m[5] += cy
-    return m
+    double, the operations in ra_pil.cpp's (and torchvision's) order: the reference's."""
+    from fastload.replay.reference_ra import _inverse_affine
+
+    return _inverse_affine((cx, cy), angle, (tx, ty), (shx, shy))
 
 
 def _rotate_matrix(angle, h, w):

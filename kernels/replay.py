@@ -100,6 +100,9 @@ from fastload.sample import schema as _schema
 from . import ra_pil as _pil
 from . import ra_timm as _timm
 from .ra_pil import _pil_apply_kernel, _pil_final_kernel, _pil_stats_kernel  # (launched from here)
+# torchvision's sharpness "degenerate" (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, rounded, interior
+# only) is Pillow's SMOOTH filter: one implementation
+from .ra_pil import _smooth as _sharp_deg
 from .ra_timm import _timm_apply_kernel  # (launched from here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -540,19 +543,6 @@ def _blend(x, d, r, r1):
 def _blend_v2(x, d, r, r1):
     # transforms.v2's blend: x.mul(r).add_(d, alpha=1 - r): the product rounded, then one FMA
     return _clamp_trunc(tl.fma(d, r1, r * x))
-
-
-@triton.jit
-def _sharp_deg(ptr, oy, ox, h, w, m, x):
-    # torchvision's sharpness "degenerate": 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, rounded,
-    # interior only. round(S/13) in integers: S/13 is never within 1/26 of a .5 tie.
-    inner = m & (oy >= 1) & (oy < h - 1) & (ox >= 1) & (ox < w - 1)
-    s = tl.zeros_like(oy)
-    for dy in tl.static_range(3):
-        for dx in tl.static_range(3):
-            s += tl.load(ptr + (oy + dy - 1) * w + (ox + dx - 1), mask=inner, other=0).to(tl.int32)
-    s += 4 * x.to(tl.int32)
-    return tl.where(inner, ((2 * s + 13) // 26).to(tl.float32), x)
 
 
 @triton.jit
