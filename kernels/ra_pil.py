@@ -53,6 +53,17 @@ _DEG2RAD = math.pi / 180.0  # CPython's math.radians factor (Py_MATH_PI / 180)
 _RAD2DEG = 180.0 / math.pi
 
 
+def slot_rows(ops, mags, use_vals):
+    """The records' RandAugment columns as the packers read them: (ops int64 [R, MAX_RA], mags
+    int64, R, use_vals bool [R], used = ops != RA_NONE, S = the most ops any row uses)."""
+    ops = np.asarray(ops).astype(np.int64)
+    mags = np.asarray(mags).astype(np.int64)
+    R = ops.shape[0]
+    use_vals = np.zeros(R, bool) if use_vals is None else np.asarray(use_vals, bool)
+    used = ops != _schema.RA_NONE
+    return ops, mags, R, use_vals, used, (int(used.sum(axis=1).max()) if R else 0)
+
+
 def _tv_inverse_affine(cx, cy, angle, tx, ty, shx, shy):
     """torchvision's _get_inverse_affine_matrix(center, angle, translate, 1, shear) in
     double, the operations in ra_pil.cpp's (and torchvision's) order: the reference's."""
@@ -160,6 +171,23 @@ def _pil_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIG
             tl.atomic_add(acc + 8 + c * 256 + bins, hst, mask=hst != 0)
 
 
+@triton.jit
+def _equalize_luts(hist_ptr, lut_ptr, npix):
+    """Equalize's table per channel from its 256-bin histograms (ImageOps.equalize; torchvision's
+    uint8 equalize is the same rule): step = (n - count of the top value) // 255, table
+    (cumulative count before the bin + step // 2) // step clipped to 255 (Image.point clips
+    it), identity where step is 0."""
+    bins = tl.arange(0, 256)
+    for c in tl.static_range(3):
+        hist = tl.load(hist_ptr + c * 256 + bins)
+        top = tl.max(tl.where(hist != 0, bins, 0), axis=0)
+        step = (npix - tl.sum(tl.where(bins == top, hist, 0), axis=0)) // 255
+        excl = tl.cumsum(hist, axis=0) - hist
+        safe = tl.maximum(step, 1)
+        lut = tl.minimum((excl + safe // 2) // safe, 255)
+        tl.store(lut_ptr + c * 256 + bins, tl.where(step == 0, bins, lut))
+
+
 @triton.jit(do_not_specialize=["npix"])
 def _pil_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
     """Statistics -> Contrast's grey mean int(sum / n + 0.5) (double), AutoContrast's table
@@ -183,16 +211,7 @@ def _pil_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix):
             lut = tl.where(hi <= lo, bins, tl.minimum(tl.maximum(v, 0), 255))
             tl.store(lut_ptr + b * 768 + c * 256 + bins, lut)
     if op == _P_EQUALIZE:
-        bins = tl.arange(0, 256)
-        for c in tl.static_range(3):
-            hist = tl.load(acc + 8 + c * 256 + bins)
-            top = tl.max(tl.where(hist != 0, bins, 0), axis=0)
-            # the non-zero bins but the last: everything but the top value's count
-            step = (npix - tl.sum(tl.where(bins == top, hist, 0), axis=0)) // 255
-            excl = tl.cumsum(hist, axis=0) - hist
-            safe = tl.maximum(step, 1)
-            lut = tl.minimum((excl + safe // 2) // safe, 255)  # Image.point clips the table
-            tl.store(lut_ptr + b * 768 + c * 256 + bins, tl.where(step == 0, bins, lut))
+        _equalize_luts(acc + 8, lut_ptr + b * 768, npix)
 
 
 @triton.jit

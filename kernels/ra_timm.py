@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fastload.sample import schema as _schema
 
-from .ra_pil import _pil_pixel_ops, _rotate_matrix
+from .ra_pil import _pil_pixel_ops, _rotate_matrix, slot_rows
 
 _OP = _schema.RA_OP_ID
 NF = 16  # float32 words per slot (8 doubles: the geometric ops' matrix)
@@ -123,12 +123,7 @@ def pack(ops, mags, vals, use_vals, size, label=None):
     path refuses it). Validated as ``ra_timm_apply`` validates (timm ids, levels finite in
     [0, 100], draws +-1/+-2); ``label(r)`` names row r in errors."""
     label = label or (lambda r: f"record {r}")
-    ops = np.asarray(ops).astype(np.int64)
-    mags = np.asarray(mags).astype(np.int64)
-    R = ops.shape[0]
-    use_vals = np.zeros(R, bool) if use_vals is None else np.asarray(use_vals, bool)
-    used = ops != _schema.RA_NONE
-    S = int(used.sum(axis=1).max()) if R else 0
+    ops, mags, R, use_vals, used, S = slot_rows(ops, mags, use_vals)
     rai = np.zeros((S, R, 2), dtype=np.int32)
     rad = np.zeros((S, R, NF // 2), dtype=np.float64)
     h, w = (int(v) for v in size)

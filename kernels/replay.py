@@ -103,6 +103,7 @@ from .ra_pil import _pil_apply_kernel, _pil_final_kernel, _pil_stats_kernel  # (
 # torchvision's sharpness "degenerate" (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, rounded, interior
 # only) is Pillow's SMOOTH filter: one implementation
 from .ra_pil import _smooth as _sharp_deg
+from .ra_pil import _equalize_luts  # torchvision's uint8 equalize is ImageOps' rule
 from .ra_timm import _timm_apply_kernel  # (launched from here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -514,17 +515,7 @@ def _ra_final_kernel(rai_ptr, acc_ptr, st_ptr, lut_ptr, npix, V2: tl.constexpr):
             tl.store(st_ptr + b * 8 + 1 + c, tl.where(flat, 0.0, lo_s))
             tl.store(st_ptr + b * 8 + 4 + c, tl.where(flat, 1.0, scale))
     if op == _OP_EQUALIZE:
-        bins = tl.arange(0, 256)
-        for c in tl.static_range(3):
-            hist = tl.load(acc + 8 + c * 256 + bins)
-            top = tl.max(tl.where(hist != 0, bins, 0), axis=0)
-            # sum of the non-zero bins but the last = everything but the top value's count
-            step = (npix - tl.sum(tl.where(bins == top, hist, 0), axis=0)) // 255
-            excl = tl.cumsum(hist, axis=0) - hist
-            safe = tl.maximum(step, 1)
-            lut = tl.minimum((excl + safe // 2) // safe, 255)
-            lut = tl.where(step == 0, bins, lut)
-            tl.store(lut_ptr + b * 768 + c * 256 + bins, lut)
+        _equalize_luts(acc + 8, lut_ptr + b * 768, npix)
 
 
 @triton.jit
@@ -835,12 +826,7 @@ def _ra_np(ops, mags, size, num_bins, semantics="v1", vals=None, use_vals=None, 
     label = label or (lambda r: f"record {r}")
     if semantics == "timm":  # levels and draws, no bins (kernels/ra_timm.py)
         return _timm.pack(ops, mags, vals, use_vals, size, label)
-    ops = np.asarray(ops).astype(np.int64)
-    mags = np.asarray(mags).astype(np.int64)
-    R = ops.shape[0]
-    use_vals = np.zeros(R, bool) if use_vals is None else np.asarray(use_vals, bool)
-    used = ops != P.RA_NONE
-    S = int(used.sum(axis=1).max()) if R else 0
+    ops, mags, R, use_vals, used, S = _pil.slot_rows(ops, mags, use_vals)
     rai = np.zeros((S, R, 2), dtype=np.int32)
     raf = np.zeros((S, R, 8), dtype=np.float32)
     if S == 0:

@@ -125,6 +125,17 @@ def test_device_replay_v2_semantics(dataset, monkeypatch):
     assert all(kw["ra_semantics"] == "v2" and kw["ra_num_bins"] == ds.policy.ra_num_bins for kw in seen)
 
 
+def _cpu_and_device(ds, **kw):
+    """The first batch of the same loader on the CPU path and with replay="device" (taken with
+    warnings as errors: the device path must not fall back)."""
+    cpu = fastload.ReinforcedLoader(ds, **kw)
+    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xb = next(iter(dev))[0]
+    return next(iter(cpu))[0], xb
+
+
 def _mldr_dataset(tmp_path, semantics):
     pytest.importorskip("PIL")
     from fastload.importers import mldr
@@ -169,12 +180,7 @@ def test_device_replay_pil_semantics(tmp_path, monkeypatch):
     seen = _spy(monkeypatch)
     kw = dict(batch_size=6, shuffle=False, aug_choice="epoch", image_size=size, target_mode="mldr",
               num_workers=0, device="cpu")
-    cpu = fastload.ReinforcedLoader(ds, **kw)
-    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (no fallback warning)
-        xb = next(iter(dev))[0]
-    xa = next(iter(cpu))[0]
+    xa, xb = _cpu_and_device(ds, **kw)
     assert len(seen) == 1 and seen[0]["ra_semantics"] == "pil"
     e = seen[0]["ext"]
     assert e is not None and (e["ext"] & P.EXT_RA_FLOAT).any()
@@ -200,16 +206,9 @@ def test_device_replay_timm_semantics(tmp_path, monkeypatch):
     # a dataset reinforced with timm's RandAugment (levels and draws in the extension records,
     # a fill colour of its own) renders on the device, no CPU fallback, with the policy's fill,
     # like the C++ path renders it (the timm arithmetic itself: tests/test_ra_golden_triton_timm.py)
-    from fastload.datasets import make_images, make_teacher
-    from fastload.sample.policy import AugmentPolicy
+    from test_ra_timm import timm_dataset
 
-    root = str(tmp_path / "imgs")
-    make_images(root, 6)
-    pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1-p1.0", size=(24, 24),
-                        timm_fill=(10, 200, 30))
-    out = str(tmp_path / "ds")
-    fastload.reinforce(root, make_teacher(20), out, num_classes=20, num_augmentations=2, topk=3, policy=pol,
-                       image_size=24, batch_size=8, shard_size=4, seed=5, progress=False)
+    _, out = timm_dataset(tmp_path, "rand-m9-mstd0.5-inc1-p1.0", 24, 2)
     ds = fastload.ReinforcedDataset(out)
     assert ds.policy.randaugment_semantics == "timm" and ds.has_ext
     seen = _spy(monkeypatch)
@@ -222,12 +221,7 @@ def test_device_replay_timm_semantics(tmp_path, monkeypatch):
         return real_launch(images, plan, *a, **k)
     monkeypatch.setattr(R, "launch_replay", launch)
     kw = dict(batch_size=6, shuffle=False, num_workers=0, image_size=24, device="cpu")
-    cpu = fastload.ReinforcedLoader(ds, **kw)
-    dev = fastload.ReinforcedLoader(ds, replay="device", **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (no fallback warning)
-        xb = next(iter(dev))[0]
-    xa = next(iter(cpu))[0]
+    xa, xb = _cpu_and_device(ds, **kw)
     assert len(seen) == 1 and seen[0]["ra_semantics"] == "timm" and tuple(seen[0]["ra_fill"]) == (10, 200, 30)
     assert launched == [("timm", (10.0, 200.0, 30.0), 2)]
     e = seen[0]["ext"]

@@ -251,22 +251,30 @@ def test_sampled_timm_draws_follow_the_config():
     assert (np.abs(rec["ra_mags"][:, :3]) == 1).all()
 
 
-def test_reinforce_records_timm_draws_and_the_loader_replays_them(tmp_path):
-    import torch
-
+def timm_dataset(tmp_path, config: str, size: int, num_augmentations: int):
+    """(policy, path): 6 demo images reinforced with timm's RandAugment ``config`` at ``size``,
+    fill colour (10, 200, 30) (also used by tests/test_device_replay.py)."""
     import fastload
     from fastload.datasets import make_images, make_teacher
-    from fastload.replay.native import render_batch
-    from fastload.replay.reference import reference_uint8
     from fastload.sample.policy import AugmentPolicy
 
     root = str(tmp_path / "imgs")
     make_images(root, 6)
-    pol = AugmentPolicy(randaugment_semantics="timm", timm_config="rand-m9-mstd0.5-inc1-p0.9", size=(40, 40),
+    pol = AugmentPolicy(randaugment_semantics="timm", timm_config=config, size=(size, size),
                         timm_fill=(10, 200, 30))
     out = str(tmp_path / "ds")
-    fastload.reinforce(root, make_teacher(20), out, num_classes=20, num_augmentations=6, topk=3, policy=pol,
-                       image_size=40, batch_size=8, shard_size=4, seed=5, progress=False)
+    fastload.reinforce(root, make_teacher(20), out, num_classes=20, num_augmentations=num_augmentations, topk=3,
+                       policy=pol, image_size=size, batch_size=8, shard_size=4, seed=5, progress=False)
+    return pol, out
+
+
+def test_reinforce_records_timm_draws_and_the_loader_replays_them(tmp_path):
+    import torch
+
+    import fastload
+    from fastload.replay.native import render_batch
+
+    pol, out = timm_dataset(tmp_path, "rand-m9-mstd0.5-inc1-p0.9", 40, 6)
     ds = fastload.ReinforcedDataset(out, verify=True)
     assert ds.policy == pol and ds.has_ext
     recs = np.concatenate([ds.augs(i) for i in range(len(ds))])
