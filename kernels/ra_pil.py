@@ -38,6 +38,8 @@ import triton.language as tl
 
 from fastload.sample import schema as _schema
 
+from ._slot import _slot_pixels, _tile
+
 _OP = _schema.RA_OP_ID
 (_P_SHEARX, _P_ROTATE, _P_BRIGHTNESS, _P_COLOR, _P_CONTRAST, _P_SHARPNESS, _P_POSTERIZE, _P_SOLARIZE,
  _P_AUTOCONTRAST, _P_EQUALIZE) = (tl.constexpr(_OP[k]) for k in (
@@ -280,23 +282,9 @@ def _pil_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
                       BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """One RandAugment slot with Pillow's arithmetic, src -> dst ([R, 3, h, w] uint8): each
     image applies its own op (id, int and float parameters per image)."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    npix = h * w
-    if ALIGN:
-        npix = tl.multiple_of(npix, 16)
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < npix
-    oy = offs // w
-    ox = offs % w
-    op = tl.load(rai_ptr + 2 * b)
-    ip = tl.load(rai_ptr + 2 * b + 1)
+    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK, ALIGN)
+    op, ip, base, x0, x1, x2 = _slot_pixels(rai_ptr, src_ptr, b, npix, offs, mask)
     fp = raf_ptr + b * 8
-    base = src_ptr + b.to(tl.int64) * 3 * npix
-
-    x0 = tl.load(base + offs, mask=mask, other=0).to(tl.float32)
-    x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
-    x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
     if (op >= _P_SHEARX) & (op <= _P_ROTATE):
         if ip == 1:  # scale path (SCALE_PATH): COORD(a2 + 0.5 a0 + x a0) in double (exact)
             a0 = tl.load(fp + 0).to(tl.float64)

@@ -39,6 +39,8 @@ import triton.language as tl
 
 from fastload.sample import schema as _schema
 
+from ._slot import _slot_pixels, _tile
+
 from .ra_pil import _pil_pixel_ops, _rotate_matrix, slot_rows
 
 _OP = _schema.RA_OP_ID
@@ -253,24 +255,10 @@ def _timm_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, rad_ptr, st_ptr, lut_
     """One RandAugment slot of timm ops, src -> dst ([R, 3, h, w] uint8): each image applies
     its own op. ``raf``/``rad``: the slot's parameters as float32 [R, NF] and the same
     memory as float64 [R, NF / 2]; ``fill0..2``: timm's fill colour (float levels)."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    npix = h * w
-    if ALIGN:
-        npix = tl.multiple_of(npix, 16)
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < npix
-    oy = offs // w
-    ox = offs % w
-    op = tl.load(rai_ptr + 2 * b)
-    ip = tl.load(rai_ptr + 2 * b + 1)
+    b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK, ALIGN)
+    op, ip, base, x0, x1, x2 = _slot_pixels(rai_ptr, src_ptr, b, npix, offs, mask)
     fp = raf_ptr + b * _NF
     dp = rad_ptr + b * (_NF // 2)
-    base = src_ptr + b.to(tl.int64) * 3 * npix
-
-    x0 = tl.load(base + offs, mask=mask, other=0).to(tl.float32)
-    x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
-    x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
     if (op == _T_ROTATE) | (op == _T_SHEARX) | (op == _T_SHEARY) | (op == _T_TX) | (op == _T_TY):
         if (ip & _TRANSPOSE) != 0:  # an exact index map (integer coefficients)
             xs = tl.load(dp + 0).to(tl.int32) * ox + tl.load(dp + 1).to(tl.int32) * oy + tl.load(dp + 2).to(tl.int32)

@@ -97,6 +97,7 @@ import triton.language as tl
 from fastload.sample import params as P
 from fastload.sample import schema as _schema
 
+from ._slot import _slot_pixels, _tile
 from . import ra_pil as _pil
 from . import ra_timm as _timm
 from .ra_pil import _pil_apply_kernel, _pil_final_kernel, _pil_stats_kernel  # (launched from here)
@@ -268,20 +269,6 @@ def _render_u8(img_ptr, row_stride, top, left, bh, bw, offy, fh, offx, fw, oy, o
     acc1 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc1, tx) + 0.5), 0.0), 255.0)
     acc2 = tl.minimum(tl.maximum(tl.floor(tl.div_rn(acc2, tx) + 0.5), 0.0), 255.0)
     return acc0, acc1, acc2
-
-
-@triton.jit
-def _tile(h, w, BLOCK: tl.constexpr, ALIGN: tl.constexpr = False):
-    """Program (sample b, tile t) of an [h, w] image: its pixels' flat offsets, mask, y, x.
-    ALIGN (the host checked h * w % 16 == 0): the planes of [B, 3, h, w] buffers start on
-    16-element boundaries, so contiguous loads and stores can be vectorized."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    npix = h * w
-    if ALIGN:
-        npix = tl.multiple_of(npix, 16)
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    return b, npix, offs, offs < npix, offs // w, offs % w
 
 
 @triton.jit
@@ -553,15 +540,8 @@ def _ra_apply_kernel(src_ptr, dst_ptr, rai_ptr, raf_ptr, st_ptr, lut_ptr, h, w,
     of transforms.v2 where it differs from v1 (Color, Contrast, Sharpness, AutoContrast;
     Solarize differs only in its threshold table, made on the host)."""
     b, npix, offs, mask, oy, ox = _tile(h, w, BLOCK, ALIGN)
-    op = tl.load(rai_ptr + 2 * b)
-    ip = tl.load(rai_ptr + 2 * b + 1)
+    op, ip, base, x0, x1, x2 = _slot_pixels(rai_ptr, src_ptr, b, npix, offs, mask)
     fp = raf_ptr + b * 8
-    base = src_ptr + b.to(tl.int64) * 3 * npix
-
-    # the image itself: contiguous (vectorized loads when ALIGN); geometric ops reload below
-    x0 = tl.load(base + offs, mask=mask, other=0).to(tl.float32)
-    x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
-    x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
     if (op >= _OP_SHEARX) & (op <= _OP_ROTATE):
         # geometric: torchvision's affine grid (centre-origin pixel coordinates times the
         # inverse matrix pre-divided by (w/2, h/2)), grid_sample nearest, zeros outside
