@@ -30,3 +30,18 @@ def _slot_pixels(rai_ptr, src_ptr, b, npix, offs, mask):
     x1 = tl.load(base + npix + offs, mask=mask, other=0).to(tl.float32)
     x2 = tl.load(base + 2 * npix + offs, mask=mask, other=0).to(tl.float32)
     return op, ip, base, x0, x1, x2
+
+
+@triton.jit
+def _stats_tile(src_ptr, rai_ptr, npix, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """A statistics program (image b, pixel tile t) of a RandAugment slot: b, the image's op
+    id, npix (with ALIGN's alignment hint), its base pointer in the [R, 3, h, w] uint8 source,
+    the tile's offsets and mask."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    op = tl.load(rai_ptr + 2 * b)
+    if ALIGN:
+        npix = tl.multiple_of(npix, 16)
+    base = src_ptr + b.to(tl.int64) * 3 * npix
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    return b, op, npix, base, offs, offs < npix

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from fastload.sample import schema as _schema
 
-from ._slot import _slot_pixels, _tile
+from ._slot import _slot_pixels, _stats_tile, _tile
 
 _OP = _schema.RA_OP_ID
 (_P_SHEARX, _P_ROTATE, _P_BRIGHTNESS, _P_COLOR, _P_CONTRAST, _P_SHARPNESS, _P_POSTERIZE, _P_SOLARIZE,
@@ -151,14 +151,7 @@ def _grey(r, g, b):
 def _pil_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """Partial statistics of one slot, per (image, pixel tile), into zeroed int32
     accumulators: Contrast the grey sum, AutoContrast and Equalize per-channel histograms."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    op = tl.load(rai_ptr + 2 * b)
-    if ALIGN:
-        npix = tl.multiple_of(npix, 16)
-    base = src_ptr + b.to(tl.int64) * 3 * npix
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    m = offs < npix
+    b, op, npix, base, offs, m = _stats_tile(src_ptr, rai_ptr, npix, BLOCK, ALIGN)
     acc = acc_ptr + b * NACC
     if op == _P_CONTRAST:
         r = tl.load(base + offs, mask=m, other=0).to(tl.int32)

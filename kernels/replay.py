@@ -97,7 +97,7 @@ import triton.language as tl
 from fastload.sample import params as P
 from fastload.sample import schema as _schema
 
-from ._slot import _slot_pixels, _tile
+from ._slot import _slot_pixels, _stats_tile, _tile
 from . import ra_pil as _pil
 from . import ra_timm as _timm
 from .ra_pil import _pil_apply_kernel, _pil_final_kernel, _pil_stats_kernel  # (launched from here)
@@ -447,14 +447,7 @@ def _ra_stats_kernel(src_ptr, rai_ptr, acc_ptr, npix, BLOCK: tl.constexpr, ALIGN
     (order-independent: exact and deterministic) into zeroed accumulators. Contrast:
     grayscale sum; AutoContrast: per-channel max of 255 - x (the minimum) and max;
     Equalize: per-channel histograms."""
-    b = tl.program_id(0)
-    t = tl.program_id(1)
-    op = tl.load(rai_ptr + 2 * b)
-    if ALIGN:
-        npix = tl.multiple_of(npix, 16)
-    base = src_ptr + b.to(tl.int64) * 3 * npix
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    m = offs < npix
+    b, op, npix, base, offs, m = _stats_tile(src_ptr, rai_ptr, npix, BLOCK, ALIGN)
     acc = acc_ptr + b * 776
     if op == _OP_CONTRAST:  # Contrast: torch.mean of the float32 grayscale (integer sum: exact)
         r = tl.load(base + offs, mask=m, other=0).to(tl.float32)
