@@ -229,7 +229,7 @@ def build_reinforced(images_root: str, out: str, kind: str = "crop", num_augment
 
     key = {"images": os.path.abspath(images_root), "images_stamp": _stamp(images_root), "kind": kind,
            "N": int(num_augmentations), "seed": int(seed), "image_size": int(image_size),
-           "version": FORMAT_VERSION}
+           "version": FORMAT_VERSION, "restart_markers": "every 4 MCUs"}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
     stamp = os.path.join(out, "fastload_bench_key.txt")
     if os.path.exists(stamp) and open(stamp).read().strip() == digest and _readable(out):

@@ -152,7 +152,20 @@ class _Prepared:
     stored: Optional[bytes]
 
 
-def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: bool = False) -> _Prepared:
+def _with_restarts(b: bytes, key: str) -> bytes:
+    """``b`` with restart markers (fastload.replay.native.add_restarts), or ``b`` itself where
+    libjpeg finds fault with it (Pillow, which checked it, tolerates some damage libjpeg warns
+    of): the loader then decodes it as it always did, and reports the damage itself."""
+    from fastload.replay.native import add_restarts
+
+    try:
+        return add_restarts(b, f"image {key!r}")
+    except ValueError:
+        return b
+
+
+def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: bool = False,
+             restarts: bool = False) -> _Prepared:
     key = src.key(i)
     try:
         payload, label = src.load(i)
@@ -167,6 +180,8 @@ def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: 
             return _Prepared(key, label, b"", (h, w), (nh, nw), None, None)
         digest = hashlib.blake2b(b, digest_size=16).digest()
         if is_jpeg and (nh, nw) == (h, w):
+            if restarts:  # lossless: the same pixels, decodable from any MCU row
+                b = _with_restarts(b, key)
             return _Prepared(key, label, digest, (h, w), (h, w), b, b if store else None)
         arr = np.asarray(im.convert("RGB"))
     else:
@@ -186,6 +201,8 @@ def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: 
     if not store:
         return _Prepared(key, label, digest, (h, w), (nh, nw), np.ascontiguousarray(arr), None)
     enc = _encode_jpeg(arr)  # stored as JPEG: the teacher renders from exactly these bytes
+    if restarts:
+        enc = _with_restarts(enc, key)
     return _Prepared(key, label, digest, (h, w), (nh, nw), enc, enc)
 
 
@@ -397,6 +414,7 @@ class _Job:
     store: bool
     max_side: Optional[int]
     threads: Optional[int]
+    restarts: bool = True
 
     def shard_rows(self, s: int) -> np.ndarray:
         return np.arange(s * self.shard_size, min((s + 1) * self.shard_size, len(self.rows)))
@@ -424,7 +442,8 @@ def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
     # ext: the extension records where the policy draws what the base record cannot hold
     # (timm RandAugment levels), else None
     params, ext = sample_records(job.policy, rng, rows, job.all_hw, job.n_aug)  # [R, N]
-    prep = {int(r): _prepare(job.sources, int(job.rows[r]), job.store, job.max_side) for r in rows}
+    prep = {int(r): _prepare(job.sources, int(job.rows[r]), job.store, job.max_side, restarts=job.restarts)
+            for r in rows}
     for r in rows:  # what the sampler assumed must be what is rendered
         if tuple(prep[int(r)].src_hw) != tuple(job.all_hw[r]):
             raise RuntimeError(f"image {prep[int(r)].key!r} changed size between scan and generation")
@@ -436,7 +455,8 @@ def _make_shard(job: _Job, s: int, progress=None) -> Dict[str, Any]:
         if p in prep:
             return prep[p].render
         if p not in partner_cache:
-            partner_cache[p] = _prepare(job.sources, int(job.rows[p]), job.store, job.max_side).render
+            partner_cache[p] = _prepare(job.sources, int(job.rows[p]), job.store, job.max_side,
+                                        restarts=job.restarts).render
         return partner_cache[p]
 
     R, N = params.shape
@@ -529,10 +549,16 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
               policy=None, batch_size: int = 64, image_size=224, num_classes: Optional[int] = None,
               seed: int = 0, engine: str = "local", shard_size: int = 1000, on_error: str = "raise",
               reencode_max_side: Optional[int] = None, progress: bool = True, store_images: bool = True,
-              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+              restart_markers: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
               threads: Optional[int] = None, reference=None,
               reference_loss: Optional[Callable] = None) -> Dict[str, Any]:
     """Create (or resume) a reinforced classification dataset in ``out``; returns the manifest.
+
+    ``restart_markers`` (default True): stored JPEGs are losslessly transcoded with a restart
+    marker opening every MCU row and optimized Huffman tables
+    (:func:`fastload.replay.native.add_restarts`): the same pixels for every decoder, usually
+    a few % fewer bytes, and the loader starts decoding a crop at the MCU row above it instead
+    of entropy-decoding every row above. False stores JPEG sources byte for byte.
 
     ``reference``: a reference model (same input as the teacher) for online batch selection.
     Once the dataset is written, every stored augmentation of every row is replayed and the
@@ -648,12 +674,13 @@ def reinforce(dataset_or_folder, teacher, out: str, num_augmentations: int = 10,
               "replay": replay, "teachers": tdesc, "shard_size": int(shard_size),
               "classes": src.classes or None, "images_stored": bool(store_images),
               "image_encoding": {"kept_if_jpeg": True, "reencode_max_side": reencode_max_side,
-                                 "jpeg_quality": JPEG_QUALITY}, "skipped": skipped}
+                                 "jpeg_quality": JPEG_QUALITY, "restart_markers": bool(restart_markers)},
+              "skipped": skipped}
     fresh = not os.path.exists(out) or not os.listdir(out)
     writer = DatasetWriter(out, header, fingerprint, num_shards)
     job = _Job(src, rows, all_hw, teachers, policy, out, int(num_augmentations), int(topk), num_classes,
                int(seed), int(shard_size), int(batch_size), size, tuple(mean), tuple(std), bool(store_images),
-               reencode_max_side, threads)
+               reencode_max_side, threads, bool(restart_markers))
     todo = [s for s in range(num_shards) if s not in writer.done]
     from fastload._progress import Progress
 
@@ -776,6 +803,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
     ap.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear",
                     help="resize filter of the replay")
+    ap.add_argument("--no-restart-markers", action="store_true",
+                    help="store JPEG sources byte for byte (default: losslessly transcoded with a restart marker "
+                         "per MCU row, which lets the loader skip the rows above a crop)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     if a.images and a.images_flag and a.images != a.images_flag:
@@ -800,7 +830,8 @@ def main(argv=None) -> int:
                       policy=policy, batch_size=a.batch_size, image_size=a.image_size,
                       num_classes=a.num_classes, seed=a.seed, engine=a.engine, shard_size=a.shard_size,
                       on_error=a.on_error, reencode_max_side=a.reencode_max_side,
-                      progress=not a.quiet, store_images=not a.no_store_images)
+                      progress=not a.quiet, store_images=not a.no_store_images,
+                      restart_markers=not a.no_restart_markers)
     except ValueError as e:
         return flag_error("fastload reinforce", e, ap, {"dataset_or_folder": "IMAGES"})
     except (RuntimeError, OSError) as e:  # e.g. the teacher fails in a shard: one line, and what became of --out

@@ -44,6 +44,9 @@ def bases():
         out.append((f"gray{h}x{w}prog-arith", native._encode_jpeg(noisy[..., 1], 85, True, True)))
         cmyk = np.concatenate([noisy, noisy[..., :1]], -1)
         out.append((f"cmyk{h}x{w}", native._encode_jpeg(cmyk, 85)))
+    # the same files with restart markers (fastload.replay.native.add_restarts): the loader
+    # decodes slices of them
+    out += [(f"{name}-rst", r) for name, b in list(out) for r in [native.add_restarts(b)] if r != b]
     return out
 
 
@@ -126,14 +129,16 @@ def main(seed, n, progress):
             prog.write(f"{i} {seed} {desc}\n")
             prog.flush()
             t0 = time.perf_counter()
-            for call in ("render", "decode"):
+            for call in ("render", "decode", "restarts"):
                 try:
                     if call == "render":
                         out = list(outs.values())[int(rng.integers(0, len(outs)))]
                         dct = [True, False, "m8"][int(rng.integers(0, 3))]
                         native.render_batch([b], record(rng), out, sample_ids=[sid], threads=1, dct_scale=dct)
-                    else:
+                    elif call == "decode":
                         native.decode_batch([b], scale=int(rng.choice([1, 2, 4, 8])), threads=1, sample_ids=[sid])
+                    else:
+                        native.add_restarts(b, what=sid)
                     stats["ok"] += 1
                 except ValueError as e:
                     if desc.endswith("op7"):

@@ -1,6 +1,6 @@
 """Seeded fuzzing of JPEG bytes and of augmentation records through the native decode and render entry points (bit flips,
 truncation, forged declared sizes, spans overwritten/inserted/deleted; baseline 4:2:0/4:4:4,
-progressive, arithmetic, grayscale and CMYK inputs): every case ends in a result or a
+progressive, arithmetic, grayscale and CMYK inputs, and each with restart markers): every case ends in a result or a
 ValueError naming its sample, never a crash, a hang or memory beyond the documented decode
 limit (fastload.replay.native.set_decode_limits). The cases run in a child process
 (tests/_jpeg_fuzz_worker.py) so that a crash fails the test with the case that caused it."""

@@ -95,3 +95,37 @@ def test_rank_batches_cover_the_global_batches():
     assert len(parts[0]) == len(rb) == 300 // 12
     for k in range(len(rb)):
         assert sum((parts[r][k] for r in range(3)), []) == g[k * 12:(k + 1) * 12].tolist()
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_partitions_balance_bytes_when_shard_bytes_are_known(P):
+    rng = np.random.default_rng(7)
+    sizes = [64] * 24
+    nbytes = rng.integers(1_800_000, 3_200_000, len(sizes))  # JPEG shards: the same rows, not the same bytes
+    G = 32 * P
+    rr = BlockShuffleSampler(sizes, block_shards=4, seed=0, partitions=P, global_batch_size=G)
+    bal = BlockShuffleSampler(sizes, block_shards=4, seed=0, partitions=P, global_batch_size=G, shard_bytes=nbytes)
+    worst_rr, worst_bal = 0.0, 0.0
+    for epoch in range(12):
+        order = rr.shard_order(epoch)
+        groups_rr, groups = rr._deal(order), bal._deal(order)
+        assert [len(g) for g in groups] == [len(g) for g in groups_rr]  # shards (rows) per group unchanged
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(sizes)))
+        share = nbytes.sum() / P
+        worst_rr = max(worst_rr, max(nbytes[g].sum() for g in groups_rr) / share)
+        worst_bal = max(worst_bal, max(nbytes[g].sum() for g in groups) / share)
+        assert max(nbytes[g].sum() for g in groups) - min(nbytes[g].sum() for g in groups) <= np.ptp(nbytes)
+        # the order stays a valid partitioned order: each rank of a world of P reads its group only
+        o = bal.global_order(epoch)
+        assert len(o) == len(bal) and len(np.unique(o)) == len(o)
+        for r in range(P):
+            rows = np.concatenate([o[k * G:(k + 1) * G][r * (G // P):(r + 1) * (G // P)] for k in range(len(o) // G)])
+            assert set(bal.shard_of(rows).tolist()) == set(groups[r].tolist())
+    assert worst_bal <= 1.02 < worst_rr  # this draw: round-robin gives a rank > 2% over its share
+    assert np.array_equal(bal.global_order(3), bal.global_order(3))
+    assert bal._fingerprint() != rr._fingerprint()
+
+
+def test_shard_bytes_must_match_the_shards():
+    with pytest.raises(ValueError, match="shard_bytes"):
+        BlockShuffleSampler([4, 4, 4], partitions=1, shard_bytes=[1, 2])

@@ -222,27 +222,205 @@ int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* o
   return 0;
 }
 
+// Restart-marker slicing. A baseline JPEG whose restart interval divides its MCU row (what
+// jpeg_add_restarts writes) can be decoded from any MCU row on: the DC predictors reset at
+// every RSTn, so the entropy-coded bytes from the marker that opens row m0 are a complete scan
+// of rows m0.. . jpeg_skip_scanlines cannot do this (it entropy-decodes every skipped row, ~20%
+// of a render on RandomResizedCrop crops), so start_crop_decode hands libjpeg a shorter JPEG:
+// the original header with the height cut, the scan from row m0's marker up to the MCU row
+// below the rows the caller needs, the RSTn renumbered from 0 (libjpeg checks the sequence),
+// then EOI. The rows just above and below those needed are kept: fancy upsampling reads the
+// chroma row on either side, so the rows needed decode exactly as in the whole image (tested
+// against whole-image decodes, tests/test_jpeg_restart.py). Anything else (progressive,
+// arithmetic, several scans, no usable interval, an image over the free pixel budget)
+// decodes the whole way, as before.
+struct SliceHeader {
+  size_t sof_y = 0, sos_end = 0;  // offset of the SOF's height field; first entropy-coded byte
+  int H = 0, W = 0, mcu_h = 0, mcu_w = 0, mcu_rows = 0;
+  int ri = 0, ipr = 0;  // restart interval (MCUs), intervals per MCU row
+};
+
+static bool slice_header(const uint8_t* d, size_t len, SliceHeader* h) {
+  size_t i = 2;
+  int nf = 0, hmax = 1, vmax = 1, ri = 0;
+  if (len < 4 || d[0] != 0xFF || d[1] != 0xD8) return false;
+  while (i + 4 <= len) {
+    if (d[i] != 0xFF) return false;
+    const uint8_t m = d[i + 1];
+    if (m == 0xFF) { ++i; continue; }
+    if (m == 0xD8 || m == 0xD9 || (m >= 0xD0 && m <= 0xD7) || m == 0x01) return false;
+    const size_t seg = ((size_t)d[i + 2] << 8) | d[i + 3];
+    if (seg < 2 || i + 2 + seg > len) return false;
+    const uint8_t* p = d + i + 4;
+    if (m == 0xC0 || m == 0xC1) {  // baseline / extended sequential, Huffman
+      if (nf || seg < 8) return false;
+      h->sof_y = i + 5;
+      h->H = (p[1] << 8) | p[2];
+      h->W = (p[3] << 8) | p[4];
+      nf = p[5];
+      if (nf < 1 || nf > 4 || seg < 8 + 3 * (size_t)nf || h->H < 1 || h->W < 1) return false;
+      for (int c = 0; c < nf; ++c) {
+        const int hs = p[7 + 3 * c] >> 4, vs = p[7 + 3 * c] & 15;
+        if (hs < 1 || hs > 4 || vs < 1 || vs > 4) return false;
+        hmax = std::max(hmax, hs);
+        vmax = std::max(vmax, vs);
+      }
+    } else if ((m >= 0xC2 && m <= 0xCF) && m != 0xC4 && m != 0xC8 && m != 0xCC) {
+      return false;  // progressive, lossless, arithmetic, hierarchical
+    } else if (m == 0xDD) {
+      if (seg != 4) return false;
+      ri = (p[0] << 8) | p[1];
+    } else if (m == 0xDC) {
+      return false;  // DNL: the height comes after the scan
+    } else if (m == 0xDA) {
+      if (!nf || seg < 3 || p[0] != nf) return false;  // one interleaved scan only
+      h->sos_end = i + 2 + seg;
+      if (nf == 1) hmax = vmax = 1;  // a single component's MCU is one block
+      h->mcu_w = 8 * hmax;
+      const int per_row = (h->W + h->mcu_w - 1) / h->mcu_w;
+      h->mcu_h = 8 * vmax;
+      h->mcu_rows = (h->H + h->mcu_h - 1) / h->mcu_h;
+      if (ri <= 0 || per_row % ri) return false;
+      h->ri = ri;
+      h->ipr = per_row / ri;
+      return true;
+    }
+    i += 2 + seg;
+  }
+  return false;
+}
+
+// Builds the JPEG of MCU rows [m0, m1) and restart intervals [c0, c1) of each row of `d`
+// into s.sub; false (nothing usable) if the scan does not have its markers where the header
+// says (the whole decode then reports the damage). The width is cut to the intervals kept
+// (their MCUs, or to the image's edge for the row's last interval): a restart interval
+// divides the row, so the slice's rows are whole intervals and keep the file's DRI.
+static bool build_slice(const uint8_t* d, size_t len, const SliceHeader& h, int m0, int m1, int c0, int c1,
+                        Scratch& s) {
+  const int64_t first = (int64_t)m0 * h.ipr, last = (int64_t)m1 * h.ipr;
+  // Walk the scan's markers: RSTn number k (or EOI, after the image's last interval) ends
+  // interval k. iv: (start, end) of each interval of rows [m0, m1).
+  std::vector<size_t>& iv = s.sub_iv;
+  iv.clear();
+  size_t i = h.sos_end, start = h.sos_end;
+  for (int64_t k = 0; k < last;) {
+    const uint8_t* f = (const uint8_t*)std::memchr(d + i, 0xFF, len - i);
+    if (!f || (size_t)(f - d) + 1 >= len) return false;
+    i = (size_t)(f - d);
+    const uint8_t m = d[i + 1];
+    if (m == 0x00 || m == 0xFF) { i += m == 0x00 ? 2 : 1; continue; }  // stuffed byte; fill
+    const bool eoi = m == 0xD9 && k + 1 == (int64_t)h.mcu_rows * h.ipr;
+    if (!eoi && (m < 0xD0 || m > 0xD7 || (m & 7) != (k & 7))) return false;  // a marker out of place
+    if (k >= first) {
+      iv.push_back(start);
+      iv.push_back(i);
+    }
+    start = i + 2;
+    i += 2;
+    ++k;
+  }
+  std::vector<uint8_t>& o = s.sub;
+  o.clear();
+  o.insert(o.end(), d, d + h.sos_end);
+  const int rows = std::min(h.H - m0 * h.mcu_h, (m1 - m0) * h.mcu_h);
+  const int iw = h.mcu_w * h.ri;  // source pixels per interval
+  const int cols = c1 == h.ipr ? h.W - c0 * iw : (c1 - c0) * iw;
+  o[h.sof_y] = (uint8_t)(rows >> 8);
+  o[h.sof_y + 1] = (uint8_t)(rows & 0xFF);
+  o[h.sof_y + 2] = (uint8_t)(cols >> 8);
+  o[h.sof_y + 3] = (uint8_t)(cols & 0xFF);
+  int64_t n = 0;
+  const int64_t total = (int64_t)(m1 - m0) * (c1 - c0);
+  for (int r = m0; r < m1; ++r) {
+    for (int c = c0; c < c1; ++c) {
+      const size_t j = (size_t)(r - m0) * h.ipr + c;  // the interval's index in the slice walk
+      const size_t b0 = iv[2 * j], b1 = iv[2 * j + 1];
+      o.insert(o.end(), d + b0, d + b1);
+      if (++n < total) {
+        o.push_back(0xFF);
+        o.push_back((uint8_t)(0xD0 + ((n - 1) & 7)));
+      }
+    }
+  }
+  o.push_back(0xFF);
+  o.push_back(0xD9);
+  return true;
+}
+
+std::atomic<int64_t> g_slices{0};
+
 // The start shared by jpeg_render and jpeg_crop_floor: header, the crop in source pixels, the
 // DCT scale M/8 the loader's rule picks for it, decompression started. Runs after the caller's
 // setjmp (a libjpeg error longjmps back into the caller's frame, which is still live).
 struct CropDecode {
   int t, l, bh, bw, M, SH, SW, bpp;
+  // restart-marker slicing: the slice's first scaled row and column in the whole image, and
+  // its scaled width (yo = xo = 0, SWs = SW without)
+  int yo = 0, xo = 0, SWs = 0;
 };
 
+// jpeg_crop_scanline on columns [left, right) of the whole image (scaled), for a slice too;
+// *xoff, *cw: the columns libjpeg chose (widened to iMCU edges), in whole-image columns.
+static void crop_columns(jpeg_decompress_struct& ci, const CropDecode& g, int left, int right, JDIMENSION* xoff,
+                         JDIMENSION* cw) {
+  *xoff = (JDIMENSION)(left - g.xo);
+  *cw = (JDIMENSION)(right - left);
+  if (*xoff != 0 || (int)*cw != g.SWs) jpeg_crop_scanline(&ci, xoff, cw);
+  *xoff += (JDIMENSION)g.xo;
+}
+
+// Skips to scaled row y of the whole image (a slice starts at row g.yo).
+static int skip_to(jpeg_decompress_struct& ci, const CropDecode& g, int y) {
+  const int k = y - g.yo;
+  if (k < 0) return fail("bad JPEG: row %d is above the decoded slice", y);
+  if (k > 0 && (int)jpeg_skip_scanlines(&ci, (JDIMENSION)k) != k) return fail("bad JPEG: could not skip to row %d", y);
+  return 0;
+}
+
 static int start_crop_decode(Decoder& d, const uint8_t* data, size_t len, const uint16_t crop[4], int oh, int ow,
-                             int dct, bool speed_flags, CropDecode* g) {
+                             int dct, bool speed_flags, Scratch& s, CropDecode* g) {
   if (data == nullptr || len < 4) return fail("bad JPEG: empty or too short (%zu bytes)", len);
+  SliceHeader sh;
+  g->yo = g->xo = 0;
+  if (slice_header(data, len, &sh) &&
+      (int64_t)sh.H * sh.W <= std::min(g_free_pixels.load(), g_max_pixels.load())) {
+    box_to_pixels(crop, sh.H, sh.W, &g->t, &g->l, &g->bh, &g->bw);
+    g->M = choose_scale_num(dct & 0xff, g->bh, g->bw, oh, ow);
+    // Every caller's rows lie in [ylo, yhi), the crop in scaled pixels. Fancy upsampling
+    // reads one chroma row above and below a row: the rows ylo - 1 and yhi must decode as in
+    // the whole image, so the slice holds the MCU rows of both (mh scaled rows each).
+    // Columns: every caller decodes [xlo - 2, xhi + 2) at most (a 2-column margin for
+    // jpeg_crop_scanline's edges), and the slice's own edge columns are upsampled without
+    // their outer neighbour: intervals covering 2 more columns on each side keep them exact.
+    const int mh = sh.mcu_h * g->M / 8, iw = sh.ri * sh.mcu_w * g->M / 8;
+    const int ylo = (int)((int64_t)g->t * g->M / 8), yhi = (int)(((int64_t)(g->t + g->bh) * g->M + 7) / 8);
+    const int xlo = (int)((int64_t)g->l * g->M / 8), xhi = (int)(((int64_t)(g->l + g->bw) * g->M + 7) / 8);
+    const int m0 = std::max(0, (ylo - 1) / mh), m1 = std::min(sh.mcu_rows, yhi / mh + 1);
+    const int c0 = std::max(0, (xlo - 4) / iw), c1 = std::min(sh.ipr, (xhi + 4 + iw - 1) / iw);
+    if ((m0 > 0 || c0 > 0 || c1 < sh.ipr) && m1 > m0 && c1 > c0 && build_slice(data, len, sh, m0, m1, c0, c1, s)) {
+      data = s.sub.data();
+      len = s.sub.size();
+      g->yo = m0 * mh;
+      g->xo = c0 * iw;
+      g_slices.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
   if (begin(d, data, len)) return -1;
   jpeg_decompress_struct& ci = d.cinfo;
-  box_to_pixels(crop, (int)ci.image_height, (int)ci.image_width, &g->t, &g->l, &g->bh, &g->bw);
-  g->M = choose_scale_num(dct & 0xff, g->bh, g->bw, oh, ow);
+  const bool sliced = !s.sub.empty() && data == s.sub.data();
+  if (!sliced) {
+    box_to_pixels(crop, (int)ci.image_height, (int)ci.image_width, &g->t, &g->l, &g->bh, &g->bw);
+    g->M = choose_scale_num(dct & 0xff, g->bh, g->bw, oh, ow);
+  }
   ci.scale_num = (unsigned)g->M;
   ci.scale_denom = 8;
   if (speed_flags && (dct & kDctIfast)) ci.dct_method = JDCT_IFAST;
   if (speed_flags && (dct & kDctNoFancy)) ci.do_fancy_upsampling = FALSE;
   jpeg_start_decompress(&ci);
-  g->SH = (int)ci.output_height;
-  g->SW = (int)ci.output_width;
+  // the whole image's scaled height (libjpeg's jdiv_round_up), whatever slice is decoded
+  g->SH = sliced ? (int)(((int64_t)sh.H * g->M + 7) / 8) : (int)ci.output_height;
+  g->SW = sliced ? (int)(((int64_t)sh.W * g->M + 7) / 8) : (int)ci.output_width;
+  g->SWs = (int)ci.output_width;
   g->bpp = out_bytes_per_pixel(ci);
   if (g->bpp < 0) return fail("bad JPEG: %d output components", ci.output_components);
   return 0;
@@ -253,7 +431,7 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
   CropDecode g;
-  if (start_crop_decode(d, data, len, crop, oh, ow, dct, true, &g)) return -1;
+  if (start_crop_decode(d, data, len, crop, oh, ow, dct, true, s, &g)) return -1;
   jpeg_decompress_struct& ci = d.cinfo;
   const int t = g.t, l = g.l, bh = g.bh, bw = g.bw, M = g.M, SH = g.SH, SW = g.SW, bpp = g.bpp;
   // The crop in scaled pixels: each 8x8 block decodes to M x M pixels, so scaled pixel k
@@ -268,8 +446,8 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   // cropped region are upsampled without their outer neighbour's chroma (they differ from a
   // full decode), so decode 2 more columns on each side than the taps need.
   const int left = std::max(0, s.ax.tap_lo - 2), right = std::min(SW, s.ax.tap_hi + 2);
-  JDIMENSION xoff = (JDIMENSION)left, cw = (JDIMENSION)(right - left);
-  if (xoff != 0 || (int)cw != SW) jpeg_crop_scanline(&ci, &xoff, &cw);
+  JDIMENSION xoff, cw;
+  crop_columns(ci, g, left, right, &xoff, &cw);
   const int row_bytes = (int)cw * 3;
   VStream vs;
   vs.begin(&s.ay, ow * 3, s.tmp, out);
@@ -280,10 +458,7 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
   const int batch_rows = 4;
   // +16 bytes: the horizontal pass reads a few bytes past the last pixel.
   if (s.rows.size() < (size_t)batch_rows * row_bytes + 16) s.rows.resize((size_t)batch_rows * row_bytes + 16);
-  if (rlo > 0) {
-    JDIMENSION skipped = jpeg_skip_scanlines(&ci, (JDIMENSION)rlo);
-    if ((int)skipped != rlo) return fail("bad JPEG: could not skip to row %d", rlo);
-  }
+  if (skip_to(ci, g, rlo)) return -1;
   JSAMPROW ptrs[batch_rows];
   const size_t in_row = (size_t)cw * bpp;  // what libjpeg writes per row (CMYK: 4 bytes/pixel)
   if (bpp == 4 && s.cmyk.size() < (size_t)batch_rows * in_row) s.cmyk.resize((size_t)batch_rows * in_row);
@@ -314,17 +489,14 @@ int jpeg_render(const uint8_t* data, size_t len, const uint16_t crop[4], bool fl
 // The decode window of a region decode: columns [left, right) of the (scaled) image, which
 // jpeg_crop_scanline widens to iMCU edges (*xoff, *cw: what it chose), a row buffer for them
 // and the rows above y0 skipped (entropy-decoded only: no IDCT, no colour conversion).
-static int open_window(jpeg_decompress_struct& ci, int left, int right, int SW, int bpp, int y0, Scratch& s,
+static int open_window(jpeg_decompress_struct& ci, const CropDecode& g, int left, int right, int y0, Scratch& s,
                        JDIMENSION* xoff, JDIMENSION* cw) {
-  *xoff = (JDIMENSION)left;
-  *cw = (JDIMENSION)(right - left);
-  if (*xoff != 0 || (int)*cw != SW) jpeg_crop_scanline(&ci, xoff, cw);
+  const int bpp = g.bpp;
+  crop_columns(ci, g, left, right, xoff, cw);
   const size_t in_row = (size_t)*cw * bpp;
   if (s.rows.size() < in_row + 16) s.rows.resize(in_row + 16);
   if (bpp == 4 && s.cmyk.size() < (size_t)*cw * 3) s.cmyk.resize((size_t)*cw * 3);
-  if (y0 > 0 && (int)jpeg_skip_scanlines(&ci, (JDIMENSION)y0) != y0)
-    return fail("bad JPEG: could not skip to row %d", y0);
-  return 0;
+  return skip_to(ci, g, y0);
 }
 
 int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], bool flip, int oh, int ow, bool bicubic,
@@ -332,7 +504,7 @@ int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], boo
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
   CropDecode g;
-  if (start_crop_decode(d, data, len, crop, oh, ow, kDctOff, false, &g)) return -1;
+  if (start_crop_decode(d, data, len, crop, oh, ow, kDctOff, false, s, &g)) return -1;
   jpeg_decompress_struct& ci = d.cinfo;
   const int t = g.t, l = g.l, SW = g.SW, bpp = g.bpp;
   PilStream ps;
@@ -344,7 +516,7 @@ int jpeg_render_pil(const uint8_t* data, size_t len, const uint16_t crop[4], boo
   const int left = std::max(0, l + ps.col_lo - 2), right = std::min(SW, l + ps.col_hi + 2);
   const int y0 = t + ps.row_lo, y1 = t + ps.row_hi;
   JDIMENSION xoff, cw;
-  if (open_window(ci, left, right, SW, bpp, y0, s, &xoff, &cw)) return -1;
+  if (open_window(ci, g, left, right, y0, s, &xoff, &cw)) return -1;
   for (int y = y0; y < y1; ++y) {
     JSAMPROW p = s.rows.data();
     if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
@@ -364,7 +536,7 @@ int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int
   Decoder d;
   if (setjmp(d.err.jump)) return fail("bad JPEG: %s", d.err.msg);
   CropDecode g;
-  if (start_crop_decode(d, data, len, crop, oh, ow, dct, false, &g)) return -1;
+  if (start_crop_decode(d, data, len, crop, oh, ow, dct, false, s, &g)) return -1;
   jpeg_decompress_struct& ci = d.cinfo;
   const int t = g.t, l = g.l, bh = g.bh, bw = g.bw, M = g.M, SH = g.SH, SW = g.SW, bpp = g.bpp;
   // the crop in scaled pixels (as jpeg_render: scaled pixel k covers source [8k/M, 8(k+1)/M))
@@ -381,7 +553,7 @@ int jpeg_crop_floor(const uint8_t* data, size_t len, const uint16_t crop[4], int
   // without their outer neighbour's chroma, so the region's own pixels equal a full decode
   const int left = std::max(0, xlo - 2), right = std::min(SW, xhi + 2);
   JDIMENSION xoff, cw;
-  if (open_window(ci, left, right, SW, bpp, ylo, s, &xoff, &cw)) return -1;
+  if (open_window(ci, g, left, right, ylo, s, &xoff, &cw)) return -1;
   for (int y = ylo; y < yhi; ++y) {
     JSAMPROW p = s.rows.data();
     if (jpeg_read_scanlines(&ci, &p, 1) != 1) return fail("bad JPEG: no data at row %d", y);
@@ -475,6 +647,73 @@ int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int qualit
   *out_len = (int64_t)e.size;
   if ((int64_t)e.size > cap) return fail("jpeg_encode_test: %lu bytes do not fit %lld", e.size, (long long)cap);
   std::memcpy(out, e.buf, e.size);
+  return 0;
+}
+
+int64_t jpeg_slice_count() { return g_slices.load(); }
+
+constexpr int kRestartMcus = 4;
+
+int jpeg_add_restarts(const uint8_t* data, size_t len, uint8_t* out, int64_t cap, int64_t* out_len) {
+  if (!data || !out_len || len < 4 || cap < 0) return fail("jpeg_add_restarts: bad arguments");
+  *out_len = 0;
+  SliceHeader sh;
+  if (slice_header(data, len, &sh)) return 1;  // already sliceable
+  struct Tx {
+    Decoder d;
+    jpeg_compress_struct c;
+    unsigned char* buf = nullptr;
+    unsigned long size = 0;
+    volatile bool created = false;
+    ~Tx() {
+      if (created) jpeg_destroy_compress(&c);
+      free(buf);
+    }
+  } x;
+  // one error manager for both: a failure on either side longjmps here
+  x.c.err = &x.d.err.pub;
+  if (setjmp(x.d.err.jump)) return fail("bad JPEG: %s", x.d.err.msg);
+  jpeg_create_decompress(&x.d.cinfo);
+  x.d.created = true;
+  jpeg_mem_src(&x.d.cinfo, data, (unsigned long)len);
+  for (int m = 1; m < 16; ++m) jpeg_save_markers(&x.d.cinfo, JPEG_APP0 + m, 0xFFFF);
+  jpeg_save_markers(&x.d.cinfo, JPEG_COM, 0xFFFF);
+  jpeg_read_header(&x.d.cinfo, TRUE);
+  jpeg_decompress_struct& ci = x.d.cinfo;
+  if (ci.arith_code) return 1;
+  if (check_limits(ci.image_width, ci.image_height, data, len, ci.mem)) return -1;
+  jvirt_barray_ptr* coef = jpeg_read_coefficients(&ci);
+  jpeg_create_compress(&x.c);
+  x.created = true;
+  jpeg_mem_dest(&x.c, &x.buf, &x.size);
+  jpeg_copy_critical_parameters(&ci, &x.c);
+  // A restart marker every ~4 MCUs (64 pixels of 4:2:0), a divisor of the row: the loader can
+  // start at any MCU row and cut the columns to whole intervals. Measured on ~500x375 q90
+  // photos: ~1.5% more bytes than one marker per row, Huffman tables optimized (~3% fewer).
+  {
+    int hmax = 1;
+    for (int c = 0; c < ci.num_components; ++c) hmax = std::max(hmax, ci.comp_info[c].h_samp_factor);
+    if (ci.num_components == 1) hmax = 1;
+    const int per_row = (int)((ci.image_width + 8 * hmax - 1) / (8 * hmax));
+    int ri = per_row;
+    for (int d = kRestartMcus; d < per_row; ++d)
+      if (per_row % d == 0) {
+        ri = d;
+        break;
+      }
+    x.c.restart_interval = (unsigned)std::min(ri, 65535);
+  }
+  x.c.optimize_coding = TRUE;
+  jpeg_write_coefficients(&x.c, coef);
+  for (jpeg_saved_marker_ptr m = ci.marker_list; m; m = m->next) {
+    // libjpeg writes its own Adobe marker where the colour space needs one
+    if (m->marker == JPEG_APP0 + 14 && m->data_length >= 5 && !std::memcmp(m->data, "Adobe", 5)) continue;
+    jpeg_write_marker(&x.c, m->marker, m->data, m->data_length);
+  }
+  jpeg_finish_compress(&x.c);
+  jpeg_finish_decompress(&ci);
+  *out_len = (int64_t)x.size;
+  if ((int64_t)x.size <= cap && out) std::memcpy(out, x.buf, x.size);
   return 0;
 }
 

@@ -461,6 +461,27 @@ FL_EXPORT int fl_replay_get_limits(int64_t* v, int64_t cap) {
 #endif
 }
 
+// Lossless restart-marker transcode (jpeg.cpp, jpeg_add_restarts): 0, 1 (not applicable) or -1.
+FL_EXPORT int fl_jpeg_add_restarts(const uint8_t* data, int64_t len, uint8_t* out, int64_t cap, int64_t* out_len) {
+  return fl::guard("fl_jpeg_add_restarts", [&]() -> int {
+#ifdef FASTLOAD_HAVE_JPEG
+    if (len < 0) return fl::fail("fl_jpeg_add_restarts: negative length");
+    return fl::jpeg_add_restarts(data, (size_t)len, out, cap, out_len);
+#else
+    (void)data; (void)len; (void)out; (void)cap; (void)out_len;
+    return 1;
+#endif
+  });
+}
+
+FL_EXPORT int64_t fl_jpeg_slice_count() {
+#ifdef FASTLOAD_HAVE_JPEG
+  return fl::jpeg_slice_count();
+#else
+  return 0;
+#endif
+}
+
 // Test hook (fastload/replay/testing.py): libjpeg's encoder with its own options.
 FL_EXPORT int fl_jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive,
                                   int arith, int subsample, uint8_t* out, int64_t cap, int64_t* out_len) {

@@ -175,6 +175,8 @@ struct Scratch {
   std::vector<float> tmp;       // ring of horizontally resized rows
   std::vector<uint8_t> rows;    // decoded JPEG scanlines
   std::vector<uint8_t> cmyk;    // CMYK scanlines before their conversion to RGB
+  std::vector<uint8_t> sub;     // the JPEG of a restart-marker slice (jpeg.cpp, build_slice)
+  std::vector<size_t> sub_iv;   // its restart intervals' (start, end) in the source
   AxisWeights ax, ay;
   PilScratch pil;
   const DirectOut* direct = nullptr;  // see DirectOut; set by the caller per render
@@ -222,5 +224,12 @@ void get_jpeg_limits(int64_t* v);  // v[4]: max_pixels, max_bytes, max_pixels_pe
 int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int quality, int progressive, int arith,
                      int subsample, uint8_t* out, int64_t cap, int64_t* out_len);
 int jpeg_scaled_dims(const uint8_t* data, size_t len, int denom, int* oh, int* ow);
+// Lossless transcode of a baseline or progressive Huffman JPEG to baseline with a restart
+// marker opening every MCU row and optimized Huffman tables (the decoded pixels are
+// unchanged: same coefficients, same tables); markers (EXIF, ICC, comments) kept. Returns 0
+// (*out_len = size; > cap: nothing written, call again with that capacity), 1 (not
+// applicable: arithmetic coding, a restart interval already dividing the row) or fl::fail.
+int jpeg_add_restarts(const uint8_t* data, size_t len, uint8_t* out, int64_t cap, int64_t* out_len);
+int64_t jpeg_slice_count();  // renders decoded from a restart-marker slice so far (tests)
 
 }  // namespace fl

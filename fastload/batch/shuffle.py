@@ -29,6 +29,7 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -54,19 +55,32 @@ class BlockShuffleSampler(StepIterable):
         block_shards: shards per block (the per-batch working set is <= 2 blocks).
         seed: the order is a pure function of (seed, epoch).
         shuffle: False gives the dataset order (blocks and samples unshuffled).
+        partitions, global_batch_size: see :meth:`global_order`.
+        shard_bytes: each shard's size in bytes (taken from the dataset when one is given):
+            with ``partitions`` > 1 the shards are dealt to the partitions so that their bytes
+            balance (a rank reads its share of the bytes, not its share of the shards).
 
     ``global_order(epoch)`` is what a loader slices into global batches;
     iterating the sampler yields ``global_order(epoch)`` for the epoch set by ``set_epoch``.
     """
 
     def __init__(self, shard_sizes, block_shards: int = 8, seed: int = 0, shuffle: bool = True,
-                 partitions: int = 1, global_batch_size: Optional[int] = None):
+                 partitions: int = 1, global_batch_size: Optional[int] = None,
+                 shard_bytes: Optional[Sequence[int]] = None):
         if hasattr(shard_sizes, "_starts"):  # a ReinforcedDataset
+            if shard_bytes is None and hasattr(shard_sizes, "_shards_meta"):
+                shard_bytes = [int(m["bytes"]) for m in shard_sizes._shards_meta]
             starts = np.asarray(shard_sizes._starts, np.int64)
             shard_sizes = np.diff(starts)
         sizes = np.asarray(list(shard_sizes), np.int64)
         if sizes.ndim != 1 or len(sizes) == 0 or (sizes < 0).any():
             raise ValueError("shard_sizes must be a non-empty list of row counts >= 0")
+        self.shard_bytes = None
+        if shard_bytes is not None:
+            b = np.asarray(list(shard_bytes), np.int64)
+            if b.shape != sizes.shape or (b < 0).any():
+                raise ValueError(f"shard_bytes must hold one size >= 0 per shard ({len(sizes)}), got {len(b)}")
+            self.shard_bytes = b
         if int(block_shards) < 1:
             raise ValueError(f"block_shards must be >= 1, got {block_shards}")
         self.sizes = sizes
@@ -123,8 +137,46 @@ class BlockShuffleSampler(StepIterable):
         P, G = self.partitions, self.global_batch_size
         q = G // P
         steps = len(self) // G
-        streams = [self._blocks(epoch, order[g::P], g + 1)[: steps * q].reshape(steps, q) for g in range(P)]
+        groups = self._deal(order)
+        streams = [self._blocks(epoch, groups[g], g + 1)[: steps * q].reshape(steps, q) for g in range(P)]
         return np.stack(streams, 1).reshape(-1)
+
+    def _deal(self, order: np.ndarray) -> List[np.ndarray]:
+        """The permuted shards dealt into the partitions: round-robin (group g takes
+        ``order[g::P]``), or with ``shard_bytes`` balanced: round by round (P shards each, a
+        short last round to the first groups, as round-robin) the largest shard of a round
+        goes to the group with the fewest bytes so far, then swaps between the heaviest and the
+        lightest group while one lowers the heaviest. Each group keeps round-robin's number of
+        shards, in the permuted order; a pure function of the order and the sizes."""
+        P = self.partitions
+        if self.shard_bytes is None:
+            return [order[g::P] for g in range(P)]
+        nb = self.shard_bytes
+        out: List[List[int]] = [[] for _ in range(P)]
+        load = np.zeros(P, np.int64)
+        for r in range(0, len(order), P):
+            rnd = order[r:r + P]
+            takers = np.arange(len(rnd))
+            takers = takers[np.argsort(load[takers], kind="stable")]
+            for g, s in zip(takers, rnd[np.argsort(-nb[rnd], kind="stable")]):
+                out[g].append(int(s))
+                load[g] += nb[s]
+        for _ in range(4 * len(order)):
+            h, lo = int(np.argmax(load)), int(np.argmin(load))
+            gap = int(load[h] - load[lo])
+            a = np.asarray(out[h], np.int64)
+            b = np.asarray(out[lo], np.int64)
+            d = nb[a][:, None] - nb[b][None, :]  # bytes moved from h to lo by swapping a_i, b_j
+            new_max = np.maximum(load[h] - d, load[lo] + d)
+            i, j = np.unravel_index(int(np.argmin(new_max)), d.shape)
+            if d[i, j] <= 0 or new_max[i, j] >= load[h] or gap <= 0:
+                break
+            out[h][i], out[lo][j] = int(b[j]), int(a[i])
+            load[h] -= d[i, j]
+            load[lo] += d[i, j]
+        pos = np.empty(len(nb), np.int64)
+        pos[order] = np.arange(len(order))
+        return [np.asarray(sorted(x, key=lambda s: pos[s]), np.int64) for x in out]
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, np.asarray(rows, np.int64), side="right") - 1
@@ -202,7 +254,10 @@ class BlockShuffleSampler(StepIterable):
         return iter(self.global_order(epoch)[start:].tolist())
 
     def _fingerprint(self, epoch: int = 0) -> Dict[str, Any]:
-        return {**self.fingerprint, "partitions": self.partitions, "global_batch_size": self.global_batch_size}
+        fp = {**self.fingerprint, "partitions": self.partitions, "global_batch_size": self.global_batch_size}
+        if self.partitions > 1 and self.shard_bytes is not None:  # the deal balances bytes
+            fp["shard_bytes_sha256"] = hashlib.sha256(self.shard_bytes.astype("<i8").tobytes()).hexdigest()
+        return fp
 
     @property
     def fingerprint(self) -> Dict[str, Any]:

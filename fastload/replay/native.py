@@ -64,6 +64,9 @@ def _lib():
         lib.fl_replay_get_limits.argtypes = [vp, i64]
         lib.fl_replay_get_limits.restype = i32
         lib.fl_jpeg_encode_test.argtypes = [vp, i32, i32, i32, i32, i32, i32, i32, vp, i64, vp]
+        lib.fl_jpeg_add_restarts.argtypes = [ctypes.c_char_p, i64, vp, i64, vp]
+        lib.fl_jpeg_add_restarts.restype = i32
+        lib.fl_jpeg_slice_count.restype = i64
         lib.fl_jpeg_encode_test.restype = i32
         lib.fl_replay_have_jpeg.restype = i32
         lib.fl_replay_have_randaugment.restype = i32
@@ -557,6 +560,40 @@ def _decode_error(lib, status, i, sample_ids):
         name = sample_ids[i] if sample_ids is not None else i
         raise ValueError(f"decode_batch: sample {name} (position {i}): {msg.split(': ', 1)[-1]}")
     raise ValueError(f"decode_batch: {msg}")
+
+
+def add_restarts(data: bytes, what: str = "image") -> bytes:
+    """``data`` losslessly transcoded so the loader can start decoding at any MCU row: a
+    baseline (or progressive) Huffman JPEG becomes baseline with a restart marker opening
+    every MCU row and optimized Huffman tables. The quantized coefficients and tables are
+    untouched, so every decoder gives the same pixels as before; the file is usually a few %
+    smaller. The loader then decodes a crop from the MCU row above it instead of
+    entropy-decoding every row above (``jpeg_skip_scanlines`` does), ~1/5 of a
+    RandomResizedCrop render. Anything else (arithmetic coding, a file already so marked,
+    not a JPEG) comes back unchanged. A corrupt JPEG raises ``ValueError`` naming ``what``."""
+    b = bytes(data)
+    if b[:2] != b"\xff\xd8" or not have_jpeg():
+        return b
+    lib = _lib()
+    cap = len(b) + len(b) // 4 + 65536
+    for _ in range(2):
+        out = np.empty(cap, np.uint8)
+        n = ctypes.c_int64(0)
+        st = lib.fl_jpeg_add_restarts(b, len(b), out.ctypes.data, cap, ctypes.byref(n))
+        if st == 1:
+            return b
+        if st != 0:
+            msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
+            raise ValueError(f"{what}: {msg.split(': ', 1)[-1]}")
+        if n.value <= cap:
+            return out[:n.value].tobytes()
+        cap = n.value
+    raise RuntimeError(f"{what}: the transcode did not fit {cap} bytes twice")
+
+
+def slice_count() -> int:
+    """Renders decoded from a restart-marker slice in this process (tests and benchmarks)."""
+    return int(_lib().fl_jpeg_slice_count()) if have_jpeg() else 0
 
 
 def _encode_jpeg(pixels: np.ndarray, quality: int = 90, progressive: bool = False, arithmetic: bool = False,
