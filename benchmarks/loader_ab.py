@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (the first pays shard verification)")
     ap.add_argument("--policy", default="crop", choices=["crop", "ra_mix"],
                     help="the demo dataset's stored policy: crop + flip, or RandAugment + MixUp/CutMix")
+    ap.add_argument("--no-restart-markers", action="store_true",
+                    help="the dataset stores its JPEGs byte for byte (as datasets written before restart markers)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "benchmarks", "results"))
     ap.add_argument("--name", default=None, help="result file name (default loader_ab_<policy>)")
     a = ap.parse_args(argv)
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
     workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         images = datasets.build_images(os.path.join(tmp, "jpeg"), n=a.images, progress=False)
-        path = datasets.build_reinforced(images, os.path.join(tmp, "reinforced"), kind=a.policy, progress=False)
+        path = datasets.build_reinforced(images, os.path.join(tmp, "reinforced"), kind=a.policy, progress=False,
+                                          restart_markers=not a.no_restart_markers)
         rounds = []
         for k in range(a.rounds):
             order = [("new", HERE), ("old", a.other)] if k % 2 == 0 else [("old", a.other), ("new", HERE)]
@@ -112,7 +115,9 @@ def main(argv=None) -> int:
         }
     result = {"what": "ReinforcedLoader images/s, this checkout (new) vs another (old), alternating subprocess runs",
               "settings": {"images": a.images, "policy": a.policy, "batch_size": 64, "num_workers": workers, "epochs_per_run": a.epochs,
-                           "rounds": a.rounds, "replay": "demo dataset policy, p_reinforced=1"},
+                           "rounds": a.rounds, "replay": "demo dataset policy, p_reinforced=1",
+                           "sources": "JPEGs byte for byte (no restart markers)" if a.no_restart_markers else
+                           "JPEGs with restart markers (reinforce's default since 8b561b7)"},
               "other_checkout_commit": subprocess.run(["git", "-C", a.other, "rev-parse", "HEAD"], capture_output=True,
                                                       text=True).stdout.strip(),
               "summary": summary,

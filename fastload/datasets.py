@@ -223,13 +223,15 @@ def fastload_reader(path: str):
 
 
 def build_reinforced(images_root: str, out: str, kind: str = "crop", num_augmentations: int = 4,
-                     seed: int = 0, image_size: int = 224, progress: bool = True) -> str:
-    """Write (or reuse) the reinforced version of ``images_root`` under ``out``."""
+                     seed: int = 0, image_size: int = 224, progress: bool = True,
+                     restart_markers: bool = True) -> str:
+    """Write (or reuse) the reinforced version of ``images_root`` under ``out``
+    (``restart_markers``: as :func:`fastload.reinforce`'s)."""
     import fastload
 
     key = {"images": os.path.abspath(images_root), "images_stamp": _stamp(images_root), "kind": kind,
            "N": int(num_augmentations), "seed": int(seed), "image_size": int(image_size),
-           "version": FORMAT_VERSION, "restart_markers": "every 4 MCUs"}
+           "version": FORMAT_VERSION, "restart_markers": "every 4 MCUs" if restart_markers else None}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
     stamp = os.path.join(out, "fastload_bench_key.txt")
     if os.path.exists(stamp) and open(stamp).read().strip() == digest and _readable(out):
@@ -244,7 +246,8 @@ def build_reinforced(images_root: str, out: str, kind: str = "crop", num_augment
     if os.path.exists(out):
         shutil.rmtree(out)
     fastload.reinforce(images_root, teacher, out, num_augmentations=num_augmentations, topk=5,
-                       policy=policy(kind), batch_size=64, image_size=image_size, seed=seed)
+                       policy=policy(kind), batch_size=64, image_size=image_size, seed=seed,
+                       restart_markers=restart_markers)
     with open(stamp, "w") as f:
         f.write(digest + "\n")
     return out

@@ -545,10 +545,16 @@ def main(argv=None) -> int:
                      "environment's torch build in their RSS.")
     if "ffcv" in results:
         notes.append("FFCV reads a .beton written from the same images (re-encoded as JPEG quality 90).")
-    notes.append("decode_floor decodes, for each sample, one of its stored crops only: rows above skipped "
-                 "(jpeg_skip_scanlines), columns cut (jpeg_crop_scanline), stop after its last row, at the "
-                 "loader's DCT scale (fastload.replay.native.crop_floor_batch); fastload_of_decode_floor is "
-                 "the loader's images/s over the floor's.")
+    notes.append("The reinforced datasets store their JPEGs as reinforce() does by default: losslessly "
+                 "transcoded with a restart marker every ~4 MCUs and optimized Huffman tables (the same "
+                 "pixels; fastload.replay.native.add_restarts), so the loader decodes only the MCU rows and "
+                 "restart intervals around each crop. decode_scaled/decode_full decode the source files "
+                 "as they are.")
+    notes.append("decode_floor decodes, for each sample, one of its stored crops only, from the dataset's "
+                 "stored bytes as the loader does (the MCU rows and restart intervals around it; rows above "
+                 "skipped by jpeg_skip_scanlines in files without markers), columns cut (jpeg_crop_scanline), "
+                 "stop after its last row, at the loader's DCT scale (fastload.replay.native.crop_floor_batch); "
+                 "fastload_of_decode_floor is the loader's images/s over the floor's.")
     payload["notes"] = notes
     payload["peer_settings"] = {k: v.get("settings") for k, v in results.items() if "images_per_s" in v}
     payload["measured"] = {k: _label(k) for k, v in results.items() if "images_per_s" in v}
