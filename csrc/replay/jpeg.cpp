@@ -603,6 +603,25 @@ int jpeg_decode_full(const uint8_t* data, size_t len, int denom, uint8_t* out, i
   return 0;
 }
 
+// A compressor writing into a buffer libjpeg grows (jpeg_mem_dest); the buffer is freed with
+// it. start() after the caller's setjmp: errors go to `err`.
+struct MemEncoder {
+  jpeg_compress_struct c;
+  unsigned char* buf = nullptr;
+  unsigned long size = 0;
+  volatile bool created = false;
+  void start(jpeg_error_mgr* err) {
+    c.err = err;
+    jpeg_create_compress(&c);
+    created = true;
+    jpeg_mem_dest(&c, &buf, &size);
+  }
+  ~MemEncoder() {
+    if (created) jpeg_destroy_compress(&c);
+    free(buf);
+  }
+};
+
 // Test hook: encode an h x w image of `components` channels (1 grayscale, 3 RGB, 4 CMYK) as
 // JPEG with libjpeg's own options (Pillow cannot write arithmetic coding) into out (cap
 // bytes); *out_len = its size. subsample: 1 = 4:2:0, 0 = 4:4:4.
@@ -610,24 +629,14 @@ int jpeg_encode_test(const uint8_t* px, int h, int w, int components, int qualit
                      int subsample, uint8_t* out, int64_t cap, int64_t* out_len) {
   if (!px || !out || !out_len || h < 1 || w < 1 || (components != 1 && components != 3 && components != 4))
     return fail("jpeg_encode_test: bad arguments");
-  struct Enc {
-    jpeg_compress_struct c;
+  struct Enc : MemEncoder {
     ErrMgr err;
-    unsigned char* buf = nullptr;
-    unsigned long size = 0;
-    volatile bool created = false;
-    ~Enc() {
-      if (created) jpeg_destroy_compress(&c);
-      free(buf);
-    }
   } e;
-  e.c.err = jpeg_std_error(&e.err.pub);
+  jpeg_std_error(&e.err.pub);
   e.err.pub.error_exit = on_error;
   e.err.pub.output_message = on_output;
   if (setjmp(e.err.jump)) return fail("jpeg_encode_test: %s", e.err.msg);
-  jpeg_create_compress(&e.c);
-  e.created = true;
-  jpeg_mem_dest(&e.c, &e.buf, &e.size);
+  e.start(&e.err.pub);
   e.c.image_width = (JDIMENSION)w;
   e.c.image_height = (JDIMENSION)h;
   e.c.input_components = components;
@@ -659,19 +668,10 @@ int jpeg_add_restarts(const uint8_t* data, size_t len, uint8_t* out, int64_t cap
   *out_len = 0;
   SliceHeader sh;
   if (slice_header(data, len, &sh)) return 1;  // already sliceable
-  struct Tx {
-    Decoder d;
-    jpeg_compress_struct c;
-    unsigned char* buf = nullptr;
-    unsigned long size = 0;
-    volatile bool created = false;
-    ~Tx() {
-      if (created) jpeg_destroy_compress(&c);
-      free(buf);
-    }
+  struct Tx : MemEncoder {
+    Decoder d;  // owns the coefficient arrays the compressor reads (both done before either goes)
   } x;
   // one error manager for both: a failure on either side longjmps here
-  x.c.err = &x.d.err.pub;
   if (setjmp(x.d.err.jump)) return fail("bad JPEG: %s", x.d.err.msg);
   jpeg_create_decompress(&x.d.cinfo);
   x.d.created = true;
@@ -683,9 +683,7 @@ int jpeg_add_restarts(const uint8_t* data, size_t len, uint8_t* out, int64_t cap
   if (ci.arith_code) return 1;
   if (check_limits(ci.image_width, ci.image_height, data, len, ci.mem)) return -1;
   jvirt_barray_ptr* coef = jpeg_read_coefficients(&ci);
-  jpeg_create_compress(&x.c);
-  x.created = true;
-  jpeg_mem_dest(&x.c, &x.buf, &x.size);
+  x.start(&x.d.err.pub);
   jpeg_copy_critical_parameters(&ci, &x.c);
   // A restart marker every ~4 MCUs (64 pixels of 4:2:0), a divisor of the row: the loader can
   // start at any MCU row and cut the columns to whole intervals. Measured on ~500x375 q90
