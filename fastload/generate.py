@@ -164,6 +164,14 @@ def _with_restarts(b: bytes, key: str) -> bytes:
         return b
 
 
+def _stored_hash(b: bytes) -> bytes:
+    """The row hash of a stored image: the blake2b-128 of its stored bytes (transcoded with
+    restart markers or re-encoded), as for a file stored as it was. A MixUp/CutMix partner
+    read by range is served only when its bytes match it; a hash of the source would send
+    every such read to the whole shard."""
+    return hashlib.blake2b(b, digest_size=16).digest()
+
+
 def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: bool = False,
              restarts: bool = False) -> _Prepared:
     key = src.key(i)
@@ -182,6 +190,8 @@ def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: 
         if is_jpeg and (nh, nw) == (h, w):
             if restarts:  # lossless: the same pixels, decodable from any MCU row
                 b = _with_restarts(b, key)
+                if store:  # the row hash covers the bytes stored (see _stored_hash)
+                    digest = _stored_hash(b)
             return _Prepared(key, label, digest, (h, w), (h, w), b, b if store else None)
         arr = np.asarray(im.convert("RGB"))
     else:
@@ -203,7 +213,7 @@ def _prepare(src: _Sources, i: int, store: bool, max_side: Optional[int], scan: 
     enc = _encode_jpeg(arr)  # stored as JPEG: the teacher renders from exactly these bytes
     if restarts:
         enc = _with_restarts(enc, key)
-    return _Prepared(key, label, digest, (h, w), (nh, nw), enc, enc)
+    return _Prepared(key, label, _stored_hash(enc), (h, w), (nh, nw), enc, enc)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 (csrc/replay/jpeg.cpp, build_slice): the transcode keeps every pixel, and a render that starts
 decoding at the MCU row above its crop equals the render of the original file, byte for byte,
 over crops, DCT scales, flips, filters, chroma subsamplings, partners and CutMix windows."""
+import hashlib
 import io
 import os
 
@@ -227,6 +228,10 @@ def test_reinforce_stores_marked_sources_with_the_same_pixels(tmp_path):
         b_on, b_off = bytes(on.image_bytes(i)), bytes(off.image_bytes(i))
         assert b_off in raw and restart_interval(b_off) == 0  # byte for byte
         assert restart_interval(b_on) > 0 and np.array_equal(decode(b_on), decode(b_off))
+        # the row hash is of the bytes stored, as for unmarked sources: a MixUp/CutMix partner
+        # read by range checks against it (else remote datasets fall back to whole shards)
+        for ds, b in ((on, b_on), (off, b_off)):
+            assert ds._hash[i].tobytes() == hashlib.blake2b(b, digest_size=16).digest()
     # the same teacher targets: the teacher rendered the same pixels
     for i in range(len(on)):
         np.testing.assert_array_equal(on._targets_row(i)[0], off._targets_row(i)[0])

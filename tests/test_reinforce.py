@@ -1,4 +1,5 @@
 """fastload.reinforce: parity with a replay + teacher rerun, ensembles, bad input, merge, CLI, Ray."""
+import hashlib
 import json
 import os
 import sys
@@ -73,6 +74,8 @@ def test_ensemble_averages_probabilities_and_in_memory_dataset(tmp_path):
     assert (ds.source_hw.max(1) <= 160).all() and (ds.orig_hw.max(1) > 160).all()
     for i in range(len(ds)):
         assert bytes(ds.image_bytes(i))[:2] == b"\xff\xd8"  # arrays stored as JPEG
+        # the row hash covers the stored (encoded) bytes: ranged partner reads check against it
+        assert ds._hash[i].tobytes() == hashlib.blake2b(bytes(ds.image_bytes(i)), digest_size=16).digest()
         p = _rerun(ds, [t1, t2], i, np.arange(4))
         ids, probs = ds._targets_row(i)
         np.testing.assert_allclose(probs, np.take_along_axis(p.numpy(), ids, 1), rtol=1e-3, atol=1e-5)

@@ -126,6 +126,23 @@ def test_partitions_balance_bytes_when_shard_bytes_are_known(P):
     assert bal._fingerprint() != rr._fingerprint()
 
 
+def test_the_byte_deal_runs_once_per_epoch(monkeypatch):
+    """The loader's plan and the predownload plan each ask for an epoch's order: the deal
+    (0.2 s at 10,000 shards) is kept for the last epoch, and the orders are unchanged."""
+    sizes, nbytes = [64] * 24, np.random.default_rng(3).integers(1_000_000, 3_000_000, 24)
+    s = BlockShuffleSampler(sizes, block_shards=4, seed=0, partitions=2, global_batch_size=64, shard_bytes=nbytes)
+    fresh = BlockShuffleSampler(sizes, block_shards=4, seed=0, partitions=2, global_batch_size=64, shard_bytes=nbytes)
+    deal, calls = s._deal, []
+    monkeypatch.setattr(s, "_deal", lambda order: calls.append(1) or deal(order))
+    a = s.global_order(0)
+    assert np.array_equal(s.global_order(0), a) and len(calls) == 1
+    b = s.global_order(1)
+    assert len(calls) == 2 and not np.array_equal(a, b)
+    assert np.array_equal(s.global_order(0), a) and len(calls) == 3
+    for e in (0, 1):
+        assert np.array_equal(s.global_order(e), fresh.global_order(e))
+
+
 def test_shard_bytes_must_match_the_shards():
     with pytest.raises(ValueError, match="shard_bytes"):
         BlockShuffleSampler([4, 4, 4], partitions=1, shard_bytes=[1, 2])
