@@ -153,15 +153,10 @@ class _Prepared:
 
 
 def _with_restarts(b: bytes, key: str) -> bytes:
-    """``b`` with restart markers (fastload.replay.native.add_restarts), or ``b`` itself where
-    libjpeg finds fault with it (Pillow, which checked it, tolerates some damage libjpeg warns
-    of): the loader then decodes it as it always did, and reports the damage itself."""
-    from fastload.replay.native import add_restarts
+    """``b`` with restart markers, or ``b`` itself (fastload.format.images.with_restart_markers)."""
+    from fastload.format.images import with_restart_markers
 
-    try:
-        return add_restarts(b, f"image {key!r}")
-    except ValueError:
-        return b
+    return with_restart_markers(b, f"image {key!r}")
 
 
 def _stored_hash(b: bytes) -> bytes:

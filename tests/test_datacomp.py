@@ -350,3 +350,38 @@ def test_engine_is_checked(tmp_path):
     dr, im, _ = _build(tmp_path, n=2)
     with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):
         import_datacomp([dr], str(tmp_path / "o"), [im], progress=False, engine="spark")
+
+
+def test_jpeg_images_stored_with_restart_markers(tmp_path):
+    """By default the JPEG images are stored with restart markers: the same pixels, the same
+    rendered samples as the images stored byte for byte (restart_markers=False, or the CLI's
+    --no-restart-markers)."""
+    import torch
+    from PIL import Image
+
+    from fastload.format.reader import ReinforcedDataset
+    from fastload.importers.datacomp import _ImageIndex, import_datacomp, main
+    from fastload.replay import native
+
+    if not native.have_jpeg():
+        pytest.skip("built without libjpeg")
+    dr, im, truth = _build(tmp_path, n=3)
+    on = import_datacomp([dr], str(tmp_path / "on"), [im], progress=False)
+    off = import_datacomp([dr], str(tmp_path / "off"), [im], progress=False, restart_markers=False)
+    assert on["image_encoding"]["restart_markers"] is True and off["image_encoding"]["restart_markers"] is False
+    assert main([dr, "--images", im, "--out", str(tmp_path / "cli"), "--quiet", "--no-restart-markers"]) == 0
+    on, off = ReinforcedDataset(str(tmp_path / "on"), verify=True), ReinforcedDataset(str(tmp_path / "off"))
+    cli = ReinforcedDataset(str(tmp_path / "cli"))
+    assert cli.manifest["image_encoding"]["restart_markers"] is False
+    index = _ImageIndex([im])
+    slices = native.slice_count()
+    for i, key in enumerate(sorted(truth)):
+        src = index.get(key)[0]
+        b_on, b_off = bytes(on.image_bytes(i)), bytes(off.image_bytes(i))
+        assert b_off == src and bytes(cli.image_bytes(i)) == src and b"\xff\xdd" not in src
+        assert b"\xff\xdd" in b_on  # a DRI marker
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(b_on)).convert("RGB")),
+                                      np.asarray(Image.open(io.BytesIO(src)).convert("RGB")))
+        a, b = on[i], off[i]
+        assert torch.equal(a.images, b.images)
+    assert native.slice_count() > slices  # the marked images were decoded by slice

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastload.format.images import stored_image_bytes
+from fastload.format.images import stored_image_bytes, with_restart_markers
 from fastload.replay import native
 from fastload.sample import params as P
 
@@ -61,6 +61,25 @@ def test_jpeg_kept_others_become_png_of_pils_conversion():
         stored_image_bytes(_save(rgb, "PNG")[:200], "broken.jpg")
 
 
+@pytest.mark.skipif(not native.have_jpeg(), reason="built without libjpeg")
+def test_restart_markers_only_transcode_jpegs_losslessly():
+    rgb = Image.fromarray(_photo(64, 96))
+    for im in (rgb, rgb.convert("L"), rgb.convert("CMYK")):
+        b = _save(im, "JPEG", quality=90)
+        out, how = stored_image_bytes(b, "x", restart_markers=True)
+        assert how == "jpeg" and b"\xff\xdd" not in b and b"\xff\xdd" in out, im.mode  # a DRI marker
+        np.testing.assert_array_equal(_decoded(out), _decoded(b))  # the same pixels
+        np.testing.assert_array_equal(native.decode_batch([out])[0], _decoded(b))
+    for im, fmt in ((rgb, "PNG"), (rgb.convert("RGBA"), "PNG"), (rgb, "BMP")):  # kept or converted: as before
+        b = _save(im, fmt)
+        assert stored_image_bytes(b, "x", restart_markers=True) == stored_image_bytes(b, "x")
+    # Pillow checks only a JPEG's header; a file libjpeg rejects is kept as it is
+    cut = _save(rgb, "JPEG", quality=90)[:2000]
+    with pytest.raises(ValueError):
+        native.add_restarts(cut)
+    assert with_restart_markers(cut) == cut and stored_image_bytes(cut, "x", restart_markers=True) == (cut, "jpeg")
+
+
 def test_png_sources_replay_as_their_pixels():
     a = _photo(53, 71, 1)
     png = _save(Image.fromarray(a).convert("RGBA"), "PNG")
@@ -107,7 +126,9 @@ def test_import_mldr_stores_png_and_cmyk_as_their_bytes(tmp_path):
     cmyk = _save(Image.open(p1).convert("CMYK"), "JPEG", quality=95)
     open(p0, "wb").write(png)
     open(p1, "wb").write(cmyk)
-    mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=False)
+    # byte for byte, so the stored bytes can be compared with the files (restart markers, the
+    # default, are tested in test_mldr.py)
+    mldr.import_mldr(arch, imgs, str(tmp_path / "out"), progress=False, restart_markers=False)
     ds = ReinforcedDataset(str(tmp_path / "out"), verify=True)
     assert bytes(ds.image_bytes(0)) == png
     assert bytes(ds.image_bytes(1)) == cmyk  # no JPEG q95 re-encode: decoded as Pillow converts it

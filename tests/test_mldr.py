@@ -802,3 +802,48 @@ def test_engine_is_checked(tmp_path):
     imgs, hw, cfg, arch, _ = _setup(tmp_path, "rrc", "dir", n=2, classes=2, topk=2)
     with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):
         mldr.import_mldr(arch, imgs, str(tmp_path / "o"), progress=False, engine="spark")
+
+
+def test_jpeg_sources_stored_with_restart_markers(tmp_path):
+    """By default the JPEG sources are stored with restart markers: the same pixels, the same
+    rendered samples as the files stored byte for byte (restart_markers=False)."""
+    from fastload.replay import native
+
+    if not native.have_jpeg():
+        pytest.skip("built without libjpeg")
+    imgs = str(tmp_path / "imgs")
+    # wide enough for several restart intervals per MCU row: crops can be decoded by slice
+    hw = L.write_image_folder(imgs, 6, classes=3, sizes=((120, 200), (152, 136)))
+    cfg = L.make_config("mix_rare", 3, 3, 3, size=SIZE)
+    arch = str(tmp_path / "a.tar")
+    L.write_archive(arch, hw, cfg, seed=0, fmt="tar")
+    on = mldr.import_mldr(arch, imgs, str(tmp_path / "on"), shard_size=4, progress=False)
+    off = mldr.import_mldr(arch, imgs, str(tmp_path / "off"), shard_size=4, progress=False, restart_markers=False)
+    assert on["image_encoding"]["restart_markers"] is True and off["image_encoding"]["restart_markers"] is False
+    on, off = ReinforcedDataset(str(tmp_path / "on"), verify=True), ReinforcedDataset(str(tmp_path / "off"))
+    files, _, _ = mldr.image_folder(imgs)
+    slices = native.slice_count()
+    for i, f in enumerate(files):
+        with open(os.path.join(imgs, f), "rb") as fh:
+            src = fh.read()
+        b_on, b_off = bytes(on.image_bytes(i)), bytes(off.image_bytes(i))
+        assert b_off == src and b"\xff\xdd" not in src
+        assert b"\xff\xdd" in b_on  # a DRI marker
+        np.testing.assert_array_equal(_decode(io.BytesIO(b_on)), _decode(os.path.join(imgs, f)))
+        x_on, y_on, t_on = on[i]
+        x_off, y_off, t_off = off[i]
+        assert torch.equal(x_on, x_off) and y_on == y_off
+        torch.testing.assert_close(t_on, t_off, atol=0, rtol=0)
+    assert native.slice_count() > slices  # the marked sources were decoded by slice
+
+
+def test_cli_no_restart_markers(tmp_path):
+    from fastload.cli import main
+
+    imgs, hw, cfg, arch, _ = _setup(tmp_path, "rrc", "tar", n=2, classes=2, topk=2)
+    out = str(tmp_path / "out")
+    assert main(["import-mldr", arch, "--images", imgs, "--out", out, "--quiet", "--no-restart-markers"]) == 0
+    ds = ReinforcedDataset(out)
+    assert ds.manifest["image_encoding"]["restart_markers"] is False
+    files, _, _ = mldr.image_folder(imgs)
+    assert bytes(ds.image_bytes(0)) == open(os.path.join(imgs, files[0]), "rb").read()

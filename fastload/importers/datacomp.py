@@ -219,7 +219,8 @@ def _parse_paug(b: bytes, key: str, hw: Tuple[int, int], grid: Tuple[int, int] =
     return rec, ext
 
 
-def _convert(key: str, parts: Dict[str, bytes], policy_size: Tuple[int, int], ra_num_bins: int) -> Dict[str, Any]:
+def _convert(key: str, parts: Dict[str, bytes], policy_size: Tuple[int, int], ra_num_bins: int,
+             restart_markers: bool = False) -> Dict[str, Any]:
     """One staged sample (its reinforcement members, ``image`` and optional ``caption``) ->
     the row the shard stores; ValueError names what is wrong with it."""
     from PIL import Image
@@ -232,7 +233,7 @@ def _convert(key: str, parts: Dict[str, bytes], policy_size: Tuple[int, int], ra
     except Exception as e:  # any decode failure
         raise ValueError(f"cannot decode image {key!r}: {e}") from e
     w, h = Image.open(io.BytesIO(img)).size
-    img = stored_image_bytes(img, f"image {key!r}")[0]  # losslessly (PNG, CMYK: PNG)
+    img = stored_image_bytes(img, f"image {key!r}", restart_markers=restart_markers)[0]  # losslessly
     ie, te, n_syn = _load_npz(parts["npz"], key)
     rec, ext = _parse_paug(parts["paug.json"], key, (h, w), policy_size, ra_num_bins)
     if len(rec) != len(ie):
@@ -264,6 +265,7 @@ class _DCJob:
     ra_num_bins: int
     shape: Dict[str, int]
     on_error: str
+    restart_markers: bool = True
 
 
 def _import_shard(job: _DCJob, s: int) -> Dict[str, Any]:
@@ -276,7 +278,7 @@ def _import_shard(job: _DCJob, s: int) -> Dict[str, Any]:
         parts = staged[i]
         key = parts.pop("key").decode()
         try:
-            r = _convert(key, parts, job.policy_size, job.ra_num_bins)
+            r = _convert(key, parts, job.policy_size, job.ra_num_bins, job.restart_markers)
             if r["shape"] != job.shape:
                 raise ValueError(f"sample {key!r}: shapes {r['shape']} differ from the first sample's {job.shape}")
         except ValueError as e:
@@ -325,7 +327,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                     image_size: int = 224, on_error: str = "raise", progress: bool = True,
                     teachers: Optional[List[Dict[str, Any]]] = None, reinforce_size: int = 224,
                     ra_num_bins: int = 31, semantics: str = "pil", engine: str = "local",
-                    workers: Optional[int] = None) -> Dict[str, Any]:
+                    workers: Optional[int] = None, restart_markers: bool = True) -> Dict[str, Any]:
     """Import DataCompDR-style shards ``tars`` (joined by key with ``images``) into ``out``.
 
     ``reinforce_size``: the crop size the augmentations were drawn on (DataCompDR: 224; the
@@ -342,6 +344,10 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     Rerunning the same call resumes an interrupted import (finished shards are kept).
     Row ids are the samples' positions in the tars among those with all members and an
     image; a sample skipped at conversion (``on_error="skip"``) leaves its id unused.
+    ``restart_markers`` (default True): JPEG images are stored losslessly transcoded with a
+    restart marker every ~4 MCUs (:func:`fastload.format.images.with_restart_markers`): the
+    same pixels, and the loader decodes only the part of each image around its crop (False:
+    byte for byte, as the image tars hold them).
 
     Example:
         >>> import_datacomp(["dr/00000000.tar"], "datacompdr_fl/", images=["imgs/00000000.tar"])  # doctest: +SKIP
@@ -369,7 +375,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     for key, parts, err in _samples(tars, index, images):
         if err is None:
             try:
-                meta = _convert(key, dict(parts), policy.size, ra_num_bins)["shape"]
+                meta = _convert(key, dict(parts), policy.size, ra_num_bins)["shape"]  # no transcode: shapes only
                 break
             except ValueError as e:
                 err = str(e)
@@ -389,7 +395,8 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
                                         "description": "embeddings imported from DataCompDR shards"}],
               "embedding_dim": meta["embedding_dim"], "num_captions": meta["num_captions"],
               "shard_size": shard_size, "images_stored": True, "source": "datacompdr", "skipped": [],
-              "record_ext": True}
+              "record_ext": True,
+              "image_encoding": {"restart_markers": bool(restart_markers)}}
     fp = {"tars": digest.hexdigest(), "images": [os.path.abspath(p) for p in images], "shard_size": shard_size,
           "image_size": image_size, "reinforce_size": reinforce_size, "semantics": semantics, "on_error": on_error}
     w = DatasetWriter(out, header, fp, 0)  # the shard count is known once the tars are read
@@ -397,7 +404,7 @@ def import_datacomp(tars: Sequence[str], out: str, images: Sequence[str], shard_
     stage = os.path.join(out, ".datacomp-staging")
     shutil.rmtree(stage, ignore_errors=True)  # partial staging of an interrupted run: rebuilt
     os.makedirs(stage)
-    job = _DCJob(out, stage, shard_size, tuple(policy.size), ra_num_bins, meta, on_error)
+    job = _DCJob(out, stage, shard_size, tuple(policy.size), ra_num_bins, meta, on_error, bool(restart_markers))
     run = Shards(_import_shard, job, w, engine, workers)
     n = 0
     with Progress(0, f"import DataCompDR ({engine})", "samples", enabled=progress) as bar:
@@ -453,12 +460,16 @@ def main(argv=None) -> int:
     from fastload.importers.shardjobs import add_engine_args
 
     add_engine_args(ap, "the tars")
+    ap.add_argument("--no-restart-markers", action="store_true",
+                    help="store JPEG images byte for byte (default: losslessly transcoded with a restart marker "
+                         "every ~4 MCUs, the same pixels, so the loader decodes only around each crop)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_datacomp(a.tars, a.out, a.images, shard_size=a.shard_size, image_size=a.image_size,
                             on_error=a.on_error, progress=not a.quiet, reinforce_size=a.reinforce_size,
-                            semantics=a.semantics, engine=a.engine, workers=a.workers)
+                            semantics=a.semantics, engine=a.engine, workers=a.workers,
+                            restart_markers=not a.no_restart_markers)
     except ValueError as e:
         print(f"fastload import-datacomp: error: {e}", file=sys.stderr)
         return 2

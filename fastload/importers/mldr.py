@@ -917,13 +917,13 @@ def _image_sizes(root: str, files: List[str], progress: bool) -> np.ndarray:
     return hw
 
 
-def _image_bytes(path: str) -> bytes:
+def _image_bytes(path: str, restart_markers: bool = False) -> bytes:
     """The file's bytes as stored: losslessly (fastload.format.images.stored_image_bytes)."""
     from fastload.format.images import stored_image_bytes
 
     with open(path, "rb") as f:
         b = f.read()
-    return stored_image_bytes(b, path)[0]
+    return stored_image_bytes(b, path, restart_markers=restart_markers)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -966,6 +966,7 @@ class _ShardJob:
     shard_size: int
     n: int
     stage: str
+    restart_markers: bool = True
 
 
 def _decode_staged(job: _ShardJob, staged: Dict[int, _Raw]) -> Dict[int, tuple]:
@@ -992,7 +993,7 @@ def _import_shard(job: _ShardJob, s: int) -> Dict[str, Any]:
     path = os.path.join(job.stage, f"{s:05d}.bin")
     rows = range(s * job.shard_size, min(job.n, (s + 1) * job.shard_size))
     conv = _decode_staged(job, _read_staged_raw(path))
-    imgs = [_image_bytes(os.path.join(job.images, job.files[i])) for i in rows]
+    imgs = [_image_bytes(os.path.join(job.images, job.files[i]), job.restart_markers) for i in rows]
     size = job.lay.size
     cols = {"id": list(rows), "key": [job.files[i] for i in rows],
             "hash": [hashlib.blake2b(b, digest_size=16).digest() for b in imgs],
@@ -1021,7 +1022,8 @@ RESIZE = {"generation": "pil", "training": "pil"}
 
 def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, config: Optional[str] = None,
                 progress: bool = True, limit: Optional[int] = None, semantics: str = "generation",
-                engine: str = "local", workers: Optional[int] = None) -> Dict[str, Any]:
+                engine: str = "local", workers: Optional[int] = None,
+                restart_markers: bool = True) -> Dict[str, Any]:
     """Import an ml-dr reinforcement ``archive`` (tar, tar.gz or folder) for the ImageNet-style
     ``images`` folder (the training split ml-dr reinforced: ``root/class/*.jpg``) into ``out``.
 
@@ -1037,6 +1039,10 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     (decompression and tar parsing are sequential) and stages each shard's members; decoding
     the pickles, converting and writing each shard are Ray tasks (``workers``: CPUs for a Ray
     started here; an initialized Ray is used as it is). Both write the same shards.
+    ``restart_markers`` (default True): JPEG sources are stored losslessly transcoded with a
+    restart marker every ~4 MCUs (:func:`fastload.format.images.with_restart_markers`): the
+    same pixels, and the loader decodes only the part of each image around its crop (False:
+    byte for byte, as the folder holds them).
     Returns the manifest. Rerunning the same call resumes an interrupted import (finished
     shards are kept).
 
@@ -1095,7 +1101,8 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
               "teachers": [{"name": str((cfg.get("teacher") or {}).get("name", "ml-dr teacher")),
                             "description": "imported from an apple/ml-dr reinforcement archive"}],
               "shard_size": shard_size, "classes": classes, "images_stored": True, "source": "ml-dr",
-              "record_ext": True, "mldr_config": cfg_plain}
+              "record_ext": True, "mldr_config": cfg_plain,
+              "image_encoding": {"restart_markers": bool(restart_markers)}}
     if subset is not None:
         header["class_subset"] = subset
     w = DatasetWriter(out, header, fp, num_shards)
@@ -1108,7 +1115,7 @@ def import_mldr(archive: str, images: str, out: str, shard_size: int = 1000, con
     for s in done:
         seen[s * shard_size:(s + 1) * shard_size] = True
 
-    job = _ShardJob(archive, out, images, files, labels, all_hw, lay, shard_size, N, stage)
+    job = _ShardJob(archive, out, images, files, labels, all_hw, lay, shard_size, N, stage, bool(restart_markers))
     run = Shards(_import_shard, job, w, engine, workers)
     with Progress(N, f"import ml-dr ({engine})", "images", enabled=progress) as bar:
         bar.update(int(seen.sum()))
@@ -1195,12 +1202,15 @@ def main(argv=None) -> int:
     from fastload.importers.shardjobs import add_engine_args
 
     add_engine_args(ap, "the archive")
+    ap.add_argument("--no-restart-markers", action="store_true",
+                    help="store JPEG sources byte for byte (default: losslessly transcoded with a restart marker "
+                         "every ~4 MCUs, the same pixels, so the loader decodes only around each crop)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = import_mldr(a.archive, a.images, a.out, shard_size=a.shard_size, config=a.config,
                         progress=not a.quiet, limit=a.limit, semantics=a.semantics, engine=a.engine,
-                        workers=a.workers)
+                        workers=a.workers, restart_markers=not a.no_restart_markers)
     except (ValueError, pickle.UnpicklingError) as e:
         print(f"fastload import-mldr: error: {e}", file=sys.stderr)
         return 2
