@@ -49,8 +49,8 @@ def restart_interval(b):
     return 0
 
 
-SOURCES = {  # (h, w, PIL subsampling): 4:2:0 (16-row MCUs), 4:2:2, 4:4:4 (8-row MCUs); widths
-    # whose MCU rows split into restart intervals (4, 2 and 5 of them), and one that does not
+SOURCES = {  # (h, w, PIL subsampling): 4:2:0 (16-row MCUs), 4:2:2, 4:4:4 (8-row MCUs); rows of
+    # 16, 26, 25 and 17 MCUs: intervals of 4, 2, 5 and (a prime row) 1 MCU
     "420": (333, 256, 2), "422": (301, 410, 1), "444": (260, 199, 0), "420_prime": (200, 257, 2),
 }
 
@@ -74,10 +74,20 @@ def test_transcode_keeps_every_pixel_and_marks_every_row(files):
         assert restart_interval(marked) > 0, k
         w = decode(orig).shape[1]
         mcu_w = 16 if k.startswith("42") else 8
-        if k != "420_prime":  # the row splits: several intervals per MCU row
-            assert restart_interval(marked) < -(-w // mcu_w), k
+        assert restart_interval(marked) < -(-w // mcu_w), k  # several intervals per MCU row
         assert np.array_equal(decode(orig), decode(marked)), k
         assert len(marked) < len(orig) * 1.02, k  # optimized tables pay for the markers
+
+
+@pytest.mark.parametrize("per_row,interval", [(16, 4), (32, 4), (24, 4), (25, 5), (30, 5), (21, 7), (27, 3),
+                                               (22, 2), (26, 2), (19, 1), (31, 1), (8, 8), (5, 5), (1, 1)])
+def test_the_restart_interval_divides_the_row_into_4_to_8_mcus_or_fewer(per_row, interval):
+    """A divisor of the MCU row (the slice cuts every row at the same boundaries): the first in
+    [4, 8], else the largest below 4; rows of at most 8 MCUs are one interval. Before, the first
+    divisor >= 4 however large: 22 MCUs got 11, a prime row none to cut at."""
+    w = per_row * 16 - 5  # a partial last MCU counts
+    b = native.add_restarts(pil_jpeg(photo(32, w, per_row), 2))
+    assert restart_interval(b) == interval
 
 
 def test_transcode_of_progressive_keeps_pixels():
