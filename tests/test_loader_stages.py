@@ -174,6 +174,55 @@ def test_render_error_recovery(bad_ds):
     assert torch.equal(a[0], b[0]) and a[3] == [3]
 
 
+def test_render_submit_equals_render_now(ds, bad_ds):
+    """Render.submit (the batch queued on the native runner, as the render thread does)
+    gives what rendering at once gives, error recovery included."""
+    for d, idx in ((ds, np.arange(8)), (bad_ds, np.array([2, 3, 4]))):
+        g = _gather(d)
+        for on_error in ("skip", "raise"):
+            r = _render(d, g, on_error)
+            preps = [g.prepare(0, k, idx.astype(np.int64), (16, 16)) for k in range(2)]
+            try:
+                now = r(preps[0], lambda s: torch.empty(s))
+            except RuntimeError as e:
+                now = e
+            handles = [r.submit(p, lambda s: torch.full(s, float("nan"))) for p in preps]
+            for h in handles:
+                try:
+                    got = h.result()
+                except RuntimeError as e:
+                    assert isinstance(now, RuntimeError) and str(e) == str(now)
+                    continue
+                assert torch.equal(got[0], now[0]) and got[3] == now[3]
+                assert np.array_equal(got[1], now[1])
+
+
+def test_render_stage_does_not_hold_a_batch_back_for_a_slow_gather(ds):
+    """The render thread queues the next batch before waiting for the current one only when
+    the next is already gathered: a slow gather (a cold remote shard) never delays a
+    rendered batch."""
+    L = fastload.ReinforcedLoader(ds, batch_size=5, image_size=16, num_workers=2)
+    release = threading.Event()
+    prepare = L._gather.prepare
+
+    def slow(epoch, step, *a, **k):
+        if step == 1:
+            assert release.wait(60)
+        return prepare(epoch, step, *a, **k)
+
+    L._gather.prepare = slow
+    it = iter(L)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("first", next(it)))
+    t.start()
+    t.join(20)
+    try:
+        assert "first" in got, "batch 0 was held back while batch 1 was being gathered"
+    finally:
+        release.set()
+    assert len(list(it)) == len(L) - 1
+
+
 # ------------------------------------------------------------------ deliver
 def test_deliver_counts_hooks_and_buffers():
     from fastload.loader import _args

@@ -1,5 +1,6 @@
 """The fused C++ replay kernel (fastload/replay/native.py) against the PyTorch reference
 (fastload/replay/reference.py), one op at a time, on raw and JPEG sources."""
+import ctypes
 import io
 
 import numpy as np
@@ -152,6 +153,47 @@ def test_determinism_and_thread_count_independence():
     b = render([IMG, JPG] * 16, rec, (48, 40), partner_sources=partners, threads=2)
     c = render([IMG, JPG] * 16, rec, (48, 40), partner_sources=partners, threads=2)
     assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_queued_batches_equal_synchronous_ones_in_any_wait_order():
+    """render_batch_async: batches queued behind each other render what render_batch does,
+    whatever order they are waited in; every ticket is released."""
+    lib = native._lib()
+    rec = records(16, seed=5, erase=0.5, mixup=1.0, cutmix=1.0)
+    partners = [IMG2, JPG2] * 16
+    srcs = [IMG, JPG] * 16
+    want = render(srcs, rec, (48, 40), partner_sources=partners)
+    outs = [torch.full((32, 3, 48, 40), float("nan")) for _ in range(5)]
+    pend = [native.render_batch_async(srcs, rec, o, partner_sources=partners, threads=2) for o in outs]
+    for k in (3, 0, 4, 1, 2):
+        assert pend[k].wait() is outs[k]
+        assert torch.equal(outs[k], want)
+    assert pend[3].wait() is outs[3]  # waiting again returns the result, no second native wait
+    assert lib.fl_replay_pending() == 0
+    # an unwaited batch is waited when it is dropped: its buffers outlive the native work
+    native.render_batch_async(srcs, rec, torch.empty(32, 3, 48, 40), partner_sources=partners)
+    import gc
+
+    gc.collect()
+    assert lib.fl_replay_pending() == 0
+    bad = ctypes.c_int64(0)
+    assert lib.fl_replay_wait(123456789, ctypes.byref(bad)) != 0
+    assert b"unknown" in lib.fl_last_error()
+
+
+def test_queued_batch_errors_name_the_sample():
+    rec = P.empty(3)
+    trunc = JPG[: len(JPG) // 2]
+    ok = native.render_batch_async([JPG] * 3, rec, torch.empty(3, 3, 16, 16))
+    p = native.render_batch_async([JPG, trunc, JPG], rec, torch.empty(3, 3, 16, 16), sample_ids=["a", "b", "c"])
+    with pytest.raises(ValueError, match="sample b \\(position 1\\)"):
+        p.wait()
+    with pytest.raises(ValueError, match="sample b"):  # the same error every time it is asked
+        p.wait()
+    assert ok.wait().isfinite().all()  # a failed batch does not disturb the one before it
+    with pytest.raises(ValueError, match="out"):  # arguments are checked at submission
+        native.render_batch_async([IMG], P.empty(1), torch.empty(1, 3, 8))
+    assert native._lib().fl_replay_pending() == 0
 
 
 @pytest.mark.skipif(not native._lib().fl_replay_have_randaugment(), reason="RandAugment not built")

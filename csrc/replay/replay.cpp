@@ -6,8 +6,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "fl_aug.h"
 #include "fl_common.h"
@@ -532,10 +535,11 @@ FL_EXPORT int fl_replay_axis_weights(int out, double x0, double len, int lo, int
 // "none"); augs: n packed records; ext: n packed extension records or null; out: n x 3 x
 // out_h x out_w of opt->dtype, opt->out_bytes its capacity. Everything else is in the
 // options struct (fl_aug.h, generated from fastload/sample/schema.py).
-FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
-                        int64_t n, void* out, const fl::ReplayOptions* opt, int64_t* bad_index) {
-  return fl::guard("fl_replay", [&]() -> int {
-  if (bad_index) *bad_index = -1;
+namespace {
+
+// Checks the options and fills the job; 0, or -1 with the message set.
+int make_job(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext, int64_t n,
+                    void* out, const fl::ReplayOptions* opt, Job* job) {
   if (!opt) return fl::fail("null options");
   const fl::ReplayOptions& o = *opt;
   if (n < 0 || (n > 0 && (!srcs || !augs || !out))) return fl::fail("null argument");
@@ -574,9 +578,156 @@ FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* a
     J.bias[c] = -o.mean[c] / o.std[c];
     J.mean255[c] = o.mean[c] * 255.f;
   }
-  return run_batch((long)n, o.threads, bad_index, [&](long i) { return render_one(J, i); });
+  *job = J;
+  return 0;
+}
+
+// Asynchronous batches (fl_replay_submit / fl_replay_wait). Why: between two synchronous
+// calls the pool idles while the calling Python thread waits for the GIL (up to the
+// interpreter's 5 ms switch interval when another thread runs Python) and prepares the next
+// call; a queue of submitted batches keeps the pool busy across that gap. One runner thread
+// per process takes the batches in submission order and renders each with the pool exactly
+// as fl_replay does (the runner is the calling thread of run_batch). The runner is created
+// on first use and detached: the process may exit at any moment, and after fork() the child
+// gets a fresh queue (the parent's runner does not exist there).
+class Runner {
+ public:
+  struct Ticket {
+    Job job;
+    int64_t n = 0;
+    int threads = 0;
+    bool done = false;
+    int rc = 0;
+    int64_t bad = -1;
+    std::string msg;
+  };
+
+  static Runner& instance() {
+    static std::mutex mu;
+    static Runner* r = nullptr;
+    static pid_t owner = 0;
+    std::lock_guard<std::mutex> lk(mu);
+    const pid_t me = getpid();
+    if (r == nullptr || owner != me) {
+      r = new Runner();  // never destroyed (see above); a child leaks its parent's on purpose
+      owner = me;
+    }
+    return *r;
+  }
+
+  int64_t submit(const Job& J, int64_t n, int threads) {
+    auto t = std::make_unique<Ticket>();
+    t->job = J;
+    t->n = n;
+    t->threads = threads;
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!started_) {
+      std::thread([this] { loop(); }).detach();
+      started_ = true;
+    }
+    const int64_t id = next_id_++;
+    queue_.push_back(t.get());
+    tickets_.emplace(id, std::move(t));
+    cv_.notify_all();
+    return id;
+  }
+
+  // Waits for ticket `id`; its status, with its message set for the calling thread.
+  int wait(int64_t id, int64_t* bad_index) {
+    std::unique_ptr<Ticket> t;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      auto it = tickets_.find(id);
+      if (it == tickets_.end()) return fl::fail("fl_replay_wait: unknown or already waited ticket %lld", (long long)id);
+      Ticket* p = it->second.get();
+      done_cv_.wait(lk, [&] { return p->done; });
+      t = std::move(it->second);
+      tickets_.erase(it);
+    }
+    if (bad_index) *bad_index = t->bad;
+    if (t->rc) return fl::fail("%s", t->msg.c_str());
+    return 0;
+  }
+
+  int pending() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return (int)tickets_.size();
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      Ticket* t;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return !queue_.empty(); });
+        t = queue_.front();
+        queue_.pop_front();
+      }
+      int64_t bad = -1;
+      const Job& J = t->job;
+      const int rc = fl::guard("fl_replay", [&] {
+        return run_batch((long)t->n, t->threads, &bad, [&](long i) { return render_one(J, i); });
+      });
+      std::lock_guard<std::mutex> lk(mu_);
+      t->rc = rc;
+      t->bad = bad;
+      if (rc) t->msg = fl::error_buffer();
+      t->done = true;
+      done_cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::deque<Ticket*> queue_;
+  std::unordered_map<int64_t, std::unique_ptr<Ticket>> tickets_;
+  int64_t next_id_ = 1;
+  bool started_ = false;
+};
+
+}  // namespace
+
+// srcs/partners: n Source descriptors (partners may be null; entries with data == null are
+// "none"); augs: n packed records; ext: n packed extension records or null; out: n x 3 x
+// out_h x out_w of opt->dtype, opt->out_bytes its capacity. Everything else is in the
+// options struct (fl_aug.h, generated from fastload/sample/schema.py).
+FL_EXPORT int fl_replay(const Source* srcs, const Source* partners, const Aug* augs, const fl::AugExt* ext,
+                        int64_t n, void* out, const fl::ReplayOptions* opt, int64_t* bad_index) {
+  return fl::guard("fl_replay", [&]() -> int {
+    if (bad_index) *bad_index = -1;
+    Job J{};
+    if (make_job(srcs, partners, augs, ext, n, out, opt, &J)) return -1;
+    return run_batch((long)n, opt->threads, bad_index, [&](long i) { return render_one(J, i); });
   });
 }
+
+// fl_replay, queued: checks the arguments now (-1 with the message set), else returns a
+// ticket (> 0) for fl_replay_wait. Every buffer the arguments point to (sources, records,
+// options excepted: they are copied now, output) must stay alive until that wait returns.
+FL_EXPORT int64_t fl_replay_submit(const Source* srcs, const Source* partners, const Aug* augs,
+                                   const fl::AugExt* ext, int64_t n, void* out, const fl::ReplayOptions* opt) {
+  int64_t id = -1;
+  const int rc = fl::guard("fl_replay_submit", [&]() -> int {
+    Job J{};
+    if (make_job(srcs, partners, augs, ext, n, out, opt, &J)) return -1;
+    id = Runner::instance().submit(J, n, opt->threads);
+    return 0;
+  });
+  return rc ? -1 : id;
+}
+
+// Waits for a submitted batch: fl_replay's status, bad_index and message. Each ticket is
+// waited once.
+FL_EXPORT int fl_replay_wait(int64_t ticket, int64_t* bad_index) {
+  return fl::guard("fl_replay_wait", [&]() -> int {
+    if (bad_index) *bad_index = -1;
+    return Runner::instance().wait(ticket, bad_index);
+  });
+}
+
+// Test hook: tickets submitted and not yet waited.
+FL_EXPORT int fl_replay_pending() { return Runner::instance().pending(); }
 
 // Source height/width of each JPEG (header only) into hw[2*i], hw[2*i+1] (hw_cap int32),
 // at scale 1/denom.

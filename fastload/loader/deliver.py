@@ -7,7 +7,7 @@ own: it comes from a small per-loader pool whose buffers are rendered into again
 nothing refers to them any more (no tensor, view, numpy array or storage of them), which
 saves the page faults of a fresh 38 MB batch per step. With ``reuse_buffers=True`` the
 kernel renders into a ring of preallocated (pinned when ``pin_memory``) buffers,
-``max(prefetch_factor - 1, 1) + 2`` per output shape; a yielded image tensor stays valid
+``max(prefetch_factor - 1, 1) + 3`` per output shape; a yielded image tensor stays valid
 until the next batch is requested, then may be overwritten: ``clone()`` what you keep longer
 (FFCV's contract). With ``device`` set the yielded tensors are device copies and are always
 the caller's own."""
@@ -184,11 +184,13 @@ class Buffers:
         self.dtype, self.pin = cfg.dtype, cfg.pin_memory
         self.events = deliver.copy_events
         self.reuse = cfg.reuse_buffers
-        self.ring_size = max(cfg.prefetch_factor - 1, 1) + 2
+        self.ring_size = max(cfg.prefetch_factor - 1, 1) + 3
         self.rings: dict = {}
         self.turn: dict = {}
-        # in flight at most: prefetch queue + the batch being rendered + the caller's current
-        # and previous batch (a `for` loop drops the old one only after `next`)
+        # in flight at most: prefetch queue + the two batches in the render stage (one
+        # rendering, the next queued behind it: pipeline._render_stage) + the caller's current
+        # one; the pool (below) also covers the caller's previous batch (a `for` loop drops the
+        # old one only after `next`)
         if deliver.pool is None:
             deliver.pool = _Pool(self.dtype, self.pin, cap=self.ring_size + 2)
         self.pool = deliver.pool

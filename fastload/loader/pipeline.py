@@ -2,8 +2,9 @@
 
 ``num_workers == 0``: plan -> gather -> render -> deliver, all in the caller's thread.
 ``num_workers > 0``: thread 1 runs plan + gather, thread 2 renders (the native render
-releases the GIL, so the gather of the next batch overlaps it), with ``prefetch_factor - 1``
-rendered batches queued; deliver (the device copy, the collate hook, the counters) and every
+releases the GIL, so the gather of the next batch overlaps it; thread 2 queues the next
+batch on the native runner before it waits for the current one, see ``_render_stage``), with
+``prefetch_factor - 1`` rendered batches queued; deliver (the device copy, the collate hook, the counters) and every
 collective (``check_ranks``) run in the caller's thread, in ``__next__``. The threads are
 fastload background threads (``fastload._threads``): stopped and joined at exit, and no
 collective may run on them. Each stage's time and batches go to the loader's ``stats()``."""
@@ -49,10 +50,10 @@ def _start_thread(target, args, stop: threading.Event) -> threading.Thread:
     return start_thread(target, args, stop, name="fastload-prefetch")
 
 
-def _timed(stage, t0: float) -> float:
+def _timed(stage, t0: float, count: bool = True) -> float:
     t1 = time.perf_counter()
     stage.seconds += t1 - t0
-    stage.items += 1
+    stage.items += count
     return t1
 
 
@@ -79,18 +80,44 @@ def _plan_gather_stage(plan, gather, epoch: int, q: queue.Queue, stop: threading
 
 def _render_stage(render, bufs, src: queue.Queue, q: queue.Queue, stop: threading.Event, stats) -> None:
     """Thread 2: render gathered batches into output buffers. Neither thread holds a
-    reference to the iterator, so an abandoned iterator is collected and stops them."""
+    reference to the iterator, so an abandoned iterator is collected and stops them.
+
+    Two batches in flight: when the next gathered batch is already waiting, it is submitted
+    (queued on the native runner) before the previous one is waited for, so the native
+    threads go from one batch to the next without waiting for this thread to get the GIL
+    back. When none is waiting, the previous batch is finished and delivered first (a slow
+    gather, e.g. a cold remote shard, never holds back a rendered batch)."""
+    pending = None  # the submitted, not yet delivered batch
+
+    def deliver() -> bool:
+        t0 = time.perf_counter()
+        host = pending.result()
+        _timed(stats["render"], t0, count=False)
+        return _put(q, host, stop)
+
     try:
         while True:
-            prep = _get(src, stop)
+            if pending is None:
+                prep = _get(src, stop)
+            else:
+                try:
+                    prep = src.get_nowait()
+                except queue.Empty:
+                    if not deliver():
+                        return
+                    pending = None
+                    continue
             if prep is _END or isinstance(prep, _Error) or stop.is_set():
+                if pending is not None and not stop.is_set() and not deliver():
+                    return
                 _put(q, prep, stop)
                 return
             t0 = time.perf_counter()
-            host = render(prep, bufs)
+            handle = render.submit(prep, bufs)
             _timed(stats["render"], t0)
-            if not _put(q, host, stop):
+            if pending is not None and not deliver():
                 return
+            pending = handle
     except BaseException as exc:
         _put(q, _Error(exc), stop)
 

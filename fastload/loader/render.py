@@ -49,6 +49,7 @@ class Render:
     def __init__(self, cfg: RenderConfig, dataset, gather, device_replay=None):
         self.cfg, self.dataset, self.gather, self.device_replay = cfg, dataset, gather, device_replay
         self._warned = False  # the CPU fallback of replay="device" (see __call__)
+        self._kw = None  # render_batch's keyword arguments (_kwargs)
 
     def __call__(self, prep: dict, out_fn):
         """Render one gathered batch (native, GIL released; or on the device with replay="device").
@@ -87,9 +88,33 @@ class Render:
         return self.host(prep, out_fn)
 
     def host(self, prep: dict, out_fn):
-        rows, labels, tgt, hw = prep["rows"], prep["labels"], prep["tgt"], prep["hw"]
+        rows, hw = prep["rows"], prep["hw"]
         out = out_fn((len(rows), 3, hw[0], hw[1]))
         bad, culprits = self._render(prep["sources"], prep["recs"], out, prep["partners"], rows, prep.get("ext"))
+        return self._finish(prep, out, bad, culprits)
+
+    def submit(self, prep: dict, out_fn):
+        """Start rendering a gathered batch; returns a handle whose ``result()`` is what
+        ``self(prep, out_fn)`` returns. Plain CPU batches are queued on the native runner
+        (``render_batch_async``), so the render stage can submit the next batch before it
+        waits for this one and the native threads never idle while Python holds the GIL;
+        every other kind (device replay, views, encoded output) renders now."""
+        if self.cfg.encode is not None or self.device_replay is not None or self.cfg.views > 1:
+            return _Done(self(prep, out_fn))
+        from fastload.replay.native import render_batch_async
+
+        rows, hw = prep["rows"], prep["hw"]
+        out = out_fn((len(rows), 3, hw[0], hw[1]))
+        kw, ek = self._kwargs(prep.get("ext"))
+        try:
+            pending = render_batch_async(prep["sources"], prep["recs"], out, partner_sources=prep["partners"],
+                                         sample_ids=rows, **kw, **ek(slice(None)))
+        except (RuntimeError, ValueError) as exc:
+            pending = exc
+        return _Queued(self, prep, out, pending)
+
+    def _finish(self, prep: dict, out, bad, culprits):
+        labels, tgt = prep["labels"], prep["tgt"]
         if bad is not None:  # on_error="skip": copy the first good row over every bad one
             bi = np.flatnonzero(bad)
             if bad.all():  # no good row in the batch: borrow one (see the module docstring)
@@ -123,21 +148,31 @@ class Render:
                            f"{sorted(set(rows.tolist()))}) and none of the next {tries} samples "
                            "renders either; the dataset looks broken")
 
+    def _kwargs(self, ext):
+        """render_batch's keyword arguments for this dataset, and ``ek(pos)``: the rows'
+        schema-v2 extension records, when the dataset has them."""
+        kw = self._kw
+        if kw is None:  # once per loader: the dataset's policy is parsed from its manifest
+            pol = getattr(self.dataset, "policy", None)  # replay RandAugment as the dataset was made
+            kw = dict(mean=self.cfg.mean, std=self.cfg.std, interpolation=self.cfg.interpolation,
+                      dct_scale=self.cfg.dct_scale, threads=self.cfg.threads,
+                      ra_num_bins=getattr(pol, "ra_num_bins", 31),
+                      ra_semantics=getattr(pol, "randaugment_semantics", "v1"), resize=getattr(pol, "resize", "torch"))
+            if kw["ra_semantics"] == "timm":
+                kw["ra_fill"] = pol.timm_fill
+            self._kw = kw
+        grid = self.dataset.replay.get("box_grid") if ext is not None else None
+
+        def ek(pos):
+            return {} if ext is None else dict(ext=ext[pos], box_grid=grid)
+        return kw, ek
+
     def _render(self, sources, recs, out, partners, rows, ext=None):
         """Render; returns (None, []) or, under on_error="skip", (bad-row mask, culprit ids)."""
         from fastload.replay.native import render_batch
 
         threads = self.cfg.threads
-        pol = getattr(self.dataset, "policy", None)  # replay RandAugment as the dataset was made
-        kw = dict(mean=self.cfg.mean, std=self.cfg.std, interpolation=self.cfg.interpolation,
-                  dct_scale=self.cfg.dct_scale, threads=threads, ra_num_bins=getattr(pol, "ra_num_bins", 31),
-                  ra_semantics=getattr(pol, "randaugment_semantics", "v1"), resize=getattr(pol, "resize", "torch"))
-        if kw["ra_semantics"] == "timm":
-            kw["ra_fill"] = pol.timm_fill
-        grid = self.dataset.replay.get("box_grid") if ext is not None else None
-
-        def ek(pos):  # the rows' schema-v2 extension records, when the dataset has them
-            return {} if ext is None else dict(ext=ext[pos], box_grid=grid)
+        kw, ek = self._kwargs(ext)
         try:
             src = sources
             if self.cfg.views > 1:
@@ -150,7 +185,13 @@ class Render:
             render_batch(src, recs, out, partner_sources=partners, sample_ids=rows, **kw, **ek(slice(None)))
             return None, []
         except (RuntimeError, ValueError) as exc:
-            first_exc = exc
+            return self._render_rows(sources, recs, out, partners, rows, ext, exc)
+
+    def _render_rows(self, sources, recs, out, partners, rows, ext, first_exc):
+        """After a failed batch: render row by row to find the culprits."""
+        from fastload.replay.native import render_batch
+
+        kw, ek = self._kwargs(ext)
         # Slow path, only on error: render row by row to find the culprits (the row's own
         # image, or its MixUp/CutMix partner).
         bad = np.zeros(len(rows), dtype=bool)
@@ -186,6 +227,40 @@ class Render:
             raise RuntimeError(f"cannot render sample id(s) {ids}{note}: {msgs[ids[0]]}; pass "
                                "on_error='skip' to replace such rows and count them") from first_exc
         return bad, [int(c) for c in culprit[bad]]
+
+
+class _Done:
+    """A batch rendered at submission."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _Queued:
+    """A batch queued on the native runner: ``result()`` waits for it, then recovers and
+    finishes as ``Render.host`` does."""
+
+    __slots__ = ("render", "prep", "out", "pending")
+
+    def __init__(self, render: Render, prep: dict, out, pending):
+        self.render, self.prep, self.out, self.pending = render, prep, out, pending
+
+    def result(self):
+        r, prep, out = self.render, self.prep, self.out
+        try:
+            if isinstance(self.pending, BaseException):
+                raise self.pending
+            self.pending.wait()
+            bad, culprits = None, []
+        except (RuntimeError, ValueError) as exc:
+            bad, culprits = r._render_rows(prep["sources"], prep["recs"], out, prep["partners"], prep["rows"],
+                                           prep.get("ext"), exc)
+        return r._finish(prep, out, bad, culprits)
 
 
 def copy_rows(t, rows, src, good):

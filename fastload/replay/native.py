@@ -53,6 +53,11 @@ def _lib():
         _check_layout(lib)
         lib.fl_replay.argtypes = [vp, vp, vp, vp, i64, vp, ctypes.POINTER(_Options), vp]
         lib.fl_replay.restype = i32
+        lib.fl_replay_submit.argtypes = [vp, vp, vp, vp, i64, vp, ctypes.POINTER(_Options)]
+        lib.fl_replay_submit.restype = i64
+        lib.fl_replay_wait.argtypes = [i64, vp]
+        lib.fl_replay_wait.restype = i32
+        lib.fl_replay_pending.restype = i32
         lib.fl_decode_batch.argtypes = [vp, i64, i32, vp, vp, i32, vp]
         lib.fl_decode_batch.restype = i32
         lib.fl_jpeg_dims_batch.argtypes = [vp, i64, i32, vp, i64, i32, vp]
@@ -347,6 +352,83 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
         >>> out.shape
         torch.Size([2, 3, 32, 32])
     """
+    pending = _submit(sources, params, out, partner_sources, mean, std, interpolation, dct_scale, threads,
+                      sample_ids, ra_num_bins, ra_semantics, _decoder_flags, ext, box_grid, ra_fill, resize,
+                      queued=False)
+    return out if pending is None else pending.wait()
+
+
+def render_batch_async(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
+                       partner_sources: Optional[Sequence] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       interpolation: str = "bilinear", dct_scale: bool = True, threads: Optional[int] = None,
+                       sample_ids: Optional[Sequence] = None, ra_num_bins: int = 31,
+                       ra_semantics: str = "v1", _decoder_flags: int = 0, ext: Optional[np.ndarray] = None,
+                       box_grid: Optional[Sequence[int]] = None, ra_fill: Sequence[int] = (124, 116, 104),
+                       resize: str = "torch") -> "PendingRender":
+    """:func:`render_batch`, queued: the arguments are checked now (``ValueError``), the batch
+    is rendered by the native runner thread in submission order, and ``.wait()`` returns
+    ``out`` or raises the ``ValueError`` render_batch would. Why: a caller that submits the
+    next batch before waiting for this one keeps the native threads busy while it waits for
+    the GIL and prepares the next batch (the loader's render stage does).
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from fastload.sample import params as P
+        >>> img = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+        >>> a, b = torch.empty(2, 3, 32, 32), torch.empty(2, 3, 32, 32)
+        >>> pa = render_batch_async([img, img], P.empty(2), a)
+        >>> pb = render_batch_async([img, img], P.empty(2), b)
+        >>> torch.equal(pa.wait(), pb.wait())
+        True
+    """
+    pending = _submit(sources, params, out, partner_sources, mean, std, interpolation, dct_scale, threads,
+                      sample_ids, ra_num_bins, ra_semantics, _decoder_flags, ext, box_grid, ra_fill, resize,
+                      queued=True)
+    return PendingRender(out, None, None, None) if pending is None else pending
+
+
+class PendingRender:
+    """A submitted batch (:func:`render_batch_async`). Holds every buffer the native side reads
+    or writes until the batch is done; ``wait()`` returns the output tensor or raises."""
+
+    __slots__ = ("out", "_ticket", "_keep", "_ids", "_status")
+
+    def __init__(self, out, ticket, keep, ids):
+        self.out, self._ticket, self._keep, self._ids = out, ticket, keep, ids
+        self._status = None if ticket is not None else (0, -1, "")
+
+    def wait(self) -> torch.Tensor:
+        if self._status is None:
+            lib = _lib()
+            bad = ctypes.c_int64(-1)
+            rc = lib.fl_replay_wait(self._ticket, ctypes.byref(bad))  # GIL released (ctypes)
+            msg = (lib.fl_last_error() or b"").decode("utf-8", "replace") if rc else ""
+            self._status, self._keep = (rc, bad.value, msg), None
+        return _replay_result(self.out, *self._status, self._ids)
+
+    def __del__(self):
+        # A batch dropped unwaited (an abandoned iteration) still owns its buffers until the
+        # native side is done with them.
+        if getattr(self, "_status", 0) is None:
+            try:
+                self.wait()
+            except Exception:  # noqa: BLE001 - nobody asked for this batch's result
+                pass
+
+
+def _replay_result(out, status, bad, msg, sample_ids):
+    if status != 0:
+        if bad >= 0:
+            name = sample_ids[bad] if sample_ids is not None else bad
+            raise ValueError(f"render_batch: sample {name} (position {bad}): {msg.split(': ', 1)[-1]}")
+        raise ValueError(f"render_batch: {msg}")
+    return out
+
+
+def _submit(sources, params, out, partner_sources, mean, std, interpolation, dct_scale, threads, sample_ids,
+            ra_num_bins, ra_semantics, _decoder_flags, ext, box_grid, ra_fill, resize, queued):
+    """render_batch's checks and descriptors, then the native call: synchronous (returns None
+    after rendering, or raises), or queued (returns a PendingRender)."""
     lib = _lib()
     params = np.ascontiguousarray(params).reshape(-1)
     if params.dtype != P.AUG_DTYPE:
@@ -384,7 +466,7 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     if (std_a <= 0).any():
         raise ValueError(f"std must be positive, got {std}")
     if n == 0:
-        return out
+        return None
     h, w = int(out.shape[2]), int(out.shape[3])
     native_jpeg = bool(lib.fl_replay_have_jpeg())
     if not native_jpeg:  # slow path: Pillow decodes in Python
@@ -413,18 +495,20 @@ def render_batch(sources: Sequence, params: np.ndarray, out: torch.Tensor, *,
     opt.ra_fill[:] = fill
     opt.mean[:] = [float(v) for v in mean_a]
     opt.std[:] = [float(v) for v in std_a]
+    args = (desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data,
+            ext.ctypes.data if ext is not None else None, n, out.data_ptr(), ctypes.byref(opt))
+    if queued and hasattr(lib, "fl_replay_submit"):
+        ticket = lib.fl_replay_submit(*args)
+        if ticket < 0:
+            _replay_result(out, -1, -1, (lib.fl_last_error() or b"").decode("utf-8", "replace"), sample_ids)
+        # everything the native side reads or writes stays alive with the pending batch
+        return PendingRender(out, ticket, (keep, desc, pdesc, params, ext, opt, sources, partner_sources),
+                             sample_ids)
     bad = ctypes.c_int64(-1)
-    status = lib.fl_replay(desc.ctypes.data, pdesc.ctypes.data if pdesc is not None else None, params.ctypes.data,
-                           ext.ctypes.data if ext is not None else None, n, out.data_ptr(), ctypes.byref(opt),
-                           ctypes.byref(bad))
-    if status != 0:
-        msg = (lib.fl_last_error() or b"").decode("utf-8", "replace")
-        i = bad.value
-        if i >= 0:
-            name = sample_ids[i] if sample_ids is not None else i
-            raise ValueError(f"render_batch: sample {name} (position {i}): {msg.split(': ', 1)[-1]}")
-        raise ValueError(f"render_batch: {msg}")
-    return out
+    status = lib.fl_replay(*args, ctypes.byref(bad))
+    msg = (lib.fl_last_error() or b"").decode("utf-8", "replace") if status else ""
+    _replay_result(out, status, bad.value, msg, sample_ids)
+    return None
 
 
 def decode_batch(sources: Sequence, scale: int = 1, threads: Optional[int] = None,
